@@ -1,0 +1,70 @@
+"""Atomic outputs: a file or folder appears complete under its final name, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from calid.errors import OutputError
+
+
+def _compound_suffix(path: Path) -> str:
+    """``.nii.gz`` / ``.seq.nrrd`` rather than ``.gz`` / ``.nrrd`` (writers pick the format by it)."""
+    suffixes = path.suffixes
+    if len(suffixes) >= 2 and suffixes[-2] in {".nii", ".seq", ".tar"}:
+        return "".join(suffixes[-2:])
+    return path.suffix
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; move it into place when the block succeeds.
+
+    The temporary name keeps the target's suffix so that libraries that choose
+    the format (or the compression) from the file name write the right thing.
+    On any error the temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(target, f"the folder {parent} does not exist")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{_compound_suffix(target)}", dir=parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``target``; rename it to ``target`` when the block succeeds.
+
+    ``target`` must not exist yet or be an empty folder: files of two different
+    outputs are never mixed in one folder.
+    """
+    target = Path(target)
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(target, f"the folder {parent} does not exist")
+    if target.exists():
+        if not target.is_dir():
+            raise OutputError(target, "exists and is not a folder")
+        if any(target.iterdir()):
+            raise OutputError(target, "the output folder exists and is not empty; choose a new folder")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    try:
+        yield tmp
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,361 @@
+"""DICOM cine series: read a folder of single-frame MR images, write one from a stack.
+
+Reading groups the images of one series by slice position and orders each
+slice's images by trigger time (then instance number). The slice axis is the
+normal of ``ImageOrientationPatient`` (row x column direction); slice spacing
+comes from the spread of ``ImagePositionPatient`` along that normal, never
+from ``SliceLocation`` or ``SliceThickness`` (both are unreliable across
+vendors). Headers are parsed with pydicom; pixel data are decoded by pydicom
+and, for compressed transfer syntaxes it cannot decode, by SimpleITK (GDCM).
+
+Patient identity is not carried into the stack's metadata: only series
+descriptions and UIDs are kept, so derived files do not leak names.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.valuerep import DSfloat
+
+from calid.atomic import atomic_directory
+from calid.data.io import cast_for_writing, output_dtype
+from calid.data.stack import CineStack
+from calid.errors import InputError, OutputError
+
+#: Two images closer than this along the normal (mm) are at the same slice position.
+POSITION_TOLERANCE_MM = 0.01
+#: Largest relative deviation of a slice gap from the mean gap for a "uniform" stack.
+SPACING_RELATIVE_TOLERANCE = 0.01
+
+
+@dataclass
+class _Image:
+    path: Path
+    series_uid: str
+    series_number: str
+    series_description: str
+    position: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    rows: int
+    columns: int
+    trigger_time: float | None
+    instance_number: int | None
+    header: Dataset
+
+
+def read_dicom_folder(folder: str | os.PathLike[str], series: str | int | None = None) -> CineStack:
+    """Read one cine series (or a 3D stack) from a folder of DICOM files (searched recursively)."""
+    folder = Path(folder)
+    images, skipped = _scan(folder)
+    if not images:
+        detail = f" ({skipped} file(s) were not DICOM images)" if skipped else ""
+        raise InputError(folder, f"contains no DICOM MR images{detail}")
+    by_series: dict[str, list[_Image]] = defaultdict(list)
+    for image in images:
+        by_series[image.series_uid].append(image)
+    chosen = _choose_series(folder, by_series, series)
+    return _assemble(folder, chosen)
+
+
+def _scan(folder: Path) -> tuple[list[_Image], int]:
+    images: list[_Image] = []
+    skipped = 0
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if path.name.upper() == "DICOMDIR" or path.name.startswith("."):
+            continue
+        try:
+            header = pydicom.dcmread(str(path), stop_before_pixels=True)
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError):
+            skipped += 1
+            continue
+        if "PixelSpacing" not in header and "PerFrameFunctionalGroupsSequence" in header:
+            raise InputError(path, "enhanced (multi-frame) DICOM is not supported; convert it to NIfTI first (e.g. with dcm2niix)")
+        if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+            skipped += 1  # localisers, reports, presentation states ...
+            continue
+        try:
+            spacing = tuple(float(v) for v in header.PixelSpacing)
+            images.append(
+                _Image(
+                    path=path,
+                    series_uid=str(header.get("SeriesInstanceUID", "<no series UID>")),
+                    series_number=str(header.get("SeriesNumber", "")),
+                    series_description=str(header.get("SeriesDescription", "")),
+                    position=np.asarray([float(v) for v in header.ImagePositionPatient], dtype=np.float64),
+                    orientation=np.asarray([float(v) for v in header.ImageOrientationPatient], dtype=np.float64),
+                    pixel_spacing=(spacing[0], spacing[1]),
+                    rows=int(header.Rows),
+                    columns=int(header.Columns),
+                    trigger_time=float(header.TriggerTime) if header.get("TriggerTime") not in (None, "") else None,
+                    instance_number=int(header.InstanceNumber) if header.get("InstanceNumber") not in (None, "") else None,
+                    header=header,
+                )
+            )
+        except (AttributeError, ValueError, TypeError) as error:
+            raise InputError(path, f"has an incomplete or malformed image geometry header ({error})") from error
+    return images, skipped
+
+
+def _describe_series(uid: str, members: list[_Image]) -> str:
+    first = members[0]
+    return f"  series {first.series_number or '?'} '{first.series_description}' ({len(members)} images) UID {uid}"
+
+
+def _choose_series(folder: Path, by_series: dict[str, list[_Image]], series: str | int | None) -> list[_Image]:
+    if series is None:
+        if len(by_series) == 1:
+            return next(iter(by_series.values()))
+        listing = "\n".join(_describe_series(uid, m) for uid, m in by_series.items())
+        raise InputError(
+            folder,
+            f"holds {len(by_series)} image series; choose one with series=... (--series): "
+            f"its number, UID or a unique part of its description:\n{listing}",
+        )
+    wanted = str(series)
+    matches = [uid for uid, m in by_series.items() if uid == wanted or m[0].series_number == wanted]
+    if not matches:
+        matches = [uid for uid, m in by_series.items() if wanted.lower() in m[0].series_description.lower()]
+    if len(matches) != 1:
+        listing = "\n".join(_describe_series(uid, m) for uid, m in by_series.items())
+        what = "matches no series" if not matches else f"matches {len(matches)} series"
+        raise InputError(folder, f"series selector {wanted!r} {what}; the folder holds:\n{listing}")
+    return by_series[matches[0]]
+
+
+def _assemble(folder: Path, images: list[_Image]) -> CineStack:
+    first = images[0]
+    for image in images[1:]:
+        if not np.allclose(image.orientation, first.orientation, atol=1e-4):
+            raise InputError(image.path, "has a different image orientation from the rest of the series (mixed stacks)")
+        if (image.rows, image.columns) != (first.rows, first.columns):
+            raise InputError(image.path, f"is {image.rows}x{image.columns} pixels, the series' first image {first.rows}x{first.columns}")
+        if not np.allclose(image.pixel_spacing, first.pixel_spacing, rtol=1e-4):
+            raise InputError(image.path, "has a different pixel spacing from the rest of the series")
+    row_direction = first.orientation[:3] / np.linalg.norm(first.orientation[:3])  # x: along a row
+    column_direction = first.orientation[3:] / np.linalg.norm(first.orientation[3:])  # y: down a column
+    normal = np.cross(row_direction, column_direction)
+
+    # Cluster positions along the normal into slices.
+    distances = np.asarray([float(np.dot(image.position, normal)) for image in images])
+    order = np.argsort(distances, kind="stable")
+    slices: list[list[int]] = []
+    for index in order:
+        if slices and abs(distances[index] - distances[slices[-1][0]]) <= POSITION_TOLERANCE_MM:
+            slices[-1].append(int(index))
+        else:
+            slices.append([int(index)])
+    if len(slices) >= 2:
+        positions = np.asarray([distances[s[0]] for s in slices])
+        gaps = np.diff(positions)
+        mean_gap = float(gaps.mean())
+        if np.any(np.abs(gaps - mean_gap) > SPACING_RELATIVE_TOLERANCE * mean_gap):
+            raise InputError(
+                folder,
+                "slice positions are not evenly spaced: gaps of "
+                + ", ".join(f"{g:.2f}" for g in gaps)
+                + " mm along the slice normal (missing or extra slices?)",
+            )
+        slice_spacing = float((positions[-1] - positions[0]) / (len(positions) - 1))
+    else:
+        slice_spacing = float(first.header.get("SpacingBetweenSlices", first.header.get("SliceThickness", 1.0)) or 1.0)
+
+    origin = images[slices[0][0]].position
+    for members in slices:
+        offset = images[members[0]].position - origin
+        in_plane = offset - np.dot(offset, normal) * normal
+        if np.linalg.norm(in_plane) > max(0.05, 0.01 * slice_spacing):
+            raise InputError(
+                images[members[0]].path,
+                f"this slice is shifted {np.linalg.norm(in_plane):.2f} mm in-plane relative to the first slice (sheared stack is not supported)",
+            )
+
+    counts = [len(members) for members in slices]
+    if len(set(counts)) != 1:
+        listing = ", ".join(f"{distances[s[0]]:.2f} mm: {len(s)}" for s in slices)
+        raise InputError(folder, f"slices have different numbers of frames (position: images) {listing}; duplicated or missing images?")
+    n_frames = counts[0]
+
+    def frame_key(index: int) -> tuple[float, int]:
+        image = images[index]
+        trigger = image.trigger_time if image.trigger_time is not None else float("inf")
+        return (trigger, image.instance_number if image.instance_number is not None else 0)
+
+    ordered = [sorted(members, key=frame_key) for members in slices]
+    for members in ordered:
+        keys = [frame_key(i) for i in members]
+        if len(set(keys)) != len(keys):
+            raise InputError(
+                images[members[0]].path,
+                f"{len(keys) - len(set(keys))} image(s) at slice position {distances[members[0]]:.2f} mm share trigger time and instance number (duplicated images)",
+            )
+
+    rows, columns = first.rows, first.columns
+    data = np.empty((n_frames, len(slices), rows, columns), dtype=np.float32)
+    source_dtypes: set[str] = set()
+    for z, members in enumerate(ordered):
+        for t, index in enumerate(members):
+            pixels, dtype = _read_pixels(images[index].path, images[index].header)
+            if pixels.shape != (rows, columns):
+                raise InputError(images[index].path, f"pixel data shape {pixels.shape} does not match Rows x Columns {rows}x{columns}")
+            data[t, z] = pixels
+            source_dtypes.add(dtype)
+    if not np.isfinite(data).all():
+        raise InputError(folder, "pixel data contain NaN or infinite values")
+
+    frame_times = None
+    triggers = np.asarray(
+        [[images[i].trigger_time if images[i].trigger_time is not None else np.nan for i in members] for members in ordered]
+    )
+    if not np.isnan(triggers).any():
+        mean_times = triggers.mean(axis=0)
+        if n_frames == 1 or np.all(np.diff(mean_times) > 0):
+            frame_times = mean_times
+    source_dtype = source_dtypes.pop() if len(source_dtypes) == 1 else "float32"
+    header = first.header
+    metadata: dict[str, Any] = {
+        "source_file": folder.name,
+        "source_format": "dicom",
+        "source_dtype": source_dtype,
+        "dicom": {
+            "SeriesInstanceUID": first.series_uid,
+            "SeriesNumber": first.series_number,
+            "SeriesDescription": first.series_description,
+            "StudyInstanceUID": str(header.get("StudyInstanceUID", "")),
+            "FrameOfReferenceUID": str(header.get("FrameOfReferenceUID", "")),
+            "SliceThickness": float(header.SliceThickness) if header.get("SliceThickness") not in (None, "") else None,
+        },
+    }
+    return CineStack(
+        data=data,
+        spacing=(first.pixel_spacing[1], first.pixel_spacing[0], slice_spacing),
+        origin=tuple(origin),
+        direction=np.stack([row_direction, column_direction, normal], axis=1),
+        frame_times_ms=frame_times,
+        metadata=metadata,
+        source=str(folder),
+    )
+
+
+def _read_pixels(path: Path, header: Dataset) -> tuple[np.ndarray, str]:
+    """Pixel values with the modality rescale applied, and the stored integer type."""
+    try:
+        dataset = pydicom.dcmread(str(path))
+        stored = dataset.pixel_array
+        slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
+        intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
+        pixels = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        dtype = str(stored.dtype) if (slope, intercept) == (1.0, 0.0) else "float32"
+        return pixels, dtype
+    except Exception as pydicom_error:  # missing decoder plugin, truncated pixel data ...
+        try:
+            import SimpleITK as sitk
+
+            image = sitk.ReadImage(str(path))
+            array = sitk.GetArrayFromImage(image)
+            return np.asarray(array, dtype=np.float32).reshape(array.shape[-2:]), str(array.dtype)
+        except Exception as sitk_error:
+            raise InputError(path, f"pixel data cannot be decoded ({pydicom_error}; {sitk_error})") from sitk_error
+
+
+def _as_written(value: float) -> float:
+    """The float a reader gets back from a decimal string (DS) of at most 16 characters."""
+    return float(str(DSfloat(value, auto_format=True)))
+
+
+def write_dicom_folder(
+    stack: CineStack,
+    folder: str | os.PathLike[str],
+    dtype: Any = None,
+    series_description: str | None = None,
+) -> None:
+    """Write one MR image per (slice, frame) into a new folder, atomically.
+
+    Voxel values are stored as 16-bit integers. Integer-valued data that fit are
+    stored as they are; other data are stored with ``RescaleSlope`` /
+    ``RescaleIntercept`` spanning their range (precision: range / 65535).
+    """
+    folder = Path(folder)
+    disk_dtype = output_dtype(stack, dtype)
+    if disk_dtype.kind in "iu":
+        stored = cast_for_writing(stack.data, disk_dtype, folder)
+        if stored.dtype.itemsize > 2:
+            stored = cast_for_writing(stack.data, np.dtype(np.int16 if stored.dtype.kind == "i" else np.uint16), folder)
+        slope, intercept = 1.0, 0.0
+    else:
+        low, high = float(stack.data.min()), float(stack.data.max())
+        # DS values hold at most 16 characters: quantise with the values as written.
+        slope = _as_written((high - low) / 65000.0 if high > low else 1.0)
+        intercept = _as_written(low)
+        stored = np.rint((stack.data - intercept) / slope).clip(0, 65535).astype(np.uint16)
+    signed = stored.dtype.kind == "i"
+
+    dicom_meta = stack.metadata.get("dicom", {}) if isinstance(stack.metadata.get("dicom"), dict) else {}
+    study_uid = dicom_meta.get("StudyInstanceUID") or generate_uid()
+    frame_of_reference = dicom_meta.get("FrameOfReferenceUID") or generate_uid()
+    series_uid = generate_uid()
+    now = datetime.datetime.now()
+    description = series_description or str(stack.metadata.get("description", "CaLID"))
+    row_direction, column_direction = stack.direction[:, 0], stack.direction[:, 1]
+    times = stack.frame_times_ms
+    thickness = stack.metadata.get("slice_thickness_mm", stack.slice_spacing)
+
+    try:
+        with atomic_directory(folder) as tmp:
+            for z in range(stack.n_slices):
+                position = stack.slice_origin(z)
+                for t in range(stack.n_frames):
+                    instance = z * stack.n_frames + t + 1
+                    meta = FileMetaDataset()
+                    meta.MediaStorageSOPClassUID = MRImageStorage
+                    meta.MediaStorageSOPInstanceUID = generate_uid()
+                    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                    ds = Dataset()
+                    ds.file_meta = meta
+                    ds.SOPClassUID = MRImageStorage
+                    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+                    ds.StudyInstanceUID = study_uid
+                    ds.SeriesInstanceUID = series_uid
+                    ds.FrameOfReferenceUID = frame_of_reference
+                    ds.Modality = "MR"
+                    ds.PatientName = "Anonymous"
+                    ds.PatientID = "CaLID"
+                    ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
+                    ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
+                    ds.SeriesDescription = description[:64]
+                    ds.SeriesNumber = 1000
+                    ds.InstanceNumber = instance
+                    ds.ImageType = ["DERIVED", "SECONDARY"]
+                    ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
+                    ds.ImageOrientationPatient = [f"{v:.8f}" for v in (*row_direction, *column_direction)]
+                    ds.PixelSpacing = [f"{stack.spacing[1]:.8g}", f"{stack.spacing[0]:.8g}"]
+                    ds.SliceThickness = f"{float(thickness):.6g}"
+                    ds.SpacingBetweenSlices = f"{stack.slice_spacing:.8g}"
+                    ds.SliceLocation = f"{float(np.dot(position, stack.slice_normal)):.6f}"
+                    if times is not None:
+                        ds.TriggerTime = f"{times[t]:.6f}"
+                    ds.CardiacNumberOfImages = stack.n_frames
+                    ds.TemporalPositionIdentifier = t + 1
+                    ds.NumberOfTemporalPositions = stack.n_frames
+                    ds.SamplesPerPixel = 1
+                    ds.PhotometricInterpretation = "MONOCHROME2"
+                    ds.Rows, ds.Columns = stack.shape[2], stack.shape[3]
+                    ds.BitsAllocated = ds.BitsStored = 16
+                    ds.HighBit = 15
+                    ds.PixelRepresentation = 1 if signed else 0
+                    ds.RescaleSlope = DSfloat(slope, auto_format=True)
+                    ds.RescaleIntercept = DSfloat(intercept, auto_format=True)
+                    ds.PixelData = np.ascontiguousarray(stored[t, z]).tobytes()
+                    pydicom.dcmwrite(str(tmp / f"IM_{z:04d}_{t:04d}.dcm"), ds, enforce_file_format=True)
+    except OSError as error:
+        raise OutputError(folder, f"cannot be written ({error})") from error

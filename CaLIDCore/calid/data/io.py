@@ -1,0 +1,153 @@
+"""Read and write cine stacks in any supported format, chosen by the path.
+
+* NIfTI ``.nii`` / ``.nii.gz`` (3D or 4D)
+* NRRD ``.nrrd`` / ``.nhdr`` (3D) and Slicer's volume sequence ``.seq.nrrd`` (4D)
+* DICOM: a folder of single-frame MR images (one cine series, or choose one with ``series``)
+
+Every reader returns a :class:`~calid.data.stack.CineStack` in LPS coordinates
+and records ``metadata["source_dtype"]`` so that writers can give results back
+in the input's data type.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calid.data.stack import CineStack
+from calid.errors import InputError, OutputError
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+SUPPORTED_FORMATS_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .seq.nrrd, .nhdr) or a DICOM folder"
+
+
+def detect_format(path: str | os.PathLike[str], for_writing: bool = False) -> str:
+    """``"nifti"``, ``"nrrd"`` or ``"dicom"`` for a path (a folder means DICOM)."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(NRRD_SUFFIXES):
+        return "nrrd"
+    if path.is_dir() or (for_writing and path.suffix == "") or name.endswith(".dcm"):
+        return "dicom"
+    raise InputError(path, f"unknown file type; use {SUPPORTED_FORMATS_TEXT}")
+
+
+def read_stack(
+    path: str | os.PathLike[str],
+    series: str | int | None = None,
+    min_slices: int = 2,
+) -> CineStack:
+    """Read a cine (T, Z, Y, X) or a 3D stack (T = 1) from a file or DICOM folder.
+
+    Args:
+        path: the file, or a folder of DICOM files.
+        series: DICOM only: which series to read when the folder holds several
+            (SeriesInstanceUID, SeriesNumber or a unique part of SeriesDescription).
+        min_slices: refuse stacks with fewer slices (upsampling needs at least 2).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+    fmt = detect_format(path)
+    if fmt == "nifti":
+        from calid.data.nifti_io import read_nifti
+
+        stack = read_nifti(path)
+    elif fmt == "nrrd":
+        from calid.data.nrrd_io import read_nrrd
+
+        stack = read_nrrd(path)
+    else:
+        from calid.data.dicom_io import read_dicom_folder
+
+        if path.is_file():
+            path = path.parent
+        stack = read_dicom_folder(path, series=series)
+    if stack.n_slices < min_slices:
+        raise InputError(
+            path,
+            f"has {stack.n_slices} slice(s); a short-axis stack of at least {min_slices} parallel slices is needed",
+        )
+    return stack
+
+
+def write_stack(
+    stack: CineStack,
+    path: str | os.PathLike[str],
+    dtype: str | np.dtype[Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``stack`` atomically; the format follows the path (a folder or no suffix: DICOM).
+
+    Args:
+        dtype: voxel type on disk. Default: ``metadata["source_dtype"]`` when the
+            stack came from a file (outputs keep the input's type), else float32.
+            Integer types refuse values that do not fit instead of wrapping round.
+        overwrite: if False, an existing target is an error.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(path, "exists already (refusing to overwrite)")
+    fmt = detect_format(path, for_writing=True)
+    if fmt == "nifti":
+        from calid.data.nifti_io import write_nifti
+
+        write_nifti(stack, path, dtype=dtype)
+    elif fmt == "nrrd":
+        from calid.data.nrrd_io import write_nrrd
+
+        write_nrrd(stack, path, dtype=dtype)
+    else:
+        from calid.data.dicom_io import write_dicom_folder
+
+        write_dicom_folder(stack, path, dtype=dtype)
+    return path
+
+
+def output_dtype(stack: CineStack, dtype: str | np.dtype[Any] | None) -> np.dtype[Any]:
+    """The on-disk dtype: the one asked for, else the source's, else float32."""
+    if dtype is None:
+        dtype = stack.metadata.get("source_dtype", "float32")
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError as error:
+        raise OutputError(stack.source, f"unknown data type {dtype!r}") from error
+    if resolved.kind not in "iuf":
+        raise OutputError(stack.source, f"data type {resolved} is not supported for writing (use an integer or float type)")
+    return resolved
+
+
+def cast_for_writing(data: np.ndarray, dtype: np.dtype[Any], target: str | os.PathLike[str]) -> np.ndarray:
+    """Cast float voxels to ``dtype``; integers are rounded, and out-of-range values are an error."""
+    if dtype.kind == "f":
+        if dtype.itemsize < 4 and np.abs(data).max(initial=0.0) > np.finfo(dtype).max:
+            raise OutputError(target, f"values up to {np.abs(data).max():g} do not fit in {dtype}")
+        return data.astype(dtype)
+    info = np.iinfo(dtype)
+    rounded = np.rint(data)
+    low, high = float(rounded.min()), float(rounded.max())
+    if low < info.min or high > info.max:
+        raise OutputError(
+            target,
+            f"values span [{low:g}, {high:g}] and do not fit in {dtype} [{info.min}, {info.max}]; "
+            "nothing was written (write as float32, or rescale the image first)",
+        )
+    return rounded.astype(dtype)
+
+
+def check_spatial_shape(shape: tuple[int, ...], source: str | os.PathLike[str], what: str = "image") -> None:
+    """Refuse zero-size axes with the file's name."""
+    if 0 in shape:
+        raise InputError(source, f"{what} has an empty axis (shape {tuple(int(s) for s in shape)})")
+
+
+def require_finite(data: np.ndarray, source: str | os.PathLike[str]) -> None:
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise InputError(source, f"contains {bad} NaN or infinite voxel value(s)")

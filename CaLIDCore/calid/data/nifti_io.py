@@ -1,0 +1,192 @@
+"""NIfTI-1 3D/4D reading and writing with nibabel.
+
+NIfTI stores its affine in RAS and in float32, and time only as a start and a
+step. So that our own files round-trip *exactly* (float64 geometry, any frame
+times, metadata), the writer also stores the geometry as JSON in a NIfTI
+header extension (code 6, "comment", prefixed ``CaLID-geometry``). The reader
+uses it only when it agrees with the header's affine, so a file whose affine
+was later changed by another tool is read from its header.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from calid.atomic import atomic_path
+from calid.data.io import cast_for_writing, check_spatial_shape, output_dtype, require_finite
+from calid.data.stack import CineStack
+from calid.errors import InputError, OutputError
+
+EXTENSION_CODE = 6  # "comment": ignored by other readers
+EXTENSION_PREFIX = b"CaLID-geometry "
+LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+_TIME_UNIT_TO_MS = {"msec": 1.0, "sec": 1000.0, "usec": 1e-3}
+
+
+def read_nifti(path: str | os.PathLike[str]) -> CineStack:
+    """Read a 3D (x, y, z) or 4D (x, y, z, t) NIfTI image."""
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+    except Exception as error:  # nibabel raises many types for broken headers
+        raise InputError(path, f"cannot be read as NIfTI ({error})") from error
+    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(path, f"is not a NIfTI image ({type(image).__name__})")
+    shape = tuple(int(s) for s in image.shape)
+    # Trailing singleton axes (x, y, z, 1) or (x, y, z, 1, t) occur in the wild.
+    squeezed = list(shape[:3]) + [s for s in shape[3:] if s != 1]
+    if len(shape) < 3 or len(squeezed) > 4:
+        raise InputError(
+            path,
+            f"has {len(shape)} axes {shape}; expected a 3D (x, y, z) or 4D (x, y, z, t) image",
+        )
+    check_spatial_shape(shape, path)
+    try:
+        array = np.asanyarray(image.dataobj)
+    except Exception as error:  # truncated or corrupt data (EOFError, zlib.error, OSError ...)
+        raise InputError(path, f"the image data cannot be read; the file is truncated or corrupt ({error})") from error
+    source_dtype = image.get_data_dtype()
+    array = np.asarray(array, dtype=np.float32).reshape(squeezed)
+    require_finite(array, path)
+    if array.ndim == 3:
+        array = array[..., None]
+    data_tzyx = np.transpose(array, (3, 2, 1, 0))
+
+    affine_lps = LPS_FROM_RAS @ np.asarray(image.affine, dtype=np.float64)[:3, :]
+    spacing = np.linalg.norm(affine_lps[:, :3], axis=0)
+    if np.any(spacing <= 0):
+        raise InputError(path, f"the affine has a zero-length axis: {image.affine.tolist()}")
+    direction = affine_lps[:, :3] / spacing
+    origin = affine_lps[:, 3]
+
+    header = image.header
+    zooms = header.get_zooms()
+    metadata: dict[str, Any] = {"source_file": path.name, "source_format": "nifti", "source_dtype": str(source_dtype)}
+    pixdim = np.asarray(zooms[:3], dtype=np.float64)
+    if np.all(pixdim > 0) and not np.allclose(spacing, pixdim, rtol=1e-3):
+        # Some pipelines write a placeholder affine (identity, zero origin) and keep
+        # the true voxel size only in pixdim; a voxel size is never 1 mm by accident
+        # in cine MRI, so pixdim wins and the disagreement is recorded.
+        metadata["geometry_note"] = (
+            f"voxel size from pixdim {pixdim.round(6).tolist()} mm; the affine's "
+            f"{spacing.round(6).tolist()} mm disagreed (placeholder affine?)"
+        )
+        spacing = pixdim
+    frame_times = None
+    if data_tzyx.shape[0] > 1 and len(zooms) > 3 and zooms[3] > 0:
+        _, time_unit = header.get_xyzt_units()
+        to_ms = _TIME_UNIT_TO_MS.get(time_unit)
+        if to_ms is not None:
+            toffset = float(header["toffset"]) if "toffset" in header else 0.0
+            frame_times = (toffset + float(zooms[3]) * np.arange(data_tzyx.shape[0])) * to_ms
+
+    stored = _stored_geometry(image)
+    if stored is not None and _agrees(stored, spacing, origin, direction, data_tzyx.shape):
+        spacing = np.asarray(stored["spacing_xyz_mm"])
+        origin = np.asarray(stored["origin_lps_mm"])
+        direction = np.asarray(stored["direction_lps"])
+        if stored.get("frame_times_ms") is not None and len(stored["frame_times_ms"]) == data_tzyx.shape[0]:
+            frame_times = np.asarray(stored["frame_times_ms"], dtype=np.float64)
+        metadata.update(stored.get("metadata", {}))
+        metadata["source_file"] = path.name
+        metadata["source_dtype"] = str(source_dtype)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise InputError(path, "the affine is sheared (axes not perpendicular); such images are not supported")
+    # float32 headers give directions orthonormal only to ~1e-7: re-orthonormalise.
+    u, _, vt = np.linalg.svd(direction)
+    direction = u @ vt
+    return CineStack(
+        data=data_tzyx,
+        spacing=tuple(spacing),
+        origin=tuple(origin),
+        direction=direction,
+        frame_times_ms=frame_times,
+        metadata=metadata,
+        source=str(path),
+    )
+
+
+def _stored_geometry(image: nib.Nifti1Image) -> dict[str, Any] | None:
+    for extension in image.header.extensions:
+        content = extension.get_content()
+        if isinstance(content, bytes) and content.startswith(EXTENSION_PREFIX):
+            try:
+                payload = zlib.decompress(content[len(EXTENSION_PREFIX) :])
+                return dict(json.loads(payload.decode("utf-8")))
+            except (zlib.error, ValueError):
+                return None
+    return None
+
+
+def _agrees(stored: dict[str, Any], spacing: np.ndarray, origin: np.ndarray, direction: np.ndarray, shape: tuple[int, ...]) -> bool:
+    try:
+        return bool(
+            list(stored["shape_tzyx"]) == list(shape)
+            and np.allclose(stored["spacing_xyz_mm"], spacing, rtol=1e-4, atol=1e-5)
+            and np.allclose(stored["origin_lps_mm"], origin, rtol=1e-5, atol=1e-3)
+            and np.allclose(stored["direction_lps"], direction, atol=1e-4)
+        )
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+def write_nifti(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None) -> None:
+    """Write a 3D (T = 1) or 4D NIfTI-1 file atomically, with time in ms."""
+    path = Path(path)
+    disk_dtype = output_dtype(stack, dtype)
+    array = cast_for_writing(stack.data, disk_dtype, path)
+    array_xyzt = np.transpose(array, (3, 2, 1, 0))
+    if stack.n_frames == 1:
+        array_xyzt = array_xyzt[..., 0]
+    affine = np.eye(4)
+    affine[:3, :3] = np.linalg.inv(LPS_FROM_RAS) @ (stack.direction * np.asarray(stack.spacing)[None, :])
+    affine[:3, 3] = np.linalg.inv(LPS_FROM_RAS) @ np.asarray(stack.origin)
+    image = nib.Nifti1Image(np.ascontiguousarray(array_xyzt), affine)
+    header = image.header
+    header.set_data_dtype(disk_dtype)
+    image.set_sform(affine, code=1)  # scanner coordinates
+    image.set_qform(affine, code=1)
+    if stack.n_frames > 1:
+        interval = stack.frame_interval_ms
+        zooms = list(header.get_zooms()[:3]) + [interval if interval is not None else 1.0]
+        header.set_zooms(zooms)
+        header.set_xyzt_units("mm", "msec" if interval is not None else "unknown")
+        if stack.frame_times_ms is not None:
+            header["toffset"] = float(stack.frame_times_ms[0])
+    else:
+        header.set_xyzt_units("mm", "msec")
+    payload = stack.geometry_dict()
+    payload["metadata"] = _json_safe(stack.metadata)
+    content = EXTENSION_PREFIX + zlib.compress(json.dumps(payload).encode("utf-8"))
+    header.extensions.append(nib.nifti1.Nifti1Extension(EXTENSION_CODE, content))
+    try:
+        with atomic_path(path) as tmp:
+            nib.save(image, str(tmp))
+    except OSError as error:
+        raise OutputError(path, f"cannot be written ({error})") from error
+
+
+def _json_safe(value: Any) -> Any:
+    """Drop what JSON cannot hold rather than fail a write over metadata."""
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        if isinstance(value, dict):
+            return {str(k): _json_safe(v) for k, v in value.items() if _is_jsonable(v)}
+        return None
+
+
+def _is_jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return isinstance(value, dict)

@@ -1,0 +1,168 @@
+"""NRRD reading and writing with pynrrd: 3D volumes and Slicer's volume sequences.
+
+A cine (T > 1) is written as Slicer's ``.seq.nrrd`` layout: ``dimension: 4``,
+``kinds: list domain domain domain``, the frame axis first, and the custom
+fields ``axis 0 index type:=numeric`` / ``axis 0 index values:=...`` holding
+the frame times (ms; ``axis 0 index unit:=ms``), so the file opens in 3D
+Slicer as a volume sequence with the right times. The reader accepts the
+list axis first or last, and ``space`` in RAS or LPS.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import nrrd
+import numpy as np
+
+from calid.atomic import atomic_path
+from calid.data.io import cast_for_writing, check_spatial_shape, output_dtype, require_finite
+from calid.data.stack import CineStack
+from calid.errors import InputError, OutputError
+
+_SPACE_TO_LPS = {
+    "left-posterior-superior": np.diag([1.0, 1.0, 1.0]),
+    "lps": np.diag([1.0, 1.0, 1.0]),
+    "right-anterior-superior": np.diag([-1.0, -1.0, 1.0]),
+    "ras": np.diag([-1.0, -1.0, 1.0]),
+    "left-anterior-superior": np.diag([1.0, -1.0, 1.0]),
+    "las": np.diag([1.0, -1.0, 1.0]),
+}
+_DOMAIN_KINDS = {"domain", "space"}
+# A cardiac cycle lasts under 20 s: larger sequence index values are milliseconds.
+_SECONDS_MAX = 20.0
+
+
+def read_nrrd(path: str | os.PathLike[str]) -> CineStack:
+    """Read a 3D NRRD volume or a 4D volume sequence (``.seq.nrrd``)."""
+    path = Path(path)
+    try:
+        array, header = nrrd.read(str(path), index_order="F")
+    except Exception as error:  # pynrrd raises NRRDError, ValueError, EOFError, zlib.error ...
+        raise InputError(path, f"cannot be read as NRRD ({error})") from error
+    dimension = int(header.get("dimension", array.ndim))
+    kinds = [str(k).lower() for k in header.get("kinds", ["domain"] * dimension)]
+    if dimension not in (3, 4):
+        raise InputError(path, f"has {dimension} axes; expected a 3D volume or a 4D volume sequence")
+    check_spatial_shape(array.shape, path)
+    if array.dtype.kind not in "iuf":
+        raise InputError(path, f"voxel type {array.dtype} is not a scalar image type")
+
+    list_axis: int | None = None
+    if dimension == 4:
+        non_domain = [i for i, kind in enumerate(kinds) if kind not in _DOMAIN_KINDS]
+        if len(non_domain) != 1:
+            raise InputError(path, f"4D NRRD needs exactly one list (time) axis; kinds are {kinds}")
+        list_axis = non_domain[0]
+        spatial_axes = [i for i in range(4) if i != list_axis]
+    else:
+        spatial_axes = [0, 1, 2]
+
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space not in _SPACE_TO_LPS:
+        raise InputError(path, f"unsupported NRRD space {space!r} (use RAS or LPS)")
+    to_lps = _SPACE_TO_LPS[space]
+    directions_raw = header.get("space directions")
+    if directions_raw is None:
+        raise InputError(path, "has no 'space directions'; its voxel size and orientation are unknown")
+    directions = np.asarray(directions_raw, dtype=np.float64)
+    if directions.shape[0] == dimension:
+        directions = directions[spatial_axes]
+    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+        raise InputError(path, f"'space directions' is not three 3D vectors: {directions_raw}")
+    axes_lps = (to_lps @ directions.T)  # columns: x, y, z axis vectors (mm)
+    spacing = np.linalg.norm(axes_lps, axis=0)
+    if np.any(spacing <= 0):
+        raise InputError(path, "'space directions' has a zero-length axis")
+    direction = axes_lps / spacing
+    origin = to_lps @ np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise InputError(path, "the axes are sheared (not perpendicular); such images are not supported")
+    u, _, vt = np.linalg.svd(direction)
+    direction = u @ vt
+
+    data = np.asarray(array, dtype=np.float32)
+    require_finite(data, path)
+    frame_times = None
+    if list_axis is None:
+        data_tzyx = np.transpose(data, (2, 1, 0))[None]
+    else:
+        # F-order array (a0, a1, a2, a3) -> (T, Z, Y, X)
+        x_axis, y_axis, z_axis = spatial_axes
+        data_tzyx = np.transpose(data, (list_axis, z_axis, y_axis, x_axis))
+        frame_times = _frame_times(header, list_axis, data_tzyx.shape[0])
+    metadata: dict[str, Any] = {
+        "source_file": path.name,
+        "source_format": "nrrd",
+        "source_dtype": str(array.dtype),
+    }
+    return CineStack(
+        data=data_tzyx,
+        spacing=tuple(spacing),
+        origin=tuple(origin),
+        direction=direction,
+        frame_times_ms=frame_times,
+        metadata=metadata,
+        source=str(path),
+    )
+
+
+def _frame_times(header: dict[str, Any], list_axis: int, n_frames: int) -> np.ndarray | None:
+    """Frame times (ms) from Slicer's ``axis N index values``, or None when they are not times."""
+    values = header.get(f"axis {list_axis} index values")
+    if values is None:
+        return None
+    try:
+        times = np.asarray([float(v) for v in str(values).split()], dtype=np.float64)
+    except ValueError:
+        return None  # text index values (e.g. names), not times
+    if times.size != n_frames or (n_frames > 1 and np.any(np.diff(times) <= 0)):
+        return None
+    labels = header.get("labels") or [""] * 4
+    name = str(labels[list_axis]).lower() if list_axis < len(labels) else ""
+    unit = str(header.get(f"axis {list_axis} index unit", "")).strip().lower()
+    if unit == "ms":
+        return times
+    if unit == "s":
+        return times * 1000.0
+    if "time" not in name and "trigger" not in name:
+        return None  # frame numbers, not times
+    return times if times.max() > _SECONDS_MAX else times * 1000.0
+
+
+def write_nrrd(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None) -> None:
+    """Write a 3D ``.nrrd`` (T = 1) or a 4D Slicer volume sequence (T > 1), gzip-compressed, atomically."""
+    path = Path(path)
+    disk_dtype = output_dtype(stack, dtype)
+    array = cast_for_writing(stack.data, disk_dtype, path)
+    axes_lps = stack.direction * np.asarray(stack.spacing)[None, :]
+    header: dict[str, Any] = OrderedDict()
+    header["space"] = "left-posterior-superior"
+    header["space origin"] = np.asarray(stack.origin, dtype=np.float64)
+    header["encoding"] = "gzip"
+    if stack.n_frames == 1:
+        data = np.transpose(array[0], (2, 1, 0))  # (x, y, z), written in Fortran order
+        header["kinds"] = ["domain", "domain", "domain"]
+        header["space directions"] = axes_lps.T
+    else:
+        data = np.transpose(array, (0, 3, 2, 1))  # (t, x, y, z)
+        header["kinds"] = ["list", "domain", "domain", "domain"]
+        header["space directions"] = np.vstack([np.full(3, np.nan), axes_lps.T])
+        header["labels"] = ["time", "", "", ""]
+        header["DataNodeClassName"] = "vtkMRMLScalarVolumeNode"
+        header["axis 0 index type"] = "numeric"
+        if stack.frame_times_ms is not None:
+            header["axis 0 index values"] = " ".join(repr(float(t)) for t in stack.frame_times_ms)
+            header["axis 0 index unit"] = "ms"
+        else:
+            header["labels"] = ["frame", "", "", ""]
+            header["axis 0 index values"] = " ".join(str(i) for i in range(stack.n_frames))
+    custom = {k: "string" for k in header if k.startswith("axis ") or k == "DataNodeClassName"}
+    try:
+        with atomic_path(path) as tmp:
+            nrrd.write(str(tmp), np.asfortranarray(data), header, index_order="F", custom_field_map=custom)
+    except (OSError, nrrd.NRRDError) as error:
+        raise OutputError(path, f"cannot be written ({error})") from error

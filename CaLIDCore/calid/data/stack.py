@@ -1,0 +1,254 @@
+"""`CineStack`: a short-axis cine (or a single 3D stack) with its physical geometry.
+
+Conventions (the same as ITK, SimpleITK and DICOM):
+
+* ``data`` has shape ``(T, Z, Y, X)``: frames, slices, rows, columns; float32.
+* Physical coordinates are **LPS** millimetres (DICOM patient coordinates).
+  Readers and writers convert where a format uses RAS (NIfTI, Slicer's RAS
+  space in NRRD files is converted on read).
+* ``spacing`` is ``(sx, sy, sz)``: column, row and slice spacing in mm.
+* ``direction`` is a 3x3 matrix whose *columns* are the unit vectors of the
+  x (column), y (row) and z (slice) index axes in LPS.
+* ``origin`` is the LPS position of the centre of voxel ``(x, y, z) = (0, 0, 0)``.
+
+So the physical point of index ``(i, j, k)`` (x, y, z order) is
+``origin + direction @ (spacing * (i, j, k))``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from calid.errors import InputError
+
+#: Relative tolerance used to decide that two geometries are the same.
+GEOMETRY_RTOL = 1e-5
+
+
+@dataclass(eq=False)
+class CineStack:
+    """Image data ``(T, Z, Y, X)`` float32 plus exact physical geometry.
+
+    Args:
+        data: array of shape ``(T, Z, Y, X)``; converted to float32 (C-contiguous).
+        spacing: ``(sx, sy, sz)`` in mm: in-plane column and row spacing, then the
+            distance between slice centres along the slice normal.
+        origin: LPS position (mm) of the centre of the first voxel.
+        direction: 3x3 matrix, columns = unit vectors of the x, y, z index axes.
+        frame_times_ms: trigger time of every frame in ms (length T, strictly
+            increasing) or ``None`` when unknown.
+        metadata: free-form JSON-serialisable information (source file, source
+            dtype, subject id, provenance of generated slices ...).
+        source: where the stack came from (used in error messages only).
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    frame_times_ms: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        where = self.source
+        data = np.asarray(self.data)
+        if data.ndim != 4:
+            raise InputError(where, f"image data must have 4 axes (T, Z, Y, X), got shape {data.shape}")
+        if 0 in data.shape:
+            raise InputError(where, f"image has an empty axis: shape (T, Z, Y, X) = {data.shape}")
+        if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+            raise InputError(where, f"image data type {data.dtype} is not numeric")
+        data = np.ascontiguousarray(data, dtype=np.float32)
+        if not np.isfinite(data).all():
+            bad = int((~np.isfinite(data)).sum())
+            raise InputError(where, f"image contains {bad} NaN or infinite voxel value(s)")
+        self.data = data
+
+        spacing = np.asarray(self.spacing, dtype=np.float64).reshape(-1)
+        if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+            raise InputError(where, f"spacing must be 3 positive finite numbers (sx, sy, sz) in mm, got {self.spacing}")
+        self.spacing = (float(spacing[0]), float(spacing[1]), float(spacing[2]))
+
+        origin = np.asarray(self.origin, dtype=np.float64).reshape(-1)
+        if origin.shape != (3,) or not np.all(np.isfinite(origin)):
+            raise InputError(where, f"origin must be 3 finite numbers in mm, got {self.origin}")
+        self.origin = (float(origin[0]), float(origin[1]), float(origin[2]))
+
+        direction = np.asarray(self.direction, dtype=np.float64)
+        if direction.shape != (3, 3) or not np.all(np.isfinite(direction)):
+            raise InputError(where, f"direction must be a finite 3x3 matrix, got {direction!r}")
+        if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+            raise InputError(where, "direction cosines are not orthonormal (sheared or scaled axes are not supported)")
+        self.direction = direction
+
+        if self.frame_times_ms is not None:
+            times = np.asarray(self.frame_times_ms, dtype=np.float64).reshape(-1)
+            if times.shape != (self.n_frames,):
+                raise InputError(where, f"{times.size} frame times given for {self.n_frames} frame(s)")
+            if not np.all(np.isfinite(times)):
+                raise InputError(where, "frame times contain NaN or infinite values")
+            if times.size > 1 and np.any(np.diff(times) <= 0):
+                raise InputError(where, f"frame times must be strictly increasing, got {times.tolist()}")
+            self.frame_times_ms = times
+        self.metadata = dict(self.metadata)
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(T, Z, Y, X)``."""
+        t, z, y, x = self.data.shape
+        return (t, z, y, x)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.data.shape[1])
+
+    @property
+    def in_plane_spacing(self) -> tuple[float, float]:
+        """``(sx, sy)`` in mm."""
+        return (self.spacing[0], self.spacing[1])
+
+    @property
+    def slice_spacing(self) -> float:
+        """Distance between neighbouring slice centres (mm)."""
+        return self.spacing[2]
+
+    @property
+    def slice_normal(self) -> np.ndarray:
+        """Unit vector (LPS) along which the slice index grows."""
+        return self.direction[:, 2].copy()
+
+    @property
+    def frame_interval_ms(self) -> float | None:
+        """Mean time between frames (ms), or None when unknown or T = 1."""
+        if self.frame_times_ms is None or self.n_frames < 2:
+            return None
+        return float(np.mean(np.diff(self.frame_times_ms)))
+
+    # --------------------------------------------------------------- geometry
+    @property
+    def index_to_physical_matrix(self) -> np.ndarray:
+        """4x4 homogeneous matrix mapping (x, y, z, 1) voxel indices to LPS mm."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = self.direction * np.asarray(self.spacing)[None, :]
+        matrix[:3, 3] = self.origin
+        return matrix
+
+    def index_to_physical(self, index_xyz: np.ndarray | list[float] | tuple[float, ...]) -> np.ndarray:
+        """Voxel indices ``(..., 3)`` in (x, y, z) order -> LPS points ``(..., 3)``."""
+        index = np.asarray(index_xyz, dtype=np.float64)
+        return index @ (self.direction * np.asarray(self.spacing)[None, :]).T + np.asarray(self.origin)
+
+    def physical_to_index(self, points_lps: np.ndarray | list[float] | tuple[float, ...]) -> np.ndarray:
+        """LPS points ``(..., 3)`` -> continuous voxel indices ``(..., 3)`` in (x, y, z) order."""
+        points = np.asarray(points_lps, dtype=np.float64) - np.asarray(self.origin)
+        return (points @ self.direction) / np.asarray(self.spacing)
+
+    def slice_positions(self) -> np.ndarray:
+        """Signed position (mm) of every slice centre along the slice normal.
+
+        Measured from the LPS origin (0, 0, 0), like DICOM's position along the
+        normal, so stacks of the same acquisition can be compared directly.
+        """
+        start = float(np.dot(np.asarray(self.origin), self.slice_normal))
+        return start + self.slice_spacing * np.arange(self.n_slices, dtype=np.float64)
+
+    def slice_origin(self, z: float) -> np.ndarray:
+        """LPS position of voxel (0, 0, z); z may be fractional."""
+        return np.asarray(self.origin) + self.direction[:, 2] * self.slice_spacing * float(z)
+
+    def same_geometry(self, other: CineStack, check_shape: bool = True) -> bool:
+        """True when both stacks share spacing, origin, direction (and shape)."""
+        if check_shape and self.shape[1:] != other.shape[1:]:
+            return False
+        scale = max(1.0, float(np.max(np.abs(self.origin))))
+        return bool(
+            np.allclose(self.spacing, other.spacing, rtol=GEOMETRY_RTOL, atol=0)
+            and np.allclose(self.origin, other.origin, rtol=0, atol=GEOMETRY_RTOL * scale)
+            and np.allclose(self.direction, other.direction, rtol=0, atol=GEOMETRY_RTOL)
+        )
+
+    @property
+    def is_right_handed(self) -> bool:
+        """True when the slice axis is x cross y (always so in DICOM)."""
+        return bool(np.linalg.det(self.direction) > 0)
+
+    def right_handed(self) -> CineStack:
+        """The same physical image with the slice order reversed if needed so that z = x cross y.
+
+        DICOM can only describe right-handed stacks, so a left-handed NIfTI
+        stack comes back from a DICOM round trip in this form.
+        """
+        if self.is_right_handed:
+            return self
+        direction = self.direction.copy()
+        direction[:, 2] *= -1.0
+        last = tuple(self.slice_origin(self.n_slices - 1))
+        return self.with_data(self.data[:, ::-1].copy(), origin=last, direction=direction)
+
+    # ------------------------------------------------------------------ copies
+    def with_data(self, data: np.ndarray, **changes: Any) -> CineStack:
+        """A new stack with other voxel data (and optionally other fields), same geometry otherwise."""
+        fields: dict[str, Any] = {
+            "spacing": self.spacing,
+            "origin": self.origin,
+            "direction": self.direction.copy(),
+            "frame_times_ms": None if self.frame_times_ms is None else self.frame_times_ms.copy(),
+            "metadata": copy.deepcopy(self.metadata),
+            "source": self.source,
+        }
+        fields.update(changes)
+        return CineStack(data=data, **fields)
+
+    def copy(self) -> CineStack:
+        return self.with_data(self.data.copy())
+
+    def select_frames(self, frames: list[int] | np.ndarray) -> CineStack:
+        """A stack of the given frame indices (in the given order)."""
+        frames = [int(f) for f in frames]
+        for f in frames:
+            if not -self.n_frames <= f < self.n_frames:
+                raise InputError(self.source, f"frame {f} does not exist (the cine has {self.n_frames} frame(s))")
+        times = None if self.frame_times_ms is None else self.frame_times_ms[frames]
+        return self.with_data(self.data[frames], frame_times_ms=times)
+
+    def geometry_dict(self) -> dict[str, Any]:
+        """Geometry as plain JSON-serialisable Python values."""
+        return {
+            "shape_tzyx": list(self.shape),
+            "spacing_xyz_mm": list(self.spacing),
+            "origin_lps_mm": list(self.origin),
+            "direction_lps": self.direction.tolist(),
+            "frame_times_ms": None if self.frame_times_ms is None else self.frame_times_ms.tolist(),
+        }
+
+    def __repr__(self) -> str:
+        t, z, y, x = self.shape
+        sx, sy, sz = self.spacing
+        return (
+            f"CineStack(T={t}, Z={z}, Y={y}, X={x}, spacing=({sx:.4g}, {sy:.4g}, {sz:.4g}) mm, "
+            f"origin=({self.origin[0]:.4g}, {self.origin[1]:.4g}, {self.origin[2]:.4g}), source={self.source!r})"
+        )
+
+
+def stack_from_mapping(data: np.ndarray, geometry: Mapping[str, Any], **kwargs: Any) -> CineStack:
+    """Build a stack from :meth:`CineStack.geometry_dict` output."""
+    times = geometry.get("frame_times_ms")
+    return CineStack(
+        data=data,
+        spacing=tuple(geometry["spacing_xyz_mm"]),
+        origin=tuple(geometry["origin_lps_mm"]),
+        direction=np.asarray(geometry["direction_lps"], dtype=np.float64),
+        frame_times_ms=None if times is None else np.asarray(times, dtype=np.float64),
+        **kwargs,
+    )

@@ -1,0 +1,1 @@
+"""Upsampling engine (the pixel-space baseline for now; see ARCHITECTURE.md)."""
