@@ -1,0 +1,249 @@
+"""Training data: subject-level splits, a preprocessing cache, and torch datasets.
+
+* :func:`find_image_files` lists the image files of a data folder (labels excluded).
+* :func:`subject_id` maps file names of one subject to one id (``patient001_4d``
+  and ``patient001_frame01`` are both ``patient001``), so that a split never
+  puts one subject on both sides.
+* :func:`split_subjects` makes a deterministic train / validation split by subject.
+* :func:`load_subjects` reads and preprocesses every file once; with a
+  ``cache_dir`` the result is kept as ``.npy`` keyed by file identity and
+  preprocessing settings, so later runs and epochs never re-read NIfTI files.
+* :class:`TripletDataset` yields ``(s[n-g], s[n], s[n+g])`` slice triplets over
+  subjects, frames, slices and gaps g; :class:`ClipDataset` yields the same
+  triplets as clips of consecutive frames (cyclic over the cardiac cycle) for
+  2D+T models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from calid.data.io import read_stack
+from calid.data.preprocess import PreprocessConfig, preprocess
+from calid.data.stack import CineStack
+from calid.errors import InputError
+
+_LABEL_NAME = re.compile(r"(_gt|_seg|_label|_labels|_mask)(\.|$)", re.IGNORECASE)
+_SUBJECT_SUFFIX = re.compile(r"(_4d|_sa|_frame\d+|_ed|_es)+$", re.IGNORECASE)
+_IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
+
+
+def find_image_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files (NIfTI / NRRD) under ``folder``, label files excluded, sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "is not a folder")
+    files = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES) and not _LABEL_NAME.search(p.name)
+    ]
+    if not files:
+        raise InputError(folder, "contains no NIfTI or NRRD image files")
+    return files
+
+
+def subject_id(path: str | os.PathLike[str]) -> str:
+    """Subject of a file: its name without extension and per-file suffixes (``_4d``, ``_frame01`` ...)."""
+    name = Path(path).name
+    for suffix in (".seq.nrrd",) + _IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return _SUBJECT_SUFFIX.sub("", name)
+
+
+def split_subjects(
+    subjects: Iterable[str],
+    val_fraction: float = 0.15,
+    seed: int = 0,
+    val_subjects: Sequence[str] | None = None,
+) -> tuple[list[str], list[str]]:
+    """Deterministic (train, validation) lists of unique subject ids; no id is in both.
+
+    ``val_subjects`` fixes the validation set explicitly (for example the same
+    held-out subjects across experiments).
+    """
+    unique = sorted(set(subjects))
+    if val_subjects is not None:
+        missing = sorted(set(val_subjects) - set(unique))
+        if missing:
+            raise InputError("validation subjects", f"not in the data: {', '.join(missing)}")
+        val = sorted(set(val_subjects))
+    else:
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        order = unique.copy()
+        random.Random(seed).shuffle(order)
+        n_val = int(round(val_fraction * len(order)))
+        if val_fraction > 0 and n_val == 0 and len(order) > 1:
+            n_val = 1
+        val = sorted(order[:n_val])
+    train = [s for s in unique if s not in set(val)]
+    return train, val
+
+
+@dataclass
+class SubjectVolume:
+    """One preprocessed image of one subject: ``data`` (T, Z, H, W) float32 in [-1, 1]."""
+
+    subject: str
+    data: np.ndarray
+    source: str
+
+
+def _cache_key(path: Path, config: PreprocessConfig) -> str:
+    stat = path.stat()
+    identity = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, config.to_dict()], sort_keys=True)
+    return hashlib.sha256(identity.encode()).hexdigest()[:24]
+
+
+def load_subjects(
+    paths: Sequence[str | os.PathLike[str]],
+    config: PreprocessConfig = PreprocessConfig(),
+    cache_dir: str | os.PathLike[str] | None = None,
+    min_slices: int = 3,
+) -> list[SubjectVolume]:
+    """Read and preprocess every file (through the cache when given)."""
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    volumes: list[SubjectVolume] = []
+    for raw_path in paths:
+        path = Path(raw_path)
+        cached = cache / f"{subject_id(path)}-{_cache_key(path, config)}.npy" if cache is not None else None
+        if cached is not None and cached.exists():
+            data = np.load(cached, mmap_mode="r")
+        else:
+            stack = read_stack(path, min_slices=min_slices)
+            data = preprocess(stack, config)[0].data.astype(np.float16)
+            if cached is not None:
+                tmp = cached.with_suffix(".tmp.npy")
+                np.save(tmp, data)
+                os.replace(tmp, cached)
+        volumes.append(SubjectVolume(subject=subject_id(path), data=np.asarray(data), source=str(path)))
+    return volumes
+
+
+def volumes_from_stacks(stacks: Sequence[CineStack], config: PreprocessConfig = PreprocessConfig()) -> list[SubjectVolume]:
+    """Preprocess in-memory stacks (e.g. phantoms); the subject is ``metadata['subject']``."""
+    out = []
+    for index, stack in enumerate(stacks):
+        subject = str(stack.metadata.get("subject", f"stack{index:04d}"))
+        out.append(SubjectVolume(subject=subject, data=preprocess(stack, config)[0].data.astype(np.float16), source=stack.source))
+    return out
+
+
+class TripletDataset(Dataset[dict[str, Any]]):
+    """Slice triplets ``(s[n-g], s[n], s[n+g])`` for interpolation training.
+
+    Every (volume, frame, middle slice n, gap g) with both neighbours inside the
+    stack is one item. Items are dicts of float32 tensors ``previous``,
+    ``middle``, ``next`` of shape (1, H, W) plus ``subject``, ``frame``,
+    ``slice`` and ``gap``.
+
+    Args:
+        volumes: preprocessed subjects (one split: never mix train and validation).
+        gaps: neighbour distances in slices; 1 is the task, larger gaps add
+            training pairs at other scales (bisection also meets half gaps).
+        flips: random horizontal / vertical flips, the same for the three slices.
+        swap_neighbours: randomly exchange previous and next (the task is symmetric).
+        frames: restrict to these frame indices (e.g. ED / ES); default all.
+    """
+
+    def __init__(
+        self,
+        volumes: Sequence[SubjectVolume],
+        gaps: Sequence[int] = (1,),
+        flips: bool = True,
+        swap_neighbours: bool = False,
+        frames: Sequence[int] | None = None,
+    ) -> None:
+        self.volumes = list(volumes)
+        self.flips = flips
+        self.swap_neighbours = swap_neighbours
+        index: list[tuple[int, int, int, int]] = []
+        for v, volume in enumerate(self.volumes):
+            n_frames, n_slices = volume.data.shape[:2]
+            frame_list = range(n_frames) if frames is None else [f for f in frames if 0 <= f < n_frames]
+            for gap in gaps:
+                for t in frame_list:
+                    for n in range(gap, n_slices - gap):
+                        index.append((v, t, n, gap))
+        self.index = index
+
+    @property
+    def subjects(self) -> list[str]:
+        return sorted({v.subject for v in self.volumes})
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _augment(self, slices: list[torch.Tensor]) -> list[torch.Tensor]:
+        dims = []
+        if self.flips and torch.rand(()) < 0.5:
+            dims.append(-1)
+        if self.flips and torch.rand(()) < 0.5:
+            dims.append(-2)
+        if dims:
+            slices = [s.flip(dims) for s in slices]
+        if self.swap_neighbours and torch.rand(()) < 0.5:
+            slices = [slices[2], slices[1], slices[0]]
+        return slices
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        v, t, n, gap = self.index[item]
+        data = self.volumes[v].data
+        slices = [torch.from_numpy(np.asarray(data[t, k], dtype=np.float32)).unsqueeze(0) for k in (n - gap, n, n + gap)]
+        previous, middle, following = self._augment(slices)
+        return {
+            "previous": previous,
+            "middle": middle,
+            "next": following,
+            "subject": self.volumes[v].subject,
+            "frame": t,
+            "slice": n,
+            "gap": gap,
+        }
+
+
+class ClipDataset(TripletDataset):
+    """Triplets of clips for 2D+T models: tensors of shape (1, clip_length, H, W).
+
+    Item (volume, start frame, n, g) takes frames start, start+1, ... cyclically
+    (a cine covers one cardiac cycle, so the sequence wraps around), so any
+    number of frames yields clips of a fixed length.
+    """
+
+    def __init__(self, volumes: Sequence[SubjectVolume], clip_length: int = 32, gaps: Sequence[int] = (1,), flips: bool = True, swap_neighbours: bool = False, start_stride: int = 1) -> None:
+        super().__init__(volumes, gaps=gaps, flips=flips, swap_neighbours=swap_neighbours)
+        self.clip_length = clip_length
+        self.index = [entry for entry in self.index if entry[1] % start_stride == 0]
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        v, start, n, gap = self.index[item]
+        data = self.volumes[v].data
+        frames = (start + np.arange(self.clip_length)) % data.shape[0]
+        slices = [torch.from_numpy(np.asarray(data[frames, k], dtype=np.float32)).unsqueeze(0) for k in (n - gap, n, n + gap)]
+        previous, middle, following = self._augment(slices)
+        return {
+            "previous": previous,
+            "middle": middle,
+            "next": following,
+            "subject": self.volumes[v].subject,
+            "frame": start,
+            "slice": n,
+            "gap": gap,
+        }
