@@ -288,9 +288,9 @@ def write_dicom_folder(
     folder = Path(folder)
     disk_dtype = output_dtype(stack, dtype)
     if disk_dtype.kind in "iu":
-        stored = cast_for_writing(stack.data, disk_dtype, folder)
-        if stored.dtype.itemsize > 2:
-            stored = cast_for_writing(stack.data, np.dtype(np.int16 if stored.dtype.kind == "i" else np.uint16), folder)
+        # DICOM pixels here are 16-bit: 8-bit data widen, 32-bit data must fit.
+        sixteen_bit = np.dtype(np.int16 if disk_dtype.kind == "i" else np.uint16)
+        stored = cast_for_writing(stack.data, sixteen_bit, folder)
         slope, intercept = 1.0, 0.0
     else:
         low, high = float(stack.data.min()), float(stack.data.max())

@@ -10,6 +10,7 @@ was later changed by another tool is read from its header.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import zlib
@@ -33,10 +34,7 @@ _TIME_UNIT_TO_MS = {"msec": 1.0, "sec": 1000.0, "usec": 1e-3}
 def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     """Read a 3D (x, y, z) or 4D (x, y, z, t) NIfTI image."""
     path = Path(path)
-    try:
-        image = nib.load(str(path))
-    except Exception as error:  # nibabel raises many types for broken headers
-        raise InputError(path, f"cannot be read as NIfTI ({error})") from error
+    image = _load(path)
     if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"is not a NIfTI image ({type(image).__name__})")
     shape = tuple(int(s) for s in image.shape)
@@ -111,6 +109,25 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
         metadata=metadata,
         source=str(path),
     )
+
+
+def _load(path: Path) -> nib.Nifti1Image:
+    """Load a NIfTI file; gzip files are decompressed whole first so that a
+    corrupt or truncated file fails its CRC check instead of giving wrong voxels."""
+    try:
+        if path.name.lower().endswith(".gz"):
+            try:
+                payload = gzip.decompress(path.read_bytes())
+            except (OSError, EOFError, zlib.error) as error:
+                raise InputError(path, f"the file is truncated or corrupt (gzip: {error})") from error
+            header_size = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
+            image_class = nib.Nifti2Image if header_size in (540, 540 << 24) else nib.Nifti1Image
+            return image_class.from_bytes(payload)
+        return nib.load(str(path))
+    except InputError:
+        raise
+    except Exception as error:  # nibabel raises many types for broken headers
+        raise InputError(path, f"cannot be read as NIfTI ({error})") from error
 
 
 def _stored_geometry(image: nib.Nifti1Image) -> dict[str, Any] | None:

@@ -214,7 +214,7 @@ class CineStack:
         return self.with_data(self.data.copy())
 
     def select_frames(self, frames: list[int] | np.ndarray) -> CineStack:
-        """A stack of the given frame indices (in the given order)."""
+        """A stack of the given frame indices (increasing, when the frames have times)."""
         frames = [int(f) for f in frames]
         for f in frames:
             if not -self.n_frames <= f < self.n_frames:

@@ -1,0 +1,54 @@
+"""Shared fixtures: the real data beside the repository (skipped when absent) and small phantoms."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calid.data.phantom import PhantomConfig, make_phantom
+from calid.data.stack import CineStack
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DATA = Path(os.environ.get("CALID_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def shared_file(*parts: str) -> Path:
+    """A file of the shared real data set, or skip the test saying why."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (set CALID_SHARED_DATA to the data folder)")
+    return path
+
+
+def reliable_acdc_subjects() -> list[str]:
+    manifest = SHARED_DATA / "acdc_cine" / "manifest.json"
+    if not manifest.exists():
+        return []
+    return [entry["file"] for entry in json.loads(manifest.read_text()) if entry["geometry_reliable"]]
+
+
+@pytest.fixture(scope="session")
+def small_phantom():
+    """A quick phantom: 6 frames, 64 x 64 pixels of 3 mm, 6 slices."""
+    return make_phantom(3, PhantomConfig(n_frames=6, matrix=64, pixel_spacing_mm=3.0, n_slices=6))
+
+
+def oblique_stack(frames: int = 3, slices: int = 5, rows: int = 12, columns: int = 10, seed: int = 0) -> CineStack:
+    """A stack with an oblique right-handed orientation, anisotropic spacing and frame times."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    if np.linalg.det(q) < 0:
+        q[:, 2] *= -1
+    data = rng.uniform(0, 1000, size=(frames, slices, rows, columns)).round().astype(np.float32)
+    return CineStack(
+        data=data,
+        spacing=(1.367188, 1.4, 8.5),
+        origin=(-101.25, 33.125, 17.5),
+        direction=q,
+        frame_times_ms=np.arange(frames) * 37.5 + 12.0,
+        metadata={"subject": "synthetic", "source_dtype": "int16"},
+    )

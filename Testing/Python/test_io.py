@@ -1,0 +1,319 @@
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from calid.data.io import read_stack, write_stack
+from calid.data.stack import CineStack
+from calid.errors import InputError, OutputError
+
+from conftest import oblique_stack, shared_file
+
+FILE_FORMATS = [".nii", ".nii.gz", ".nrrd", ".seq.nrrd"]
+
+
+def assert_same_stack(a: CineStack, b: CineStack, atol_mm: float = 1e-9, data_equal: bool = True) -> None:
+    assert a.shape == b.shape
+    if data_equal:
+        np.testing.assert_array_equal(a.data, b.data)
+    np.testing.assert_allclose(a.spacing, b.spacing, rtol=1e-12, atol=atol_mm)
+    np.testing.assert_allclose(a.origin, b.origin, rtol=0, atol=atol_mm)
+    np.testing.assert_allclose(a.direction, b.direction, atol=1e-9 if atol_mm <= 1e-9 else 1e-6)
+    if a.frame_times_ms is None:
+        assert b.frame_times_ms is None
+    else:
+        np.testing.assert_allclose(a.frame_times_ms, b.frame_times_ms, atol=1e-6)
+
+
+@pytest.mark.parametrize("suffix", FILE_FORMATS)
+@pytest.mark.parametrize("frames", [1, 4])
+def test_generated_stack_round_trips_exactly(tmp_path, suffix, frames):
+    stack = oblique_stack(frames=frames)
+    if frames == 1:
+        stack = stack.with_data(stack.data, frame_times_ms=None)
+    path = write_stack(stack, tmp_path / f"stack{suffix}")
+    back = read_stack(path)
+    assert_same_stack(stack, back)
+    assert back.metadata["source_dtype"] == "int16"
+
+
+def test_nifti_header_matches_geometry_for_other_readers(tmp_path):
+    """nibabel's RAS affine and SimpleITK's LPS geometry of our file are the stack's geometry."""
+    stack = oblique_stack(frames=1).with_data(oblique_stack(frames=1).data, frame_times_ms=None)
+    path = write_stack(stack, tmp_path / "x.nii.gz")
+    affine = nib.load(str(path)).affine
+    ras_from_lps = np.diag([-1.0, -1.0, 1.0])
+    for ijk in ([0, 0, 0], [4, 7, 3]):
+        expected_lps = stack.index_to_physical(ijk)
+        np.testing.assert_allclose(affine[:3, :3] @ ijk + affine[:3, 3], ras_from_lps @ expected_lps, atol=1e-3)
+    image = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(image.GetOrigin(), stack.origin, atol=1e-3)
+    np.testing.assert_allclose(image.GetSpacing(), stack.spacing, rtol=1e-5)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), stack.direction, atol=1e-5)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), stack.data[0])
+
+
+def test_nifti_4d_time_axis_is_in_milliseconds(tmp_path):
+    stack = oblique_stack(frames=4)
+    path = write_stack(stack, tmp_path / "cine.nii.gz")
+    header = nib.load(str(path)).header
+    assert header.get_xyzt_units() == ("mm", "msec")
+    assert header.get_zooms()[3] == pytest.approx(37.5)
+    assert float(header["toffset"]) == pytest.approx(12.0)
+
+
+def test_nrrd_3d_read_by_simpleitk_has_our_geometry(tmp_path):
+    stack = oblique_stack(frames=1).with_data(oblique_stack(frames=1).data, frame_times_ms=None)
+    path = write_stack(stack, tmp_path / "x.nrrd")
+    image = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(image.GetOrigin(), stack.origin, atol=1e-9)
+    np.testing.assert_allclose(image.GetSpacing(), stack.spacing, rtol=1e-9)
+    np.testing.assert_allclose(np.reshape(image.GetDirection(), (3, 3)), stack.direction, atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), stack.data[0])
+
+
+def test_seq_nrrd_has_slicer_sequence_fields(tmp_path):
+    stack = oblique_stack(frames=4)
+    path = write_stack(stack, tmp_path / "cine.seq.nrrd")
+    data, header = nrrd.read(str(path), index_order="F")
+    assert header["kinds"] == ["list", "domain", "domain", "domain"]
+    assert data.shape == (4, stack.shape[3], stack.shape[2], stack.shape[1])
+    assert header["axis 0 index type"] == "numeric"
+    assert [float(v) for v in header["axis 0 index values"].split()] == pytest.approx(stack.frame_times_ms.tolist())
+    # frame 2, slice 1, row 3, column 4
+    assert data[2, 4, 3, 1] == stack.data[2, 1, 3, 4]
+
+
+def test_seq_nrrd_with_list_axis_last_and_ras_space_is_read(tmp_path):
+    """Newer Slicer versions write the list axis last; RAS space is converted to LPS."""
+    stack = oblique_stack(frames=3)
+    ras = np.diag([-1.0, -1.0, 1.0])
+    axes_ras = ras @ (stack.direction * np.asarray(stack.spacing))
+    header = {
+        "space": "right-anterior-superior",
+        "space origin": ras @ np.asarray(stack.origin),
+        "space directions": np.vstack([axes_ras.T, np.full(3, np.nan)]),
+        "kinds": ["domain", "domain", "domain", "list"],
+        "labels": ["", "", "", "time"],
+        "axis 3 index type": "numeric",
+        "axis 3 index values": "0.012 0.0495 0.087",
+    }
+    path = tmp_path / "slicer.seq.nrrd"
+    data = np.transpose(stack.data.astype(np.int16), (3, 2, 1, 0))
+    nrrd.write(str(path), data, header, index_order="F", custom_field_map={"axis 3 index type": "string", "axis 3 index values": "string"})
+    back = read_stack(path)
+    assert_same_stack(stack, back, atol_mm=1e-6)
+
+
+def test_dicom_round_trip_and_independent_reader(tmp_path):
+    stack = oblique_stack(frames=3)
+    folder = write_stack(stack, tmp_path / "dicom")
+    files = sorted(folder.iterdir())
+    assert len(files) == stack.n_frames * stack.n_slices
+    back = read_stack(folder)
+    assert_same_stack(stack, back, atol_mm=1e-5)
+    # SimpleITK / GDCM sees the same geometry for the first frame's slices.
+    first_frame = [str(f) for f in files if pydicom.dcmread(str(f), stop_before_pixels=True).TemporalPositionIdentifier == 1]
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder)) and sorted(first_frame, key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True).SliceLocation)))
+    image = reader.Execute()
+    np.testing.assert_allclose(image.GetOrigin(), stack.origin, atol=1e-5)
+    np.testing.assert_allclose(image.GetSpacing(), stack.spacing, rtol=1e-5)
+    np.testing.assert_allclose(sitk.GetArrayFromImage(image), stack.data[0], atol=1e-3)
+
+
+def test_dicom_float_data_are_stored_with_rescale(tmp_path):
+    stack = oblique_stack(frames=2)
+    stack = stack.with_data(stack.data / 7.0 - 3.25, metadata={})
+    back = read_stack(write_stack(stack, tmp_path / "d"))
+    span = float(stack.data.max() - stack.data.min())
+    np.testing.assert_allclose(back.data, stack.data, atol=span / 65000.0)
+
+
+REAL_FILES = [
+    ("acdc_cine", "patient001_4d.nii.gz"),
+    ("acdc_cine", "patient040_4d.nii.gz"),
+    ("acdc_edes_labels", "patient001_frame01.nii.gz"),
+    ("acdc_edes_labels", "patient001_frame01_gt.nii.gz"),
+    ("sunnybrook_sample", "SCD0000101_4d.nii.gz"),
+]
+
+
+@pytest.mark.parametrize("folder, name", REAL_FILES)
+def test_real_files_round_trip_through_every_format(tmp_path, folder, name):
+    source = shared_file(folder, name)
+    before = hashlib.sha256(source.read_bytes()).hexdigest()
+    stack = read_stack(source)
+    if stack.n_frames > 4:
+        stack = stack.select_frames(range(4))
+    for suffix in FILE_FORMATS:
+        assert_same_stack(stack, read_stack(write_stack(stack, tmp_path / f"x{suffix}")))
+    assert_same_stack(stack.right_handed(), read_stack(write_stack(stack, tmp_path / "dicom")), atol_mm=1e-5)
+    assert hashlib.sha256(source.read_bytes()).hexdigest() == before, "the input file was modified"
+
+
+def test_real_sunnybrook_geometry_matches_nibabel_affine():
+    path = shared_file("sunnybrook_sample", "SCD0000101_4d.nii.gz")
+    stack = read_stack(path)
+    affine = nib.load(str(path)).affine
+    ijk = np.array([17.0, 101.0, 7.0])
+    ras = affine[:3, :3] @ ijk + affine[:3, 3]
+    np.testing.assert_allclose(stack.index_to_physical(ijk), np.diag([-1.0, -1.0, 1.0]) @ ras, atol=1e-4)
+    assert stack.frame_interval_ms == pytest.approx(40.0)
+    assert stack.slice_spacing == pytest.approx(10.0, abs=1e-4)
+    assert stack.shape == (20, 12, 128, 128)
+
+
+def test_placeholder_affine_takes_voxel_size_from_pixdim():
+    path = shared_file("acdc_edes_labels", "patient001_frame01.nii.gz")
+    stack = read_stack(path)
+    assert stack.spacing == pytest.approx((1.5625, 1.5625, 10.0))
+    assert "pixdim" in stack.metadata["geometry_note"]
+
+
+# ----------------------------------------------------------------- bad input
+def test_truncated_nifti_is_refused_naming_the_file(tmp_path):
+    stack = oblique_stack(frames=2)
+    good = write_stack(stack, tmp_path / "good.nii.gz")
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(InputError, match="broken.nii.gz.*(truncated|cannot be read)"):
+        read_stack(broken)
+
+
+def test_garbage_and_unknown_files_are_refused(tmp_path):
+    garbage = tmp_path / "noise.nii"
+    garbage.write_bytes(b"not an image at all" * 10)
+    with pytest.raises(InputError, match="noise.nii"):
+        read_stack(garbage)
+    unknown = tmp_path / "scan.png"
+    unknown.write_bytes(b"\x89PNG")
+    with pytest.raises(InputError, match="unknown file type"):
+        read_stack(unknown)
+    with pytest.raises(InputError, match="no such file"):
+        read_stack(tmp_path / "missing.nii.gz")
+
+
+def test_wrong_dimensionality_and_single_slice_are_refused(tmp_path):
+    two_d = tmp_path / "slice2d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), dtype=np.int16), np.eye(4)), str(two_d))
+    with pytest.raises(InputError, match="slice2d.nii.gz.*axes"):
+        read_stack(two_d)
+    one_slice = tmp_path / "one.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 1, 5), dtype=np.int16), np.eye(4)), str(one_slice))
+    with pytest.raises(InputError, match="one.nii.gz.*1 slice"):
+        read_stack(one_slice)
+    five_d = tmp_path / "five.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 3, 2, 2), dtype=np.int16), np.eye(4)), str(five_d))
+    with pytest.raises(InputError, match="five.nii.gz"):
+        read_stack(five_d)
+
+
+def test_nan_and_zero_size_are_refused(tmp_path):
+    data = np.ones((6, 6, 3), dtype=np.float32)
+    data[2, 2, 1] = np.nan
+    path = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    with pytest.raises(InputError, match="nan.nii.gz.*NaN"):
+        read_stack(path)
+    empty = tmp_path / "empty.nrrd"
+    nrrd.write(str(empty), np.zeros((4, 0, 3), dtype=np.int16), {"space": "left-posterior-superior", "space directions": np.eye(3), "space origin": np.zeros(3)})
+    with pytest.raises(InputError, match="empty.nrrd"):
+        read_stack(empty)
+
+
+def test_integer_overflow_on_write_is_an_error_and_writes_nothing(tmp_path):
+    stack = oblique_stack(frames=1)
+    stack = stack.with_data(stack.data + 40000.0)  # does not fit int16
+    for target in (tmp_path / "o.nii.gz", tmp_path / "o.seq.nrrd", tmp_path / "o_dicom"):
+        with pytest.raises(OutputError, match="do not fit in int16"):
+            write_stack(stack, target)
+        assert not target.exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary files left behind either
+
+
+def test_failed_write_leaves_existing_output_untouched(tmp_path):
+    stack = oblique_stack(frames=1)
+    target = write_stack(stack, tmp_path / "keep.nii.gz")
+    before = target.read_bytes()
+    with pytest.raises(OutputError):
+        write_stack(stack.with_data(stack.data * 1000.0), target)
+    assert target.read_bytes() == before
+    with pytest.raises(OutputError, match="refusing to overwrite"):
+        write_stack(stack, target, overwrite=False)
+
+
+def _dicom_folder(tmp_path: Path, name: str = "series", frames: int = 2, slices: int = 4) -> Path:
+    return write_stack(oblique_stack(frames=frames, slices=slices), tmp_path / name)
+
+
+def test_dicom_missing_slice_gives_non_uniform_spacing_error(tmp_path):
+    folder = _dicom_folder(tmp_path)
+    for path in folder.glob("IM_0001_*.dcm"):
+        path.unlink()
+    with pytest.raises(InputError, match="not evenly spaced"):
+        read_stack(folder)
+
+
+def test_dicom_duplicated_image_is_refused(tmp_path):
+    folder = _dicom_folder(tmp_path)
+    shutil.copy(folder / "IM_0002_0001.dcm", folder / "IM_9999_0001.dcm")
+    with pytest.raises(InputError, match="(duplicated|different numbers of frames)"):
+        read_stack(folder)
+
+
+def test_dicom_several_series_are_listed_and_selectable(tmp_path):
+    root = tmp_path / "study"
+    root.mkdir()
+    first = _dicom_folder(root, "a", frames=2)
+    second = write_stack(oblique_stack(frames=1, slices=3, seed=5), root / "b")
+    for path in second.iterdir():  # give the second series its own number and description
+        ds = pydicom.dcmread(str(path))
+        ds.SeriesNumber = 7
+        ds.SeriesDescription = "SAX cine late"
+        ds.save_as(str(path))
+    with pytest.raises(InputError, match="holds 2 image series") as caught:
+        read_stack(root)
+    assert "SAX cine late" in str(caught.value)
+    assert read_stack(root, series="late").shape[:2] == (1, 3)
+    assert read_stack(root, series=7).shape[:2] == (1, 3)
+    uid = pydicom.dcmread(str(next(first.iterdir()))).SeriesInstanceUID
+    assert read_stack(root, series=uid).shape[:2] == (2, 4)
+    with pytest.raises(InputError, match="matches no series"):
+        read_stack(root, series="nothing like it")
+
+
+def test_dicom_mixed_orientations_in_one_series_are_refused(tmp_path):
+    folder = _dicom_folder(tmp_path)
+    path = folder / "IM_0000_0000.dcm"
+    ds = pydicom.dcmread(str(path))
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.save_as(str(path))
+    with pytest.raises(InputError, match="different image orientation"):
+        read_stack(folder)
+
+
+def test_dicom_folder_without_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(InputError, match="no DICOM MR images"):
+        read_stack(tmp_path)
+
+
+def test_gzip_corruption_in_data_is_reported(tmp_path):
+    stack = oblique_stack(frames=2)
+    raw = write_stack(stack, tmp_path / "raw.nii")
+    payload = bytearray(gzip.compress(raw.read_bytes()))
+    payload[len(payload) // 2 : len(payload) // 2 + 64] = b"\x00" * 64
+    corrupt = tmp_path / "corrupt.nii.gz"
+    corrupt.write_bytes(bytes(payload))
+    with pytest.raises(InputError, match="corrupt.nii.gz"):
+        read_stack(corrupt)
