@@ -33,8 +33,8 @@ def reliable_acdc_subjects() -> list[str]:
 
 @pytest.fixture(scope="session")
 def small_phantom():
-    """A quick phantom: 6 frames, 64 x 64 pixels of 3 mm, 6 slices."""
-    return make_phantom(3, PhantomConfig(n_frames=6, matrix=64, pixel_spacing_mm=3.0, n_slices=6))
+    """A quick phantom: 6 frames, 64 x 64 pixels of 3 mm, 10 slices (the whole heart)."""
+    return make_phantom(3, PhantomConfig(n_frames=6, matrix=64, pixel_spacing_mm=3.0, n_slices=10))
 
 
 def oblique_stack(frames: int = 3, slices: int = 5, rows: int = 12, columns: int = 10, seed: int = 0) -> CineStack:

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from calid.data.io import read_stack, write_stack
+from calid.inference.baselines import upsample_linear
+from calid.errors import InputError
+
+from conftest import oblique_stack
+
+
+def run_calid(*args: str, cwd=None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "calid", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+def test_linear_upsampling_keeps_acquired_slices_and_geometry():
+    stack = oblique_stack(frames=2, slices=4)
+    dense = upsample_linear(stack, 4)
+    assert dense.n_slices == 13 and dense.slice_spacing == pytest.approx(stack.slice_spacing / 4)
+    np.testing.assert_array_equal(dense.data[:, ::4], stack.data)  # bit exact
+    np.testing.assert_allclose(dense.data[:, 2], (stack.data[:, 0] + stack.data[:, 1]) / 2, rtol=1e-6)
+    for k in range(stack.n_slices):
+        np.testing.assert_allclose(dense.slice_origin(4 * k), stack.slice_origin(k), atol=1e-9)
+    with pytest.raises(InputError, match="2, 4, 8, 16"):
+        upsample_linear(stack, 3)
+
+
+def test_demo_writes_readable_outputs(tmp_path):
+    result = run_calid("demo", "--out", str(tmp_path / "demo"), "--factor", "2", "--frames", "3")
+    assert result.returncode == 0, result.stderr
+    assert "linear" in result.stdout and "dB" in result.stdout
+    sparse = read_stack(tmp_path / "demo" / "phantom_sparse.nii.gz")
+    dense = read_stack(tmp_path / "demo" / "phantom_linear_x2.nii.gz")
+    assert dense.n_slices == 2 * sparse.n_slices - 1
+    assert dense.slice_spacing == pytest.approx(sparse.slice_spacing / 2)
+    np.testing.assert_array_equal(dense.data[:, ::2], sparse.data)
+    np.testing.assert_allclose(dense.origin, sparse.origin, atol=1e-9)
+    png = (tmp_path / "demo" / "phantom_long_axis.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_upsample_command_and_its_errors(tmp_path):
+    source = write_stack(oblique_stack(frames=2, slices=3), tmp_path / "in.nii.gz")
+    before = source.read_bytes()
+    ok = run_calid("upsample", str(source), str(tmp_path / "out.seq.nrrd"), "--factor", "2")
+    assert ok.returncode == 0, ok.stderr
+    assert read_stack(tmp_path / "out.seq.nrrd").n_slices == 5
+    bad_factor = run_calid("upsample", str(source), str(tmp_path / "x.nii.gz"), "--factor", "3")
+    assert bad_factor.returncode == 2 and "2, 4, 8, 16" in bad_factor.stderr
+    same = run_calid("upsample", str(source), str(source))
+    assert same.returncode == 2 and "overwrite the input" in same.stderr
+    missing = run_calid("upsample", str(tmp_path / "nope.nii.gz"), str(tmp_path / "x.nii.gz"))
+    assert missing.returncode == 2 and "nope.nii.gz" in missing.stderr
+    assert source.read_bytes() == before
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_convert_dicom_to_nifti_and_inspect(tmp_path):
+    stack = oblique_stack(frames=2, slices=4)
+    folder = write_stack(stack, tmp_path / "dicom")
+    converted = run_calid("convert", str(folder), str(tmp_path / "cine.nii.gz"))
+    assert converted.returncode == 0, converted.stderr
+    back = read_stack(tmp_path / "cine.nii.gz")
+    np.testing.assert_array_equal(back.data, stack.data)
+    np.testing.assert_allclose(back.origin, stack.origin, atol=1e-5)
+    info = run_calid("inspect", str(tmp_path / "cine.nii.gz"))
+    assert info.returncode == 0 and "8.5 between slices" in info.stdout and "37.5 ms apart" in info.stdout
+
+
+def test_phantom_command_writes_labels_as_integers(tmp_path):
+    result = run_calid("phantom", str(tmp_path), "--frames", "2")
+    assert result.returncode == 0, result.stderr
+    labels = read_stack(tmp_path / "phantom0000_sparse_labels.nii.gz")
+    assert labels.metadata["source_dtype"] == "uint8"
+    assert set(np.unique(labels.data)) <= {0.0, 1.0, 2.0, 3.0}

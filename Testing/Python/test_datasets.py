@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from calid.data.datasets import (
+    ClipDataset,
+    TripletDataset,
+    find_image_files,
+    load_subjects,
+    split_subjects,
+    subject_id,
+    volumes_from_stacks,
+)
+from calid.data.io import write_stack
+from calid.data.preprocess import PreprocessConfig
+from calid.errors import InputError
+
+from conftest import SHARED_DATA, oblique_stack, shared_file
+
+SMALL = PreprocessConfig(target_spacing_mm=None, crop_size=(16, 16))
+
+
+def test_subject_ids_join_files_of_one_subject():
+    assert subject_id("a/patient001_4d.nii.gz") == "patient001"
+    assert subject_id("patient001_frame01.nii.gz") == "patient001"
+    assert subject_id("SCD0000101_4d.nii.gz") == "SCD0000101"
+    assert subject_id("case7.seq.nrrd") == "case7"
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    ids = [f"s{i:03d}" for i in range(40)] * 2
+    train, val = split_subjects(ids, val_fraction=0.2, seed=1)
+    assert set(train).isdisjoint(val)
+    assert sorted(train + val) == sorted(set(ids))
+    assert len(val) == 8
+    assert split_subjects(ids, val_fraction=0.2, seed=1) == (train, val)
+    assert split_subjects(ids, val_fraction=0.2, seed=2) != (train, val)
+    fixed_train, fixed_val = split_subjects(ids, val_subjects=["s001", "s002"])
+    assert fixed_val == ["s001", "s002"] and "s001" not in fixed_train
+    with pytest.raises(InputError, match="s999"):
+        split_subjects(ids, val_subjects=["s999"])
+
+
+def test_triplets_are_true_neighbours_with_consistent_flips():
+    stack = oblique_stack(frames=2, slices=5, rows=16, columns=16)
+    volumes = volumes_from_stacks([stack], SMALL)
+    plain = TripletDataset(volumes, gaps=(1, 2), flips=False)
+    assert len(plain) == 2 * 3 + 2 * 1  # gap 1: slices 1..3, gap 2: slice 2, for 2 frames
+    item = plain[0]
+    data = volumes[0].data
+    t, n, g = item["frame"], item["slice"], item["gap"]
+    for key, k in (("previous", n - g), ("middle", n), ("next", n + g)):
+        assert item[key].shape == (1, 16, 16) and item[key].dtype == torch.float32
+        np.testing.assert_array_equal(item[key][0].numpy(), data[t, k].astype(np.float32))
+    flipped = TripletDataset(volumes, gaps=(1,), flips=True)
+    torch.manual_seed(0)
+    seen_flip = False
+    for _ in range(20):
+        got = flipped[0]
+        reference = plain[0]
+        for dims in ([-1], [-2], [-1, -2], []):
+            candidate = [reference[k].flip(dims) if dims else reference[k] for k in ("previous", "middle", "next")]
+            if all(torch.equal(got[k], c) for k, c in zip(("previous", "middle", "next"), candidate)):
+                seen_flip |= bool(dims)
+                break
+        else:
+            pytest.fail("the three slices were not flipped together")
+    assert seen_flip
+
+
+def test_clip_dataset_wraps_around_the_cycle():
+    stack = oblique_stack(frames=3, slices=3, rows=16, columns=16)
+    volumes = volumes_from_stacks([stack], SMALL)
+    clips = ClipDataset(volumes, clip_length=5, flips=False)
+    item = clips[2]  # start frame 2
+    assert item["middle"].shape == (1, 5, 16, 16)
+    expected_frames = [2, 0, 1, 2, 0]
+    for i, f in enumerate(expected_frames):
+        np.testing.assert_array_equal(item["middle"][0, i].numpy(), volumes[0].data[f, 1].astype(np.float32))
+
+
+def test_cache_is_used_instead_of_rereading(tmp_path):
+    path = write_stack(oblique_stack(frames=2, slices=4, rows=16, columns=16), tmp_path / "subj01_4d.nii.gz")
+    cache = tmp_path / "cache"
+    first = load_subjects([path], SMALL, cache_dir=cache)
+    files = list(cache.glob("*.npy"))
+    assert len(files) == 1 and first[0].subject == "subj01"
+    np.save(files[0], np.zeros_like(first[0].data))  # tamper: a second load must come from here
+    second = load_subjects([path], SMALL, cache_dir=cache)
+    assert not second[0].data.any()
+    other = load_subjects([path], PreprocessConfig(target_spacing_mm=None, crop_size=(8, 8)), cache_dir=cache)
+    assert other[0].data.shape[-2:] == (8, 8)  # another config is another cache entry
+
+
+def test_real_data_split_never_shares_a_subject(tmp_path):
+    shared_file("acdc_cine", "patient001_4d.nii.gz")
+    files = find_image_files(SHARED_DATA / "acdc_cine") + find_image_files(SHARED_DATA / "acdc_edes_labels")
+    assert not any("_gt" in f.name for f in files)
+    subjects = [subject_id(f) for f in files]
+    train, val = split_subjects(subjects, val_fraction=0.15, seed=0)
+    assert set(train).isdisjoint(val) and len(val) >= 5
+    val_files = [f for f in files if subject_id(f) in val][:2]
+    train_files = [f for f in files if subject_id(f) in train][:2]
+    config = PreprocessConfig(target_spacing_mm=1.8, crop_size=(64, 64))
+    val_set = TripletDataset(load_subjects(val_files, config, cache_dir=tmp_path), flips=False)
+    train_set = TripletDataset(load_subjects(train_files, config, cache_dir=tmp_path))
+    assert set(val_set.subjects).isdisjoint(train_set.subjects)
+    assert len(train_set) > 0 and len(val_set) > 0
+    sample = train_set[len(train_set) // 2]
+    assert sample["middle"].abs().max() <= 1.0 and sample["middle"].std() > 0.05
