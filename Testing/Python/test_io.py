@@ -317,3 +317,23 @@ def test_gzip_corruption_in_data_is_reported(tmp_path):
     corrupt.write_bytes(bytes(payload))
     with pytest.raises(InputError, match="corrupt.nii.gz"):
         read_stack(corrupt)
+
+
+@pytest.mark.parametrize("keep_trigger_time", [True, False])
+def test_dicom_order_comes_from_headers_not_file_names(tmp_path, keep_trigger_time):
+    """Shuffled file names; without TriggerTime the frames follow InstanceNumber."""
+    stack = oblique_stack(frames=3, slices=4)
+    folder = write_stack(stack, tmp_path / "dicom")
+    files = sorted(folder.iterdir())
+    names = [f"{i:08x}" for i in np.random.default_rng(1).permutation(len(files))]
+    for path, name in zip(files, names):
+        ds = pydicom.dcmread(str(path))
+        if not keep_trigger_time:
+            del ds.TriggerTime
+        ds.SliceLocation = "0"  # must not be used for sorting or spacing
+        path.unlink()
+        ds.save_as(str(folder / name))
+    back = read_stack(folder)
+    np.testing.assert_array_equal(back.data, stack.data)
+    assert back.slice_spacing == pytest.approx(stack.slice_spacing, abs=1e-5)
+    assert (back.frame_times_ms is not None) == keep_trigger_time
