@@ -111,7 +111,7 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     )
 
 
-def _load(path: Path) -> nib.Nifti1Image:
+def _load(path: Path) -> Any:
     """Load a NIfTI file; gzip files are decompressed whole first so that a
     corrupt or truncated file fails its CRC check instead of giving wrong voxels."""
     try:
