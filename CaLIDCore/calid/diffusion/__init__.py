@@ -1,0 +1,1 @@
+"""Noise schedule, DDIM sampling and inversion, slerp and the CaLID modes."""

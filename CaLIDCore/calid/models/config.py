@@ -1,0 +1,198 @@
+"""Model configurations: every knob of the VAE, the denoiser and the noise schedule in one place.
+
+Configurations are frozen dataclasses serialised to JSON inside every
+checkpoint, so a checkpoint rebuilds exactly the networks it was saved from.
+Named configurations:
+
+* ``tiny``: seconds on a CPU; for tests and smoke runs (32 px crops).
+* ``small``: trainable to useful quality on a few CPU cores within hours or
+  quickly on one GPU (96-128 px crops); VAE (32, 64, 64) with 3 latent channels,
+  denoiser and ControlNet (64, 128, 128).
+* ``paper``: the sizes of the paper / its authors' public code as far as known:
+  VAE (32, 64, 128), 3 latent channels, 2 residual blocks, f = 4; denoiser
+  (128, 256, 512) with attention at the two deeper levels; 128 px crops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from calid.data.preprocess import PreprocessConfig
+
+Prediction = Literal["epsilon", "v_prediction", "sample"]
+BetaSchedule = Literal["linear", "scaled_linear"]
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """MONAI ``AutoencoderKL`` without attention (the paper's VAE: convolutions only).
+
+    The spatial downsampling factor is ``2 ** (len(channels) - 1)``.
+    """
+
+    channels: tuple[int, ...] = (32, 64, 64)
+    latent_channels: int = 3
+    num_res_blocks: int = 2
+    norm_num_groups: int = 32
+
+    @property
+    def downsampling(self) -> int:
+        return 2 ** (len(self.channels) - 1)
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    """The interpolation denoiser: U-Net eps_theta plus ControlNet (tau1 + tau2), trained jointly.
+
+    Args:
+        channels: U-Net (and ControlNet encoder) channels per level.
+        attention_levels: self-attention at each level.
+        num_res_blocks: residual blocks per level.
+        num_head_channels: channels per attention head.
+        norm_num_groups: group-norm groups (divides every entry of ``channels``).
+        conditioning_channels: tau1, the light conv encoder of the two neighbour
+            slices (pixel space) ending in a zero-conv; it downsamples
+            ``len(conditioning_channels) - 1`` times, which must match the VAE.
+        concat_neighbour_latents: also feed the neighbours' VAE latents to the
+            U-Net input (a measured option beside the paper's recipe).
+        condition_dropout: probability per sample of dropping the condition in
+            training, so the same network also denoises unconditioned.
+        prediction: what the network predicts: noise (the paper), v or x0.
+    """
+
+    channels: tuple[int, ...] = (64, 128, 128)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = 2
+    num_head_channels: int = 32
+    norm_num_groups: int = 32
+    conditioning_channels: tuple[int, ...] = (16, 32, 64)
+    concat_neighbour_latents: bool = False
+    condition_dropout: float = 0.0
+    prediction: Prediction = "epsilon"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """DDPM noise schedule (1000 training steps)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: BetaSchedule = "scaled_linear"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a CaLID model."""
+
+    name: str = "small"
+    image_size: int = 128
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if len(self.denoiser.conditioning_channels) - 1 != len(self.vae.channels) - 1:
+            problems.append(
+                f"tau1 downsamples {len(self.denoiser.conditioning_channels) - 1} times but the VAE "
+                f"{len(self.vae.channels) - 1} times (conditioning_channels vs vae.channels)"
+            )
+        if len(self.denoiser.attention_levels) != len(self.denoiser.channels):
+            problems.append("denoiser.attention_levels needs one entry per level of denoiser.channels")
+        for name, channels, groups in (
+            ("vae", self.vae.channels, self.vae.norm_num_groups),
+            ("denoiser", self.denoiser.channels, self.denoiser.norm_num_groups),
+        ):
+            if any(c % groups for c in channels):
+                problems.append(f"{name}.channels {channels} must be multiples of norm_num_groups {groups}")
+        latent_size = self.image_size // self.vae.downsampling
+        if self.image_size % self.vae.downsampling or latent_size % 2 ** (len(self.denoiser.channels) - 1):
+            problems.append(f"image_size {self.image_size} does not divide evenly through the VAE and the U-Net levels")
+        if self.preprocess.crop_size is not None and tuple(self.preprocess.crop_size) != (self.image_size, self.image_size):
+            problems.append(f"preprocess.crop_size {self.preprocess.crop_size} differs from image_size {self.image_size}")
+        if not 0.0 <= self.denoiser.condition_dropout < 1.0:
+            problems.append("denoiser.condition_dropout must be in [0, 1)")
+        if self.denoiser.prediction not in ("epsilon", "v_prediction", "sample"):
+            problems.append(f"unknown prediction type {self.denoiser.prediction!r}")
+        if self.schedule.beta_schedule not in ("linear", "scaled_linear"):
+            problems.append(f"unknown beta schedule {self.schedule.beta_schedule!r}")
+        if problems:
+            raise ValueError("invalid model configuration: " + "; ".join(problems))
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.vae.downsampling
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a file from another version)."""
+
+        def build(kind: type, raw: dict[str, Any]) -> Any:
+            names = {f.name for f in dataclasses.fields(kind)}
+            unknown = set(raw) - names
+            if unknown:
+                raise ValueError(f"unknown {kind.__name__} field(s): {', '.join(sorted(unknown))}")
+            converted = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+            return kind(**converted)
+
+        raw = dict(values)
+        return build(
+            cls,
+            {
+                **raw,
+                "vae": build(VAEConfig, raw.get("vae", {})),
+                "denoiser": build(DenoiserConfig, raw.get("denoiser", {})),
+                "schedule": build(ScheduleConfig, raw.get("schedule", {})),
+                "preprocess": PreprocessConfig.from_dict(raw["preprocess"]) if "preprocess" in raw else PreprocessConfig(),
+            },
+        )
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def named_config(name: str) -> ModelConfig:
+    """The configuration called ``name`` (``tiny``, ``small`` or ``paper``)."""
+    if name == "tiny":
+        return ModelConfig(
+            name="tiny",
+            image_size=32,
+            vae=VAEConfig(channels=(8, 16, 16), latent_channels=3, num_res_blocks=1, norm_num_groups=8),
+            denoiser=DenoiserConfig(
+                channels=(16, 32),
+                attention_levels=(False, True),
+                num_res_blocks=1,
+                num_head_channels=8,
+                norm_num_groups=8,
+                conditioning_channels=(8, 16, 16),
+            ),
+            preprocess=PreprocessConfig(target_spacing_mm=1.8, crop_size=(32, 32)),
+        )
+    if name == "small":
+        return ModelConfig(name="small", image_size=96, preprocess=PreprocessConfig(target_spacing_mm=1.8, crop_size=(96, 96)))
+    if name == "paper":
+        return ModelConfig(
+            name="paper",
+            image_size=128,
+            vae=VAEConfig(channels=(32, 64, 128), latent_channels=3, num_res_blocks=2, norm_num_groups=32),
+            denoiser=DenoiserConfig(
+                channels=(128, 256, 512),
+                attention_levels=(False, True, True),
+                num_res_blocks=2,
+                num_head_channels=64,
+                norm_num_groups=32,
+                conditioning_channels=(32, 64, 128),
+            ),
+            preprocess=PreprocessConfig(target_spacing_mm=1.8, crop_size=(128, 128)),
+        )
+    raise ValueError(f"unknown configuration {name!r}; choose tiny, small or paper")
+
+
+CONFIG_NAMES = ("tiny", "small", "paper")

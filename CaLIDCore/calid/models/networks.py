@@ -1,0 +1,107 @@
+"""The networks of CaLID, built from MONAI.
+
+* :func:`build_vae`: ``AutoencoderKL`` with a KL posterior, f = 4, convolutions only.
+* :class:`CaLIDNet`: the interpolation denoiser, owning
+
+  - tau1: MONAI ControlNet's conditioning embedding (a light conv encoder of
+    the two neighbour slices ``[s(n-1), s(n+1)]`` ending in a zero-conv, at
+    latent resolution);
+  - tau2: the ControlNet encoder (time-embedded ResBlocks with self-attention)
+    whose zero-conv outputs are added to the U-Net skips and middle block;
+  - eps_theta: MONAI ``DiffusionModelUNet`` on the noisy latent of s(n).
+
+  The three are one module and are trained jointly.
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
+from torch import nn
+
+from calid.models.config import ModelConfig
+
+
+def build_vae(config: ModelConfig) -> AutoencoderKL:
+    """The first-stage autoencoder: 1 channel in and out, ``latent_channels`` at 1/f resolution."""
+    vae = config.vae
+    return AutoencoderKL(
+        spatial_dims=2,
+        in_channels=1,
+        out_channels=1,
+        num_res_blocks=vae.num_res_blocks,
+        channels=vae.channels,
+        attention_levels=(False,) * len(vae.channels),
+        latent_channels=vae.latent_channels,
+        norm_num_groups=vae.norm_num_groups,
+        with_encoder_nonlocal_attn=False,
+        with_decoder_nonlocal_attn=False,
+    )
+
+
+class CaLIDNet(nn.Module):
+    """Denoiser conditioned on the two neighbour slices.
+
+    Args:
+        config: the model configuration (its ``denoiser`` and ``vae`` parts are used).
+
+    Shapes (B = batch, C = latent channels, h = w = image_size / f):
+        z_t: (B, C, h, w) noisy latent of the middle slice.
+        timesteps: (B,) integer diffusion steps.
+        neighbours: (B, 2, H, W) the previous and next slice in [-1, 1].
+        neighbour_latents: (B, 2C, h, w), only when ``concat_neighbour_latents``.
+        keep_condition: (B,) 1 to use the condition, 0 to drop it (condition dropout).
+        returns: (B, C, h, w) the prediction (noise, v or x0 as configured).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.denoiser
+        latent = config.vae.latent_channels
+        in_channels = latent * 3 if d.concat_neighbour_latents else latent
+        common = dict(
+            spatial_dims=2,
+            in_channels=in_channels,
+            num_res_blocks=d.num_res_blocks,
+            channels=d.channels,
+            attention_levels=d.attention_levels,
+            norm_num_groups=d.norm_num_groups,
+            num_head_channels=d.num_head_channels,
+        )
+        self.unet = DiffusionModelUNet(out_channels=latent, **common)
+        self.controlnet = ControlNet(
+            conditioning_embedding_in_channels=2,
+            conditioning_embedding_num_channels=d.conditioning_channels,
+            **common,
+        )
+
+    def forward(
+        self,
+        z_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        neighbours: torch.Tensor,
+        neighbour_latents: torch.Tensor | None = None,
+        keep_condition: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = z_t
+        if self.config.denoiser.concat_neighbour_latents:
+            if neighbour_latents is None:
+                raise ValueError("this model also takes the neighbours' latents (concat_neighbour_latents)")
+            if keep_condition is not None:
+                neighbour_latents = neighbour_latents * keep_condition.view(-1, 1, 1, 1).to(neighbour_latents.dtype)
+            x = torch.cat([z_t, neighbour_latents], dim=1)
+        down, mid = self.controlnet(x=x, timesteps=timesteps, controlnet_cond=neighbours)
+        if keep_condition is not None:
+            mask = keep_condition.view(-1, 1, 1, 1).to(mid.dtype)
+            down = [residual * mask for residual in down]
+            mid = mid * mask
+        return self.unet(x=x, timesteps=timesteps, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+
+    def unconditioned(self, z_t: torch.Tensor, timesteps: torch.Tensor, neighbour_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser without any condition (needs training with condition dropout)."""
+        x = z_t
+        if self.config.denoiser.concat_neighbour_latents:
+            zeros = torch.zeros(z_t.shape[0], 2 * z_t.shape[1], *z_t.shape[2:], dtype=z_t.dtype, device=z_t.device)
+            x = torch.cat([z_t, zeros], dim=1)
+        return self.unet(x=x, timesteps=timesteps)
