@@ -1,0 +1,167 @@
+"""Model files: safetensors weights with the JSON description in the same file's header.
+
+A CaLID model file holds tensors named ``vae.*`` (the autoencoder) and, for a
+full model, ``net.*`` (the interpolation denoiser), plus one header entry
+``calid`` with JSON: file format and version, kind (``vae`` or ``calid``),
+the model configuration, the latent scale factor, the training data
+description, metrics and the code version. Nothing is ever unpickled.
+
+:func:`load_model` refuses, with a message naming the file, anything it cannot
+trust: not a safetensors file, truncated, no CaLID header, a newer format,
+an invalid configuration, missing / unexpected / wrongly shaped tensors, or
+non-finite weights.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from calid.atomic import atomic_path
+from calid.errors import InputError
+from calid.models.config import ModelConfig
+from calid.models.networks import CaLIDNet, build_vae
+
+FORMAT_NAME = "calid-model"
+FORMAT_VERSION = 1
+KINDS = ("vae", "calid")
+
+
+@dataclass
+class LoadedModel:
+    """The networks and description of one model file (in eval mode)."""
+
+    config: ModelConfig
+    vae: nn.Module
+    net: CaLIDNet | None
+    latent_scale: float
+    info: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "calid" if self.net is not None else "vae"
+
+
+def _code_version() -> str:
+    from calid import __version__
+
+    return __version__
+
+
+def save_model(
+    path: str | os.PathLike[str],
+    config: ModelConfig,
+    vae: nn.Module,
+    net: nn.Module | None = None,
+    latent_scale: float = 1.0,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """Write a model file atomically (weights are copied to CPU, contiguous)."""
+    tensors = {f"vae.{k}": v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()}
+    if net is not None:
+        tensors.update({f"net.{k}": v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()})
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": "calid" if net is not None else "vae",
+        "config": config.to_dict(),
+        "latent_scale": float(latent_scale),
+        "code_version": _code_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "info": info or {},
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"calid": json.dumps(header)})
+    return path
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON description of a model file, validated, without loading the weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "model file not found")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises SafetensorError / OSError on bad headers
+        raise InputError(path, f"is not a readable safetensors model file ({error})") from error
+    if "calid" not in metadata:
+        raise InputError(path, "is a safetensors file but not a CaLID model (no 'calid' header entry)")
+    try:
+        header = json.loads(metadata["calid"])
+    except json.JSONDecodeError as error:
+        raise InputError(path, f"has a damaged CaLID header ({error})") from error
+    if header.get("format") != FORMAT_NAME:
+        raise InputError(path, f"has an unknown format {header.get('format')!r}")
+    if int(header.get("format_version", 0)) > FORMAT_VERSION:
+        raise InputError(path, f"was written by a newer calid (format {header.get('format_version')}); update calid to read it")
+    if header.get("kind") not in KINDS:
+        raise InputError(path, f"has an unknown model kind {header.get('kind')!r}")
+    try:
+        header["config"] = ModelConfig.from_dict(header["config"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise InputError(path, f"has an invalid model configuration ({error})") from error
+    return dict(header)
+
+
+def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+    expected = module.state_dict()
+    given = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(given) if tuple(expected[k].shape) != tuple(given[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s), e.g. {prefix}{missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s), e.g. {prefix}{unexpected[0]}")
+    if wrong:
+        key = wrong[0]
+        problems.append(f"{len(wrong)} tensor(s) of the wrong shape, e.g. {prefix}{key}: {tuple(given[key].shape)} instead of {tuple(expected[key].shape)}")
+    if problems:
+        raise InputError(path, "weights do not match the configuration stored in the file: " + "; ".join(problems))
+    for key, value in given.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise InputError(path, f"tensor {prefix}{key} contains NaN or infinite values")
+    module.load_state_dict(given)
+
+
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild the networks of a model file and load its weights (eval mode, on ``device``)."""
+    path = Path(path)
+    header = read_header(path)
+    config: ModelConfig = header["config"]
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as error:
+        raise InputError(path, f"weights cannot be read; the file is truncated or corrupt ({error})") from error
+    vae = build_vae(config)
+    _load_into(vae, tensors, "vae.", path)
+    net = None
+    if header["kind"] == "calid":
+        net = CaLIDNet(config)
+        _load_into(net, tensors, "net.", path)
+    elif any(k.startswith("net.") for k in tensors):
+        raise InputError(path, "a 'vae' model file must not contain denoiser weights")
+    vae.to(device).eval()
+    if net is not None:
+        net.to(device).eval()
+    return LoadedModel(
+        config=config,
+        vae=vae,
+        net=net,
+        latent_scale=float(header.get("latent_scale", 1.0)),
+        info={k: v for k, v in header.items() if k not in ("config",)},
+        path=str(path),
+    )
