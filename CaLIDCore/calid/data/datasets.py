@@ -161,6 +161,8 @@ class TripletDataset(Dataset[dict[str, Any]]):
         flips: random horizontal / vertical flips, the same for the three slices.
         swap_neighbours: randomly exchange previous and next (the task is symmetric).
         frames: restrict to these frame indices (e.g. ED / ES); default all.
+        seed: augmentations are a function of (seed, epoch, item) alone, so they are
+            the same whatever the number of loader workers and after a resumed run.
     """
 
     def __init__(
@@ -170,10 +172,13 @@ class TripletDataset(Dataset[dict[str, Any]]):
         flips: bool = True,
         swap_neighbours: bool = False,
         frames: Sequence[int] | None = None,
+        seed: int = 0,
     ) -> None:
         self.volumes = list(volumes)
         self.flips = flips
         self.swap_neighbours = swap_neighbours
+        self.seed = seed
+        self.epoch = 0
         index: list[tuple[int, int, int, int]] = []
         for v, volume in enumerate(self.volumes):
             n_frames, n_slices = volume.data.shape[:2]
@@ -191,15 +196,21 @@ class TripletDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _augment(self, slices: list[torch.Tensor]) -> list[torch.Tensor]:
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other augmentations in every epoch (like ``DistributedSampler.set_epoch``)."""
+        self.epoch = int(epoch)
+
+    def _augment(self, slices: list[torch.Tensor], item: int) -> list[torch.Tensor]:
+        seed = int(np.random.SeedSequence([self.seed, self.epoch, item]).generate_state(1)[0])
+        draws = torch.rand(3, generator=torch.Generator().manual_seed(seed))
         dims = []
-        if self.flips and torch.rand(()) < 0.5:
+        if self.flips and draws[0] < 0.5:
             dims.append(-1)
-        if self.flips and torch.rand(()) < 0.5:
+        if self.flips and draws[1] < 0.5:
             dims.append(-2)
         if dims:
             slices = [s.flip(dims) for s in slices]
-        if self.swap_neighbours and torch.rand(()) < 0.5:
+        if self.swap_neighbours and draws[2] < 0.5:
             slices = [slices[2], slices[1], slices[0]]
         return slices
 
@@ -207,7 +218,7 @@ class TripletDataset(Dataset[dict[str, Any]]):
         v, t, n, gap = self.index[item]
         data = self.volumes[v].data
         slices = [torch.from_numpy(np.asarray(data[t, k], dtype=np.float32)).unsqueeze(0) for k in (n - gap, n, n + gap)]
-        previous, middle, following = self._augment(slices)
+        previous, middle, following = self._augment(slices, item)
         return {
             "previous": previous,
             "middle": middle,
@@ -227,8 +238,8 @@ class ClipDataset(TripletDataset):
     number of frames yields clips of a fixed length.
     """
 
-    def __init__(self, volumes: Sequence[SubjectVolume], clip_length: int = 32, gaps: Sequence[int] = (1,), flips: bool = True, swap_neighbours: bool = False, start_stride: int = 1) -> None:
-        super().__init__(volumes, gaps=gaps, flips=flips, swap_neighbours=swap_neighbours)
+    def __init__(self, volumes: Sequence[SubjectVolume], clip_length: int = 32, gaps: Sequence[int] = (1,), flips: bool = True, swap_neighbours: bool = False, start_stride: int = 1, seed: int = 0) -> None:
+        super().__init__(volumes, gaps=gaps, flips=flips, swap_neighbours=swap_neighbours, seed=seed)
         self.clip_length = clip_length
         self.index = [entry for entry in self.index if entry[1] % start_stride == 0]
 
@@ -237,7 +248,7 @@ class ClipDataset(TripletDataset):
         data = self.volumes[v].data
         frames = (start + np.arange(self.clip_length)) % data.shape[0]
         slices = [torch.from_numpy(np.asarray(data[frames, k], dtype=np.float32)).unsqueeze(0) for k in (n - gap, n, n + gap)]
-        previous, middle, following = self._augment(slices)
+        previous, middle, following = self._augment(slices, item)
         return {
             "previous": previous,
             "middle": middle,
