@@ -1,0 +1,1 @@
+"""Training: one trainer for the VAE and the latent interpolation denoiser."""

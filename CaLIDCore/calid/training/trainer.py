@@ -1,0 +1,524 @@
+"""One trainer for both stages of CaLID: the VAE, then the latent interpolation denoiser.
+
+Reads top to bottom: :class:`TrainConfig` holds every knob; :class:`Trainer`
+prepares data (subject-level split, preprocessing cache), networks, optimiser
+(Adam/AdamW, linear warm-up), EMA, mixed precision on CUDA and DDP under
+``torchrun``; :meth:`Trainer.fit` runs the loop with validation, logging,
+checkpoints and a graceful stop on SIGINT/SIGTERM. ``resume=True`` continues
+from ``OUT/checkpoints/last.safetensors`` exactly (step, weights, optimiser,
+EMA, LR schedule, grad scaler, random generators, data order).
+
+Outputs in ``out_dir``: ``model.safetensors`` (EMA weights, loadable with
+:func:`calid.models.load_model`), ``best.safetensors`` (best validation PSNR),
+``log.csv``, ``validation.csv`` and ``checkpoints/last.safetensors``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.losses import PatchAdversarialLoss
+from monai.metrics import PSNRMetric, SSIMMetric
+from monai.networks.nets import PatchDiscriminator
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, DistributedSampler
+
+from calid.data.datasets import SubjectVolume, TripletDataset, find_image_files, load_subjects, split_subjects, subject_id, volumes_from_stacks
+from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
+from calid.errors import InputError
+from calid.models.checkpoint import load_model, save_model
+from calid.models.config import ModelConfig, named_config
+from calid.models.networks import CaLIDNet, build_vae
+from calid.training.state import load_training_state, save_training_state
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (saved with its checkpoints)."""
+
+    stage: str  # "vae" or "ldm"
+    data: tuple[str, ...]  # image files, folders, or "phantom:N" for N synthetic subjects
+    out_dir: str
+    model: str = "small"  # named configuration (vae stage); the ldm stage takes the VAE file's
+    vae_model: str | None = None  # ldm stage: the trained VAE (model.safetensors of the vae stage)
+    steps: int = 20000
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"  # or "adam"
+    weight_decay: float = 0.0
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    precision: str = "auto"  # auto (bf16 on CUDA when supported, else fp32), fp32, bf16, fp16
+    checkpoint_every: int = 1000
+    validate_every: int = 500
+    log_every: int = 25
+    seed: int = 0
+    num_workers: int = 0
+    val_fraction: float = 0.15
+    val_subjects: tuple[str, ...] | None = None
+    gaps: tuple[int, ...] = (1,)
+    swap_neighbours: bool = True
+    max_val_batches: int = 8
+    val_steps: int = 8  # DDIM steps for validation interpolation
+    cache_dir: str | None = None
+    device: str = "auto"
+    # VAE stage losses
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.002
+    adversarial_weight: float = 0.005
+    adversarial_start: int = 2000
+    discriminator_learning_rate: float = 1e-4
+    lpips_weights: str | None = None
+    # denoiser options (ldm stage; None: the VAE file's configuration)
+    concat_neighbour_latents: bool | None = None
+    condition_dropout: float | None = None
+    prediction: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``: the CUDA device of this process when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device", f"{name} was asked for but no CUDA device is available")
+    return device
+
+
+def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path) -> list[SubjectVolume]:
+    """Preprocessed subjects from files, folders and ``phantom:N`` entries."""
+    from calid.data.phantom import PhantomConfig, make_phantom
+
+    files: list[Path] = []
+    volumes: list[SubjectVolume] = []
+    for entry in entries:
+        if entry.startswith("phantom:"):
+            count = int(entry.split(":", 1)[1])
+            stacks = [make_phantom(1000 + i, PhantomConfig(n_frames=6, matrix=96, pixel_spacing_mm=1.8)).sparse for i in range(count)]
+            volumes.extend(volumes_from_stacks(stacks, model.preprocess))
+        elif Path(entry).is_dir():
+            files.extend(find_image_files(entry))
+        elif Path(entry).is_file():
+            files.append(Path(entry))
+        else:
+            raise InputError(entry, "training data not found (a file, a folder or phantom:N)")
+    volumes.extend(load_subjects(files, model.preprocess, cache_dir=cache_dir))
+    if not volumes:
+        raise InputError(", ".join(entries), "no training images found")
+    return volumes
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1], clipped: the scale every quality metric is computed on."""
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+class Trainer:
+    """Trains one stage; see the module docstring."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+        if config.stage not in ("vae", "ldm"):
+            raise InputError("stage", f"unknown training stage {config.stage!r}; use vae or ldm")
+        self.config = config
+        self.out = Path(config.out_dir)
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(config.device, self.local_rank)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.is_main = self.rank == 0
+        if self.is_main:
+            (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self._seed_everything(config.seed + self.rank)
+        self.amp_dtype = self._amp_dtype()
+
+        # ---- networks
+        self.latent_scale = 1.0
+        if config.stage == "vae":
+            self.model_config = named_config(config.model)
+            self.vae = build_vae(self.model_config).to(self.device)
+            self.trained: nn.Module = self.vae
+        else:
+            if not config.vae_model:
+                raise InputError("--vae", "the ldm stage needs the trained VAE file (model.safetensors of the vae stage)")
+            loaded = load_model(config.vae_model, device=self.device)
+            denoiser = loaded.config.denoiser
+            changes = {
+                key: value
+                for key, value in (
+                    ("concat_neighbour_latents", config.concat_neighbour_latents),
+                    ("condition_dropout", config.condition_dropout),
+                    ("prediction", config.prediction),
+                )
+                if value is not None
+            }
+            self.model_config = loaded.config.replace(denoiser=dataclasses.replace(denoiser, **changes))
+            self.vae = loaded.vae.requires_grad_(False).eval()
+            self.net = CaLIDNet(self.model_config).to(self.device)
+            self.trained = self.net
+            self.schedule = NoiseSchedule(self.model_config.schedule)
+
+        # ---- data
+        cache = Path(config.cache_dir) if config.cache_dir else self.out / "cache"
+        volumes = gather_volumes(config.data, self.model_config, cache)
+        train_ids, val_ids = split_subjects([v.subject for v in volumes], config.val_fraction, config.seed, config.val_subjects)
+        self.train_set = TripletDataset([v for v in volumes if v.subject in set(train_ids)], gaps=config.gaps, swap_neighbours=config.swap_neighbours, seed=config.seed)
+        self.val_set = TripletDataset([v for v in volumes if v.subject in set(val_ids)], gaps=(1,), flips=False)
+        if len(self.train_set) < config.batch_size * self.world:
+            raise InputError(", ".join(config.data), f"only {len(self.train_set)} training triplets for a batch of {config.batch_size} x {self.world} process(es)")
+        self.data_description = {
+            "inputs": list(config.data),
+            "train_subjects": train_ids,
+            "validation_subjects": val_ids,
+            "train_triplets": len(self.train_set),
+            "validation_triplets": len(self.val_set),
+            "preprocess": self.model_config.preprocess.to_dict(),
+        }
+
+        if config.stage == "ldm":
+            self.latent_scale = self._measure_latent_scale()
+
+        # ---- optimisation
+        self.model = DistributedDataParallel(self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 else self.trained
+        self.optimizer = self._make_optimizer(self.trained.parameters(), config.learning_rate)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+        self.ema = AveragedModel(self.trained, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self.discriminator: nn.Module | None = None
+        if config.stage == "vae":
+            from calid.evaluation.lpips import LPIPS
+
+            self.perceptual = LPIPS(config.lpips_weights).to(self.device) if config.perceptual_weight > 0 else None
+            if config.adversarial_weight > 0:
+                disc = PatchDiscriminator(spatial_dims=2, num_layers_d=3, channels=64, in_channels=1, out_channels=1).to(self.device)
+                self.discriminator = disc
+                self.disc_model = DistributedDataParallel(disc, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 else disc
+                self.disc_optimizer = self._make_optimizer(disc.parameters(), config.discriminator_learning_rate)
+                self.adversarial = PatchAdversarialLoss(criterion="least_squares")
+        self.step = 0
+        self.best_psnr = -math.inf
+        self.stop_requested = False
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _seed_everything(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _amp_dtype(self) -> torch.dtype | None:
+        precision = self.config.precision
+        if precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise InputError("--precision", f"unknown precision {precision!r}")
+        if self.device.type != "cuda" or precision == "fp32":
+            return None
+        if precision == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if precision == "bf16" else torch.float16
+
+    def _make_optimizer(self, parameters: Iterator[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        if self.config.optimizer == "adam":
+            return torch.optim.Adam(parameters, lr=lr, weight_decay=self.config.weight_decay)
+        if self.config.optimizer == "adamw":
+            return torch.optim.AdamW(parameters, lr=lr, weight_decay=self.config.weight_decay)
+        raise InputError("--optimizer", f"unknown optimizer {self.config.optimizer!r}; use adam or adamw")
+
+    @torch.no_grad()
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Posterior means, scaled (the latent the denoiser works on)."""
+        z_mu, _ = self.vae.encode(images)
+        return z_mu * self.latent_scale
+
+    @torch.no_grad()
+    def _measure_latent_scale(self) -> float:
+        """1 / std of the training latents, so the denoiser sees unit-variance latents."""
+        generator = torch.Generator().manual_seed(self.config.seed)
+        count = min(len(self.train_set), 512)
+        indices = torch.randperm(len(self.train_set), generator=generator)[:count].tolist()
+        latents = []
+        for start in range(0, count, 64):
+            batch = torch.stack([self.train_set[i]["middle"] for i in indices[start : start + 64]]).to(self.device)
+            latents.append(self.vae.encode(batch)[0].float().cpu())
+        std = float(torch.cat(latents).std())
+        if self.world > 1:  # every rank must use the same scale
+            value = torch.tensor([std], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.broadcast(value, src=0)
+            std = float(value.item())
+        return 1.0 / max(std, 1e-6)
+
+    # ------------------------------------------------------------------ data order
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """Batches from the current step on, in the same order as an uninterrupted run."""
+        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.config.seed, drop_last=True)
+        per_epoch = len(sampler) // self.config.batch_size
+        epoch, offset = divmod(self.step, per_epoch)
+        while True:
+            sampler.set_epoch(epoch)
+            self.train_set.set_epoch(epoch)
+            indices = list(iter(sampler))
+            batches = [indices[i * self.config.batch_size : (i + 1) * self.config.batch_size] for i in range(offset, per_epoch)]
+            loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+            yield from loader
+            epoch, offset = epoch + 1, 0
+
+    # ------------------------------------------------------------------ losses
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def _vae_losses(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, float], torch.Tensor]:
+        cfg = self.config
+        reconstruction, z_mu, z_sigma = self.model(images)
+        l1 = (reconstruction.float() - images).abs().mean()
+        kl = 0.5 * (z_mu.float().pow(2) + z_sigma.float().pow(2) - torch.log(z_sigma.float().pow(2) + 1e-12) - 1.0).sum(dim=(1, 2, 3)).mean()
+        loss = l1 + cfg.kl_weight * kl
+        logs = {"l1": float(l1), "kl": float(kl)}
+        if self.perceptual is not None:
+            perceptual = self.perceptual(reconstruction.float(), images).mean()
+            loss = loss + cfg.perceptual_weight * perceptual
+            logs["perceptual"] = float(perceptual)
+        if self.discriminator is not None and self.step >= cfg.adversarial_start:
+            generator_adv = self.adversarial(self.disc_model(reconstruction.float())[-1], target_is_real=True, for_discriminator=False)
+            loss = loss + cfg.adversarial_weight * generator_adv
+            logs["adversarial"] = float(generator_adv)
+        return loss, logs, reconstruction
+
+    def _ldm_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        previous, middle, following = (batch[k].to(self.device, non_blocking=True) for k in ("previous", "middle", "next"))
+        z0 = self._encode(middle)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (z0.shape[0],), device=self.device)
+        z_t = self.schedule.add_noise(z0, noise, t)
+        neighbour_latents = torch.cat([self._encode(previous), self._encode(following)], dim=1) if self.model_config.denoiser.concat_neighbour_latents else None
+        keep = None
+        if self.model_config.denoiser.condition_dropout > 0:
+            keep = (torch.rand(z0.shape[0], device=self.device) >= self.model_config.denoiser.condition_dropout).float()
+        output = self.model(z_t, t, torch.cat([previous, following], dim=1), neighbour_latents, keep)
+        target = self.schedule.training_target(z0, noise, t, self.model_config.denoiser.prediction)
+        loss = (output.float() - target).pow(2).mean()
+        return loss, {"mse": float(loss)}
+
+    def _optimise(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Any) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
+        self.scaler.step(optimizer)
+        return float(norm)
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        self.model.train()
+        with self._autocast():
+            if self.config.stage == "vae":
+                images = batch["middle"].to(self.device, non_blocking=True)
+                loss, logs, reconstruction = self._vae_losses(images)
+            else:
+                loss, logs = self._ldm_loss(batch)
+        logs["grad_norm"] = self._optimise(loss, self.optimizer, self.trained.parameters())
+        if self.config.stage == "vae" and self.discriminator is not None and self.step >= self.config.adversarial_start:
+            with self._autocast():
+                fake = self.disc_model(reconstruction.detach().float())[-1]
+                real = self.disc_model(images)[-1]
+                disc_loss = 0.5 * (self.adversarial(fake, target_is_real=False, for_discriminator=True) + self.adversarial(real, target_is_real=True, for_discriminator=True))
+            self._optimise(disc_loss, self.disc_optimizer, self.discriminator.parameters())
+            logs["discriminator"] = float(disc_loss)
+        self.scaler.update()
+        self.scheduler.step()
+        self.ema.update_parameters(self.trained)
+        logs["loss"] = float(loss)
+        logs["lr"] = self.scheduler.get_last_lr()[0]
+        return logs
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Loss and PSNR / SSIM (on [0, 1]) of the validation subjects, with the EMA weights."""
+        if len(self.val_set) == 0:
+            return {}
+        ema = self.ema.module.eval()
+        generator = torch.Generator().manual_seed(12345)
+        order = torch.randperm(len(self.val_set), generator=generator).tolist()
+        psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=2, data_range=1.0)
+        losses = []
+        for start in range(0, min(len(order), self.config.max_val_batches * self.config.batch_size), self.config.batch_size):
+            items = [self.val_set[i] for i in order[start : start + self.config.batch_size]]
+            previous, middle, following = (torch.stack([it[k] for it in items]).to(self.device) for k in ("previous", "middle", "next"))
+            if self.config.stage == "vae":
+                z_mu, _ = ema.encode(middle)
+                prediction = ema.decode(z_mu)
+                losses.append(float((prediction - middle).abs().mean()))
+            else:
+                z0 = self._encode(middle)
+                condition = torch.cat([previous, following], dim=1)
+                z_prev, z_next = self._encode(previous), self._encode(following)
+                neighbour_latents = torch.cat([z_prev, z_next], dim=1) if self.model_config.denoiser.concat_neighbour_latents else None
+                noise = torch.randn(z0.shape, generator=generator).to(self.device)
+                t = torch.randint(0, self.schedule.num_train_timesteps, (z0.shape[0],), generator=generator).to(self.device)
+                output = ema(self.schedule.add_noise(z0, noise, t), t, condition, neighbour_latents)
+                losses.append(float((output - self.schedule.training_target(z0, noise, t, self.model_config.denoiser.prediction)).pow(2).mean()))
+
+                def bound(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+                    return ema(x, steps, condition, neighbour_latents)
+
+                z = interpolate_latent(bound, z_prev, z_next, self.schedule, "calid", self.config.val_steps, generator, self.model_config.denoiser.prediction)
+                prediction = self.vae.decode(z / self.latent_scale)
+            psnr(to_unit(prediction), to_unit(middle))
+            ssim(to_unit(prediction), to_unit(middle))
+        return {"val_loss": float(np.mean(losses)), "val_psnr": float(psnr.aggregate()), "val_ssim": float(ssim.aggregate())}
+
+    # ------------------------------------------------------------------ checkpoints
+    def export(self, path: Path, metrics: dict[str, float] | None = None) -> None:
+        """A model file with the EMA weights (what users load)."""
+        info = {"stage": self.config.stage, "step": self.step, "training_data": self.data_description, "metrics": metrics or {}, "train_config": self.config.to_dict()}
+        if self.config.stage == "vae":
+            save_model(path, self.model_config, self.ema.module, None, 1.0, info)
+        else:
+            save_model(path, self.model_config, self.vae, self.ema.module, self.latent_scale, info)
+
+    def save_checkpoint(self) -> Path:
+        path = self.out / "checkpoints" / "last.safetensors"
+        modules = {"model": self.trained, "ema": self.ema}
+        optimizers = {"optimizer": self.optimizer}
+        if self.discriminator is not None:
+            modules["discriminator"] = self.discriminator
+            optimizers["disc_optimizer"] = self.disc_optimizer
+        save_training_state(
+            path,
+            modules=modules,
+            optimizers=optimizers,
+            extra={
+                "step": self.step,
+                "best_psnr": self.best_psnr if math.isfinite(self.best_psnr) else None,
+                "latent_scale": self.latent_scale,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "train_config": self.config.to_dict(),
+                "model_config": self.model_config.to_dict(),
+            },
+        )
+        return path
+
+    def _resume(self) -> None:
+        path = self.out / "checkpoints" / "last.safetensors"
+        if not path.exists():
+            raise InputError(path, "no checkpoint to resume from (train without --resume first)")
+        modules = {"model": self.trained, "ema": self.ema}
+        optimizers = {"optimizer": self.optimizer}
+        if self.discriminator is not None:
+            modules["discriminator"] = self.discriminator
+            optimizers["disc_optimizer"] = self.disc_optimizer
+        extra = load_training_state(path, modules, optimizers, device=self.device, rank=self.rank)
+        if extra["model_config"] != self.model_config.to_dict():
+            raise InputError(path, "the checkpoint was made with another model configuration than this run's")
+        self.step = int(extra["step"])
+        self.best_psnr = extra["best_psnr"] if extra.get("best_psnr") is not None else -math.inf
+        self.latent_scale = float(extra["latent_scale"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.scaler.load_state_dict(extra["scaler"])
+
+    # ------------------------------------------------------------------ the loop
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``steps`` (or a stop signal); returns the last validation metrics."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        previous_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        log_path, val_path = self.out / "log.csv", self.out / "validation.csv"
+        metrics: dict[str, float] = {}
+        progress = tqdm(total=cfg.steps, initial=self.step, disable=not self.is_main, desc=f"train {cfg.stage}", unit="step", dynamic_ncols=True)
+        started = time.perf_counter()
+        try:
+            batches = self._batches()
+            while self.step < cfg.steps and not self.stop_requested:
+                logs = self.train_step(next(batches))
+                self.step += 1
+                progress.update(1)
+                if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                    progress.set_postfix(loss=f"{logs['loss']:.4f}")
+                    _append_csv(log_path, {"step": self.step, "seconds": round(time.perf_counter() - started, 2), **logs})
+                if self.step % cfg.validate_every == 0 or self.step == cfg.steps:
+                    metrics = self._validate_and_export(val_path)
+                if self.step % cfg.checkpoint_every == 0:
+                    self._checkpoint()
+            if self.stop_requested and self.is_main:
+                progress.write(f"stop requested: saving a checkpoint at step {self.step}; continue with --resume")
+            self._checkpoint()
+            if self.is_main:
+                self.export(self.out / "model.safetensors", metrics)
+        finally:
+            progress.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+        return metrics
+
+    def _validate_and_export(self, val_path: Path) -> dict[str, float]:
+        metrics = self.validate() if self.is_main else {}
+        if self.is_main and metrics:
+            _append_csv(val_path, {"step": self.step, **metrics})
+            if metrics["val_psnr"] > self.best_psnr:
+                self.best_psnr = metrics["val_psnr"]
+                self.export(self.out / "best.safetensors", metrics)
+        if self.world > 1:
+            dist.barrier()
+        return metrics
+
+    def _checkpoint(self) -> None:
+        if self.is_main:
+            self.save_checkpoint()
+            self.export(self.out / "model.safetensors")
+        if self.world > 1:
+            dist.barrier()
+
+
+LOG_COLUMNS = ("step", "seconds", "loss", "l1", "kl", "perceptual", "adversarial", "discriminator", "mse", "grad_norm", "lr")
+VALIDATION_COLUMNS = ("step", "val_loss", "val_psnr", "val_ssim")
+
+
+def _append_csv(path: Path, row: dict[str, Any]) -> None:
+    """Append a row with fixed columns (a loss that is not computed yet stays empty)."""
+    columns = VALIDATION_COLUMNS if path.name == "validation.csv" else LOG_COLUMNS
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore", restval="")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def describe(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2)
+
+
+__all__ = ["TrainConfig", "Trainer", "describe", "gather_volumes", "resolve_device", "subject_id"]
