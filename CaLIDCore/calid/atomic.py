@@ -14,10 +14,10 @@ from calid.errors import OutputError
 
 def _compound_suffix(path: Path) -> str:
     """``.nii.gz`` / ``.seq.nrrd`` rather than ``.gz`` / ``.nrrd`` (writers pick the format by it)."""
-    suffixes = path.suffixes
+    suffixes = [s.lower() for s in path.suffixes]  # libraries compare suffixes in lower case
     if len(suffixes) >= 2 and suffixes[-2] in {".nii", ".seq", ".tar"}:
         return "".join(suffixes[-2:])
-    return path.suffix
+    return suffixes[-1] if suffixes else ""
 
 
 @contextlib.contextmanager

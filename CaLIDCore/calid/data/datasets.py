@@ -21,6 +21,7 @@ import json
 import os
 import random
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,21 @@ def find_image_files(folder: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def subject_id(path: str | os.PathLike[str]) -> str:
-    """Subject of a file: its name without extension and per-file suffixes (``_4d``, ``_frame01`` ...)."""
+def subject_id(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
+    """Subject of a file.
+
+    With ``root`` given and the file in a subfolder of it (``root/P001/sa.nii.gz``),
+    the subject is that first subfolder: many datasets keep one folder per subject
+    with generic file names. Otherwise it is the file name without extension and
+    per-file suffixes (``patient001_4d`` and ``patient001_frame01``: ``patient001``).
+    """
+    if root is not None:
+        try:
+            relative = Path(path).resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            relative = None
+        if relative is not None and len(relative.parts) > 1:
+            return relative.parts[0]
     name = Path(path).name
     for suffix in (".seq.nrrd",) + _IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):
@@ -92,6 +106,8 @@ def split_subjects(
             n_val = 1
         val = sorted(order[:n_val])
     train = [s for s in unique if s not in set(val)]
+    if val_subjects is None and val_fraction > 0 and len(unique) < 2:
+        warnings.warn(f"only {len(unique)} subject(s) found: no validation subject can be held out", stacklevel=2)
     return train, val
 
 
@@ -115,15 +131,17 @@ def load_subjects(
     config: PreprocessConfig = PreprocessConfig(),
     cache_dir: str | os.PathLike[str] | None = None,
     min_slices: int = 3,
+    root: str | os.PathLike[str] | None = None,
 ) -> list[SubjectVolume]:
-    """Read and preprocess every file (through the cache when given)."""
+    """Read and preprocess every file (through the cache when given); subjects as :func:`subject_id` with ``root``."""
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
     volumes: list[SubjectVolume] = []
     for raw_path in paths:
         path = Path(raw_path)
-        cached = cache / f"{subject_id(path)}-{_cache_key(path, config)}.npy" if cache is not None else None
+        subject = subject_id(path, root)
+        cached = cache / f"{subject}-{_cache_key(path, config)}.npy" if cache is not None else None
         if cached is not None and cached.exists():
             data = np.load(cached, mmap_mode="r")
         else:
@@ -133,7 +151,7 @@ def load_subjects(
                 tmp = cached.with_suffix(".tmp.npy")
                 np.save(tmp, data)
                 os.replace(tmp, cached)
-        volumes.append(SubjectVolume(subject=subject_id(path), data=np.asarray(data), source=str(path)))
+        volumes.append(SubjectVolume(subject=subject, data=np.asarray(data), source=str(path)))
     return volumes
 
 

@@ -57,43 +57,75 @@ class _Image:
 def read_dicom_folder(folder: str | os.PathLike[str], series: str | int | None = None) -> CineStack:
     """Read one cine series (or a 3D stack) from a folder of DICOM files (searched recursively)."""
     folder = Path(folder)
-    images, skipped = _scan(folder)
+    images, skipped, unreadable = _scan(folder)
+    note = ""
+    if unreadable:
+        note = f" ({len(unreadable)} DICOM file(s) could not be read as images with a geometry, e.g. {unreadable[0]})"
     if not images:
         detail = f" ({skipped} file(s) were not DICOM images)" if skipped else ""
-        raise InputError(folder, f"contains no DICOM MR images{detail}")
+        raise InputError(folder, f"contains no DICOM MR images{detail}{note}")
     by_series: dict[str, list[_Image]] = defaultdict(list)
     for image in images:
         by_series[image.series_uid].append(image)
     chosen = _choose_series(folder, by_series, series)
-    return _assemble(folder, chosen)
+    try:
+        return _assemble(folder, chosen)
+    except InputError as error:
+        if note:
+            raise InputError(error.source, error.problem + note) from error
+        raise
 
 
-def _scan(folder: Path) -> tuple[list[_Image], int]:
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def _scan(folder: Path) -> tuple[list[_Image], int, list[str]]:
     images: list[_Image] = []
     skipped = 0
+    unreadable: list[str] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         if path.name.upper() == "DICOMDIR" or path.name.startswith("."):
             continue
         try:
             header = pydicom.dcmread(str(path), stop_before_pixels=True)
-        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError):
+        except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
             skipped += 1
+            if _looks_like_dicom(path):
+                unreadable.append(path.name)
             continue
         if "PixelSpacing" not in header and "PerFrameFunctionalGroupsSequence" in header:
             raise InputError(path, "enhanced (multi-frame) DICOM is not supported; convert it to NIfTI first (e.g. with dcm2niix)")
         if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
-            skipped += 1  # localisers, reports, presentation states ...
+            skipped += 1  # reports, presentation states ... or a damaged image: named if an error follows
+            unreadable.append(path.name)
             continue
         try:
+            position = [float(v) for v in header.ImagePositionPatient]
+            orientation = np.asarray([float(v) for v in header.ImageOrientationPatient], dtype=np.float64)
             spacing = tuple(float(v) for v in header.PixelSpacing)
+        except (AttributeError, ValueError, TypeError) as error:
+            raise InputError(path, f"has a malformed image geometry header ({error})") from error
+        if len(position) != 3 or len(orientation) != 6 or len(spacing) != 2:
+            raise InputError(path, "ImagePositionPatient needs 3 values, ImageOrientationPatient 6 and PixelSpacing 2")
+        row_norm, column_norm = np.linalg.norm(orientation[:3]), np.linalg.norm(orientation[3:])
+        if row_norm < 1e-6 or column_norm < 1e-6 or abs(np.dot(orientation[:3], orientation[3:])) > 1e-3 * row_norm * column_norm:
+            raise InputError(path, f"ImageOrientationPatient {orientation.tolist()} is not two perpendicular directions")
+        if min(spacing) <= 0:
+            raise InputError(path, f"PixelSpacing {list(spacing)} must be positive")
+        try:
             images.append(
                 _Image(
                     path=path,
                     series_uid=str(header.get("SeriesInstanceUID", "<no series UID>")),
                     series_number=str(header.get("SeriesNumber", "")),
                     series_description=str(header.get("SeriesDescription", "")),
-                    position=np.asarray([float(v) for v in header.ImagePositionPatient], dtype=np.float64),
-                    orientation=np.asarray([float(v) for v in header.ImageOrientationPatient], dtype=np.float64),
+                    position=np.asarray(position, dtype=np.float64),
+                    orientation=orientation,
                     pixel_spacing=(spacing[0], spacing[1]),
                     rows=int(header.Rows),
                     columns=int(header.Columns),
@@ -104,7 +136,7 @@ def _scan(folder: Path) -> tuple[list[_Image], int]:
             )
         except (AttributeError, ValueError, TypeError) as error:
             raise InputError(path, f"has an incomplete or malformed image geometry header ({error})") from error
-    return images, skipped
+    return images, skipped, unreadable
 
 
 def _describe_series(uid: str, members: list[_Image]) -> str:

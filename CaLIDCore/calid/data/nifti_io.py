@@ -51,22 +51,38 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     except Exception as error:  # truncated or corrupt data (EOFError, zlib.error, OSError ...)
         raise InputError(path, f"the image data cannot be read; the file is truncated or corrupt ({error})") from error
     source_dtype = image.get_data_dtype()
+    if source_dtype.kind == "c":
+        raise InputError(path, f"holds complex voxels ({source_dtype}); save a magnitude image")
+    # nibabel moves scl_slope / scl_inter from the header into the array proxy on load.
+    slope, inter = float(getattr(image.dataobj, "slope", 1.0)), float(getattr(image.dataobj, "inter", 0.0))
+    if (slope, inter) != (1.0, 0.0):
+        source_dtype = np.dtype(np.float32)  # scaled integers: the values are not integers any more
     array = np.asarray(array, dtype=np.float32).reshape(squeezed)
     require_finite(array, path)
     if array.ndim == 3:
         array = array[..., None]
     data_tzyx = np.transpose(array, (3, 2, 1, 0))
 
-    affine_lps = LPS_FROM_RAS @ np.asarray(image.affine, dtype=np.float64)[:3, :]
+    header = image.header
+    if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
+        # No orientation at all: do as ITK (and so Slicer) does, identity
+        # direction and zero origin in LPS, rather than nibabel's centred guess.
+        affine_lps = np.zeros((3, 4))
+        affine_lps[:, :3] = np.diag(np.asarray(header.get_zooms()[:3], dtype=np.float64))
+        no_orientation = True
+    else:
+        affine_lps = LPS_FROM_RAS @ np.asarray(image.affine, dtype=np.float64)[:3, :]
+        no_orientation = False
     spacing = np.linalg.norm(affine_lps[:, :3], axis=0)
     if np.any(spacing <= 0):
         raise InputError(path, f"the affine has a zero-length axis: {image.affine.tolist()}")
     direction = affine_lps[:, :3] / spacing
     origin = affine_lps[:, 3]
 
-    header = image.header
     zooms = header.get_zooms()
     metadata: dict[str, Any] = {"source_file": path.name, "source_format": "nifti", "source_dtype": str(source_dtype)}
+    if no_orientation:
+        metadata["geometry_note"] = "the file has no orientation (qform and sform codes 0): identity direction and zero origin assumed"
     pixdim = np.asarray(zooms[:3], dtype=np.float64)
     if np.all(pixdim > 0) and not np.allclose(spacing, pixdim, rtol=1e-3):
         # Some pipelines write a placeholder affine (identity, zero origin) and keep
@@ -78,12 +94,13 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
         )
         spacing = pixdim
     frame_times = None
-    if data_tzyx.shape[0] > 1 and len(zooms) > 3 and zooms[3] > 0:
+    time_axis = next((i for i in range(3, len(shape)) if shape[i] != 1), 3)
+    if data_tzyx.shape[0] > 1 and len(zooms) > time_axis and zooms[time_axis] > 0:
         _, time_unit = header.get_xyzt_units()
         to_ms = _TIME_UNIT_TO_MS.get(time_unit)
         if to_ms is not None:
             toffset = float(header["toffset"]) if "toffset" in header else 0.0
-            frame_times = (toffset + float(zooms[3]) * np.arange(data_tzyx.shape[0])) * to_ms
+            frame_times = (toffset + float(zooms[time_axis]) * np.arange(data_tzyx.shape[0])) * to_ms
 
     stored = _stored_geometry(image)
     if stored is not None and _agrees(stored, spacing, origin, direction, data_tzyx.shape):
@@ -112,18 +129,19 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
 
 
 def _load(path: Path) -> Any:
-    """Load a NIfTI file; gzip files are decompressed whole first so that a
+    """Load a single-file NIfTI; gzip files are decompressed whole first so that a
     corrupt or truncated file fails its CRC check instead of giving wrong voxels."""
     try:
+        payload = path.read_bytes()
         if path.name.lower().endswith(".gz"):
             try:
-                payload = gzip.decompress(path.read_bytes())
+                payload = gzip.decompress(payload)
             except (OSError, EOFError, zlib.error) as error:
                 raise InputError(path, f"the file is truncated or corrupt (gzip: {error})") from error
-            header_size = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
-            image_class = nib.Nifti2Image if header_size in (540, 540 << 24) else nib.Nifti1Image
-            return image_class.from_bytes(payload)
-        return nib.load(str(path))
+        # From bytes, not nib.load: nibabel's file-name rules trip on suffixes like ".Nii".
+        header_size = int.from_bytes(payload[:4], "little") if len(payload) >= 4 else 0
+        image_class = nib.Nifti2Image if header_size in (540, 540 << 24) else nib.Nifti1Image
+        return image_class.from_bytes(payload)
     except InputError:
         raise
     except Exception as error:  # nibabel raises many types for broken headers

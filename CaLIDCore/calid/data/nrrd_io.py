@@ -3,7 +3,7 @@
 A cine (T > 1) is written as Slicer's ``.seq.nrrd`` layout: ``dimension: 4``,
 ``kinds: list domain domain domain``, the frame axis first, and the custom
 fields ``axis 0 index type:=numeric`` / ``axis 0 index values:=...`` holding
-the frame times (ms; ``axis 0 index unit:=ms``), so the file opens in 3D
+the frame times (ms, with ``units: "ms" ...``), so the file opens in 3D
 Slicer as a volume sequence with the right times. The reader accepts the
 list axis first or last, and ``space`` in RAS or LPS.
 """
@@ -56,6 +56,8 @@ def read_nrrd(path: str | os.PathLike[str]) -> CineStack:
         non_domain = [i for i, kind in enumerate(kinds) if kind not in _DOMAIN_KINDS]
         if len(non_domain) != 1:
             raise InputError(path, f"4D NRRD needs exactly one list (time) axis; kinds are {kinds}")
+        if kinds[non_domain[0]] not in ("list", "time"):
+            raise InputError(path, f"has a '{kinds[non_domain[0]]}' axis (colour or vector image); only scalar volumes and volume sequences are supported")
         list_axis = non_domain[0]
         spatial_axes = [i for i in range(4) if i != list_axis]
     else:
@@ -123,7 +125,9 @@ def _frame_times(header: dict[str, Any], list_axis: int, n_frames: int) -> np.nd
         return None
     labels = header.get("labels") or [""] * 4
     name = str(labels[list_axis]).lower() if list_axis < len(labels) else ""
-    unit = str(header.get(f"axis {list_axis} index unit", "")).strip().lower()
+    units = header.get("units") or []
+    unit = str(units[list_axis] if list_axis < len(units) else "").strip().lower()
+    unit = unit or str(header.get(f"axis {list_axis} index unit", "")).strip().lower()
     if unit == "ms":
         return times
     if unit == "s":
@@ -136,6 +140,8 @@ def _frame_times(header: dict[str, Any], list_axis: int, n_frames: int) -> np.nd
 def write_nrrd(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None) -> None:
     """Write a 3D ``.nrrd`` (T = 1) or a 4D Slicer volume sequence (T > 1), gzip-compressed, atomically."""
     path = Path(path)
+    if path.name.lower().endswith(".nhdr"):
+        raise OutputError(path, "detached NRRD headers (.nhdr) are read but not written; write .nrrd or .seq.nrrd")
     disk_dtype = output_dtype(stack, dtype)
     array = cast_for_writing(stack.data, disk_dtype, path)
     axes_lps = stack.direction * np.asarray(stack.spacing)[None, :]
@@ -156,7 +162,7 @@ def write_nrrd(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None
         header["axis 0 index type"] = "numeric"
         if stack.frame_times_ms is not None:
             header["axis 0 index values"] = " ".join(repr(float(t)) for t in stack.frame_times_ms)
-            header["axis 0 index unit"] = "ms"
+            header["units"] = ["ms", "", "", ""]  # Slicer takes the sequence's index unit from here
         else:
             header["labels"] = ["frame", "", "", ""]
             header["axis 0 index values"] = " ".join(str(i) for i in range(stack.n_frames))

@@ -82,15 +82,30 @@ class Phantom:
     es_frame: int
     anatomy: dict[str, float] = field(default_factory=dict)
 
-    def truth_for_factor(self, factor: int) -> CineStack:
-        """Dense truth on the grid of the sparse stack upsampled by ``factor`` (spanning its first to last slice)."""
-        step = self.dense.metadata["dense_factor"] // factor
-        if factor < 1 or self.dense.metadata["dense_factor"] % factor:
-            raise ValueError(f"factor {factor} does not divide the phantom's dense factor {self.dense.metadata['dense_factor']}")
+    def truth_for_factor(self, factor: int, profile: str = "slab") -> CineStack:
+        """Truth on the grid of the sparse stack upsampled by ``factor`` (its first to last slice).
+
+        ``profile="slab"`` (default) gives what the scanner would have acquired at
+        every position: the dense slices averaged over the acquisition's slice
+        profile, so the acquired slices equal their truth and a score measures
+        interpolation alone. ``"thin"`` gives the dense slices themselves.
+        """
+        dense_factor = int(self.dense.metadata["dense_factor"])
+        if factor < 1 or dense_factor % factor:
+            raise ValueError(f"factor {factor} does not divide the phantom's dense factor {dense_factor}")
+        if profile not in ("slab", "thin"):
+            raise ValueError(f"profile must be 'slab' or 'thin', got {profile!r}")
+        step = dense_factor // factor
         first, last = int(self.sparse_to_dense_index[0]), int(self.sparse_to_dense_index[-1])
         index = np.arange(first, last + 1, step)
+        if profile == "slab":
+            weights = slice_profile_weights(self.dense.slice_spacing, float(self.sparse.metadata["slice_thickness_mm"]))
+            margin = len(weights) // 2
+            data = np.stack([np.tensordot(self.dense.data[:, k - margin : k + margin + 1], weights, axes=([1], [0])) for k in index], axis=1)
+        else:
+            data = self.dense.data[:, index]
         return self.dense.with_data(
-            self.dense.data[:, index],
+            data.astype(np.float32),
             spacing=(self.dense.spacing[0], self.dense.spacing[1], self.sparse.slice_spacing / factor),
             origin=tuple(self.dense.slice_origin(first)),
         )

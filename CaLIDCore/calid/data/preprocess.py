@@ -107,15 +107,15 @@ class PreprocessParams:
         return np.clip(out, self.source_min, self.source_max).astype(np.float32)
 
     def crop_mask(self) -> np.ndarray:
-        """Boolean (Y, X) mask of the input pixels that lie inside the crop window."""
-        ratio = np.asarray(self.source_spacing_xy[::-1]) / np.asarray(self.resampled_spacing_xy[::-1])
-        mask = np.zeros(self.source_shape_yx, dtype=bool)
-        rows = (np.arange(self.source_shape_yx[0]) + 0.5) * ratio[0] - 0.5
-        cols = (np.arange(self.source_shape_yx[1]) + 0.5) * ratio[1] - 0.5
-        inside_rows = (rows >= self.crop_start_yx[0] - 0.5) & (rows <= self.crop_start_yx[0] + self.crop_size_yx[0] - 0.5)
-        inside_cols = (cols >= self.crop_start_yx[1] - 0.5) & (cols <= self.crop_start_yx[1] + self.crop_size_yx[1] - 0.5)
-        mask[np.ix_(inside_rows, inside_cols)] = True
-        return mask
+        """Boolean (Y, X) mask of the input pixels that :func:`undo_preprocess` restores from
+        the crop alone (the window, resampled back exactly as the data are, minus every
+        pixel that interpolation or anti-aliasing mixed with the padding)."""
+        window = np.zeros(self.resampled_shape_yx, dtype=np.float32)
+        y0, x0 = self.crop_start_yx
+        h, w = self.crop_size_yx
+        window[max(0, y0) : max(0, y0 + h), max(0, x0) : max(0, x0 + w)] = 1.0
+        back = resample_in_plane(window, self.resampled_spacing_xy, self.source_spacing_xy, self.source_shape_yx)
+        return np.asarray(back >= 1.0 - 1e-6)
 
 
 def resample_in_plane(data: np.ndarray, source_spacing_xy: tuple[float, float], target_spacing_xy: tuple[float, float], shape_yx: tuple[int, int], order: int = 1) -> np.ndarray:

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from calid.data.datasets import SubjectVolume, TripletDataset, find_image_files, load_subjects, split_subjects, subject_id, volumes_from_stacks
+from calid.data.datasets import SubjectVolume, TripletDataset, find_image_files, load_subjects, split_subjects, volumes_from_stacks
 from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
 from calid.errors import InputError
 from calid.models.checkpoint import load_model, save_model
@@ -115,7 +115,6 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
     """Preprocessed subjects from files, folders and ``phantom:N`` entries."""
     from calid.data.phantom import PhantomConfig, make_phantom
 
-    files: list[Path] = []
     volumes: list[SubjectVolume] = []
     for entry in entries:
         if entry.startswith("phantom:"):
@@ -123,12 +122,11 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
             stacks = [make_phantom(1000 + i, PhantomConfig(n_frames=6, matrix=96, pixel_spacing_mm=1.8)).sparse for i in range(count)]
             volumes.extend(volumes_from_stacks(stacks, model.preprocess))
         elif Path(entry).is_dir():
-            files.extend(find_image_files(entry))
+            volumes.extend(load_subjects(find_image_files(entry), model.preprocess, cache_dir=cache_dir, root=entry))
         elif Path(entry).is_file():
-            files.append(Path(entry))
+            volumes.extend(load_subjects([entry], model.preprocess, cache_dir=cache_dir))
         else:
             raise InputError(entry, "training data not found (a file, a folder or phantom:N)")
-    volumes.extend(load_subjects(files, model.preprocess, cache_dir=cache_dir))
     if not volumes:
         raise InputError(", ".join(entries), "no training images found")
     return volumes
@@ -521,4 +519,4 @@ def describe(config: TrainConfig) -> str:
     return json.dumps(config.to_dict(), indent=2)
 
 
-__all__ = ["TrainConfig", "Trainer", "describe", "gather_volumes", "resolve_device", "subject_id"]
+__all__ = ["TrainConfig", "Trainer", "describe", "gather_volumes", "resolve_device"]

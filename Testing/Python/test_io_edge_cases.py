@@ -1,0 +1,118 @@
+"""Edge cases of real-world files: odd suffixes, scaled voxels, missing orientation, bad headers."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pydicom
+import pytest
+
+from calid.data.datasets import split_subjects, subject_id
+from calid.data.io import read_stack, write_stack
+from calid.data.preprocess import PreprocessConfig, preprocess, undo_preprocess
+from calid.errors import InputError, OutputError
+
+from conftest import oblique_stack
+
+
+@pytest.mark.parametrize("name", ["p1.Nii", "p1.NII.GZ", "p1.Seq.Nrrd"])
+def test_mixed_case_suffixes_write_complete_files(tmp_path, name):
+    stack = oblique_stack(frames=2)
+    path = write_stack(stack, tmp_path / name)
+    assert path.stat().st_size > 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary file left
+    np.testing.assert_array_equal(read_stack(path).data, stack.data)
+
+
+def test_scaled_integer_nifti_keeps_its_values_on_write(tmp_path):
+    values = (np.arange(6 * 6 * 3, dtype=np.float32) * 0.25).reshape(6, 6, 3)
+    image = nib.Nifti1Image(values, np.eye(4))
+    image.header.set_data_dtype(np.int16)  # nibabel stores int16 with scl_slope, as scanners' converters do
+    path = tmp_path / "scaled.nii.gz"
+    nib.save(image, str(path))
+    assert nib.load(str(path)).dataobj.slope != 1.0
+    stack = read_stack(path)
+    assert stack.metadata["source_dtype"] == "float32"
+    back = read_stack(write_stack(stack, tmp_path / "out.nii.gz"))
+    np.testing.assert_array_equal(back.data, stack.data)
+    assert stack.data.max() == pytest.approx(0.25 * (6 * 6 * 3 - 1), rel=1e-3)
+
+
+def test_nifti_without_orientation_follows_itk(tmp_path):
+    image = nib.Nifti1Image(np.ones((5, 4, 3), dtype=np.int16), None)
+    image.header.set_zooms((1.5, 1.5, 10.0))
+    image.header["qform_code"] = 0
+    image.header["sform_code"] = 0
+    path = tmp_path / "bare.nii"
+    nib.save(image, str(path))
+    stack = read_stack(path)
+    np.testing.assert_allclose(stack.direction, np.eye(3))
+    np.testing.assert_allclose(stack.origin, 0.0)
+    assert stack.spacing == pytest.approx((1.5, 1.5, 10.0))
+    assert "no orientation" in stack.metadata["geometry_note"]
+
+
+def test_complex_nifti_and_colour_nrrd_are_refused(tmp_path):
+    path = tmp_path / "complex.nii"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 3), dtype=np.complex64), np.eye(4)), str(path))
+    with pytest.raises(InputError, match="complex"):
+        read_stack(path)
+    colour = tmp_path / "rgb.nrrd"
+    header = {"space": "left-posterior-superior", "kinds": ["RGB-color", "domain", "domain", "domain"], "space directions": np.vstack([np.full(3, np.nan), np.eye(3)]), "space origin": np.zeros(3)}
+    nrrd.write(str(colour), np.zeros((3, 4, 4, 2), dtype=np.uint8), header, index_order="F")
+    with pytest.raises(InputError, match="colour or vector"):
+        read_stack(colour)
+
+
+def test_seq_nrrd_states_time_unit_and_nhdr_is_not_written(tmp_path):
+    stack = oblique_stack(frames=3)
+    path = write_stack(stack, tmp_path / "cine.seq.nrrd")
+    _, header = nrrd.read(str(path))
+    assert header["units"][0] == "ms"
+    with pytest.raises(OutputError, match="nhdr"):
+        write_stack(stack, tmp_path / "cine.nhdr")
+
+
+def test_malformed_dicom_geometry_is_named(tmp_path):
+    folder = write_stack(oblique_stack(frames=1, slices=3), tmp_path / "dicom")
+    victim = sorted(folder.iterdir())[1]
+    ds = pydicom.dcmread(str(victim))
+    ds.ImagePositionPatient = [1.0, 2.0]
+    ds.save_as(str(victim))
+    with pytest.raises(InputError, match=f"{victim.name}.*ImagePositionPatient needs 3"):
+        read_stack(folder)
+
+
+def test_truncated_dicom_file_is_reported(tmp_path):
+    folder = write_stack(oblique_stack(frames=2, slices=3), tmp_path / "dicom")
+    victim = sorted(folder.iterdir())[2]
+    victim.write_bytes(victim.read_bytes()[:200])
+    with pytest.raises(InputError, match="could not be read"):
+        read_stack(folder)
+
+
+def test_crop_mask_marks_only_pixels_restored_from_the_crop():
+    stack = oblique_stack(frames=1, slices=2, rows=60, columns=50)
+    y, x = np.mgrid[0:60, 0:50]
+    stack = stack.with_data(np.broadcast_to(100 + 40 * np.sin(x / 6.0) + 30 * np.cos(y / 7.0), stack.shape).astype(np.float32))
+    processed, params = preprocess(stack, PreprocessConfig(target_spacing_mm=1.9, crop_size=(20, 20), percentiles=(0, 100)))
+    restored = undo_preprocess(processed, params)
+    mask = params.crop_mask()
+    assert 0 < mask.sum() < mask.size
+    error = np.abs(restored.data - stack.data)[..., mask]
+    assert error.max() < 0.02 * 140  # no pixel blended with the padding
+
+
+def test_subjects_in_folders_are_split_by_folder(tmp_path):
+    for patient in ("P001", "P002", "P003"):
+        for name in ("cine_sax.nii.gz", "cine_sax_2.nii.gz"):
+            (tmp_path / patient).mkdir(exist_ok=True)
+            (tmp_path / patient / name).write_bytes(b"")
+    files = sorted(tmp_path.rglob("*.nii.gz"))
+    ids = [subject_id(f, tmp_path) for f in files]
+    assert sorted(set(ids)) == ["P001", "P002", "P003"]
+    train, val = split_subjects(ids, val_fraction=0.34, seed=0)
+    assert set(train).isdisjoint(val) and len(val) == 1
+    with pytest.warns(UserWarning, match="only 1 subject"):
+        split_subjects(["sa"], val_fraction=0.2)
