@@ -148,6 +148,54 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from calid.training.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(
+        stage=args.stage,
+        data=tuple(args.data),
+        out_dir=args.out,
+        model=args.config,
+        vae_model=args.vae,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        optimizer=args.optimizer,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup,
+        ema_decay=args.ema,
+        precision=args.precision,
+        checkpoint_every=args.checkpoint_every,
+        validate_every=args.validate_every,
+        seed=args.seed,
+        num_workers=args.workers,
+        val_fraction=args.val_fraction,
+        val_subjects=tuple(args.val_subjects.split(",")) if args.val_subjects else None,
+        gaps=tuple(int(g) for g in args.gaps.split(",")),
+        device=args.device,
+        lpips_weights=args.lpips_weights,
+        perceptual_weight=args.perceptual_weight,
+        adversarial_weight=args.adversarial_weight,
+        adversarial_start=args.adversarial_start,
+        concat_neighbour_latents=True if args.concat_neighbour_latents else None,
+        condition_dropout=args.condition_dropout,
+        prediction=args.prediction,
+    )
+    trainer = Trainer(config, resume=args.resume)
+    if trainer.is_main:
+        print(
+            f"training {config.stage} ({trainer.model_config.name}) on {trainer.device}, {trainer.world} process(es): "
+            f"{len(trainer.train_set)} training / {len(trainer.val_set)} validation triplets, "
+            f"step {trainer.step} -> {config.steps}",
+            flush=True,
+        )
+    metrics = trainer.fit()
+    if trainer.is_main:
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'model.safetensors'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calid", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"calid {calid.__version__}")
@@ -179,6 +227,38 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("input")
     inspect.add_argument("--series", help="DICOM: which series to read")
     inspect.set_defaults(handler=_cmd_inspect)
+
+    train = commands.add_parser("train", help="train the VAE (stage 1) or the interpolation denoiser (stage 2); torchrun for several GPUs")
+    train.add_argument("stage", choices=["vae", "ldm"])
+    train.add_argument("--data", nargs="+", required=True, help="image files, folders (one subfolder or file name per subject) or phantom:N")
+    train.add_argument("--out", required=True, help="run folder: checkpoints, logs, model.safetensors")
+    train.add_argument("--config", default="small", choices=["tiny", "small", "paper"], help="network sizes (vae stage; default small)")
+    train.add_argument("--vae", help="ldm stage: the trained VAE file")
+    train.add_argument("--steps", type=int, default=20000)
+    train.add_argument("--batch-size", type=int, default=32, help="per process")
+    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"])
+    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
+    train.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for validation and export")
+    train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="CUDA autocast (CPU: always fp32)")
+    train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument("--validate-every", type=int, default=500)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--workers", type=int, default=0, help="data loader processes")
+    train.add_argument("--val-fraction", type=float, default=0.15)
+    train.add_argument("--val-subjects", help="comma-separated validation subjects (instead of a random fraction)")
+    train.add_argument("--gaps", default="1", help="neighbour distances in slices, e.g. 1,2")
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--lpips-weights", help="AlexNet weights for the perceptual loss (else $CALID_LPIPS_WEIGHTS or a download)")
+    train.add_argument("--perceptual-weight", type=float, default=0.002)
+    train.add_argument("--adversarial-weight", type=float, default=0.005)
+    train.add_argument("--adversarial-start", type=int, default=2000, help="step at which the PatchGAN loss starts")
+    train.add_argument("--concat-neighbour-latents", action="store_true", help="ldm: also feed the neighbours' latents to the U-Net")
+    train.add_argument("--condition-dropout", type=float, help="ldm: probability of training without the condition")
+    train.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"], help="ldm: network target (default epsilon)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors")
+    train.set_defaults(handler=_cmd_train)
 
     phantom = commands.add_parser("phantom", help="write a synthetic cine phantom (sparse, dense truth, labels)")
     phantom.add_argument("out", help="output folder")

@@ -285,7 +285,10 @@ class Trainer:
             self.train_set.set_epoch(epoch)
             indices = list(iter(sampler))
             batches = [indices[i * self.config.batch_size : (i + 1) * self.config.batch_size] for i in range(offset, per_epoch)]
-            loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda")
+            # A private generator: creating a loader iterator must not draw from the global
+            # RNG, or a resumed run (which creates it mid-epoch) would drift from the original.
+            workers_seed = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
+            loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda", generator=workers_seed)
             yield from loader
             epoch, offset = epoch + 1, 0
 
@@ -299,15 +302,15 @@ class Trainer:
         l1 = (reconstruction.float() - images).abs().mean()
         kl = 0.5 * (z_mu.float().pow(2) + z_sigma.float().pow(2) - torch.log(z_sigma.float().pow(2) + 1e-12) - 1.0).sum(dim=(1, 2, 3)).mean()
         loss = l1 + cfg.kl_weight * kl
-        logs = {"l1": float(l1), "kl": float(kl)}
+        logs = {"l1": l1.item(), "kl": kl.item()}
         if self.perceptual is not None:
             perceptual = self.perceptual(reconstruction.float(), images).mean()
             loss = loss + cfg.perceptual_weight * perceptual
-            logs["perceptual"] = float(perceptual)
+            logs["perceptual"] = perceptual.item()
         if self.discriminator is not None and self.step >= cfg.adversarial_start:
             generator_adv = self.adversarial(self.disc_model(reconstruction.float())[-1], target_is_real=True, for_discriminator=False)
             loss = loss + cfg.adversarial_weight * generator_adv
-            logs["adversarial"] = float(generator_adv)
+            logs["adversarial"] = generator_adv.item()
         return loss, logs, reconstruction
 
     def _ldm_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -323,7 +326,7 @@ class Trainer:
         output = self.model(z_t, t, torch.cat([previous, following], dim=1), neighbour_latents, keep)
         target = self.schedule.training_target(z0, noise, t, self.model_config.denoiser.prediction)
         loss = (output.float() - target).pow(2).mean()
-        return loss, {"mse": float(loss)}
+        return loss, {"mse": loss.item()}
 
     def _optimise(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Any) -> float:
         optimizer.zero_grad(set_to_none=True)
@@ -348,11 +351,11 @@ class Trainer:
                 real = self.disc_model(images)[-1]
                 disc_loss = 0.5 * (self.adversarial(fake, target_is_real=False, for_discriminator=True) + self.adversarial(real, target_is_real=True, for_discriminator=True))
             self._optimise(disc_loss, self.disc_optimizer, self.discriminator.parameters())
-            logs["discriminator"] = float(disc_loss)
+            logs["discriminator"] = disc_loss.item()
         self.scaler.update()
         self.scheduler.step()
         self.ema.update_parameters(self.trained)
-        logs["loss"] = float(loss)
+        logs["loss"] = loss.item()
         logs["lr"] = self.scheduler.get_last_lr()[0]
         return logs
 
@@ -366,7 +369,9 @@ class Trainer:
         generator = torch.Generator().manual_seed(12345)
         order = torch.randperm(len(self.val_set), generator=generator).tolist()
         psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=2, data_range=1.0)
-        losses = []
+        losses: list[float] = []
+        psnr_values: list[torch.Tensor] = []
+        ssim_values: list[torch.Tensor] = []
         for start in range(0, min(len(order), self.config.max_val_batches * self.config.batch_size), self.config.batch_size):
             items = [self.val_set[i] for i in order[start : start + self.config.batch_size]]
             previous, middle, following = (torch.stack([it[k] for it in items]).to(self.device) for k in ("previous", "middle", "next"))
@@ -389,9 +394,11 @@ class Trainer:
 
                 z = interpolate_latent(bound, z_prev, z_next, self.schedule, "calid", self.config.val_steps, generator, self.model_config.denoiser.prediction)
                 prediction = self.vae.decode(z / self.latent_scale)
-            psnr(to_unit(prediction), to_unit(middle))
-            ssim(to_unit(prediction), to_unit(middle))
-        return {"val_loss": float(np.mean(losses)), "val_psnr": float(psnr.aggregate()), "val_ssim": float(ssim.aggregate())}
+            # Per-batch values, averaged here: MONAI's aggregate() would all-gather across
+            # ranks, and only rank 0 validates.
+            psnr_values.append(psnr(to_unit(prediction), to_unit(middle)).flatten().cpu())
+            ssim_values.append(ssim(to_unit(prediction), to_unit(middle)).flatten().cpu())
+        return {"val_loss": float(np.mean(losses)), "val_psnr": float(torch.cat(psnr_values).mean()), "val_ssim": float(torch.cat(ssim_values).mean())}
 
     # ------------------------------------------------------------------ checkpoints
     def export(self, path: Path, metrics: dict[str, float] | None = None) -> None:
@@ -435,7 +442,7 @@ class Trainer:
             modules["discriminator"] = self.discriminator
             optimizers["disc_optimizer"] = self.disc_optimizer
         extra = load_training_state(path, modules, optimizers, device=self.device, rank=self.rank)
-        if extra["model_config"] != self.model_config.to_dict():
+        if ModelConfig.from_dict(extra["model_config"]) != self.model_config:
             raise InputError(path, "the checkpoint was made with another model configuration than this run's")
         self.step = int(extra["step"])
         self.best_psnr = extra["best_psnr"] if extra.get("best_psnr") is not None else -math.inf

@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+
+from calid.data.datasets import TripletDataset, load_subjects
+from calid.diffusion.ddim import NoiseSchedule
+from calid.errors import InputError
+from calid.models import CaLIDNet, ModelConfig, build_vae, load_model, named_config, read_header, save_model
+from calid.models.config import DenoiserConfig
+
+from conftest import shared_file
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_shapes_through_vae_and_denoiser(name):
+    config = named_config(name)
+    vae, net = build_vae(config), CaLIDNet(config)
+    size, latent = config.image_size, config.latent_size
+    images = torch.rand(2, 1, size, size) * 2 - 1
+    with torch.no_grad():
+        z_mu, z_sigma = vae.encode(images)
+        assert z_mu.shape == (2, config.vae.latent_channels, latent, latent) == z_sigma.shape
+        assert vae.decode(z_mu).shape == images.shape
+        out = net(z_mu, torch.tensor([0, 999]), torch.cat([images, images], dim=1))
+    assert out.shape == z_mu.shape
+    assert config.vae.downsampling == 4
+
+
+def test_paper_config_is_larger_and_configs_round_trip_through_json():
+    small, paper = named_config("small"), named_config("paper")
+    assert sum(p.numel() for p in CaLIDNet(paper).parameters()) > 5 * sum(p.numel() for p in CaLIDNet(small).parameters())
+    for config in (named_config("tiny"), small, paper):
+        assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="tau1 downsamples"):
+        named_config("tiny").replace(denoiser=DenoiserConfig(channels=(16, 32), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8, conditioning_channels=(8, 16)))
+
+
+def test_concat_option_and_condition_dropout_change_the_network():
+    base = named_config("tiny")
+    config = base.replace(denoiser=DenoiserConfig(**{**base.denoiser.__dict__, "concat_neighbour_latents": True}))
+    net = CaLIDNet(config)
+    z = torch.randn(2, 3, 8, 8)
+    images = torch.randn(2, 2, 32, 32)
+    with pytest.raises(ValueError, match="latents"):
+        net(z, torch.tensor([1, 2]), images)
+    out = net(z, torch.tensor([1, 2]), images, torch.randn(2, 6, 8, 8), keep_condition=torch.tensor([1.0, 0.0]))
+    assert out.shape == z.shape
+    assert net.unconditioned(z, torch.tensor([1, 2])).shape == z.shape
+
+
+def test_save_load_gives_identical_outputs(tmp_path):
+    config = named_config("tiny")
+    torch.manual_seed(1)
+    vae, net = build_vae(config), CaLIDNet(config)
+    for p in net.parameters():  # zero-initialised convolutions would hide a loading bug
+        torch.nn.init.normal_(p, std=0.05)
+    path = save_model(tmp_path / "m.safetensors", config, vae, net, latent_scale=0.77, info={"training_data": "unit test"})
+    loaded = load_model(path)
+    assert loaded.kind == "calid" and loaded.latent_scale == pytest.approx(0.77)
+    assert loaded.info["info"]["training_data"] == "unit test"
+    x = torch.randn(2, 1, 32, 32)
+    z = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([3, 500])
+    with torch.no_grad():
+        vae.eval(), net.eval()
+        assert torch.equal(vae.decode(vae.encode(x)[0]), loaded.vae.decode(loaded.vae.encode(x)[0]))
+        assert torch.equal(net(z, t, torch.cat([x, x], 1)), loaded.net(z, t, torch.cat([x, x], 1)))
+
+
+def _rewrite_header(path, change):
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+    calid = json.loads(header["__metadata__"]["calid"])
+    change(calid)
+    header["__metadata__"]["calid"] = json.dumps(calid)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * ((8 - len(encoded) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + size :])
+
+
+def test_untrustworthy_model_files_are_refused(tmp_path):
+    config = named_config("tiny")
+    good = save_model(tmp_path / "good.safetensors", config, build_vae(config), CaLIDNet(config))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(InputError, match="truncated.safetensors"):
+        load_model(truncated)
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x00" * 64)
+    with pytest.raises(InputError, match="not a readable safetensors"):
+        load_model(garbage)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(InputError, match="not a CaLID model"):
+        load_model(foreign)
+    newer = tmp_path / "newer.safetensors"
+    newer.write_bytes(good.read_bytes())
+    _rewrite_header(newer, lambda h: h.update(format_version=99))
+    with pytest.raises(InputError, match="newer calid"):
+        load_model(newer)
+    mismatched = tmp_path / "mismatched.safetensors"
+    mismatched.write_bytes(good.read_bytes())
+    _rewrite_header(mismatched, lambda h: h["config"]["vae"].update(channels=[16, 16, 32]))
+    with pytest.raises(InputError, match="do not match the configuration"):
+        load_model(mismatched)
+    broken_config = tmp_path / "config.safetensors"
+    broken_config.write_bytes(good.read_bytes())
+    _rewrite_header(broken_config, lambda h: h["config"].update(image_size=30))
+    with pytest.raises(InputError, match="invalid model configuration"):
+        read_header(broken_config)
+    with pytest.raises(InputError, match="not found"):
+        load_model(tmp_path / "absent.safetensors")
+
+
+@pytest.fixture(scope="module")
+def real_triplets():
+    path = shared_file("acdc_cine", "patient001_4d.nii.gz")
+    config = named_config("tiny")
+    dataset = TripletDataset(load_subjects([path], config.preprocess), flips=False)
+    items = [dataset[i] for i in range(0, 40, 5)]
+    return tuple(torch.stack([item[key] for item in items]) for key in ("previous", "middle", "next"))
+
+
+def test_tiny_vae_overfits_real_slices(real_triplets):
+    _, middle, _ = real_triplets
+    torch.manual_seed(0)
+    vae = build_vae(named_config("tiny"))
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        reconstruction, _, _ = vae(middle)
+        loss = (reconstruction - middle).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5  # measured: about 11x
+
+
+def test_tiny_calid_overfits_real_triplets(real_triplets):
+    previous, middle, following = real_triplets
+    config = named_config("tiny")
+    torch.manual_seed(0)
+    vae, net = build_vae(config), CaLIDNet(config)
+    schedule = NoiseSchedule(config.schedule)
+    with torch.no_grad():
+        z0 = vae.encode(middle)[0]
+        z0 = z0 / z0.std()
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(z0.shape, generator=generator)
+    t = torch.randint(0, 1000, (z0.shape[0],), generator=generator)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        loss = (net(schedule.add_noise(z0, noise, t), t, torch.cat([previous, following], 1)) - noise).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 20  # measured: about 2400x

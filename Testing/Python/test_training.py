@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calid.models import build_vae, load_model, named_config, save_model
+from calid.training.trainer import TrainConfig, Trainer
+
+
+def tiny_vae_file(tmp_path):
+    config = named_config("tiny")
+    torch.manual_seed(0)
+    return save_model(tmp_path / "vae.safetensors", config, build_vae(config))
+
+
+def run(config: TrainConfig, resume: bool = False) -> Trainer:
+    trainer = Trainer(config, resume=resume)
+    trainer.fit()
+    return trainer
+
+
+def weights(path):
+    return load_file(str(path))
+
+
+@pytest.mark.parametrize("stage", ["vae", "ldm"])
+def test_resume_continues_exactly(tmp_path, stage):
+    common = dict(data=("phantom:3",), model="tiny", batch_size=4, validate_every=3, checkpoint_every=3, warmup_steps=2, val_fraction=0.34, val_steps=2, perceptual_weight=0.0, adversarial_start=2)
+    if stage == "ldm":
+        common["vae_model"] = str(tiny_vae_file(tmp_path))
+        common["condition_dropout"] = 0.2
+    straight = run(TrainConfig(stage=stage, out_dir=str(tmp_path / "straight"), steps=6, cache_dir=str(tmp_path / "cache"), **common))
+    run(TrainConfig(stage=stage, out_dir=str(tmp_path / "split"), steps=3, cache_dir=str(tmp_path / "cache"), **common))
+    resumed = run(TrainConfig(stage=stage, out_dir=str(tmp_path / "split"), steps=6, cache_dir=str(tmp_path / "cache"), **common), resume=True)
+    assert resumed.step == straight.step == 6
+    a = weights(tmp_path / "straight" / "checkpoints" / "last.safetensors")
+    b = weights(tmp_path / "split" / "checkpoints" / "last.safetensors")
+    assert set(a) == set(b)
+    for key in a:
+        if not key.startswith("rng."):
+            assert torch.equal(a[key], b[key]), key
+    # the exported model is the EMA and loads as a model file
+    model = load_model(tmp_path / "split" / "model.safetensors")
+    assert model.kind == ("vae" if stage == "vae" else "calid")
+    assert (tmp_path / "split" / "validation.csv").read_text().count("\n") >= 2
+
+
+def test_trainer_refuses_resume_without_checkpoint_and_bad_data(tmp_path):
+    from calid.errors import InputError
+
+    with pytest.raises(InputError, match="no checkpoint to resume"):
+        Trainer(TrainConfig(stage="vae", data=("phantom:2",), out_dir=str(tmp_path), model="tiny", batch_size=2, perceptual_weight=0.0), resume=True)
+    with pytest.raises(InputError, match="not found"):
+        Trainer(TrainConfig(stage="vae", data=(str(tmp_path / "nothing"),), out_dir=str(tmp_path), model="tiny"))
+    with pytest.raises(InputError, match="needs the trained VAE"):
+        Trainer(TrainConfig(stage="ldm", data=("phantom:2",), out_dir=str(tmp_path), model="tiny"))
+
+
+def _calid(*args):
+    return [sys.executable, "-m", "calid", *args]
+
+
+def test_sigterm_stops_training_with_a_usable_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    command = _calid("train", "vae", "--data", "phantom:2", "--out", str(out), "--config", "tiny", "--steps", "100000", "--batch-size", "2", "--perceptual-weight", "0", "--val-fraction", "0.5", "--validate-every", "100000")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out / "log.csv").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    state = load_file(str(out / "checkpoints" / "last.safetensors"))
+    assert "model.encoder.blocks.0.conv.conv.weight" in state or any(k.startswith("model.") for k in state)
+    assert load_model(out / "model.safetensors").kind == "vae"
+    assert "stop requested" in stdout + stderr
+    resumed = subprocess.run(_calid("train", "vae", "--data", "phantom:2", "--out", str(out), "--config", "tiny", "--steps", "0", "--batch-size", "2", "--perceptual-weight", "0", "--val-fraction", "0.5", "--resume"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    vae = tiny_vae_file(tmp_path)
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        torchrun + ["-m", "calid", "train", "ldm", "--data", "phantom:3", "--out", str(out), "--vae", str(vae), "--steps", "3", "--batch-size", "2", "--validate-every", "3", "--val-fraction", "0.34", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    assert load_model(out / "model.safetensors").kind == "calid"
+    lines = (out / "log.csv").read_text().strip().splitlines()
+    assert lines[-1].startswith("3,")
