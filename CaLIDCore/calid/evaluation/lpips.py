@@ -83,6 +83,8 @@ class LPIPS(nn.Module):
             nn.ReLU(inplace=False),
         )
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, kernel_size=1, bias=False) for c in _CHANNELS)
+        self.shift: torch.Tensor
+        self.scale: torch.Tensor
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
         alexnet = _alexnet_state(weights_path)
@@ -91,7 +93,8 @@ class LPIPS(nn.Module):
             raise InputError(weights_path or "AlexNet weights", f"missing AlexNet layers: {missing.missing_keys}")
         heads = torch.load(str(_heads_path()), map_location="cpu", weights_only=True)
         for index, head in enumerate(self.heads):
-            head.weight.data.copy_(heads[f"lin{index}.model.1.weight"])
+            head.weight.data.copy_(  # type: ignore[operator]
+                heads[f"lin{index}.model.1.weight"])
         self.requires_grad_(False)
         self.eval()
 

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
 from torch import nn
@@ -60,7 +62,7 @@ class CaLIDNet(nn.Module):
         d = config.denoiser
         latent = config.vae.latent_channels
         in_channels = latent * 3 if d.concat_neighbour_latents else latent
-        common = dict(
+        common: dict[str, Any] = dict(
             spatial_dims=2,
             in_channels=in_channels,
             num_res_blocks=d.num_res_blocks,

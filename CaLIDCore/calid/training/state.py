@@ -41,7 +41,7 @@ def _optimizer_split(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dic
 
 
 def _optimizer_join(tensors: dict[str, torch.Tensor], meta: dict[str, Any], prefix: str) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    state: dict[Any, dict[str, Any]] = {}
     for name, value in tensors.items():
         if name.startswith(prefix + ".state."):
             param_id, key = name[len(prefix) + 7 :].split(".", 1)
@@ -63,7 +63,7 @@ def save_training_state(path: str | os.PathLike[str], modules: dict[str, nn.Modu
     if torch.cuda.is_available():
         for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{index}"] = cuda_state
-    numpy_state = np.random.get_state()
+    numpy_state: Any = np.random.get_state()
     header = {
         "format": FORMAT_NAME,
         "optimizers": optimizer_meta,

@@ -98,7 +98,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+        return cls(**kwargs)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -163,14 +164,14 @@ class Trainer:
         self.latent_scale = 1.0
         if config.stage == "vae":
             self.model_config = named_config(config.model)
-            self.vae = build_vae(self.model_config).to(self.device)
+            self.vae: Any = build_vae(self.model_config).to(self.device)
             self.trained: nn.Module = self.vae
         else:
             if not config.vae_model:
                 raise InputError("--vae", "the ldm stage needs the trained VAE file (model.safetensors of the vae stage)")
             loaded = load_model(config.vae_model, device=self.device)
             denoiser = loaded.config.denoiser
-            changes = {
+            changes: dict[str, Any] = {
                 key: value
                 for key, value in (
                     ("concat_neighbour_latents", config.concat_neighbour_latents),
@@ -277,7 +278,7 @@ class Trainer:
     # ------------------------------------------------------------------ data order
     def _batches(self) -> Iterator[dict[str, Any]]:
         """Batches from the current step on, in the same order as an uninterrupted run."""
-        sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.config.seed, drop_last=True)
+        sampler: DistributedSampler[Any] = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True, seed=self.config.seed, drop_last=True)
         per_epoch = len(sampler) // self.config.batch_size
         epoch, offset = divmod(self.step, per_epoch)
         while True:
@@ -356,7 +357,7 @@ class Trainer:
         self.scheduler.step()
         self.ema.update_parameters(self.trained)
         logs["loss"] = loss.item()
-        logs["lr"] = self.scheduler.get_last_lr()[0]
+        logs["lr"] = float(self.scheduler.get_last_lr()[0])
         return logs
 
     # ------------------------------------------------------------------ validation
@@ -365,7 +366,7 @@ class Trainer:
         """Loss and PSNR / SSIM (on [0, 1]) of the validation subjects, with the EMA weights."""
         if len(self.val_set) == 0:
             return {}
-        ema = self.ema.module.eval()
+        ema: Any = self.ema.module.eval()
         generator = torch.Generator().manual_seed(12345)
         order = torch.randperm(len(self.val_set), generator=generator).tolist()
         psnr, ssim = PSNRMetric(max_val=1.0), SSIMMetric(spatial_dims=2, data_range=1.0)
@@ -396,8 +397,8 @@ class Trainer:
                 prediction = self.vae.decode(z / self.latent_scale)
             # Per-batch values, averaged here: MONAI's aggregate() would all-gather across
             # ranks, and only rank 0 validates.
-            psnr_values.append(psnr(to_unit(prediction), to_unit(middle)).flatten().cpu())
-            ssim_values.append(ssim(to_unit(prediction), to_unit(middle)).flatten().cpu())
+            psnr_values.append(torch.as_tensor(psnr(to_unit(prediction), to_unit(middle))).flatten().cpu())
+            ssim_values.append(torch.as_tensor(ssim(to_unit(prediction), to_unit(middle))).flatten().cpu())
         return {"val_loss": float(np.mean(losses)), "val_psnr": float(torch.cat(psnr_values).mean()), "val_ssim": float(torch.cat(ssim_values).mean())}
 
     # ------------------------------------------------------------------ checkpoints
