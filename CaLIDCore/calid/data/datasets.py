@@ -232,10 +232,15 @@ class TripletDataset(Dataset[dict[str, Any]]):
             slices = [slices[2], slices[1], slices[0]]
         return slices
 
+    def _frames(self, frame: int, n_frames: int) -> int | np.ndarray:
+        """Which frame(s) an item takes: one frame here, a cyclic clip in :class:`ClipDataset`."""
+        return frame
+
     def __getitem__(self, item: int) -> dict[str, Any]:
         v, t, n, gap = self.index[item]
         data = self.volumes[v].data
-        slices = [torch.from_numpy(np.asarray(data[t, k], dtype=np.float32)).unsqueeze(0) for k in (n - gap, n, n + gap)]
+        frames = self._frames(t, data.shape[0])
+        slices = [torch.from_numpy(np.asarray(data[frames, k], dtype=np.float32)).unsqueeze(0) for k in (n - gap, n, n + gap)]
         previous, middle, following = self._augment(slices, item)
         return {
             "previous": previous,
@@ -261,18 +266,5 @@ class ClipDataset(TripletDataset):
         self.clip_length = clip_length
         self.index = [entry for entry in self.index if entry[1] % start_stride == 0]
 
-    def __getitem__(self, item: int) -> dict[str, Any]:
-        v, start, n, gap = self.index[item]
-        data = self.volumes[v].data
-        frames = (start + np.arange(self.clip_length)) % data.shape[0]
-        slices = [torch.from_numpy(np.asarray(data[frames, k], dtype=np.float32)).unsqueeze(0) for k in (n - gap, n, n + gap)]
-        previous, middle, following = self._augment(slices, item)
-        return {
-            "previous": previous,
-            "middle": middle,
-            "next": following,
-            "subject": self.volumes[v].subject,
-            "frame": start,
-            "slice": n,
-            "gap": gap,
-        }
+    def _frames(self, frame: int, n_frames: int) -> int | np.ndarray:
+        return (frame + np.arange(self.clip_length)) % n_frames
