@@ -55,10 +55,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         "sparse": write_stack(phantom.sparse, out / "phantom_sparse.nii.gz"),
         "dense": write_stack(dense, out / f"phantom_linear_x{factor}.nii.gz"),
         "truth": write_stack(truth, out / f"phantom_truth_x{factor}.nii.gz"),
-        "labels": write_stack(phantom.dense_labels, out / "phantom_truth_labels.nii.gz", dtype="uint8"),
+        "labels": write_stack(phantom.labels_for_factor(factor), out / f"phantom_truth_labels_x{factor}.nii.gz", dtype="uint8"),
     }
     figure = save_comparison(
-        [("acquired (10 mm)", phantom.sparse), (f"linear x{factor}", dense), ("truth", truth)],
+        [("acquired (10 mm apart)", phantom.sparse), (f"linear x{factor}", dense), (f"truth ({phantom.sparse.metadata['slice_thickness_mm']:g} mm slices)", truth)],
         out / "phantom_long_axis.png",
         frame=phantom.es_frame,
         title=f"Long-axis cut, end-systole (PSNR of new slices, linear: {psnr:.1f} dB)",

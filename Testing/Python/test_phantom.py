@@ -72,3 +72,10 @@ def test_geometry_of_sparse_dense_and_upsampling_truth(small_phantom):
     assert small_phantom.sparse.frame_times_ms is not None and np.all(np.diff(sparse.frame_times_ms) > 0)
     with pytest.raises(ValueError):
         small_phantom.truth_for_factor(3)
+    with pytest.raises(ValueError):
+        small_phantom.truth_for_factor(0)
+    # the slab truth at acquired positions is the acquisition itself; labels share the grid
+    np.testing.assert_allclose(truth.data[:, ::4], sparse.data, rtol=1e-6, atol=1e-3)
+    labels = small_phantom.labels_for_factor(4)
+    assert labels.shape == truth.shape and labels.same_geometry(truth)
+    np.testing.assert_array_equal(labels.data[:, ::4], small_phantom.sparse_labels.data)

@@ -90,22 +90,33 @@ class Phantom:
         profile, so the acquired slices equal their truth and a score measures
         interpolation alone. ``"thin"`` gives the dense slices themselves.
         """
-        dense_factor = int(self.dense.metadata["dense_factor"])
-        if factor < 1 or dense_factor % factor:
-            raise ValueError(f"factor {factor} does not divide the phantom's dense factor {dense_factor}")
         if profile not in ("slab", "thin"):
             raise ValueError(f"profile must be 'slab' or 'thin', got {profile!r}")
-        step = dense_factor // factor
-        first, last = int(self.sparse_to_dense_index[0]), int(self.sparse_to_dense_index[-1])
-        index = np.arange(first, last + 1, step)
+        index = self._grid_index(factor)
         if profile == "slab":
             weights = slice_profile_weights(self.dense.slice_spacing, float(self.sparse.metadata["slice_thickness_mm"]))
             margin = len(weights) // 2
             data = np.stack([np.tensordot(self.dense.data[:, k - margin : k + margin + 1], weights, axes=([1], [0])) for k in index], axis=1)
         else:
             data = self.dense.data[:, index]
-        return self.dense.with_data(
-            data.astype(np.float32),
+        return self._on_upsampled_grid(self.dense, data.astype(np.float32), factor)
+
+    def labels_for_factor(self, factor: int) -> CineStack:
+        """Labels at the slice centres of the grid of :meth:`truth_for_factor`."""
+        return self._on_upsampled_grid(self.dense_labels, self.dense_labels.data[:, self._grid_index(factor)], factor)
+
+    def _grid_index(self, factor: int) -> np.ndarray:
+        """Dense slice indices of the sparse stack's grid upsampled by ``factor``."""
+        dense_factor = int(self.dense.metadata["dense_factor"])
+        if factor < 1 or dense_factor % factor:
+            raise ValueError(f"factor {factor} does not divide the phantom's dense factor {dense_factor}")
+        first, last = int(self.sparse_to_dense_index[0]), int(self.sparse_to_dense_index[-1])
+        return np.arange(first, last + 1, dense_factor // factor)
+
+    def _on_upsampled_grid(self, like: CineStack, data: np.ndarray, factor: int) -> CineStack:
+        first = int(self.sparse_to_dense_index[0])
+        return like.with_data(
+            data,
             spacing=(self.dense.spacing[0], self.dense.spacing[1], self.sparse.slice_spacing / factor),
             origin=tuple(self.dense.slice_origin(first)),
         )
