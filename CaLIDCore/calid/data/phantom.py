@@ -197,7 +197,6 @@ def make_phantom(seed: int = 0, config: PhantomConfig = PhantomConfig()) -> Phan
     z_first = -(c0 + apical_wall) - rng.uniform(-2.0, 6.0)
     z_dense = z_first - margin * dz + dz * np.arange(n_dense)
     w_base0 = z_first + (cfg.n_slices - 1) * cfg.slice_spacing_mm - rng.uniform(8.0, 16.0)
-    w_apex = w_base0 - c0
 
     # In-plane coordinates (mm) relative to the LV axis.
     coords = (np.arange(n) - (n - 1) / 2.0) * pix

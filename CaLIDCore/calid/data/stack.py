@@ -18,7 +18,6 @@ So the physical point of index ``(i, j, k)`` (x, y, z order) is
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -239,16 +238,3 @@ class CineStack:
             f"CineStack(T={t}, Z={z}, Y={y}, X={x}, spacing=({sx:.4g}, {sy:.4g}, {sz:.4g}) mm, "
             f"origin=({self.origin[0]:.4g}, {self.origin[1]:.4g}, {self.origin[2]:.4g}), source={self.source!r})"
         )
-
-
-def stack_from_mapping(data: np.ndarray, geometry: Mapping[str, Any], **kwargs: Any) -> CineStack:
-    """Build a stack from :meth:`CineStack.geometry_dict` output."""
-    times = geometry.get("frame_times_ms")
-    return CineStack(
-        data=data,
-        spacing=tuple(geometry["spacing_xyz_mm"]),
-        origin=tuple(geometry["origin_lps_mm"]),
-        direction=np.asarray(geometry["direction_lps"], dtype=np.float64),
-        frame_times_ms=None if times is None else np.asarray(times, dtype=np.float64),
-        **kwargs,
-    )

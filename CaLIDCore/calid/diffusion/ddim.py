@@ -202,8 +202,3 @@ def interpolate_latent(
     """
     z_start = initial_latent(mode, model, z_previous, z_next, schedule, num_steps, generator, prediction)
     return ddim_loop(model, z_start, sampling_grid(num_steps, schedule.num_train_timesteps), schedule, prediction)
-
-
-def timesteps_for_training(batch: int, schedule: NoiseSchedule, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform random training steps in [0, T)."""
-    return torch.randint(0, schedule.num_train_timesteps, (batch,), device=device, generator=generator)

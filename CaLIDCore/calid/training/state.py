@@ -81,10 +81,11 @@ def load_training_state(
     path: str | os.PathLike[str],
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
-    device: torch.device | str = "cpu",
-    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore modules, optimisers and random generators in place; returns the ``extra`` dict."""
+    """Restore modules, optimisers and random generators in place; returns the ``extra`` dict.
+
+    Tensors are read on the CPU; ``load_state_dict`` moves them to each module's
+    and optimiser's device."""
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as handle:

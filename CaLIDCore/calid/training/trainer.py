@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import random
@@ -442,7 +441,7 @@ class Trainer:
         if self.discriminator is not None:
             modules["discriminator"] = self.discriminator
             optimizers["disc_optimizer"] = self.disc_optimizer
-        extra = load_training_state(path, modules, optimizers, device=self.device, rank=self.rank)
+        extra = load_training_state(path, modules, optimizers)
         if ModelConfig.from_dict(extra["model_config"]) != self.model_config:
             raise InputError(path, "the checkpoint was made with another model configuration than this run's")
         self.step = int(extra["step"])
@@ -523,8 +522,4 @@ def _append_csv(path: Path, row: dict[str, Any]) -> None:
         writer.writerow(row)
 
 
-def describe(config: TrainConfig) -> str:
-    return json.dumps(config.to_dict(), indent=2)
-
-
-__all__ = ["TrainConfig", "Trainer", "describe", "gather_volumes", "resolve_device"]
+__all__ = ["TrainConfig", "Trainer", "gather_volumes", "resolve_device"]
