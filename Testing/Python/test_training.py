@@ -102,3 +102,14 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert load_model(out / "model.safetensors").kind == "calid"
     lines = (out / "log.csv").read_text().strip().splitlines()
     assert lines[-1].startswith("3,")
+    # the VAE stage with its PatchGAN discriminator active from the first step
+    vae_run = subprocess.run(
+        torchrun + ["-m", "calid", "train", "vae", "--data", "phantom:3", "--out", str(tmp_path / "ddp_vae"), "--config", "tiny", "--steps", "2", "--batch-size", "2", "--perceptual-weight", "0", "--adversarial-start", "0", "--validate-every", "2", "--val-fraction", "0.34", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert vae_run.returncode == 0, vae_run.stderr[-3000:]
+    header, *rows = (tmp_path / "ddp_vae" / "log.csv").read_text().strip().splitlines()
+    assert rows[-1].split(",")[header.split(",").index("discriminator")] != ""

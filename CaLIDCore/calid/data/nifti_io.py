@@ -35,8 +35,6 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     """Read a 3D (x, y, z) or 4D (x, y, z, t) NIfTI image."""
     path = Path(path)
     image = _load(path)
-    if not isinstance(image, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InputError(path, f"is not a NIfTI image ({type(image).__name__})")
     shape = tuple(int(s) for s in image.shape)
     # Trailing singleton axes (x, y, z, 1) or (x, y, z, 1, t) occur in the wild.
     squeezed = list(shape[:3]) + [s for s in shape[3:] if s != 1]

@@ -168,21 +168,9 @@ def initial_latent(
         return noise.to(device=z_previous.device, dtype=z_previous.dtype)
     if mode == "calid+":
         grid = inversion_grid(num_steps, schedule.num_train_timesteps)
-        both = torch.cat([z_previous, z_next], dim=0)
-        doubled = _doubled(model)
-        inverted = ddim_loop(doubled, both, grid, schedule, prediction, fixed_point_iterations=inversion_iterations)
-        return slerp(inverted[: z_previous.shape[0]], inverted[z_previous.shape[0] :], 0.5)
+        inverted = [ddim_loop(model, z, grid, schedule, prediction, fixed_point_iterations=inversion_iterations) for z in (z_previous, z_next)]
+        return slerp(inverted[0], inverted[1], 0.5)
     raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-
-
-def _doubled(model: ModelFn) -> ModelFn:
-    """Run a model bound to a batch of conditions on two stacked copies of the batch in one call."""
-
-    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        half = x.shape[0] // 2
-        return torch.cat([model(x[:half], t[:half]), model(x[half:], t[half:])], dim=0)
-
-    return run
 
 
 def interpolate_latent(

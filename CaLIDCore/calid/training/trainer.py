@@ -23,7 +23,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +89,6 @@ class TrainConfig:
     concat_neighbour_latents: bool | None = None
     condition_dropout: float | None = None
     prediction: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -308,7 +307,8 @@ class Trainer:
             loss = loss + cfg.perceptual_weight * perceptual
             logs["perceptual"] = perceptual.item()
         if self.discriminator is not None and self.step >= cfg.adversarial_start:
-            generator_adv = self.adversarial(self.disc_model(reconstruction.float())[-1], target_is_real=True, for_discriminator=False)
+            # The plain discriminator: its gradients are not needed here (no DDP all-reduce).
+            generator_adv = self.adversarial(self.discriminator(reconstruction.float())[-1], target_is_real=True, for_discriminator=False)
             loss = loss + cfg.adversarial_weight * generator_adv
             logs["adversarial"] = generator_adv.item()
         return loss, logs, reconstruction
@@ -347,8 +347,9 @@ class Trainer:
         logs["grad_norm"] = self._optimise(loss, self.optimizer, self.trained.parameters())
         if self.config.stage == "vae" and self.discriminator is not None and self.step >= self.config.adversarial_start:
             with self._autocast():
-                fake = self.disc_model(reconstruction.detach().float())[-1]
-                real = self.disc_model(images)[-1]
+                # One forward for fake and real: DDP allows a module one forward per backward.
+                logits = self.disc_model(torch.cat([reconstruction.detach().float(), images]))[-1]
+                fake, real = logits[: images.shape[0]], logits[images.shape[0] :]
                 disc_loss = 0.5 * (self.adversarial(fake, target_is_real=False, for_discriminator=True) + self.adversarial(real, target_is_real=True, for_discriminator=True))
             self._optimise(disc_loss, self.disc_optimizer, self.discriminator.parameters())
             logs["discriminator"] = disc_loss.item()
@@ -476,12 +477,10 @@ class Trainer:
                 if self.step % cfg.validate_every == 0 or self.step == cfg.steps:
                     metrics = self._validate_and_export(val_path)
                 if self.step % cfg.checkpoint_every == 0:
-                    self._checkpoint()
+                    self._checkpoint(metrics)
             if self.stop_requested and self.is_main:
                 progress.write(f"stop requested: saving a checkpoint at step {self.step}; continue with --resume")
-            self._checkpoint()
-            if self.is_main:
-                self.export(self.out / "model.safetensors", metrics)
+            self._checkpoint(metrics)
         finally:
             progress.close()
             for sig, handler in previous_handlers.items():
@@ -499,10 +498,11 @@ class Trainer:
             dist.barrier()
         return metrics
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, metrics: dict[str, float]) -> None:
+        """Training state for --resume, and the EMA model file with the latest validation metrics."""
         if self.is_main:
             self.save_checkpoint()
-            self.export(self.out / "model.safetensors")
+            self.export(self.out / "model.safetensors", metrics)
         if self.world > 1:
             dist.barrier()
 
