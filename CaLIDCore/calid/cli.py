@@ -11,11 +11,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import calid
-from calid.errors import CalidError, InputError
+from calid.errors import CalidError, Cancelled, InputError
 
 EXIT_BAD_INPUT = 2
 
@@ -27,75 +28,174 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+class _ProgressBar:
+    """A tqdm bar (slices, time left) on stderr fed by the engine's ``progress(done, total, message)``."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __call__(self, done: float, total: float, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=round(total, 3), unit="slice", file=sys.stderr, dynamic_ncols=True, leave=False)
+        self.bar.set_description_str(message, refresh=False)
+        self.bar.update(round(done - self.bar.n, 3))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _run_upsampling(pipeline: Any, stack: Any, show_progress: bool, **options: Any) -> Any:
+    bar = _ProgressBar(show_progress)
+    try:
+        return pipeline.upsample(stack, progress=bar, **options)
+    finally:
+        bar.close()
+
+
+def _parse_point(text: str | None, option: str) -> np.ndarray | None:
+    """``"R,A,S"`` in mm (RAS, as Slicer and ITK-SNAP show) -> an LPS point."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or not np.all(np.isfinite(values)):
+        raise InputError(option, f"expects three numbers R,A,S in mm, got {text!r}")
+    return np.array([-values[0], -values[1], values[2]])
+
+
+def _psnr_of_new_slices(dense: Any, truth: Any, factor: int) -> float:
+    new = np.ones(dense.n_slices, dtype=bool)
+    new[::factor] = False
+    error = dense.data[:, new] - truth.data[:, new]
+    peak = float(truth.data.max() - truth.data.min())
+    return float(10.0 * np.log10(peak**2 / max(float(np.mean(error**2)), 1e-12)))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from calid.data.io import write_stack
     from calid.data.phantom import PhantomConfig, make_phantom
     from calid.evaluation.figures import save_comparison
-    from calid.inference.baselines import check_factor, upsample_linear
+    from calid.inference.baselines import check_factor
+    from calid.inference.pipeline import load_pipeline
+    from calid.models.registry import default_model
 
     factor = check_factor(args.factor, "--factor")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print(f"Generating the synthetic cine phantom (seed {args.seed}, {args.frames} frames) ...", flush=True)
-    phantom = make_phantom(args.seed, PhantomConfig(n_frames=args.frames))
-    print(
-        "No trained CaLID model ships with this version yet: the demo upsamples with the\n"
-        "pixel-space linear baseline (mode 'linear'), clearly labelled in every output.",
-        flush=True,
-    )
-    dense = upsample_linear(phantom.sparse, factor)
-    truth = phantom.truth_for_factor(factor)
-    new = np.ones(dense.n_slices, dtype=bool)
-    new[::factor] = False
-    error = dense.data[:, new] - truth.data[:, new]
-    peak = float(truth.data.max() - truth.data.min())
-    psnr = 10.0 * np.log10(peak**2 / float(np.mean(error**2)))
+    model = args.model
+    if model is None and default_model() is None:
+        model = "untrained:tiny"
+        print(
+            "NOTE: no trained CaLID model is installed in this version. The demo runs an UNTRAINED\n"
+            "network ('untrained:tiny') to show the pipeline end to end: its slices are not meaningful.\n"
+            "The pixel-space linear baseline is written beside it for comparison.",
+            flush=True,
+        )
+    pipeline = load_pipeline(model, device=args.device)
+    print(f"Generating the synthetic cine phantom (seed {args.seed}, {args.phantom_frames} frames) ...", flush=True)
+    phantom = make_phantom(args.seed, PhantomConfig(n_frames=args.phantom_frames))
+    ed, es = 0, phantom.es_frame
+    frames = sorted({ed, es}) if args.frames is None else args.frames
+    print(f"Upsampling x{factor} with {pipeline.name} ({args.mode}, {args.steps} steps) on {pipeline.describe()['device']} ...", flush=True)
+    dense = _run_upsampling(pipeline, phantom.sparse, not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames)
+    chosen = dense.metadata["upsampling"]["frames"]
+    linear = load_pipeline("linear").upsample(phantom.sparse, factor, mode="linear", frames=chosen)
+    sparse = phantom.sparse.select_frames(chosen)
+    truth = phantom.truth_for_factor(factor).select_frames(chosen)
+    psnr = {"linear": _psnr_of_new_slices(linear, truth, factor), args.mode: _psnr_of_new_slices(dense, truth, factor)}
+    label = f"{args.mode} x{factor}" + (" (UNTRAINED)" if pipeline.untrained else "")
+    mode_tag = args.mode.replace("+", "plus")
     files = {
-        "sparse": write_stack(phantom.sparse, out / "phantom_sparse.nii.gz"),
-        "dense": write_stack(dense, out / f"phantom_linear_x{factor}.nii.gz"),
+        "sparse": write_stack(sparse, out / "phantom_sparse.nii.gz"),
+        "dense": write_stack(dense, out / f"phantom_{mode_tag}_x{factor}.nii.gz"),
+        "linear": write_stack(linear, out / f"phantom_linear_x{factor}.nii.gz"),
         "truth": write_stack(truth, out / f"phantom_truth_x{factor}.nii.gz"),
-        "labels": write_stack(phantom.labels_for_factor(factor), out / f"phantom_truth_labels_x{factor}.nii.gz", dtype="uint8"),
+        "labels": write_stack(phantom.labels_for_factor(factor).select_frames(chosen), out / f"phantom_truth_labels_x{factor}.nii.gz", dtype="uint8"),
     }
-    figure = save_comparison(
-        [("acquired (10 mm apart)", phantom.sparse), (f"linear x{factor}", dense), (f"truth ({phantom.sparse.metadata['slice_thickness_mm']:g} mm slices)", truth)],
-        out / "phantom_long_axis.png",
-        frame=phantom.es_frame,
-        title=f"Long-axis cut, end-systole (PSNR of new slices, linear: {psnr:.1f} dB)",
-    )
+    shown = chosen.index(es) if es in chosen else 0
+    thickness = phantom.sparse.metadata["slice_thickness_mm"]
+    figures = {
+        "long-axis views": save_comparison(
+            [(f"acquired ({phantom.sparse.slice_spacing:g} mm apart)", sparse), (label, dense)],
+            out / "phantom_long_axis.png",
+            frame=shown,
+            title=f"Two long-axis cuts, frame {chosen[shown]}",
+            axes_shown=("row", "column"),
+        ),
+        "before / after": save_comparison(
+            [(f"acquired ({phantom.sparse.slice_spacing:g} mm apart)", sparse), (f"linear x{factor}", linear), (label, dense), (f"truth ({thickness:g} mm slices)", truth)],
+            out / "phantom_before_after.png",
+            frame=shown,
+            title=f"Long-axis cut, frame {chosen[shown]}. PSNR of the new slices: linear {psnr['linear']:.1f} dB, {args.mode} {psnr[args.mode]:.1f} dB",
+        ),
+    }
     elapsed = time.perf_counter() - started
     print(
-        f"{phantom.sparse.n_slices} slices at {phantom.sparse.slice_spacing:g} mm -> {dense.n_slices} slices at "
-        f"{dense.slice_spacing:g} mm, {dense.n_frames} frames, {elapsed:.1f} s on CPU; "
-        f"PSNR of the generated slices against the truth: {psnr:.2f} dB"
+        f"{phantom.sparse.n_slices} slices at {phantom.sparse.slice_spacing:g} mm -> {dense.n_slices} slices at {dense.slice_spacing:g} mm, "
+        f"frames {','.join(str(f) for f in chosen)}, {elapsed:.1f} s in all. PSNR of the new slices against the truth: "
+        + ", ".join(f"{k} {v:.2f} dB" for k, v in psnr.items())
     )
     for name, path in files.items():
-        print(f"  {name:7s} {path}")
-    print(f"  figure  {figure}")
+        print(f"  {name:16s} {path}")
+    for name, path in figures.items():
+        print(f"  {name:16s} {path}")
     return 0
 
 
 def _cmd_upsample(args: argparse.Namespace) -> int:
     from calid.data.io import read_stack, write_stack
-    from calid.inference.baselines import check_factor, upsample_linear
+    from calid.inference.baselines import check_factor
+    from calid.inference.pipeline import load_pipeline, parse_frames
 
     source, target = Path(args.input), Path(args.output)
     if _same_file(source, target):
         raise InputError(target, "the output would overwrite the input; choose another output path")
+    if target.exists() and not args.overwrite:
+        raise InputError(target, "exists already; choose another output path or pass --overwrite")
     factor = check_factor(args.factor, "--factor")
-    if args.mode != "linear":
-        raise InputError(
-            "--mode",
-            f"mode {args.mode!r} needs a trained CaLID model, and none is installed in this version; use --mode linear",
-        )
+    centre = _parse_point(args.centre_ras, "--centre-ras")
     started = time.perf_counter()
+    pipeline = load_pipeline("linear" if args.mode == "linear" and args.model is None else args.model, device=args.device)
     stack = read_stack(source, series=args.series)
-    dense = upsample_linear(stack, factor)
-    write_stack(dense, target)
+    frames = parse_frames(args.frames, stack.n_frames)
+    dense = _run_upsampling(
+        pipeline, stack, not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre
+    )
+    write_stack(dense, target, overwrite=args.overwrite)
+    info = dense.metadata["upsampling"]
+    how = f"mode {args.mode}" + ("" if args.mode == "linear" else f", {args.steps} steps, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
     print(
         f"{stack.n_slices} -> {dense.n_slices} slices, {stack.slice_spacing:g} -> {dense.slice_spacing:g} mm, "
-        f"{stack.n_frames} frame(s), mode {args.mode}, {time.perf_counter() - started:.1f} s, cpu: {target}"
+        f"{dense.n_frames} frame(s), {how}, {time.perf_counter() - started:.1f} s on {pipeline.describe()['device']}: {target}"
     )
+    if "warning" in info:
+        print(f"WARNING: {info['warning']}", file=sys.stderr)
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from calid.models.card import model_card_text
+    from calid.models.registry import model_folders, registered_models
+
+    if args.model is None:
+        models = registered_models()
+        print("installed models:" if models else "no trained model is installed")
+        for model in models:
+            print(f"  {model.name}{' (default)' if model.default else ''}: {model.description} [{model.path}]")
+        folders = model_folders()
+        print("searched folders: " + (", ".join(str(f) for f in folders) or "none exist") + " (add one with $CALID_MODEL_DIR)")
+        return 0
+    print(model_card_text(args.model))
     return 0
 
 
@@ -201,20 +301,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"calid {calid.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="upsample the built-in phantom and write volumes and a figure (no data needed)")
+    demo = commands.add_parser("demo", help="upsample the built-in phantom with the installed model and write volumes and figures (no data needed)")
     demo.add_argument("--out", default="calid-demo", help="output folder (default: ./calid-demo)")
     demo.add_argument("--factor", type=int, default=8, help="upsampling factor 2, 4, 8 or 16 (default 8)")
-    demo.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    demo.add_argument("--frames", type=int, default=20, help="frames of the phantom cine (default 20)")
+    demo.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"], help="method (default calid)")
+    demo.add_argument("--steps", type=int, default=8, help="DDIM steps (default 8)")
+    demo.add_argument("--model", help="model file or name (default: the installed model, else an untrained one)")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    demo.add_argument("--frames", type=lambda text: text, default=None, help="frames to upsample, e.g. 0,5-9 or all (default: end-diastole and end-systole)")
+    demo.add_argument("--phantom-frames", type=int, default=20, help="frames of the phantom cine (default 20)")
+    demo.add_argument("--seed", type=int, default=0, help="phantom and sampling seed (default 0)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_cmd_demo)
 
     upsample = commands.add_parser("upsample", help="upsample a short-axis stack or cine through-plane")
     upsample.add_argument("input", help="NIfTI / NRRD file or DICOM folder")
     upsample.add_argument("output", help="output file (.nii.gz, .nrrd, .seq.nrrd) or new DICOM folder")
     upsample.add_argument("--factor", type=int, default=4, help="2, 4, 8 or 16 (default 4)")
-    upsample.add_argument("--mode", default="linear", choices=["linear", "calid", "calid+"], help="interpolation method (default linear)")
+    upsample.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"], help="calid (fast), calid+ (inverted neighbours, better), or a baseline (default calid)")
+    upsample.add_argument("--steps", type=int, default=8, help="DDIM steps per new slice (default 8)")
+    upsample.add_argument("--model", help="model file or installed name (default: the installed default model; see calid info)")
+    upsample.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda:N")
+    upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9 (default: all)")
+    upsample.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    upsample.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v), help="slices per network call (default: from free memory)")
+    upsample.add_argument("--centre-ras", help="R,A,S point (mm) to centre the model's crop on, e.g. the LV centre (default: image centre)")
     upsample.add_argument("--series", help="DICOM: series number, UID or description when the folder holds several")
+    upsample.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    upsample.add_argument("--quiet", action="store_true", help="no progress bar")
     upsample.set_defaults(handler=_cmd_upsample)
+
+    info = commands.add_parser("info", help="print a model's card (configuration, training data, metrics), or list the installed models")
+    info.add_argument("model", nargs="?", help="model file or installed name (default: list installed models)")
+    info.set_defaults(handler=_cmd_info)
 
     convert = commands.add_parser("convert", help="convert between NIfTI, NRRD / .seq.nrrd and DICOM, keeping the geometry")
     convert.add_argument("input")
@@ -273,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))
+    except Cancelled:
+        print(f"calid {args.command}: cancelled; no output was written", file=sys.stderr)
+        return 130
     except CalidError as error:
         print(f"calid {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -29,3 +29,7 @@ class OutputError(CalidError, ValueError):
         self.target = os.fspath(target)
         self.problem = problem
         super().__init__(f"{self.target}: {problem}")
+
+
+class Cancelled(CalidError):
+    """The user (a cancel callback, Ctrl-C, the Cancel button) stopped the work; nothing was written."""

@@ -12,15 +12,23 @@ from calid.atomic import atomic_path
 from calid.data.stack import CineStack
 
 
-def long_axis_cut(stack: CineStack, frame: int = 0, row: int | None = None) -> np.ndarray:
-    """The (Z, X) image of one row of every slice, resampled to square pixels.
+def long_axis_cut(stack: CineStack, frame: int = 0, row: int | None = None, axis: str = "row") -> np.ndarray:
+    """A long-axis cut across every slice, resampled to square pixels.
 
+    ``axis="row"``: the (Z, X) image of row ``row`` (default: the middle row);
+    ``axis="column"``: the (Z, Y) image of column ``row`` (default: the middle column).
     Each slice is repeated (nearest neighbour) so that one output pixel spans
-    the in-plane column spacing along z too: the cut has true proportions.
+    the in-plane spacing along z too: the cut has true proportions.
     """
-    row = stack.shape[2] // 2 if row is None else row
-    cut = stack.data[frame, :, row, :]  # (Z, X)
-    repeat = max(1, int(round(stack.slice_spacing / stack.spacing[0])))
+    if axis == "row":
+        index = stack.shape[2] // 2 if row is None else row
+        cut, pixel = stack.data[frame, :, index, :], stack.spacing[0]  # (Z, X)
+    elif axis == "column":
+        index = stack.shape[3] // 2 if row is None else row
+        cut, pixel = stack.data[frame, :, :, index], stack.spacing[1]  # (Z, Y)
+    else:
+        raise ValueError(f"axis must be 'row' or 'column', got {axis!r}")
+    repeat = max(1, int(round(stack.slice_spacing / pixel)))
     return np.repeat(cut, repeat, axis=0)
 
 
@@ -30,21 +38,28 @@ def save_comparison(
     frame: int = 0,
     row: int | None = None,
     title: str = "",
+    axes_shown: Sequence[str] = ("row",),
 ) -> Path:
-    """A PNG with the long-axis cut (row ``row``) of each stack side by side, written atomically."""
+    """A PNG of long-axis cuts: one column per stack, one row per cut direction, written atomically.
+
+    ``frame`` may differ per stack only through :meth:`CineStack.select_frames`
+    beforehand; every stack is cut at the same frame index, row and column.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    cuts = [(name, long_axis_cut(stack, frame, row)) for name, stack in stacks]
-    low = min(float(np.percentile(c, 0.5)) for _, c in cuts)
-    high = max(float(np.percentile(c, 99.5)) for _, c in cuts)
-    figure, axes = plt.subplots(1, len(cuts), figsize=(3.2 * len(cuts), 3.6), squeeze=False)
-    for axis, (name, cut) in zip(axes[0], cuts):
-        axis.imshow(cut, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest")
-        axis.set_title(name, fontsize=9)
-        axis.set_axis_off()
+    grid = [[(name, long_axis_cut(stack, frame, row, axis)) for name, stack in stacks] for axis in axes_shown]
+    values = [c for line in grid for _, c in line]
+    low = min(float(np.percentile(c, 0.5)) for c in values)
+    high = max(float(np.percentile(c, 99.5)) for c in values)
+    figure, axes = plt.subplots(len(grid), len(stacks), figsize=(3.2 * len(stacks), 3.4 * len(grid) + 0.3), squeeze=False)
+    for line_axes, line, direction in zip(axes, grid, axes_shown):
+        for axis, (name, cut) in zip(line_axes, line):
+            axis.imshow(cut, cmap="gray", vmin=low, vmax=high, origin="lower", interpolation="nearest")
+            axis.set_title(name if len(grid) == 1 else f"{name}\n({direction} cut)", fontsize=9)
+            axis.set_axis_off()
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from calid.data.datasets import SubjectVolume, TripletDataset, find_image_files, load_subjects, split_subjects, volumes_from_stacks
 from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
+from calid.device import resolve_device
 from calid.errors import InputError
 from calid.models.checkpoint import load_model, save_model
 from calid.models.config import ModelConfig, named_config
@@ -98,16 +99,6 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
         return cls(**kwargs)
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``: the CUDA device of this process when there is one, else the CPU."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device", f"{name} was asked for but no CUDA device is available")
-    return device
 
 
 def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path) -> list[SubjectVolume]:
@@ -522,4 +513,4 @@ def _append_csv(path: Path, row: dict[str, Any]) -> None:
         writer.writerow(row)
 
 
-__all__ = ["TrainConfig", "Trainer", "gather_volumes", "resolve_device"]
+__all__ = ["TrainConfig", "Trainer", "gather_volumes"]

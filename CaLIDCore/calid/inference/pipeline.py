@@ -1,0 +1,448 @@
+"""The upsampling engine: a pipeline loaded once from a model file, with one call.
+
+:meth:`UpsamplingPipeline.upsample` turns a sparse short-axis stack or cine
+into a dense one by bisection: every gap between two known slices gets its
+middle slice, first between the acquired slices (factor 2), then between
+those and the new ones (factor 4), and so on. Each level fills the gaps of
+all frames of a chunk in large batches:
+
+1. preprocess the whole selection once (in-plane resampling, robust
+   normalisation, crop around the heart: the model's training preprocessing);
+2. encode the acquired slices (VAE posterior mean, scaled);
+3. per level, for a batch of gaps: start latent (``calid``: seeded noise;
+   ``calid+``: fixed-point DDIM inversion of both neighbours, slerped), DDIM
+   sampling conditioned on the two neighbour slices, decode. New latents are
+   kept, so the next level never re-encodes a slice;
+4. undo the preprocessing and paste the new slices into the full field of
+   view. Outside the crop the new slices are linearly interpolated (the model
+   never saw that area), with a soft seam of a few millimetres.
+
+Acquired slices are copied bit for bit; the output's slice spacing is the
+input's divided by the factor, origin and direction are unchanged.
+
+Random numbers are drawn per generated slice from a generator seeded by
+(seed, frame, output slice index), so the result does not depend on the batch
+size or on how frames are chunked, only on the seed (and, in the last bits,
+the device).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from calid.data.preprocess import PreprocessParams, preprocess, undo_preprocess
+from calid.data.stack import CineStack
+from calid.device import available_memory_bytes, describe_device, resolve_device
+from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampling_grid, slerp
+from calid.errors import Cancelled, InputError
+from calid.inference.baselines import check_factor, upsample_linear
+from calid.models.checkpoint import LoadedModel, load_model
+from calid.models.config import ModelConfig, named_config
+from calid.models.networks import CaLIDNet, build_vae
+from calid.models.registry import UNTRAINED_PREFIX, resolve_model, sha256_of
+
+#: ``progress(done, total, message)``: ``done`` and ``total`` count generated slices (``done`` may be fractional).
+ProgressFn = Callable[[float, float, str], None]
+#: ``cancel()`` returns True to stop as soon as possible.
+CancelFn = Callable[[], bool]
+
+MODES: tuple[str, ...] = ("calid", "calid+", "linear", "latent-linear")
+MODEL_MODES = ("calid", "calid+", "latent-linear")
+#: Width (mm) of the band inside the crop border over which generated slices fade into the linear ones.
+SEAM_MM = 6.0
+
+
+def parse_frames(spec: str | int | Sequence[int] | None, n_frames: int, source: str = "--frames") -> list[int] | None:
+    """Frame selection from ``None`` (all), an index, a list, or text such as ``"0,5-9"`` or ``"all"``.
+
+    Negative indices count from the end. The result is sorted and unique.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        text = spec.strip().lower()
+        if text in ("", "all"):
+            return None
+        values: list[int] = []
+        for part in text.split(","):
+            single, span = re.fullmatch(r"\s*(-?\d+)\s*", part), re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", part)
+            if single:
+                values.append(int(single.group(1)))
+            elif span and int(span.group(1)) <= int(span.group(2)):
+                values.extend(range(int(span.group(1)), int(span.group(2)) + 1))
+            else:
+                raise InputError(source, f"cannot read frame selection {spec!r}; write e.g. 0,5-9 or all")
+    elif isinstance(spec, (int, np.integer)):
+        values = [int(spec)]
+    else:
+        values = [int(v) for v in spec]
+    resolved = []
+    for value in values:
+        if not -n_frames <= value < n_frames:
+            raise InputError(source, f"frame {value} does not exist; the cine has {n_frames} frame(s) (0 .. {n_frames - 1})")
+        resolved.append(value % n_frames)
+    if not resolved:
+        raise InputError(source, "the frame selection is empty")
+    return sorted(set(resolved))
+
+
+@dataclass
+class _Tracker:
+    """Progress in generated slices, and the cancel check between network evaluations."""
+
+    total: float
+    progress: ProgressFn | None
+    cancel: CancelFn | None
+    done: float = 0.0
+    message: str = ""
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("upsampling cancelled; nothing was written")
+
+    def advance(self, amount: float, message: str | None = None) -> None:
+        self.done = min(self.total, self.done + amount)
+        if message is not None:
+            self.message = message
+        if self.progress is not None:
+            self.progress(self.done, self.total, self.message)
+        self.check()
+
+    def finish(self, message: str) -> None:
+        self.done = self.total
+        self.message = message
+        if self.progress is not None:
+            self.progress(self.total, self.total, message)
+
+
+@dataclass
+class UpsamplingPipeline:
+    """A loaded model and the device it runs on; call :meth:`upsample`.
+
+    Build it with :func:`load_pipeline`. ``model`` is None for a pipeline that
+    only offers the ``linear`` mode (no model installed).
+    """
+
+    model: LoadedModel | None
+    device: torch.device
+    name: str = ""
+    untrained: bool = False
+    sha256: str = ""
+    inversion_iterations: int = 3
+    schedule: NoiseSchedule = field(init=False)
+
+    def __post_init__(self) -> None:
+        config = self.model.config if self.model is not None else ModelConfig()
+        self.schedule = NoiseSchedule(config.schedule)
+
+    # ------------------------------------------------------------------ description
+    @property
+    def config(self) -> ModelConfig:
+        if self.model is None:
+            raise InputError("--model", "this pipeline has no model (only mode 'linear' is available)")
+        return self.model.config
+
+    def describe(self) -> dict[str, Any]:
+        """What produced an output: model name, file hash, whether it was trained, device."""
+        return {
+            "model": self.name,
+            "model_sha256": self.sha256,
+            "untrained": self.untrained,
+            "device": describe_device(self.device),
+        }
+
+    def auto_batch_size(self) -> int:
+        """Slices per network call that fit comfortably in the device's free memory.
+
+        Activation memory of one slice is estimated from the configuration
+        (feature maps of every level of the U-Net and ControlNet, and of the
+        VAE decoder at full resolution) with a generous factor for temporaries;
+        a quarter of the free memory is used.
+        """
+        config = self.config
+        latent = config.latent_size
+        denoiser = sum(c * (latent / 2**level) ** 2 for level, c in enumerate(config.denoiser.channels)) * 2 * 12
+        decoder = sum(c * (config.image_size / 2**level) ** 2 for level, c in enumerate(reversed(config.vae.channels))) * 12
+        per_slice = 4.0 * max(denoiser, decoder) * 2  # float32, inversion doubles the batch (calid+)
+        budget = available_memory_bytes(self.device) / 4
+        limit = 256 if self.device.type == "cuda" else 64
+        return int(max(1, min(limit, budget // per_slice)))
+
+    # ------------------------------------------------------------------ the call
+    def upsample(
+        self,
+        stack: CineStack,
+        factor: int = 4,
+        mode: str = "calid",
+        steps: int = 8,
+        seed: int = 0,
+        frames: str | int | Sequence[int] | None = None,
+        batch_size: int | str = "auto",
+        progress: ProgressFn | None = None,
+        cancel: CancelFn | None = None,
+        centre_lps: Sequence[float] | np.ndarray | None = None,
+    ) -> CineStack:
+        """The dense stack: ``(Z - 1) * factor + 1`` slices at ``slice_spacing / factor``.
+
+        Args:
+            stack: the sparse short-axis stack or cine (not modified).
+            factor: 2, 4, 8, 16 or 32 (bisection levels).
+            mode: ``calid`` (from seeded noise, fast), ``calid+`` (from the slerped DDIM
+                inversions of the neighbours), ``latent-linear`` (midpoint of the
+                neighbours' VAE latents) or ``linear`` (pixel space, needs no model).
+            steps: DDIM steps per generated slice (and per inversion in ``calid+``).
+            seed: seed of the starting noise (``calid``); the result is reproducible.
+            frames: which frames to upsample (None = all; ``"0,5-9"``; a list). The
+                output holds these frames only, with their trigger times.
+            batch_size: slices per network call, or ``"auto"`` (from free memory).
+            progress: ``progress(done, total, message)`` in generated slices.
+            cancel: polled between network calls; True raises :class:`Cancelled`.
+            centre_lps: physical point (LPS mm) to centre the model's crop on
+                (default: the centre of the field of view, as in training).
+        """
+        factor = check_factor(factor, "factor")
+        if mode not in MODES:
+            raise InputError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if stack.n_slices < 2:
+            raise InputError(stack.source, f"has {stack.n_slices} slice(s); upsampling needs a stack of at least 2 slices")
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= self.schedule.num_train_timesteps:
+            raise InputError("steps", f"the number of DDIM steps must be an integer from 1 to {self.schedule.num_train_timesteps}, got {steps!r}")
+        if mode in MODEL_MODES and self.model is None:
+            raise InputError("mode", f"mode {mode!r} needs a model; load one with load_pipeline(path or name) or use mode 'linear'")
+        if mode in ("calid", "calid+") and self.model is not None and self.model.net is None:
+            raise InputError(self.name, f"is an autoencoder only; mode {mode!r} needs a full CaLID model")
+        selection = parse_frames(frames, stack.n_frames, "frames")
+        selected = stack if selection is None else stack.select_frames(selection)
+        frame_ids = list(range(stack.n_frames)) if selection is None else selection
+        n_new = selected.n_frames * (selected.n_slices - 1) * (factor - 1)
+        tracker = _Tracker(total=float(n_new), progress=progress, cancel=cancel)
+        tracker.check()
+        started = time.perf_counter()
+
+        dense = upsample_linear(selected, factor)
+        info: dict[str, Any] = {
+            "factor": factor,
+            "mode": mode,
+            "frames": frame_ids,
+            "acquired_slice_indices": list(range(0, dense.n_slices, factor)),
+            "input_slice_spacing_mm": stack.slice_spacing,
+        }
+        if mode != "linear":
+            batch = self.auto_batch_size() if batch_size == "auto" else int(batch_size)
+            if batch < 1:
+                raise InputError("batch_size", f"must be at least 1 or 'auto', got {batch_size!r}")
+            cropped, params = preprocess(selected, self.config.preprocess, centre_lps)
+            self._fill_crop(dense, cropped, params, factor, mode, int(steps), seed, frame_ids, batch, tracker)
+            info.update(self.describe())
+            info.update(
+                steps=int(steps),
+                seed=int(seed),
+                batch_size=batch,
+                generated_region=(
+                    f"new slices are generated by {mode} inside a {params.crop_size_yx[1]} x {params.crop_size_yx[0]} pixel window of "
+                    f"{params.resampled_spacing_xy[0]:g} mm around the heart; outside it they are linearly interpolated"
+                ),
+                crop=params.to_dict(),
+            )
+            if self.untrained:
+                info["warning"] = "UNTRAINED MODEL: the generated slices are not meaningful; for testing the pipeline only"
+        info["seconds"] = round(time.perf_counter() - started, 3)
+        dense.metadata["upsampling"] = info
+        tracker.finish(f"done: {dense.n_slices} slices at {dense.slice_spacing:g} mm")
+        return dense
+
+    # ------------------------------------------------------------------ internals
+    def _fill_crop(
+        self,
+        dense: CineStack,
+        cropped: CineStack,
+        params: PreprocessParams,
+        factor: int,
+        mode: str,
+        steps: int,
+        seed: int,
+        frame_ids: list[int],
+        batch: int,
+        tracker: _Tracker,
+    ) -> None:
+        """Generate the new slices inside the crop, frame chunk by frame chunk, and paste them into ``dense``."""
+        new_slices = np.array([i for i in range(dense.n_slices) if i % factor], dtype=np.int64)
+        weight = self._seam_weight(params)
+        chunk = max(1, math.ceil(batch / max(1, cropped.n_slices - 1)))
+        for first in range(0, cropped.n_frames, chunk):
+            frames = slice(first, min(cropped.n_frames, first + chunk))
+            generated = self._bisect(cropped.data[frames], factor, mode, steps, seed, frame_ids[frames], batch, tracker)
+            new_crop = cropped.with_data(generated[:, new_slices], frame_times_ms=None, spacing=cropped.spacing)
+            restored = undo_preprocess(new_crop, params).data
+            linear = dense.data[frames, new_slices]
+            dense.data[frames, new_slices] = (weight * restored + (1.0 - weight) * linear).astype(np.float32)
+
+    def _seam_weight(self, params: PreprocessParams) -> np.ndarray:
+        """(Y, X) weight of the generated data: 1 inside the crop, fading to 0 at its border."""
+        mask = params.crop_mask()
+        if mask.all():
+            return np.ones(mask.shape, dtype=np.float32)
+        distance = ndimage.distance_transform_edt(mask, sampling=(params.source_spacing_xy[1], params.source_spacing_xy[0]))
+        return np.clip(np.asarray(distance, dtype=np.float32) / SEAM_MM, 0.0, 1.0)
+
+    @torch.no_grad()
+    def _bisect(self, crops: np.ndarray, factor: int, mode: str, steps: int, seed: int, frame_ids: list[int], batch: int, tracker: _Tracker) -> np.ndarray:
+        """(T, Z, H, W) normalised crops -> (T, (Z - 1) * factor + 1, H, W), acquired slices unchanged."""
+        assert self.model is not None
+        device = self.device
+        n_frames, n_slices, height, width = crops.shape
+        n_dense = (n_slices - 1) * factor + 1
+        config = self.model.config
+        channels, size = config.vae.latent_channels, config.latent_size
+        images = torch.empty((n_frames, n_dense, height, width), dtype=torch.float32, device=device)
+        latents = torch.empty((n_frames, n_dense, channels, size, size), dtype=torch.float32, device=device)
+        images[:, ::factor] = torch.from_numpy(crops).to(device)
+        acquired = [(t, z) for t in range(n_frames) for z in range(0, n_dense, factor)]
+        for start in range(0, len(acquired), batch):
+            t_index, z_index = (torch.tensor(v, device=device) for v in zip(*acquired[start : start + batch]))
+            latents[t_index, z_index] = self._encode(images[t_index, z_index].unsqueeze(1))
+            tracker.check()
+        stride, level, levels = factor, 1, int(math.log2(factor))
+        while stride > 1:
+            half = stride // 2
+            gaps = [(t, z) for t in range(n_frames) for z in range(half, n_dense, stride)]
+            message = f"level {level}/{levels}"
+            for start in range(0, len(gaps), batch):
+                part = gaps[start : start + batch]
+                t_index, z_index = (torch.tensor(v, device=device) for v in zip(*part))
+                previous, following = z_index - half, z_index + half
+                condition = torch.stack([images[t_index, previous], images[t_index, following]], dim=1)
+                z_prev, z_next = latents[t_index, previous], latents[t_index, following]
+                seeds = [(seed, frame_ids[t], z) for t, z in part]
+                z_mid = self._interpolate(mode, condition, z_prev, z_next, steps, seeds, tracker, message)
+                latents[t_index, z_index] = z_mid
+                images[t_index, z_index] = self._decode(z_mid)
+                if mode == "latent-linear":
+                    tracker.advance(len(part), message)
+            stride, level = half, level + 1
+        return images.cpu().numpy()
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        assert self.model is not None
+        z_mu, _ = self.model.vae.encode(images)
+        return z_mu.float() * self.model.latent_scale
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        assert self.model is not None
+        return self.model.vae.decode(latents / self.model.latent_scale).float().clamp(-1.0, 1.0)[:, 0]
+
+    def _interpolate(
+        self,
+        mode: str,
+        condition: torch.Tensor,
+        z_prev: torch.Tensor,
+        z_next: torch.Tensor,
+        steps: int,
+        seeds: list[tuple[int, int, int]],
+        tracker: _Tracker,
+        message: str,
+    ) -> torch.Tensor:
+        """Latents of the middle slices of one batch of gaps."""
+        if mode == "latent-linear":
+            return 0.5 * (z_prev + z_next)
+        assert self.model is not None and self.model.net is not None
+        net: CaLIDNet = self.model.net
+        prediction = self.model.config.denoiser.prediction
+        concat = self.model.config.denoiser.concat_neighbour_latents
+        batch = z_prev.shape[0]
+        iterations = self.inversion_iterations
+        # Work of one batch in network evaluations: sampling, plus both inversions in calid+.
+        inversion_cost = 2 * steps * (1 + iterations) if mode == "calid+" else 0
+        per_evaluation = batch / float(steps + inversion_cost)
+
+        def bound(cond: torch.Tensor, neighbour_latents: torch.Tensor | None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+            def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return net(x, t, cond, neighbour_latents)
+
+            return model
+
+        neighbour_latents = torch.cat([z_prev, z_next], dim=1) if concat else None
+        if mode == "calid+":
+            # Both neighbours inverted in one batch, conditioned on the same pair.
+            both = torch.cat([z_prev, z_next])
+            doubled = bound(torch.cat([condition, condition]), None if neighbour_latents is None else torch.cat([neighbour_latents, neighbour_latents]))
+            grid = inversion_grid(steps, self.schedule.num_train_timesteps)
+            inverted = ddim_loop(
+                doubled,
+                both,
+                grid,
+                self.schedule,
+                prediction,
+                fixed_point_iterations=iterations,
+                callback=lambda i, n: tracker.advance(per_evaluation * 2 * (1 + iterations), message + ", inverting neighbours"),
+            )
+            z_start = slerp(inverted[:batch], inverted[batch:], 0.5)
+        else:
+            z_start = torch.stack([self._noise(s, z_prev.shape[1:]) for s in seeds]).to(z_prev.device)
+        return ddim_loop(
+            bound(condition, neighbour_latents),
+            z_start,
+            sampling_grid(steps, self.schedule.num_train_timesteps),
+            self.schedule,
+            prediction,
+            callback=lambda i, n: tracker.advance(per_evaluation, message),
+        )
+
+    @staticmethod
+    def _noise(key: tuple[int, int, int], shape: torch.Size) -> torch.Tensor:
+        """Gaussian noise of one generated slice from (seed, frame, output slice index)."""
+        state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)
+        generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def untrained_model(config_name: str, seed: int = 0) -> LoadedModel:
+    """A randomly initialised model of a named configuration (deterministic for the seed)."""
+    try:
+        config = named_config(config_name)
+    except ValueError as error:
+        raise InputError(f"{UNTRAINED_PREFIX}{config_name}", str(error)) from None
+    torch.manual_seed(seed)
+    vae, net = build_vae(config).eval(), CaLIDNet(config).eval()
+    return LoadedModel(config=config, vae=vae, net=net, latent_scale=1.0, info={"info": {"untrained": True}}, path=f"{UNTRAINED_PREFIX}{config_name}")
+
+
+def load_pipeline(model: str | os.PathLike[str] | None = None, device: str | torch.device = "auto") -> UpsamplingPipeline:
+    """Load a model once for many :meth:`UpsamplingPipeline.upsample` calls.
+
+    Args:
+        model: a model file, the name of an installed model (``calid info`` lists
+            them), ``"untrained:tiny"`` (random weights, for trying the pipeline),
+            ``"linear"`` (no model: only the pixel-space baseline), or None for the
+            default installed model.
+        device: ``auto`` (a CUDA GPU when present, else the CPU), ``cpu``, ``cuda:N``.
+    """
+    target = resolve_device(device)
+    if model is not None and os.fspath(model) == "linear":
+        return UpsamplingPipeline(model=None, device=target, name="linear")
+    if model is not None and os.fspath(model).startswith(UNTRAINED_PREFIX):
+        loaded = untrained_model(os.fspath(model)[len(UNTRAINED_PREFIX) :])
+        loaded.vae.to(target)
+        assert loaded.net is not None
+        loaded.net.to(target)
+        return UpsamplingPipeline(model=loaded, device=target, name=os.fspath(model), untrained=True)
+    path = resolve_model(model)
+    loaded = load_model(path, device=target)
+    return UpsamplingPipeline(model=loaded, device=target, name=_display_name(model, path), sha256=sha256_of(path))
+
+
+def _display_name(model: str | os.PathLike[str] | None, path: Path) -> str:
+    if model is not None and not Path(os.fspath(model)).expanduser().is_file():
+        return os.fspath(model)  # a registered name
+    return path.name

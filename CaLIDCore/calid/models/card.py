@@ -1,0 +1,75 @@
+"""Model cards: what a model file is, what it was trained on and how well it does."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from calid.models.config import ModelConfig
+from calid.models.registry import UNTRAINED_PREFIX, registered_models, resolve_model, sha256_of
+
+
+def parameter_counts(config: ModelConfig) -> dict[str, int]:
+    """Trainable parameters of the VAE and the denoiser (built on the CPU, not loaded)."""
+    from calid.models.networks import CaLIDNet, build_vae
+
+    return {
+        "vae": sum(p.numel() for p in build_vae(config).parameters()),
+        "denoiser": sum(p.numel() for p in CaLIDNet(config).parameters()),
+    }
+
+
+def _config_lines(config: ModelConfig) -> list[str]:
+    pre = config.preprocess
+    d = config.denoiser
+    counts = parameter_counts(config)
+    return [
+        f"configuration   {config.name}: {config.image_size} x {config.image_size} px crops at {pre.target_spacing_mm} mm, "
+        f"intensities: percentiles {pre.percentiles[0]:g}-{pre.percentiles[1]:g} -> [-1, 1]",
+        f"autoencoder     channels {tuple(config.vae.channels)}, {config.vae.latent_channels} latent channels, "
+        f"f = {config.vae.downsampling}, {counts['vae'] / 1e6:.2f} M parameters",
+        f"denoiser        U-Net + ControlNet {tuple(d.channels)}, attention {tuple(d.attention_levels)}, predicts {d.prediction}"
+        + (", neighbour latents concatenated" if d.concat_neighbour_latents else "")
+        + (f", condition dropout {d.condition_dropout:g}" if d.condition_dropout else "")
+        + f", {counts['denoiser'] / 1e6:.2f} M parameters",
+        f"noise schedule  {config.schedule.beta_schedule} {config.schedule.beta_start:g}-{config.schedule.beta_end:g}, {config.schedule.num_train_timesteps} steps",
+    ]
+
+
+def model_card_text(model: str | os.PathLike[str]) -> str:
+    """A plain-text card of a model file or installed name (``calid info``)."""
+    from calid.models.checkpoint import read_header
+
+    text = os.fspath(model)
+    if text.startswith(UNTRAINED_PREFIX):
+        from calid.models.config import named_config
+
+        config = named_config(text[len(UNTRAINED_PREFIX) :])
+        return "\n".join([f"model           {text}", "status          UNTRAINED: random weights, for testing the pipeline only", *_config_lines(config)])
+    path = resolve_model(model)
+    header = read_header(path)
+    info: dict[str, Any] = header.get("info", {})
+    lines = [
+        f"model           {text}",
+        f"file            {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(path)})",
+        f"kind            {header['kind']} (format {header['format']} v{header['format_version']}, calid {header.get('code_version', '?')}, created {header.get('created', '?')})",
+        *_config_lines(header["config"]),
+        f"latent scale    {header.get('latent_scale', 1.0):.5g}",
+    ]
+    if "step" in info:
+        lines.append(f"training        stage {info.get('stage', '?')}, {info['step']} steps")
+    data = info.get("training_data")
+    if data:
+        lines.append("training data   " + (data if isinstance(data, str) else json.dumps(data)))
+    metrics = info.get("metrics") or {}
+    if metrics:
+        lines.append("metrics         " + ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in metrics.items()))
+    for key in ("hardware", "training_time", "license", "reproduce"):
+        if key in info:
+            lines.append(f"{key.replace('_', ' '):16s}{info[key]}")
+    card = next((m.card for m in registered_models() if m.path.resolve() == Path(path).resolve() and m.card is not None), None)
+    if card is not None and card.is_file():
+        lines += ["", card.read_text(encoding="utf-8").rstrip()]
+    return "\n".join(lines)

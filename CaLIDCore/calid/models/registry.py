@@ -1,0 +1,134 @@
+"""Named models: where the shipped (and user-installed) model files are, and checking them.
+
+A model folder holds model files (safetensors, see :mod:`calid.models.checkpoint`),
+their model cards and a ``registry.json``::
+
+    {"models": [{"name": "calid-acdc-small", "file": "calid-acdc-small.safetensors",
+                 "sha256": "…", "card": "calid-acdc-small.md", "default": true,
+                 "description": "…"}]}
+
+Folders are searched in this order: ``$CALID_MODEL_DIR`` (several separated by
+the path separator), the ``Resources/Models`` folder of the extension or
+source tree that this package sits in, and the user's ``~/.local/share/calid/models``.
+The first entry of a name wins. Every file is checked against its sha256
+before it is loaded, so a damaged download never runs silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from calid.errors import InputError
+
+MODEL_DIR_ENV = "CALID_MODEL_DIR"
+REGISTRY_FILE = "registry.json"
+#: A randomly initialised model of a named configuration, for tests and for trying the pipeline.
+UNTRAINED_PREFIX = "untrained:"
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """One entry of a model folder's registry."""
+
+    name: str
+    path: Path
+    sha256: str
+    description: str = ""
+    card: Path | None = None
+    default: bool = False
+
+
+def model_folders() -> list[Path]:
+    """The folders searched for named models, in order (existing ones only)."""
+    folders: list[Path] = []
+    for entry in os.environ.get(MODEL_DIR_ENV, "").split(os.pathsep):
+        if entry.strip():
+            folders.append(Path(entry).expanduser())
+    package_root = Path(__file__).resolve().parents[3]  # <root>/CaLIDCore/calid/models/registry.py
+    folders.append(package_root / "Resources" / "Models")
+    folders.append(Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "calid" / "models")
+    unique: list[Path] = []
+    for folder in folders:
+        if folder.is_dir() and folder.resolve() not in [f.resolve() for f in unique]:
+            unique.append(folder)
+    return unique
+
+
+def _read_registry(folder: Path) -> list[RegisteredModel]:
+    path = folder / REGISTRY_FILE
+    if not path.is_file():
+        return []
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))["models"]
+        return [
+            RegisteredModel(
+                name=str(e["name"]),
+                path=folder / str(e["file"]),
+                sha256=str(e["sha256"]).lower(),
+                description=str(e.get("description", "")),
+                card=folder / str(e["card"]) if e.get("card") else None,
+                default=bool(e.get("default", False)),
+            )
+            for e in entries
+        ]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise InputError(path, f"is not a valid model registry ({error})") from error
+
+
+def registered_models() -> list[RegisteredModel]:
+    """Every named model found, first occurrence of each name only."""
+    seen: dict[str, RegisteredModel] = {}
+    for folder in model_folders():
+        for model in _read_registry(folder):
+            seen.setdefault(model.name, model)
+    return list(seen.values())
+
+
+def default_model() -> RegisteredModel | None:
+    """The model used when none is named (the first one marked default), if any is installed."""
+    models = registered_models()
+    return next((m for m in models if m.default), None)
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify(model: RegisteredModel) -> Path:
+    """The model's file, after checking that it exists and matches its sha256."""
+    if not model.path.is_file():
+        raise InputError(model.path, f"model {model.name!r} is registered but its file is missing; reinstall it")
+    actual = sha256_of(model.path)
+    if actual != model.sha256:
+        raise InputError(model.path, f"model {model.name!r} is damaged: sha256 {actual[:12]}… instead of {model.sha256[:12]}…; reinstall it")
+    return model.path
+
+
+def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
+    """A model file from a path, a registered name, or (None) the default model."""
+    if name_or_path is None:
+        model = default_model()
+        if model is None:
+            raise InputError(
+                "--model",
+                "no trained model is installed; pass a model file (calid train … writes model.safetensors), "
+                f"or '{UNTRAINED_PREFIX}tiny' to try the pipeline with an untrained network",
+            )
+        return verify(model)
+    text = os.fspath(name_or_path)
+    for model in registered_models():
+        if model.name == text:
+            return verify(model)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    names = ", ".join(m.name for m in registered_models()) or "none installed"
+    raise InputError(text, f"is neither a model file nor a known model name (known: {names})")
