@@ -242,7 +242,11 @@ class UpsamplingPipeline:
             batch = self.auto_batch_size() if batch_size == "auto" else int(batch_size)
             if batch < 1:
                 raise InputError("batch_size", f"must be at least 1 or 'auto', got {batch_size!r}")
-            cropped, params = preprocess(selected, self.config.preprocess, centre_lps)
+            # Intensity normalisation from the whole cine, so that a frame comes out the
+            # same whichever frames are selected with it.
+            cropped, params = preprocess(stack, self.config.preprocess, centre_lps)
+            if selection is not None:
+                cropped = cropped.select_frames(selection)
             self._fill_crop(dense, cropped, params, factor, mode, int(steps), seed, frame_ids, batch, tracker)
             info.update(self.describe())
             info.update(
@@ -443,6 +447,10 @@ def load_pipeline(model: str | os.PathLike[str] | None = None, device: str | tor
 
 
 def _display_name(model: str | os.PathLike[str] | None, path: Path) -> str:
-    if model is not None and not Path(os.fspath(model)).expanduser().is_file():
-        return os.fspath(model)  # a registered name
+    """The registered name when the file is an installed model, else the file name."""
+    from calid.models.registry import registered_models
+
+    for entry in registered_models():
+        if entry.path.resolve() == path.resolve():
+            return entry.name
     return path.name

@@ -1,0 +1,355 @@
+"""The upsampling engine and the `calid upsample / demo / info` commands, with real `tiny` networks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import calid
+from calid.cli import main as cli_main
+from calid.data.io import read_stack, write_stack
+from calid.data.phantom import PhantomConfig, make_phantom
+from calid.data.preprocess import preprocess
+from calid.errors import Cancelled, InputError
+from calid.inference import load_pipeline, parse_frames, upsample_linear
+from calid.inference.pipeline import untrained_model
+from calid.models.checkpoint import save_model
+from calid.models.registry import MODEL_DIR_ENV, sha256_of
+
+from conftest import oblique_stack, reliable_acdc_subjects, shared_file
+
+
+def run_calid(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "calid", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+def run_main(*args: str, capsys) -> tuple[int, str]:
+    code = cli_main(list(args))
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_model_file(tmp_path_factory) -> Path:
+    """A real model file of the tiny configuration (random weights, seeded)."""
+    model = untrained_model("tiny", seed=7)
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    return save_model(path, model.config, model.vae, model.net, latent_scale=1.3, info={"training_data": "none (test)"})
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_model_file):
+    return load_pipeline(tiny_model_file, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(5, PhantomConfig(n_frames=3, matrix=64, pixel_spacing_mm=3.0, n_slices=5))
+
+
+# ---------------------------------------------------------------- geometry and bit-exactness
+@pytest.mark.parametrize("frames", [1, 3])
+@pytest.mark.parametrize("mode", ["calid", "calid+", "latent-linear", "linear"])
+def test_output_geometry_and_acquired_slices(pipeline, frames, mode):
+    stack = oblique_stack(frames=frames, slices=4, rows=40, columns=36)
+    before = stack.data.copy()
+    dense = pipeline.upsample(stack, factor=4, mode=mode, steps=2)
+    assert dense.shape == (frames, 13, 40, 36)
+    assert dense.slice_spacing == pytest.approx(stack.slice_spacing / 4)
+    assert dense.in_plane_spacing == stack.in_plane_spacing
+    np.testing.assert_allclose(dense.origin, stack.origin, atol=1e-12)
+    np.testing.assert_allclose(dense.direction, stack.direction, atol=1e-12)
+    np.testing.assert_allclose(dense.frame_times_ms, stack.frame_times_ms)
+    # Old slices sit where they were; new ones evenly between them, along the same normal.
+    np.testing.assert_allclose(dense.slice_positions()[::4], stack.slice_positions(), atol=1e-9)
+    np.testing.assert_allclose(np.diff(dense.slice_positions()), stack.slice_spacing / 4, atol=1e-9)
+    corner = dense.index_to_physical([35, 39, 6])
+    np.testing.assert_allclose(corner, stack.index_to_physical([35, 39, 1.5]), atol=1e-9)
+    assert np.array_equal(dense.data[:, ::4], stack.data), "acquired slices must pass through bit for bit"
+    assert np.array_equal(stack.data, before), "the input must not be modified"
+    assert dense.data.min() >= stack.data.min() and dense.data.max() <= stack.data.max()
+    info = dense.metadata["upsampling"]
+    assert info["mode"] == mode and info["acquired_slice_indices"] == [0, 4, 8, 12]
+
+
+def test_factor_mode_steps_and_stack_validation(pipeline, phantom):
+    for factor in (3, 6, 0, 1, 2.0):
+        with pytest.raises(InputError, match="2, 4, 8, 16"):
+            pipeline.upsample(phantom.sparse, factor=factor)
+    with pytest.raises(InputError, match="unknown mode 'bilinear'"):
+        pipeline.upsample(phantom.sparse, mode="bilinear")
+    with pytest.raises(InputError, match="DDIM steps"):
+        pipeline.upsample(phantom.sparse, steps=0)
+    single = phantom.sparse.with_data(phantom.sparse.data[:, :1])
+    with pytest.raises(InputError, match="at least 2 slices"):
+        pipeline.upsample(single, factor=2)
+    with pytest.raises(InputError, match="needs a model"):
+        load_pipeline("linear").upsample(phantom.sparse, mode="calid")
+
+
+def test_all_factors_nest(pipeline, phantom):
+    """Bisection: the x2 result's slices reappear in the x4 result (same seed), every 2nd slice."""
+    x2 = pipeline.upsample(phantom.sparse, 2, mode="latent-linear", frames=[0])
+    x4 = pipeline.upsample(phantom.sparse, 4, mode="latent-linear", frames=[0])
+    np.testing.assert_allclose(x4.data[:, ::2], x2.data, atol=1e-4)
+    x16 = pipeline.upsample(phantom.sparse, 16, mode="latent-linear", frames=[0], steps=1)
+    assert x16.n_slices == (phantom.sparse.n_slices - 1) * 16 + 1
+
+
+# ---------------------------------------------------------------- determinism, batching, frames
+def test_same_seed_same_result_other_seed_other_result(pipeline, phantom):
+    first = pipeline.upsample(phantom.sparse, 2, mode="calid", steps=3, seed=11)
+    again = pipeline.upsample(phantom.sparse, 2, mode="calid", steps=3, seed=11)
+    other = pipeline.upsample(phantom.sparse, 2, mode="calid", steps=3, seed=12)
+    assert np.array_equal(first.data, again.data)
+    assert not np.allclose(first.data[:, 1::2], other.data[:, 1::2])
+
+
+@pytest.mark.parametrize("mode", ["calid", "calid+"])
+def test_result_does_not_depend_on_batch_size_or_frame_selection(pipeline, phantom, mode):
+    whole = pipeline.upsample(phantom.sparse, 4, mode=mode, steps=2, seed=3, batch_size=64)
+    one_by_one = pipeline.upsample(phantom.sparse, 4, mode=mode, steps=2, seed=3, batch_size=1)
+    scale = float(phantom.sparse.data.max() - phantom.sparse.data.min())
+    np.testing.assert_allclose(one_by_one.data, whole.data, atol=2e-3 * scale)
+    last = pipeline.upsample(phantom.sparse, 4, mode=mode, steps=2, seed=3, frames="2")
+    assert last.n_frames == 1 and last.metadata["upsampling"]["frames"] == [2]
+    np.testing.assert_allclose(last.data[0], whole.data[2], atol=2e-3 * scale)
+    np.testing.assert_allclose(last.frame_times_ms, phantom.sparse.frame_times_ms[[2]])
+
+
+def test_frame_selection_text():
+    assert parse_frames("0,5-7", 10) == [0, 5, 6, 7]
+    assert parse_frames("all", 10) is None and parse_frames(None, 10) is None
+    assert parse_frames("-1", 10) == [9] and parse_frames([3, 1, 3], 10) == [1, 3]
+    for bad in ("x", "5-2", "0,,1"):
+        with pytest.raises(InputError, match="frame selection"):
+            parse_frames(bad, 10)
+    with pytest.raises(InputError, match="frame 10 does not exist.*10 frame"):
+        parse_frames("10", 10)
+
+
+# ---------------------------------------------------------------- crop, paste back, seam
+def test_new_slices_are_generated_around_the_given_centre_and_linear_elsewhere(pipeline, phantom):
+    stack = phantom.sparse
+    centre_index = (20.0, 40.0, 2.0)  # x, y, z
+    centre = stack.index_to_physical(centre_index)
+    dense = pipeline.upsample(stack, 2, mode="calid", steps=2, centre_lps=centre)
+    linear = upsample_linear(stack, 2)
+    changed = np.abs(dense.data[:, 1::2] - linear.data[:, 1::2]).max(axis=(0, 1)) > 0  # (Y, X)
+    ys, xs = np.nonzero(changed)
+    assert abs(xs.mean() - centre_index[0]) < 1.5 and abs(ys.mean() - centre_index[1]) < 1.5
+    # The crop is 32 px of 1.8 mm = 57.6 mm wide: about 19 pixels of 3 mm, never more.
+    assert xs.max() - xs.min() + 1 <= 20 and ys.max() - ys.min() + 1 <= 20
+    assert "linearly interpolated" in dense.metadata["upsampling"]["generated_region"]
+    _, params = preprocess(stack, pipeline.config.preprocess, centre)
+    outside = ~params.crop_mask()
+    assert not changed[outside].any()
+
+
+# ---------------------------------------------------------------- progress and cancel
+def test_progress_is_monotonic_and_reaches_the_total(pipeline, phantom):
+    calls: list[tuple[float, float, str]] = []
+    pipeline.upsample(phantom.sparse, 4, mode="calid+", steps=2, progress=lambda d, t, m: calls.append((d, t, m)))
+    total = phantom.sparse.n_frames * (phantom.sparse.n_slices - 1) * 3
+    assert all(t == total for _, t, _ in calls)
+    done = [d for d, _, _ in calls]
+    assert done == sorted(done) and done[-1] == total and len(calls) > 4
+    assert "level 2/2" in " ".join(m for _, _, m in calls)
+
+
+def test_cancel_stops_at_the_next_network_call(pipeline, phantom):
+    calls: list[float] = []
+    started = time.perf_counter()
+    with pytest.raises(Cancelled):
+        pipeline.upsample(phantom.sparse, 8, mode="calid+", steps=8, progress=lambda d, t, m: calls.append(d), cancel=lambda: len(calls) >= 1)
+    cancelled_after = time.perf_counter() - started
+    assert len(calls) == 1
+    started = time.perf_counter()
+    pipeline.upsample(phantom.sparse, 8, mode="calid+", steps=8, frames=[0])
+    assert cancelled_after < time.perf_counter() - started  # less than a third of the whole job, in any case
+
+
+# ---------------------------------------------------------------- models by name, cards, errors
+def test_models_by_name_with_checksum_and_default(tmp_path, tiny_model_file, monkeypatch, phantom):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    target = folder / "calid-test.safetensors"
+    target.write_bytes(tiny_model_file.read_bytes())
+    (folder / "calid-test.md").write_text("# calid-test\nA card for the test model.\n")
+    registry = {"models": [{"name": "calid-test", "file": target.name, "sha256": sha256_of(target), "card": "calid-test.md", "default": True, "description": "test"}]}
+    (folder / "registry.json").write_text(json.dumps(registry))
+    monkeypatch.setenv(MODEL_DIR_ENV, str(folder))
+    by_default = calid.load_pipeline()
+    assert by_default.name == "calid-test" and by_default.sha256 == sha256_of(target)
+    out = by_default.upsample(phantom.sparse, 2, steps=1, frames=[0])
+    assert out.metadata["upsampling"]["model"] == "calid-test"
+    card = run_calid("info", "calid-test", env={**os.environ, MODEL_DIR_ENV: str(folder)})
+    assert card.returncode == 0, card.stderr
+    assert "configuration   tiny" in card.stdout and "A card for the test model." in card.stdout and "none (test)" in card.stdout
+    listing = run_calid("info", env={**os.environ, MODEL_DIR_ENV: str(folder)})
+    assert "calid-test (default)" in listing.stdout
+    target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
+    with pytest.raises(InputError, match="damaged"):
+        load_pipeline("calid-test")
+    with pytest.raises(InputError, match="neither a model file nor a known model name"):
+        load_pipeline("no-such-model")
+
+
+def test_no_installed_model_gives_a_clear_message(monkeypatch, tmp_path):
+    monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    from calid.models.registry import default_model
+
+    if default_model() is not None:
+        pytest.skip("a default model is installed in this source tree")
+    with pytest.raises(InputError, match="no trained model is installed"):
+        load_pipeline()
+
+
+def test_vae_only_file_cannot_generate(tmp_path, phantom):
+    model = untrained_model("tiny")
+    path = save_model(tmp_path / "vae.safetensors", model.config, model.vae)
+    vae_only = load_pipeline(path)
+    with pytest.raises(InputError, match="autoencoder only"):
+        vae_only.upsample(phantom.sparse, 2, mode="calid")
+    assert vae_only.upsample(phantom.sparse, 2, mode="latent-linear", frames=[0]).n_slices == 9
+
+
+# ---------------------------------------------------------------- the command line
+def test_cli_upsample_phantom_file_end_to_end(tmp_path, tiny_model_file, phantom):
+    source = write_stack(phantom.sparse, tmp_path / "sparse.nii.gz", dtype="int16")
+    original = read_stack(source)
+    before = source.read_bytes()
+    result = run_calid(
+        "upsample", str(source), str(tmp_path / "dense.seq.nrrd"), "--factor", "4", "--mode", "calid+", "--steps", "2",
+        "--model", str(tiny_model_file), "--device", "cpu", "--frames", "0,2", "--seed", "5",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "5 -> 17 slices" in result.stdout and "2 frame(s)" in result.stdout and "cpu" in result.stdout
+    assert "slice" in result.stderr  # the progress bar
+    dense = read_stack(tmp_path / "dense.seq.nrrd")
+    assert dense.shape == (2, 17) + original.shape[2:]
+    assert dense.metadata["source_dtype"] == "int16"
+    np.testing.assert_array_equal(dense.data[:, ::4], original.data[[0, 2]])
+    np.testing.assert_allclose(dense.origin, original.origin, atol=1e-4)
+    assert dense.slice_spacing == pytest.approx(original.slice_spacing / 4, rel=1e-5)
+    assert source.read_bytes() == before
+    again = run_calid("upsample", str(source), str(tmp_path / "dense.seq.nrrd"), "--mode", "linear")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_cli_upsample_real_acdc_cine(tmp_path, tiny_model_file):
+    subjects = reliable_acdc_subjects()
+    source = shared_file("acdc_cine", subjects[0] if subjects else "patient001_4d.nii.gz")
+    original = read_stack(source)
+    result = run_calid("upsample", str(source), str(tmp_path / "dense.nii.gz"), "--factor", "2", "--model", str(tiny_model_file), "--steps", "2", "--frames", "0", "--quiet")
+    assert result.returncode == 0, result.stderr
+    dense = read_stack(tmp_path / "dense.nii.gz")
+    assert dense.shape == (1, 2 * original.n_slices - 1) + original.shape[2:]
+    np.testing.assert_array_equal(dense.data[0, ::2], original.data[0])
+    assert dense.slice_spacing == pytest.approx(original.slice_spacing / 2, rel=1e-5)
+    reference = nib.load(str(source)).affine
+    written = nib.load(str(tmp_path / "dense.nii.gz")).affine
+    np.testing.assert_allclose(written[:3, :2], reference[:3, :2], atol=1e-4)  # in-plane axes unchanged
+    np.testing.assert_allclose(written[:3, 2], reference[:3, 2] / 2, atol=1e-4)  # half the slice step
+    np.testing.assert_allclose(written[:3, 3], reference[:3, 3], atol=1e-3)
+
+
+def test_cli_bad_inputs_leave_no_partial_file(tmp_path, tiny_model_file, capsys):
+    """In-process through the command's own main() (a subprocess per case would only add start-up time)."""
+    model = ["--model", str(tiny_model_file), "--steps", "1"]
+    two_d = tmp_path / "slice2d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), dtype=np.int16), np.eye(4)), str(two_d))
+    one_slice = tmp_path / "one.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 1, 3), dtype=np.int16), np.eye(4)), str(one_slice))
+    nan = tmp_path / "nan.nii.gz"
+    values = np.ones((8, 8, 3), dtype=np.float32)
+    values[1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(nan))
+    uneven = write_stack(oblique_stack(frames=1, slices=4), tmp_path / "dicom")
+    for path in uneven.glob("IM_0001_*.dcm"):
+        path.unlink()
+    cases = [(two_d, "slice2d.nii.gz.*axes"), (one_slice, "one.nii.gz.*1 slice"), (nan, "nan.nii.gz.*NaN"), (uneven, "not evenly spaced")]
+    for source, message in cases:
+        code, stderr = run_main("upsample", str(source), str(tmp_path / "out.nii.gz"), *model, capsys=capsys)
+        assert code == 2, (source, stderr)
+        assert re.search(message, stderr), stderr
+    good = write_stack(oblique_stack(frames=1, slices=3), tmp_path / "good.nii.gz")
+    code, stderr = run_main("upsample", str(good), str(tmp_path / "no" / "such" / "out.nii.gz"), *model, capsys=capsys)
+    assert code == 2 and "does not exist" in stderr
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write anywhere: then only the other cases apply
+            code, stderr = run_main("upsample", str(good), str(locked / "out.nii.gz"), *model, capsys=capsys)
+            assert code == 2 and "locked" in stderr
+            assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".") or p.name.startswith("out"))
+    assert leftovers == []
+
+
+def test_cli_interrupt_writes_nothing(tmp_path, tiny_model_file):
+    source = write_stack(make_phantom(2, PhantomConfig(n_frames=6, matrix=64, pixel_spacing_mm=3.0)).sparse, tmp_path / "cine.nii.gz")
+    target = tmp_path / "dense.nii.gz"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "calid", "upsample", str(source), str(target), "--factor", "16", "--mode", "calid+", "--model", str(tiny_model_file), "--steps", "16"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    seen = threading.Event()
+    output = bytearray()
+
+    def read() -> None:
+        assert process.stderr is not None
+        while chunk := process.stderr.read1(256):  # type: ignore[attr-defined]
+            output.extend(chunk)
+            if b"slice" in output:
+                seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert seen.wait(120), "the progress bar never appeared: " + output.decode(errors="replace")
+    process.send_signal(signal.SIGINT)
+    started = time.perf_counter()
+    code = process.wait(timeout=60)
+    reader.join(5)
+    assert code == 130 and time.perf_counter() - started < 10
+    assert b"no output was written" in output or b"no partial output" in output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cine.nii.gz"]
+
+
+def test_cli_demo_untrained_labels_itself_and_writes_everything(tmp_path, monkeypatch):
+    monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path / "none"))
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "none")}
+    result = run_calid("demo", "--out", str(tmp_path / "demo"), "--factor", "2", "--phantom-frames", "3", "--steps", "2", env=env)
+    assert result.returncode == 0, result.stderr
+    from calid.models.registry import default_model
+
+    if default_model() is None:
+        assert "UNTRAINED" in result.stdout
+    demo = tmp_path / "demo"
+    sparse = read_stack(demo / "phantom_sparse.nii.gz")
+    for name in ("phantom_calid_x2.nii.gz", "phantom_linear_x2.nii.gz", "phantom_truth_x2.nii.gz"):
+        dense = read_stack(demo / name)
+        assert dense.n_slices == 2 * sparse.n_slices - 1 and dense.n_frames == sparse.n_frames
+        assert dense.slice_spacing == pytest.approx(sparse.slice_spacing / 2)
+        np.testing.assert_allclose(dense.origin, sparse.origin, atol=1e-6)
+    np.testing.assert_array_equal(read_stack(demo / "phantom_calid_x2.nii.gz").data[:, ::2], sparse.data)
+    for figure in ("phantom_long_axis.png", "phantom_before_after.png"):
+        assert (demo / figure).read_bytes().startswith(b"\x89PNG")
+        assert str(demo / figure) in result.stdout
+    assert "PSNR" in result.stdout and "linear" in result.stdout
