@@ -18,6 +18,7 @@ and output spacing s', output pixel i samples input coordinate
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -166,7 +167,7 @@ def label_centre_lps(labels: CineStack, values: tuple[int, ...] | None = None) -
     return labels.index_to_physical([x.mean(), y.mean(), z.mean()])
 
 
-def preprocess(stack: CineStack, config: PreprocessConfig = PreprocessConfig(), centre_lps: np.ndarray | tuple[float, float, float] | None = None) -> tuple[CineStack, PreprocessParams]:
+def preprocess(stack: CineStack, config: PreprocessConfig = PreprocessConfig(), centre_lps: np.ndarray | Sequence[float] | None = None) -> tuple[CineStack, PreprocessParams]:
     """Resample, normalise and crop every slice of every frame.
 
     Args:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from monai.networks.nets import AutoencoderKL
 from torch import nn
 
 from calid.atomic import atomic_path
@@ -41,7 +42,7 @@ class LoadedModel:
     """The networks and description of one model file (in eval mode)."""
 
     config: ModelConfig
-    vae: nn.Module
+    vae: AutoencoderKL
     net: CaLIDNet | None
     latent_scale: float
     info: dict[str, Any] = field(default_factory=dict)
