@@ -173,7 +173,7 @@ class UpsamplingPipeline:
         config = self.config
         latent = config.latent_size
         denoiser = sum(c * (latent / 2**level) ** 2 for level, c in enumerate(config.denoiser.channels)) * 2 * 12
-        decoder = sum(c * (config.image_size / 2**level) ** 2 for level, c in enumerate(reversed(config.vae.channels))) * 12
+        decoder = sum(c * (config.image_size / 2**level) ** 2 for level, c in enumerate(config.vae.channels)) * 12
         per_slice = 4.0 * max(denoiser, decoder) * 2  # float32, inversion doubles the batch (calid+)
         budget = available_memory_bytes(self.device) / 4
         limit = 256 if self.device.type == "cuda" else 64

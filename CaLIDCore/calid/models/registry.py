@@ -119,7 +119,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
         if model is None:
             raise InputError(
                 "--model",
-                "no trained model is installed; pass a model file (calid train … writes model.safetensors), "
+                "no trained model is installed; pass a model file (calid train … writes model.safetensors), use --mode linear, "
                 f"or '{UNTRAINED_PREFIX}tiny' to try the pipeline with an untrained network",
             )
         return verify(model)
