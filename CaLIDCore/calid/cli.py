@@ -248,8 +248,48 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_seg(args: argparse.Namespace) -> int:
+    from calid.segmentation.training import SegTrainConfig, SegmentationTrainer
+
+    args.steps = 4000 if args.steps is None else args.steps
+    args.batch_size = 16 if args.batch_size is None else args.batch_size
+    args.lr = 1e-3 if args.lr is None else args.lr
+
+    config = SegTrainConfig(
+        data=tuple(args.data),
+        out_dir=args.out,
+        model=args.config if args.config in ("tiny", "default") else "default",
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        validate_every=args.validate_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        val_subjects=tuple(args.val_subjects.split(",")) if args.val_subjects else None,
+        device=args.device,
+    )
+    trainer = SegmentationTrainer(config, resume=args.resume)
+    print(
+        f"training the segmenter ({trainer.model_config.name}) on {trainer.device}: {len(trainer.slices)} training slices from "
+        f"{len(trainer.subjects['train'])} subjects, {len(trainer.val_volumes)} validation volumes from {len(trainer.subjects['validation'])} subjects; "
+        f"step {trainer.step} -> {config.steps}",
+        flush=True,
+    )
+    metrics = trainer.fit()
+    summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+    print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'best.safetensors'}")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from calid.training.trainer import TrainConfig, Trainer
+
+    if args.stage == "seg":
+        return _cmd_train_seg(args)
+    args.steps = 20000 if args.steps is None else args.steps
+    args.batch_size = 32 if args.batch_size is None else args.batch_size
+    args.lr = 1e-4 if args.lr is None else args.lr
 
     config = TrainConfig(
         stage=args.stage,
@@ -347,15 +387,15 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--series", help="DICOM: which series to read")
     inspect.set_defaults(handler=_cmd_inspect)
 
-    train = commands.add_parser("train", help="train the VAE (stage 1) or the interpolation denoiser (stage 2); torchrun for several GPUs")
-    train.add_argument("stage", choices=["vae", "ldm"])
+    train = commands.add_parser("train", help="train the VAE (stage 1), the interpolation denoiser (stage 2) or the segmenter; torchrun for several GPUs")
+    train.add_argument("stage", choices=["vae", "ldm", "seg"], help="vae, ldm (the CaLID denoiser) or seg (LV / myocardium / RV segmentation)")
     train.add_argument("--data", nargs="+", required=True, help="image files, folders (one subfolder or file name per subject) or phantom:N")
     train.add_argument("--out", required=True, help="run folder: checkpoints, logs, model.safetensors")
-    train.add_argument("--config", default="small", choices=["tiny", "small", "paper"], help="network sizes (vae stage; default small)")
+    train.add_argument("--config", default="small", choices=["tiny", "small", "paper", "default"], help="network sizes (vae: tiny/small/paper, default small; seg: tiny/default)")
     train.add_argument("--vae", help="ldm stage: the trained VAE file")
-    train.add_argument("--steps", type=int, default=20000)
-    train.add_argument("--batch-size", type=int, default=32, help="per process")
-    train.add_argument("--lr", type=float, default=1e-4)
+    train.add_argument("--steps", type=int, help="optimisation steps (default: 20000; seg 4000)")
+    train.add_argument("--batch-size", type=int, help="per process (default: 32; seg 16)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4; seg 1e-3)")
     train.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"])
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")

@@ -1,0 +1,1 @@
+"""Long-axis planes, reslicing, surfaces, and clinical volumes from label stacks."""

@@ -1,0 +1,161 @@
+"""Long-axis planes in physical coordinates (LPS millimetres, like every CineStack).
+
+A :class:`Plane` is a centre, a unit normal and an in-plane axis ``u``
+(``v = normal x u`` completes a right-handed frame). The standard cardiac
+views come from a segmentation:
+
+* the LV long axis: a line fitted (least squares) through the LV cavity
+  centroids of the slices of one frame, pointing from base to apex;
+* 4-chamber: contains the LV axis and passes through the RV cavity centroid;
+* 2-chamber: contains the LV axis, perpendicular to the 4-chamber plane;
+* 3-chamber: contains the LV axis, through a given point (e.g. the aortic
+  valve) or rotated from the 4-chamber plane by a given angle about the axis.
+
+In every long-axis plane ``u`` runs along the LV axis (base -> apex), so the
+resliced images show the heart upright in the same way for every view.
+Planes can also be given directly (centre, normal, u) or by three points,
+which is what the Slicer module feeds from markups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from calid.data.stack import CineStack
+from calid.errors import InputError
+from calid.segmentation.model import LV_CAVITY, RV_CAVITY
+
+#: Default angle (degrees) of the 3-chamber plane from the 4-chamber plane about the LV axis,
+#: measured from the RV side towards the anterior wall. Typical anatomy puts the LV outflow
+#: tract 110-140 degrees from the septal direction; give a point when one is known.
+THREE_CHAMBER_ANGLE_DEG = 125.0
+
+
+def _unit(vector: np.ndarray, what: str) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float64)
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm < 1e-9:
+        raise InputError(what, "has no direction (zero length, or points that are collinear or coincide)")
+    return vector / norm
+
+
+@dataclass(frozen=True)
+class Plane:
+    """A plane with an in-plane frame: points ``centre + a * u + b * v``."""
+
+    name: str
+    centre: np.ndarray
+    normal: np.ndarray
+    u: np.ndarray
+
+    def __post_init__(self) -> None:
+        normal = _unit(self.normal, f"plane {self.name}: normal")
+        u = np.asarray(self.u, dtype=np.float64)
+        u = _unit(u - np.dot(u, normal) * normal, f"plane {self.name}: in-plane axis")  # project into the plane
+        object.__setattr__(self, "centre", np.asarray(self.centre, dtype=np.float64).reshape(3))
+        object.__setattr__(self, "normal", normal)
+        object.__setattr__(self, "u", u)
+
+    @property
+    def v(self) -> np.ndarray:
+        return np.cross(self.normal, self.u)
+
+    def distance(self, points: np.ndarray) -> np.ndarray:
+        """Signed distance (mm) of LPS points ``(..., 3)`` from the plane."""
+        return (np.asarray(points, dtype=np.float64) - self.centre) @ self.normal
+
+    @classmethod
+    def from_points(cls, name: str, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> Plane:
+        """The plane through three points; centred on ``a``, ``u`` from ``a`` towards ``b``."""
+        a, b, c = (np.asarray(p, dtype=np.float64) for p in (a, b, c))
+        normal = _unit(np.cross(b - a, c - a), f"plane {name} from points")
+        return cls(name, a, normal, b - a)
+
+    def to_ras(self) -> dict[str, list[float]]:
+        """Centre, normal and axes in RAS (what Slicer's ``SetSliceToRASByNTP`` takes)."""
+        flip = np.array([-1.0, -1.0, 1.0])
+        return {"centre": (self.centre * flip).tolist(), "normal": (self.normal * flip).tolist(), "u": (self.u * flip).tolist(), "v": (self.v * flip).tolist()}
+
+
+@dataclass(frozen=True)
+class LongAxis:
+    """The LV long axis: a point on it, the direction base -> apex, and the fitted centroids."""
+
+    point: np.ndarray
+    direction: np.ndarray
+    centroids: np.ndarray  # (N, 3) LV cavity centroid of every slice that has one
+
+
+def structure_centroid(labels: CineStack, value: int, frame: int = 0) -> np.ndarray:
+    """LPS centroid of one label value in one frame."""
+    z, y, x = np.nonzero(np.rint(labels.data[frame]) == value)
+    if z.size == 0:
+        raise InputError(labels.source, f"no voxel of label {value} in frame {frame}")
+    return labels.index_to_physical(np.stack([x, y, z], axis=1).mean(axis=0))
+
+
+def lv_long_axis(labels: CineStack, frame: int = 0) -> LongAxis:
+    """The line through the LV cavity centroids of the slices of one frame (least squares).
+
+    Needs the LV cavity in at least two slices. The direction points from the
+    slice with the largest LV cavity area (base side) to the smallest (apex side).
+    """
+    volume = np.rint(labels.data[frame])
+    centroids, areas = [], []
+    for z in range(volume.shape[0]):
+        ys, xs = np.nonzero(volume[z] == LV_CAVITY)
+        if ys.size:
+            centroids.append(labels.index_to_physical([xs.mean(), ys.mean(), z]))
+            areas.append(ys.size)
+    if len(centroids) < 2:
+        raise InputError(
+            labels.source,
+            f"the LV cavity (label {LV_CAVITY}) was found in {len(centroids)} slice(s) of frame {frame}; the long axis needs at least 2. "
+            "Check the segmentation, or give the planes by points",
+        )
+    points = np.asarray(centroids)
+    centre = points.mean(axis=0)
+    _, _, vt = np.linalg.svd(points - centre)
+    direction = vt[0]
+    # The slice normal is a far better axis guess than two noisy centroids: keep the fitted
+    # line within the half-space of the stack normal, then orient base -> apex.
+    if np.dot(direction, labels.slice_normal) < 0:
+        direction = -direction
+    base, apex = points[int(np.argmax(areas))], points[int(np.argmin(areas))]
+    if np.dot(apex - base, direction) < 0:
+        direction = -direction
+    return LongAxis(point=centre, direction=_unit(direction, "LV long axis"), centroids=points)
+
+
+def standard_planes(
+    labels: CineStack,
+    frame: int = 0,
+    three_chamber_point: np.ndarray | None = None,
+    three_chamber_angle_deg: float = THREE_CHAMBER_ANGLE_DEG,
+) -> dict[str, Plane]:
+    """The 4-, 2- and 3-chamber planes (and the mid short-axis plane) from a label stack.
+
+    All long-axis planes contain the fitted LV axis and are centred on it.
+    The 2-chamber normal points towards the RV; the 4-chamber ``v`` too.
+    """
+    axis = lv_long_axis(labels, frame)
+    rv = structure_centroid(labels, RV_CAVITY, frame) if (np.rint(labels.data[frame]) == RV_CAVITY).any() else None
+    if rv is None:
+        raise InputError(labels.source, f"no RV cavity (label {RV_CAVITY}) in frame {frame}: the 4-chamber plane cannot be placed; give the planes by points")
+    to_rv = rv - axis.point
+    to_rv = to_rv - np.dot(to_rv, axis.direction) * axis.direction  # perpendicular to the axis
+    septal = _unit(to_rv, "direction from the LV axis to the RV centroid")
+    four = Plane("4-chamber", axis.point, np.cross(axis.direction, septal), axis.direction)
+    two = Plane("2-chamber", axis.point, septal, axis.direction)
+    if three_chamber_point is not None:
+        towards = np.asarray(three_chamber_point, dtype=np.float64) - axis.point
+        towards = towards - np.dot(towards, axis.direction) * axis.direction
+        in_plane = _unit(towards, "direction from the LV axis to the 3-chamber point")
+    else:
+        angle = np.deg2rad(three_chamber_angle_deg)
+        in_plane = np.cos(angle) * septal + np.sin(angle) * np.cross(axis.direction, septal)
+    three = Plane("3-chamber", axis.point, np.cross(axis.direction, in_plane), axis.direction)
+    short = Plane("mid short-axis", axis.point, axis.direction, septal)
+    return {"4-chamber": four, "2-chamber": two, "3-chamber": three, "short-axis": short}

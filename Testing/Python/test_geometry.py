@@ -1,0 +1,198 @@
+"""Long-axis planes, reslicing, surfaces and clinical volumes, on phantoms with known geometry."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from calid.data.phantom import PhantomConfig, make_phantom
+from calid.data.stack import CineStack
+from calid.errors import InputError, OutputError
+from calid.geometry.planes import Plane, lv_long_axis, standard_planes, structure_centroid
+from calid.geometry.reslice import compare_with_acquired, reslice, save_plane_png, stack_corners
+from calid.geometry.surfaces import enclosed_volume_ml, label_surface, read_surface, render_surfaces, surface_points, write_surface
+from calid.geometry.volumes import MYOCARDIAL_DENSITY_G_PER_ML, cardiac_function, plot_volume_curves, structure_volumes_ml, write_function_csv
+from calid.inference.baselines import upsample_linear
+
+from conftest import oblique_stack
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(4, PhantomConfig(n_frames=8, matrix=96, pixel_spacing_mm=2.0))
+
+
+def angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip(abs(np.dot(a, b)) / (np.linalg.norm(a) * np.linalg.norm(b)), 0, 1))))
+
+
+# ---------------------------------------------------------------- planes
+def test_lv_long_axis_follows_the_phantom_axis(phantom):
+    # The phantom's LV axis runs along the stack normal; the fit must find it from the centroids.
+    axis = lv_long_axis(phantom.dense_labels, 0)
+    assert angle_deg(axis.direction, phantom.dense.slice_normal) < 2.0
+    sparse_axis = lv_long_axis(phantom.sparse_labels, 0)
+    assert angle_deg(sparse_axis.direction, phantom.dense.slice_normal) < 3.0
+    # base -> apex: the LV cavity area shrinks along the direction
+    areas = [(np.rint(phantom.dense_labels.data[0, z]) == 3).sum() for z in range(phantom.dense_labels.n_slices)]
+    positions = phantom.dense_labels.slice_positions()
+    with_lv = [(p, a) for p, a in zip(positions, areas) if a]
+    base, apex = max(with_lv, key=lambda pa: pa[1])[0], min(with_lv, key=lambda pa: pa[1])[0]
+    assert np.sign(apex - base) == np.sign(np.dot(axis.direction, phantom.dense.slice_normal))
+
+
+def test_standard_planes_contain_the_axis_and_the_rv(phantom):
+    labels = phantom.dense_labels
+    axis = lv_long_axis(labels, 0)
+    planes = standard_planes(labels, 0)
+    rv = structure_centroid(labels, 1, 0)
+    for name in ("4-chamber", "2-chamber", "3-chamber"):
+        plane = planes[name]
+        assert abs(np.dot(plane.normal, axis.direction)) < 1e-9, name  # contains the axis direction
+        assert abs(plane.distance(axis.point)) < 1e-9, name  # and a point of it
+        assert angle_deg(plane.u, axis.direction) < 1e-6 and np.dot(plane.u, axis.direction) > 0
+        np.testing.assert_allclose(np.cross(plane.normal, plane.u), plane.v, atol=1e-12)
+    assert abs(planes["4-chamber"].distance(rv)) < 1e-6
+    assert abs(np.dot(planes["4-chamber"].normal, planes["2-chamber"].normal)) < 1e-9
+    assert angle_deg(planes["4-chamber"].normal, planes["3-chamber"].normal) == pytest.approx(90 - 125 + 90, abs=1e-6)
+    through = axis.point + 30.0 * planes["2-chamber"].v + 40.0 * axis.direction
+    by_point = standard_planes(labels, 0, three_chamber_point=through)["3-chamber"]
+    assert abs(by_point.distance(through)) < 1e-9
+    assert abs(planes["short-axis"].distance(axis.point)) < 1e-9 and angle_deg(planes["short-axis"].normal, axis.direction) < 1e-9
+    ras = planes["4-chamber"].to_ras()
+    np.testing.assert_allclose(ras["normal"], planes["4-chamber"].normal * [-1, -1, 1])
+
+
+def test_missing_lv_is_a_clear_error_but_planes_from_points_work(phantom):
+    no_lv = phantom.dense_labels.with_data(np.where(np.rint(phantom.dense_labels.data) == 3, 0, phantom.dense_labels.data))
+    with pytest.raises(InputError, match="LV cavity.*0 slice.*give the planes by points"):
+        standard_planes(no_lv, 0)
+    a, b, c = np.array([0.0, 0, 0]), np.array([10.0, 0, 0]), np.array([0.0, 5, 0])
+    plane = Plane.from_points("user", a, b, c)
+    assert np.allclose([plane.distance(p) for p in (a, b, c)], 0)
+    np.testing.assert_allclose(plane.u, [1, 0, 0])
+    assert reslice(phantom.dense, Plane.from_points("user", *(phantom.dense.index_to_physical(p) for p in ([10, 10, 5], [80, 10, 5], [10, 10, 60]))), 2.0).n_slices == 1
+    with pytest.raises(InputError, match="collinear"):
+        Plane.from_points("bad", a, b, 2 * b)
+
+
+# ---------------------------------------------------------------- reslicing
+def test_reslice_of_a_linear_pattern_is_exact_and_placed_right():
+    stack = oblique_stack(frames=2, slices=6, rows=30, columns=28)
+    gradient, offset = np.array([0.5, -1.25, 2.0]), 7.0
+    points = stack.index_to_physical(np.stack(np.meshgrid(np.arange(28), np.arange(30), np.arange(6), indexing="ij"), axis=-1).astype(float))
+    pattern = (points @ gradient + offset).transpose(2, 1, 0)  # (Z, Y, X)
+    stack = stack.with_data(np.stack([pattern, 2 * pattern]).astype(np.float32))
+    centre = stack.index_to_physical([13.5, 14.5, 2.5])
+    plane = Plane("oblique", centre, np.array([0.3, 0.9, 0.2]), np.array([1.0, 0.0, -0.5]))
+    cut = reslice(stack, plane, spacing_mm=0.7, size_mm=(20.0, 16.0))
+    assert cut.shape[:2] == (2, 1) and cut.spacing[:2] == (0.7, 0.7)
+    np.testing.assert_allclose(cut.direction[:, 2], plane.normal, atol=1e-12)
+    rows, columns = cut.shape[2:]
+    jj, ii = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
+    where = cut.index_to_physical(np.stack([ii, jj, np.zeros_like(ii)], axis=-1).astype(float))
+    assert np.abs(plane.distance(where)).max() < 1e-9
+    np.testing.assert_allclose(where[rows // 2, columns // 2], centre, atol=0.7)
+    expected = where @ gradient + offset
+    np.testing.assert_allclose(cut.data[0, 0], expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(cut.data[1, 0], 2 * expected, rtol=1e-4, atol=2e-3)
+
+
+def test_label_reslice_is_nearest_and_pngs_are_written(phantom, tmp_path):
+    plane = standard_planes(phantom.dense_labels, 0)["4-chamber"]
+    labels = reslice(phantom.dense_labels, plane, 1.0, order=0)
+    assert set(np.unique(labels.data)) <= {0.0, 1.0, 2.0, 3.0} and {1.0, 3.0} <= set(np.unique(labels.data))
+    views = [("sparse", reslice(phantom.sparse, plane, 1.0)), ("truth", reslice(phantom.dense, plane, 1.0))]
+    png = save_plane_png(views, tmp_path / "4ch.png", frame=phantom.es_frame, labels=labels)
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
+def test_comparison_with_an_acquired_long_axis_image(phantom):
+    plane = standard_planes(phantom.dense_labels, 0)["2-chamber"]
+    acquired = reslice(phantom.dense, plane, 1.5)
+    exact = compare_with_acquired(phantom.dense, acquired)
+    assert exact["psnr_db"] > 40 and exact["ncc"] > 0.999 and exact["ssim"] > 0.98
+    linear = compare_with_acquired(upsample_linear(phantom.sparse, 8), acquired)
+    assert linear["psnr_db"] < exact["psnr_db"] and linear["ncc"] < exact["ncc"]
+    assert len(linear["frames"]) == phantom.dense.n_frames
+    away = Plane("far", plane.centre + 1000 * plane.normal, plane.normal, plane.u)
+    with pytest.raises(InputError, match="does not reach"):
+        compare_with_acquired(phantom.dense, reslice(phantom.dense, away, 1.5, size_mm=(50, 50)))
+
+
+# ---------------------------------------------------------------- surfaces
+def test_surfaces_are_closed_in_place_and_round_trip(phantom, tmp_path):
+    labels = phantom.dense_labels
+    corners = stack_corners(labels)
+    for value in (1, 2, 3):
+        surface = label_surface(labels, value, frame=phantom.es_frame)
+        points = surface_points(surface)
+        assert len(points) > 100
+        margin = max(labels.spacing)
+        assert np.all(points >= corners.min(axis=0) - margin) and np.all(points <= corners.max(axis=0) + margin)
+        centroid = structure_centroid(labels, value, phantom.es_frame)
+        assert np.linalg.norm(points.mean(axis=0) - centroid) < 3.0, value
+        if value != 2:  # cavities are simple closed shapes: the enclosed volume matches the voxels
+            assert enclosed_volume_ml(surface) == pytest.approx(structure_volumes_ml(labels, value)[phantom.es_frame], rel=0.04)
+    lv = label_surface(labels, 3, 0)
+    for suffix in (".vtp", ".stl", ".obj"):
+        path = write_surface(lv, tmp_path / f"lv{suffix}")
+        back = surface_points(read_surface(path))
+        np.testing.assert_allclose(back.mean(axis=0), surface_points(lv).mean(axis=0), atol=1e-3)
+    with pytest.raises(OutputError, match="unknown surface format"):
+        write_surface(lv, tmp_path / "lv.ply")
+    assert label_surface(labels.with_data(np.zeros(labels.shape, np.float32)), 3).GetNumberOfPoints() == 0
+
+
+def test_offscreen_render_of_the_surfaces(phantom, tmp_path):
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    surfaces = {name: label_surface(phantom.dense_labels, value, 0) for name, value in (("RV cavity", 1), ("LV myocardium", 2), ("LV cavity", 3))}
+    png = render_surfaces(surfaces, tmp_path / "heart.png", size=(320, 240), view_direction_lps=phantom.dense.direction[:, 1])
+    import vtk
+
+    reader = vtk.vtkPNGReader()
+    reader.SetFileName(str(png))
+    reader.Update()
+    from vtk.util import numpy_support
+
+    pixels = numpy_support.vtk_to_numpy(reader.GetOutput().GetPointData().GetScalars())
+    assert len(pixels) == 320 * 240
+    assert len(np.unique(pixels, axis=0)) > 50  # shaded surfaces, not a blank frame
+
+
+# ---------------------------------------------------------------- volumes
+def test_volumes_and_ejection_fraction_against_the_phantom(phantom, tmp_path):
+    dense = cardiac_function(phantom.dense_labels, method="dense truth")
+    assert dense.es_frame == phantom.es_frame and dense.ed_frame == int(np.argmax(phantom.lv_volume_curve))
+    assert dense.summary["lv_ef_percent"] == pytest.approx(100 * phantom.anatomy["ejection_fraction"], abs=2.0)
+    assert dense.summary["rv_ef_percent"] == pytest.approx(100 * phantom.anatomy["rv_ejection_fraction"], abs=4.0)
+    np.testing.assert_allclose(dense.lv_volume_ml / dense.lv_volume_ml.max(), phantom.lv_volume_curve / phantom.lv_volume_curve.max(), atol=0.03)
+    assert dense.summary["lv_mass_ed_g"] == pytest.approx(dense.lv_myocardium_ml[dense.ed_frame] * MYOCARDIAL_DENSITY_G_PER_ML)
+    voxel_ml = np.prod(phantom.dense_labels.spacing) / 1000
+    assert dense.lv_volume_ml[0] == pytest.approx((np.rint(phantom.dense_labels.data[0]) == 3).sum() * voxel_ml)
+    sparse = cardiac_function(phantom.sparse_labels, method="Simpson (sparse)")
+    assert 0 < sparse.summary["lv_edv_ml"] < 1.5 * dense.summary["lv_edv_ml"]
+    given = cardiac_function(phantom.dense_labels, ed_frame=1, es_frame=2)
+    assert given.summary["lv_edv_ml"] == pytest.approx(dense.lv_volume_ml[1])
+    with pytest.raises(InputError, match="ES frame 99 does not exist"):
+        cardiac_function(phantom.dense_labels, es_frame=99)
+    with pytest.raises(InputError, match="no LV cavity"):
+        cardiac_function(phantom.dense_labels.with_data(np.zeros(phantom.dense_labels.shape, np.float32)))
+    csv_path = write_function_csv({"dense": dense, "sparse": sparse}, tmp_path / "volumes.csv")
+    text = csv_path.read_text()
+    assert text.count("\n") > 2 * phantom.dense.n_frames and "lv_ef_percent" in text and ",ES" in text
+    assert plot_volume_curves({"dense": dense, "sparse": sparse}, tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_dense_stack_covers_the_same_slab_as_simpsons_method():
+    """A cylinder of equal area in every slice: discs summation gives the same volume before and after upsampling."""
+    data = np.zeros((1, 5, 20, 20), dtype=np.float32)
+    data[:, :, 5:15, 6:14] = 3
+    sparse = CineStack(data, spacing=(1.5, 1.5, 10.0))
+    simpson = structure_volumes_ml(sparse, 3)[0]
+    assert simpson == pytest.approx(10 * 8 * 1.5 * 1.5 * 10 * 5 / 1000)
+    dense = upsample_linear(sparse, 4)  # labels stay 3 everywhere: the cylinder on the dense grid
+    assert structure_volumes_ml(dense, 3)[0] == pytest.approx(simpson)
