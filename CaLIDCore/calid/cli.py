@@ -199,6 +199,145 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_segmenter(name: str | None, device: str) -> Any:
+    from calid.device import resolve_device
+    from calid.models.registry import resolve_model
+    from calid.segmentation import load_segmenter
+
+    return load_segmenter(resolve_model(name, kind="segmentation"), device=resolve_device(device))
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from calid.data.io import read_stack, write_stack
+    from calid.inference.pipeline import parse_frames
+    from calid.segmentation import segment
+
+    source, target = Path(args.input), Path(args.output)
+    if _same_file(source, target):
+        raise InputError(target, "the output would overwrite the input; choose another output path")
+    started = time.perf_counter()
+    model = _load_segmenter(args.model, args.device)
+    stack = read_stack(source, series=args.series)
+    frames = parse_frames(args.frames, stack.n_frames)
+    if frames is not None:
+        stack = stack.select_frames(frames)
+    bar = _ProgressBar(not args.quiet)
+    try:
+        labels = segment(stack, model, progress=bar)
+    finally:
+        bar.close()
+    write_stack(labels, target, dtype="uint8")
+    counts = {name: int((labels.data == value).sum()) for value, name in model.config.labels.items()}
+    print(f"{stack.n_frames} frame(s) x {stack.n_slices} slices segmented in {time.perf_counter() - started:.1f} s ({', '.join(f'{k}: {v} voxels' for k, v in counts.items())}): {target}")
+    return 0
+
+
+def _labels_for(args: argparse.Namespace, image: Any) -> Any:
+    """The label stack given with --labels, or a segmentation of ``image``."""
+    from calid.data.io import read_stack
+    from calid.segmentation import segment
+
+    if args.labels:
+        labels = read_stack(args.labels)
+        if image is not None and labels.shape[1:] != image.shape[1:]:
+            raise InputError(args.labels, f"labels of shape {labels.shape} do not match the image {image.shape}")
+        return labels
+    if image is None:
+        raise InputError("--labels", "give a label file, or an image to segment")
+    return segment(image, _load_segmenter(args.seg_model, args.device))
+
+
+def _cmd_lax(args: argparse.Namespace) -> int:
+    from calid.data.io import read_stack, write_stack
+    from calid.geometry.planes import Plane, standard_planes
+    from calid.geometry.reslice import compare_with_acquired, reslice, save_plane_png
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image = read_stack(args.input)
+    others = [(Path(p).name.split(".")[0], read_stack(p)) for p in args.compare or []]
+    frame = args.frame
+    if not 0 <= frame < image.n_frames:
+        raise InputError("--frame", f"frame {frame} does not exist (the cine has {image.n_frames} frames)")
+    if args.points_ras:
+        points = [_parse_point(text, "--points-ras") for text in args.points_ras.split(";")]
+        if len(points) != 3:
+            raise InputError("--points-ras", "give exactly three points R,A,S (centre, a point along the long axis, a third point in the plane)")
+        planes = {"user": Plane.from_points("user", *points)}  # type: ignore[arg-type]
+        labels = read_stack(args.labels) if args.labels else None
+    else:
+        labels = _labels_for(args, image)
+        planes = standard_planes(labels, min(frame, labels.n_frames - 1), three_chamber_point=_parse_point(args.three_chamber_ras, "--three-chamber-ras"))
+    summary: dict[str, Any] = {"coordinates": "LPS mm (RAS in the *_ras entries)", "planes": {}}
+    for name, plane in planes.items():
+        tag = name.replace(" ", "-")
+        views = [(Path(args.input).name.split(".")[0], reslice(image, plane, args.spacing))] + [(n, reslice(s, plane, args.spacing)) for n, s in others]
+        outline = reslice(labels, plane, args.spacing, order=0) if labels is not None and labels.shape[1:] == image.shape[1:] else None
+        write_stack(views[0][1], out / f"{tag}.nii.gz")
+        png = save_plane_png(views, out / f"{tag}.png", frame=frame, labels=outline, title=f"{name} plane, frame {frame}")
+        summary["planes"][name] = {"centre": plane.centre.tolist(), "normal": plane.normal.tolist(), "u": plane.u.tolist(), **{f"{k}_ras": v for k, v in plane.to_ras().items()}}
+        print(f"  {name:15s} {png}")
+    if args.acquired_lax:
+        acquired = read_stack(args.acquired_lax)
+        summary["comparison_with_acquired"] = {n: compare_with_acquired(s, acquired) for n, s in [("input", image), *others]}
+        for n, result in summary["comparison_with_acquired"].items():
+            print(f"  vs {Path(args.acquired_lax).name}: {n}: PSNR {result['psnr_db']:.2f} dB, SSIM {result['ssim']:.3f}, NCC {result['ncc']:.3f}")
+    import json
+
+    from calid.atomic import atomic_path
+
+    with atomic_path(out / "planes.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"planes and views written to {out}")
+    return 0
+
+
+def _cmd_surfaces(args: argparse.Namespace) -> int:
+    import os
+
+    from calid.data.io import read_stack
+    from calid.geometry.surfaces import label_surface, render_surfaces, write_surface
+    from calid.inference.pipeline import parse_frames
+    from calid.segmentation.model import LABELS
+
+    labels = read_stack(args.labels)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    frames = parse_frames(args.frames, labels.n_frames) or list(range(labels.n_frames))
+    for frame in frames:
+        surfaces = {name: label_surface(labels, value, frame) for value, name in LABELS.items()}
+        for name, surface in surfaces.items():
+            if surface.GetNumberOfPoints():
+                write_surface(surface, out / f"frame{frame:03d}_{name.replace(' ', '_').lower()}.{args.format}")
+        if args.render:
+            os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+            render_surfaces(surfaces, out / f"frame{frame:03d}_render.png")
+    print(f"surfaces of {len(frames)} frame(s) (LPS mm) written to {out}")
+    return 0
+
+
+def _cmd_volumes(args: argparse.Namespace) -> int:
+    from calid.data.io import read_stack
+    from calid.geometry.volumes import cardiac_function, plot_volume_curves, write_function_csv
+
+    results = {}
+    for path in args.labels:
+        labels = read_stack(path)
+        results[Path(path).name.split(".")[0]] = cardiac_function(labels, args.ed, args.es, method=Path(path).name)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path = write_function_csv(results, out / "volumes.csv")
+    png = plot_volume_curves(results, out / "volume_curves.png")
+    for name, result in results.items():
+        s = result.summary
+        print(
+            f"{name}: ED frame {result.ed_frame}, ES frame {result.es_frame}; LV EDV {s['lv_edv_ml']:.1f} ml, ESV {s['lv_esv_ml']:.1f} ml, "
+            f"SV {s['lv_sv_ml']:.1f} ml, EF {s['lv_ef_percent']:.1f} %, mass {s['lv_mass_ed_g']:.1f} g; RV EDV {s['rv_edv_ml']:.1f} ml, EF {s['rv_ef_percent']:.1f} %"
+        )
+    print(f"  table  {csv_path}\n  plot   {png}")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from calid.data.io import read_stack, write_stack
 
@@ -375,6 +514,45 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", nargs="?", help="model file or installed name (default: list installed models)")
     info.set_defaults(handler=_cmd_info)
 
+    segment_cmd = commands.add_parser("segment", help="label LV cavity, LV myocardium and RV cavity in every slice and frame")
+    segment_cmd.add_argument("input", help="image file or DICOM folder (sparse or dense)")
+    segment_cmd.add_argument("output", help="label file (uint8: 1 RV cavity, 2 LV myocardium, 3 LV cavity)")
+    segment_cmd.add_argument("--model", help="segmentation model file or name (default: the installed one)")
+    segment_cmd.add_argument("--device", default="auto")
+    segment_cmd.add_argument("--frames", help="frames to segment, e.g. 0,5-9 (default: all)")
+    segment_cmd.add_argument("--series", help="DICOM: which series to read")
+    segment_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    segment_cmd.set_defaults(handler=_cmd_segment)
+
+    lax = commands.add_parser("lax", help="long-axis (2-, 3-, 4-chamber) reslices as PNG and NIfTI, from labels or user points")
+    lax.add_argument("input", help="the stack to reslice (sparse or dense)")
+    lax.add_argument("--out", required=True, help="output folder")
+    lax.add_argument("--labels", help="label file on the input's grid (default: segment the input)")
+    lax.add_argument("--seg-model", help="segmentation model when --labels is not given")
+    lax.add_argument("--compare", nargs="+", help="other stacks (e.g. linear and CaLID outputs) shown beside the input on each plane")
+    lax.add_argument("--frame", type=int, default=0, help="frame shown and used to place the planes (default 0)")
+    lax.add_argument("--spacing", type=float, default=1.0, help="reslice pixel size in mm (default 1)")
+    lax.add_argument("--three-chamber-ras", help="R,A,S of a point of the 3-chamber plane, e.g. the aortic valve")
+    lax.add_argument("--points-ras", metavar="R,A,S;R,A,S;R,A,S", help="one plane through three points (centre, a point towards the apex, a third point) instead of the automatic planes")
+    lax.add_argument("--acquired-lax", help="an acquired long-axis cine: report PSNR / SSIM / NCC of each stack on its plane")
+    lax.add_argument("--device", default="auto")
+    lax.set_defaults(handler=_cmd_lax)
+
+    surfaces = commands.add_parser("surfaces", help="smooth closed surfaces of every structure and frame (VTP / STL / OBJ, LPS mm)")
+    surfaces.add_argument("labels", help="label file")
+    surfaces.add_argument("--out", required=True)
+    surfaces.add_argument("--format", default="vtp", choices=["vtp", "stl", "obj"])
+    surfaces.add_argument("--frames", help="e.g. 0,11 (default: all)")
+    surfaces.add_argument("--render", action="store_true", help="also write an offscreen render (PNG) per frame")
+    surfaces.set_defaults(handler=_cmd_surfaces)
+
+    volumes = commands.add_parser("volumes", help="LV / RV volumes, EDV, ESV, SV, EF and LV mass from label files (CSV + plot)")
+    volumes.add_argument("labels", nargs="+", help="label files, e.g. the sparse stack's and the dense reconstruction's")
+    volumes.add_argument("--out", required=True)
+    volumes.add_argument("--ed", type=int, help="end-diastolic frame (default: largest LV volume)")
+    volumes.add_argument("--es", type=int, help="end-systolic frame (default: smallest LV volume)")
+    volumes.set_defaults(handler=_cmd_volumes)
+
     convert = commands.add_parser("convert", help="convert between NIfTI, NRRD / .seq.nrrd and DICOM, keeping the geometry")
     convert.add_argument("input")
     convert.add_argument("output")
@@ -427,9 +605,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options whose values are coordinates: a negative first number would look like an option to argparse.
+COORDINATE_OPTIONS = ("--centre-ras", "--three-chamber-ras", "--points-ras")
+
+
+def _join_coordinate_values(argv: Sequence[str]) -> list[str]:
+    """``--centre-ras -12,3,4`` -> ``--centre-ras=-12,3,4`` so that argparse accepts negative coordinates."""
+    out: list[str] = []
+    tokens = list(argv)
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if token in COORDINATE_OPTIONS and index + 1 < len(tokens):
+            out.append(f"{token}={tokens[index + 1]}")
+            index += 2
+            continue
+        out.append(token)
+        index += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_coordinate_values(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.handler(args))
     except Cancelled:

@@ -230,9 +230,11 @@ def test_cli_upsample_phantom_file_end_to_end(tmp_path, tiny_model_file, phantom
     source = write_stack(phantom.sparse, tmp_path / "sparse.nii.gz", dtype="int16")
     original = read_stack(source)
     before = source.read_bytes()
+    centre_ras = original.index_to_physical([30, 34, 2]) * [-1, -1, 1]
     result = run_calid(
         "upsample", str(source), str(tmp_path / "dense.seq.nrrd"), "--factor", "4", "--mode", "calid+", "--steps", "2",
         "--model", str(tiny_model_file), "--device", "cpu", "--frames", "0,2", "--seed", "5",
+        "--centre-ras", ",".join(f"{v:.3f}" for v in centre_ras),  # may start with a minus sign
     )
     assert result.returncode == 0, result.stderr
     assert "5 -> 17 slices" in result.stdout and "2 frame(s)" in result.stdout and "cpu" in result.stdout

@@ -160,7 +160,8 @@ def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, An
         x, y = a[inside] - a[inside].mean(), b[inside] - b[inside].mean()
         ncc = float((x * y).sum() / max(np.sqrt((x**2).sum() * (y**2).sum()), 1e-12))
         box_a, box_b = np.where(inside[box], a[box], 0.0), np.where(inside[box], b[box], 0.0)
-        ssim = float(SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7)(torch.from_numpy(box_b[None, None].copy()).float(), torch.from_numpy(box_a[None, None].copy()).float()).mean())
+        ssim_value: Any = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7)(torch.from_numpy(box_b[None, None].copy()).float(), torch.from_numpy(box_a[None, None].copy()).float())
+        ssim = float(torch.as_tensor(ssim_value).mean())
         per_frame.append({"frame": frame, "psnr_db": psnr, "ssim": ssim, "ncc": ncc})
     return {
         "covered_pixels": int(inside.sum()),

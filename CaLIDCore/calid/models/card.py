@@ -49,6 +49,8 @@ def model_card_text(model: str | os.PathLike[str]) -> str:
         config = named_config(text[len(UNTRAINED_PREFIX) :])
         return "\n".join([f"model           {text}", "status          UNTRAINED: random weights, for testing the pipeline only", *_config_lines(config)])
     path = resolve_model(model)
+    if _raw_kind(path) == "segmentation":
+        return _segmentation_card(text, path)
     header = read_header(path)
     info: dict[str, Any] = header.get("info", {})
     lines = [
@@ -70,6 +72,42 @@ def model_card_text(model: str | os.PathLike[str]) -> str:
         if key in info:
             lines.append(f"{key.replace('_', ' '):16s}{info[key]}")
     card = next((m.card for m in registered_models() if m.path.resolve() == Path(path).resolve() and m.card is not None), None)
+    if card is not None and card.is_file():
+        lines += ["", card.read_text(encoding="utf-8").rstrip()]
+    return "\n".join(lines)
+
+
+def _raw_kind(path: Path) -> str:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return str(json.loads((handle.metadata() or {}).get("calid", "{}")).get("kind", ""))
+    except Exception:  # read_header reports unreadable files properly
+        return ""
+
+
+def _segmentation_card(text: str, path: Path) -> str:
+    from calid.segmentation import load_segmenter
+
+    model = load_segmenter(path)
+    config, info = model.config, model.info
+    parameters = sum(p.numel() for p in model.network.parameters())
+    lines = [
+        f"model           {text}",
+        f"file            {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(path)})",
+        f"kind            segmentation: {', '.join(f'{k} {v}' for k, v in config.labels.items())}",
+        f"network         MONAI residual U-Net {tuple(config.channels)}, {parameters / 1e6:.2f} M parameters; "
+        f"{config.spacing_mm} mm pixels, {config.patch_size} px sliding windows",
+    ]
+    if "step" in info:
+        lines.append(f"training        {info['step']} steps")
+    data = info.get("training_data")
+    if data:
+        lines.append("training data   " + json.dumps(data))
+    if info.get("metrics"):
+        lines.append("metrics         " + ", ".join(f"{k} {v:.3f}" for k, v in info["metrics"].items()))
+    card = next((m.card for m in registered_models() if m.path.resolve() == path.resolve() and m.card is not None), None)
     if card is not None and card.is_file():
         lines += ["", card.read_text(encoding="utf-8").rstrip()]
     return "\n".join(lines)

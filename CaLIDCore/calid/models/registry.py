@@ -40,6 +40,7 @@ class RegisteredModel:
     description: str = ""
     card: Path | None = None
     default: bool = False
+    kind: str = "calid"  # or "segmentation"
 
 
 def model_folders() -> list[Path]:
@@ -72,6 +73,7 @@ def _read_registry(folder: Path) -> list[RegisteredModel]:
                 description=str(e.get("description", "")),
                 card=folder / str(e["card"]) if e.get("card") else None,
                 default=bool(e.get("default", False)),
+                kind=str(e.get("kind", "calid")),
             )
             for e in entries
         ]
@@ -88,10 +90,10 @@ def registered_models() -> list[RegisteredModel]:
     return list(seen.values())
 
 
-def default_model() -> RegisteredModel | None:
-    """The model used when none is named (the first one marked default), if any is installed."""
+def default_model(kind: str = "calid") -> RegisteredModel | None:
+    """The model of a kind used when none is named (the first one marked default), if any is installed."""
     models = registered_models()
-    return next((m for m in models if m.default), None)
+    return next((m for m in models if m.default and m.kind == kind), None)
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
@@ -112,10 +114,12 @@ def verify(model: RegisteredModel) -> Path:
     return model.path
 
 
-def resolve_model(name_or_path: str | os.PathLike[str] | None) -> Path:
-    """A model file from a path, a registered name, or (None) the default model."""
+def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "calid") -> Path:
+    """A model file from a path, a registered name, or (None) the default model of ``kind``."""
     if name_or_path is None:
-        model = default_model()
+        model = default_model(kind)
+        if model is None and kind == "segmentation":
+            raise InputError("--model", "no segmentation model is installed; pass one (calid train seg writes best.safetensors)")
         if model is None:
             raise InputError(
                 "--model",

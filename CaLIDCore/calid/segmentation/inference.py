@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ def segment(
         image = (stack.data[t] - np.float32(low)) * np.float32(2.0 / (high - low)) - np.float32(1.0)
         image = np.clip(resample_in_plane(image, (sx, sy), (config.spacing_mm, config.spacing_mm), size_yx), -1.0, 1.0)
         batch = torch.from_numpy(np.ascontiguousarray(image[:, None])).to(device)
-        logits = sliding_window_inference(
+        logits: Any = sliding_window_inference(
             batch, roi_size=(config.patch_size, config.patch_size), sw_batch_size=batch_size, predictor=model.network, overlap=0.25, mode="gaussian", padding_mode="constant", cval=-1.0
         )
         probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()  # (Z, C, h, w)

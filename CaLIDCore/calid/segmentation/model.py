@@ -81,7 +81,7 @@ class SegmentationConfig:
         unknown = set(values) - names
         if unknown:
             raise ValueError(f"unknown segmentation config field(s): {', '.join(sorted(unknown))}")
-        converted = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        converted: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         if "labels" in converted:
             converted["labels"] = {int(k): str(v) for k, v in converted["labels"].items()}
         return cls(**converted)

@@ -172,7 +172,6 @@ class SegmentationTrainer:
         if not self.slices:
             raise InputError(", ".join(config.data), "no training slices left after the validation split")
         self.transform = augmentation(self.model_config)
-        self.transform.set_random_state(seed=config.seed)
         self.network = build_segmenter(self.model_config).to(self.device)
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -192,7 +191,11 @@ class SegmentationTrainer:
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         # Slices above the base or below the apex have no heart: plain random crops are right there.
         warnings.filterwarnings("ignore", message="Num foregrounds 0", category=UserWarning)
-        picks = np.random.randint(0, len(self.slices), size=self.config.batch_size)
+        # Slices and augmentations are drawn from generators seeded by (seed, step): a resumed
+        # run sees exactly the batches the uninterrupted run would have seen.
+        generator = np.random.default_rng([self.config.seed, self.step])
+        picks = generator.integers(0, len(self.slices), size=self.config.batch_size)
+        self.transform.set_random_state(seed=int(generator.integers(0, 2**31 - 1)))
         images, labels = [], []
         for index in picks:
             image, label = self.slices[index]
@@ -242,7 +245,7 @@ class SegmentationTrainer:
         save_segmenter(path, self.model_config, self.network, info)
 
     def _checkpoint(self) -> None:
-        extra = {"step": self.step, "best_dice": self.best_dice, "transform_state": self.transform.R.get_state()[1].tolist(), "transform_pos": int(self.transform.R.get_state()[2])}
+        extra = {"step": self.step, "best_dice": self.best_dice}
         save_training_state(self.out / "checkpoints" / "last.safetensors", {"network": self.network}, {"optimizer": self.optimizer}, extra)
 
     def _resume(self) -> None:
@@ -251,10 +254,10 @@ class SegmentationTrainer:
             raise InputError(path, "no checkpoint to resume from")
         extra = load_training_state(path, {"network": self.network}, {"optimizer": self.optimizer})
         self.step, self.best_dice = int(extra["step"]), float(extra["best_dice"])
-        state = self.transform.R.get_state()
-        self.transform.R.set_state((state[0], np.asarray(extra["transform_state"], dtype=np.uint32), int(extra["transform_pos"]), 0, 0.0))
 
-    def fit(self) -> dict[str, float]:
+    def fit(self, until_step: int | None = None) -> dict[str, float]:
+        """Train to ``config.steps`` (or stop early at ``until_step``, checkpointed, e.g. for time-limited jobs)."""
+        last = self.config.steps if until_step is None else min(self.config.steps, until_step)
         (self.out / "checkpoints").mkdir(exist_ok=True)
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
@@ -262,7 +265,7 @@ class SegmentationTrainer:
         metrics: dict[str, float] = {}
         started = time.perf_counter()
         try:
-            while self.step < self.config.steps and not self.stop_requested:
+            while self.step < last and not self.stop_requested:
                 loss = self.train_step()
                 if self.step % 50 == 0 or self.step == self.config.steps:
                     _append_csv(self.out / "log.csv", {"step": self.step, "loss": loss, "lr": self._learning_rate(), "seconds": round(time.perf_counter() - started, 1)})
@@ -273,7 +276,7 @@ class SegmentationTrainer:
                     if metrics.get("dice_mean", -1.0) > self.best_dice:
                         self.best_dice = metrics["dice_mean"]
                         self.export(self.out / "best.safetensors", metrics)
-                if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps or self.stop_requested:
+                if self.step % self.config.checkpoint_every == 0 or self.step in (last, self.config.steps) or self.stop_requested:
                     self._checkpoint()
             if self.stop_requested:
                 self._checkpoint()

@@ -1,0 +1,138 @@
+"""Segmentation network (training, resume, inference, clean-up) and the segment / lax / surfaces / volumes commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calid.data.io import read_stack, write_stack
+from calid.data.phantom import PhantomConfig, make_phantom
+from calid.errors import InputError
+from calid.segmentation import keep_largest_components, load_segmenter, segment
+from calid.segmentation.model import build_segmenter, named_segmentation_config, save_segmenter
+from calid.segmentation.training import SegmentationTrainer, SegTrainConfig, dice_per_structure, find_labelled_pairs
+
+
+def run_calid(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "calid", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(6, PhantomConfig(n_frames=4, matrix=64, pixel_spacing_mm=3.0))
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory) -> Path:
+    """Phantom subjects written like ACDC: NAME.nii.gz with NAME_gt.nii.gz beside it."""
+    folder = tmp_path_factory.mktemp("labelled")
+    for seed in range(4):
+        ph = make_phantom(20 + seed, PhantomConfig(n_frames=2, matrix=64, pixel_spacing_mm=3.0))
+        for frame in range(2):
+            write_stack(ph.sparse.select_frames([frame]), folder / f"subject{seed:02d}_frame{frame:02d}.nii.gz", dtype="int16")
+            write_stack(ph.sparse_labels.select_frames([frame]), folder / f"subject{seed:02d}_frame{frame:02d}_gt.nii.gz", dtype="uint8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter_file(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    config = named_segmentation_config("tiny")
+    return save_segmenter(tmp_path_factory.mktemp("seg") / "tiny-seg.safetensors", config, build_segmenter(config), {"training_data": "none (test)"})
+
+
+def test_training_learns_and_resumes_exactly(labelled_folder, tmp_path):
+    assert len(find_labelled_pairs((str(labelled_folder),))) == 8
+    config = SegTrainConfig(data=(str(labelled_folder),), out_dir=str(tmp_path / "whole"), model="tiny", steps=6, batch_size=4, validate_every=3, checkpoint_every=3, val_fraction=0.25)
+    whole = SegmentationTrainer(config)
+    assert set(whole.subjects["validation"]).isdisjoint(whole.subjects["train"]) and len(whole.subjects["validation"]) == 1
+    metrics = whole.fit()
+    assert {"dice_rv_cavity", "dice_lv_myocardium", "dice_lv_cavity", "dice_mean"} <= set(metrics)
+    assert (tmp_path / "whole" / "best.safetensors").is_file() and (tmp_path / "whole" / "validation.csv").read_text().count("\n") == 3
+    first = SegmentationTrainer(SegTrainConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "split")}))
+    first.fit(until_step=3)  # interrupted half-way
+    resumed = SegmentationTrainer(SegTrainConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "split")}), resume=True)
+    assert resumed.step == 3
+    resumed.fit()
+    for key, value in whole.network.state_dict().items():
+        torch.testing.assert_close(resumed.network.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_few_hundred_steps_learn_the_phantom(labelled_folder, tmp_path):
+    config = SegTrainConfig(data=(str(labelled_folder),), out_dir=str(tmp_path), model="tiny", steps=150, batch_size=8, validate_every=150, checkpoint_every=150, val_fraction=0.25, learning_rate=3e-3)
+    metrics = SegmentationTrainer(config).fit()
+    assert metrics["dice_lv_cavity"] > 0.4, metrics  # untrained: about 0.1 (see the 6-step run above)
+
+
+def test_segment_returns_labels_on_the_input_grid(phantom, tiny_segmenter_file):
+    model = load_segmenter(tiny_segmenter_file)
+    calls = []
+    labels = segment(phantom.sparse, model, progress=lambda d, t, m: calls.append((d, t)))
+    assert labels.shape == phantom.sparse.shape and labels.same_geometry(phantom.sparse)
+    assert labels.metadata["source_dtype"] == "uint8" and set(np.unique(labels.data)) <= {0.0, 1.0, 2.0, 3.0}
+    assert calls[-1][0] == calls[-1][1] == phantom.sparse.n_frames * phantom.sparse.n_slices
+    with pytest.raises(InputError, match="not a segmentation model|segmentation model file not found"):
+        load_segmenter(tiny_segmenter_file.parent / "missing.safetensors")
+
+
+def test_largest_component_clean_up():
+    volume = np.zeros((3, 20, 20), dtype=np.uint8)
+    volume[:, 5:12, 5:12] = 3
+    volume[1, 14:16, 14:16] = 3  # a second LV piece in one slice: dropped
+    volume[0, 0:2, 18:20] = 1  # a detached false positive far from the heart: dropped
+    clean = keep_largest_components(volume, (1, 2, 3))
+    assert clean[1, 14:16, 14:16].sum() == 0 and clean[0, 0:2, 18:20].sum() == 0
+    assert (clean == 3).sum() == 3 * 49
+
+
+def test_dice_per_structure():
+    truth = np.zeros((4, 4), dtype=np.uint8)
+    truth[:2] = 3
+    predicted = truth.copy()
+    predicted[0] = 0
+    dice = dice_per_structure(predicted, truth, (1, 3))
+    assert dice[3] == pytest.approx(2 * 4 / (4 + 8)) and np.isnan(dice[1])
+
+
+def test_cli_segment_lax_surfaces_and_volumes(phantom, tiny_segmenter_file, tmp_path):
+    image = write_stack(phantom.dense, tmp_path / "dense.nii.gz", dtype="int16")
+    sparse = write_stack(phantom.sparse, tmp_path / "sparse.nii.gz", dtype="int16")
+    dense_labels = write_stack(phantom.dense_labels, tmp_path / "dense_labels.nii.gz", dtype="uint8")
+    sparse_labels = write_stack(phantom.sparse_labels, tmp_path / "sparse_labels.nii.gz", dtype="uint8")
+
+    segmented = run_calid("segment", str(sparse), str(tmp_path / "seg.nii.gz"), "--model", str(tiny_segmenter_file), "--quiet")
+    assert segmented.returncode == 0, segmented.stderr
+    assert read_stack(tmp_path / "seg.nii.gz").shape == phantom.sparse.shape
+
+    lax = run_calid("lax", str(image), "--labels", str(dense_labels), "--compare", str(sparse), "--out", str(tmp_path / "lax"), "--frame", "1")
+    assert lax.returncode == 0, lax.stderr
+    planes = json.loads((tmp_path / "lax" / "planes.json").read_text())
+    assert set(planes["planes"]) == {"4-chamber", "2-chamber", "3-chamber", "short-axis"}
+    four = read_stack(tmp_path / "lax" / "4-chamber.nii.gz", min_slices=1)
+    np.testing.assert_allclose(four.direction[:, 2], planes["planes"]["4-chamber"]["normal"], atol=1e-5)
+    assert (tmp_path / "lax" / "2-chamber.png").read_bytes().startswith(b"\x89PNG")
+
+    centre = phantom.dense.index_to_physical([32, 32, 30]) * [-1, -1, 1]  # RAS
+    along = phantom.dense.index_to_physical([32, 32, 60]) * [-1, -1, 1]
+    side = phantom.dense.index_to_physical([50, 32, 30]) * [-1, -1, 1]
+    user = run_calid("lax", str(image), "--out", str(tmp_path / "user"), "--points-ras", ";".join(",".join(f"{v:.4f}" for v in p) for p in (centre, along, side)))
+    assert user.returncode == 0, user.stderr
+    assert (tmp_path / "user" / "user.png").is_file()
+
+    surfaces = run_calid("surfaces", str(dense_labels), "--out", str(tmp_path / "surf"), "--frames", "0", "--format", "stl", "--render")
+    assert surfaces.returncode == 0, surfaces.stderr
+    assert sorted(p.name for p in (tmp_path / "surf").iterdir()) == ["frame000_lv_cavity.stl", "frame000_lv_myocardium.stl", "frame000_render.png", "frame000_rv_cavity.stl"]
+
+    volumes = run_calid("volumes", str(sparse_labels), str(dense_labels), "--out", str(tmp_path / "vol"))
+    assert volumes.returncode == 0, volumes.stderr
+    assert "EF" in volumes.stdout and (tmp_path / "vol" / "volumes.csv").is_file() and (tmp_path / "vol" / "volume_curves.png").is_file()
+
+    no_lv = write_stack(phantom.dense_labels.with_data(np.where(phantom.dense_labels.data == 3, 0, phantom.dense_labels.data)), tmp_path / "no_lv.nii.gz", dtype="uint8")
+    failed = run_calid("lax", str(image), "--labels", str(no_lv), "--out", str(tmp_path / "bad"))
+    assert failed.returncode == 2 and "LV cavity" in failed.stderr and "points" in failed.stderr
