@@ -338,6 +338,14 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_install(args: argparse.Namespace) -> int:
+    from calid.models.registry import install_model
+
+    model = install_model(args.model, args.name, folder=args.folder, description=args.description or "", default=args.default, half_precision=not args.keep_precision, card=args.card)
+    print(f"installed {model.kind} model {model.name!r}{' (default)' if model.default else ''}: {model.path} (sha256 {model.sha256[:12]}…)")
+    return 0
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from calid.data.io import read_stack, write_stack
 
@@ -552,6 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     volumes.add_argument("--ed", type=int, help="end-diastolic frame (default: largest LV volume)")
     volumes.add_argument("--es", type=int, help="end-systolic frame (default: smallest LV volume)")
     volumes.set_defaults(handler=_cmd_volumes)
+
+    install = commands.add_parser("install", help="install a trained model file under a name (calid upsample --model NAME; --default to use it by default)")
+    install.add_argument("model", help="model file (calid train writes model.safetensors / best.safetensors)")
+    install.add_argument("--name", required=True, help="name to use it by, e.g. calid-mydata-small")
+    install.add_argument("--folder", help="model folder (default: ~/.local/share/calid/models; or a folder in $CALID_MODEL_DIR)")
+    install.add_argument("--description", help="one line shown by calid info")
+    install.add_argument("--card", help="a Markdown model card to install beside it")
+    install.add_argument("--default", action="store_true", help="use this model when none is named")
+    install.add_argument("--keep-precision", action="store_true", help="keep float32 weights (default: store float16, half the size)")
+    install.set_defaults(handler=_cmd_install)
 
     convert = commands.add_parser("convert", help="convert between NIfTI, NRRD / .seq.nrrd and DICOM, keeping the geometry")
     convert.add_argument("input")

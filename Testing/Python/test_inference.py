@@ -355,3 +355,29 @@ def test_cli_demo_untrained_labels_itself_and_writes_everything(tmp_path, monkey
         assert (demo / figure).read_bytes().startswith(b"\x89PNG")
         assert str(demo / figure) in result.stdout
     assert "PSNR" in result.stdout and "linear" in result.stdout
+
+
+def test_install_a_trained_model_and_use_it_by_name(tmp_path, tiny_model_file, phantom, capsys):
+    folder = tmp_path / "models"
+    card = tmp_path / "card.md"
+    card.write_text("# my model\nTrained on nothing.\n")
+    code = cli_main(["install", str(tiny_model_file), "--name", "my-model", "--folder", str(folder), "--default", "--card", str(card), "--description", "a test"])
+    assert code == 0, capsys.readouterr().err
+    registry = json.loads((folder / "registry.json").read_text())["models"]
+    assert registry[0]["name"] == "my-model" and registry[0]["default"] and registry[0]["kind"] == "calid"
+    assert (folder / "my-model.json").is_file() and (folder / "my-model.md").is_file()
+    assert (folder / "my-model.safetensors").stat().st_size < 0.6 * tiny_model_file.stat().st_size  # float16
+    original = load_pipeline(tiny_model_file)
+    os.environ[MODEL_DIR_ENV] = str(folder)
+    try:
+        installed = load_pipeline()
+        assert installed.name == "my-model"
+        a = original.upsample(phantom.sparse, 2, steps=2, frames=[0])
+        b = installed.upsample(phantom.sparse, 2, steps=2, frames=[0])
+        scale = float(phantom.sparse.data.max() - phantom.sparse.data.min())
+        np.testing.assert_allclose(b.data, a.data, atol=0.02 * scale)  # float16 weights: close, not equal
+        code = cli_main(["install", str(tiny_model_file), "--name", "second", "--folder", str(folder), "--default"])
+        assert code == 0 and load_pipeline().name == "second"  # only one default per kind
+    finally:
+        del os.environ[MODEL_DIR_ENV]
+    assert cli_main(["install", str(tiny_model_file), "--name", "bad/name", "--folder", str(folder)]) == 2

@@ -136,3 +136,73 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
         return path
     names = ", ".join(m.name for m in registered_models()) or "none installed"
     raise InputError(text, f"is neither a model file nor a known model name (known: {names})")
+
+
+def install_model(
+    source: str | os.PathLike[str],
+    name: str,
+    folder: str | os.PathLike[str] | None = None,
+    description: str = "",
+    default: bool = False,
+    half_precision: bool = True,
+    card: str | os.PathLike[str] | None = None,
+) -> RegisteredModel:
+    """Copy a model file into a model folder under ``name`` and register it (sha256, card, default).
+
+    Floating-point weights are stored as float16 by default (half the size; they
+    are converted back to float32 when loaded). A JSON copy of the file's
+    description is written beside it. ``folder`` defaults to the user's model
+    folder (``~/.local/share/calid/models``).
+    """
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from calid.atomic import atomic_path
+
+    source = Path(source)
+    if not source.is_file():
+        raise InputError(source, "model file not found")
+    if not name or any(c in name for c in "/\\:;") or name.startswith(UNTRAINED_PREFIX.rstrip(":")):
+        raise InputError("--name", f"{name!r} cannot name a model (no slashes, colons or 'untrained')")
+    target_folder = Path(folder) if folder is not None else Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "calid" / "models"
+    target_folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with safe_open(str(source), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        tensors = load_file(str(source))
+    except Exception as error:
+        raise InputError(source, f"is not a readable safetensors model file ({error})") from error
+    if "calid" not in metadata:
+        raise InputError(source, "is not a CaLID model file (no 'calid' header entry)")
+    header = json.loads(metadata["calid"])
+    kind = "segmentation" if header.get("kind") == "segmentation" else "calid"
+    if half_precision:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        header.setdefault("info", {})["stored_as"] = "float16"
+        metadata["calid"] = json.dumps(header)
+    target = target_folder / f"{name}.safetensors"
+    with atomic_path(target) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with atomic_path(target_folder / f"{name}.json") as tmp:
+        tmp.write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
+    card_name = None
+    if card is not None:
+        card_name = f"{name}.md"
+        if Path(card).resolve() != (target_folder / card_name).resolve():
+            shutil.copyfile(card, target_folder / card_name)
+    registry_path = target_folder / REGISTRY_FILE
+    entries = json.loads(registry_path.read_text(encoding="utf-8"))["models"] if registry_path.is_file() else []
+    entries = [e for e in entries if e.get("name") != name]
+    if default:
+        for entry in entries:
+            if entry.get("kind", "calid") == kind:
+                entry["default"] = False
+    entry = {"name": name, "file": target.name, "sha256": sha256_of(target), "kind": kind, "default": default, "description": description}
+    if card_name:
+        entry["card"] = card_name
+    entries.append(entry)
+    with atomic_path(registry_path) as tmp:
+        tmp.write_text(json.dumps({"models": entries}, indent=2) + "\n", encoding="utf-8")
+    return next(m for m in _read_registry(target_folder) if m.name == name)
