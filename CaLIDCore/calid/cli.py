@@ -238,13 +238,22 @@ def _labels_for(args: argparse.Namespace, image: Any) -> Any:
     from calid.segmentation import segment
 
     if args.labels:
-        labels = read_stack(args.labels)
-        if image is not None and labels.shape[1:] != image.shape[1:]:
-            raise InputError(args.labels, f"labels of shape {labels.shape} do not match the image {image.shape}")
-        return labels
+        return read_stack(args.labels)  # any grid: planes are placed in physical space
     if image is None:
         raise InputError("--labels", "give a label file, or an image to segment")
     return segment(image, _load_segmenter(args.seg_model, args.device))
+
+
+#: Stacks with slices this far apart (mm) are shown as acquired (nearest slice) in long-axis views.
+SPARSE_SLICE_SPACING_MM = 5.0
+
+
+def _view(name: str, stack: Any, plane: Any, spacing: float) -> tuple[str, Any]:
+    from calid.geometry.reslice import reslice
+
+    if stack.slice_spacing >= SPARSE_SLICE_SPACING_MM:
+        return f"{name} (acquired slices)", reslice(stack, plane, spacing, through_plane="nearest")
+    return name, reslice(stack, plane, spacing)
 
 
 def _cmd_lax(args: argparse.Namespace) -> int:
@@ -271,8 +280,8 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"coordinates": "LPS mm (RAS in the *_ras entries)", "planes": {}}
     for name, plane in planes.items():
         tag = name.replace(" ", "-")
-        views = [(Path(args.input).name.split(".")[0], reslice(image, plane, args.spacing))] + [(n, reslice(s, plane, args.spacing)) for n, s in others]
-        outline = reslice(labels, plane, args.spacing, order=0) if labels is not None and labels.shape[1:] == image.shape[1:] else None
+        views = [_view(Path(args.input).name.split(".")[0], image, plane, args.spacing)] + [_view(n, s, plane, args.spacing) for n, s in others]
+        outline = reslice(labels, plane, args.spacing, order=0) if labels is not None and labels.same_geometry(image) else None
         write_stack(views[0][1], out / f"{tag}.nii.gz")
         png = save_plane_png(views, out / f"{tag}.png", frame=frame, labels=outline, title=f"{name} plane, frame {frame}")
         summary["planes"][name] = {"centre": plane.centre.tolist(), "normal": plane.normal.tolist(), "u": plane.u.tolist(), **{f"{k}_ras": v for k, v in plane.to_ras().items()}}

@@ -136,3 +136,27 @@ def test_cli_segment_lax_surfaces_and_volumes(phantom, tiny_segmenter_file, tmp_
     no_lv = write_stack(phantom.dense_labels.with_data(np.where(phantom.dense_labels.data == 3, 0, phantom.dense_labels.data)), tmp_path / "no_lv.nii.gz", dtype="uint8")
     failed = run_calid("lax", str(image), "--labels", str(no_lv), "--out", str(tmp_path / "bad"))
     assert failed.returncode == 2 and "LV cavity" in failed.stderr and "points" in failed.stderr
+
+
+def test_shipped_segmenter_reaches_its_stated_dice_on_held_out_subjects():
+    """The installed default segmentation model, on the labelled ACDC frames it never saw in training."""
+    from calid.models.registry import default_model, verify
+
+    from conftest import shared_file
+
+    entry = default_model("segmentation")
+    if entry is None:
+        pytest.skip("no segmentation model is installed in Resources/Models")
+    model = load_segmenter(verify(entry))
+    held_out = model.info["training_data"]["validation"]
+    assert held_out and set(held_out).isdisjoint(model.info["training_data"]["train"])
+    scores: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    for subject in held_out:
+        for label_path in sorted(shared_file("acdc_edes_labels").glob(f"{subject}_frame*_gt.nii.gz")):
+            image = read_stack(label_path.with_name(label_path.name.replace("_gt", "")))
+            truth = read_stack(label_path)
+            for value, dice in dice_per_structure(segment(image, model).data, np.rint(truth.data), (1, 2, 3)).items():
+                scores[value].append(dice)
+    mean = float(np.mean([np.mean(v) for v in scores.values()]))
+    assert mean >= model.info["metrics"]["dice_mean"] - 0.01  # what the model card states
+    assert mean >= 0.80 and min(np.mean(v) for v in scores.values()) >= 0.70  # what a clinician can rely on

@@ -11,8 +11,9 @@ views come from a segmentation:
 * 3-chamber: contains the LV axis, through a given point (e.g. the aortic
   valve) or rotated from the 4-chamber plane by a given angle about the axis.
 
-In every long-axis plane ``u`` runs along the LV axis (base -> apex), so the
-resliced images show the heart upright in the same way for every view.
+In every long-axis plane ``v`` (the image rows) runs along the LV axis from
+the apex to the base, so every resliced view shows the apex at the top and
+the base at the bottom, like the long-axis cines of the scanner.
 Planes can also be given directly (centre, normal, u) or by three points,
 which is what the Slicer module feeds from markups.
 """
@@ -147,8 +148,9 @@ def standard_planes(
     to_rv = rv - axis.point
     to_rv = to_rv - np.dot(to_rv, axis.direction) * axis.direction  # perpendicular to the axis
     septal = _unit(to_rv, "direction from the LV axis to the RV centroid")
-    four = Plane("4-chamber", axis.point, np.cross(axis.direction, septal), axis.direction)
-    two = Plane("2-chamber", axis.point, septal, axis.direction)
+    # In every long-axis view the rows run from the apex (top) to the base (bottom): v = -axis.
+    four = Plane("4-chamber", axis.point, np.cross(axis.direction, septal), septal)
+    two = Plane("2-chamber", axis.point, septal, -np.cross(axis.direction, septal))
     if three_chamber_point is not None:
         towards = np.asarray(three_chamber_point, dtype=np.float64) - axis.point
         towards = towards - np.dot(towards, axis.direction) * axis.direction
@@ -156,6 +158,6 @@ def standard_planes(
     else:
         angle = np.deg2rad(three_chamber_angle_deg)
         in_plane = np.cos(angle) * septal + np.sin(angle) * np.cross(axis.direction, septal)
-    three = Plane("3-chamber", axis.point, np.cross(axis.direction, in_plane), axis.direction)
+    three = Plane("3-chamber", axis.point, np.cross(axis.direction, in_plane), in_plane)
     short = Plane("mid short-axis", axis.point, axis.direction, septal)
     return {"4-chamber": four, "2-chamber": two, "3-chamber": three, "short-axis": short}

@@ -48,12 +48,19 @@ def plane_grid(stack: CineStack, plane: Plane, spacing_mm: float, size_mm: tuple
     return points, (rows, columns), points[0, 0]
 
 
-def sample_at(stack: CineStack, points: np.ndarray, order: int = 1, frames: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def sample_at(stack: CineStack, points: np.ndarray, order: int = 1, frames: Sequence[int] | None = None, through_plane: str = "linear") -> tuple[np.ndarray, np.ndarray]:
     """Values of every frame at LPS points ``(..., 3)`` and a mask of the points inside the stack.
 
-    Linear (``order=1``) or nearest (``order=0``, for labels). Outside the stack: 0.
+    Linear (``order=1``) or nearest (``order=0``, for labels). ``through_plane="nearest"``
+    keeps linear in-plane sampling but takes the nearest slice: a sparse stack then
+    shows what was acquired (slabs), not an interpolation. Outside the stack: 0.
     """
     index = stack.physical_to_index(points)  # (..., 3) x, y, z
+    if through_plane == "nearest":
+        index = index.copy()
+        index[..., 2] = np.rint(index[..., 2])
+    elif through_plane != "linear":
+        raise ValueError(f"through_plane must be 'linear' or 'nearest', got {through_plane!r}")
     coordinates = np.stack([index[..., 2], index[..., 1], index[..., 0]])  # z, y, x
     shape = stack.shape[1:]
     inside = np.all([(coordinates[i] >= -0.5) & (coordinates[i] <= shape[i] - 0.5) for i in range(3)], axis=0)
@@ -64,14 +71,15 @@ def sample_at(stack: CineStack, points: np.ndarray, order: int = 1, frames: Sequ
     return np.where(inside, values, 0.0).astype(np.float32), inside
 
 
-def reslice(stack: CineStack, plane: Plane, spacing_mm: float = 1.0, size_mm: tuple[float, float] | None = None, order: int = 1) -> CineStack:
+def reslice(stack: CineStack, plane: Plane, spacing_mm: float = 1.0, size_mm: tuple[float, float] | None = None, order: int = 1, through_plane: str = "linear") -> CineStack:
     """The stack resampled on the plane, every frame: a (T, 1, H, W) CineStack with the plane's geometry.
 
     ``size_mm`` (rows, columns) defaults to the stack's extent seen in the plane.
-    ``order`` 1 (linear) for images, 0 (nearest) for labels.
+    ``order`` 1 (linear) for images, 0 (nearest) for labels; ``through_plane``
+    as in :func:`sample_at`.
     """
     points, _shape, origin = plane_grid(stack, plane, spacing_mm, size_mm)
-    values, inside = sample_at(stack, points, order)
+    values, inside = sample_at(stack, points, order, through_plane=through_plane)
     direction = np.stack([plane.u, plane.v, plane.normal], axis=1)
     out = stack.with_data(values[:, None], spacing=(spacing_mm, spacing_mm, spacing_mm), origin=tuple(origin), direction=direction)
     out.metadata["plane"] = {"name": plane.name, "centre_lps": plane.centre.tolist(), "normal_lps": plane.normal.tolist(), "u_lps": plane.u.tolist()}
