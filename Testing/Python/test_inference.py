@@ -367,6 +367,9 @@ def test_install_a_trained_model_and_use_it_by_name(tmp_path, tiny_model_file, p
     assert registry[0]["name"] == "my-model" and registry[0]["default"] and registry[0]["kind"] == "calid"
     assert (folder / "my-model.json").is_file() and (folder / "my-model.md").is_file()
     assert (folder / "my-model.safetensors").stat().st_size < 0.6 * tiny_model_file.stat().st_size  # float16
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (folder / "my-model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file
     original = load_pipeline(tiny_model_file)
     os.environ[MODEL_DIR_ENV] = str(folder)
     try:
