@@ -268,7 +268,14 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     frame = args.frame
     if not 0 <= frame < image.n_frames:
         raise InputError("--frame", f"frame {frame} does not exist (the cine has {image.n_frames} frames)")
-    if args.points_ras:
+    if args.plane_ras:
+        parts = args.plane_ras.split(";")
+        if len(parts) != 3:
+            raise InputError("--plane-ras", "give CENTRE;NORMAL;AXIS, each as R,A,S (the axis becomes the image's horizontal direction)")
+        centre, normal, axis = (_parse_point(text, "--plane-ras") for text in parts)
+        planes = {"user": Plane("user", centre, normal, axis)}  # type: ignore[arg-type]
+        labels = read_stack(args.labels) if args.labels else None
+    elif args.points_ras:
         points = [_parse_point(text, "--points-ras") for text in args.points_ras.split(";")]
         if len(points) != 3:
             raise InputError("--points-ras", "give exactly three points R,A,S (centre, a point along the long axis, a third point in the plane)")
@@ -551,6 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     lax.add_argument("--spacing", type=float, default=1.0, help="reslice pixel size in mm (default 1)")
     lax.add_argument("--three-chamber-ras", help="R,A,S of a point of the 3-chamber plane, e.g. the aortic valve")
     lax.add_argument("--points-ras", metavar="R,A,S;R,A,S;R,A,S", help="one plane through three points (centre, a point towards the apex, a third point) instead of the automatic planes")
+    lax.add_argument("--plane-ras", metavar="C;N;U", help="one plane from its centre, normal and in-plane axis, each R,A,S (directions in RAS too)")
     lax.add_argument("--acquired-lax", help="an acquired long-axis cine: report PSNR / SSIM / NCC of each stack on its plane")
     lax.add_argument("--device", default="auto")
     lax.set_defaults(handler=_cmd_lax)
@@ -633,7 +641,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Options whose values are coordinates: a negative first number would look like an option to argparse.
-COORDINATE_OPTIONS = ("--centre-ras", "--three-chamber-ras", "--points-ras")
+COORDINATE_OPTIONS = ("--centre-ras", "--three-chamber-ras", "--points-ras", "--plane-ras")
 
 
 def _join_coordinate_values(argv: Sequence[str]) -> list[str]:

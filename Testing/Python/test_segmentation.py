@@ -124,6 +124,12 @@ def test_cli_segment_lax_surfaces_and_volumes(phantom, tiny_segmenter_file, tmp_
     user = run_calid("lax", str(image), "--out", str(tmp_path / "user"), "--points-ras", ";".join(",".join(f"{v:.4f}" for v in p) for p in (centre, along, side)))
     assert user.returncode == 0, user.stderr
     assert (tmp_path / "user" / "user.png").is_file()
+    normal_ras = np.cross(along - centre, side - centre)
+    by_plane = run_calid("lax", str(image), "--out", str(tmp_path / "plane"), "--plane-ras", ";".join(",".join(f"{v:.4f}" for v in p) for p in (centre, normal_ras, side - centre)))
+    assert by_plane.returncode == 0, by_plane.stderr
+    plane_json = json.loads((tmp_path / "plane" / "planes.json").read_text())["planes"]["user"]
+    np.testing.assert_allclose(plane_json["centre_ras"], centre, atol=1e-3)
+    np.testing.assert_allclose(np.abs(np.dot(plane_json["normal_ras"], normal_ras / np.linalg.norm(normal_ras))), 1.0, atol=1e-6)
 
     surfaces = run_calid("surfaces", str(dense_labels), "--out", str(tmp_path / "surf"), "--frames", "0", "--format", "stl", "--render")
     assert surfaces.returncode == 0, surfaces.stderr
