@@ -1,0 +1,1 @@
+"""Glue between Slicer's MRML scene and the calid package (plain functions, testable headless)."""

@@ -1,0 +1,189 @@
+"""MRML nodes <-> calid objects, as plain functions of an explicit scene.
+
+Everything here works in a full Slicer and headless with the ``slicer-core``
+wheel (the tests run it that way), so the module's widget stays thin.
+
+Conventions: MRML uses RAS, ``calid.CineStack`` uses LPS; both store voxel
+arrays as (slice, row, column) = (k, j, i). Frame times of a cine are the
+numeric index values of a sequence, in milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+
+from calid.data.stack import CineStack
+from calid.errors import InputError
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+#: Segment colours (RGB 0-1) and names of the label values.
+SEGMENTS = {1: ("RV cavity", (0.85, 0.35, 0.35)), 2: ("LV myocardium", (0.40, 0.75, 0.40)), 3: ("LV cavity", (0.40, 0.55, 0.95))}
+
+
+def _ijk_to_ras(stack: CineStack) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, :3] = LPS_TO_RAS @ stack.direction @ np.diag(stack.spacing)
+    matrix[:3, 3] = LPS_TO_RAS @ np.asarray(stack.origin)
+    return matrix
+
+
+def _geometry_of(node: Any) -> dict[str, Any]:
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+    ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijk_to_ras
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    return {"spacing": tuple(float(s) for s in spacing), "origin": tuple(ijk_to_lps[:3, 3]), "direction": ijk_to_lps[:3, :3] / spacing}
+
+
+def _array_of(node: Any) -> np.ndarray:
+    image = node.GetImageData()
+    if image is None or image.GetNumberOfPoints() == 0:
+        raise InputError(node.GetName(), "the volume has no voxels")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputError(node.GetName(), f"has {image.GetNumberOfScalarComponents()} components; a scalar (grey-level) volume is needed")
+    return np.array(slicer.util.arrayFromVolume(node), copy=True)
+
+
+def stack_from_volume(node: Any) -> CineStack:
+    """A one-frame CineStack from a scalar volume node (geometry and voxel type kept)."""
+    data = _array_of(node)
+    return CineStack(data=data[None], metadata={"source_dtype": str(data.dtype), "source_node": node.GetName()}, source=node.GetName(), **_geometry_of(node))
+
+
+def volume_from_stack(scene: Any, stack: CineStack, name: str, frame: int = 0, labelmap: bool = False, node: Any = None) -> Any:
+    """A new (or the given) scalar / labelmap volume node with one frame of the stack, in its geometry."""
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode", name)
+    _fill_volume(node, stack, frame, labelmap)
+    if node.GetDisplayNode() is None:
+        node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _fill_volume(node: Any, stack: CineStack, frame: int, labelmap: bool) -> None:
+    values = stack.data[frame]
+    dtype = np.uint8 if labelmap else np.dtype(stack.metadata.get("source_dtype", "float32"))
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        values = np.clip(np.rint(values), info.min, info.max)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(values.astype(dtype)))
+    matrix = vtk.vtkMatrix4x4()
+    ijk_to_ras = _ijk_to_ras(stack)
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, ijk_to_ras[r, c])
+    node.SetIJKToRASMatrix(matrix)
+
+
+def stack_from_sequence(sequence: Any) -> CineStack:
+    """A cine from a sequence of scalar volumes (same grid in every frame); times from numeric index values."""
+    count = sequence.GetNumberOfDataNodes()
+    if count == 0:
+        raise InputError(sequence.GetName(), "the sequence is empty")
+    frames, geometry, times = [], None, []
+    for index in range(count):
+        node = sequence.GetNthDataNode(index)
+        if not node.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError(sequence.GetName(), f"item {index} is a {node.GetClassName()}, not a volume")
+        frames.append(_array_of(node))
+        this = _geometry_of(node)
+        if geometry is None:
+            geometry = this
+        elif frames[-1].shape != frames[0].shape or not np.allclose(this["direction"], geometry["direction"], atol=1e-5) or not np.allclose(this["origin"], geometry["origin"], atol=1e-3):
+            raise InputError(sequence.GetName(), f"frame {index} has another grid than frame 0; a cine needs one grid for all frames")
+        times.append(sequence.GetNthIndexValue(index))
+    frame_times = None
+    if sequence.GetIndexType() == sequence.NumericIndex:
+        scale = {"s": 1000.0, "ms": 1.0}.get(sequence.GetIndexUnit(), None)
+        values = np.array([float(t) for t in times])
+        if scale is not None and np.all(np.diff(values) > 0):
+            frame_times = values * scale
+    assert geometry is not None
+    return CineStack(
+        data=np.stack(frames),
+        frame_times_ms=frame_times,
+        metadata={"source_dtype": str(frames[0].dtype), "source_node": sequence.GetName()},
+        source=sequence.GetName(),
+        **geometry,
+    )
+
+
+def sequence_from_stack(scene: Any, stack: CineStack, name: str, labelmap: bool = False) -> tuple[Any, Any]:
+    """A new sequence node (one volume per frame, index = time in ms) and a browser showing it."""
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
+    sequence.SetIndexName("time")
+    sequence.SetIndexUnit("ms")
+    sequence.SetIndexType(sequence.NumericIndex)
+    times = stack.frame_times_ms if stack.frame_times_ms is not None else np.arange(stack.n_frames, dtype=float)
+    template = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
+    for frame in range(stack.n_frames):
+        _fill_volume(template, stack, frame, labelmap)
+        sequence.SetDataNodeAtValue(template, f"{float(times[frame]):g}")
+    browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
+    browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    browser.SetSelectedItemNumber(0)
+    return sequence, browser
+
+
+def segmentation_from_labels(scene: Any, labels: CineStack, name: str, frame: int = 0, closed_surfaces: bool = True) -> Any:
+    """A segmentation node (RV cavity, LV myocardium, LV cavity) from one frame of a label stack,
+    with closed surfaces for the 3D view. Needs the Segmentations logic attached to the scene."""
+    labelmap = volume_from_stack(scene, labels, f"{name} labels", frame, labelmap=True)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+    segmentation.CreateDefaultDisplayNodes()
+    if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
+        raise InputError(name, "the labels could not be imported into a segmentation")
+    scene.RemoveNode(labelmap)
+    segments = segmentation.GetSegmentation()
+    present = sorted(int(v) for v in np.unique(np.rint(labels.data[frame])) if v > 0)
+    for index, value in enumerate(present):
+        segment = segments.GetNthSegment(index)
+        title, colour = SEGMENTS.get(value, (f"label {value}", (0.8, 0.8, 0.8)))
+        segment.SetName(title)
+        segment.SetColor(*colour)
+    if closed_surfaces and not segmentation.CreateClosedSurfaceRepresentation():
+        raise InputError(name, "closed surfaces could not be made (is the Segmentations logic attached to the scene?)")
+    return segmentation
+
+
+def orient_slice_node(slice_node: Any, plane: Any) -> np.ndarray:
+    """Put a slice view on a calid ``Plane`` (LPS): normal, in-plane axis and centre; returns SliceToRAS."""
+    ras = plane.to_ras()
+    slice_node.SetSliceToRASByNTP(*ras["normal"], *ras["u"], *ras["centre"], 0)
+    matrix = slice_node.GetSliceToRAS()
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardiac function") -> tuple[Any, Any]:
+    """A table node (one row per frame and method) and a plot chart of the LV / RV volume curves."""
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    first = next(iter(results.values()))
+    n_frames = len(first.lv_volume_ml)
+    columns = {"time_ms": first.frame_times_ms if first.frame_times_ms is not None else np.arange(n_frames, dtype=float)}
+    for method, result in results.items():
+        columns[f"LV ml ({method})"] = result.lv_volume_ml
+        columns[f"RV ml ({method})"] = result.rv_volume_ml
+        columns[f"LV mass g ({method})"] = result.lv_myocardium_ml * 1.05
+    for title, values in columns.items():
+        array = vtk.vtkDoubleArray()
+        array.SetName(title)
+        for value in values:
+            array.InsertNextValue(float(value))
+        table.AddColumn(array)
+    chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
+    chart.SetXAxisTitle("time (ms)")
+    chart.SetYAxisTitle("volume (ml)")
+    for title in columns:
+        if title.startswith(("LV ml", "RV ml")):
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", title)
+            series.SetAndObserveTableNodeID(table.GetID())
+            series.SetXColumnName("time_ms")
+            series.SetYColumnName(title)
+            series.SetPlotType(series.PlotTypeScatter)
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+    return table, chart

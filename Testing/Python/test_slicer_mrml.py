@@ -1,0 +1,129 @@
+"""The Slicer glue (CaLIDSlicerLib) on a real, headless MRML scene from the slicer-core wheel."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from calid.data.io import read_stack, write_stack
+from calid.data.phantom import PhantomConfig, make_phantom
+from calid.errors import InputError
+from calid.geometry.planes import standard_planes
+from calid.geometry.volumes import cardiac_function
+
+from conftest import REPO_ROOT, oblique_stack
+
+slicer = pytest.importorskip("slicer", reason="the slicer-core wheel is not installed")
+sys.path.insert(0, str(REPO_ROOT / "CaLIDSlicer"))
+from CaLIDSlicerLib import mrml  # noqa: E402
+
+
+@pytest.fixture()
+def scene():
+    """A scene with the application, Sequences and Segmentations logics, as Slicer sets it up."""
+    scene = slicer.vtkMRMLScene()
+    application = slicer.vtkSlicerApplicationLogic()
+    application.SetMRMLScene(scene)
+    logics = [slicer.vtkSlicerSequencesLogic(), slicer.vtkSlicerSegmentationsModuleLogic()]
+    for logic in logics:
+        logic.SetMRMLScene(scene)
+    slicer.mrmlScene = scene
+    yield scene
+    for logic in logics:
+        logic.SetMRMLScene(None)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(8, PhantomConfig(n_frames=3, matrix=64, pixel_spacing_mm=3.0))
+
+
+def test_volume_node_round_trip_keeps_geometry_and_type(scene):
+    stack = oblique_stack(frames=1, slices=4)
+    node = mrml.volume_from_stack(scene, stack, "oblique")
+    back = mrml.stack_from_volume(node)
+    assert back.same_geometry(stack) and back.metadata["source_dtype"] == "int16"
+    np.testing.assert_array_equal(back.data, stack.data)
+    # RAS in MRML: the LPS origin with x and y negated.
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    np.testing.assert_allclose([matrix.GetElement(r, 3) for r in range(3)], np.asarray(stack.origin) * [-1, -1, 1], atol=1e-9)
+
+
+def test_sequence_round_trip_with_frame_times_and_seq_nrrd(scene, tmp_path):
+    stack = oblique_stack(frames=3, slices=4)
+    sequence, browser = mrml.sequence_from_stack(scene, stack, "cine")
+    assert sequence.GetNumberOfDataNodes() == 3 and browser.GetProxyNode(sequence) is not None
+    back = mrml.stack_from_sequence(sequence)
+    assert back.same_geometry(stack)
+    np.testing.assert_array_equal(back.data, stack.data)
+    np.testing.assert_allclose(back.frame_times_ms, stack.frame_times_ms)
+    # Written by Slicer's own sequence storage node, read by calid, and back.
+    storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(tmp_path / "cine.seq.nrrd"))
+    assert storage.WriteData(sequence)
+    from_file = read_stack(tmp_path / "cine.seq.nrrd")
+    assert from_file.same_geometry(stack)
+    np.testing.assert_allclose(from_file.data, stack.data)
+    np.testing.assert_allclose(from_file.frame_times_ms, stack.frame_times_ms)
+    write_stack(stack, tmp_path / "calid.seq.nrrd")
+    loaded = scene.AddNewNodeByClass("vtkMRMLSequenceNode", "loaded")
+    reader = slicer.vtkMRMLVolumeSequenceStorageNode()
+    scene.AddNode(reader)
+    reader.SetFileName(str(tmp_path / "calid.seq.nrrd"))
+    assert reader.ReadData(loaded)
+    assert mrml.stack_from_sequence(loaded).same_geometry(stack)
+
+
+def test_sequence_with_mixed_grids_is_refused(scene):
+    stack = oblique_stack(frames=2, slices=4)
+    sequence, _ = mrml.sequence_from_stack(scene, stack, "cine")
+    other = mrml.volume_from_stack(scene, oblique_stack(frames=1, slices=5), "other")
+    sequence.SetDataNodeAtValue(other, "999")
+    with pytest.raises(InputError, match="another grid"):
+        mrml.stack_from_sequence(sequence)
+
+
+def test_segmentation_with_closed_surfaces_in_place(scene, phantom):
+    labels = phantom.dense_labels
+    segmentation = mrml.segmentation_from_labels(scene, labels, "heart", frame=0)
+    segments = segmentation.GetSegmentation()
+    names = sorted(segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments()))
+    assert names == ["LV cavity", "LV myocardium", "RV cavity"]
+    import vtk
+    from vtk.util import numpy_support
+
+    lv_id = next(segments.GetNthSegmentID(i) for i in range(3) if segments.GetNthSegment(i).GetName() == "LV cavity")
+    surface = vtk.vtkPolyData()
+    segmentation.GetClosedSurfaceRepresentation(lv_id, surface)
+    points_ras = numpy_support.vtk_to_numpy(surface.GetPoints().GetData())
+    z, y, x = np.nonzero(np.rint(labels.data[0]) == 3)
+    centroid_lps = labels.index_to_physical(np.stack([x, y, z], axis=1).mean(axis=0))
+    np.testing.assert_allclose(points_ras.mean(axis=0) * [-1, -1, 1], centroid_lps, atol=3.0)
+
+
+def test_slice_nodes_on_the_long_axis_planes(scene, phantom):
+    planes = standard_planes(phantom.dense_labels, 0)
+    for name in ("4-chamber", "2-chamber", "3-chamber"):
+        node = slicer.vtkMRMLSliceNode()
+        scene.AddNode(node)
+        matrix = mrml.orient_slice_node(node, planes[name])
+        ras = planes[name].to_ras()
+        np.testing.assert_allclose(matrix[:3, 2], ras["normal"], atol=1e-9)
+        np.testing.assert_allclose(matrix[:3, 0], ras["u"], atol=1e-9)
+        np.testing.assert_allclose(matrix[:3, 3], ras["centre"], atol=1e-9)
+        np.testing.assert_allclose(np.cross(matrix[:3, 2], matrix[:3, 0]), matrix[:3, 1], atol=1e-9)
+
+
+def test_volumes_table_and_plot(scene, phantom):
+    results = {"dense": cardiac_function(phantom.dense_labels), "sparse": cardiac_function(phantom.sparse_labels)}
+    table, chart = mrml.table_from_function(scene, results)
+    assert table.GetNumberOfRows() == phantom.dense.n_frames and table.GetNumberOfColumns() == 1 + 3 * 2
+    lv = slicer.util.arrayFromTableColumn(table, "LV ml (dense)")
+    np.testing.assert_allclose(lv, results["dense"].lv_volume_ml)
+    assert chart.GetNumberOfPlotSeriesNodes() == 4
