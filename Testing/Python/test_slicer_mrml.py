@@ -127,3 +127,25 @@ def test_volumes_table_and_plot(scene, phantom):
     lv = slicer.util.arrayFromTableColumn(table, "LV ml (dense)")
     np.testing.assert_allclose(lv, results["dense"].lv_volume_ml)
     assert chart.GetNumberOfPlotSeriesNodes() == 4
+
+
+def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
+    from calid.inference.pipeline import untrained_model
+    from calid.models.checkpoint import save_model
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    model = untrained_model("tiny")
+    model_file = save_model(tmp_path / "tiny.safetensors", model.config, model.vae, model.net)
+    sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "sparse cine")
+    before = mrml.stack_from_sequence(sequence).data.copy()
+    calls = []
+    options = UpsamplingOptions(factor=2, mode="calid", steps=2, model=str(model_file), device="cpu", frames="0,2")
+    result = upsample_node(scene, sequence, options, progress=lambda d, t, m: calls.append((d, t)))
+    assert calls[-1][0] == calls[-1][1]
+    out = mrml.stack_from_sequence(result.output_node)
+    assert out.n_frames == 2 and out.n_slices == 2 * phantom.sparse.n_slices - 1
+    np.testing.assert_allclose(out.slice_spacing, phantom.sparse.slice_spacing / 2, rtol=1e-6)
+    np.testing.assert_allclose(out.data[:, ::2], phantom.sparse.data[[0, 2]], atol=0.5)  # stored as int16 like the input
+    np.testing.assert_array_equal(mrml.stack_from_sequence(sequence).data, before)  # the input is untouched
+    assert result.segmentation_node is not None and result.table_node.GetNumberOfRows() == 2
+    assert set(result.planes) >= {"4-chamber", "2-chamber", "3-chamber"}

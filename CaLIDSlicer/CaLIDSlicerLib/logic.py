@@ -1,0 +1,101 @@
+"""The module's work as one blocking call on a scene (the Python console, batch scripts, and the
+background worker all use it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from calid.data.stack import CineStack
+from calid.errors import InputError
+
+from CaLIDSlicerLib import mrml
+
+
+@dataclass
+class UpsamplingOptions:
+    """What the panel (or a script) asks for."""
+
+    factor: int = 4
+    mode: str = "calid"
+    steps: int = 8
+    seed: int = 0
+    device: str = "auto"
+    model: str | None = None  # a file, an installed name, or None for the default model
+    frames: str | None = None  # "all" / None, "3", "0,5-9"
+    segment: bool = True
+    segmentation_model: str | None = None
+
+
+@dataclass
+class UpsamplingResult:
+    """The nodes made (the input is never modified) and the numbers behind them."""
+
+    dense: CineStack
+    output_node: Any
+    browser_node: Any = None
+    labels: CineStack | None = None
+    segmentation_node: Any = None
+    planes: dict[str, Any] = field(default_factory=dict)
+    table_node: Any = None
+    chart_node: Any = None
+    function: dict[str, Any] = field(default_factory=dict)
+
+
+def stack_from_node(node: Any) -> CineStack:
+    """A CineStack from a scalar volume node or a sequence node of volumes."""
+    if node is None:
+        raise InputError("input", "select an input volume or volume sequence")
+    if node.IsA("vtkMRMLSequenceNode"):
+        return mrml.stack_from_sequence(node)
+    if node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return mrml.stack_from_volume(node)
+    raise InputError(node.GetName(), f"is a {node.GetClassName()}; select a grey-level volume or a volume sequence")
+
+
+def upsample_node(
+    scene: Any,
+    input_node: Any,
+    options: UpsamplingOptions,
+    progress: Callable[[float, float, str], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    pipeline: Any = None,
+) -> UpsamplingResult:
+    """Upsample the input node into new nodes; optionally segment, place the long-axis planes and measure volumes."""
+    from calid.inference import load_pipeline
+
+    stack = stack_from_node(input_node)
+    if pipeline is None:
+        pipeline = load_pipeline("linear" if options.mode == "linear" and options.model is None else options.model, device=options.device)
+    dense = pipeline.upsample(
+        stack, options.factor, mode=options.mode, steps=options.steps, seed=options.seed, frames=options.frames, progress=progress, cancel=cancel
+    )
+    name = f"{input_node.GetName()} {options.mode} x{options.factor}"
+    if dense.n_frames > 1:
+        output, browser = mrml.sequence_from_stack(scene, dense, name)
+    else:
+        output, browser = mrml.volume_from_stack(scene, dense, name), None
+    result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
+    if options.segment:
+        _segment_and_measure(scene, stack, result, options, cancel)
+    return result
+
+
+def _segment_and_measure(scene: Any, sparse: CineStack, result: UpsamplingResult, options: UpsamplingOptions, cancel: Callable[[], bool] | None) -> None:
+    from calid.device import resolve_device
+    from calid.geometry.planes import standard_planes
+    from calid.geometry.volumes import cardiac_function
+    from calid.models.registry import resolve_model
+    from calid.segmentation import load_segmenter, segment
+
+    model = load_segmenter(resolve_model(options.segmentation_model, kind="segmentation"), device=resolve_device(options.device))
+    frames = result.dense.metadata["upsampling"]["frames"]
+    result.labels = segment(result.dense, model, cancel=cancel)
+    sparse_labels = segment(sparse.select_frames(frames), model, cancel=cancel)
+    function = {"dense": cardiac_function(result.labels, method="dense"), "acquired (Simpson)": cardiac_function(sparse_labels, method="Simpson")}
+    result.function = function
+    shown = function["dense"].ed_frame
+    result.segmentation_node = mrml.segmentation_from_labels(scene, result.labels, f"{result.output_node.GetName()} segmentation", frame=shown)
+    result.planes = standard_planes(result.labels, shown)
+    result.table_node, result.chart_node = mrml.table_from_function(scene, function, f"{result.output_node.GetName()} function")
