@@ -51,8 +51,21 @@ class _ProgressBar:
             self.bar = None
 
 
-def _run_upsampling(pipeline: Any, stack: Any, show_progress: bool, **options: Any) -> Any:
-    bar = _ProgressBar(show_progress)
+class _JsonProgress:
+    """One JSON object per line on stdout (``{"done": .., "total": .., "message": ..}``) for a
+    program that runs ``calid`` in the background, such as the Slicer module."""
+
+    def __call__(self, done: float, total: float, message: str) -> None:
+        import json
+
+        print(json.dumps({"done": round(done, 3), "total": round(total, 3), "message": message}), flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _run_upsampling(pipeline: Any, stack: Any, show_progress: bool | str, **options: Any) -> Any:
+    bar: Any = _JsonProgress() if show_progress == "json" else _ProgressBar(bool(show_progress))
     try:
         return pipeline.upsample(stack, progress=bar, **options)
     finally:
@@ -169,7 +182,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     stack = read_stack(source, series=args.series)
     frames = parse_frames(args.frames, stack.n_frames)
     dense = _run_upsampling(
-        pipeline, stack, not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre
+        pipeline, stack, "json" if args.progress == "json" else not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre
     )
     write_stack(dense, target, overwrite=args.overwrite)
     info = dense.metadata["upsampling"]
@@ -532,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("--series", help="DICOM: series number, UID or description when the folder holds several")
     upsample.add_argument("--overwrite", action="store_true", help="replace an existing output")
     upsample.add_argument("--quiet", action="store_true", help="no progress bar")
+    upsample.add_argument("--progress", choices=["bar", "json"], default="bar", help="json: one JSON line per update on stdout, for programs")
     upsample.set_defaults(handler=_cmd_upsample)
 
     info = commands.add_parser("info", help="print a model's card (configuration, training data, metrics), or list the installed models")
