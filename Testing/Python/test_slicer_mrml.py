@@ -149,3 +149,70 @@ def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
     np.testing.assert_array_equal(mrml.stack_from_sequence(sequence).data, before)  # the input is untouched
     assert result.segmentation_node is not None and result.table_node.GetNumberOfRows() == 2
     assert set(result.planes) >= {"4-chamber", "2-chamber", "3-chamber"}
+
+
+def test_batch_script_code_path(scene, phantom, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("CaLIDBatch", REPO_ROOT / "Resources" / "CaLIDBatch.py")
+    batch = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(batch)
+    source = write_stack(phantom.sparse, tmp_path / "cine.nii.gz", dtype="int16")
+    code = batch.main([str(source), str(tmp_path / "out"), "--factor", "2", "--mode", "calid", "--steps", "1", "--model", "untrained:tiny", "--device", "cpu", "--frames", "0"], scene)
+    assert code == 0
+    dense = read_stack(tmp_path / "out" / "cine_calid_x2.nii.gz")
+    assert dense.n_slices == 2 * phantom.sparse.n_slices - 1 and dense.n_frames == 1
+    assert (tmp_path / "out" / "cine_volumes.csv").is_file() and "4-chamber" in (tmp_path / "out" / "cine_planes.json").read_text()
+    assert batch.main([str(tmp_path / "missing.nii.gz"), str(tmp_path / "out2")], scene) == 2
+
+
+def test_background_process_progress_and_cancel(phantom, tmp_path):
+    """The worker the panel starts: progress lines are read as they come; killing it leaves no output."""
+    import subprocess
+
+    from CaLIDSlicerLib.logic import UpsamplingOptions
+    from CaLIDSlicerLib.process import parse_progress, upsample_command
+
+    source = write_stack(phantom.sparse, tmp_path / "in.seq.nrrd")
+    done = upsample_command(source, tmp_path / "dense.seq.nrrd", UpsamplingOptions(factor=2, steps=1, model="untrained:tiny", device="cpu", frames="0"))
+    finished = subprocess.run(done, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    updates = [u for u in map(parse_progress, finished.stdout.splitlines()) if u]
+    assert updates and updates[-1]["done"] == updates[-1]["total"]
+    assert read_stack(tmp_path / "dense.seq.nrrd").n_slices == 2 * phantom.sparse.n_slices - 1
+    long_job = upsample_command(source, tmp_path / "killed.seq.nrrd", UpsamplingOptions(factor=16, mode="calid+", steps=32, model="untrained:tiny", device="cpu"))
+    worker = subprocess.Popen(long_job, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert worker.stdout is not None
+    for line in worker.stdout:  # wait for the first progress line, as the panel does
+        if parse_progress(line):
+            break
+    worker.kill()
+    worker.wait(timeout=30)
+    assert not (tmp_path / "killed.seq.nrrd").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert parse_progress("not json") is None and parse_progress('{"done": 1}') is None
+
+
+def test_extension_files_listed_in_cmake_exist_and_the_module_parses():
+    import ast
+    import re
+    import xml.etree.ElementTree as ElementTree
+
+    module_dir = REPO_ROOT / "CaLIDSlicer"
+    cmake = (module_dir / "CMakeLists.txt").read_text()
+    listed = [entry.replace("${MODULE_NAME}", "CaLIDSlicer") for entry in re.findall(r"^\s+(\S+\.(?:py|png|ui))\s*$", cmake, flags=re.M)]
+    assert len(listed) >= 8
+    for entry in listed:
+        assert (module_dir / entry).is_file(), entry
+    on_disk = {str(p.relative_to(module_dir)) for p in module_dir.rglob("*") if p.suffix in (".py", ".png", ".ui") and "__pycache__" not in p.parts}
+    assert on_disk == set(listed), "every module file must be listed in CaLIDSlicer/CMakeLists.txt"
+    top = (REPO_ROOT / "CMakeLists.txt").read_text()
+    assert 'EXTENSION_DEPENDS "PyTorch"' in top and "add_subdirectory(CaLIDSlicer)" in top
+    source = (module_dir / "CaLIDSlicer.py").read_text()
+    tree = ast.parse(source)
+    classes = {node.name for node in tree.body if isinstance(node, ast.ClassDef)}
+    assert {"CaLIDSlicer", "CaLIDSlicerWidget", "CaLIDSlicerLogic", "CaLIDSlicerTest"} <= classes
+    ui = ElementTree.parse(module_dir / "Resources" / "UI" / "CaLIDSlicer.ui")
+    names = {w.get("name") for w in ui.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", source))
+    assert used <= names, f"widgets used but missing from the .ui file: {used - names}"

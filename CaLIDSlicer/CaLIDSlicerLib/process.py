@@ -1,0 +1,50 @@
+"""Running the upsampling in a separate process: the command line, and reading its progress lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from CaLIDSlicerLib.logic import UpsamplingOptions
+
+
+def python_executable() -> str:
+    """Slicer's Python launcher when running in Slicer (PythonSlicer), else this interpreter."""
+    return shutil.which("PythonSlicer") or sys.executable
+
+
+def upsample_command(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: UpsamplingOptions) -> list[str]:
+    """``calid upsample`` with machine-readable progress, for ``qt.QProcess`` or ``subprocess``."""
+    command = [
+        python_executable(), "-m", "calid", "upsample", os.fspath(input_path), os.fspath(output_path),
+        "--factor", str(options.factor), "--mode", options.mode, "--steps", str(options.steps),
+        "--seed", str(options.seed), "--device", options.device, "--progress", "json",
+    ]
+    if options.model:
+        command += ["--model", options.model]
+    if options.frames and options.frames != "all":
+        command += ["--frames", options.frames]
+    return command
+
+
+def parse_progress(line: str) -> dict[str, Any] | None:
+    """A progress update ``{"done", "total", "message"}`` from one output line, or None for other lines."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        update = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return update if {"done", "total", "message"} <= set(update) else None
+
+
+def work_folder() -> Path:
+    """A private temporary folder for the files exchanged with the worker process."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix="calid-slicer-"))

@@ -1,0 +1,75 @@
+"""Headless CaLID batch run in 3D Slicer.
+
+    Slicer --no-main-window --python-script Resources/CaLIDBatch.py -- cine.nii.gz out/ --factor 4 --mode calid+
+
+Reads a short-axis stack or cine (NIfTI, NRRD, .seq.nrrd or a DICOM folder),
+loads it into the MRML scene, runs the CaLID module's blocking Logic call
+(upsampling, segmentation, long-axis planes, volumes) and writes into the
+output folder: the dense stack, its labels, the volumes table, the planes,
+and the scene's nodes as Slicer files. Exits with status 0, or 2 with a
+message on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+for candidate in (HERE.parent / "CaLIDSlicer", HERE / "CaLIDSlicer"):
+    if candidate.is_dir() and str(candidate) not in sys.path:
+        sys.path.insert(0, str(candidate))
+
+
+def main(argv: list[str], scene: Any) -> int:
+    from calid.data.io import read_stack, write_stack
+    from calid.errors import CalidError
+    from calid.geometry.volumes import write_function_csv
+    from CaLIDSlicerLib import mrml
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    parser = argparse.ArgumentParser(prog="CaLIDBatch.py", description=__doc__.splitlines()[0])
+    parser.add_argument("input")
+    parser.add_argument("out")
+    parser.add_argument("--factor", type=int, default=4)
+    parser.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--frames")
+    parser.add_argument("--no-segmentation", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        stack = read_stack(args.input)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        name = Path(args.input).name.split(".")[0]
+        node = mrml.sequence_from_stack(scene, stack, name)[0] if stack.n_frames > 1 else mrml.volume_from_stack(scene, stack, name)
+        options = UpsamplingOptions(args.factor, args.mode, args.steps, args.seed, args.device, args.model, args.frames, not args.no_segmentation)
+        result = upsample_node(scene, node, options, progress=lambda done, total, message: print(f"{100 * done / max(total, 1):5.1f} % {message}", flush=True))
+        written = [write_stack(result.dense, out / f"{name}_{args.mode.replace('+', 'plus')}_x{args.factor}.nii.gz")]
+        if result.labels is not None:
+            written.append(write_stack(result.labels, out / f"{name}_labels_x{args.factor}.nii.gz", dtype="uint8"))
+            written.append(write_function_csv(result.function, out / f"{name}_volumes.csv"))
+            planes = {k: {**p.to_ras(), "centre_lps": p.centre.tolist()} for k, p in result.planes.items()}
+            (out / f"{name}_planes.json").write_text(json.dumps(planes, indent=2) + "\n")
+            written.append(out / f"{name}_planes.json")
+    except CalidError as error:
+        print(f"CaLIDBatch: error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    import slicer
+
+    code = main(sys.argv[1:], slicer.mrmlScene)
+    if hasattr(slicer, "app"):
+        slicer.app.exit(code)
+    sys.exit(code)
