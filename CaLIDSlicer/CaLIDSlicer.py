@@ -198,8 +198,10 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
 
         dense = read_stack(output_path)
         name = f"{input_node.GetName()} {options.mode} x{options.factor}"
+        sequence = self.sequence_of(input_node)
         if dense.n_frames > 1:
-            output, browser = mrml.sequence_from_stack(slicer.mrmlScene, dense, name)
+            whole_cine = sequence.IsA("vtkMRMLSequenceNode") and dense.n_frames == sequence.GetNumberOfDataNodes()
+            output, browser = mrml.sequence_from_stack(slicer.mrmlScene, dense, name, browser=mrml.browser_of(slicer.mrmlScene, sequence) if whole_cine else None)
         else:
             output, browser = mrml.volume_from_stack(slicer.mrmlScene, dense, name), None
         result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)

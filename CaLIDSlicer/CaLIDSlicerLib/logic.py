@@ -73,7 +73,9 @@ def upsample_node(
     )
     name = f"{input_node.GetName()} {options.mode} x{options.factor}"
     if dense.n_frames > 1:
-        output, browser = mrml.sequence_from_stack(scene, dense, name)
+        # Every frame of the input: play the output with the input's own browser (synchronised).
+        same_frames = input_node.IsA("vtkMRMLSequenceNode") and dense.n_frames == stack.n_frames
+        output, browser = mrml.sequence_from_stack(scene, dense, name, browser=mrml.browser_of(scene, input_node) if same_frames else None)
     else:
         output, browser = mrml.volume_from_stack(scene, dense, name), None
     result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)

@@ -113,8 +113,12 @@ def stack_from_sequence(sequence: Any) -> CineStack:
     )
 
 
-def sequence_from_stack(scene: Any, stack: CineStack, name: str, labelmap: bool = False) -> tuple[Any, Any]:
-    """A new sequence node (one volume per frame, index = time in ms) and a browser showing it."""
+def sequence_from_stack(scene: Any, stack: CineStack, name: str, labelmap: bool = False, browser: Any = None) -> tuple[Any, Any]:
+    """A new sequence node (one volume per frame, index = time in ms) and a browser showing it.
+
+    With ``browser`` (e.g. the input cine's), the new sequence is added to it as a
+    synchronised sequence, so that both move together frame by frame.
+    """
     sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
     sequence.SetIndexName("time")
     sequence.SetIndexUnit("ms")
@@ -124,10 +128,22 @@ def sequence_from_stack(scene: Any, stack: CineStack, name: str, labelmap: bool 
     for frame in range(stack.n_frames):
         _fill_volume(template, stack, frame, labelmap)
         sequence.SetDataNodeAtValue(template, f"{float(times[frame]):g}")
+    if browser is not None:
+        browser.AddSynchronizedSequenceNode(sequence)
+        return sequence, browser
     browser = scene.AddNewNodeByClass("vtkMRMLSequenceBrowserNode", f"{name} browser")
     browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
     browser.SetSelectedItemNumber(0)
     return sequence, browser
+
+
+def browser_of(scene: Any, sequence: Any) -> Any:
+    """The first sequence browser that plays ``sequence``, or None."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSequenceBrowserNode")):
+        browser = scene.GetNthNodeByClass(index, "vtkMRMLSequenceBrowserNode")
+        if browser.IsSynchronizedSequenceNode(sequence.GetID(), True):
+            return browser
+    return None
 
 
 def segmentation_from_labels(scene: Any, labels: CineStack, name: str, frame: int = 0, closed_surfaces: bool = True) -> Any:

@@ -216,3 +216,14 @@ def test_extension_files_listed_in_cmake_exist_and_the_module_parses():
     names = {w.get("name") for w in ui.iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used <= names, f"widgets used but missing from the .ui file: {used - names}"
+
+
+def test_output_of_a_whole_cine_plays_in_the_input_browser(scene, phantom):
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    sequence, browser = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    result = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=False))
+    assert result.browser_node is browser and browser.IsSynchronizedSequenceNode(result.output_node.GetID(), True)
+    browser.SetSelectedItemNumber(2)
+    proxy = browser.GetProxyNode(result.output_node)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(proxy)[::2], phantom.sparse.data[2], atol=0.5)
