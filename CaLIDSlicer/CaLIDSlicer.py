@@ -111,11 +111,11 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             options = self.options()
             node = self.ui.inputSelector.currentNode()
-            folder, command = self.logic.prepare_background(node, options)
+            folder, command, output = self.logic.prepare_background(node, options)
         except Exception as error:  # shown in the panel and the log, never a frozen GUI
             self.showError(error)
             return
-        self.job = {"folder": folder, "options": options, "node": node, "output": folder / "dense.seq.nrrd", "errors": []}
+        self.job = {"folder": folder, "options": options, "node": node, "output": output, "errors": []}
         self.process = qt.QProcess()
         self.process.setProcessChannelMode(qt.QProcess.SeparateChannels)
         self.process.connect("readyReadStandardOutput()", self.onOutput)
@@ -179,35 +179,17 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
 
         return upsample_node(slicer.mrmlScene, input_node, options or UpsamplingOptions(), progress=progress, cancel=cancel)
 
-    def prepare_background(self, input_node: Any, options: Any) -> tuple[Any, list[str]]:
-        """Write the input for the worker process and build its command line."""
-        from calid.data.io import write_stack
-        from CaLIDSlicerLib.logic import stack_from_node
-        from CaLIDSlicerLib.process import upsample_command, work_folder
+    def prepare_background(self, input_node: Any, options: Any) -> tuple[Any, list[str], Any]:
+        """Write the input for the worker process: (folder, command line, output path)."""
+        from CaLIDSlicerLib.logic import prepare_background
 
-        stack = stack_from_node(self.sequence_of(input_node))
-        folder = work_folder()
-        source = write_stack(stack, folder / "input.seq.nrrd")
-        return folder, upsample_command(source, folder / "dense.seq.nrrd", options)
+        return prepare_background(self.sequence_of(input_node), options)
 
     def finish_background(self, input_node: Any, output_path: Any, options: Any) -> Any:
         """Load the worker's result into new nodes, then segment, place the planes and measure."""
-        from calid.data.io import read_stack
-        from CaLIDSlicerLib import mrml
-        from CaLIDSlicerLib.logic import UpsamplingResult, _segment_and_measure, stack_from_node
+        from CaLIDSlicerLib.logic import finish_background
 
-        dense = read_stack(output_path)
-        name = f"{input_node.GetName()} {options.mode} x{options.factor}"
-        sequence = self.sequence_of(input_node)
-        if dense.n_frames > 1:
-            whole_cine = sequence.IsA("vtkMRMLSequenceNode") and dense.n_frames == sequence.GetNumberOfDataNodes()
-            output, browser = mrml.sequence_from_stack(slicer.mrmlScene, dense, name, browser=mrml.browser_of(slicer.mrmlScene, sequence) if whole_cine else None)
-        else:
-            output, browser = mrml.volume_from_stack(slicer.mrmlScene, dense, name), None
-        result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
-        if options.segment:
-            _segment_and_measure(slicer.mrmlScene, stack_from_node(self.sequence_of(input_node)), result, options, None)
-        return result
+        return finish_background(slicer.mrmlScene, self.sequence_of(input_node), output_path, options)
 
     def show(self, result: Any) -> None:
         """Dense output in the views, LAX planes on the three slice views, surfaces in 3D, the table."""

@@ -92,7 +92,7 @@ def _segment_and_measure(scene: Any, sparse: CineStack, result: UpsamplingResult
     from calid.segmentation import load_segmenter, segment
 
     model = load_segmenter(resolve_model(options.segmentation_model, kind="segmentation"), device=resolve_device(options.device))
-    frames = result.dense.metadata["upsampling"]["frames"]
+    frames = result.dense.metadata.get("upsampling", {}).get("frames") or list(range(sparse.n_frames))
     result.labels = segment(result.dense, model, cancel=cancel)
     sparse_labels = segment(sparse.select_frames(frames), model, cancel=cancel)
     function = {"dense": cardiac_function(result.labels, method="dense"), "acquired (Simpson)": cardiac_function(sparse_labels, method="Simpson")}
@@ -101,3 +101,37 @@ def _segment_and_measure(scene: Any, sparse: CineStack, result: UpsamplingResult
     result.segmentation_node = mrml.segmentation_from_labels(scene, result.labels, f"{result.output_node.GetName()} segmentation", frame=shown)
     result.planes = standard_planes(result.labels, shown)
     result.table_node, result.chart_node = mrml.table_from_function(scene, function, f"{result.output_node.GetName()} function")
+
+
+#: File names exchanged with the worker process. NIfTI keeps calid's metadata (what was generated, how).
+WORKER_INPUT, WORKER_OUTPUT = "input.nii.gz", "dense.nii.gz"
+
+
+def prepare_background(input_node: Any, options: UpsamplingOptions) -> tuple[Any, list[str], Any]:
+    """Write the input for a worker process: (folder, command line, output path)."""
+    from calid.data.io import write_stack
+
+    from CaLIDSlicerLib.process import upsample_command, work_folder
+
+    stack = stack_from_node(input_node)
+    folder = work_folder()
+    source = write_stack(stack, folder / WORKER_INPUT)
+    return folder, upsample_command(source, folder / WORKER_OUTPUT, options), folder / WORKER_OUTPUT
+
+
+def finish_background(scene: Any, input_node: Any, output_path: Any, options: UpsamplingOptions) -> UpsamplingResult:
+    """Load the worker's result into new nodes (the input cine's browser plays a whole-cine output),
+    then segment, place the planes and measure, as :func:`upsample_node` does."""
+    from calid.data.io import read_stack
+
+    dense = read_stack(output_path)
+    name = f"{input_node.GetName()} {options.mode} x{options.factor}"
+    if dense.n_frames > 1:
+        whole_cine = input_node.IsA("vtkMRMLSequenceNode") and dense.n_frames == input_node.GetNumberOfDataNodes()
+        output, browser = mrml.sequence_from_stack(scene, dense, name, browser=mrml.browser_of(scene, input_node) if whole_cine else None)
+    else:
+        output, browser = mrml.volume_from_stack(scene, dense, name), None
+    result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
+    if options.segment:
+        _segment_and_measure(scene, stack_from_node(input_node), result, options, None)
+    return result

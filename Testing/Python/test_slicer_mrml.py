@@ -227,3 +227,24 @@ def test_output_of_a_whole_cine_plays_in_the_input_browser(scene, phantom):
     browser.SetSelectedItemNumber(2)
     proxy = browser.GetProxyNode(result.output_node)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(proxy)[::2], phantom.sparse.data[2], atol=0.5)
+
+
+def test_background_round_trip_as_the_panel_runs_it(scene, phantom):
+    """prepare_background -> the worker process -> finish_background: the path the panel's Apply takes."""
+    import shutil
+    import subprocess
+
+    from CaLIDSlicerLib.logic import UpsamplingOptions, finish_background, prepare_background
+
+    sequence, browser = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    options = UpsamplingOptions(factor=2, mode="calid", steps=1, model="untrained:tiny", device="cpu")
+    folder, command, output = prepare_background(sequence, options)
+    try:
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr
+        result = finish_background(scene, sequence, output, options)
+    finally:
+        shutil.rmtree(folder)
+    assert result.browser_node is browser and result.dense.metadata["upsampling"]["mode"] == "calid"
+    assert result.table_node.GetNumberOfRows() == phantom.sparse.n_frames and "4-chamber" in result.planes
+    np.testing.assert_allclose(mrml.stack_from_sequence(result.output_node).data[:, ::2], phantom.sparse.data, atol=0.5)
