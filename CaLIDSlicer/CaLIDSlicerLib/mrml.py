@@ -168,9 +168,14 @@ def segmentation_from_labels(scene: Any, labels: CineStack, name: str, frame: in
 
 
 def orient_slice_node(slice_node: Any, plane: Any) -> np.ndarray:
-    """Put a slice view on a calid ``Plane`` (LPS): normal, in-plane axis and centre; returns SliceToRAS."""
+    """Put a slice view on a calid ``Plane`` (LPS) and return its SliceToRAS matrix.
+
+    A view shows its second axis upwards, while calid's PNG and NIfTI reslices have
+    rows running down along ``v``; the view looks at the plane from the side of
+    ``-normal`` so that ``-v`` is up and both show the same picture (apex at the top).
+    """
     ras = plane.to_ras()
-    slice_node.SetSliceToRASByNTP(*ras["normal"], *ras["u"], *ras["centre"], 0)
+    slice_node.SetSliceToRASByNTP(*(-np.asarray(ras["normal"])), *ras["u"], *ras["centre"], 0)
     matrix = slice_node.GetSliceToRAS()
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 

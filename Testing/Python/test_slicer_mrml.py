@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,10 +27,13 @@ def scene():
     scene = slicer.vtkMRMLScene()
     application = slicer.vtkSlicerApplicationLogic()
     application.SetMRMLScene(scene)
-    logics = [slicer.vtkSlicerSequencesLogic(), slicer.vtkSlicerSegmentationsModuleLogic()]
+    colours = slicer.vtkSlicerColorLogic()
+    colours.SetMRMLApplicationLogic(application)
+    logics = [colours, slicer.vtkSlicerSequencesLogic(), slicer.vtkSlicerSegmentationsModuleLogic()]
     for logic in logics:
         logic.SetMRMLScene(scene)
     slicer.mrmlScene = scene
+    scene.application_logic = application  # for the offscreen slice views
     yield scene
     for logic in logics:
         logic.SetMRMLScene(None)
@@ -114,8 +118,9 @@ def test_slice_nodes_on_the_long_axis_planes(scene, phantom):
         scene.AddNode(node)
         matrix = mrml.orient_slice_node(node, planes[name])
         ras = planes[name].to_ras()
-        np.testing.assert_allclose(matrix[:3, 2], ras["normal"], atol=1e-9)
-        np.testing.assert_allclose(matrix[:3, 0], ras["u"], atol=1e-9)
+        np.testing.assert_allclose(matrix[:3, 2], -np.asarray(ras["normal"]), atol=1e-9)  # the same plane
+        np.testing.assert_allclose(matrix[:3, 0], ras["u"], atol=1e-9)  # right on screen, as in the PNGs
+        np.testing.assert_allclose(matrix[:3, 1], -np.asarray(ras["v"]), atol=1e-9)  # up on screen: apex side
         np.testing.assert_allclose(matrix[:3, 3], ras["centre"], atol=1e-9)
         np.testing.assert_allclose(np.cross(matrix[:3, 2], matrix[:3, 0]), matrix[:3, 1], atol=1e-9)
 
@@ -248,3 +253,27 @@ def test_background_round_trip_as_the_panel_runs_it(scene, phantom):
     assert result.browser_node is browser and result.dense.metadata["upsampling"]["mode"] == "calid"
     assert result.table_node.GetNumberOfRows() == phantom.sparse.n_frames and "4-chamber" in result.planes
     np.testing.assert_allclose(mrml.stack_from_sequence(result.output_node).data[:, ::2], phantom.sparse.data, atol=0.5)
+
+
+def test_offscreen_slice_views_on_the_long_axis_planes(scene, phantom):
+    """Slicer's own slice logic renders the dense phantom on the 4/2/3-chamber planes; the PNGs are kept."""
+    import os
+
+    import vtk
+    from vtk.util import numpy_support
+
+    from CaLIDSlicerLib.render import render_slice_view
+
+    artifacts = Path(os.environ.get("CALID_TEST_ARTIFACTS", REPO_ROOT / "Testing" / "artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    volume = mrml.volume_from_stack(scene, phantom.dense, "dense", frame=0)
+    planes = standard_planes(phantom.dense_labels, 0)
+    for name in ("4-chamber", "2-chamber", "3-chamber"):
+        png = render_slice_view(scene, scene.application_logic, volume, planes[name], artifacts / f"slice_view_{name}.png", size=(200, 160))
+        reader = vtk.vtkPNGReader()
+        reader.SetFileName(str(png))
+        reader.Update()
+        assert reader.GetOutput().GetDimensions()[:2] == (200, 160)
+        grey = numpy_support.vtk_to_numpy(reader.GetOutput().GetPointData().GetScalars())[:, 0].reshape(160, 200)
+        # The bright LV blood pool lies on the plane's centre (on the LV axis), the corners are outside the heart.
+        assert grey[70:90, 90:110].mean() > grey[:20, :20].mean() + 40, name
