@@ -112,6 +112,11 @@ class LPIPS(nn.Module):
                 outputs.append(x)
         return outputs
 
+    def pooled_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 256) AlexNet conv5 features, averaged over space: the embedding of the
+        "Fréchet distance on AlexNet features" (inputs in [-1, 1], like LPIPS)."""
+        return self._layers(x)[-1].mean(dim=(2, 3))
+
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         distance = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
         for head, fa, fb in zip(self.heads, self._layers(a), self._layers(b)):
