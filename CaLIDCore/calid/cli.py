@@ -270,6 +270,9 @@ def _view(name: str, stack: Any, plane: Any, spacing: float) -> tuple[str, Any]:
 
 
 def _cmd_lax(args: argparse.Namespace) -> int:
+    import json
+
+    from calid.atomic import atomic_path
     from calid.data.io import read_stack, write_stack
     from calid.geometry.planes import Plane, standard_planes
     from calid.geometry.reslice import compare_with_acquired, reslice, save_plane_png
@@ -311,10 +314,6 @@ def _cmd_lax(args: argparse.Namespace) -> int:
         summary["comparison_with_acquired"] = {n: compare_with_acquired(s, acquired) for n, s in [("input", image), *others]}
         for n, result in summary["comparison_with_acquired"].items():
             print(f"  vs {Path(args.acquired_lax).name}: {n}: PSNR {result['psnr_db']:.2f} dB, SSIM {result['ssim']:.3f}, NCC {result['ncc']:.3f}")
-    import json
-
-    from calid.atomic import atomic_path
-
     with atomic_path(out / "planes.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"planes and views written to {out}")

@@ -71,17 +71,21 @@ def upsample_node(
     dense = pipeline.upsample(
         stack, options.factor, mode=options.mode, steps=options.steps, seed=options.seed, frames=options.frames, progress=progress, cancel=cancel
     )
-    name = f"{input_node.GetName()} {options.mode} x{options.factor}"
-    if dense.n_frames > 1:
-        # Every frame of the input: play the output with the input's own browser (synchronised).
-        same_frames = input_node.IsA("vtkMRMLSequenceNode") and dense.n_frames == stack.n_frames
-        output, browser = mrml.sequence_from_stack(scene, dense, name, browser=mrml.browser_of(scene, input_node) if same_frames else None)
-    else:
-        output, browser = mrml.volume_from_stack(scene, dense, name), None
-    result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
+    result = _add_output(scene, input_node, stack, dense, options)
     if options.segment:
         _segment_and_measure(scene, stack, result, options, cancel)
     return result
+
+
+def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack, options: UpsamplingOptions) -> UpsamplingResult:
+    """New node(s) for the dense stack: a volume, or a sequence played by the input cine's own
+    browser (synchronised) when every frame was upsampled, else by a browser of its own."""
+    name = f"{input_node.GetName()} {options.mode} x{options.factor}"
+    if dense.n_frames == 1:
+        return UpsamplingResult(dense=dense, output_node=mrml.volume_from_stack(scene, dense, name))
+    whole_cine = input_node.IsA("vtkMRMLSequenceNode") and dense.n_frames == stack.n_frames
+    output, browser = mrml.sequence_from_stack(scene, dense, name, browser=mrml.browser_of(scene, input_node) if whole_cine else None)
+    return UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
 
 
 def _segment_and_measure(scene: Any, sparse: CineStack, result: UpsamplingResult, options: UpsamplingOptions, cancel: Callable[[], bool] | None) -> None:
@@ -124,14 +128,8 @@ def finish_background(scene: Any, input_node: Any, output_path: Any, options: Up
     then segment, place the planes and measure, as :func:`upsample_node` does."""
     from calid.data.io import read_stack
 
-    dense = read_stack(output_path)
-    name = f"{input_node.GetName()} {options.mode} x{options.factor}"
-    if dense.n_frames > 1:
-        whole_cine = input_node.IsA("vtkMRMLSequenceNode") and dense.n_frames == input_node.GetNumberOfDataNodes()
-        output, browser = mrml.sequence_from_stack(scene, dense, name, browser=mrml.browser_of(scene, input_node) if whole_cine else None)
-    else:
-        output, browser = mrml.volume_from_stack(scene, dense, name), None
-    result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
+    stack = stack_from_node(input_node)
+    result = _add_output(scene, input_node, stack, read_stack(output_path), options)
     if options.segment:
-        _segment_and_measure(scene, stack_from_node(input_node), result, options, None)
+        _segment_and_measure(scene, stack, result, options, None)
     return result

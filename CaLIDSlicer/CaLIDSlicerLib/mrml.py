@@ -18,6 +18,7 @@ import vtk
 
 from calid.data.stack import CineStack
 from calid.errors import InputError
+from calid.geometry.volumes import MYOCARDIAL_DENSITY_G_PER_ML
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 #: Segment colours (RGB 0-1) and names of the label values.
@@ -189,7 +190,7 @@ def table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardia
     for method, result in results.items():
         columns[f"LV ml ({method})"] = result.lv_volume_ml
         columns[f"RV ml ({method})"] = result.rv_volume_ml
-        columns[f"LV mass g ({method})"] = result.lv_myocardium_ml * 1.05
+        columns[f"LV mass g ({method})"] = result.lv_myocardium_ml * MYOCARDIAL_DENSITY_G_PER_ML
     for title, values in columns.items():
         array = vtk.vtkDoubleArray()
         array.SetName(title)

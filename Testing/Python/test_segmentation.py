@@ -77,8 +77,15 @@ def test_segment_returns_labels_on_the_input_grid(phantom, tiny_segmenter_file):
     assert labels.shape == phantom.sparse.shape and labels.same_geometry(phantom.sparse)
     assert labels.metadata["source_dtype"] == "uint8" and set(np.unique(labels.data)) <= {0.0, 1.0, 2.0, 3.0}
     assert calls[-1][0] == calls[-1][1] == phantom.sparse.n_frames * phantom.sparse.n_slices
-    with pytest.raises(InputError, match="not a segmentation model|segmentation model file not found"):
+    with pytest.raises(InputError, match="missing.safetensors: model file not found"):
         load_segmenter(tiny_segmenter_file.parent / "missing.safetensors")
+    from calid.inference.pipeline import untrained_model
+    from calid.models.checkpoint import save_model
+
+    calid_model = untrained_model("tiny")
+    other = save_model(tiny_segmenter_file.parent / "calid.safetensors", calid_model.config, calid_model.vae, calid_model.net)
+    with pytest.raises(InputError, match="is a 'calid' model, not a segmentation model"):
+        load_segmenter(other)
 
 
 def test_largest_component_clean_up():

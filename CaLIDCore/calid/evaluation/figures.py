@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,9 +63,16 @@ def save_comparison(
             axis.set_axis_off()
     if title:
         figure.suptitle(title, fontsize=10)
+    return save_figure(figure, path)
+
+
+def save_figure(figure: Any, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Lay out, write (PNG, atomically) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=120, format="png")
+        figure.savefig(tmp, dpi=dpi, format="png")
     plt.close(figure)
     return path

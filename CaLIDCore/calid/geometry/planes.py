@@ -142,9 +142,9 @@ def standard_planes(
     The 2-chamber normal points towards the RV; the 4-chamber ``v`` too.
     """
     axis = lv_long_axis(labels, frame)
-    rv = structure_centroid(labels, RV_CAVITY, frame) if (np.rint(labels.data[frame]) == RV_CAVITY).any() else None
-    if rv is None:
+    if not (np.rint(labels.data[frame]) == RV_CAVITY).any():
         raise InputError(labels.source, f"no RV cavity (label {RV_CAVITY}) in frame {frame}: the 4-chamber plane cannot be placed; give the planes by points")
+    rv = structure_centroid(labels, RV_CAVITY, frame)
     to_rv = rv - axis.point
     to_rv = to_rv - np.dot(to_rv, axis.direction) * axis.direction  # perpendicular to the axis
     septal = _unit(to_rv, "direction from the LV axis to the RV centroid")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from calid.atomic import atomic_path
+from calid.evaluation.figures import save_figure
 from calid.data.stack import CineStack
 from calid.errors import InputError
 from calid.geometry.planes import Plane
@@ -127,12 +127,7 @@ def save_plane_png(
         axis.set_axis_off()
     plane_name = views[0][1].metadata.get("plane", {}).get("name", "")
     figure.suptitle(title or f"{plane_name} view, frame {frame}", fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=120, format="png")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, Any]:

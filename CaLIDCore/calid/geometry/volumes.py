@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from calid.atomic import atomic_path
+from calid.evaluation.figures import save_figure
 from calid.data.stack import CineStack
 from calid.errors import InputError
 from calid.segmentation.model import LV_CAVITY, LV_MYOCARDIUM, RV_CAVITY
@@ -139,9 +140,4 @@ def plot_volume_curves(results: dict[str, CardiacFunction], path: str | os.PathL
     axis.set_ylabel("cavity volume (ml)")
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
-    figure.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, dpi=120, format="png")
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)

@@ -287,7 +287,7 @@ class UpsamplingPipeline:
         for first in range(0, cropped.n_frames, chunk):
             frames = slice(first, min(cropped.n_frames, first + chunk))
             generated = self._bisect(cropped.data[frames], factor, mode, steps, seed, frame_ids[frames], batch, tracker)
-            new_crop = cropped.with_data(generated[:, new_slices], frame_times_ms=None, spacing=cropped.spacing)
+            new_crop = cropped.with_data(generated[:, new_slices], frame_times_ms=None)
             restored = undo_preprocess(new_crop, params).data
             linear = dense.data[frames, new_slices]
             dense.data[frames, new_slices] = (weight * restored + (1.0 - weight) * linear).astype(np.float32)

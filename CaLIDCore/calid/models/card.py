@@ -78,13 +78,9 @@ def model_card_text(model: str | os.PathLike[str]) -> str:
 
 
 def _raw_kind(path: Path) -> str:
-    from safetensors import safe_open
+    from calid.models.checkpoint import read_raw_header
 
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return str(json.loads((handle.metadata() or {}).get("calid", "{}")).get("kind", ""))
-    except Exception:  # read_header reports unreadable files properly
-        return ""
+    return str(read_raw_header(path).get("kind", ""))
 
 
 def _segmentation_card(text: str, path: Path) -> str:

@@ -59,6 +59,26 @@ def _code_version() -> str:
     return __version__
 
 
+def write_model_file(path: str | os.PathLike[str], modules: dict[str, nn.Module], kind: str, fields: dict[str, Any]) -> Path:
+    """Write the weights of ``modules`` (tensor names prefixed ``<prefix>.``) and a ``calid`` JSON
+    header (format, version, kind, code version, date, plus ``fields``) atomically."""
+    tensors: dict[str, torch.Tensor] = {}
+    for prefix, module in modules.items():
+        tensors.update({f"{prefix}.{k}": v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()})
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "code_version": _code_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **fields,
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"calid": json.dumps(header)})
+    return path
+
+
 def save_model(
     path: str | os.PathLike[str],
     config: ModelConfig,
@@ -67,28 +87,14 @@ def save_model(
     latent_scale: float = 1.0,
     info: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a model file atomically (weights are copied to CPU, contiguous)."""
-    tensors = {f"vae.{k}": v.detach().to("cpu").contiguous() for k, v in vae.state_dict().items()}
-    if net is not None:
-        tensors.update({f"net.{k}": v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()})
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "kind": "calid" if net is not None else "vae",
-        "config": config.to_dict(),
-        "latent_scale": float(latent_scale),
-        "code_version": _code_version(),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "info": info or {},
-    }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"calid": json.dumps(header)})
-    return path
+    """Write a CaLID (or autoencoder-only) model file atomically."""
+    modules = {"vae": vae} if net is None else {"vae": vae, "net": net}
+    fields = {"config": config.to_dict(), "latent_scale": float(latent_scale), "info": info or {}}
+    return write_model_file(path, modules, "calid" if net is not None else "vae", fields)
 
 
-def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The JSON description of a model file, validated, without loading the weights."""
+def read_raw_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``calid`` JSON header of any model file (CaLID or segmentation), format-checked only."""
     path = Path(path)
     if not path.is_file():
         raise InputError(path, "model file not found")
@@ -107,16 +113,32 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise InputError(path, f"has an unknown format {header.get('format')!r}")
     if int(header.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(path, f"was written by a newer calid (format {header.get('format_version')}); update calid to read it")
+    return dict(header)
+
+
+def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON description of a CaLID model file, validated, without loading the weights."""
+    header = read_raw_header(path)
     if header.get("kind") not in KINDS:
         raise InputError(path, f"has an unknown model kind {header.get('kind')!r}")
     try:
         header["config"] = ModelConfig.from_dict(header["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(path, f"has an invalid model configuration ({error})") from error
-    return dict(header)
+    return header
 
 
-def _load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: Path) -> None:
+def read_weights(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Every tensor of a model file (on the CPU)."""
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as error:
+        raise InputError(path, f"weights cannot be read; the file is truncated or corrupt ({error})") from error
+
+
+def load_into(module: nn.Module, tensors: dict[str, torch.Tensor], prefix: str, path: str | os.PathLike[str]) -> None:
+    """Load the tensors named ``prefix*`` into ``module``; missing, unexpected, misshapen or
+    non-finite tensors are an error naming the file. Float16 weights are widened to the module's type."""
     expected = module.state_dict()
     given = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
     missing = sorted(set(expected) - set(given))
@@ -143,16 +165,13 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     path = Path(path)
     header = read_header(path)
     config: ModelConfig = header["config"]
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except Exception as error:
-        raise InputError(path, f"weights cannot be read; the file is truncated or corrupt ({error})") from error
+    tensors = read_weights(path)
     vae = build_vae(config)
-    _load_into(vae, tensors, "vae.", path)
+    load_into(vae, tensors, "vae.", path)
     net = None
     if header["kind"] == "calid":
         net = CaLIDNet(config)
-        _load_into(net, tensors, "net.", path)
+        load_into(net, tensors, "net.", path)
     elif any(k.startswith("net.") for k in tensors):
         raise InputError(path, "a 'vae' model file must not contain denoiser weights")
     vae.to(device).eval()

@@ -43,6 +43,11 @@ class RegisteredModel:
     kind: str = "calid"  # or "segmentation"
 
 
+def user_model_folder() -> Path:
+    """Where ``calid install`` puts models by default: ``$XDG_DATA_HOME/calid/models``."""
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "calid" / "models"
+
+
 def model_folders() -> list[Path]:
     """The folders searched for named models, in order (existing ones only)."""
     folders: list[Path] = []
@@ -51,7 +56,7 @@ def model_folders() -> list[Path]:
             folders.append(Path(entry).expanduser())
     package_root = Path(__file__).resolve().parents[3]  # <root>/CaLIDCore/calid/models/registry.py
     folders.append(package_root / "Resources" / "Models")
-    folders.append(Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "calid" / "models")
+    folders.append(user_model_folder())
     unique: list[Path] = []
     for folder in folders:
         if folder.is_dir() and folder.resolve() not in [f.resolve() for f in unique]:
@@ -156,35 +161,25 @@ def install_model(
     """
     import shutil
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     from calid.atomic import atomic_path
+    from calid.models.checkpoint import read_raw_header, read_weights
 
     source = Path(source)
-    if not source.is_file():
-        raise InputError(source, "model file not found")
     if not name or any(c in name for c in "/\\:;") or name.startswith(UNTRAINED_PREFIX.rstrip(":")):
         raise InputError("--name", f"{name!r} cannot name a model (no slashes, colons or 'untrained')")
-    target_folder = Path(folder) if folder is not None else Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "calid" / "models"
-    target_folder.mkdir(parents=True, exist_ok=True)
-    try:
-        with safe_open(str(source), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        tensors = load_file(str(source))
-    except Exception as error:
-        raise InputError(source, f"is not a readable safetensors model file ({error})") from error
-    if "calid" not in metadata:
-        raise InputError(source, "is not a CaLID model file (no 'calid' header entry)")
-    header = json.loads(metadata["calid"])
+    header = read_raw_header(source)
+    tensors = read_weights(source)
     kind = "segmentation" if header.get("kind") == "segmentation" else "calid"
     if half_precision:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         header.setdefault("info", {})["stored_as"] = "float16"
-        metadata["calid"] = json.dumps(header)
+    target_folder = Path(folder) if folder is not None else user_model_folder()
+    target_folder.mkdir(parents=True, exist_ok=True)
     target = target_folder / f"{name}.safetensors"
     with atomic_path(target) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"calid": json.dumps(header)})
     with atomic_path(target_folder / f"{name}.json") as tmp:
         tmp.write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
     card_name = None

@@ -13,7 +13,7 @@ from scipy import ndimage
 from calid.data.preprocess import resample_in_plane
 from calid.data.stack import CineStack
 from calid.errors import Cancelled, InputError
-from calid.segmentation.model import SegmentationModel
+from calid.segmentation.model import SegmentationConfig, SegmentationModel
 
 
 def keep_largest_components(labels: np.ndarray, values: tuple[int, ...]) -> np.ndarray:
@@ -39,6 +39,27 @@ def keep_largest_components(labels: np.ndarray, values: tuple[int, ...]) -> np.n
     return out
 
 
+def intensity_window(stack: CineStack, config: SegmentationConfig) -> tuple[float, float]:
+    """The intensities mapped to -1 and +1 (robust percentiles of the whole stack)."""
+    low, high = (float(v) for v in np.percentile(stack.data, config.percentiles))
+    if not high > low:
+        raise InputError(stack.source, "the image has (almost) constant intensity; it cannot be segmented")
+    return low, high
+
+
+def model_grid_shape(stack: CineStack, config: SegmentationConfig) -> tuple[int, int]:
+    """(rows, columns) of the stack's field of view at the model's pixel size."""
+    sx, sy = stack.in_plane_spacing
+    return (max(1, int(round(stack.shape[2] * sy / config.spacing_mm))), max(1, int(round(stack.shape[3] * sx / config.spacing_mm))))
+
+
+def to_model_grid(slices: np.ndarray, stack: CineStack, config: SegmentationConfig, low: float, high: float) -> np.ndarray:
+    """(Z, Y, X) slices of ``stack`` -> normalised to [-1, 1] and resampled to the model's pixel size."""
+    image = (slices - np.float32(low)) * np.float32(2.0 / (high - low)) - np.float32(1.0)
+    spacing = (config.spacing_mm, config.spacing_mm)
+    return np.clip(resample_in_plane(image, stack.in_plane_spacing, spacing, model_grid_shape(stack, config)), -1.0, 1.0)
+
+
 @torch.no_grad()
 def segment(
     stack: CineStack,
@@ -56,11 +77,8 @@ def segment(
     """
     config = model.config
     device = next(model.network.parameters()).device
-    low, high = (float(v) for v in np.percentile(stack.data, config.percentiles))
-    if not high > low:
-        raise InputError(stack.source, "the image has (almost) constant intensity; it cannot be segmented")
+    low, high = intensity_window(stack, config)
     sx, sy = stack.in_plane_spacing
-    size_yx = (max(1, int(round(stack.shape[2] * sy / config.spacing_mm))), max(1, int(round(stack.shape[3] * sx / config.spacing_mm))))
     n_frames, n_slices = stack.n_frames, stack.n_slices
     labels = np.zeros(stack.shape, dtype=np.uint8)
     values = tuple(sorted(config.labels))
@@ -68,8 +86,7 @@ def segment(
     for t in range(n_frames):
         if cancel is not None and cancel():
             raise Cancelled("segmentation cancelled; nothing was written")
-        image = (stack.data[t] - np.float32(low)) * np.float32(2.0 / (high - low)) - np.float32(1.0)
-        image = np.clip(resample_in_plane(image, (sx, sy), (config.spacing_mm, config.spacing_mm), size_yx), -1.0, 1.0)
+        image = to_model_grid(stack.data[t], stack, config, low, high)
         batch = torch.from_numpy(np.ascontiguousarray(image[:, None])).to(device)
         logits: Any = sliding_window_inference(
             batch, roi_size=(config.patch_size, config.patch_size), sw_batch_size=batch_size, predictor=model.network, overlap=0.25, mode="gaussian", padding_mode="constant", cval=-1.0

@@ -13,8 +13,6 @@ kind ``segmentation``), like the CaLID models: never unpickled.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,18 +20,14 @@ from typing import Any
 
 import torch
 from monai.networks.nets import UNet
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from calid.atomic import atomic_path
 from calid.errors import InputError
+from calid.models.checkpoint import load_into, read_raw_header, read_weights, write_model_file
 
 #: Label values (ACDC convention) and their names.
 LABELS: dict[int, str] = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
 RV_CAVITY, LV_MYOCARDIUM, LV_CAVITY = 1, 2, 3
-FORMAT_NAME = "calid-model"
-FORMAT_VERSION = 1
 KIND = "segmentation"
 
 
@@ -119,55 +113,20 @@ class SegmentationModel:
 
 
 def save_segmenter(path: str | os.PathLike[str], config: SegmentationConfig, network: nn.Module, info: dict[str, Any] | None = None) -> Path:
-    """Write the weights and description atomically."""
-    from calid import __version__
-
-    tensors = {f"seg.{k}": v.detach().to("cpu").contiguous() for k, v in network.state_dict().items()}
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "kind": KIND,
-        "config": config.to_dict(),
-        "code_version": __version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "info": info or {},
-    }
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"calid": json.dumps(header)})
-    return path
+    """Write the weights and description atomically (the same file format as the CaLID models)."""
+    return write_model_file(path, {"seg": network}, KIND, {"config": config.to_dict(), "info": info or {}})
 
 
 def load_segmenter(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SegmentationModel:
     """Rebuild the network of a segmentation model file (checked like every model file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "segmentation model file not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        tensors = load_file(str(path), device="cpu")
-    except Exception as error:
-        raise InputError(path, f"is not a readable safetensors model file ({error})") from error
-    try:
-        header = json.loads(metadata["calid"])
-    except (KeyError, json.JSONDecodeError) as error:
-        raise InputError(path, "is not a CaLID model file (no valid 'calid' header entry)") from error
+    header = read_raw_header(path)
     if header.get("kind") != KIND:
         raise InputError(path, f"is a {header.get('kind')!r} model, not a segmentation model")
-    if int(header.get("format_version", 0)) > FORMAT_VERSION:
-        raise InputError(path, "was written by a newer calid; update calid to read it")
     try:
         config = SegmentationConfig.from_dict(header["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(path, f"has an invalid segmentation configuration ({error})") from error
     network = build_segmenter(config)
-    given = {k[len("seg.") :]: v for k, v in tensors.items() if k.startswith("seg.")}
-    expected = network.state_dict()
-    if set(given) != set(expected) or any(tuple(given[k].shape) != tuple(expected[k].shape) for k in expected):
-        raise InputError(path, "weights do not match the configuration stored in the file")
-    if any(v.is_floating_point() and not torch.isfinite(v).all() for v in given.values()):
-        raise InputError(path, "weights contain NaN or infinite values")
-    network.load_state_dict(given)
+    load_into(network, read_weights(path), "seg.", path)
     network.to(device).eval()
     return SegmentationModel(config=config, network=network, info=header.get("info", {}), path=str(path))

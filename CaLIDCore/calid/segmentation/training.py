@@ -45,7 +45,7 @@ from calid.data.preprocess import resample_in_plane
 from calid.data.stack import CineStack
 from calid.device import resolve_device
 from calid.errors import InputError
-from calid.segmentation.inference import segment
+from calid.segmentation.inference import intensity_window, segment, to_model_grid
 from calid.segmentation.model import SegmentationConfig, SegmentationModel, build_segmenter, named_segmentation_config, save_segmenter
 from calid.training.state import load_training_state, save_training_state
 
@@ -115,13 +115,9 @@ def load_labelled(pairs: list[tuple[Path, Path]]) -> list[LabelledVolume]:
 def resampled_slices(volume: LabelledVolume, config: SegmentationConfig) -> list[tuple[np.ndarray, np.ndarray]]:
     """(image (1, H, W) in [-1, 1], labels (1, H, W)) per slice at the model's pixel size."""
     image, labels = volume.image, volume.labels
-    low, high = (float(v) for v in np.percentile(image.data, config.percentiles))
-    sx, sy = image.in_plane_spacing
-    shape = (max(1, int(round(image.shape[2] * sy / config.spacing_mm))), max(1, int(round(image.shape[3] * sx / config.spacing_mm))))
-    spacing = (config.spacing_mm, config.spacing_mm)
-    normalised = np.clip((image.data[0] - low) * (2.0 / max(high - low, 1e-6)) - 1.0, -1.0, 1.0)
-    data = resample_in_plane(normalised, (sx, sy), spacing, shape)
-    label_data = np.rint(resample_in_plane(labels.data[0], (sx, sy), spacing, shape, order=0))
+    low, high = intensity_window(image, config)
+    data = to_model_grid(image.data[0], image, config, low, high)
+    label_data = np.rint(resample_in_plane(labels.data[0], image.in_plane_spacing, (config.spacing_mm, config.spacing_mm), data.shape[1:], order=0))
     return [(data[z][None].astype(np.float32), label_data[z][None].astype(np.float32)) for z in range(data.shape[0])]
 
 
