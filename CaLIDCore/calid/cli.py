@@ -423,6 +423,50 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(option, f"expected comma-separated integers, got {text!r}") from None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from calid.evaluation.harness import EvaluationConfig, evaluate
+
+    config = EvaluationConfig(
+        data=tuple(args.data),
+        out_dir=args.out,
+        model=args.model,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        steps=args.steps,
+        baseline_steps=args.baseline_steps,
+        frames=args.frames,
+        labels=args.labels,
+        subjects=tuple(args.subjects.split(",")) if args.subjects else None,
+        tasks=_int_list(args.tasks, "--tasks"),
+        sweep_steps=_int_list(args.sweep_steps, "--sweep-steps"),
+        sweep_slices=args.sweep_slices,
+        phantoms=args.phantoms,
+        factor=args.factor,
+        seg_model=args.seg_model,
+        lpips_weights=args.lpips_weights,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    started = time.perf_counter()
+
+    def progress(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - started:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+    results = evaluate(config, progress)
+    out = Path(args.out)
+    for name in ["report.md", "results.json"] + [f for f in ("task1_per_subject.csv", "task3_per_subject.csv", "task4_per_subject.csv") if (out / f).exists()] + results["figures"]:
+        print(out / name)
+    return 0
+
+
 def _cmd_train_seg(args: argparse.Namespace) -> int:
     from calid.segmentation.training import SegTrainConfig, SegmentationTrainer
 
@@ -644,6 +688,33 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"], help="ldm: network target (default epsilon)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors")
     train.set_defaults(handler=_cmd_train)
+
+    from calid.evaluation.harness import METHODS, STEP_SWEEP
+
+    evaluate_cmd = commands.add_parser(
+        "evaluate", help="score CaLID against baselines: middle-slice interpolation, DDIM steps, segmentation, phantoms (report.md, results.json, CSV, PNG)"
+    )
+    evaluate_cmd.add_argument("--data", nargs="+", default=["phantom:2"], help="cine files, folders or phantom:N (default phantom:2)")
+    evaluate_cmd.add_argument("--out", required=True, help="report folder")
+    evaluate_cmd.add_argument("--model", help="CaLID model file or installed name (default: the installed default)")
+    evaluate_cmd.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    evaluate_cmd.add_argument("--steps", type=int, default=8, help="DDIM steps of calid and calid+")
+    evaluate_cmd.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the inversion-slerp baseline (inversion and decoding)")
+    evaluate_cmd.add_argument("--frames", default="labelled", help="labelled (frames with labels), all, or a selection like 0,5-9")
+    evaluate_cmd.add_argument("--labels", help="folder of SUBJECT_frameNN_gt label files (ACDC layout; default: beside each image)")
+    evaluate_cmd.add_argument("--subjects", help="only these subjects, e.g. patient061..patient070 or patient061,patient065")
+    evaluate_cmd.add_argument("--tasks", default="1,2,3,4", help="1 interpolation, 2 DDIM steps, 3 segmentation, 4 phantoms")
+    evaluate_cmd.add_argument("--sweep-steps", default=",".join(map(str, STEP_SWEEP)), help="task 2 step counts")
+    evaluate_cmd.add_argument("--sweep-slices", type=int, default=16, help="task 2 slices")
+    evaluate_cmd.add_argument("--phantoms", type=int, default=2, help="task 4 phantom subjects")
+    evaluate_cmd.add_argument("--factor", type=int, default=8, choices=[2, 4, 8], help="task 4 upsampling factor")
+    evaluate_cmd.add_argument("--seg-model", help="segmentation model (default: the installed default)")
+    evaluate_cmd.add_argument("--lpips-weights", help="AlexNet weights for LPIPS and the Fréchet distance (else $CALID_LPIPS_WEIGHTS)")
+    evaluate_cmd.add_argument("--seed", type=int, default=0)
+    evaluate_cmd.add_argument("--batch-size", type=int, default=16)
+    evaluate_cmd.add_argument("--device", default="auto")
+    evaluate_cmd.add_argument("--quiet", action="store_true", help="no progress messages")
+    evaluate_cmd.set_defaults(handler=_cmd_evaluate)
 
     phantom = commands.add_parser("phantom", help="write a synthetic cine phantom (sparse, dense truth, labels)")
     phantom.add_argument("out", help="output folder")

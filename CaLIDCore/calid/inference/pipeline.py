@@ -59,6 +59,9 @@ CancelFn = Callable[[], bool]
 
 MODES: tuple[str, ...] = ("calid", "calid+", "linear", "latent-linear")
 MODEL_MODES = ("calid", "calid+", "latent-linear")
+#: The DiffAE / DMCVR-style baseline of the evaluation (not an upsampling mode): plain DDIM
+#: inversion of both neighbours with the *unconditioned* denoiser, slerp, unconditioned decoding.
+INVERSION_SLERP = "inversion-slerp"
 #: Width (mm) of the band inside the crop border over which generated slices fade into the linear ones.
 SEAM_MM = 6.0
 
@@ -266,6 +269,51 @@ class UpsamplingPipeline:
         tracker.finish(f"done: {dense.n_slices} slices at {dense.slice_spacing:g} mm")
         return dense
 
+    @torch.no_grad()
+    def interpolate_slices(
+        self,
+        previous: np.ndarray,
+        following: np.ndarray,
+        mode: str = "calid",
+        steps: int = 8,
+        seeds: Sequence[tuple[int, int, int]] | None = None,
+        batch_size: int | str = "auto",
+    ) -> np.ndarray:
+        """The middle slice of each pair of normalised crops, (N, H, W) in [-1, 1] -> (N, H, W).
+
+        One gap per pair, no bisection: what the evaluation scores. ``mode`` is an
+        upsampling mode or ``inversion-slerp`` (the unconditioned baseline, which
+        needs a denoiser trained with condition dropout to be meaningful).
+        ``seeds`` gives the (seed, frame, slice) key of each pair's noise (``calid``).
+        """
+        if mode not in MODES + (INVERSION_SLERP,):
+            raise InputError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES + (INVERSION_SLERP,))}")
+        previous = np.asarray(previous, dtype=np.float32)
+        following = np.asarray(following, dtype=np.float32)
+        if previous.shape != following.shape or previous.ndim != 3:
+            raise InputError("interpolate_slices", f"needs two (N, H, W) arrays of the same shape, got {previous.shape} and {following.shape}")
+        if mode == "linear":
+            return 0.5 * (previous + following)
+        if self.model is None:
+            raise InputError("mode", f"mode {mode!r} needs a model")
+        size = self.config.image_size
+        if previous.shape[1:] != (size, size):
+            raise InputError("interpolate_slices", f"the model takes {size} x {size} crops, got {previous.shape[1]} x {previous.shape[2]}")
+        n = previous.shape[0]
+        keys = list(seeds) if seeds is not None else [(0, 0, i) for i in range(n)]
+        batch = self.auto_batch_size() if batch_size == "auto" else int(batch_size)
+        tracker = _Tracker(total=float(n), progress=None, cancel=None)
+        out = np.empty_like(previous)
+        for start in range(0, n, batch):
+            part = slice(start, min(n, start + batch))
+            prev_t = torch.from_numpy(previous[part]).to(self.device)
+            next_t = torch.from_numpy(following[part]).to(self.device)
+            z_prev, z_next = self._encode(prev_t.unsqueeze(1)), self._encode(next_t.unsqueeze(1))
+            condition = torch.stack([prev_t, next_t], dim=1)
+            z_mid = self._interpolate(mode, condition, z_prev, z_next, int(steps), keys[part], tracker, "")
+            out[part] = self._decode(z_mid).cpu().numpy()
+        return out
+
     # ------------------------------------------------------------------ internals
     def _fill_crop(
         self,
@@ -282,7 +330,7 @@ class UpsamplingPipeline:
     ) -> None:
         """Generate the new slices inside the crop, frame chunk by frame chunk, and paste them into ``dense``."""
         new_slices = np.array([i for i in range(dense.n_slices) if i % factor], dtype=np.int64)
-        weight = self._seam_weight(params)
+        weight = seam_weight(params)
         chunk = max(1, math.ceil(batch / max(1, cropped.n_slices - 1)))
         for first in range(0, cropped.n_frames, chunk):
             frames = slice(first, min(cropped.n_frames, first + chunk))
@@ -291,14 +339,6 @@ class UpsamplingPipeline:
             restored = undo_preprocess(new_crop, params).data
             linear = dense.data[frames, new_slices]
             dense.data[frames, new_slices] = (weight * restored + (1.0 - weight) * linear).astype(np.float32)
-
-    def _seam_weight(self, params: PreprocessParams) -> np.ndarray:
-        """(Y, X) weight of the generated data: 1 inside the crop, fading to 0 at its border."""
-        mask = params.crop_mask()
-        if mask.all():
-            return np.ones(mask.shape, dtype=np.float32)
-        distance = ndimage.distance_transform_edt(mask, sampling=(params.source_spacing_xy[1], params.source_spacing_xy[0]))
-        return np.clip(np.asarray(distance, dtype=np.float32) / SEAM_MM, 0.0, 1.0)
 
     @torch.no_grad()
     def _bisect(self, crops: np.ndarray, factor: int, mode: str, steps: int, seed: int, frame_ids: list[int], batch: int, tracker: _Tracker) -> np.ndarray:
@@ -362,6 +402,8 @@ class UpsamplingPipeline:
             return 0.5 * (z_prev + z_next)
         assert self.model is not None and self.model.net is not None
         net: CaLIDNet = self.model.net
+        if mode == INVERSION_SLERP:
+            return self._inversion_slerp(net, z_prev, z_next, steps)
         prediction = self.model.config.denoiser.prediction
         concat = self.model.config.denoiser.concat_neighbour_latents
         batch = z_prev.shape[0]
@@ -403,12 +445,34 @@ class UpsamplingPipeline:
             callback=lambda i, n: tracker.advance(per_evaluation, message),
         )
 
+    def _inversion_slerp(self, net: CaLIDNet, z_prev: torch.Tensor, z_next: torch.Tensor, steps: int) -> torch.Tensor:
+        """DiffAE-style: plain DDIM inversion of both neighbours without the condition, slerp, decode."""
+        assert self.model is not None
+        prediction = self.model.config.denoiser.prediction
+
+        def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return net.unconditioned(x, t)
+
+        batch = z_prev.shape[0]
+        inverted = ddim_loop(model, torch.cat([z_prev, z_next]), inversion_grid(steps, self.schedule.num_train_timesteps), self.schedule, prediction)
+        start = slerp(inverted[:batch], inverted[batch:], 0.5)
+        return ddim_loop(model, start, sampling_grid(steps, self.schedule.num_train_timesteps), self.schedule, prediction)
+
     @staticmethod
     def _noise(key: tuple[int, int, int], shape: torch.Size) -> torch.Tensor:
         """Gaussian noise of one generated slice from (seed, frame, output slice index)."""
         state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)
         generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def seam_weight(params: PreprocessParams) -> np.ndarray:
+    """(Y, X) weight of generated data in the full field of view: 1 inside the crop, fading to 0 at its border."""
+    mask = params.crop_mask()
+    if mask.all():
+        return np.ones(mask.shape, dtype=np.float32)
+    distance = ndimage.distance_transform_edt(mask, sampling=(params.source_spacing_xy[1], params.source_spacing_xy[0]))
+    return np.clip(np.asarray(distance, dtype=np.float32) / SEAM_MM, 0.0, 1.0)
 
 
 def untrained_model(config_name: str, seed: int = 0) -> LoadedModel:

@@ -1,0 +1,901 @@
+"""``calid evaluate``: the paper's tables on any data, with baselines, metrics and figures.
+
+Four tasks, each optional:
+
+1. **Middle-slice interpolation** (the paper's Table I): every interior slice
+   s(n) of every selected frame is predicted from s(n-1) and s(n+1) by every
+   method and compared with the acquired slice on the model's normalised crop
+   (the same [0, 1] crop for every method): PSNR, SSIM, LPIPS-alex, Fréchet
+   distance on AlexNet conv5 features (not the Inception FID), generation time.
+2. **Quality against DDIM steps** (Fig. 2) for ``calid`` and ``calid+`` on a
+   fixed, evenly spread sample of the Task 1 slices.
+3. **Downstream segmentation** (Table II): the predicted slices are pasted into
+   the acquired frame (inside the model's crop, like the engine does), the
+   frame is segmented, and each interior slice is scored against its
+   ground-truth labels: Dice, HD95, ASD, ASSD (mm). The acquired frame gives the
+   "real slice" upper bound.
+4. **Real 3D truth** (beyond the paper): synthetic phantoms are upsampled from
+   their sparse acquisition and compared with the dense truth: PSNR / SSIM of
+   every new slice, Dice and volume error of each structure after
+   segmentation, LV ejection fraction error.
+
+Means come with a 95 % confidence interval over subjects (Student t), so a
+subject with many slices does not count more than one with few.
+
+Outputs (written atomically into ``out_dir``): ``report.md``, ``results.json``
+(:data:`SCHEMA`), ``task1_per_subject.csv``, ``task3_per_subject.csv``,
+``task4_per_subject.csv``, ``steps.png`` and ``examples.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from calid.atomic import atomic_path
+from calid.data.datasets import find_image_files, subject_id
+from calid.data.io import read_stack
+from calid.data.phantom import Phantom, PhantomConfig, make_phantom
+from calid.data.preprocess import PreprocessConfig, PreprocessParams, preprocess, undo_preprocess
+from calid.data.stack import CineStack
+from calid.errors import InputError
+from calid.evaluation.figures import save_figure
+from calid.evaluation.metrics import frechet_distance, psnr, segmentation_scores, ssim
+from calid.inference.pipeline import INVERSION_SLERP, UpsamplingPipeline, load_pipeline, parse_frames, seam_weight
+from calid.models.config import named_config
+
+SCHEMA = "calid-evaluation/1"
+METHODS: tuple[str, ...] = ("linear", "latent-linear", INVERSION_SLERP, "calid", "calid+")
+STEP_SWEEP: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+STRUCTURES = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
+IMAGE_METRICS = ("psnr", "ssim", "lpips")
+TASK4_HEADERS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lv ef error (points)": "LV EF error (points)"}
+SEG_METRICS = ("dice", "hd95_mm", "asd_mm", "assd_mm")
+#: Label files next to the images or in ``--labels``: ``SUBJECT_frameNN_gt.*`` with NN counted from 1 (ACDC).
+_LABEL_FILE = re.compile(r"_frame(\d+)_gt\.(nii\.gz|nii|nrrd|nhdr)$", re.IGNORECASE)
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class EvaluationConfig:
+    """Every knob of an evaluation run (saved in results.json).
+
+    Args:
+        data: cine files, folders of them, or ``phantom:N`` (N synthetic subjects).
+        out_dir: where the report goes.
+        model: CaLID model (file, installed name, ``untrained:tiny``); None = default installed.
+        methods: any of :data:`METHODS`.
+        steps: DDIM steps of calid / calid+ in Tasks 1, 3, 4.
+        baseline_steps: DDIM steps of the inversion and the decoding of ``inversion-slerp``
+            (DiffAE-style baselines decode with many steps).
+        frames: ``labelled`` (frames with ground-truth labels, else the first frame),
+            ``all``, or a selection such as ``0,5-9``.
+        labels: folder of ``SUBJECT_frameNN_gt`` label files (ACDC layout, NN from 1).
+        subjects: only these subject ids (``patient061..patient070`` ranges allowed).
+        tasks: which of 1-4 to run.
+        sweep_steps / sweep_slices: Task 2 step counts and number of slices.
+        phantoms / factor: Task 4 subjects and upsampling factor (2, 4 or 8).
+        seg_model: segmentation model for Tasks 3 and 4; None = default installed.
+        lpips_weights: AlexNet weights for LPIPS and the Fréchet distance.
+    """
+
+    data: tuple[str, ...]
+    out_dir: str
+    model: str | None = None
+    methods: tuple[str, ...] = METHODS
+    steps: int = 8
+    baseline_steps: int = 50
+    frames: str = "labelled"
+    labels: str | None = None
+    subjects: tuple[str, ...] | None = None
+    tasks: tuple[int, ...] = (1, 2, 3, 4)
+    sweep_steps: tuple[int, ...] = STEP_SWEEP
+    sweep_slices: int = 16
+    phantoms: int = 2
+    factor: int = 8
+    seg_model: str | None = None
+    lpips_weights: str | None = None
+    seed: int = 0
+    batch_size: int = 16
+    device: str = "auto"
+    examples: int = 2
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown:
+            raise InputError("--methods", f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        if not self.methods:
+            raise InputError("--methods", "no method selected")
+        bad_tasks = [t for t in self.tasks if t not in (1, 2, 3, 4)]
+        if bad_tasks:
+            raise InputError("--tasks", f"tasks are 1, 2, 3 and 4, got {bad_tasks}")
+        if self.factor not in (2, 4, 8):
+            raise InputError("--factor", f"the phantom truth supports factors 2, 4 and 8, got {self.factor}")
+        for name in ("steps", "baseline_steps", "sweep_slices", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(self, name)}")
+
+
+# ---------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalSubject:
+    """One evaluated volume (a cine, or one labelled frame) of a subject, and its frames.
+
+    Several volumes may belong to one subject (ACDC's separate ED and ES
+    files): results are pooled per ``subject`` before means and intervals.
+    """
+
+    name: str
+    subject: str
+    stack: CineStack
+    labels: dict[int, np.ndarray] = field(default_factory=dict)  # frame -> (Z, Y, X) labels
+    frames: list[int] = field(default_factory=list)
+    frame_note: str = ""
+    cardiac_phases: dict[str, int] = field(default_factory=dict)  # ED / ES frame (0-based) when known
+
+
+def expand_subjects(requested: Sequence[str], available: Sequence[str]) -> list[str]:
+    """Subject ids from a list that may hold ``first..last`` ranges (inclusive, over the sorted ids)."""
+    ordered = sorted(set(available))
+    chosen: list[str] = []
+    for item in requested:
+        item = item.strip()
+        if not item:
+            continue
+        if ".." in item:
+            first, last = (part.strip() for part in item.split("..", 1))
+            for end in (first, last):
+                if end not in ordered:
+                    raise InputError("--subjects", f"subject {end!r} is not in the data")
+            chosen.extend(ordered[ordered.index(first) : ordered.index(last) + 1])
+        elif item in ordered:
+            chosen.append(item)
+        else:
+            raise InputError("--subjects", f"subject {item!r} is not in the data ({len(ordered)} subjects found)")
+    return sorted(set(chosen))
+
+
+def find_label_files(folder: str | Path | None, subject: str) -> dict[int, Path]:
+    """``{frame index (0-based): label file}`` of one subject in an ACDC-style label folder."""
+    if folder is None:
+        return {}
+    found: dict[int, Path] = {}
+    for path in sorted(Path(folder).glob(f"{subject}_frame*_gt.*")):
+        match = _LABEL_FILE.search(path.name)
+        if match:
+            found[int(match.group(1)) - 1] = path
+    return found
+
+
+def sibling_label_file(image: Path) -> Path | None:
+    """``NAME_gt.<ext>`` beside ``NAME.<ext>`` (the layout ``calid train seg`` reads), if present."""
+    for ext in (".nii.gz", ".nii", ".nrrd"):
+        if image.name.endswith(ext):
+            candidate = image.with_name(image.name[: -len(ext)] + "_gt" + ext)
+            return candidate if candidate.is_file() else None
+    return None
+
+
+def cardiac_phases(image: Path, subject: str) -> dict[str, int]:
+    """ED / ES frames (0-based) from an ACDC ``SUBJECT_Info.cfg`` beside the image; empty when absent."""
+    info = image.parent / f"{subject}_Info.cfg"
+    phases: dict[str, int] = {}
+    if info.is_file():
+        for line in info.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("ED", "ES") and value.strip().isdigit():
+                phases[key.strip()] = int(value) - 1
+    return phases
+
+
+def _read_labels(image: Path, stack: CineStack, config: EvaluationConfig, subject: str) -> dict[int, np.ndarray]:
+    labels: dict[int, np.ndarray] = {}
+    sibling = sibling_label_file(image)
+    if sibling is not None:
+        label = read_stack(sibling, min_slices=1)
+        if label.shape[1:] != stack.shape[1:] or label.n_frames not in (1, stack.n_frames):
+            raise InputError(sibling, f"labels of shape {label.shape} do not fit the image {image} of shape {stack.shape}")
+        for t in range(label.n_frames):
+            labels[t] = np.rint(label.data[t]).astype(np.uint8)
+    if stack.n_frames == 1:
+        return labels  # frame-numbered label files belong to cines; a single-frame volume has its NAME_gt
+    folder = config.labels if config.labels is not None else image.parent
+    for frame, label_path in find_label_files(folder, subject).items():
+        label = read_stack(label_path, min_slices=1)
+        if label.shape[1:] != stack.shape[1:] or frame >= stack.n_frames:
+            raise InputError(label_path, f"labels of shape {label.shape[1:]} (frame {frame + 1}) do not fit the cine {image} of shape {stack.shape}")
+        labels[frame] = np.rint(label.data[0]).astype(np.uint8)
+    return labels
+
+
+def load_evaluation_subjects(config: EvaluationConfig) -> tuple[list[EvalSubject], list[Phantom]]:
+    """The volumes of ``config.data`` (files, folders, ``phantom:N``), filtered by subject and with their labels."""
+    entries: list[tuple[str, Path | None, Phantom | None]] = []
+    phantoms: list[Phantom] = []
+    for entry in config.data:
+        if entry.startswith("phantom:"):
+            try:
+                count = int(entry.split(":", 1)[1])
+            except ValueError:
+                raise InputError(entry, "phantom data is written phantom:N with N the number of subjects") from None
+            for i in range(count):
+                made = make_phantom(2000 + i, evaluation_phantom_config())
+                phantoms.append(made)
+                entries.append((f"phantom{2000 + i}", None, made))
+        elif Path(entry).is_dir():
+            entries.extend((subject_id(p, entry), p, None) for p in find_image_files(entry))
+        elif Path(entry).is_file():
+            entries.append((subject_id(entry), Path(entry), None))
+        else:
+            raise InputError(entry, "evaluation data not found (a file, a folder or phantom:N)")
+    if config.subjects:
+        keep = set(expand_subjects(config.subjects, [name for name, _, _ in entries]))
+        entries = [e for e in entries if e[0] in keep]
+    if not entries:
+        raise InputError(", ".join(config.data), "no subjects to evaluate")
+    volumes = []
+    for subject, path, phantom in entries:
+        if phantom is not None:
+            volume = EvalSubject(
+                name=subject,
+                subject=subject,
+                stack=phantom.sparse,
+                labels={0: phantom.sparse_labels.data[0], phantom.es_frame: phantom.sparse_labels.data[phantom.es_frame]},
+                cardiac_phases={"ED": 0, "ES": phantom.es_frame},
+            )
+        else:
+            assert path is not None
+            stack = read_stack(path, min_slices=3)
+            name = path.name.split(".")[0]
+            volume = EvalSubject(name=name, subject=subject, stack=stack, labels=_read_labels(path, stack, config, subject))
+            if stack.n_frames > 1:
+                volume.cardiac_phases = {k: v for k, v in cardiac_phases(path, subject).items() if v < stack.n_frames}
+        volumes.append(_select_frames(volume, config.frames))
+    return volumes, phantoms
+
+
+def evaluation_phantom_config() -> PhantomConfig:
+    """Phantoms of the evaluation: 8 frames (so that end-systole is sampled), otherwise the defaults."""
+    return PhantomConfig(n_frames=8)
+
+
+def _select_frames(volume: EvalSubject, spec: str) -> EvalSubject:
+    if spec == "labelled":
+        if volume.labels:
+            volume.frames = sorted(volume.labels)
+        elif volume.cardiac_phases:
+            volume.frames, volume.frame_note = sorted(set(volume.cardiac_phases.values())), "no labels: ED and ES frames (Info.cfg)"
+        else:
+            volume.frames, volume.frame_note = [0], "no labels: first frame only"
+    else:
+        selection = parse_frames(spec, volume.stack.n_frames, "--frames")
+        volume.frames = list(range(volume.stack.n_frames)) if selection is None else selection
+    return volume
+
+
+def pool_by_subject(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Sequence[str], weight: str | None = None) -> list[dict[str, Any]]:
+    """Rows of several volumes of one subject merged into one row per (subject, *keys): weighted means."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in ("subject", *keys)), []).append(row)
+    pooled = []
+    for group_key, members in groups.items():
+        merged: dict[str, Any] = dict(zip(("subject", *keys), group_key))
+        weights = np.asarray([m[weight] if weight else 1.0 for m in members], dtype=np.float64)
+        if weight:
+            merged[weight] = int(weights.sum())
+        for metric in metrics:
+            values = np.asarray([m.get(metric, float("nan")) for m in members], dtype=np.float64)
+            ok = np.isfinite(values)
+            merged[metric] = float(np.average(values[ok], weights=weights[ok])) if ok.any() and weights[ok].sum() > 0 else float("nan")
+        pooled.append(merged)
+    return pooled
+
+
+# ---------------------------------------------------------------------- statistics
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, float | int | list[float]]:
+    """Mean and 95 % confidence interval (Student t) of per-subject values, NaNs ignored."""
+    finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    n = int(finite.size)
+    if n == 0:
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
+    mean = float(finite.mean())
+    if n == 1:
+        return {"mean": mean, "ci95": [float("nan"), float("nan")], "n": 1}
+    half = float(stats.t.ppf(0.975, n - 1) * finite.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+
+
+def _nanmean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+# ---------------------------------------------------------------------- perceptual metrics
+
+
+class PerceptualMetrics:
+    """LPIPS-alex and pooled AlexNet features; unavailable (with a reason) without the weights."""
+
+    def __init__(self, weights: str | None) -> None:
+        from calid.evaluation.lpips import LPIPS
+
+        self.reason = ""
+        self.network: Any = None
+        try:
+            self.network = LPIPS(weights)
+        except Exception as error:  # noqa: BLE001 - any failure to get the weights means "not measured"
+            self.reason = f"LPIPS and the Fréchet distance were not computed: the AlexNet weights could not be loaded ({error})"
+
+    @property
+    def available(self) -> bool:
+        return self.network is not None
+
+    @torch.no_grad()
+    def lpips(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(N,) distances of (N, H, W) images in [-1, 1]."""
+        out = [self.network(torch.from_numpy(a[i : i + 64, None]), torch.from_numpy(b[i : i + 64, None])).numpy() for i in range(0, len(a), 64)]
+        return np.concatenate(out)
+
+    @torch.no_grad()
+    def features(self, images: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.network.pooled_features(torch.from_numpy(images[i : i + 64, None])).numpy() for i in range(0, len(images), 64)])
+
+
+# ---------------------------------------------------------------------- the harness
+
+
+@dataclass
+class _Triplets:
+    """The Task 1 slices of one subject on the model's crop: previous, next, truth and their keys."""
+
+    previous: np.ndarray
+    following: np.ndarray
+    truth: np.ndarray
+    keys: list[tuple[int, int, int]]  # (seed, frame, slice)
+    cropped: CineStack
+    params: PreprocessParams
+
+
+class Evaluation:
+    """Runs the selected tasks and writes the report; see the module docstring."""
+
+    def __init__(self, config: EvaluationConfig, progress: ProgressFn | None = None, command: str | None = None) -> None:
+        self.config = config
+        self.progress = progress or (lambda message: None)
+        self.command = command if command is not None else " ".join(["calid"] + sys.argv[1:])
+        self.pipeline: UpsamplingPipeline = load_pipeline("linear" if config.methods == ("linear",) else config.model, config.device)
+        self.preprocess_config: PreprocessConfig = (
+            self.pipeline.config.preprocess if self.pipeline.model is not None else named_config("small").preprocess
+        )
+        self.skipped: dict[str, str] = {}
+        self.methods = [m for m in config.methods if self._method_available(m)]
+        self.seg_model: Any = None
+        self.seg_reason = ""
+        self.results: dict[str, Any] = {}
+
+    def _method_available(self, method: str) -> bool:
+        model = self.pipeline.model
+        if method == "linear":
+            return True
+        if model is None:
+            self.skipped[method] = "no CaLID model is installed"
+            return False
+        if method in ("calid", "calid+", INVERSION_SLERP) and model.net is None:
+            self.skipped[method] = "the model is an autoencoder only"
+            return False
+        if method == INVERSION_SLERP and model.config.denoiser.condition_dropout <= 0 and not self.pipeline.untrained:
+            self.skipped[method] = (
+                "the model was trained without condition dropout, so its denoiser has no meaningful unconditioned mode; "
+                "train with --condition-dropout 0.1 (or more) to evaluate this baseline"
+            )
+            return False
+        return True
+
+    def _load_seg_model(self) -> None:
+        if self.seg_model is not None or self.seg_reason:
+            return
+        from calid.device import resolve_device
+        from calid.models.registry import resolve_model
+        from calid.segmentation import load_segmenter
+
+        try:
+            self.seg_model = load_segmenter(resolve_model(self.config.seg_model, kind="segmentation"), device=resolve_device(self.config.device))
+        except InputError as error:
+            self.seg_reason = f"no segmentation model: {error}"
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        out_dir = Path(config.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        subjects, _ = load_evaluation_subjects(config) if set(config.tasks) & {1, 2, 3} else ([], [])
+        self.perceptual = PerceptualMetrics(config.lpips_weights) if 1 in config.tasks or 2 in config.tasks else None
+        triplets = {s.name: self._triplets(s) for s in subjects}
+        predictions: dict[str, dict[str, np.ndarray]] = {}
+        results: dict[str, Any] = {
+            "schema": SCHEMA,
+            "command": self.command,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": _jsonable(asdict(config)),
+            "model": self.pipeline.describe(),
+            "methods": self.methods,
+            "skipped_methods": dict(self.skipped),
+            "subjects": sorted({s.subject for s in subjects}),
+            "volumes": [{"volume": s.name, "subject": s.subject, "frames": s.frames, "labelled_frames": sorted(s.labels), "note": s.frame_note} for s in subjects],
+        }
+        if 1 in config.tasks or 3 in config.tasks:
+            results["task1"], predictions = self._task1(subjects, triplets)
+            if 1 not in config.tasks:
+                results.pop("task1")
+        if 2 in config.tasks:
+            results["task2"] = self._task2(subjects, triplets)
+        if 3 in config.tasks:
+            results["task3"] = self._task3(subjects, triplets, predictions)
+        if 4 in config.tasks:
+            results["task4"] = self._task4()
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        self.results = results
+        self._write(results, subjects, triplets, predictions)
+        return results
+
+    # ------------------------------------------------------------------ task 1
+    def _triplets(self, subject: EvalSubject) -> _Triplets:
+        cropped, params = preprocess(subject.stack, self.preprocess_config)
+        previous, following, truth, keys = [], [], [], []
+        for t in subject.frames:
+            for n in range(1, subject.stack.n_slices - 1):
+                previous.append(cropped.data[t, n - 1])
+                following.append(cropped.data[t, n + 1])
+                truth.append(cropped.data[t, n])
+                keys.append((self.config.seed, t, n))
+        return _Triplets(np.asarray(previous, np.float32), np.asarray(following, np.float32), np.asarray(truth, np.float32), keys, cropped, params)
+
+    def _predict(self, method: str, previous: np.ndarray, following: np.ndarray, keys: list[tuple[int, int, int]], steps: int | None = None) -> np.ndarray:
+        if steps is None:
+            steps = self.config.baseline_steps if method == INVERSION_SLERP else self.config.steps
+        return self.pipeline.interpolate_slices(previous, following, method, steps, keys, batch_size=self.config.batch_size)
+
+    def _task1(self, subjects: list[EvalSubject], triplets: dict[str, _Triplets]) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+        perceptual = self.perceptual
+        per_subject: list[dict[str, Any]] = []
+        predictions: dict[str, dict[str, np.ndarray]] = {s.name: {} for s in subjects}
+        features: dict[str, list[np.ndarray]] = {m: [] for m in self.methods + ["real"]}
+        for index, subject in enumerate(subjects):
+            data = triplets[subject.name]
+            if not len(data.truth):
+                continue
+            truth_unit = _unit(data.truth)
+            if perceptual is not None and perceptual.available:
+                features["real"].append(perceptual.features(data.truth))
+            for method in self.methods:
+                self.progress(f"task 1: {subject.subject} ({index + 1}/{len(subjects)}), {method}, {len(data.truth)} slices")
+                started = time.perf_counter()
+                predicted = self._predict(method, data.previous, data.following, data.keys)
+                seconds = time.perf_counter() - started
+                predictions[subject.name][method] = predicted
+                unit = _unit(predicted)
+                row: dict[str, Any] = {
+                    "subject": subject.subject,
+                    "volume": subject.name,
+                    "method": method,
+                    "slices": len(predicted),
+                    "psnr": float(np.mean(psnr(unit, truth_unit))),
+                    "ssim": float(np.mean(ssim(unit, truth_unit))),
+                    "lpips": float("nan"),
+                    "ms_per_slice": 1000.0 * seconds / len(predicted),
+                }
+                if perceptual is not None and perceptual.available:
+                    row["lpips"] = float(np.mean(perceptual.lpips(predicted, data.truth)))
+                    features[method].append(perceptual.features(predicted))
+                per_subject.append(row)
+        per_volume = per_subject
+        per_subject = pool_by_subject(per_volume, ("method",), IMAGE_METRICS + ("ms_per_slice",), weight="slices")
+        summary: dict[str, Any] = {}
+        for method in self.methods:
+            rows = [r for r in per_subject if r["method"] == method]
+            summary[method] = {metric: mean_ci([r[metric] for r in rows]) for metric in IMAGE_METRICS + ("ms_per_slice",)}
+            summary[method]["slices"] = int(sum(r["slices"] for r in rows))
+            summary[method]["frechet_alexnet"] = self._frechet(features.get(method, []), features["real"])
+        notes = []
+        if perceptual is not None and not perceptual.available:
+            notes.append(perceptual.reason)
+        notes.append("Fréchet distance on AlexNet conv5 features pooled over space (not the Inception FID of the paper; no Inception weights are used).")
+        return {"per_subject": per_subject, "per_volume": per_volume, "summary": summary, "notes": notes, "device": self.pipeline.describe()["device"]}, predictions
+
+    @staticmethod
+    def _frechet(generated: list[np.ndarray], real: list[np.ndarray]) -> float:
+        if not generated or not real:
+            return float("nan")
+        a, b = np.concatenate(generated), np.concatenate(real)
+        if len(a) < 2 or len(b) < 2:
+            return float("nan")
+        return frechet_distance(a, b)
+
+    # ------------------------------------------------------------------ task 2
+    def _task2(self, subjects: list[EvalSubject], triplets: dict[str, _Triplets]) -> dict[str, Any]:
+        modes = [m for m in ("calid", "calid+") if m in self.methods]
+        if not modes:
+            return {"skipped": "needs the calid or calid+ method (and a CaLID model)"}
+        pool = [(name, i) for name in (s.name for s in subjects) for i in range(len(triplets[name].truth))]
+        if not pool:
+            return {"skipped": "no interior slices"}
+        chosen = [pool[int(i)] for i in np.unique(np.linspace(0, len(pool) - 1, min(self.config.sweep_slices, len(pool))).round().astype(int))]
+        previous = np.stack([triplets[n].previous[i] for n, i in chosen])
+        following = np.stack([triplets[n].following[i] for n, i in chosen])
+        truth = np.stack([triplets[n].truth[i] for n, i in chosen])
+        keys = [triplets[n].keys[i] for n, i in chosen]
+        rows = []
+        for mode in modes:
+            for steps in self.config.sweep_steps:
+                self.progress(f"task 2: {mode}, {steps} steps, {len(chosen)} slices")
+                started = time.perf_counter()
+                predicted = self._predict(mode, previous, following, keys, steps)
+                seconds = time.perf_counter() - started
+                row = {
+                    "method": mode,
+                    "steps": int(steps),
+                    "psnr": float(np.mean(psnr(_unit(predicted), _unit(truth)))),
+                    "ssim": float(np.mean(ssim(_unit(predicted), _unit(truth)))),
+                    "lpips": float("nan"),
+                    "ms_per_slice": 1000.0 * seconds / len(chosen),
+                }
+                if self.perceptual is not None and self.perceptual.available:
+                    row["lpips"] = float(np.mean(self.perceptual.lpips(predicted, truth)))
+                rows.append(row)
+        references = {}
+        for method in ("linear", "latent-linear"):
+            if method in self.methods:
+                predicted = self._predict(method, previous, following, keys)
+                references[method] = {"psnr": float(np.mean(psnr(_unit(predicted), _unit(truth)))), "ssim": float(np.mean(ssim(_unit(predicted), _unit(truth))))}
+        return {"slices": len(chosen), "rows": rows, "references": references}
+
+    # ------------------------------------------------------------------ task 3
+    def _task3(self, subjects: list[EvalSubject], triplets: dict[str, _Triplets], predictions: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+        from calid.segmentation.inference import segment
+
+        labelled = [s for s in subjects if set(s.labels) & set(s.frames)]
+        if not labelled:
+            return {"skipped": "no evaluated frame has ground-truth labels (give --labels with SUBJECT_frameNN_gt files)"}
+        self._load_seg_model()
+        if self.seg_model is None:
+            return {"skipped": self.seg_reason}
+        per_subject: list[dict[str, Any]] = []
+        methods = ["real"] + self.methods
+        for index, subject in enumerate(labelled):
+            data = triplets[subject.name]
+            weight = seam_weight(data.params)
+            spacing_yx = (subject.stack.spacing[1], subject.stack.spacing[0])
+            interior = list(range(1, subject.stack.n_slices - 1))
+            for method in methods:
+                self.progress(f"task 3: {subject.name} ({index + 1}/{len(labelled)}), {method}")
+                scores: dict[int, dict[str, list[float]]] = {v: {m: [] for m in SEG_METRICS} for v in STRUCTURES}
+                for position, t in enumerate(subject.frames):
+                    if t not in subject.labels:
+                        continue
+                    frame = subject.stack.select_frames([t])
+                    if method != "real":
+                        rows = slice(position * len(interior), (position + 1) * len(interior))
+                        frame = self._paste(frame, predictions[subject.name][method][rows], data, weight, interior)
+                    labels = segment(frame, self.seg_model).data[0]
+                    for n in interior:
+                        for value, values in segmentation_scores(labels[n], subject.labels[t][n], spacing_yx, tuple(STRUCTURES)).items():
+                            for metric in SEG_METRICS:
+                                scores[value][metric].append(values[metric])
+                for value, name in STRUCTURES.items():
+                    per_subject.append(
+                        {"subject": subject.subject, "volume": subject.name, "method": method, "structure": name, "slices": len(scores[value]["dice"]), **{m: _nanmean(scores[value][m]) for m in SEG_METRICS}}
+                    )
+        per_volume = per_subject
+        per_subject = pool_by_subject(per_volume, ("method", "structure"), SEG_METRICS, weight="slices")
+        summary = {
+            method: {
+                name: {m: mean_ci([r[m] for r in per_subject if r["method"] == method and r["structure"] == name]) for m in SEG_METRICS}
+                for name in STRUCTURES.values()
+            }
+            for method in methods
+        }
+        return {"per_subject": per_subject, "per_volume": per_volume, "summary": summary, "segmentation_model": self.seg_model.path}
+
+    def _paste(self, frame: CineStack, predicted: np.ndarray, data: _Triplets, weight: np.ndarray, interior: list[int]) -> CineStack:
+        """The acquired frame with its interior slices replaced, inside the crop, by the predicted ones."""
+        crop = data.cropped.select_frames([0]).with_data(predicted[None].astype(np.float32), frame_times_ms=None)
+        restored = undo_preprocess(crop, data.params).data[0]
+        out = frame.data.copy()
+        out[0, interior] = weight * restored + (1.0 - weight) * frame.data[0, interior]
+        return frame.with_data(out)
+
+    # ------------------------------------------------------------------ task 4
+    def _task4(self) -> dict[str, Any]:
+        from calid.geometry.volumes import cardiac_function, structure_volumes_ml
+        from calid.segmentation.inference import segment
+
+        self._load_seg_model()
+        methods = [m for m in self.methods if m != INVERSION_SLERP]
+        notes = []
+        if INVERSION_SLERP in self.methods:
+            notes.append("inversion-slerp is a single-gap baseline and is not run through the bisection engine in Task 4.")
+        factor = self.config.factor
+        per_subject: list[dict[str, Any]] = []
+        for i in range(self.config.phantoms):
+            phantom = make_phantom(3000 + i, evaluation_phantom_config())
+            frames = [0, phantom.es_frame]
+            truth = phantom.truth_for_factor(factor).select_frames(frames)
+            true_labels = phantom.labels_for_factor(factor).select_frames(frames)
+            true_labels.metadata["upsampling"] = {"input_slice_spacing_mm": phantom.sparse.slice_spacing}
+            low, high = (float(v) for v in np.percentile(phantom.sparse.data, self.preprocess_config.percentiles))
+            new = np.array([k for k in range(truth.n_slices) if k % factor])
+            true_function = cardiac_function(true_labels, ed_frame=0, es_frame=1)
+            candidates: list[tuple[str, CineStack | None]] = [(m, None) for m in methods] + [("truth image", truth)]
+            for method, given in candidates:
+                self.progress(f"task 4: phantom {i + 1}/{self.config.phantoms}, {method}")
+                dense = given if given is not None else self.pipeline.upsample(
+                    phantom.sparse, factor, method, self.config.steps, self.config.seed, frames=frames, batch_size=self.config.batch_size
+                )
+                row: dict[str, Any] = {"subject": f"phantom{3000 + i}", "method": method}
+                if given is None:
+                    a = np.clip((dense.data[:, new] - low) / (high - low), 0, 1).reshape(-1, *dense.shape[2:])
+                    b = np.clip((truth.data[:, new] - low) / (high - low), 0, 1).reshape(-1, *truth.shape[2:])
+                    row.update(psnr=float(np.mean(psnr(a, b))), ssim=float(np.mean(ssim(a, b))))
+                if self.seg_model is not None:
+                    labels = segment(dense, self.seg_model)
+                    labels.metadata["upsampling"] = {"input_slice_spacing_mm": phantom.sparse.slice_spacing}
+                    for value, name in STRUCTURES.items():
+                        p, t = np.rint(labels.data) == value, np.rint(true_labels.data) == value
+                        total = p.sum() + t.sum()
+                        row[f"dice {name}"] = float(2 * (p & t).sum() / total) if total else float("nan")
+                        predicted_ml, true_ml = structure_volumes_ml(labels, value), structure_volumes_ml(true_labels, value)
+                        row[f"volume error % {name}"] = float(np.mean(100.0 * (predicted_ml - true_ml) / np.maximum(true_ml, 1e-6)))
+                    try:
+                        row["lv ef error (points)"] = cardiac_function(labels, ed_frame=0, es_frame=1).summary["lv_ef_percent"] - true_function.summary["lv_ef_percent"]
+                    except InputError:
+                        row["lv ef error (points)"] = float("nan")
+                per_subject.append(row)
+            if self.seg_model is not None:
+                sparse_labels = segment(phantom.sparse.select_frames(frames), self.seg_model)
+                try:
+                    ef = cardiac_function(sparse_labels, ed_frame=0, es_frame=1).summary["lv_ef_percent"]
+                except InputError:
+                    ef = float("nan")
+                per_subject.append({"subject": f"phantom{3000 + i}", "method": "sparse stack (Simpson's)", "lv ef error (points)": ef - true_function.summary["lv_ef_percent"]})
+        if self.seg_model is None:
+            notes.append(f"segmentation scores not computed: {self.seg_reason}")
+        metrics = sorted({k for r in per_subject for k in r if k not in ("subject", "method")}, key=_metric_order)
+        summary = {
+            method: {m: mean_ci([r.get(m, float("nan")) for r in per_subject if r["method"] == method]) for m in metrics}
+            for method in dict.fromkeys(r["method"] for r in per_subject)
+        }
+        return {"factor": factor, "phantoms": self.config.phantoms, "per_subject": per_subject, "summary": summary, "metrics": metrics, "notes": notes}
+
+    # ------------------------------------------------------------------ outputs
+    def _write(self, results: dict[str, Any], subjects: list[EvalSubject], triplets: dict[str, _Triplets], predictions: dict[str, dict[str, np.ndarray]]) -> None:
+        out = Path(self.config.out_dir)
+        figures = []
+        if "task2" in results and "rows" in results["task2"]:
+            figures.append(("steps.png", "Quality against the number of DDIM steps (Task 2)"))
+            plot_steps(results["task2"], out / "steps.png")
+        if predictions and any(predictions.values()):
+            figures.append(("examples.png", "Examples: neighbours, truth, each method and its absolute error (Task 1)"))
+            plot_examples(subjects, triplets, predictions, self.methods, out / "examples.png", self.config.examples)
+        results["figures"] = [name for name, _ in figures]
+        for task, name in (("task1", "task1_per_subject.csv"), ("task3", "task3_per_subject.csv"), ("task4", "task4_per_subject.csv")):
+            rows = results.get(task, {}).get("per_subject")
+            if rows:
+                write_csv(rows, out / name)
+        with atomic_path(out / "results.json") as tmp:
+            tmp.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
+        with atomic_path(out / "report.md") as tmp:
+            tmp.write_text(render_report(results, figures))
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _unit(images: np.ndarray) -> np.ndarray:
+    """Normalised crops [-1, 1] -> [0, 1], the range every metric is computed on."""
+    return np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def _metric_order(name: str) -> tuple[int, str]:
+    order = ("psnr", "ssim", "dice", "volume", "lv ef")
+    return next((i for i, prefix in enumerate(order) if name.startswith(prefix)), len(order)), name
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON-safe copy: NaN / inf become None, tuples lists, numpy scalars Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return float(value) if math.isfinite(float(value)) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return path
+
+
+def plot_steps(task2: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric, label in ((axes[0], "psnr", "PSNR (dB)"), (axes[1], "ssim", "SSIM")):
+        for method in dict.fromkeys(r["method"] for r in task2["rows"]):
+            rows = [r for r in task2["rows"] if r["method"] == method]
+            ax.plot([r["steps"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
+        for (method, values), style in zip(task2.get("references", {}).items(), ("--", ":")):
+            ax.axhline(values[metric], color="grey", linestyle=style, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("DDIM steps")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle(f"Middle-slice quality against DDIM steps ({task2['slices']} slices)")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def plot_examples(
+    subjects: list[EvalSubject], triplets: dict[str, _Triplets], predictions: dict[str, dict[str, np.ndarray]], methods: list[str], path: Path, count: int
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = []
+    for subject in subjects[: max(1, count)]:
+        data = triplets[subject.name]
+        if len(data.truth):
+            picks.append((subject.name, len(data.truth) // 2))
+    columns = 3 + len(methods)
+    figure, axes = plt.subplots(2 * len(picks), columns, figsize=(1.9 * columns, 4.0 * len(picks)), squeeze=False)
+    for row, (name, index) in enumerate(picks):
+        data = triplets[name]
+        key = data.keys[index]
+        top, bottom = axes[2 * row], axes[2 * row + 1]
+        panels = [("previous", data.previous[index]), ("next", data.following[index]), (f"truth\n{name} t{key[1]} z{key[2]}", data.truth[index])]
+        panels += [(method, predictions[name][method][index]) for method in methods]
+        for ax, (title, image) in zip(top, panels):
+            ax.imshow(_unit(image), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8)
+        for ax, method in zip(bottom[3:], methods):
+            error = np.abs(_unit(predictions[name][method][index]) - _unit(data.truth[index]))
+            ax.imshow(error, cmap="magma", vmin=0, vmax=0.5)
+            ax.set_title(f"|error| {float(np.mean(psnr(_unit(predictions[name][method][index])[None], _unit(data.truth[index])[None]))):.1f} dB", fontsize=8)
+        for ax in list(top) + list(bottom):
+            ax.axis("off")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def _fmt(summary: dict[str, Any], digits: int = 2) -> str:
+    mean, (low, high) = summary["mean"], summary["ci95"]
+    if mean is None or not math.isfinite(mean):
+        return "–"
+    if low is None or not math.isfinite(low):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> str:
+    """The markdown report: setup, then one section with tables per task."""
+    model = results["model"]
+    lines = [
+        "# CaLID evaluation report",
+        "",
+        f"Produced by `{results['command']}` on {results['created']} ({results['seconds']} s).",
+        "",
+        f"- Model: `{model['model']}`" + (f" (sha256 `{model['model_sha256'][:16]}…`)" if model.get("model_sha256") else ""),
+        f"- Device: {model['device']}",
+        f"- Subjects: {len(results['subjects'])} ({', '.join(results['subjects'][:13])}{', …' if len(results['subjects']) > 13 else ''}); "
+        f"{len(results['volumes'])} volumes, {sum(len(v['frames']) for v in results['volumes'])} frames",
+        f"- DDIM steps: {results['config']['steps']} (inversion-slerp: {results['config']['baseline_steps']}); seed {results['config']['seed']}",
+        "- Means over subjects with 95 % confidence intervals (Student t) in brackets.",
+    ]
+    if model.get("untrained"):
+        lines += ["", "> **UNTRAINED MODEL**: these numbers only show that the harness runs; they say nothing about CaLID."]
+    for method, reason in results.get("skipped_methods", {}).items():
+        lines.append(f"- `{method}` not evaluated: {reason}")
+    if "task1" in results:
+        task = results["task1"]
+        lines += [
+            "",
+            "## Task 1: middle-slice interpolation (paper Table I)",
+            "",
+            "Each interior slice predicted from its two acquired neighbours, scored on the model's crop normalised to [0, 1].",
+            "",
+            "| Method | Slices | PSNR (dB) ↑ | SSIM ↑ | LPIPS-alex ↓ | Fréchet (AlexNet) ↓ | ms / slice |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for method, s in task["summary"].items():
+            fd = s["frechet_alexnet"]
+            fd_text = "–" if fd is None or not math.isfinite(fd) else f"{fd:.2f}"
+            lines.append(f"| {method} | {s['slices']} | {_fmt(s['psnr'])} | {_fmt(s['ssim'], 3)} | {_fmt(s['lpips'], 3)} | {fd_text} | {_fmt(s['ms_per_slice'], 2)} |")
+        lines += [""] + [f"- {note}" for note in task["notes"]] + [f"- Times on {task['device']}."]
+    if "task2" in results:
+        task = results["task2"]
+        lines += ["", "## Task 2: quality against DDIM steps (paper Fig. 2)", ""]
+        if "skipped" in task:
+            lines.append(f"Not run: {task['skipped']}.")
+        else:
+            lines += [f"{task['slices']} slices spread evenly over the Task 1 slices.", "", "| Method | Steps | PSNR (dB) | SSIM | LPIPS | ms / slice |", "|---|---|---|---|---|---|"]
+            for r in task["rows"]:
+                lpips_text = "–" if r["lpips"] is None or not math.isfinite(r["lpips"]) else f"{r['lpips']:.3f}"
+                lines.append(f"| {r['method']} | {r['steps']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {lpips_text} | {r['ms_per_slice']:.1f} |")
+            for method, values in task.get("references", {}).items():
+                lines.append(f"| {method} (reference) | – | {values['psnr']:.2f} | {values['ssim']:.3f} | – | – |")
+    if "task3" in results:
+        task = results["task3"]
+        lines += ["", "## Task 3: downstream segmentation (paper Table II)", ""]
+        if "skipped" in task:
+            lines.append(f"Not run: {task['skipped']}.")
+        else:
+            lines += [
+                f"Interior slices replaced by each method's prediction (inside the model's crop), segmented with `{Path(task['segmentation_model']).name}`, "
+                "scored per slice against the ground truth; `real` segments the acquired slices (upper bound).",
+                "",
+                "| Method | Structure | Dice ↑ | HD95 (mm) ↓ | ASD (mm) ↓ | ASSD (mm) ↓ |",
+                "|---|---|---|---|---|---|",
+            ]
+            for method, structures in task["summary"].items():
+                for name, s in structures.items():
+                    lines.append(f"| {method} | {name} | {_fmt(s['dice'], 3)} | {_fmt(s['hd95_mm'])} | {_fmt(s['asd_mm'])} | {_fmt(s['assd_mm'])} |")
+    if "task4" in results:
+        task = results["task4"]
+        lines += [
+            "",
+            "## Task 4: phantoms with a dense 3D truth (beyond the paper)",
+            "",
+            f"{task['phantoms']} synthetic cines upsampled ×{task['factor']} (ED and ES frames) and compared with the truth acquired at every position; "
+            "PSNR / SSIM over the new slices; Dice and volume error after segmenting the whole dense stack; "
+            "LV ejection fraction error in percentage points. `truth image` segments the true dense image (upper bound of the segmentation); "
+            "`sparse stack (Simpson's)` is the clinical routine on the acquired slices.",
+            "",
+            "| Method | " + " | ".join(TASK4_HEADERS.get(m, m) for m in task["metrics"]) + " |",
+            "|---|" + "---|" * len(task["metrics"]),
+        ]
+        for method, s in task["summary"].items():
+            lines.append(f"| {method} | " + " | ".join(_fmt(s[m], 3 if m.startswith(("ssim", "dice")) else 2) for m in task["metrics"]) + " |")
+        lines += [""] + [f"- {note}" for note in task["notes"]]
+    if figures:
+        lines += ["", "## Figures", ""]
+        lines += [f"![{caption}]({name})\n\n{caption}.\n" for name, caption in figures]
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(config: EvaluationConfig, progress: ProgressFn | None = None, command: str | None = None) -> dict[str, Any]:
+    """Run the evaluation of ``config`` and write its report; returns the results (as in results.json)."""
+    return Evaluation(config, progress, command).run()

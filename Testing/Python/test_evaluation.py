@@ -1,0 +1,172 @@
+"""The evaluation harness (``calid evaluate``): statistics, subject and label discovery, the
+per-gap interpolation it scores, and the whole run on phantoms and on real ACDC data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from calid.cli import main
+from calid.data.io import read_stack, write_stack
+from calid.data.preprocess import preprocess
+from calid.errors import InputError
+from calid.evaluation.harness import SCHEMA, EvaluationConfig, evaluate, expand_subjects, find_label_files, load_evaluation_subjects, mean_ci
+from calid.evaluation.metrics import psnr
+from calid.inference.pipeline import load_pipeline, untrained_model
+from calid.models.checkpoint import save_model
+
+from conftest import SHARED_DATA, shared_file
+
+
+def test_mean_ci_matches_the_t_table():
+    result = mean_ci([1.0, 2.0, 3.0, float("nan")])
+    # sd = 1, n = 3, t(0.975, 2) = 4.3027 (statistics tables): half width 4.3027 / sqrt(3).
+    assert result["n"] == 3
+    assert result["mean"] == pytest.approx(2.0)
+    assert result["ci95"] == pytest.approx([2.0 - 4.3027 / math.sqrt(3), 2.0 + 4.3027 / math.sqrt(3)], abs=1e-3)
+    assert mean_ci([5.0])["n"] == 1 and math.isnan(mean_ci([5.0])["ci95"][0])
+    assert mean_ci([])["n"] == 0
+
+
+def test_subject_ranges_and_unknown_subjects():
+    available = [f"patient{i:03d}" for i in range(1, 12)]
+    assert expand_subjects(["patient003..patient005", "patient010"], available) == ["patient003", "patient004", "patient005", "patient010"]
+    with pytest.raises(InputError, match="patient099"):
+        expand_subjects(["patient099"], available)
+
+
+def test_label_files_are_found_by_acdc_frame_numbers_and_checked(tmp_path, small_phantom):
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir(), labels.mkdir()
+    write_stack(small_phantom.sparse, images / "subj01_4d.nii.gz")
+    es = small_phantom.es_frame
+    write_stack(small_phantom.sparse_labels.select_frames([es]), labels / f"subj01_frame{es + 1:02d}_gt.nii.gz", dtype="uint8")
+    assert find_label_files(labels, "subj01") == {es: labels / f"subj01_frame{es + 1:02d}_gt.nii.gz"}
+    subjects, _ = load_evaluation_subjects(EvaluationConfig(data=(str(images),), out_dir=str(tmp_path / "out"), labels=str(labels)))
+    assert [s.subject for s in subjects] == ["subj01"] and subjects[0].name == "subj01_4d"
+    assert subjects[0].frames == [es]  # "labelled" frames by default
+    np.testing.assert_array_equal(subjects[0].labels[es], small_phantom.sparse_labels.data[es])
+    # A label file that does not fit its cine is refused, naming the file.
+    write_stack(small_phantom.sparse_labels.select_frames([0]).with_data(small_phantom.sparse_labels.data[:1, :-1]), labels / "subj01_frame01_gt.nii.gz", dtype="uint8")
+    with pytest.raises(InputError, match="subj01_frame01_gt"):
+        load_evaluation_subjects(EvaluationConfig(data=(str(images),), out_dir=str(tmp_path / "out"), labels=str(labels)))
+
+
+def test_interpolate_slices_is_the_engine_on_one_gap(small_phantom):
+    pipeline = load_pipeline("untrained:tiny", "cpu")
+    cropped, _ = preprocess(small_phantom.sparse, pipeline.config.preprocess)
+    previous, following = cropped.data[0, 2:6], cropped.data[0, 4:8]
+    np.testing.assert_allclose(pipeline.interpolate_slices(previous, following, "linear"), (previous + following) / 2)
+    keys = [(0, 0, z) for z in range(3, 7)]
+    whole = pipeline.interpolate_slices(previous, following, "calid", 2, keys, batch_size=4)
+    split = pipeline.interpolate_slices(previous, following, "calid", 2, keys, batch_size=1)
+    np.testing.assert_allclose(whole, split, atol=1e-5)
+    other_seed = pipeline.interpolate_slices(previous, following, "calid", 2, [(1, 0, z) for z in range(3, 7)], batch_size=4)
+    assert np.abs(other_seed - whole).max() > 1e-3
+    baseline = pipeline.interpolate_slices(previous, following, "inversion-slerp", 2, keys)
+    assert baseline.shape == previous.shape and np.all(np.abs(baseline) <= 1.0)
+    with pytest.raises(InputError, match="crops"):
+        pipeline.interpolate_slices(previous[:, :8], following[:, :8], "calid")
+
+
+def test_evaluation_end_to_end_on_two_phantoms(tmp_path):
+    out = tmp_path / "report"
+    config = EvaluationConfig(
+        data=("phantom:2",), out_dir=str(out), model="untrained:tiny", baseline_steps=2, steps=2,
+        sweep_steps=(1, 2), sweep_slices=4, phantoms=1, factor=2, batch_size=32,
+    )
+    results = evaluate(config, command="test")
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["schema"] == SCHEMA
+    assert set(saved) >= {"command", "config", "model", "methods", "subjects", "task1", "task2", "task3", "task4", "figures", "seconds"}
+    assert saved["model"]["untrained"] is True
+    assert saved["methods"] == ["linear", "latent-linear", "inversion-slerp", "calid", "calid+"]
+    assert saved["subjects"] == ["phantom2000", "phantom2001"]
+    assert [v["frames"] for v in saved["volumes"]] == [[0, v["labelled_frames"][1]] for v in saved["volumes"]]
+    # Task 1: every method on every interior slice of the labelled frames (ED and ES), 8 interior slices each.
+    summary = saved["task1"]["summary"]
+    for method in saved["methods"]:
+        assert summary[method]["slices"] == 2 * 2 * 8
+        assert set(summary[method]) >= {"psnr", "ssim", "lpips", "ms_per_slice", "frechet_alexnet"}
+        assert summary[method]["psnr"]["n"] == 2
+    # The linear baseline's PSNR, recomputed here from the phantoms' own slices.
+    expected = []
+    for subject in results["volumes"]:
+        from calid.data.phantom import make_phantom
+        from calid.evaluation.harness import evaluation_phantom_config
+
+        phantom = make_phantom(int(subject["subject"][len("phantom"):]), evaluation_phantom_config())
+        cropped, _ = preprocess(phantom.sparse, untrained_model("tiny").config.preprocess)
+        values = []
+        for t in subject["frames"]:
+            d = (cropped.data[t] + 1) / 2
+            values.extend(psnr(np.clip((d[:-2] + d[2:]) / 2, 0, 1), np.clip(d[1:-1], 0, 1)))
+        expected.append(np.mean(values))
+    assert summary["linear"]["psnr"]["mean"] == pytest.approx(np.mean(expected), abs=1e-3)
+    # An untrained autoencoder destroys the image: the linear baseline must beat it.
+    assert summary["linear"]["psnr"]["mean"] > summary["latent-linear"]["psnr"]["mean"] + 3
+    with open(out / "task1_per_subject.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 * 5 and {r["subject"] for r in rows} == {"phantom2000", "phantom2001"}
+    # Task 2: both modes at each step count.
+    assert [(r["method"], r["steps"]) for r in saved["task2"]["rows"]] == [("calid", 1), ("calid", 2), ("calid+", 1), ("calid+", 2)]
+    # Task 3: the real-slice upper bound and every method, per structure, with Dice in [0, 1].
+    task3 = saved["task3"]["summary"]
+    assert set(task3) == {"real", *saved["methods"]}
+    for structures in task3.values():
+        for scores in structures.values():
+            assert scores["dice"]["mean"] is None or 0.0 <= scores["dice"]["mean"] <= 1.0
+    # Task 4: the phantom truth; the linear baseline on thin phantom gaps is far better than an untrained model.
+    task4 = saved["task4"]["summary"]
+    assert {"linear", "calid", "truth image", "sparse stack (Simpson's)"} <= set(task4)
+    assert task4["linear"]["psnr"]["mean"] > task4["calid"]["psnr"]["mean"]
+    for name in ("report.md", "task3_per_subject.csv", "task4_per_subject.csv", "steps.png", "examples.png"):
+        assert (out / name).stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "UNTRAINED MODEL" in report and "## Task 1" in report and "## Task 4" in report
+
+
+def test_inversion_slerp_needs_a_denoiser_trained_with_condition_dropout(tmp_path):
+    model = untrained_model("tiny")
+    path = save_model(tmp_path / "no-dropout.safetensors", model.config, model.vae, model.net)
+    results = evaluate(
+        EvaluationConfig(data=("phantom:1",), out_dir=str(tmp_path / "out"), model=str(path), tasks=(1,), steps=1, batch_size=32), command="test"
+    )
+    assert "inversion-slerp" not in results["methods"]
+    assert "condition dropout" in results["skipped_methods"]["inversion-slerp"]
+    assert "inversion-slerp" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cli_evaluate_on_real_acdc_labelled_frames(tmp_path, capsys):
+    labels = shared_file("acdc_edes_labels", "patient011_frame01_gt.nii.gz").parent
+    out = tmp_path / "acdc"
+    code = main(["evaluate", "--data", str(labels), "--subjects", "patient011", "--methods", "linear", "--tasks", "1,3", "--out", str(out), "--quiet"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    # The ED and ES files of one subject are two volumes pooled into one subject.
+    assert results["subjects"] == ["patient011"]
+    assert sorted(v["volume"] for v in results["volumes"]) == ["patient011_frame01", "patient011_frame08"]
+    assert len(results["task1"]["per_subject"]) == 1 and len(results["task1"]["per_volume"]) == 2
+    # Labels found beside the images (NAME_gt): the shipped segmenter agrees with them on the acquired slices.
+    real = results["task3"]["summary"]["real"]
+    assert real["LV cavity"]["dice"]["mean"] > 0.85
+    assert real["LV myocardium"]["dice"]["mean"] > 0.7
+    assert str(out / "report.md") in capsys.readouterr().out
+
+
+def test_cli_evaluate_real_cine_uses_ed_and_es_from_info_cfg(tmp_path):
+    shared_file("acdc_cine", "patient061_4d.nii.gz")
+    out = tmp_path / "cine"
+    assert main(["evaluate", "--data", str(SHARED_DATA / "acdc_cine"), "--subjects", "patient061", "--methods", "linear", "--tasks", "1", "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    info = (SHARED_DATA / "acdc_cine" / "patient061_Info.cfg").read_text()
+    ed, es = (int(line.split(":")[1]) - 1 for line in info.splitlines() if line.startswith(("ED", "ES")))
+    assert results["volumes"][0]["frames"] == sorted({ed, es})
+    stack = read_stack(SHARED_DATA / "acdc_cine" / "patient061_4d.nii.gz")
+    assert results["task1"]["summary"]["linear"]["slices"] == len({ed, es}) * (stack.n_slices - 2)
+    # Bad method names are refused before any work.
+    assert main(["evaluate", "--methods", "cubic", "--out", str(tmp_path / "x")]) == 2
