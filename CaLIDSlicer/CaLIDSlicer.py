@@ -10,15 +10,42 @@ blocking call for the Python console and ``Slicer --python-script`` batches.
 from __future__ import annotations
 
 import shutil
-from typing import Any
+from typing import Annotated, Any, Union
 
 import qt
 import slicer
+import vtk
+from slicer import vtkMRMLMarkupsFiducialNode, vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-MODES = [("CaLID (fast)", "calid"), ("CaLID+ (inverted neighbours)", "calid+"), ("Latent linear (baseline)", "latent-linear"), ("Linear (no model)", "linear")]
+from CaLIDSlicerLib.parameters import FACTORS, FrameSelection, Method
+
+#: Slice view -> plane shown on it; a plane of the user's own ("user", from 3 points) replaces the 3-chamber view.
 LAX_VIEWS = {"Red": "4-chamber", "Yellow": "2-chamber", "Green": "3-chamber"}
+
+
+@parameterNodeWrapper
+class CaLIDSlicerParameterNode:
+    """Everything the panel sets, stored in the scene (saved with it, shared with scripts).
+
+    Device and model are plain strings: their choices (CUDA devices, installed
+    models) are only known at run time, so their combo boxes are filled and
+    synchronised by the widget.
+    """
+
+    inputNode: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]  # node parameters start as None
+    factor: Annotated[int, Choice(list(FACTORS))] = 4
+    method: Method = Method.CALID
+    steps: Annotated[int, WithinRange(1, 128)] = 8
+    seed: Annotated[int, WithinRange(0, 999999)] = 0
+    frames: FrameSelection = FrameSelection.ALL
+    frameRange: str = ""
+    device: str = "auto"
+    model: str = ""
+    segment: bool = True
+    planePoints: vtkMRMLMarkupsFiducialNode
 
 
 class CaLIDSlicer(ScriptedLoadableModule):
@@ -48,6 +75,8 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic: CaLIDSlicerLogic | None = None
         self.process: Any = None
         self.job: dict[str, Any] = {}
+        self._parameterNode: CaLIDSlicerParameterNode | None = None
+        self._parameterNodeGuiTag: Any = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -56,11 +85,7 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(panel)
         panel.setMRMLScene(slicer.mrmlScene)
         self.logic = CaLIDSlicerLogic()
-        for label, mode in MODES:
-            self.ui.modeComboBox.addItem(label, mode)
-        for factor in (2, 4, 8, 16):
-            self.ui.factorComboBox.addItem(f"x{factor}", factor)
-        self.ui.factorComboBox.setCurrentIndex(1)
+        # Choices known only at run time: filled here and kept in step with the parameter node by hand.
         self.ui.deviceComboBox.addItem("auto", "auto")
         self.ui.deviceComboBox.addItem("CPU", "cpu")
         for index, name in self.logic.cuda_devices():
@@ -69,35 +94,97 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for name in self.logic.installed_models():
             self.ui.modelComboBox.addItem(name, name)
         self.ui.modelComboBox.addItem("Load from file...", "file")
-        for label in ("All frames", "Current frame", "Range"):
-            self.ui.framesComboBox.addItem(label)
+        self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
+        self.ui.modelComboBox.connect("activated(int)", self.onModelChosen)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
-        self.ui.framesComboBox.connect("currentIndexChanged(int)", lambda i: self.ui.framesLineEdit.setEnabled(i == 2))
-        self.ui.framesLineEdit.setEnabled(False)
         self.ui.progressBar.hide()
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.cancel()
         self.removeObservers()
+        self.setParameterNode(None)
+
+    # ------------------------------------------------------------------ parameter node
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        # Keep the node, stop driving the GUI from it while the module is hidden.
+        if self._parameterNode is not None and self._parameterNodeGuiTag is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller: Any, event: Any) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller: Any, event: Any) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if self._parameterNode.inputNode is None:
+            self._parameterNode.inputNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, parameterNode: CaLIDSlicerParameterNode | None) -> None:
+        if self._parameterNode is not None:
+            if self._parameterNodeGuiTag is not None:
+                self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+                self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+            self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, caller: Any = None, event: Any = None) -> None:
+        """What connectGui cannot do: run-time choices, enabled states, the Apply tooltip."""
+        node = self._parameterNode
+        if node is None:
+            return
+        for combo, value in ((self.ui.deviceComboBox, node.device), (self.ui.modelComboBox, node.model)):
+            index = combo.findData(value)
+            if index >= 0 and index != combo.currentIndex:
+                combo.blockSignals(True)
+                combo.setCurrentIndex(index)
+                combo.blockSignals(False)
+        self.ui.framesLineEdit.setEnabled(node.frames == FrameSelection.RANGE)
+        needs_model = node.method != Method.LINEAR
+        self.ui.stepsSpinBox.setEnabled(needs_model)
+        self.ui.seedSpinBox.setEnabled(node.method == Method.CALID)
+        if self.process is None:
+            self.ui.applyButton.enabled = node.inputNode is not None
+            self.ui.applyButton.toolTip = "Upsample the selected cine" if node.inputNode is not None else "Select an input volume or cine first"
+
+    def onDeviceChanged(self, index: int) -> None:
+        if self._parameterNode is not None:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    def onModelChosen(self, index: int) -> None:
+        if self._parameterNode is None:
+            return
+        value = self.ui.modelComboBox.itemData(index)
+        if value == "file":
+            path = qt.QFileDialog.getOpenFileName(None, "CaLID model", "", "CaLID model (*.safetensors)")
+            if not path:
+                self.updateGUIFromParameterNode()
+                return
+            if self.ui.modelComboBox.findData(path) < 0:
+                self.ui.modelComboBox.insertItem(self.ui.modelComboBox.count - 1, path, path)
+            value = path
+        self._parameterNode.model = value
 
     # ------------------------------------------------------------------ options
     def options(self) -> Any:
-        from CaLIDSlicerLib.logic import UpsamplingOptions
+        from CaLIDSlicerLib import mrml
+        from CaLIDSlicerLib.parameters import options_from_parameters
 
-        model = self.ui.modelComboBox.currentData
-        if model == "file":
-            model = qt.QFileDialog.getOpenFileName(None, "CaLID model", "", "CaLID model (*.safetensors)") or None
-        frames = {0: None, 1: str(self.logic.current_frame(self.ui.inputSelector.currentNode())), 2: self.ui.framesLineEdit.text}[self.ui.framesComboBox.currentIndex]
-        return UpsamplingOptions(
-            factor=int(self.ui.factorComboBox.currentData),
-            mode=self.ui.modeComboBox.currentData,
-            steps=int(self.ui.stepsSpinBox.value),
-            seed=int(self.ui.seedSpinBox.value),
-            device=self.ui.deviceComboBox.currentData,
-            model=model or None,
-            frames=frames,
-            segment=self.ui.segmentCheckBox.checked,
-        )
+        node = self._parameterNode
+        return options_from_parameters(node, self.logic.current_frame(node.inputNode), mrml.points_from_markups(node.planePoints))
 
     # ------------------------------------------------------------------ apply / cancel
     def onApply(self) -> None:
@@ -110,7 +197,7 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not dependencies.install(confirm=True):
                 return
             options = self.options()
-            node = self.ui.inputSelector.currentNode()
+            node = self._parameterNode.inputNode
             folder, command, output = self.logic.prepare_background(node, options)
         except Exception as error:  # shown in the panel and the log, never a frozen GUI
             self.showError(error)
@@ -142,6 +229,7 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job, self.process = self.job, None
         self.ui.applyButton.text = "Apply"
         self.ui.progressBar.hide()
+        self.updateGUIFromParameterNode()
         try:
             if job.get("cancelled"):
                 self.ui.statusLabel.text = "Cancelled; nothing was added to the scene."
@@ -173,6 +261,9 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
     """The module's work without any GUI (Python console, batch scripts, the widget)."""
 
+    def getParameterNode(self) -> CaLIDSlicerParameterNode:
+        return CaLIDSlicerParameterNode(super().getParameterNode())
+
     def process(self, input_node: Any, options: Any = None, progress: Any = None, cancel: Any = None) -> Any:
         """Blocking: upsample ``input_node`` (volume or volume sequence) into new nodes; see CaLIDSlicerLib.logic."""
         from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
@@ -199,6 +290,8 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
         volume = result.browser_node.GetProxyNode(result.output_node) if result.browser_node is not None else result.output_node
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
         for view, plane in LAX_VIEWS.items():
+            if view == "Green" and "user" in result.planes:
+                plane = "user"
             if plane in result.planes:
                 mrml.orient_slice_node(slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode(), result.planes[plane])
         if result.segmentation_node is not None:
@@ -241,6 +334,8 @@ class CaLIDSlicerTest(ScriptedLoadableModuleTest):
     def runTest(self) -> None:
         self.setUp()
         self.test_blocking_call_on_phantom()
+        self.setUp()
+        self.test_parameter_node_round_trip()
 
     def test_blocking_call_on_phantom(self) -> None:
         from calid.data.phantom import PhantomConfig, make_phantom
@@ -255,4 +350,14 @@ class CaLIDSlicerTest(ScriptedLoadableModuleTest):
         self.assertTrue((abs(dense.data[:, ::2] - phantom.sparse.data) <= 0.5).all())
         self.assertIn("4-chamber", result.planes)
         self.delayDisplay("CaLID test passed")
+
+    def test_parameter_node_round_trip(self) -> None:
+        from CaLIDSlicerLib.parameters import FrameSelection, Method, options_from_parameters
+
+        parameters = CaLIDSlicerLogic().getParameterNode()
+        parameters.factor, parameters.method, parameters.frames, parameters.frameRange = 8, Method.CALID_PLUS, FrameSelection.RANGE, "1-3"
+        again = CaLIDSlicerLogic().getParameterNode()  # the same scene node, read back typed
+        self.assertEqual((again.factor, again.method, again.frames), (8, Method.CALID_PLUS, FrameSelection.RANGE))
+        options = options_from_parameters(again)
+        self.assertEqual((options.factor, options.mode, options.frames), (8, "calid+", "1-3"))
 

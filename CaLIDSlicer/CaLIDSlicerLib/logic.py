@@ -26,6 +26,8 @@ class UpsamplingOptions:
     frames: str | None = None  # "all" / None, "3", "0,5-9"
     segment: bool = True
     segmentation_model: str | None = None
+    #: Points placed by the user (LPS mm): 1 = aortic valve (3-chamber plane), 3 = a plane of their own.
+    plane_points_lps: tuple[tuple[float, float, float], ...] | None = None
 
 
 @dataclass
@@ -74,7 +76,19 @@ def upsample_node(
     result = _add_output(scene, input_node, stack, dense, options)
     if options.segment:
         _segment_and_measure(scene, stack, result, options, cancel)
+    _add_user_plane(result, options)
     return result
+
+
+def _add_user_plane(result: UpsamplingResult, options: UpsamplingOptions) -> None:
+    """Three user points define a plane of their own ("user"), shown instead of the 3-chamber view."""
+    from calid.geometry.planes import Plane
+
+    points = options.plane_points_lps
+    if points is not None and len(points) == 3:
+        import numpy as np
+
+        result.planes["user"] = Plane.from_points("user", *(np.asarray(p, dtype=np.float64) for p in points))
 
 
 def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack, options: UpsamplingOptions) -> UpsamplingResult:
@@ -89,6 +103,8 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
 
 
 def _segment_and_measure(scene: Any, sparse: CineStack, result: UpsamplingResult, options: UpsamplingOptions, cancel: Callable[[], bool] | None) -> None:
+    import numpy as np
+
     from calid.device import resolve_device
     from calid.geometry.planes import standard_planes
     from calid.geometry.volumes import cardiac_function
@@ -103,7 +119,9 @@ def _segment_and_measure(scene: Any, sparse: CineStack, result: UpsamplingResult
     result.function = function
     shown = function["dense"].ed_frame
     result.segmentation_node = mrml.segmentation_from_labels(scene, result.labels, f"{result.output_node.GetName()} segmentation", frame=shown)
-    result.planes = standard_planes(result.labels, shown)
+    points = options.plane_points_lps
+    aortic_valve = None if points is None or len(points) != 1 else np.asarray(points[0], dtype=np.float64)
+    result.planes = standard_planes(result.labels, shown, three_chamber_point=aortic_valve)
     result.table_node, result.chart_node = mrml.table_from_function(scene, function, f"{result.output_node.GetName()} function")
 
 
@@ -132,4 +150,5 @@ def finish_background(scene: Any, input_node: Any, output_path: Any, options: Up
     result = _add_output(scene, input_node, stack, read_stack(output_path), options)
     if options.segment:
         _segment_and_measure(scene, stack, result, options, None)
+    _add_user_plane(result, options)
     return result

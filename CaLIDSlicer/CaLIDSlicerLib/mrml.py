@@ -209,3 +209,17 @@ def table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardia
             series.SetPlotType(series.PlotTypeScatter)
             chart.AddAndObservePlotSeriesNodeID(series.GetID())
     return table, chart
+
+
+def points_from_markups(node: Any) -> np.ndarray:
+    """(N, 3) LPS mm of a markups node's defined control points, in world coordinates (transforms applied)."""
+    if node is None:
+        return np.zeros((0, 3))
+    points = []
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:  # skip points being placed or missing
+            continue
+        ras = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(index, ras)
+        points.append(LPS_TO_RAS @ np.asarray(ras, dtype=np.float64))
+    return np.asarray(points, dtype=np.float64).reshape(-1, 3)

@@ -50,3 +50,73 @@ def render_slice_view(
         writer.Write()
     logic.SetMRMLScene(None)
     return path
+
+
+#: Camera direction (RAS, from the focal point to the camera) and view-up of the named 3D views.
+THREE_D_VIEWS = {
+    "anterior": ((0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+    "left": ((-1.0, 0.0, 0.0), (0.0, 0.0, 1.0)),
+    "inferior": ((0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),
+}
+_THREE_D_MANAGERS = (
+    "vtkMRMLCameraDisplayableManager",
+    "vtkMRMLViewDisplayableManager",
+    "vtkMRMLModelDisplayableManager",
+    "vtkMRMLSegmentationsDisplayableManager3D",
+)
+
+
+def render_three_d_view(
+    scene: Any,
+    application_logic: Any,
+    path: str | os.PathLike[str],
+    size: tuple[int, int] = (400, 400),
+    direction: str = "anterior",
+) -> Path:
+    """Render the scene's 3D content (segmentation surfaces, models) the way a 3D view does, and write a PNG.
+
+    Slicer's own 3D displayable managers build the actors from the display
+    nodes, so colours, opacity and visibility are those the 3D view shows.
+    """
+    if direction not in THREE_D_VIEWS:
+        raise ValueError(f"direction must be one of {', '.join(THREE_D_VIEWS)}, got {direction!r}")
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
+    window.SetSize(*size)
+    renderer = vtk.vtkRenderer()
+    window.AddRenderer(renderer)
+    # The displayable managers expect an interactor; a generic one needs no display.
+    interactor = vtk.vtkGenericRenderWindowInteractor()
+    interactor.SetRenderWindow(window)
+    view = scene.AddNewNodeByClass("vtkMRMLViewNode")
+    factory = slicer.vtkMRMLThreeDViewDisplayableManagerFactory.GetInstance()
+    factory.SetMRMLApplicationLogic(application_logic)
+    for name in _THREE_D_MANAGERS:
+        if not factory.IsDisplayableManagerRegistered(name):
+            factory.RegisterDisplayableManager(name)
+    group = factory.InstantiateDisplayableManagers(renderer)
+    try:
+        group.SetMRMLDisplayableNode(view)
+        renderer.ResetCamera()
+        camera = renderer.GetActiveCamera()
+        (dx, dy, dz), up = THREE_D_VIEWS[direction]
+        fx, fy, fz = camera.GetFocalPoint()
+        distance = camera.GetDistance()
+        camera.SetPosition(fx + dx * distance, fy + dy * distance, fz + dz * distance)
+        camera.SetViewUp(*up)
+        renderer.ResetCamera()
+        window.Render()
+        grabber = vtk.vtkWindowToImageFilter()
+        grabber.SetInput(window)
+        grabber.Update()
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            writer = vtk.vtkPNGWriter()
+            writer.SetFileName(str(tmp))
+            writer.SetInputConnection(grabber.GetOutputPort())
+            writer.Write()
+    finally:
+        group.SetMRMLDisplayableNode(None)
+        scene.RemoveNode(view)
+        window.Finalize()
+    return path

@@ -277,3 +277,103 @@ def test_offscreen_slice_views_on_the_long_axis_planes(scene, phantom):
         grey = numpy_support.vtk_to_numpy(reader.GetOutput().GetPointData().GetScalars())[:, 0].reshape(160, 200)
         # The bright LV blood pool lies on the plane's centre (on the LV axis), the corners are outside the heart.
         assert grey[70:90, 90:110].mean() > grey[:20, :20].mean() + 40, name
+
+
+def test_offscreen_three_d_view_shows_the_segment_surfaces(scene, phantom):
+    """Slicer's 3D displayable managers render the segmentation's closed surfaces; the PNGs are kept."""
+    import os
+
+    import vtk
+    from vtk.util import numpy_support
+
+    from CaLIDSlicerLib.render import render_three_d_view
+
+    artifacts = Path(os.environ.get("CALID_TEST_ARTIFACTS", REPO_ROOT / "Testing" / "artifacts"))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    segmentation = mrml.segmentation_from_labels(scene, phantom.dense_labels, "surfaces", frame=0)
+
+    def pixels(path):
+        reader = vtk.vtkPNGReader()
+        reader.SetFileName(str(path))
+        reader.Update()
+        width, height = reader.GetOutput().GetDimensions()[:2]
+        return numpy_support.vtk_to_numpy(reader.GetOutput().GetPointData().GetScalars())[:, :3].reshape(height, width, 3).astype(int)
+
+    def coloured_like(image, rgb):
+        return (np.abs(image - np.asarray(rgb) * 255).sum(axis=2) < 120).mean()
+
+    views = {d: pixels(render_three_d_view(scene, scene.application_logic, artifacts / f"three_d_{d}.png", size=(240, 200), direction=d)) for d in ("anterior", "left")}
+    assert views["anterior"].shape == (200, 240, 3)
+    for image in views.values():
+        for value, (_, colour) in mrml.SEGMENTS.items():
+            assert coloured_like(image, colour) > 0.002 or value == 3, value  # the LV cavity is hidden inside the myocardium
+    assert np.abs(views["anterior"] - views["left"]).mean() > 5
+    # Hidden segments are not drawn: the surfaces come from the display nodes, not from the test.
+    segmentation.GetDisplayNode().SetVisibility(False)
+    hidden = pixels(render_three_d_view(scene, scene.application_logic, artifacts / "three_d_hidden.png", size=(240, 200)))
+    # (The LV cavity's blue is close to the background gradient and is not drawn anyway.)
+    assert all(coloured_like(hidden, mrml.SEGMENTS[value][1]) < 0.0005 for value in (1, 2))
+
+
+def _parameter_node_fields():
+    """Fields and default expressions of the module's parameterNodeWrapper class, read from its source."""
+    import ast
+
+    tree = ast.parse((REPO_ROOT / "CaLIDSlicer" / "CaLIDSlicer.py").read_text())
+    (wrapper,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and any(getattr(d, "id", "") == "parameterNodeWrapper" for d in n.decorator_list)]
+    return {n.target.id: n.value for n in wrapper.body if isinstance(n, ast.AnnAssign)}
+
+
+def test_parameter_node_fields_match_the_panel_and_become_options():
+    import ast
+    import xml.etree.ElementTree as ElementTree
+    from types import SimpleNamespace
+
+    from calid.inference.pipeline import MODES
+    from CaLIDSlicerLib.parameters import FrameSelection, Method, options_from_parameters
+
+    fields = _parameter_node_fields()
+    ui = ElementTree.parse(REPO_ROOT / "CaLIDSlicer" / "Resources" / "UI" / "CaLIDSlicer.ui")
+    bound = {p.find("string").text for p in ui.iter("property") if p.get("name") == "SlicerParameterName"}
+    assert bound <= set(fields), f"widgets bound to unknown parameters: {bound - set(fields)}"
+    assert set(fields) - bound == {"device", "model"}, "every other parameter must have a widget"
+    assert {m.value for m in Method} == set(MODES), "the panel offers every engine mode"
+    namespace = {"Method": Method, "FrameSelection": FrameSelection}
+    defaults = SimpleNamespace(**{name: None if value is None else eval(compile(ast.Expression(value), "defaults", "eval"), namespace) for name, value in fields.items()})
+    options = options_from_parameters(defaults)
+    assert (options.factor, options.mode, options.steps, options.seed, options.frames, options.device, options.model, options.segment) == (4, "calid", 8, 0, None, "auto", None, True)
+    defaults.frames = FrameSelection.CURRENT
+    assert options_from_parameters(defaults, current_frame=3).frames == "3"
+    defaults.frames, defaults.frameRange = FrameSelection.RANGE, " 0,5-9 "
+    assert options_from_parameters(defaults).frames == "0,5-9"
+    defaults.frameRange = ""
+    with pytest.raises(InputError, match="frames"):
+        options_from_parameters(defaults)
+    defaults.frames, defaults.method, defaults.model = FrameSelection.ALL, Method.LINEAR, "my-model"
+    assert (options_from_parameters(defaults).mode, options_from_parameters(defaults).model) == ("linear", "my-model")
+    with pytest.raises(InputError, match="not 2"):
+        options_from_parameters(defaults, plane_points_lps=np.zeros((2, 3)))
+
+
+def test_markup_points_place_the_user_plane_and_the_three_chamber_plane(scene, phantom):
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode")
+    ras = np.array([[10.0, -20.0, 30.0], [12.0, -5.0, 70.0], [40.0, -18.0, 35.0]])
+    for point in ras:
+        markups.AddControlPoint(*point)
+    markups.AddControlPoint(0.0, 0.0, 0.0)
+    markups.SetNthControlPointPositionMissing(3)  # skipped by the user: ignored
+    points = mrml.points_from_markups(markups)
+    np.testing.assert_allclose(points, ras * [-1, -1, 1])
+    volume = mrml.volume_from_stack(scene, phantom.sparse, "sparse", frame=0)
+    result = upsample_node(scene, volume, UpsamplingOptions(factor=2, mode="linear", segment=False, plane_points_lps=tuple(map(tuple, points))))
+    plane = result.planes["user"]
+    assert np.abs((points - plane.centre) @ plane.normal).max() < 1e-9
+    np.testing.assert_allclose(plane.centre, points[0])
+    # One point: the aortic valve, through which the 3-chamber plane passes (with the LV axis).
+    valve = standard_planes(phantom.sparse_labels, 0)["2-chamber"].centre + 25.0 * standard_planes(phantom.sparse_labels, 0)["2-chamber"].u
+    result = upsample_node(scene, volume, UpsamplingOptions(factor=2, mode="linear", segment=True, plane_points_lps=(tuple(valve),)))
+    three = result.planes["3-chamber"]
+    assert abs(float((valve - three.centre) @ three.normal)) < 1e-6
+    assert "user" not in result.planes

@@ -1,0 +1,86 @@
+"""The panel's settings: the value types of the module's typed parameter node, and how its
+values become :class:`~CaLIDSlicerLib.logic.UpsamplingOptions`.
+
+The parameter node class itself (``CaLIDSlicerParameterNode`` in CaLIDSlicer.py) is
+declared with Slicer's ``parameterNodeWrapper``, which only exists inside Slicer;
+everything it needs beyond built-in types lives here so that it is tested headless.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import numpy as np
+
+from calid.errors import InputError
+
+from CaLIDSlicerLib.logic import UpsamplingOptions
+
+FACTORS = (2, 4, 8, 16)
+
+
+class Method(enum.Enum):
+    """Upsampling method; ``label`` is what the panel's combo box shows."""
+
+    CALID = "calid"
+    CALID_PLUS = "calid+"
+    LATENT_LINEAR = "latent-linear"
+    LINEAR = "linear"
+
+    def label(self) -> str:
+        return {
+            Method.CALID: "CaLID (fast, from noise)",
+            Method.CALID_PLUS: "CaLID+ (inverted neighbours, slower)",
+            Method.LATENT_LINEAR: "Latent linear (baseline)",
+            Method.LINEAR: "Linear (baseline, no model)",
+        }[self]
+
+
+class FrameSelection(enum.Enum):
+    """Which frames of a cine to upsample."""
+
+    ALL = "all"
+    CURRENT = "current"
+    RANGE = "range"
+
+    def label(self) -> str:
+        return {FrameSelection.ALL: "All frames", FrameSelection.CURRENT: "Current frame", FrameSelection.RANGE: "Frames:"}[self]
+
+
+def options_from_parameters(parameters: Any, current_frame: int = 0, plane_points_lps: np.ndarray | None = None) -> UpsamplingOptions:
+    """The options of one run from the parameter node's values (any object with its attributes).
+
+    Args:
+        parameters: the typed parameter node (or anything with the same attributes).
+        current_frame: the frame the input cine's browser shows (``FrameSelection.CURRENT``).
+        plane_points_lps: the points of the ``planePoints`` markups, (N, 3) LPS mm: one point is
+            the aortic valve (3-chamber plane), three points define a plane of the user's own.
+    """
+    if int(parameters.factor) not in FACTORS:
+        raise InputError("factor", f"choose one of {', '.join(f'x{f}' for f in FACTORS)}, got {parameters.factor!r}")
+    selection = FrameSelection(parameters.frames)
+    if selection is FrameSelection.ALL:
+        frames = None
+    elif selection is FrameSelection.CURRENT:
+        frames = str(int(current_frame))
+    else:
+        frames = str(parameters.frameRange).strip()
+        if not frames:
+            raise InputError("frames", "type the frames to upsample, e.g. 0,5-9 (frames count from 0)")
+    points = None if plane_points_lps is None else np.asarray(plane_points_lps, dtype=np.float64).reshape(-1, 3)
+    if points is not None and len(points) not in (0, 1, 3):
+        raise InputError(
+            "long-axis points", f"place 1 point (aortic valve, for the 3-chamber view) or 3 points (a plane of your own), not {len(points)}"
+        )
+    return UpsamplingOptions(
+        factor=int(parameters.factor),
+        mode=Method(parameters.method).value,
+        steps=int(parameters.steps),
+        seed=int(parameters.seed),
+        device=str(parameters.device) or "auto",
+        model=str(parameters.model) or None,
+        frames=frames,
+        segment=bool(parameters.segment),
+        plane_points_lps=None if points is None or len(points) == 0 else tuple(map(tuple, points)),
+    )
