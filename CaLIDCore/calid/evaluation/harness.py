@@ -679,6 +679,11 @@ class Evaluation:
                 per_subject.append({"subject": f"phantom{3000 + i}", "method": "sparse stack (Simpson's)", "lv ef error (points)": ef - true_function.summary["lv_ef_percent"]})
         if self.seg_model is None:
             notes.append(f"segmentation scores not computed: {self.seg_reason}")
+        else:
+            notes.append(
+                "The segmenter was trained on real scans; on the synthetic phantoms even the true image segments imperfectly, "
+                "so read the segmentation columns against the `truth image` row rather than as absolute accuracy."
+            )
         metrics = sorted({k for r in per_subject for k in r if k not in ("subject", "method")}, key=_metric_order)
         summary = {
             method: {m: mean_ci([r.get(m, float("nan")) for r in per_subject if r["method"] == method]) for m in metrics}
