@@ -182,7 +182,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     stack = read_stack(source, series=args.series)
     frames = parse_frames(args.frames, stack.n_frames)
     dense = _run_upsampling(
-        pipeline, stack, "json" if args.progress == "json" else not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre
+        pipeline, stack, "json" if args.progress == "json" else not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre,
+        temporal=True if args.temporal else None,
     )
     write_stack(dense, target, overwrite=args.overwrite)
     info = dense.metadata["upsampling"]
@@ -453,6 +454,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         device=args.device,
+        temporal_model=args.temporal_model,
     )
     started = time.perf_counter()
 
@@ -462,7 +464,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     results = evaluate(config, progress)
     out = Path(args.out)
-    for name in ["report.md", "results.json"] + [f for f in ("task1_per_subject.csv", "task3_per_subject.csv", "task4_per_subject.csv") if (out / f).exists()] + results["figures"]:
+    for name in ["report.md", "results.json"] + [f for f in ("task1_per_subject.csv", "task3_per_subject.csv", "task4_per_subject.csv", "temporal_per_subject.csv") if (out / f).exists()] + results["figures"]:
         print(out / name)
     return 0
 
@@ -586,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v), help="slices per network call (default: from free memory)")
     upsample.add_argument("--centre-ras", help="R,A,S point (mm) to centre the model's crop on, e.g. the LV centre (default: image centre)")
     upsample.add_argument("--series", help="DICOM: series number, UID or description when the folder holds several")
+    upsample.add_argument("--temporal", action="store_true", help="require a 2D+T model (temporally coherent cine; a 2D+T model is used this way anyway)")
     upsample.add_argument("--overwrite", action="store_true", help="replace an existing output")
     upsample.add_argument("--quiet", action="store_true", help="no progress bar")
     upsample.add_argument("--progress", choices=["bar", "json"], default="bar", help="json: one JSON line per update on stdout, for programs")
@@ -661,7 +664,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("stage", choices=["vae", "ldm", "seg"], help="vae, ldm (the CaLID denoiser) or seg (LV / myocardium / RV segmentation)")
     train.add_argument("--data", nargs="+", required=True, help="image files, folders (one subfolder or file name per subject) or phantom:N")
     train.add_argument("--out", required=True, help="run folder: checkpoints, logs, model.safetensors")
-    train.add_argument("--config", default="small", choices=["tiny", "small", "paper", "default"], help="network sizes (vae: tiny/small/paper, default small; seg: tiny/default)")
+    train.add_argument(
+        "--config",
+        default="small",
+        choices=["tiny", "small", "paper", "tiny-2d+t", "small-2d+t", "paper-2d+t", "default"],
+        help="network sizes (vae: tiny/small/paper, default small, or NAME-2d+t for the 2D+T model on clips; seg: tiny/default)",
+    )
     train.add_argument("--vae", help="ldm stage: the trained VAE file")
     train.add_argument("--steps", type=int, help="optimisation steps (default: 20000; seg 4000)")
     train.add_argument("--batch-size", type=int, help="per process (default: 32; seg 16)")
@@ -710,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--factor", type=int, default=8, choices=[2, 4, 8], help="task 4 upsampling factor")
     evaluate_cmd.add_argument("--seg-model", help="segmentation model (default: the installed default)")
     evaluate_cmd.add_argument("--lpips-weights", help="AlexNet weights for LPIPS and the Fréchet distance (else $CALID_LPIPS_WEIGHTS)")
+    evaluate_cmd.add_argument("--temporal-model", help="a 2D+T model: also compare it with --model (frame by frame) on whole cines (temporal coherence, x-t cuts)")
     evaluate_cmd.add_argument("--seed", type=int, default=0)
     evaluate_cmd.add_argument("--batch-size", type=int, default=16)
     evaluate_cmd.add_argument("--device", default="auto")

@@ -113,6 +113,8 @@ class EvaluationConfig:
     batch_size: int = 16
     device: str = "auto"
     examples: int = 2
+    #: A 2D+T model: adds the temporal comparison (2D model frame by frame vs the 2D+T model on whole cines).
+    temporal_model: str | None = None
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -383,6 +385,15 @@ class Evaluation:
         self.progress = progress or (lambda message: None)
         self.command = command if command is not None else " ".join(["calid"] + sys.argv[1:])
         self.pipeline: UpsamplingPipeline = load_pipeline("linear" if config.methods == ("linear",) else config.model, config.device)
+        if self.pipeline.model is not None and self.pipeline.model.config.temporal:
+            raise InputError(
+                "--model", f"{self.pipeline.name} is a 2D+T model; give a 2D model with --model and the 2D+T model with --temporal-model"
+            )
+        self.temporal_pipeline: UpsamplingPipeline | None = None
+        if config.temporal_model is not None:
+            self.temporal_pipeline = load_pipeline(config.temporal_model, config.device)
+            if self.temporal_pipeline.model is None or not self.temporal_pipeline.model.config.temporal:
+                raise InputError("--temporal-model", f"{config.temporal_model} is not a 2D+T model")
         self.preprocess_config: PreprocessConfig = (
             self.pipeline.config.preprocess if self.pipeline.model is not None else named_config("small").preprocess
         )
@@ -428,7 +439,7 @@ class Evaluation:
         out_dir = Path(config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        subjects, _ = load_evaluation_subjects(config) if set(config.tasks) & {1, 2, 3} else ([], [])
+        subjects, _ = load_evaluation_subjects(config) if set(config.tasks) & {1, 2, 3} or config.temporal_model else ([], [])
         self.perceptual = PerceptualMetrics(config.lpips_weights) if 1 in config.tasks or 2 in config.tasks else None
         triplets = {s.name: self._triplets(s) for s in subjects}
         predictions: dict[str, dict[str, np.ndarray]] = {}
@@ -453,6 +464,8 @@ class Evaluation:
             results["task3"] = self._task3(subjects, triplets, predictions)
         if 4 in config.tasks:
             results["task4"] = self._task4()
+        if self.temporal_pipeline is not None:
+            results["temporal"] = self._task_temporal(subjects)
         results["seconds"] = round(time.perf_counter() - started, 1)
         self.results = results
         self._write(results, subjects, triplets, predictions)
@@ -691,6 +704,55 @@ class Evaluation:
         }
         return {"factor": factor, "phantoms": self.config.phantoms, "per_subject": per_subject, "summary": summary, "metrics": metrics, "notes": notes}
 
+    # ------------------------------------------------------------------ 2D+T
+    def _task_temporal(self, subjects: list[EvalSubject]) -> dict[str, Any]:
+        """Every interior slice of every cine over the whole cycle, from its two neighbours: the 2D
+        model frame by frame against the 2D+T model on whole cines (the engine, factor 2)."""
+        assert self.temporal_pipeline is not None
+        from calid.evaluation.temporal import frame_to_frame_change
+
+        models = {"2D frame by frame": self.pipeline, "2D+T": self.temporal_pipeline}
+        if self.pipeline.model is None or self.pipeline.model.net is None:
+            models = {"linear": self.pipeline, "2D+T": self.temporal_pipeline}
+        per_subject: list[dict[str, Any]] = []
+        example: dict[str, np.ndarray] = {}
+        for index, subject in enumerate(s for s in subjects if s.stack.n_frames > 1):
+            stack = subject.stack
+            low, high = (float(v) for v in np.percentile(stack.data, self.preprocess_config.percentiles))
+            for label, pipeline in models.items():
+                self.progress(f"temporal: {subject.name}, {label}")
+                mode = "linear" if pipeline.model is None else "calid"
+                predicted, truths = [], []
+                for n in range(1, stack.n_slices - 1):
+                    pair = stack.with_data(stack.data[:, [n - 1, n + 1]])
+                    middle = pipeline.upsample(pair, 2, mode, self.config.steps, self.config.seed, batch_size=self.config.batch_size).data[:, 1]
+                    predicted.append(np.clip((middle - low) / (high - low), 0, 1))
+                    truths.append(np.clip((stack.data[:, n] - low) / (high - low), 0, 1))
+                generated, truth = np.stack(predicted), np.stack(truths)  # (slices, T, Y, X)
+                change_error = [abs(frame_to_frame_change(g) - frame_to_frame_change(t)) for g, t in zip(generated, truth)]
+                per_subject.append(
+                    {
+                        "subject": subject.subject,
+                        "volume": subject.name,
+                        "method": label,
+                        "slices": int(generated.shape[0]),
+                        "psnr": float(np.mean(psnr(generated.reshape(-1, *generated.shape[2:]), truth.reshape(-1, *truth.shape[2:])))),
+                        "ssim": float(np.mean(ssim(generated.reshape(-1, *generated.shape[2:]), truth.reshape(-1, *truth.shape[2:])))),
+                        "change_error": float(np.mean(change_error)),
+                    }
+                )
+                if index == 0:
+                    example["truth"], example[label] = truth[len(truth) // 2], generated[len(generated) // 2]
+        if not per_subject:
+            return {"skipped": "no cine (more than one frame) to evaluate"}
+        pooled = pool_by_subject(per_subject, ("method",), ("psnr", "ssim", "change_error"), weight="slices")
+        summary = {label: {m: mean_ci([r[m] for r in pooled if r["method"] == label]) for m in ("psnr", "ssim", "change_error")} for label in models}
+        figure = None
+        if example:
+            figure = "temporal_xt.png"
+            plot_xt(example, Path(self.config.out_dir) / figure)
+        return {"per_subject": pooled, "summary": summary, "models": {k: v.describe() for k, v in models.items()}, "figure": figure}
+
     # ------------------------------------------------------------------ outputs
     def _write(self, results: dict[str, Any], subjects: list[EvalSubject], triplets: dict[str, _Triplets], predictions: dict[str, dict[str, np.ndarray]]) -> None:
         out = Path(self.config.out_dir)
@@ -701,8 +763,10 @@ class Evaluation:
         if predictions and any(predictions.values()):
             figures.append(("examples.png", "Examples: neighbours, truth, each method and its absolute error (Task 1)"))
             plot_examples(subjects, triplets, predictions, self.methods, out / "examples.png", self.config.examples)
+        if results.get("temporal", {}).get("figure"):
+            figures.append((results["temporal"]["figure"], "x–t and y–t cuts through the middle of one generated slice over the cardiac cycle (2D vs 2D+T)"))
         results["figures"] = [name for name, _ in figures]
-        for task, name in (("task1", "task1_per_subject.csv"), ("task3", "task3_per_subject.csv"), ("task4", "task4_per_subject.csv")):
+        for task, name in (("task1", "task1_per_subject.csv"), ("task3", "task3_per_subject.csv"), ("task4", "task4_per_subject.csv"), ("temporal", "temporal_per_subject.csv")):
             rows = results.get(task, {}).get("per_subject")
             if rows:
                 write_csv(rows, out / name)
@@ -806,6 +870,27 @@ def plot_examples(
     return save_figure(figure, path)
 
 
+def plot_xt(example: dict[str, np.ndarray], path: Path) -> Path:
+    """x–t and y–t cuts (through the image centre) of the true and generated slices over the cycle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calid.evaluation.temporal import xt_cuts
+
+    figure, axes = plt.subplots(2, len(example), figsize=(2.6 * len(example), 5.0), squeeze=False)
+    for column, (label, clip) in enumerate(example.items()):
+        x_t, y_t = xt_cuts(clip)
+        for row, (cut, name) in enumerate(((x_t, "x–t"), (y_t, "y–t"))):
+            axes[row][column].imshow(cut, cmap="gray", vmin=0, vmax=1, aspect="auto")
+            axes[row][column].set_title(f"{label}: {name}", fontsize=8)
+            axes[row][column].set_xlabel("x" if row == 0 else "y", fontsize=7)
+            axes[row][column].set_ylabel("frame", fontsize=7)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
 def _fmt(summary: dict[str, Any], digits: int = 2) -> str:
     mean, (low, high) = summary["mean"], summary["ci95"]
     if mean is None or not math.isfinite(mean):
@@ -895,6 +980,21 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         for method, s in task["summary"].items():
             lines.append(f"| {method} | " + " | ".join(_fmt(s[m], 3 if m.startswith(("ssim", "dice")) else 2) for m in task["metrics"]) + " |")
         lines += [""] + [f"- {note}" for note in task["notes"]]
+    if "temporal" in results:
+        task = results["temporal"]
+        lines += ["", "## 2D+T: temporal coherence (paper Fig. 7)", ""]
+        if "skipped" in task:
+            lines.append(f"Not run: {task['skipped']}.")
+        else:
+            lines += [
+                "Every interior slice over the whole cycle, from its two neighbours; intensities in [0, 1] from the cine's percentiles. "
+                "Change error: |mean frame-to-frame absolute change of the generated slice − that of the true slice| (lower = as smooth in time as the truth).",
+                "",
+                "| Model | PSNR (dB) ↑ | SSIM ↑ | change error ↓ |",
+                "|---|---|---|---|",
+            ]
+            for label, s in task["summary"].items():
+                lines.append(f"| {label} | {_fmt(s['psnr'])} | {_fmt(s['ssim'], 3)} | {_fmt(s['change_error'], 4)} |")
     if figures:
         lines += ["", "## Figures", ""]
         lines += [f"![{caption}]({name})\n\n{caption}.\n" for name, caption in figures]

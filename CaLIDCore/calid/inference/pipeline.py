@@ -178,6 +178,8 @@ class UpsamplingPipeline:
         denoiser = sum(c * (latent / 2**level) ** 2 for level, c in enumerate(config.denoiser.channels)) * 2 * 12
         decoder = sum(c * (config.image_size / 2**level) ** 2 for level, c in enumerate(config.vae.channels)) * 12
         per_slice = 4.0 * max(denoiser, decoder) * 2  # float32, inversion doubles the batch (calid+)
+        if config.temporal:
+            per_slice *= config.clip_length  # one batch entry is a whole clip
         budget = available_memory_bytes(self.device) / 4
         limit = 256 if self.device.type == "cuda" else 64
         return int(max(1, min(limit, budget // per_slice)))
@@ -195,6 +197,7 @@ class UpsamplingPipeline:
         progress: ProgressFn | None = None,
         cancel: CancelFn | None = None,
         centre_lps: Sequence[float] | np.ndarray | None = None,
+        temporal: bool | None = None,
     ) -> CineStack:
         """The dense stack: ``(Z - 1) * factor + 1`` slices at ``slice_spacing / factor``.
 
@@ -213,6 +216,10 @@ class UpsamplingPipeline:
             cancel: polled between network calls; True raises :class:`Cancelled`.
             centre_lps: physical point (LPS mm) to centre the model's crop on
                 (default: the centre of the field of view, as in training).
+            temporal: run a 2D+T model on whole cines (clips over the cardiac cycle).
+                None follows the model; True with a 2D model is an error. A 2D+T
+                model always sees the whole cine (so that every clip is complete);
+                ``frames`` then only selects what is returned.
         """
         factor = check_factor(factor, "factor")
         if mode not in MODES:
@@ -225,9 +232,15 @@ class UpsamplingPipeline:
             raise InputError("mode", f"mode {mode!r} needs a model; load one with load_pipeline(path or name) or use mode 'linear'")
         if mode in ("calid", "calid+") and self.model is not None and self.model.net is None:
             raise InputError(self.name, f"is an autoencoder only; mode {mode!r} needs a full CaLID model")
+        is_temporal = self.model is not None and self.model.config.temporal and mode != "linear"
+        if temporal and not is_temporal:
+            raise InputError("temporal", f"the model {self.name} is a 2D model; temporal upsampling needs a 2D+T model (calid train vae --config small-2d+t)")
+        if temporal is False and is_temporal:
+            raise InputError("temporal", f"the model {self.name} is a 2D+T model: it always works on whole cines")
         selection = parse_frames(frames, stack.n_frames, "frames")
-        selected = stack if selection is None else stack.select_frames(selection)
-        frame_ids = list(range(stack.n_frames)) if selection is None else selection
+        processed = None if is_temporal else selection  # a 2D+T model needs every frame of the cycle
+        selected = stack if processed is None else stack.select_frames(processed)
+        frame_ids = list(range(stack.n_frames)) if processed is None else processed
         n_new = selected.n_frames * (selected.n_slices - 1) * (factor - 1)
         tracker = _Tracker(total=float(n_new), progress=progress, cancel=cancel)
         tracker.check()
@@ -237,7 +250,8 @@ class UpsamplingPipeline:
         info: dict[str, Any] = {
             "factor": factor,
             "mode": mode,
-            "frames": frame_ids,
+            "frames": list(range(stack.n_frames)) if selection is None else selection,
+            "temporal": is_temporal,
             "acquired_slice_indices": list(range(0, dense.n_slices, factor)),
             "input_slice_spacing_mm": stack.slice_spacing,
         }
@@ -248,9 +262,14 @@ class UpsamplingPipeline:
             # Intensity normalisation from the whole cine, so that a frame comes out the
             # same whichever frames are selected with it.
             cropped, params = preprocess(stack, self.config.preprocess, centre_lps)
-            if selection is not None:
-                cropped = cropped.select_frames(selection)
-            self._fill_crop(dense, cropped, params, factor, mode, int(steps), seed, frame_ids, batch, tracker)
+            if processed is not None:
+                cropped = cropped.select_frames(processed)
+            if is_temporal:
+                self._fill_crop_temporal(dense, cropped, params, factor, mode, int(steps), seed, batch, tracker)
+                if selection is not None:
+                    dense = dense.select_frames(selection)
+            else:
+                self._fill_crop(dense, cropped, params, factor, mode, int(steps), seed, frame_ids, batch, tracker)
             info.update(self.describe())
             info.update(
                 steps=int(steps),
@@ -290,15 +309,16 @@ class UpsamplingPipeline:
             raise InputError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES + (INVERSION_SLERP,))}")
         previous = np.asarray(previous, dtype=np.float32)
         following = np.asarray(following, dtype=np.float32)
-        if previous.shape != following.shape or previous.ndim != 3:
-            raise InputError("interpolate_slices", f"needs two (N, H, W) arrays of the same shape, got {previous.shape} and {following.shape}")
+        if previous.shape != following.shape or previous.ndim not in (3, 4):
+            raise InputError("interpolate_slices", f"needs two (N, H, W) (or (N, T, H, W) clips) arrays of the same shape, got {previous.shape} and {following.shape}")
         if mode == "linear":
             return 0.5 * (previous + following)
         if self.model is None:
             raise InputError("mode", f"mode {mode!r} needs a model")
         size = self.config.image_size
-        if previous.shape[1:] != (size, size):
-            raise InputError("interpolate_slices", f"the model takes {size} x {size} crops, got {previous.shape[1]} x {previous.shape[2]}")
+        expected = (self.config.clip_length, size, size) if self.config.temporal else (size, size)
+        if previous.shape[1:] != expected:
+            raise InputError("interpolate_slices", f"the model takes crops of shape {expected}, got {previous.shape[1:]}")
         n = previous.shape[0]
         keys = list(seeds) if seeds is not None else [(0, 0, i) for i in range(n)]
         batch = self.auto_batch_size() if batch_size == "auto" else int(batch_size)
@@ -340,17 +360,60 @@ class UpsamplingPipeline:
             linear = dense.data[frames, new_slices]
             dense.data[frames, new_slices] = (weight * restored + (1.0 - weight) * linear).astype(np.float32)
 
+    def _fill_crop_temporal(
+        self, dense: CineStack, cropped: CineStack, params: PreprocessParams, factor: int, mode: str, steps: int, seed: int, batch: int, tracker: _Tracker
+    ) -> None:
+        """2D+T: generate whole clips of the cardiac cycle and paste them into ``dense`` (all frames).
+
+        A cine of up to ``clip_length`` frames is one clip, padded cyclically (a cine is
+        one cycle); only each frame's first occurrence is kept. Longer cines are cut
+        into cyclic clips overlapping by half, blended with triangular weights.
+        """
+        assert self.model is not None
+        length = self.model.config.clip_length
+        n_frames = cropped.n_frames
+        if n_frames <= length:
+            starts = [0]
+            position_weight = (np.arange(length) < n_frames).astype(np.float64)
+        else:
+            starts = list(range(0, n_frames, length // 2))
+            position_weight = np.minimum(np.arange(1, length + 1), np.arange(length, 0, -1)).astype(np.float64)
+        new_slices = np.array([i for i in range(dense.n_slices) if i % factor], dtype=np.int64)
+        accumulated = np.zeros((n_frames, len(new_slices)) + cropped.shape[2:], dtype=np.float64)
+        total_weight = np.zeros(n_frames, dtype=np.float64)
+        tracker.total = float(len(starts) * (cropped.n_slices - 1) * (factor - 1))
+        for first in range(0, len(starts), max(1, math.ceil(batch / max(1, cropped.n_slices - 1)))):
+            chunk = starts[first : first + max(1, math.ceil(batch / max(1, cropped.n_slices - 1)))]
+            indices = [(start + np.arange(length)) % n_frames for start in chunk]
+            clips = np.stack([np.moveaxis(cropped.data[index], 0, 1) for index in indices])  # (clips, Z, L, H, W)
+            generated = self._bisect(clips, factor, mode, steps, seed, chunk, batch, tracker)  # (clips, n_dense, L, H, W)
+            for index, clip in zip(indices, generated):
+                for position, frame in enumerate(index):
+                    if position_weight[position] > 0:
+                        accumulated[frame] += position_weight[position] * clip[new_slices, position]
+                        total_weight[frame] += position_weight[position]
+        new_crop = cropped.with_data((accumulated / total_weight[:, None, None, None]).astype(np.float32), frame_times_ms=None)
+        restored = undo_preprocess(new_crop, params).data
+        weight = seam_weight(params)
+        dense.data[:, new_slices] = (weight * restored + (1.0 - weight) * dense.data[:, new_slices]).astype(np.float32)
+
     @torch.no_grad()
     def _bisect(self, crops: np.ndarray, factor: int, mode: str, steps: int, seed: int, frame_ids: list[int], batch: int, tracker: _Tracker) -> np.ndarray:
-        """(T, Z, H, W) normalised crops -> (T, (Z - 1) * factor + 1, H, W), acquired slices unchanged."""
+        """(U, Z, *E) normalised crops -> (U, (Z - 1) * factor + 1, *E), acquired slices unchanged.
+
+        A unit is one frame (E = (H, W)) for a 2D model, or one clip (E = (L, H, W))
+        for a 2D+T model; ``frame_ids`` keys the noise of each unit.
+        """
         assert self.model is not None
         device = self.device
-        n_frames, n_slices, height, width = crops.shape
+        n_frames, n_slices = crops.shape[:2]
+        element = tuple(crops.shape[2:])
         n_dense = (n_slices - 1) * factor + 1
         config = self.model.config
         channels, size = config.vae.latent_channels, config.latent_size
-        images = torch.empty((n_frames, n_dense, height, width), dtype=torch.float32, device=device)
-        latents = torch.empty((n_frames, n_dense, channels, size, size), dtype=torch.float32, device=device)
+        latent_element = (config.latent_clip_length, size, size) if config.temporal else (size, size)
+        images = torch.empty((n_frames, n_dense) + element, dtype=torch.float32, device=device)
+        latents = torch.empty((n_frames, n_dense, channels) + latent_element, dtype=torch.float32, device=device)
         images[:, ::factor] = torch.from_numpy(crops).to(device)
         acquired = [(t, z) for t in range(n_frames) for z in range(0, n_dense, factor)]
         for start in range(0, len(acquired), batch):

@@ -8,6 +8,11 @@ Named configurations:
 * ``small``: trainable to useful quality on a few CPU cores within hours or
   quickly on one GPU (96-128 px crops); VAE (32, 64, 64) with 3 latent channels,
   denoiser and ControlNet (64, 128, 128).
+* ``NAME-2d+t`` (``tiny-2d+t``, ``small-2d+t``, ``paper-2d+t``): the same networks
+  with every 2D convolution made 3D over (t, y, x), as the paper's 2D+T model;
+  they work on clips of ``clip_length`` frames (8 for tiny, 32 otherwise), and
+  the time axis is downsampled like the spatial ones (MONAI's 3D networks
+  downsample isotropically; see ``Testing/benchmarks/temporal_latent.py``).
 * ``paper``: the sizes of the paper / its authors' public code as far as known:
   VAE (32, 64, 128), 3 latent channels, 2 residual blocks, f = 4; denoiser
   (128, 256, 512) with attention at the two deeper levels; 128 px crops.
@@ -89,6 +94,9 @@ class ModelConfig:
 
     name: str = "small"
     image_size: int = 128
+    #: 2D+T: networks over (t, y, x) clips of ``clip_length`` frames instead of single slices.
+    temporal: bool = False
+    clip_length: int = 32
     vae: VAEConfig = field(default_factory=VAEConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -114,6 +122,10 @@ class ModelConfig:
             problems.append(f"image_size {self.image_size} does not divide evenly through the VAE and the U-Net levels")
         if self.preprocess.crop_size is not None and tuple(self.preprocess.crop_size) != (self.image_size, self.image_size):
             problems.append(f"preprocess.crop_size {self.preprocess.crop_size} differs from image_size {self.image_size}")
+        if self.temporal:
+            time_factor = self.vae.downsampling * 2 ** (len(self.denoiser.channels) - 1)
+            if self.clip_length < time_factor or self.clip_length % time_factor:
+                problems.append(f"clip_length {self.clip_length} must be a multiple of {time_factor} (the VAE and U-Net downsample time too)")
         if not 0.0 <= self.denoiser.condition_dropout < 1.0:
             problems.append("denoiser.condition_dropout must be in [0, 1)")
         if self.denoiser.prediction not in ("epsilon", "v_prediction", "sample"):
@@ -126,6 +138,15 @@ class ModelConfig:
     @property
     def latent_size(self) -> int:
         return self.image_size // self.vae.downsampling
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for slices, 3 for (t, y, x) clips."""
+        return 3 if self.temporal else 2
+
+    @property
+    def latent_clip_length(self) -> int:
+        return self.clip_length // self.vae.downsampling
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,8 +179,14 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+TEMPORAL_SUFFIX = "-2d+t"
+
+
 def named_config(name: str) -> ModelConfig:
-    """The configuration called ``name`` (``tiny``, ``small`` or ``paper``)."""
+    """The configuration called ``name``: ``tiny``, ``small``, ``paper``, or one of them with ``-2d+t``."""
+    if name.endswith(TEMPORAL_SUFFIX) and name[: -len(TEMPORAL_SUFFIX)] in CONFIG_NAMES:
+        base = named_config(name[: -len(TEMPORAL_SUFFIX)])
+        return base.replace(name=name, temporal=True, clip_length=8 if base.name == "tiny" else 32)
     if name == "tiny":
         return ModelConfig(
             name="tiny",
@@ -192,7 +219,8 @@ def named_config(name: str) -> ModelConfig:
             ),
             preprocess=PreprocessConfig(target_spacing_mm=1.8, crop_size=(128, 128)),
         )
-    raise ValueError(f"unknown configuration {name!r}; choose tiny, small or paper")
+    raise ValueError(f"unknown configuration {name!r}; choose tiny, small or paper (2D+T: tiny-2d+t, small-2d+t, paper-2d+t)")
 
 
 CONFIG_NAMES = ("tiny", "small", "paper")
+TEMPORAL_CONFIG_NAMES = tuple(name + TEMPORAL_SUFFIX for name in CONFIG_NAMES)

@@ -28,7 +28,7 @@ def build_vae(config: ModelConfig) -> AutoencoderKL:
     """The first-stage autoencoder: 1 channel in and out, ``latent_channels`` at 1/f resolution."""
     vae = config.vae
     return AutoencoderKL(
-        spatial_dims=2,
+        spatial_dims=config.spatial_dims,
         in_channels=1,
         out_channels=1,
         num_res_blocks=vae.num_res_blocks,
@@ -47,7 +47,9 @@ class CaLIDNet(nn.Module):
     Args:
         config: the model configuration (its ``denoiser`` and ``vae`` parts are used).
 
-    Shapes (B = batch, C = latent channels, h = w = image_size / f):
+    Shapes (B = batch, C = latent channels, h = w = image_size / f); a 2D+T
+    model (``config.temporal``) has an extra time axis after the channels
+    everywhere, ``T`` frames in pixel space and ``T / f`` in latent space:
         z_t: (B, C, h, w) noisy latent of the middle slice.
         timesteps: (B,) integer diffusion steps.
         neighbours: (B, 2, H, W) the previous and next slice in [-1, 1].
@@ -63,7 +65,7 @@ class CaLIDNet(nn.Module):
         latent = config.vae.latent_channels
         in_channels = latent * 3 if d.concat_neighbour_latents else latent
         common: dict[str, Any] = dict(
-            spatial_dims=2,
+            spatial_dims=config.spatial_dims,
             in_channels=in_channels,
             num_res_blocks=d.num_res_blocks,
             channels=d.channels,
@@ -91,11 +93,11 @@ class CaLIDNet(nn.Module):
             if neighbour_latents is None:
                 raise ValueError("this model also takes the neighbours' latents (concat_neighbour_latents)")
             if keep_condition is not None:
-                neighbour_latents = neighbour_latents * keep_condition.view(-1, 1, 1, 1).to(neighbour_latents.dtype)
+                neighbour_latents = neighbour_latents * keep_condition.view(-1, *([1] * (neighbour_latents.dim() - 1))).to(neighbour_latents.dtype)
             x = torch.cat([z_t, neighbour_latents], dim=1)
         down, mid = self.controlnet(x=x, timesteps=timesteps, controlnet_cond=neighbours)
         if keep_condition is not None:
-            mask = keep_condition.view(-1, 1, 1, 1).to(mid.dtype)
+            mask = keep_condition.view(-1, *([1] * (mid.dim() - 1))).to(mid.dtype)
             down = [residual * mask for residual in down]
             mid = mid * mask
         return self.unet(x=x, timesteps=timesteps, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)

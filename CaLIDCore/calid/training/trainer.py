@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from calid.data.datasets import SubjectVolume, TripletDataset, find_image_files, load_subjects, split_subjects, volumes_from_stacks
+from calid.data.datasets import ClipDataset, SubjectVolume, TripletDataset, find_image_files, load_subjects, split_subjects, volumes_from_stacks
 from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
 from calid.device import resolve_device
 from calid.errors import InputError
@@ -127,6 +127,13 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def frames_as_images(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) clips -> (B * T, C, H, W) images, for the 2D image metrics and losses; 4D passes through."""
+    if x.dim() == 4:
+        return x
+    return x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[3:])
+
+
 class Trainer:
     """Trains one stage; see the module docstring."""
 
@@ -179,8 +186,17 @@ class Trainer:
         cache = Path(config.cache_dir) if config.cache_dir else self.out / "cache"
         volumes = gather_volumes(config.data, self.model_config, cache)
         train_ids, val_ids = split_subjects([v.subject for v in volumes], config.val_fraction, config.seed, config.val_subjects)
-        self.train_set = TripletDataset([v for v in volumes if v.subject in set(train_ids)], gaps=config.gaps, swap_neighbours=config.swap_neighbours, seed=config.seed)
-        self.val_set = TripletDataset([v for v in volumes if v.subject in set(val_ids)], gaps=(1,), flips=False)
+        train_volumes = [v for v in volumes if v.subject in set(train_ids)]
+        val_volumes = [v for v in volumes if v.subject in set(val_ids)]
+        self.train_set: TripletDataset
+        if self.model_config.temporal:
+            # 2D+T: clips starting at every frame (cyclic); validation on non-overlapping clips.
+            clip = self.model_config.clip_length
+            self.train_set = ClipDataset(train_volumes, clip_length=clip, gaps=config.gaps, swap_neighbours=config.swap_neighbours, seed=config.seed)
+            self.val_set: TripletDataset = ClipDataset(val_volumes, clip_length=clip, gaps=(1,), flips=False, start_stride=clip)
+        else:
+            self.train_set = TripletDataset(train_volumes, gaps=config.gaps, swap_neighbours=config.swap_neighbours, seed=config.seed)
+            self.val_set = TripletDataset(val_volumes, gaps=(1,), flips=False)
         if len(self.train_set) < config.batch_size * self.world:
             raise InputError(", ".join(config.data), f"only {len(self.train_set)} training triplets for a batch of {config.batch_size} x {self.world} process(es)")
         self.data_description = {
@@ -207,6 +223,7 @@ class Trainer:
 
             self.perceptual = LPIPS(config.lpips_weights).to(self.device) if config.perceptual_weight > 0 else None
             if config.adversarial_weight > 0:
+                # 2D+T clips are judged frame by frame: short clips are too thin for a 3D patch critic.
                 disc = PatchDiscriminator(spatial_dims=2, num_layers_d=3, channels=64, in_channels=1, out_channels=1).to(self.device)
                 self.discriminator = disc
                 self.disc_model = DistributedDataParallel(disc, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 else disc
@@ -290,16 +307,16 @@ class Trainer:
         cfg = self.config
         reconstruction, z_mu, z_sigma = self.model(images)
         l1 = (reconstruction.float() - images).abs().mean()
-        kl = 0.5 * (z_mu.float().pow(2) + z_sigma.float().pow(2) - torch.log(z_sigma.float().pow(2) + 1e-12) - 1.0).sum(dim=(1, 2, 3)).mean()
+        kl = 0.5 * (z_mu.float().pow(2) + z_sigma.float().pow(2) - torch.log(z_sigma.float().pow(2) + 1e-12) - 1.0).sum(dim=tuple(range(1, z_mu.dim()))).mean()
         loss = l1 + cfg.kl_weight * kl
         logs = {"l1": l1.item(), "kl": kl.item()}
         if self.perceptual is not None:
-            perceptual = self.perceptual(reconstruction.float(), images).mean()
+            perceptual = self.perceptual(frames_as_images(reconstruction.float()), frames_as_images(images)).mean()
             loss = loss + cfg.perceptual_weight * perceptual
             logs["perceptual"] = perceptual.item()
         if self.discriminator is not None and self.step >= cfg.adversarial_start:
             # The plain discriminator: its gradients are not needed here (no DDP all-reduce).
-            generator_adv = self.adversarial(self.discriminator(reconstruction.float())[-1], target_is_real=True, for_discriminator=False)
+            generator_adv = self.adversarial(self.discriminator(frames_as_images(reconstruction.float()))[-1], target_is_real=True, for_discriminator=False)
             loss = loss + cfg.adversarial_weight * generator_adv
             logs["adversarial"] = generator_adv.item()
         return loss, logs, reconstruction
@@ -339,8 +356,9 @@ class Trainer:
         if self.config.stage == "vae" and self.discriminator is not None and self.step >= self.config.adversarial_start:
             with self._autocast():
                 # One forward for fake and real: DDP allows a module one forward per backward.
-                logits = self.disc_model(torch.cat([reconstruction.detach().float(), images]))[-1]
-                fake, real = logits[: images.shape[0]], logits[images.shape[0] :]
+                fake_images, real_images = frames_as_images(reconstruction.detach().float()), frames_as_images(images)
+                logits = self.disc_model(torch.cat([fake_images, real_images]))[-1]
+                fake, real = logits[: fake_images.shape[0]], logits[fake_images.shape[0] :]
                 disc_loss = 0.5 * (self.adversarial(fake, target_is_real=False, for_discriminator=True) + self.adversarial(real, target_is_real=True, for_discriminator=True))
             self._optimise(disc_loss, self.disc_optimizer, self.discriminator.parameters())
             logs["discriminator"] = disc_loss.item()
@@ -389,7 +407,7 @@ class Trainer:
             # Per-batch values, averaged here: MONAI's aggregate() would all-gather across
             # ranks, and only rank 0 validates.
             psnr_values.append(torch.as_tensor(psnr(to_unit(prediction), to_unit(middle))).flatten().cpu())
-            ssim_values.append(torch.as_tensor(ssim(to_unit(prediction), to_unit(middle))).flatten().cpu())
+            ssim_values.append(torch.as_tensor(ssim(frames_as_images(to_unit(prediction)), frames_as_images(to_unit(middle)))).flatten().cpu())
         return {"val_loss": float(np.mean(losses)), "val_psnr": float(torch.cat(psnr_values).mean()), "val_ssim": float(torch.cat(ssim_values).mean())}
 
     # ------------------------------------------------------------------ checkpoints

@@ -1,0 +1,163 @@
+"""2D+T models: 3D (t, y, x) networks, clip training, whole-cine engine and the temporal evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from calid.cli import main
+from calid.data.datasets import ClipDataset, load_subjects
+from calid.data.phantom import PhantomConfig, make_phantom
+from calid.errors import InputError
+from calid.evaluation.harness import EvaluationConfig, evaluate
+from calid.evaluation.temporal import frame_to_frame_change, xt_cuts
+from calid.inference.pipeline import load_pipeline
+from calid.models import CaLIDNet, build_vae, load_model, named_config, save_model
+from calid.models.config import ModelConfig
+from calid.training.trainer import TrainConfig, Trainer
+
+from conftest import shared_file
+
+
+@pytest.mark.parametrize("name", ["tiny-2d+t", "small-2d+t"])
+def test_2dt_shapes_through_vae_and_denoiser(name):
+    config = named_config(name)
+    assert config.temporal and config.spatial_dims == 3
+    torch.manual_seed(0)
+    vae, net = build_vae(config), CaLIDNet(config)
+    clip = torch.randn(1, 1, config.clip_length, config.image_size, config.image_size)
+    with torch.no_grad():
+        z = vae.encode(clip)[0]
+        assert z.shape == (1, 3, config.latent_clip_length, config.latent_size, config.latent_size)
+        assert vae.decode(z).shape == clip.shape
+        out = net(z, torch.tensor([10]), torch.cat([clip, clip], dim=1))
+    assert out.shape == z.shape
+    # Every convolution is 3D: the same configuration in 2D has no 3D kernels at all.
+    assert all(m.weight.dim() == 5 for m in vae.modules() if isinstance(m, torch.nn.Conv3d)) and not any(isinstance(m, torch.nn.Conv2d) for m in vae.modules())
+
+
+def test_2dt_config_checks_the_clip_length_and_round_trips():
+    with pytest.raises(ValueError, match="clip_length"):
+        named_config("tiny-2d+t").replace(clip_length=12)
+    config = named_config("small-2d+t")
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert named_config("small").temporal is False
+
+
+@pytest.fixture(scope="module")
+def real_clips():
+    path = shared_file("acdc_cine", "patient001_4d.nii.gz")
+    config = named_config("tiny-2d+t")
+    dataset = ClipDataset(load_subjects([path], config.preprocess), clip_length=config.clip_length, flips=False, start_stride=8)
+    items = [dataset[i] for i in range(0, len(dataset), max(1, len(dataset) // 4))][:4]
+    return tuple(torch.stack([item[key] for item in items]) for key in ("previous", "middle", "next"))
+
+
+def test_tiny_2dt_vae_and_denoiser_overfit_real_clips(real_clips):
+    previous, middle, following = real_clips
+    assert middle.shape[1:] == (1, 8, 32, 32)
+    torch.manual_seed(0)
+    config = named_config("tiny-2d+t")
+    vae, net = build_vae(config), CaLIDNet(config)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(80):
+        loss = (vae(middle)[0] - middle).abs().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 3
+    with torch.no_grad():
+        z0 = vae.encode(middle)[0]
+        z0 = z0 / z0.std()
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([100, 300, 600, 900])[: z0.shape[0]]
+    from calid.diffusion.ddim import NoiseSchedule
+
+    noisy = NoiseSchedule(config.schedule).add_noise(z0, noise, t)
+    optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(80):
+        loss = (net(noisy, t, torch.cat([previous, following], 1)) - noise).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 5
+
+
+def test_2dt_trainer_both_stages_and_model_file_round_trip(tmp_path):
+    common = dict(data=("phantom:2",), batch_size=2, validate_every=2, checkpoint_every=2, warmup_steps=1, val_fraction=0.5, val_steps=1, perceptual_weight=0.0, adversarial_start=1, cache_dir=str(tmp_path / "cache"))
+    Trainer(TrainConfig(stage="vae", out_dir=str(tmp_path / "vae"), model="tiny-2d+t", steps=2, **common)).fit()
+    Trainer(TrainConfig(stage="ldm", out_dir=str(tmp_path / "ldm"), vae_model=str(tmp_path / "vae" / "model.safetensors"), steps=2, **common)).fit()
+    model = load_model(tmp_path / "ldm" / "model.safetensors")
+    assert model.config.temporal and model.config.clip_length == 8 and model.kind == "calid"
+    # saving and loading again gives the same network outputs
+    again = load_model(save_model(tmp_path / "copy.safetensors", model.config, model.vae, model.net, model.latent_scale))
+    z = torch.randn(1, 3, 2, 8, 8)
+    condition = torch.randn(1, 2, 8, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model.net(z, torch.tensor([7]), condition), again.net(z, torch.tensor([7]), condition))
+    validation = (tmp_path / "ldm" / "validation.csv").read_text().splitlines()
+    assert len(validation) >= 2 and "val_psnr" in validation[0]
+
+
+def test_2dt_engine_on_4d_input_keeps_geometry_and_acquired_slices():
+    pipeline = load_pipeline("untrained:tiny-2d+t", "cpu")
+    for n_frames in (5, 11):  # shorter than a clip (cyclic padding) and longer (overlapping clips)
+        phantom = make_phantom(4, PhantomConfig(n_frames=n_frames, matrix=48, pixel_spacing_mm=3.5, n_slices=6))
+        sparse = phantom.sparse
+        dense = pipeline.upsample(sparse, 4, "calid", steps=2, batch_size=4)
+        assert dense.shape == (n_frames, 21, 48, 48)
+        np.testing.assert_array_equal(dense.data[:, ::4], sparse.data)
+        np.testing.assert_allclose(dense.origin, sparse.origin)
+        np.testing.assert_allclose(dense.direction, sparse.direction)
+        assert dense.slice_spacing == pytest.approx(sparse.slice_spacing / 4)
+        np.testing.assert_allclose(dense.frame_times_ms, sparse.frame_times_ms)
+        assert dense.metadata["upsampling"]["temporal"] is True
+    # Frames select what is returned; the clips still see the whole cycle, so the frames are identical.
+    some = pipeline.upsample(sparse, 4, "calid", steps=2, frames="2,7", batch_size=4)
+    np.testing.assert_allclose(some.data, dense.data[[2, 7]], rtol=1e-5, atol=1e-4)
+    # The result does not depend on the batch size.
+    np.testing.assert_allclose(pipeline.upsample(sparse, 2, "calid+", steps=1, batch_size=1).data, pipeline.upsample(sparse, 2, "calid+", steps=1, batch_size=8).data, rtol=1e-4, atol=1e-3)
+    with pytest.raises(InputError, match="2D model"):
+        load_pipeline("untrained:tiny", "cpu").upsample(sparse, 2, temporal=True)
+
+
+def test_temporal_metrics_against_known_clips():
+    still = np.ones((6, 4, 5))
+    assert frame_to_frame_change(still) == 0.0
+    flicker = np.stack([np.full((4, 5), t % 2, dtype=float) for t in range(6)])
+    assert frame_to_frame_change(flicker) == pytest.approx(1.0)  # every step changes by 1, cyclically too
+    ramp = np.stack([np.full((2, 2), t / 4.0) for t in range(4)])  # 0, .25, .5, .75 then back to 0
+    assert frame_to_frame_change(ramp) == pytest.approx((0.25 * 3 + 0.75) / 4)
+    x_t, y_t = xt_cuts(np.arange(6 * 4 * 5).reshape(6, 4, 5))
+    assert x_t.shape == (6, 5) and y_t.shape == (6, 4) and x_t[1, 0] == 20 + 2 * 5
+
+
+def test_evaluate_compares_2d_and_2dt_models(tmp_path):
+    out = tmp_path / "temporal"
+    results = evaluate(
+        EvaluationConfig(data=("phantom:1",), out_dir=str(out), model="untrained:tiny", temporal_model="untrained:tiny-2d+t", tasks=(1,), methods=("linear", "calid"), steps=1, batch_size=16),
+        command="test",
+    )
+    summary = results["temporal"]["summary"]
+    assert set(summary) == {"2D frame by frame", "2D+T"}
+    for values in summary.values():
+        assert values["psnr"]["n"] == 1 and values["change_error"]["mean"] >= 0
+    assert (out / "temporal_xt.png").stat().st_size > 0 and "temporal_xt.png" in results["figures"]
+    assert "## 2D+T" in (out / "report.md").read_text()
+    with pytest.raises(InputError, match="not a 2D\\+T model"):
+        evaluate(EvaluationConfig(data=("phantom:1",), out_dir=str(tmp_path / "x"), model="untrained:tiny", temporal_model="untrained:tiny", tasks=(1,)))
+
+
+def test_cli_upsample_temporal_refuses_a_2d_model(tmp_path, small_phantom):
+    from calid.data.io import write_stack
+
+    source = write_stack(small_phantom.sparse, tmp_path / "cine.nii.gz")
+    assert main(["upsample", str(source), str(tmp_path / "out.nii.gz"), "--model", "untrained:tiny", "--temporal", "--quiet"]) == 2
+    assert not (tmp_path / "out.nii.gz").exists()
