@@ -22,10 +22,11 @@ from calid.training.trainer import TrainConfig, Trainer
 from conftest import shared_file
 
 
-@pytest.mark.parametrize("name", ["tiny-2d+t", "small-2d+t"])
-def test_2dt_shapes_through_vae_and_denoiser(name):
-    config = named_config(name)
+@pytest.mark.parametrize("name,time_downsampling", [("tiny-2d+t", False), ("tiny-2d+t", True), ("small-2d+t", False), ("small-2d+t", True)])
+def test_2dt_shapes_through_vae_and_denoiser(name, time_downsampling):
+    config = named_config(name).replace(time_downsampling=time_downsampling)
     assert config.temporal and config.spatial_dims == 3
+    assert config.latent_clip_length == (config.clip_length // 4 if time_downsampling else config.clip_length)
     torch.manual_seed(0)
     vae, net = build_vae(config), CaLIDNet(config)
     clip = torch.randn(1, 1, config.clip_length, config.image_size, config.image_size)
@@ -35,13 +36,23 @@ def test_2dt_shapes_through_vae_and_denoiser(name):
         assert vae.decode(z).shape == clip.shape
         out = net(z, torch.tensor([10]), torch.cat([clip, clip], dim=1))
     assert out.shape == z.shape
-    # Every convolution is 3D: the same configuration in 2D has no 3D kernels at all.
-    assert all(m.weight.dim() == 5 for m in vae.modules() if isinstance(m, torch.nn.Conv3d)) and not any(isinstance(m, torch.nn.Conv2d) for m in vae.modules())
+    # The denoiser is 3D over (t, y, x); the autoencoder is 3D only when it downsamples time.
+    assert any(isinstance(m, torch.nn.Conv3d) for m in net.unet.modules())
+    assert any(isinstance(m, torch.nn.Conv3d) for m in vae.modules()) == time_downsampling
+    if not time_downsampling:
+        # Frame by frame: each latent frame depends on its own image frame only.
+        changed = clip.clone()
+        changed[:, :, 3] += 1.0
+        with torch.no_grad():
+            difference = (vae.encode(changed)[0] - vae.encode(clip)[0]).abs().amax(dim=(0, 1, 3, 4))
+        assert difference[3] > 0 and torch.all(difference[[0, 1, 2, 4]] == 0)
 
 
 def test_2dt_config_checks_the_clip_length_and_round_trips():
     with pytest.raises(ValueError, match="clip_length"):
-        named_config("tiny-2d+t").replace(clip_length=12)
+        named_config("tiny-2d+t").replace(clip_length=12, time_downsampling=True)
+    with pytest.raises(ValueError, match="clip_length"):
+        named_config("tiny-2d+t").replace(clip_length=7)
     config = named_config("small-2d+t")
     assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert named_config("small").temporal is False
@@ -90,20 +101,37 @@ def test_tiny_2dt_vae_and_denoiser_overfit_real_clips(real_clips):
     assert losses[-1] < losses[0] / 5
 
 
-def test_2dt_trainer_both_stages_and_model_file_round_trip(tmp_path):
+@pytest.mark.parametrize("time_downsampling", [False, True])
+def test_2dt_trainer_both_stages_and_model_file_round_trip(tmp_path, time_downsampling):
     common = dict(data=("phantom:2",), batch_size=2, validate_every=2, checkpoint_every=2, warmup_steps=1, val_fraction=0.5, val_steps=1, perceptual_weight=0.0, adversarial_start=1, cache_dir=str(tmp_path / "cache"))
-    Trainer(TrainConfig(stage="vae", out_dir=str(tmp_path / "vae"), model="tiny-2d+t", steps=2, **common)).fit()
+    Trainer(TrainConfig(stage="vae", out_dir=str(tmp_path / "vae"), model="tiny-2d+t", downsample_time=time_downsampling, steps=2, **common)).fit()
     Trainer(TrainConfig(stage="ldm", out_dir=str(tmp_path / "ldm"), vae_model=str(tmp_path / "vae" / "model.safetensors"), steps=2, **common)).fit()
     model = load_model(tmp_path / "ldm" / "model.safetensors")
     assert model.config.temporal and model.config.clip_length == 8 and model.kind == "calid"
+    assert model.config.time_downsampling == time_downsampling
     # saving and loading again gives the same network outputs
     again = load_model(save_model(tmp_path / "copy.safetensors", model.config, model.vae, model.net, model.latent_scale))
-    z = torch.randn(1, 3, 2, 8, 8)
+    z = torch.randn(1, 3, model.config.latent_clip_length, 8, 8)
     condition = torch.randn(1, 2, 8, 32, 32)
     with torch.no_grad():
         assert torch.equal(model.net(z, torch.tensor([7]), condition), again.net(z, torch.tensor([7]), condition))
     validation = (tmp_path / "ldm" / "validation.csv").read_text().splitlines()
     assert len(validation) >= 2 and "val_psnr" in validation[0]
+
+
+def test_2dt_denoiser_over_a_trained_2d_autoencoder(tmp_path):
+    """``calid train ldm --temporal`` on a 2D VAE: the 2D autoencoder serves the 2D+T model frame by frame."""
+    config = named_config("tiny")
+    torch.manual_seed(0)
+    vae_2d = build_vae(config)
+    vae_file = save_model(tmp_path / "vae2d.safetensors", config, vae_2d)
+    common = dict(data=("phantom:2",), batch_size=2, validate_every=2, checkpoint_every=2, warmup_steps=1, val_fraction=0.5, val_steps=1, cache_dir=str(tmp_path / "cache"))
+    Trainer(TrainConfig(stage="ldm", out_dir=str(tmp_path / "ldm"), vae_model=str(vae_file), temporal=True, steps=2, **common)).fit()
+    model = load_model(tmp_path / "ldm" / "model.safetensors")
+    assert model.config.temporal and not model.config.time_downsampling and model.config.clip_length == 8
+    frame = torch.randn(1, 1, 32, 32)
+    with torch.no_grad():  # the shipped 2D weights, unchanged, on every frame
+        torch.testing.assert_close(model.vae.encode(frame[:, :, None].repeat(1, 1, 8, 1, 1))[0][:, :, 5], vae_2d.encode(frame)[0])
 
 
 def test_2dt_engine_on_4d_input_keeps_geometry_and_acquired_slices():

@@ -30,7 +30,7 @@ from torch import nn
 from calid.atomic import atomic_path
 from calid.errors import InputError
 from calid.models.config import ModelConfig
-from calid.models.networks import CaLIDNet, build_vae
+from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, build_vae
 
 FORMAT_NAME = "calid-model"
 FORMAT_VERSION = 1
@@ -42,7 +42,7 @@ class LoadedModel:
     """The networks and description of one model file (in eval mode)."""
 
     config: ModelConfig
-    vae: AutoencoderKL
+    vae: AutoencoderKL | FrameWiseAutoencoder
     net: CaLIDNet | None
     latent_scale: float
     info: dict[str, Any] = field(default_factory=dict)

@@ -19,13 +19,59 @@ from typing import Any
 
 import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
+from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
 from torch import nn
 
 from calid.models.config import ModelConfig
 
 
-def build_vae(config: ModelConfig) -> AutoencoderKL:
-    """The first-stage autoencoder: 1 channel in and out, ``latent_channels`` at 1/f resolution."""
+def _fold_time(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B * T, C, H, W)."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[3:])
+
+
+def _unfold_time(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(B * T, C, H, W) -> (B, C, T, H, W)."""
+    return x.reshape(-1, frames, *x.shape[1:]).transpose(1, 2)
+
+
+class FrameWiseAutoencoder(nn.Module):
+    """A 2D ``AutoencoderKL`` applied to every frame of (B, 1, T, H, W) clips: latents (B, C, T, h, w)
+    keep every frame. Same interface as ``AutoencoderKL`` (encode, decode, forward)."""
+
+    def __init__(self, frames: AutoencoderKL) -> None:
+        super().__init__()
+        self.frames = frames
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_mu, z_sigma = self.frames.encode(_fold_time(x))
+        return _unfold_time(z_mu, x.shape[2]), _unfold_time(z_sigma, x.shape[2])
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return _unfold_time(self.frames.decode(_fold_time(z)), z.shape[2])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z_mu, z_sigma = self.encode(x)
+        z = z_mu + torch.randn_like(z_sigma) * z_sigma
+        return self.decode(z), z_mu, z_sigma
+
+
+class FrameWiseConditioning(nn.Module):
+    """tau1 of a time-keeping 2D+T model: the 2D conditioning encoder on every frame of the neighbours."""
+
+    def __init__(self, embedding: nn.Module) -> None:
+        super().__init__()
+        self.frames = embedding
+
+    def forward(self, condition: torch.Tensor) -> torch.Tensor:
+        return _unfold_time(self.frames(_fold_time(condition)), condition.shape[2])
+
+
+def build_vae(config: ModelConfig) -> Any:
+    """The first-stage autoencoder: 1 channel in and out, ``latent_channels`` at 1/f resolution
+    (a :class:`FrameWiseAutoencoder` for a 2D+T model that keeps every frame)."""
+    if config.temporal and not config.time_downsampling:
+        return FrameWiseAutoencoder(build_vae(config.replace(temporal=False)))
     vae = config.vae
     return AutoencoderKL(
         spatial_dims=config.spatial_dims,
@@ -79,6 +125,11 @@ class CaLIDNet(nn.Module):
             conditioning_embedding_num_channels=d.conditioning_channels,
             **common,
         )
+        if config.temporal and not config.time_downsampling:
+            # The latent keeps every frame: tau1 downsamples y and x only, frame by frame.
+            self.controlnet.controlnet_cond_embedding = FrameWiseConditioning(  # type: ignore[assignment]
+                ControlNetConditioningEmbedding(spatial_dims=2, in_channels=2, out_channels=d.channels[0], channels=d.conditioning_channels)
+            )
 
     def forward(
         self,

@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from monai.losses import PatchAdversarialLoss
 from monai.metrics import PSNRMetric, SSIMMetric
-from monai.networks.nets import PatchDiscriminator
+from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -44,7 +44,7 @@ from calid.device import resolve_device
 from calid.errors import InputError
 from calid.models.checkpoint import load_model, save_model
 from calid.models.config import ModelConfig, named_config
-from calid.models.networks import CaLIDNet, build_vae
+from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, build_vae
 from calid.training.state import load_training_state, save_training_state
 
 
@@ -57,6 +57,8 @@ class TrainConfig:
     out_dir: str
     model: str = "small"  # named configuration (vae stage); the ldm stage takes the VAE file's
     vae_model: str | None = None  # ldm stage: the trained VAE (model.safetensors of the vae stage)
+    downsample_time: bool = False  # vae stage of a NAME-2d+t model: the paper's 3D autoencoder (time downsampled by f)
+    temporal: bool = False  # ldm stage on a 2D VAE: a 2D+T denoiser over the 2D autoencoder applied frame by frame
     steps: int = 20000
     batch_size: int = 32
     learning_rate: float = 1e-4
@@ -160,6 +162,10 @@ class Trainer:
         self.latent_scale = 1.0
         if config.stage == "vae":
             self.model_config = named_config(config.model)
+            if config.downsample_time:
+                if not self.model_config.temporal:
+                    raise InputError("--downsample-time", f"applies to 2D+T models (--config NAME-2d+t), not {config.model!r}")
+                self.model_config = self.model_config.replace(time_downsampling=True)
             self.vae: Any = build_vae(self.model_config).to(self.device)
             self.trained: nn.Module = self.vae
         else:
@@ -177,7 +183,12 @@ class Trainer:
                 if value is not None
             }
             self.model_config = loaded.config.replace(denoiser=dataclasses.replace(denoiser, **changes))
-            self.vae = loaded.vae.requires_grad_(False).eval()
+            vae_module: nn.Module = loaded.vae
+            if config.temporal and not loaded.config.temporal and isinstance(loaded.vae, AutoencoderKL):
+                # A trained 2D autoencoder serves a 2D+T model that keeps every frame.
+                self.model_config = self.model_config.replace(temporal=True, time_downsampling=False, clip_length=8 if loaded.config.name == "tiny" else 32)
+                vae_module = FrameWiseAutoencoder(loaded.vae)
+            self.vae = vae_module.requires_grad_(False).eval()
             self.net = CaLIDNet(self.model_config).to(self.device)
             self.trained = self.net
             self.schedule = NoiseSchedule(self.model_config.schedule)
