@@ -10,6 +10,7 @@ import slicer
 import vtk
 
 from calid.atomic import atomic_path
+from calid.geometry.surfaces import write_window_png
 
 from CaLIDSlicerLib import mrml
 
@@ -106,15 +107,7 @@ def render_three_d_view(
         camera.SetViewUp(*up)
         renderer.ResetCamera()
         window.Render()
-        grabber = vtk.vtkWindowToImageFilter()
-        grabber.SetInput(window)
-        grabber.Update()
-        path = Path(path)
-        with atomic_path(path) as tmp:
-            writer = vtk.vtkPNGWriter()
-            writer.SetFileName(str(tmp))
-            writer.SetInputConnection(grabber.GetOutputPort())
-            writer.Write()
+        path = write_window_png(window, path)
     finally:
         group.SetMRMLDisplayableNode(None)
         scene.RemoveNode(view)

@@ -13,6 +13,7 @@ convention Slicer assumes for STL / OBJ files.
 from __future__ import annotations
 
 import os
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,13 @@ def render_surfaces(
         camera.SetPosition(*(focal - distance * np.asarray(view_direction_lps, dtype=np.float64) / np.linalg.norm(view_direction_lps)))
         renderer.ResetCamera()
     window.Render()
+    path = write_window_png(window, path)
+    window.Finalize()
+    return path
+
+
+def write_window_png(window: Any, path: str | os.PathLike[str]) -> Path:
+    """The back buffer of a rendered (offscreen) VTK window as a PNG, written atomically."""
     grabber = vtk.vtkWindowToImageFilter()
     grabber.SetInput(window)
     grabber.ReadFrontBufferOff()
@@ -159,5 +167,4 @@ def render_surfaces(
         writer.SetFileName(str(tmp))
         writer.SetInputConnection(grabber.GetOutputPort())
         writer.Write()
-    window.Finalize()
     return path
