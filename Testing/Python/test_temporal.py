@@ -189,3 +189,16 @@ def test_cli_upsample_temporal_refuses_a_2d_model(tmp_path, small_phantom):
     source = write_stack(small_phantom.sparse, tmp_path / "cine.nii.gz")
     assert main(["upsample", str(source), str(tmp_path / "out.nii.gz"), "--model", "untrained:tiny", "--temporal", "--quiet"]) == 2
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_overlapping_clips_share_each_frames_noise():
+    """A frame gets the same starting noise in every clip that holds it (time-keeping latents)."""
+    from calid.inference.pipeline import UpsamplingPipeline
+
+    first = UpsamplingPipeline._noise((7, (3, 4, 5, 6), 2), torch.Size((3, 4, 8, 8)))
+    second = UpsamplingPipeline._noise((7, (5, 6, 7, 8), 2), torch.Size((3, 4, 8, 8)))
+    torch.testing.assert_close(first[:, 2:], second[:, :2])
+    assert not torch.equal(first[:, 0], first[:, 1])
+    assert not torch.equal(first, UpsamplingPipeline._noise((7, (3, 4, 5, 6), 4), torch.Size((3, 4, 8, 8))))  # another slice
+    with pytest.raises(ValueError, match="frames"):
+        UpsamplingPipeline._noise((7, (1, 2), 2), torch.Size((3, 4, 8, 8)))

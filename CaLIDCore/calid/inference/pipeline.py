@@ -386,7 +386,9 @@ class UpsamplingPipeline:
             chunk = starts[first : first + max(1, math.ceil(batch / max(1, cropped.n_slices - 1)))]
             indices = [(start + np.arange(length)) % n_frames for start in chunk]
             clips = np.stack([np.moveaxis(cropped.data[index], 0, 1) for index in indices])  # (clips, Z, L, H, W)
-            generated = self._bisect(clips, factor, mode, steps, seed, chunk, batch, tracker)  # (clips, n_dense, L, H, W)
+            # Noise keys: per frame when the latent keeps every frame (overlapping clips then share it).
+            keys: list[Any] = [tuple(int(f) for f in index) for index in indices] if not self.model.config.time_downsampling else list(chunk)
+            generated = self._bisect(clips, factor, mode, steps, seed, keys, batch, tracker)  # (clips, n_dense, L, H, W)
             for index, clip in zip(indices, generated):
                 for position, frame in enumerate(index):
                     if position_weight[position] > 0:
@@ -398,7 +400,7 @@ class UpsamplingPipeline:
         dense.data[:, new_slices] = (weight * restored + (1.0 - weight) * dense.data[:, new_slices]).astype(np.float32)
 
     @torch.no_grad()
-    def _bisect(self, crops: np.ndarray, factor: int, mode: str, steps: int, seed: int, frame_ids: list[int], batch: int, tracker: _Tracker) -> np.ndarray:
+    def _bisect(self, crops: np.ndarray, factor: int, mode: str, steps: int, seed: int, frame_ids: Sequence[Any], batch: int, tracker: _Tracker) -> np.ndarray:
         """(U, Z, *E) normalised crops -> (U, (Z - 1) * factor + 1, *E), acquired slices unchanged.
 
         A unit is one frame (E = (H, W)) for a 2D model, or one clip (E = (L, H, W))
@@ -456,7 +458,7 @@ class UpsamplingPipeline:
         z_prev: torch.Tensor,
         z_next: torch.Tensor,
         steps: int,
-        seeds: list[tuple[int, int, int]],
+        seeds: Sequence[tuple[Any, ...]],
         tracker: _Tracker,
         message: str,
     ) -> torch.Tensor:
@@ -522,8 +524,19 @@ class UpsamplingPipeline:
         return ddim_loop(model, start, sampling_grid(steps, self.schedule.num_train_timesteps), self.schedule, prediction)
 
     @staticmethod
-    def _noise(key: tuple[int, int, int], shape: torch.Size) -> torch.Tensor:
-        """Gaussian noise of one generated slice from (seed, frame, output slice index)."""
+    def _noise(key: tuple[Any, ...], shape: torch.Size) -> torch.Tensor:
+        """Gaussian noise of one generated slice from (seed, frame, output slice index).
+
+        For a clip whose latent keeps every frame, ``frame`` is the tuple of the clip's
+        frames and the noise is drawn frame by frame (axis 1 of ``shape``): a frame gets
+        the same noise in every overlapping clip, so that overlapping clips agree.
+        """
+        seed, frame, z = key
+        if isinstance(frame, tuple):
+            if len(frame) != shape[1]:
+                raise ValueError(f"{len(frame)} frames for a latent clip of {shape[1]}")
+            per_frame = (shape[0],) + tuple(shape[2:])
+            return torch.stack([UpsamplingPipeline._noise((seed, f, z), torch.Size(per_frame)) for f in frame], dim=1)
         state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)
         generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
