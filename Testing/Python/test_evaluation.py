@@ -46,7 +46,7 @@ def test_label_files_are_found_by_acdc_frame_numbers_and_checked(tmp_path, small
     es = small_phantom.es_frame
     write_stack(small_phantom.sparse_labels.select_frames([es]), labels / f"subj01_frame{es + 1:02d}_gt.nii.gz", dtype="uint8")
     assert find_label_files(labels, "subj01") == {es: labels / f"subj01_frame{es + 1:02d}_gt.nii.gz"}
-    subjects, _ = load_evaluation_subjects(EvaluationConfig(data=(str(images),), out_dir=str(tmp_path / "out"), labels=str(labels)))
+    subjects = load_evaluation_subjects(EvaluationConfig(data=(str(images),), out_dir=str(tmp_path / "out"), labels=str(labels)))
     assert [s.subject for s in subjects] == ["subj01"] and subjects[0].name == "subj01_4d"
     assert subjects[0].frames == [es]  # "labelled" frames by default
     np.testing.assert_array_equal(subjects[0].labels[es], small_phantom.sparse_labels.data[es])

@@ -226,20 +226,16 @@ def _read_labels(image: Path, stack: CineStack, config: EvaluationConfig, subjec
     return labels
 
 
-def load_evaluation_subjects(config: EvaluationConfig) -> tuple[list[EvalSubject], list[Phantom]]:
+def load_evaluation_subjects(config: EvaluationConfig) -> list[EvalSubject]:
     """The volumes of ``config.data`` (files, folders, ``phantom:N``), filtered by subject and with their labels."""
     entries: list[tuple[str, Path | None, Phantom | None]] = []
-    phantoms: list[Phantom] = []
     for entry in config.data:
         if entry.startswith("phantom:"):
             try:
                 count = int(entry.split(":", 1)[1])
             except ValueError:
                 raise InputError(entry, "phantom data is written phantom:N with N the number of subjects") from None
-            for i in range(count):
-                made = make_phantom(2000 + i, evaluation_phantom_config())
-                phantoms.append(made)
-                entries.append((f"phantom{2000 + i}", None, made))
+            entries.extend((f"phantom{2000 + i}", None, make_phantom(2000 + i, evaluation_phantom_config())) for i in range(count))
         elif Path(entry).is_dir():
             entries.extend((subject_id(p, entry), p, None) for p in find_image_files(entry))
         elif Path(entry).is_file():
@@ -269,7 +265,7 @@ def load_evaluation_subjects(config: EvaluationConfig) -> tuple[list[EvalSubject
             if stack.n_frames > 1:
                 volume.cardiac_phases = {k: v for k, v in cardiac_phases(path, subject).items() if v < stack.n_frames}
         volumes.append(_select_frames(volume, config.frames))
-    return volumes, phantoms
+    return volumes
 
 
 def evaluation_phantom_config() -> PhantomConfig:
@@ -401,7 +397,6 @@ class Evaluation:
         self.methods = [m for m in config.methods if self._method_available(m)]
         self.seg_model: Any = None
         self.seg_reason = ""
-        self.results: dict[str, Any] = {}
 
     def _method_available(self, method: str) -> bool:
         model = self.pipeline.model
@@ -439,7 +434,7 @@ class Evaluation:
         out_dir = Path(config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        subjects, _ = load_evaluation_subjects(config) if set(config.tasks) & {1, 2, 3} or config.temporal_model else ([], [])
+        subjects = load_evaluation_subjects(config) if set(config.tasks) & {1, 2, 3} or config.temporal_model else []
         self.perceptual = PerceptualMetrics(config.lpips_weights) if 1 in config.tasks or 2 in config.tasks else None
         triplets = {s.name: self._triplets(s) for s in subjects}
         predictions: dict[str, dict[str, np.ndarray]] = {}
@@ -467,7 +462,6 @@ class Evaluation:
         if self.temporal_pipeline is not None:
             results["temporal"] = self._task_temporal(subjects)
         results["seconds"] = round(time.perf_counter() - started, 1)
-        self.results = results
         self._write(results, subjects, triplets, predictions)
         return results
 

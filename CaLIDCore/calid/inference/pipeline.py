@@ -382,8 +382,9 @@ class UpsamplingPipeline:
         accumulated = np.zeros((n_frames, len(new_slices)) + cropped.shape[2:], dtype=np.float64)
         total_weight = np.zeros(n_frames, dtype=np.float64)
         tracker.total = float(len(starts) * (cropped.n_slices - 1) * (factor - 1))
-        for first in range(0, len(starts), max(1, math.ceil(batch / max(1, cropped.n_slices - 1)))):
-            chunk = starts[first : first + max(1, math.ceil(batch / max(1, cropped.n_slices - 1)))]
+        clips_per_chunk = max(1, math.ceil(batch / max(1, cropped.n_slices - 1)))
+        for first in range(0, len(starts), clips_per_chunk):
+            chunk = starts[first : first + clips_per_chunk]
             indices = [(start + np.arange(length)) % n_frames for start in chunk]
             clips = np.stack([np.moveaxis(cropped.data[index], 0, 1) for index in indices])  # (clips, Z, L, H, W)
             # Noise keys: per frame when the latent keeps every frame (overlapping clips then share it).
