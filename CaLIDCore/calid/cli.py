@@ -499,7 +499,10 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     )
     metrics = trainer.fit()
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-    print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'best.safetensors'}")
+    if trainer.stop_requested:
+        print(f"stopped at step {trainer.step} of {config.steps}; continue with the same command and --resume")
+    else:
+        print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'best.safetensors'}")
     return 0
 
 
@@ -533,6 +536,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         val_subjects=tuple(args.val_subjects.split(",")) if args.val_subjects else None,
         gaps=tuple(int(g) for g in args.gaps.split(",")),
+        latent_cache_mb=args.latent_cache_mb,
         device=args.device,
         lpips_weights=args.lpips_weights,
         perceptual_weight=args.perceptual_weight,
@@ -555,7 +559,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = trainer.fit()
     if trainer.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'model.safetensors'}")
+        if trainer.stop_requested:
+            print(f"stopped at step {trainer.step} of {config.steps}; continue with the same command and --resume. model so far: {Path(config.out_dir) / 'model.safetensors'}")
+        else:
+            print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'model.safetensors'}")
     return 0
 
 
@@ -688,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-fraction", type=float, default=0.15)
     train.add_argument("--val-subjects", help="comma-separated validation subjects (instead of a random fraction)")
     train.add_argument("--gaps", default="1", help="neighbour distances in slices, e.g. 1,2")
+    train.add_argument("--latent-cache-mb", type=int, default=2048, help="ldm: memory for the training slices' latents, each encoded once (0: encode every step)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--lpips-weights", help="AlexNet weights for the perceptual loss (else $CALID_LPIPS_WEIGHTS or a download)")
     train.add_argument("--perceptual-weight", type=float, default=0.002)

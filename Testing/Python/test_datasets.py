@@ -72,6 +72,25 @@ def test_triplets_are_true_neighbours_with_consistent_flips():
     assert seen_flip
 
 
+def test_keys_say_exactly_which_slice_and_flips_each_tensor_shows():
+    stack = oblique_stack(frames=3, slices=6, rows=16, columns=16)
+    volumes = volumes_from_stacks([stack, stack], SMALL)
+    dataset = TripletDataset(volumes, gaps=(1, 2), flips=True, swap_neighbours=True, seed=5)
+    seen_codes, seen_swap = set(), False
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        for item in range(len(dataset)):
+            got = dataset[item]
+            assert got["keys"].shape == (3, 4) and got["keys"].dtype == torch.long
+            for name, (v, t, k, code) in zip(("previous", "middle", "next"), got["keys"].tolist()):
+                dims = [d for bit, d in ((1, -1), (2, -2)) if code & bit]
+                expected = torch.from_numpy(volumes[v].data[t, k].astype(np.float32))[None]
+                assert torch.equal(got[name], expected.flip(dims) if dims else expected), (item, name)
+                seen_codes.add(code)
+            seen_swap |= got["keys"][0, 2] > got["keys"][2, 2]
+    assert seen_codes == {0, 1, 2, 3} and seen_swap
+
+
 def test_clip_dataset_wraps_around_the_cycle():
     stack = oblique_stack(frames=3, slices=3, rows=16, columns=16)
     volumes = volumes_from_stacks([stack], SMALL)

@@ -52,6 +52,30 @@ def test_resume_continues_exactly(tmp_path, stage):
     assert (tmp_path / "split" / "validation.csv").read_text().count("\n") >= 2
 
 
+def test_latent_cache_returns_the_encoders_latents_and_reuses_them(tmp_path):
+    from calid.training.trainer import LatentCache
+
+    trainer = Trainer(TrainConfig(stage="ldm", data=("phantom:2",), out_dir=str(tmp_path / "run"), model="tiny", vae_model=str(tiny_vae_file(tmp_path)), batch_size=4, val_fraction=0.0))
+    assert trainer.latent_cache is not None
+    items = [trainer.train_set[i] for i in range(6)]
+    images = torch.cat([torch.stack([it[k] for it in items]) for k in ("previous", "middle", "next")])
+    keys = torch.cat([torch.stack([it["keys"][j] for it in items]) for j in range(3)])
+    with torch.no_grad():
+        direct = trainer.vae.encode(images)[0]
+    first = trainer.latent_cache(images, keys)
+    torch.testing.assert_close(first, direct, rtol=1e-4, atol=1e-5)
+    unique = len({tuple(row) for row in keys.tolist()})
+    assert trainer.latent_cache.misses == len(keys) and len(trainer.latent_cache.latents) == unique
+    # the same tensors again (in another order): all from memory, identical values
+    order = torch.randperm(len(keys))
+    again = trainer.latent_cache(images[order], keys[order])
+    assert trainer.latent_cache.hits == len(keys) and torch.equal(again, first[order])
+    # a cache without memory still answers correctly and keeps nothing
+    bounded = LatentCache(lambda x: trainer.vae.encode(x)[0], max_bytes=0)
+    torch.testing.assert_close(bounded(images, keys), direct, rtol=1e-4, atol=1e-5)
+    assert not bounded.latents and bounded.stored_bytes == 0
+
+
 def test_trainer_refuses_resume_without_checkpoint_and_bad_data(tmp_path):
     from calid.errors import InputError
 

@@ -170,7 +170,8 @@ class TripletDataset(Dataset[dict[str, Any]]):
     Every (volume, frame, middle slice n, gap g) with both neighbours inside the
     stack is one item. Items are dicts of float32 tensors ``previous``,
     ``middle``, ``next`` of shape (1, H, W) plus ``subject``, ``frame``,
-    ``slice`` and ``gap``.
+    ``slice``, ``gap`` and ``keys`` (3, 4): which (volume, frame, slice, flips)
+    each of the three tensors shows.
 
     Args:
         volumes: preprocessed subjects (one split: never mix train and validation).
@@ -218,19 +219,23 @@ class TripletDataset(Dataset[dict[str, Any]]):
         """Draw other augmentations in every epoch (like ``DistributedSampler.set_epoch``)."""
         self.epoch = int(epoch)
 
-    def _augment(self, slices: list[torch.Tensor], item: int) -> list[torch.Tensor]:
+    def _augment(self, slices: list[torch.Tensor], slice_indices: list[int], item: int) -> tuple[list[torch.Tensor], list[int], int]:
+        """Flipped (and maybe swapped) slices, their slice indices in the same order, and the flip code (bit 0: x, bit 1: y)."""
         seed = int(np.random.SeedSequence([self.seed, self.epoch, item]).generate_state(1)[0])
         draws = torch.rand(3, generator=torch.Generator().manual_seed(seed))
         dims = []
+        flip_code = 0
         if self.flips and draws[0] < 0.5:
             dims.append(-1)
+            flip_code |= 1
         if self.flips and draws[1] < 0.5:
             dims.append(-2)
+            flip_code |= 2
         if dims:
             slices = [s.flip(dims) for s in slices]
         if self.swap_neighbours and draws[2] < 0.5:
-            slices = [slices[2], slices[1], slices[0]]
-        return slices
+            slices, slice_indices = slices[::-1], slice_indices[::-1]
+        return slices, slice_indices, flip_code
 
     def _frames(self, frame: int, n_frames: int) -> int | np.ndarray:
         """Which frame(s) an item takes: one frame here, a cyclic clip in :class:`ClipDataset`."""
@@ -240,12 +245,16 @@ class TripletDataset(Dataset[dict[str, Any]]):
         v, t, n, gap = self.index[item]
         data = self.volumes[v].data
         frames = self._frames(t, data.shape[0])
-        slices = [torch.from_numpy(np.asarray(data[frames, k], dtype=np.float32)).unsqueeze(0) for k in (n - gap, n, n + gap)]
-        previous, middle, following = self._augment(slices, item)
+        slice_indices = [n - gap, n, n + gap]
+        slices = [torch.from_numpy(np.asarray(data[frames, k], dtype=np.float32)).unsqueeze(0) for k in slice_indices]
+        (previous, middle, following), slice_indices, flip_code = self._augment(slices, slice_indices, item)
         return {
             "previous": previous,
             "middle": middle,
             "next": following,
+            # What each of the three tensors is, exactly: (volume, frame, slice, flip code) rows, so
+            # a trainer can reuse a tensor's encoding whenever the same one comes back.
+            "keys": torch.tensor([[v, t, k, flip_code] for k in slice_indices], dtype=torch.long),
             "subject": self.volumes[v].subject,
             "frame": t,
             "slice": n,
