@@ -71,6 +71,52 @@ def test_save_load_gives_identical_outputs(tmp_path):
         assert torch.equal(net(z, t, torch.cat([x, x], 1)), loaded.net(z, t, torch.cat([x, x], 1)))
 
 
+class _FloorLiftingAutoencoder(torch.nn.Module):
+    """An exact autoencoder except that it returns the -1 floor as -0.95 (what a convolutional decoder does)."""
+
+    def encode(self, x):
+        return x, torch.zeros_like(x)
+
+    def decode(self, z):
+        return torch.where(z == -1.0, torch.full_like(z, -0.95), z)
+
+
+def test_floor_snap_is_calibrated_by_least_squares_and_restores_the_floor():
+    from calid.models.networks import apply_floor_snap, calibrate_floor_snap
+
+    images = torch.rand(8, 1, 16, 16) * 0.9 + 0.1  # content well above the floor
+    images[:, :, :8] = -1.0  # half background, clipped to the floor by preprocessing
+    snap = calibrate_floor_snap(_FloorLiftingAutoencoder(), images, batch_size=3)
+    assert snap == pytest.approx(0.06)  # the smallest candidate above the 0.05 lift: exact reconstruction
+    assert torch.equal(apply_floor_snap(_FloorLiftingAutoencoder().decode(images), snap), images)
+    assert torch.equal(apply_floor_snap(images + 0.03, 0.0), images + 0.03)  # 0: off
+    # an exact decoder needs no snap
+    class Exact(_FloorLiftingAutoencoder):
+        def decode(self, z):
+            return z
+
+    assert calibrate_floor_snap(Exact(), images) == 0.0
+
+
+def test_the_engine_applies_the_models_floor_snap(tmp_path):
+    import dataclasses
+
+    from calid.inference.pipeline import load_pipeline
+
+    config = named_config("tiny")
+    torch.manual_seed(2)
+    vae, net = build_vae(config), CaLIDNet(config)
+    previous, following = (torch.rand(3, 32, 32).numpy() * 2 - 1 for _ in range(2))
+    plain = load_pipeline(save_model(tmp_path / "plain.safetensors", config, vae, net, 1.0), device="cpu").interpolate_slices(previous, following, "calid", 2)
+    snapped_config = config.replace(vae=dataclasses.replace(config.vae, floor_snap=0.5))
+    path = save_model(tmp_path / "snapped.safetensors", snapped_config, vae, net, 1.0)
+    assert load_model(path).config.vae.floor_snap == 0.5
+    snapped = load_pipeline(path, device="cpu").interpolate_slices(previous, following, "calid", 2)
+    low = plain < -0.5
+    assert low.any() and (~low).any()
+    assert (snapped[low] == -1.0).all() and (snapped[~low] == plain[~low]).all()
+
+
 def _rewrite_header(path, change):
     raw = path.read_bytes()
     size = struct.unpack("<Q", raw[:8])[0]

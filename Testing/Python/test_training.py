@@ -46,9 +46,12 @@ def test_resume_continues_exactly(tmp_path, stage):
     for key in a:
         if not key.startswith("rng."):
             assert torch.equal(a[key], b[key]), key
-    # the exported model is the EMA and loads as a model file
+    # the exported model is the EMA and loads as a model file, with its decoder floor calibrated
+    from calid.models.networks import FLOOR_SNAP_CANDIDATES
+
     model = load_model(tmp_path / "split" / "model.safetensors")
     assert model.kind == ("vae" if stage == "vae" else "calid")
+    assert model.config.vae.floor_snap in FLOOR_SNAP_CANDIDATES
     assert (tmp_path / "split" / "validation.csv").read_text().count("\n") >= 2
 
 

@@ -49,7 +49,7 @@ from calid.errors import Cancelled, InputError
 from calid.inference.baselines import check_factor, upsample_linear
 from calid.models.checkpoint import LoadedModel, load_model
 from calid.models.config import ModelConfig, named_config
-from calid.models.networks import CaLIDNet, build_vae
+from calid.models.networks import CaLIDNet, apply_floor_snap, build_vae
 from calid.models.registry import UNTRAINED_PREFIX, resolve_model, sha256_of
 
 #: ``progress(done, total, message)``: ``done`` and ``total`` count generated slices (``done`` may be fractional).
@@ -450,7 +450,8 @@ class UpsamplingPipeline:
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         assert self.model is not None
-        return self.model.vae.decode(latents / self.model.latent_scale).float().clamp(-1.0, 1.0)[:, 0]
+        decoded = self.model.vae.decode(latents / self.model.latent_scale).float().clamp(-1.0, 1.0)[:, 0]
+        return apply_floor_snap(decoded, self.config.vae.floor_snap)
 
     def _interpolate(
         self,

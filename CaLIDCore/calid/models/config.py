@@ -48,6 +48,11 @@ class VAEConfig:
     latent_channels: int = 3
     num_res_blocks: int = 2
     norm_num_groups: int = 32
+    #: Decoded values below ``-1 + floor_snap`` are set to -1. Preprocessing clips the dark
+    #: background to exactly -1 (about half of a cine crop), a level a decoder ending in a
+    #: convolution only approaches; calibrated by least squares on training slices when a
+    #: model is exported (:func:`calid.models.networks.calibrate_floor_snap`). 0: off.
+    floor_snap: float = 0.0
 
     @property
     def downsampling(self) -> int:

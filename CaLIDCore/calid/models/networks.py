@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from monai.networks.nets import AutoencoderKL, ControlNet, DiffusionModelUNet
 from monai.networks.nets.controlnet import ControlNetConditioningEmbedding
@@ -65,6 +66,35 @@ class FrameWiseConditioning(nn.Module):
 
     def forward(self, condition: torch.Tensor) -> torch.Tensor:
         return _unfold_time(self.frames(_fold_time(condition)), condition.shape[2])
+
+
+def apply_floor_snap(images: torch.Tensor, floor_snap: float) -> torch.Tensor:
+    """Decoded images in [-1, 1] with values within ``floor_snap`` of the floor set to the floor (-1)."""
+    if floor_snap <= 0:
+        return images
+    return torch.where(images < -1.0 + floor_snap, torch.full_like(images, -1.0), images)
+
+
+#: Candidate thresholds of :func:`calibrate_floor_snap` (in the [-1, 1] intensity scale).
+FLOOR_SNAP_CANDIDATES = tuple(round(0.01 * i, 2) for i in range(51))
+
+
+@torch.no_grad()
+def calibrate_floor_snap(autoencoder: Any, images: torch.Tensor, batch_size: int = 32) -> float:
+    """The ``floor_snap`` that minimises the squared error of the autoencoder's reconstructions.
+
+    ``images`` are preprocessed training images in [-1, 1] (never validation ones). The
+    least-squares choice, not a quality metric, so the threshold is a property of the
+    decoder, not tuned for a score.
+    """
+    reconstructions = []
+    for start in range(0, images.shape[0], batch_size):
+        batch = images[start : start + batch_size]
+        z_mu, _ = autoencoder.encode(batch)
+        reconstructions.append(autoencoder.decode(z_mu).float().clamp(-1.0, 1.0).cpu())
+    recon, truth = torch.cat(reconstructions), images.float().cpu()
+    errors = [float((apply_floor_snap(recon, snap) - truth).pow(2).mean()) for snap in FLOOR_SNAP_CANDIDATES]
+    return FLOOR_SNAP_CANDIDATES[int(np.argmin(errors))]
 
 
 def build_vae(config: ModelConfig) -> Any:

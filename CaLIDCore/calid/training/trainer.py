@@ -44,7 +44,7 @@ from calid.device import resolve_device
 from calid.errors import InputError
 from calid.models.checkpoint import load_model, save_model
 from calid.models.config import ModelConfig, named_config
-from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, build_vae
+from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, apply_floor_snap, build_vae, calibrate_floor_snap
 from calid.training.state import load_training_state, save_training_state
 
 
@@ -260,6 +260,8 @@ class Trainer:
         self.latent_cache: LatentCache | None = None
         if config.stage == "ldm":
             self.latent_scale = self._measure_latent_scale()
+            if self.model_config.vae.floor_snap == 0:  # a VAE file exported before the calibration existed
+                self.model_config = _with_floor_snap(self.model_config, calibrate_floor_snap(self.vae, self._calibration_images()))
             if config.latent_cache_mb > 0:
                 self.latent_cache = LatentCache(lambda images: self.vae.encode(images)[0], config.latent_cache_mb * 2**20)
 
@@ -332,6 +334,12 @@ class Trainer:
             dist.broadcast(value, src=0)
             std = float(value.item())
         return 1.0 / max(std, 1e-6)
+
+    def _calibration_images(self) -> torch.Tensor:
+        """A fixed sample of training images (never validation ones) for calibrating the decoder's floor."""
+        count = min(len(self.train_set), 16 if self.model_config.temporal else 256)
+        indices = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(self.config.seed + 1))[:count].tolist()
+        return torch.stack([self.train_set[i]["middle"] for i in indices]).to(self.device)
 
     # ------------------------------------------------------------------ data order
     def _batches(self) -> Iterator[dict[str, Any]]:
@@ -468,7 +476,7 @@ class Trainer:
                     return ema(x, steps, condition, neighbour_latents)
 
                 z = interpolate_latent(bound, z_prev, z_next, self.schedule, "calid", self.config.val_steps, generator, self.model_config.denoiser.prediction)
-                prediction = self.vae.decode(z / self.latent_scale)
+                prediction = apply_floor_snap(self.vae.decode(z / self.latent_scale).float().clamp(-1.0, 1.0), self.model_config.vae.floor_snap)
             # Per-batch values, averaged here: MONAI's aggregate() would all-gather across
             # ranks, and only rank 0 validates.
             psnr_values.append(torch.as_tensor(psnr(to_unit(prediction), to_unit(middle))).flatten().cpu())
@@ -480,7 +488,9 @@ class Trainer:
         """A model file with the EMA weights (what users load)."""
         info = {"stage": self.config.stage, "step": self.step, "training_data": self.data_description, "metrics": metrics or {}, "train_config": self.config.to_dict()}
         if self.config.stage == "vae":
-            save_model(path, self.model_config, self.ema.module, None, 1.0, info)
+            # The floor of the decoder as it is now (the ldm stage inherits it with the file).
+            config = _with_floor_snap(self.model_config, calibrate_floor_snap(self.ema.module.eval(), self._calibration_images()))
+            save_model(path, config, self.ema.module, None, 1.0, info)
         else:
             save_model(path, self.model_config, self.vae, self.ema.module, self.latent_scale, info)
 
@@ -517,7 +527,7 @@ class Trainer:
             modules["discriminator"] = self.discriminator
             optimizers["disc_optimizer"] = self.disc_optimizer
         extra = load_training_state(path, modules, optimizers)
-        if ModelConfig.from_dict(extra["model_config"]) != self.model_config:
+        if _with_floor_snap(ModelConfig.from_dict(extra["model_config"]), 0.0) != _with_floor_snap(self.model_config, 0.0):  # a calibration, not the architecture
             raise InputError(path, "the checkpoint was made with another model configuration than this run's")
         self.step = int(extra["step"])
         self.best_psnr = extra["best_psnr"] if extra.get("best_psnr") is not None else -math.inf
@@ -579,6 +589,10 @@ class Trainer:
             self.export(self.out / "model.safetensors", metrics)
         if self.world > 1:
             dist.barrier()
+
+
+def _with_floor_snap(config: ModelConfig, floor_snap: float) -> ModelConfig:
+    return config.replace(vae=dataclasses.replace(config.vae, floor_snap=floor_snap))
 
 
 LOG_COLUMNS = ("step", "seconds", "loss", "l1", "kl", "perceptual", "adversarial", "discriminator", "mse", "grad_norm", "lr")
