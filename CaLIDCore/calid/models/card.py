@@ -29,7 +29,8 @@ def _config_lines(config: ModelConfig) -> list[str]:
         f"configuration   {config.name}: {config.image_size} x {config.image_size} px crops at {pre.target_spacing_mm} mm, "
         f"intensities: percentiles {pre.percentiles[0]:g}-{pre.percentiles[1]:g} -> [-1, 1]",
         f"autoencoder     channels {tuple(config.vae.channels)}, {config.vae.latent_channels} latent channels, "
-        f"f = {config.vae.downsampling}, {counts['vae'] / 1e6:.2f} M parameters",
+        f"f = {config.vae.downsampling}, {counts['vae'] / 1e6:.2f} M parameters"
+        + (f", decoded values within {config.vae.floor_snap:g} of the floor set to it" if config.vae.floor_snap else ""),
         f"denoiser        U-Net + ControlNet {tuple(d.channels)}, attention {tuple(d.attention_levels)}, predicts {d.prediction}"
         + (", neighbour latents concatenated" if d.concat_neighbour_latents else "")
         + (f", condition dropout {d.condition_dropout:g}" if d.condition_dropout else "")
