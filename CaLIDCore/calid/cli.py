@@ -545,6 +545,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         concat_neighbour_latents=True if args.concat_neighbour_latents else None,
         condition_dropout=args.condition_dropout,
         prediction=args.prediction,
+        residual_to_neighbours=True if args.residual_to_neighbours else None,
         temporal=args.temporal,
         downsample_time=args.downsample_time,
     )
@@ -704,6 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--concat-neighbour-latents", action="store_true", help="ldm: also feed the neighbours' latents to the U-Net")
     train.add_argument("--condition-dropout", type=float, help="ldm: probability of training without the condition")
     train.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"], help="ldm: network target (default epsilon)")
+    train.add_argument("--residual-to-neighbours", action="store_true", help="ldm with --prediction sample --concat-neighbour-latents: predict the correction to latent-linear interpolation")
     train.add_argument("--downsample-time", action="store_true", help="vae of a NAME-2d+t model: the paper's 3D autoencoder, time downsampled like space")
     train.add_argument("--temporal", action="store_true", help="ldm on a 2D VAE: train a 2D+T denoiser (clips) over the 2D autoencoder applied frame by frame")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors")

@@ -52,6 +52,30 @@ def test_concat_option_and_condition_dropout_change_the_network():
     assert net.unconditioned(z, torch.tensor([1, 2])).shape == z.shape
 
 
+def test_residual_denoiser_starts_as_latent_linear_interpolation(tmp_path):
+    import dataclasses
+
+    base = named_config("tiny")
+    with pytest.raises(ValueError, match="residual_to_neighbours"):
+        base.replace(denoiser=dataclasses.replace(base.denoiser, residual_to_neighbours=True))  # needs sample + concat
+    config = base.replace(denoiser=dataclasses.replace(base.denoiser, residual_to_neighbours=True, prediction="sample", concat_neighbour_latents=True))
+    torch.manual_seed(4)
+    net = CaLIDNet(config)
+    z_t, images = torch.randn(2, 3, 8, 8), torch.randn(2, 2, 32, 32)
+    z_prev, z_next = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        x0 = net(z_t, torch.tensor([10, 900]), images, torch.cat([z_prev, z_next], 1), keep_condition=torch.tensor([1.0, 0.0]))
+    # a fresh network (zero-initialised output) predicts the neighbours' mean; no offset without the condition
+    torch.testing.assert_close(x0[0], 0.5 * (z_prev[0] + z_next[0]))
+    torch.testing.assert_close(x0[1], torch.zeros_like(x0[1]))
+    # the option round-trips through a model file and shows on the card
+    from calid.models.card import model_card_text
+
+    path = save_model(tmp_path / "r.safetensors", config, build_vae(config), net, 1.0)
+    assert load_model(path).config.denoiser.residual_to_neighbours
+    assert "correction to their mean" in model_card_text(path)
+
+
 def test_save_load_gives_identical_outputs(tmp_path):
     config = named_config("tiny")
     torch.manual_seed(1)

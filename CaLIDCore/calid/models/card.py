@@ -33,6 +33,7 @@ def _config_lines(config: ModelConfig) -> list[str]:
         + (f", decoded values within {config.vae.floor_snap:g} of the floor set to it" if config.vae.floor_snap else ""),
         f"denoiser        U-Net + ControlNet {tuple(d.channels)}, attention {tuple(d.attention_levels)}, predicts {d.prediction}"
         + (", neighbour latents concatenated" if d.concat_neighbour_latents else "")
+        + (" (output: correction to their mean)" if d.residual_to_neighbours else "")
         + (f", condition dropout {d.condition_dropout:g}" if d.condition_dropout else "")
         + f", {counts['denoiser'] / 1e6:.2f} M parameters",
         f"noise schedule  {config.schedule.beta_schedule} {config.schedule.beta_start:g}-{config.schedule.beta_end:g}, {config.schedule.num_train_timesteps} steps",

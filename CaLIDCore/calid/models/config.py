@@ -77,6 +77,10 @@ class DenoiserConfig:
         condition_dropout: probability per sample of dropping the condition in
             training, so the same network also denoises unconditioned.
         prediction: what the network predicts: noise (the paper), v or x0.
+        residual_to_neighbours: with ``prediction="sample"`` and concatenated
+            neighbour latents, the network's output is added to the mean of the
+            two neighbours' latents: with the U-Net's zero-initialised output it
+            starts as latent-linear interpolation and learns the correction.
     """
 
     channels: tuple[int, ...] = (64, 128, 128)
@@ -88,6 +92,7 @@ class DenoiserConfig:
     concat_neighbour_latents: bool = False
     condition_dropout: float = 0.0
     prediction: Prediction = "epsilon"
+    residual_to_neighbours: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,8 @@ class ModelConfig:
                 problems.append(f"clip_length {self.clip_length} must be a multiple of {time_factor} (the VAE and U-Net downsample time too)")
         if not 0.0 <= self.denoiser.condition_dropout < 1.0:
             problems.append("denoiser.condition_dropout must be in [0, 1)")
+        if self.denoiser.residual_to_neighbours and not (self.denoiser.prediction == "sample" and self.denoiser.concat_neighbour_latents):
+            problems.append("denoiser.residual_to_neighbours needs prediction 'sample' and concat_neighbour_latents")
         if self.denoiser.prediction not in ("epsilon", "v_prediction", "sample"):
             problems.append(f"unknown prediction type {self.denoiser.prediction!r}")
         if self.schedule.beta_schedule not in ("linear", "scaled_linear"):

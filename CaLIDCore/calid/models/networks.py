@@ -181,7 +181,13 @@ class CaLIDNet(nn.Module):
             mask = keep_condition.view(-1, *([1] * (mid.dim() - 1))).to(mid.dtype)
             down = [residual * mask for residual in down]
             mid = mid * mask
-        return self.unet(x=x, timesteps=timesteps, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+        output = self.unet(x=x, timesteps=timesteps, down_block_additional_residuals=tuple(down), mid_block_additional_residual=mid)
+        if self.config.denoiser.residual_to_neighbours:
+            # x0 = latent-linear interpolation + the learned correction (no offset where the condition is dropped).
+            assert neighbour_latents is not None
+            previous_latent, next_latent = neighbour_latents.chunk(2, dim=1)
+            output = output + 0.5 * (previous_latent + next_latent)
+        return output
 
     def unconditioned(self, z_t: torch.Tensor, timesteps: torch.Tensor, neighbour_latents: torch.Tensor | None = None) -> torch.Tensor:
         """The denoiser without any condition (needs training with condition dropout)."""

@@ -93,6 +93,7 @@ class TrainConfig:
     concat_neighbour_latents: bool | None = None
     condition_dropout: float | None = None
     prediction: str | None = None
+    residual_to_neighbours: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,6 +218,7 @@ class Trainer:
                     ("concat_neighbour_latents", config.concat_neighbour_latents),
                     ("condition_dropout", config.condition_dropout),
                     ("prediction", config.prediction),
+                    ("residual_to_neighbours", config.residual_to_neighbours),
                 )
                 if value is not None
             }
