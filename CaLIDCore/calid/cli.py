@@ -536,6 +536,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         val_subjects=tuple(args.val_subjects.split(",")) if args.val_subjects else None,
         gaps=tuple(int(g) for g in args.gaps.split(",")),
+        cache_dir=args.cache_dir,
         latent_cache_mb=args.latent_cache_mb,
         device=args.device,
         lpips_weights=args.lpips_weights,
@@ -696,6 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-fraction", type=float, default=0.15)
     train.add_argument("--val-subjects", help="comma-separated validation subjects (instead of a random fraction)")
     train.add_argument("--gaps", default="1", help="neighbour distances in slices, e.g. 1,2")
+    train.add_argument("--cache-dir", help="preprocessed-data cache, shareable between runs on the same data (default: OUT/cache)")
     train.add_argument("--latent-cache-mb", type=int, default=2048, help="ldm: memory for the training slices' latents, each encoded once (0: encode every step)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--lpips-weights", help="AlexNet weights for the perceptual loss (else $CALID_LPIPS_WEIGHTS or a download)")
