@@ -108,6 +108,7 @@ def test_sigterm_stops_training_with_a_usable_checkpoint(tmp_path):
     assert "model.encoder.blocks.0.conv.conv.weight" in state or any(k.startswith("model.") for k in state)
     assert load_model(out / "model.safetensors").kind == "vae"
     assert "stop requested" in stdout + stderr
+    assert "continue with the same command and --resume" in stdout  # not a misleading "done"
     resumed = subprocess.run(_calid("train", "vae", "--data", "phantom:2", "--out", str(out), "--config", "tiny", "--steps", "0", "--batch-size", "2", "--perceptual-weight", "0", "--val-fraction", "0.5", "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
 
