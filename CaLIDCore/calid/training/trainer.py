@@ -286,6 +286,7 @@ class Trainer:
                 self.disc_optimizer = self._make_optimizer(disc.parameters(), config.discriminator_learning_rate)
                 self.adversarial = PatchAdversarialLoss(criterion="least_squares")
         self.step = 0
+        self._floor_snap_step: tuple[int, float] = (-1, 0.0)  # (step, value) of the last VAE floor calibration
         self.best_psnr = -math.inf
         self.stop_requested = False
         if resume:
@@ -490,9 +491,11 @@ class Trainer:
         """A model file with the EMA weights (what users load)."""
         info = {"stage": self.config.stage, "step": self.step, "training_data": self.data_description, "metrics": metrics or {}, "train_config": self.config.to_dict()}
         if self.config.stage == "vae":
-            # The floor of the decoder as it is now (the ldm stage inherits it with the file).
-            config = _with_floor_snap(self.model_config, calibrate_floor_snap(self.ema.module.eval(), self._calibration_images()))
-            save_model(path, config, self.ema.module, None, 1.0, info)
+            # The floor of the decoder as it is now (the ldm stage inherits it with the file);
+            # once per step, though a step may export both best and model files.
+            if self._floor_snap_step[0] != self.step:
+                self._floor_snap_step = (self.step, calibrate_floor_snap(self.ema.module.eval(), self._calibration_images()))
+            save_model(path, _with_floor_snap(self.model_config, self._floor_snap_step[1]), self.ema.module, None, 1.0, info)
         else:
             save_model(path, self.model_config, self.vae, self.ema.module, self.latent_scale, info)
 
