@@ -53,11 +53,24 @@ def test_round_trip_in_every_prediction_parameterisation():
 
         return model
 
-    for kind in ("epsilon", "v_prediction"):
+    for kind in ("epsilon", "v_prediction", "sample"):
         model = as_prediction(kind)
         inverted = ddim_loop(model, z, inversion_grid(8), SCHEDULE, kind, fixed_point_iterations=5)
+        assert torch.isfinite(inverted).all() and float(inverted.std()) < 3.0, kind
         back = ddim_loop(model, inverted, sampling_grid(8), SCHEDULE, kind)
         assert float((back - z).norm() / z.norm()) < 0.01, kind
+
+
+def test_plain_inversion_of_an_x0_predictor_stays_finite():
+    """Without fixed-point iterations, inverting with an x0-predicting network used to
+    divide by sqrt(1 - abar[0]) at the clean end: the inverted latent exploded."""
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2)) * SIGMA
+
+    def constant_x0(x, t):  # a conditional model predicting some other slice than the one inverted
+        return torch.zeros_like(x)
+
+    inverted = ddim_loop(constant_x0, z, inversion_grid(4), SCHEDULE, "sample")
+    assert torch.isfinite(inverted).all() and float(inverted.abs().max()) < 10 * float(z.abs().max())
 
 
 def test_slerp_properties():

@@ -115,11 +115,20 @@ def ddim_loop(
     """
     for index, (t_from, t_to) in enumerate(pairs):
         batch = x.shape[0]
-        output = model(x, torch.full((batch,), max(t_from, 0), dtype=torch.long, device=x.device))
-        x0, eps = schedule.split_prediction(output.to(x.dtype), x, torch.full((batch,), t_from, dtype=torch.long), prediction)
+        iterations = fixed_point_iterations
+        if t_from < 0 and prediction == "sample":
+            # Inversion from a clean latent with an x0-predicting network: the noise
+            # implied by x0 at t = 0 divides by sqrt(1 - abar) ~ 0 and explodes (it sent
+            # every CaLID+ result to one blurred image). The clean latent *is* x0, so
+            # start from eps = 0 and estimate the noise at the destination instead.
+            x0, eps = x, torch.zeros_like(x)
+            iterations = max(iterations, 1)
+        else:
+            output = model(x, torch.full((batch,), max(t_from, 0), dtype=torch.long, device=x.device))
+            x0, eps = schedule.split_prediction(output.to(x.dtype), x, torch.full((batch,), t_from, dtype=torch.long), prediction)
         a_from, a_to = schedule.alpha_bar(t_from, x), schedule.alpha_bar(t_to, x)
         x_to = a_to.sqrt() * x0 + (1.0 - a_to).sqrt() * eps
-        for _ in range(fixed_point_iterations):
+        for _ in range(iterations):
             t_dest = torch.full((batch,), max(t_to, 0), dtype=torch.long, device=x.device)
             _, eps = schedule.split_prediction(model(x_to, t_dest).to(x.dtype), x_to, torch.full((batch,), t_to, dtype=torch.long), prediction)
             x0 = (x - (1.0 - a_from).sqrt() * eps) / a_from.sqrt()
