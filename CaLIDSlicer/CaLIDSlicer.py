@@ -38,7 +38,7 @@ class CaLIDSlicerParameterNode:
     inputNode: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]  # node parameters start as None
     factor: Annotated[int, Choice(list(FACTORS))] = 4
     method: Method = Method.CALID
-    steps: Annotated[int, WithinRange(1, 128)] = 8
+    steps: Annotated[int, WithinRange(0, 128)] = 0  # 0: the model's validated default
     seed: Annotated[int, WithinRange(0, 999999)] = 0
     frames: FrameSelection = FrameSelection.ALL
     frameRange: str = ""

@@ -36,7 +36,7 @@ def main(argv: list[str], scene: Any) -> int:
     parser.add_argument("out")
     parser.add_argument("--factor", type=int, default=4)
     parser.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model")
     parser.add_argument("--device", default="auto")

@@ -119,6 +119,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     phantom = make_phantom(args.seed, PhantomConfig(n_frames=args.phantom_frames))
     ed, es = 0, phantom.es_frame
     frames = sorted({ed, es}) if args.frames is None else args.frames
+    args.steps = pipeline.default_steps if args.steps is None else args.steps
     print(f"Upsampling x{factor} with {pipeline.name} ({args.mode}, {args.steps} steps) on {pipeline.describe()['device']} ...", flush=True)
     dense = _run_upsampling(pipeline, phantom.sparse, not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames)
     chosen = dense.metadata["upsampling"]["frames"]
@@ -181,6 +182,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     pipeline = load_pipeline("linear" if args.mode == "linear" and args.model is None else args.model, device=args.device)
     stack = read_stack(source, series=args.series)
     frames = parse_frames(args.frames, stack.n_frames)
+    args.steps = pipeline.default_steps if args.steps is None else args.steps
     dense = _run_upsampling(
         pipeline, stack, "json" if args.progress == "json" else not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre,
         temporal=True if args.temporal else None,
@@ -370,7 +372,10 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
 def _cmd_install(args: argparse.Namespace) -> int:
     from calid.models.registry import install_model
 
-    model = install_model(args.model, args.name, folder=args.folder, description=args.description or "", default=args.default, half_precision=not args.keep_precision, card=args.card)
+    model = install_model(
+        args.model, args.name, folder=args.folder, description=args.description or "", default=args.default, half_precision=not args.keep_precision, card=args.card,
+        default_steps=args.default_steps,
+    )
     print(f"installed {model.kind} model {model.name!r}{' (default)' if model.default else ''}: {model.path} (sha256 {model.sha256[:12]}…)")
     return 0
 
@@ -577,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="calid-demo", help="output folder (default: ./calid-demo)")
     demo.add_argument("--factor", type=int, default=8, help="upsampling factor 2, 4, 8 or 16 (default 8)")
     demo.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"], help="method (default calid)")
-    demo.add_argument("--steps", type=int, default=8, help="DDIM steps (default 8)")
+    demo.add_argument("--steps", type=int, help="DDIM steps (default: the model's, see calid info)")
     demo.add_argument("--model", help="model file or name (default: the installed model, else an untrained one)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     demo.add_argument("--frames", type=lambda text: text, default=None, help="frames to upsample, e.g. 0,5-9 or all (default: end-diastole and end-systole)")
@@ -591,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("output", help="output file (.nii.gz, .nrrd, .seq.nrrd) or new DICOM folder")
     upsample.add_argument("--factor", type=int, default=4, help="2, 4, 8 or 16 (default 4)")
     upsample.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"], help="calid (fast), calid+ (inverted neighbours, better), or a baseline (default calid)")
-    upsample.add_argument("--steps", type=int, default=8, help="DDIM steps per new slice (default 8)")
+    upsample.add_argument("--steps", type=int, help="DDIM steps per new slice (default: the model's validated count, see calid info)")
     upsample.add_argument("--model", help="model file or installed name (default: the installed default model; see calid info)")
     upsample.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda:N")
     upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9 (default: all)")
@@ -656,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--description", help="one line shown by calid info")
     install.add_argument("--card", help="a Markdown model card to install beside it")
     install.add_argument("--default", action="store_true", help="use this model when none is named")
+    install.add_argument("--default-steps", type=int, help="DDIM steps to use when none are given (choose from calid evaluate's Task 2; default: keep the file's)")
     install.add_argument("--keep-precision", action="store_true", help="keep float32 weights (default: store float16, half the size)")
     install.set_defaults(handler=_cmd_install)
 
@@ -722,7 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--out", required=True, help="report folder")
     evaluate_cmd.add_argument("--model", help="CaLID model file or installed name (default: the installed default)")
     evaluate_cmd.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
-    evaluate_cmd.add_argument("--steps", type=int, default=8, help="DDIM steps of calid and calid+")
+    evaluate_cmd.add_argument("--steps", type=int, help="DDIM steps of calid and calid+ in tasks 1, 3, 4 (default: the model's)")
     evaluate_cmd.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the inversion-slerp baseline (inversion and decoding)")
     evaluate_cmd.add_argument("--frames", default="labelled", help="labelled (frames with labels), all, or a selection like 0,5-9")
     evaluate_cmd.add_argument("--labels", help="folder of SUBJECT_frameNN_gt label files (ACDC layout; default: beside each image)")

@@ -19,7 +19,7 @@ class UpsamplingOptions:
 
     factor: int = 4
     mode: str = "calid"
-    steps: int = 8
+    steps: int | None = None  # None: the model's validated default (calid info)
     seed: int = 0
     device: str = "auto"
     model: str | None = None  # a file, an installed name, or None for the default model

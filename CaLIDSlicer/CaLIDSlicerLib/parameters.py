@@ -76,7 +76,7 @@ def options_from_parameters(parameters: Any, current_frame: int = 0, plane_point
     return UpsamplingOptions(
         factor=int(parameters.factor),
         mode=Method(parameters.method).value,
-        steps=int(parameters.steps),
+        steps=int(parameters.steps) or None,  # 0 on the panel: the model's default
         seed=int(parameters.seed),
         device=str(parameters.device) or "auto",
         model=str(parameters.model) or None,

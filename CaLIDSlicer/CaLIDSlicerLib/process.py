@@ -21,9 +21,11 @@ def upsample_command(input_path: str | os.PathLike[str], output_path: str | os.P
     """``calid upsample`` with machine-readable progress, for ``qt.QProcess`` or ``subprocess``."""
     command = [
         python_executable(), "-m", "calid", "upsample", os.fspath(input_path), os.fspath(output_path),
-        "--factor", str(options.factor), "--mode", options.mode, "--steps", str(options.steps),
+        "--factor", str(options.factor), "--mode", options.mode,
         "--seed", str(options.seed), "--device", options.device, "--progress", "json",
     ]
+    if options.steps is not None:
+        command += ["--steps", str(options.steps)]
     if options.model:
         command += ["--model", options.model]
     if options.frames and options.frames != "all":

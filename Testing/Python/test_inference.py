@@ -388,3 +388,29 @@ def test_install_a_trained_model_and_use_it_by_name(tmp_path, tiny_model_file, p
     finally:
         del os.environ[MODEL_DIR_ENV]
     assert cli_main(["install", str(tiny_model_file), "--name", "bad/name", "--folder", str(folder)]) == 2
+
+
+def test_model_default_steps_are_used_when_none_are_given(tmp_path, tiny_model_file, phantom, capsys):
+    """``calid install --default-steps`` stores the validated step count in the file; the
+    engine, the CLI and the Slicer command line use it whenever no count is given."""
+    folder = tmp_path / "models"
+    code = cli_main(["install", str(tiny_model_file), "--name", "three-steps", "--folder", str(folder), "--default-steps", "3", "--keep-precision"])
+    assert code == 0, capsys.readouterr().err
+    installed = load_pipeline(folder / "three-steps.safetensors", device="cpu")
+    original = load_pipeline(tiny_model_file, device="cpu")
+    assert installed.default_steps == 3 and original.default_steps == 8
+    chosen = installed.upsample(phantom.sparse, 2, frames=[0])
+    assert chosen.metadata["upsampling"]["steps"] == 3
+    np.testing.assert_array_equal(chosen.data, original.upsample(phantom.sparse, 2, steps=3, frames=[0]).data)
+    assert not np.array_equal(chosen.data, original.upsample(phantom.sparse, 2, frames=[0]).data)
+    explicit = installed.upsample(phantom.sparse, 2, steps=1, frames=[0])
+    assert explicit.metadata["upsampling"]["steps"] == 1
+    source = tmp_path / "sparse.nii.gz"
+    write_stack(phantom.sparse.select_frames([0]), source)
+    code = cli_main(["upsample", str(source), str(tmp_path / "dense.nii.gz"), "--factor", "2", "--model", str(folder / "three-steps.safetensors"), "--device", "cpu", "--quiet"])
+    assert code == 0 and "3 steps" in capsys.readouterr().out
+    assert cli_main(["install", str(tiny_model_file), "--name", "bad-steps", "--folder", str(folder), "--default-steps", "0"]) == 2
+    assert "default_steps must be an integer from 1" in capsys.readouterr().err
+    assert not (folder / "bad-steps.safetensors").exists()
+    card = run_calid("info", str(folder / "three-steps.safetensors"))
+    assert "3 DDIM step(s) by default" in card.stdout, card.stderr

@@ -185,6 +185,11 @@ def test_background_process_progress_and_cancel(phantom, tmp_path):
     updates = [u for u in map(parse_progress, finished.stdout.splitlines()) if u]
     assert updates and updates[-1]["done"] == updates[-1]["total"]
     assert read_stack(tmp_path / "dense.seq.nrrd").n_slices == 2 * phantom.sparse.n_slices - 1
+    default_command = upsample_command(source, tmp_path / "default.seq.nrrd", UpsamplingOptions(factor=2, model="untrained:tiny", device="cpu", frames="0"))
+    assert "--steps" not in default_command  # "model default" on the panel
+    by_default = subprocess.run(default_command, capture_output=True, text=True, timeout=300)
+    assert by_default.returncode == 0, by_default.stderr
+    assert ", 8 steps, model untrained:tiny" in by_default.stdout  # the model's default (8 for an untrained one)
     long_job = upsample_command(source, tmp_path / "killed.seq.nrrd", UpsamplingOptions(factor=16, mode="calid+", steps=32, model="untrained:tiny", device="cpu"))
     worker = subprocess.Popen(long_job, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert worker.stdout is not None
@@ -341,7 +346,7 @@ def test_parameter_node_fields_match_the_panel_and_become_options():
     namespace = {"Method": Method, "FrameSelection": FrameSelection}
     defaults = SimpleNamespace(**{name: None if value is None else eval(compile(ast.Expression(value), "defaults", "eval"), namespace) for name, value in fields.items()})
     options = options_from_parameters(defaults)
-    assert (options.factor, options.mode, options.steps, options.seed, options.frames, options.device, options.model, options.segment) == (4, "calid", 8, 0, None, "auto", None, True)
+    assert (options.factor, options.mode, options.steps, options.seed, options.frames, options.device, options.model, options.segment) == (4, "calid", None, 0, None, "auto", None, True)
     defaults.frames = FrameSelection.CURRENT
     assert options_from_parameters(defaults, current_frame=3).frames == "3"
     defaults.frames, defaults.frameRange = FrameSelection.RANGE, " 0,5-9 "

@@ -97,7 +97,7 @@ class EvaluationConfig:
     out_dir: str
     model: str | None = None
     methods: tuple[str, ...] = METHODS
-    steps: int = 8
+    steps: int | None = None  # None: the model's default_steps
     baseline_steps: int = 50
     frames: str = "labelled"
     labels: str | None = None
@@ -128,7 +128,7 @@ class EvaluationConfig:
         if self.factor not in (2, 4, 8):
             raise InputError("--factor", f"the phantom truth supports factors 2, 4 and 8, got {self.factor}")
         for name in ("steps", "baseline_steps", "sweep_slices", "batch_size"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(self, name)}")
 
 
@@ -381,6 +381,8 @@ class Evaluation:
         self.progress = progress or (lambda message: None)
         self.command = command if command is not None else " ".join(["calid"] + sys.argv[1:])
         self.pipeline: UpsamplingPipeline = load_pipeline("linear" if config.methods == ("linear",) else config.model, config.device)
+        #: DDIM steps of calid / calid+ in Tasks 1, 3 and 4: the given count or the model's default.
+        self.steps = self.pipeline.default_steps if config.steps is None else int(config.steps)
         if self.pipeline.model is not None and self.pipeline.model.config.temporal:
             raise InputError(
                 "--model", f"{self.pipeline.name} is a 2D+T model; give a 2D model with --model and the 2D+T model with --temporal-model"
@@ -444,6 +446,7 @@ class Evaluation:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": _jsonable(asdict(config)),
             "model": self.pipeline.describe(),
+            "steps": self.steps,
             "methods": self.methods,
             "skipped_methods": dict(self.skipped),
             "subjects": sorted({s.subject for s in subjects}),
@@ -479,7 +482,7 @@ class Evaluation:
 
     def _predict(self, method: str, previous: np.ndarray, following: np.ndarray, keys: list[tuple[int, int, int]], steps: int | None = None) -> np.ndarray:
         if steps is None:
-            steps = self.config.baseline_steps if method == INVERSION_SLERP else self.config.steps
+            steps = self.config.baseline_steps if method == INVERSION_SLERP else self.steps
         return self.pipeline.interpolate_slices(previous, following, method, steps, keys, batch_size=self.config.batch_size)
 
     def _task1(self, subjects: list[EvalSubject], triplets: dict[str, _Triplets]) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
@@ -656,7 +659,7 @@ class Evaluation:
             for method, given in candidates:
                 self.progress(f"task 4: phantom {i + 1}/{self.config.phantoms}, {method}")
                 dense = given if given is not None else self.pipeline.upsample(
-                    phantom.sparse, factor, method, self.config.steps, self.config.seed, frames=frames, batch_size=self.config.batch_size
+                    phantom.sparse, factor, method, self.steps, self.config.seed, frames=frames, batch_size=self.config.batch_size
                 )
                 row: dict[str, Any] = {"subject": f"phantom{3000 + i}", "method": method}
                 if given is None:
@@ -906,7 +909,7 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         f"- Device: {model['device']}",
         f"- Subjects: {len(results['subjects'])} ({', '.join(results['subjects'][:13])}{', …' if len(results['subjects']) > 13 else ''}); "
         f"{len(results['volumes'])} volumes, {sum(len(v['frames']) for v in results['volumes'])} frames",
-        f"- DDIM steps: {results['config']['steps']} (inversion-slerp: {results['config']['baseline_steps']}); seed {results['config']['seed']}",
+        f"- DDIM steps: {results['steps']} (inversion-slerp: {results['config']['baseline_steps']}); seed {results['config']['seed']}",
         "- Means over subjects with 95 % confidence intervals (Student t) in brackets.",
     ]
     if model.get("untrained"):

@@ -156,6 +156,11 @@ class UpsamplingPipeline:
             raise InputError("--model", "this pipeline has no model (only mode 'linear' is available)")
         return self.model.config
 
+    @property
+    def default_steps(self) -> int:
+        """DDIM steps when the caller does not choose: the model's validated default."""
+        return self.model.config.default_steps if self.model is not None else ModelConfig().default_steps
+
     def describe(self) -> dict[str, Any]:
         """What produced an output: model name, file hash, whether it was trained, device."""
         return {
@@ -190,7 +195,7 @@ class UpsamplingPipeline:
         stack: CineStack,
         factor: int = 4,
         mode: str = "calid",
-        steps: int = 8,
+        steps: int | None = None,
         seed: int = 0,
         frames: str | int | Sequence[int] | None = None,
         batch_size: int | str = "auto",
@@ -207,7 +212,8 @@ class UpsamplingPipeline:
             mode: ``calid`` (from seeded noise, fast), ``calid+`` (from the slerped DDIM
                 inversions of the neighbours), ``latent-linear`` (midpoint of the
                 neighbours' VAE latents) or ``linear`` (pixel space, needs no model).
-            steps: DDIM steps per generated slice (and per inversion in ``calid+``).
+            steps: DDIM steps per generated slice (and per inversion in ``calid+``);
+                None = the model's default (:attr:`default_steps`).
             seed: seed of the starting noise (``calid``); the result is reproducible.
             frames: which frames to upsample (None = all; ``"0,5-9"``; a list). The
                 output holds these frames only, with their trigger times.
@@ -226,6 +232,7 @@ class UpsamplingPipeline:
             raise InputError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if stack.n_slices < 2:
             raise InputError(stack.source, f"has {stack.n_slices} slice(s); upsampling needs a stack of at least 2 slices")
+        steps = self.default_steps if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= self.schedule.num_train_timesteps:
             raise InputError("steps", f"the number of DDIM steps must be an integer from 1 to {self.schedule.num_train_timesteps}, got {steps!r}")
         if mode in MODEL_MODES and self.model is None:
@@ -294,7 +301,7 @@ class UpsamplingPipeline:
         previous: np.ndarray,
         following: np.ndarray,
         mode: str = "calid",
-        steps: int = 8,
+        steps: int | None = None,
         seeds: Sequence[tuple[int, int, int]] | None = None,
         batch_size: int | str = "auto",
     ) -> np.ndarray:
@@ -320,6 +327,7 @@ class UpsamplingPipeline:
         if previous.shape[1:] != expected:
             raise InputError("interpolate_slices", f"the model takes crops of shape {expected}, got {previous.shape[1:]}")
         n = previous.shape[0]
+        steps = self.default_steps if steps is None else steps
         keys = list(seeds) if seeds is not None else [(0, 0, i) for i in range(n)]
         batch = self.auto_batch_size() if batch_size == "auto" else int(batch_size)
         tracker = _Tracker(total=float(n), progress=None, cancel=None)

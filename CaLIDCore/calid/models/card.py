@@ -37,6 +37,7 @@ def _config_lines(config: ModelConfig) -> list[str]:
         + (f", condition dropout {d.condition_dropout:g}" if d.condition_dropout else "")
         + f", {counts['denoiser'] / 1e6:.2f} M parameters",
         f"noise schedule  {config.schedule.beta_schedule} {config.schedule.beta_start:g}-{config.schedule.beta_end:g}, {config.schedule.num_train_timesteps} steps",
+        f"sampling        {config.default_steps} DDIM step(s) by default (--steps to change)",
     ]
 
 

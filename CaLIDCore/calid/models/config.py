@@ -117,6 +117,9 @@ class ModelConfig:
     #: 2D+T only: True = the paper's 3D autoencoder, which downsamples time by f like space;
     #: False = the 2D autoencoder on every frame (latents keep every frame), tau1 per frame.
     time_downsampling: bool = False
+    #: DDIM steps used when a caller does not choose (engine, CLI, Slicer): the step count
+    #: at which this model was validated best (Task 2 of ``calid evaluate``); 8 as in the paper.
+    default_steps: int = 8
     vae: VAEConfig = field(default_factory=VAEConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -146,6 +149,8 @@ class ModelConfig:
             time_factor = (self.vae.downsampling if self.time_downsampling else 1) * 2 ** (len(self.denoiser.channels) - 1)
             if self.clip_length < time_factor or self.clip_length % time_factor:
                 problems.append(f"clip_length {self.clip_length} must be a multiple of {time_factor} (the VAE and U-Net downsample time too)")
+        if isinstance(self.default_steps, bool) or not isinstance(self.default_steps, int) or not 1 <= self.default_steps <= self.schedule.num_train_timesteps:
+            problems.append(f"default_steps must be an integer from 1 to {self.schedule.num_train_timesteps}, got {self.default_steps!r}")
         if not 0.0 <= self.denoiser.condition_dropout < 1.0:
             problems.append("denoiser.condition_dropout must be in [0, 1)")
         if self.denoiser.residual_to_neighbours and not (self.denoiser.prediction == "sample" and self.denoiser.concat_neighbour_latents):

@@ -151,13 +151,15 @@ def install_model(
     default: bool = False,
     half_precision: bool = True,
     card: str | os.PathLike[str] | None = None,
+    default_steps: int | None = None,
 ) -> RegisteredModel:
     """Copy a model file into a model folder under ``name`` and register it (sha256, card, default).
 
     Floating-point weights are stored as float16 by default (half the size; they
     are converted back to float32 when loaded). A JSON copy of the file's
     description is written beside it. ``folder`` defaults to the user's model
-    folder (``~/.local/share/calid/models``).
+    folder (``~/.local/share/calid/models``). ``default_steps`` sets the DDIM
+    steps the engine uses when a caller gives none (a CaLID model's validated count).
     """
     import shutil
 
@@ -172,6 +174,15 @@ def install_model(
     header = read_raw_header(source)
     tensors = read_weights(source)
     kind = "segmentation" if header.get("kind") == "segmentation" else "calid"
+    if default_steps is not None:
+        from calid.models.config import ModelConfig
+
+        if kind != "calid":
+            raise InputError("--default-steps", f"{source} is a {kind} model; DDIM steps apply to CaLID models only")
+        try:
+            header["config"] = ModelConfig.from_dict({**header["config"], "default_steps": default_steps}).to_dict()
+        except ValueError as error:
+            raise InputError("--default-steps", str(error)) from None
     if half_precision:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         header.setdefault("info", {})["stored_as"] = "float16"
