@@ -7,6 +7,7 @@ message naming the file and the problem) and 1 on unexpected errors.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -369,12 +370,25 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(path: str, option: str) -> dict[str, Any]:
+    """A JSON object read from ``path``, or an :class:`InputError` naming the file and the problem."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise InputError(path, f"cannot be read ({error.strerror or error})") from None
+    except json.JSONDecodeError as error:
+        raise InputError(path, f"is not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise InputError(path, f"must hold a JSON object for {option}, not {type(value).__name__}")
+    return value
+
+
 def _cmd_install(args: argparse.Namespace) -> int:
     from calid.models.registry import install_model
 
     model = install_model(
         args.model, args.name, folder=args.folder, description=args.description or "", default=args.default, half_precision=not args.keep_precision, card=args.card,
-        default_steps=args.default_steps,
+        default_steps=args.default_steps, info=_json_object(args.info, "--info") if args.info else None,
     )
     print(f"installed {model.kind} model {model.name!r}{' (default)' if model.default else ''}: {model.path} (sha256 {model.sha256[:12]}…)")
     return 0
@@ -662,6 +676,7 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--card", help="a Markdown model card to install beside it")
     install.add_argument("--default", action="store_true", help="use this model when none is named")
     install.add_argument("--default-steps", type=int, help="DDIM steps to use when none are given (choose from calid evaluate's Task 2; default: keep the file's)")
+    install.add_argument("--info", help="a JSON file of fields to add to the model's description (hardware, training time, data licence, reproduce command)")
     install.add_argument("--keep-precision", action="store_true", help="keep float32 weights (default: store float16, half the size)")
     install.set_defaults(handler=_cmd_install)
 

@@ -414,3 +414,22 @@ def test_model_default_steps_are_used_when_none_are_given(tmp_path, tiny_model_f
     assert not (folder / "bad-steps.safetensors").exists()
     card = run_calid("info", str(folder / "three-steps.safetensors"))
     assert "3 DDIM step(s) by default" in card.stdout, card.stderr
+
+
+def test_install_adds_info_and_cuts_training_machine_paths(tmp_path, capsys):
+    model = untrained_model("tiny", seed=3)
+    recorded = {"training_data": {"inputs": ["/home/someone/data/acdc_cine"]}, "train_config": {"data": ["/home/someone/data/acdc_cine"], "out_dir": "/scratch/runs/ldm", "vae_model": "/scratch/runs/vae/best.safetensors", "steps": 10}}
+    source = save_model(tmp_path / "trained.safetensors", model.config, model.vae, model.net, latent_scale=1.0, info=recorded)
+    extra = tmp_path / "info.json"
+    extra.write_text(json.dumps({"hardware": "2-core CPU", "reproduce": "calid train ldm ..."}))
+    folder = tmp_path / "models"
+    assert cli_main(["install", str(source), "--name", "shared", "--folder", str(folder), "--info", str(extra)]) == 0, capsys.readouterr().err
+    info = json.loads((folder / "shared.json").read_text())["info"]
+    assert info["hardware"] == "2-core CPU" and info["reproduce"] == "calid train ldm ..."
+    assert info["training_data"]["inputs"] == ["acdc_cine"] and info["train_config"]["data"] == ["acdc_cine"]
+    assert info["train_config"]["out_dir"] == "ldm" and info["train_config"]["vae_model"] == "best.safetensors" and info["train_config"]["steps"] == 10
+    assert "/home/someone" not in (folder / "shared.safetensors").read_bytes().decode("latin-1")
+    assert load_pipeline(folder / "shared.safetensors", device="cpu").model is not None
+    extra.write_text("[1, 2]")
+    assert cli_main(["install", str(source), "--name", "other", "--folder", str(folder), "--info", str(extra)]) == 2
+    assert "info.json" in capsys.readouterr().err

@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from calid.errors import InputError
 
@@ -143,6 +144,31 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
     raise InputError(text, f"is neither a model file nor a known model name (known: {names})")
 
 
+#: Fields of a training run's description that hold paths of the training machine.
+_PATH_FIELDS = ("inputs", "files", "data", "out_dir", "vae_model", "cache_dir", "lpips_weights")
+
+
+def _without_folders(info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` with every path of :data:`_PATH_FIELDS` (in it and in its nested dicts) cut to its file or folder name."""
+
+    def name_of(value: Any) -> Any:
+        if isinstance(value, str) and value:
+            return Path(value).name or value
+        if isinstance(value, list):
+            return [name_of(v) for v in value]
+        return value
+
+    cleaned: dict[str, Any] = {}
+    for key, value in info.items():
+        if isinstance(value, dict):
+            cleaned[key] = _without_folders(value)
+        elif key in _PATH_FIELDS:
+            cleaned[key] = name_of(value)
+        else:
+            cleaned[key] = value
+    return cleaned
+
+
 def install_model(
     source: str | os.PathLike[str],
     name: str,
@@ -152,6 +178,7 @@ def install_model(
     half_precision: bool = True,
     card: str | os.PathLike[str] | None = None,
     default_steps: int | None = None,
+    info: dict[str, Any] | None = None,
 ) -> RegisteredModel:
     """Copy a model file into a model folder under ``name`` and register it (sha256, card, default).
 
@@ -160,6 +187,10 @@ def install_model(
     description is written beside it. ``folder`` defaults to the user's model
     folder (``~/.local/share/calid/models``). ``default_steps`` sets the DDIM
     steps the engine uses when a caller gives none (a CaLID model's validated count).
+    ``info`` adds fields to the file's description (hardware, training time, data
+    licence, the command that reproduces it). Paths of the training machine recorded
+    by ``calid train`` (data folders, output and VAE files) are cut to their last
+    component, so a shared model does not disclose the trainer's folder layout.
     """
     import shutil
 
@@ -183,6 +214,7 @@ def install_model(
             header["config"] = ModelConfig.from_dict({**header["config"], "default_steps": default_steps}).to_dict()
         except ValueError as error:
             raise InputError("--default-steps", str(error)) from None
+    header["info"] = _without_folders({**header.get("info", {}), **(info or {})})
     if half_precision:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
         header.setdefault("info", {})["stored_as"] = "float16"
