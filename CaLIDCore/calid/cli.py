@@ -555,6 +555,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         val_subjects=tuple(args.val_subjects.split(",")) if args.val_subjects else None,
         gaps=tuple(int(g) for g in args.gaps.split(",")),
+        val_steps=args.val_steps,
         cache_dir=args.cache_dir,
         latent_cache_mb=args.latent_cache_mb,
         device=args.device,
@@ -716,6 +717,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="data loader processes")
     train.add_argument("--val-fraction", type=float, default=0.15)
+    train.add_argument(
+        "--val-steps", type=int, default=8,
+        help="ldm: DDIM steps of the validation interpolation, which picks best.safetensors; exported models use it as their default step count",
+    )
     train.add_argument("--val-subjects", help="comma-separated validation subjects (instead of a random fraction)")
     train.add_argument("--gaps", default="1", help="neighbour distances in slices, e.g. 1,2")
     train.add_argument("--cache-dir", help="preprocessed-data cache, shareable between runs on the same data (default: OUT/cache)")

@@ -52,6 +52,8 @@ def test_resume_continues_exactly(tmp_path, stage):
     model = load_model(tmp_path / "split" / "model.safetensors")
     assert model.kind == ("vae" if stage == "vae" else "calid")
     assert model.config.vae.floor_snap in FLOOR_SNAP_CANDIDATES
+    if stage == "ldm":
+        assert model.config.default_steps == 2  # validated at val_steps: the engine's default for this model
     assert (tmp_path / "split" / "validation.csv").read_text().count("\n") >= 2
 
 

@@ -210,6 +210,8 @@ class Trainer:
         else:
             if not config.vae_model:
                 raise InputError("--vae", "the ldm stage needs the trained VAE file (model.safetensors of the vae stage)")
+            if not 1 <= config.val_steps <= 1000:
+                raise InputError("--val-steps", f"must be from 1 to 1000 DDIM steps, got {config.val_steps}")
             loaded = load_model(config.vae_model, device=self.device)
             denoiser = loaded.config.denoiser
             changes: dict[str, Any] = {
@@ -497,7 +499,8 @@ class Trainer:
                 self._floor_snap_step = (self.step, calibrate_floor_snap(self.ema.module.eval(), self._calibration_images()))
             save_model(path, _with_floor_snap(self.model_config, self._floor_snap_step[1]), self.ema.module, None, 1.0, info)
         else:
-            save_model(path, self.model_config, self.vae, self.ema.module, self.latent_scale, info)
+            # Validated (and picked) at val_steps: what the engine should use unless told otherwise.
+            save_model(path, self.model_config.replace(default_steps=self.config.val_steps), self.vae, self.ema.module, self.latent_scale, info)
 
     def save_checkpoint(self) -> Path:
         path = self.out / "checkpoints" / "last.safetensors"
