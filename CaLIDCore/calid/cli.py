@@ -556,6 +556,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         val_subjects=tuple(args.val_subjects.split(",")) if args.val_subjects else None,
         gaps=tuple(int(g) for g in args.gaps.split(",")),
         val_steps=args.val_steps,
+        placeholder_spacing=args.placeholder_spacing,
         cache_dir=args.cache_dir,
         latent_cache_mb=args.latent_cache_mb,
         device=args.device,
@@ -578,6 +579,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"step {trainer.step} -> {config.steps}",
             flush=True,
         )
+        placeholder = trainer.data_description.get("placeholder_spacing")
+        if placeholder:
+            print(
+                f"note: {len(placeholder['subjects'])} subject(s) have no geometry in their files (1 x 1 x 1 mm); "
+                f"their pixels are taken as {placeholder['assumed_mm']} mm (--placeholder-spacing)",
+                flush=True,
+            )
     metrics = trainer.fit()
     if trainer.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
@@ -720,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--val-steps", type=int, default=8,
         help="ldm: DDIM steps of the validation interpolation, which picks best.safetensors; exported models use it as their default step count",
+    )
+    train.add_argument(
+        "--placeholder-spacing", default="median",
+        help="pixel size assumed for images saved without geometry (all spacings exactly 1 mm): median (of the other images, default), keep, or mm",
     )
     train.add_argument("--val-subjects", help="comma-separated validation subjects (instead of a random fraction)")
     train.add_argument("--gaps", default="1", help="neighbour distances in slices, e.g. 1,2")

@@ -131,3 +131,39 @@ def test_real_data_split_never_shares_a_subject(tmp_path):
     assert len(train_set) > 0 and len(val_set) > 0
     sample = train_set[len(train_set) // 2]
     assert sample["middle"].abs().max() <= 1.0 and sample["middle"].std() > 0.05
+
+
+def test_files_without_geometry_are_read_at_the_pixel_size_of_the_others(tmp_path):
+    """A cine saved with NIfTI's default 1 x 1 x 1 mm would be resampled to the wrong scale;
+    training takes its pixels at the median size of the files that have a geometry."""
+    from dataclasses import replace
+
+    from calid.data.datasets import has_placeholder_spacing, typical_pixel_spacing
+    from calid.models import named_config
+    from calid.training.trainer import gather_volumes
+
+    real = replace(oblique_stack(frames=2, slices=4, rows=40, columns=36, seed=4), spacing=(1.5, 1.5, 10.0))
+    folder = tmp_path / "cines"
+    folder.mkdir()
+    write_stack(real, folder / "a_4d.nii.gz")
+    write_stack(replace(real, spacing=(1.7, 1.7, 10.0)), folder / "b_4d.nii.gz")
+    write_stack(replace(real, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3)), folder / "c_4d.nii.gz")
+    files = find_image_files(folder)
+    assert typical_pixel_spacing(files) == pytest.approx(1.6)
+    config = PreprocessConfig(target_spacing_mm=1.6, crop_size=(32, 32))
+    kept, = load_subjects([folder / "c_4d.nii.gz"], config)
+    assumed, = load_subjects([folder / "c_4d.nii.gz"], config, placeholder_spacing_mm=1.5, cache_dir=tmp_path / "cache")
+    reference, = load_subjects([folder / "a_4d.nii.gz"], config)
+    assert kept.assumed_spacing_mm is None and assumed.assumed_spacing_mm == 1.5
+    np.testing.assert_allclose(assumed.data, reference.data, atol=2e-3)  # same pixels, same scale as the real file
+    assert np.abs(kept.data.astype(np.float32) - reference.data).max() > 0.5  # read as 1 mm: shrunk
+    again, = load_subjects([folder / "c_4d.nii.gz"], config, placeholder_spacing_mm=1.5, cache_dir=tmp_path / "cache")  # from the cache
+    assert again.assumed_spacing_mm == 1.5 and np.array_equal(again.data, assumed.data)
+
+    model = named_config("tiny").replace(image_size=32, preprocess=config)
+    by_median = {v.subject: v.assumed_spacing_mm for v in gather_volumes((str(folder),), model, tmp_path / "c2")}
+    assert by_median == {"a": None, "b": None, "c": pytest.approx(1.6)}
+    assert all(v.assumed_spacing_mm is None for v in gather_volumes((str(folder),), model, tmp_path / "c3", "keep"))
+    with pytest.raises(InputError, match="placeholder-spacing"):
+        gather_volumes((str(folder),), model, tmp_path / "c4", "big")
+    assert has_placeholder_spacing(replace(real, spacing=(1.0, 1.0, 1.0))) and not has_placeholder_spacing(real)

@@ -23,6 +23,7 @@ import random
 import re
 import warnings
 from collections.abc import Iterable, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,12 +119,32 @@ class SubjectVolume:
     subject: str
     data: np.ndarray
     source: str
+    #: The in-plane pixel size (mm) assumed for a file saved without its geometry, else None.
+    assumed_spacing_mm: float | None = None
 
 
-def _cache_key(path: Path, config: PreprocessConfig) -> str:
+def has_placeholder_spacing(stack: CineStack) -> bool:
+    """True for a stack whose three spacings are all exactly 1 mm: NIfTI's default, what a
+    cine saved without its geometry carries (a real cine has 5-10 mm between slices)."""
+    return tuple(float(s) for s in stack.spacing) == (1.0, 1.0, 1.0)
+
+
+def typical_pixel_spacing(paths: Sequence[str | os.PathLike[str]], min_slices: int = 3) -> float | None:
+    """Median in-plane pixel size (mm) of the files with a real geometry; None if none has one."""
+    sizes = []
+    for path in paths:
+        stack = read_stack(path, min_slices=min_slices)
+        if not has_placeholder_spacing(stack):
+            sizes.append(float(np.mean(stack.spacing[:2])))
+    return float(np.median(sizes)) if sizes else None
+
+
+def _cache_key(path: Path, config: PreprocessConfig, placeholder_spacing_mm: float | None = None) -> str:
     stat = path.stat()
-    identity = json.dumps([str(path.resolve()), stat.st_size, stat.st_mtime_ns, config.to_dict()], sort_keys=True)
-    return hashlib.sha256(identity.encode()).hexdigest()[:24]
+    identity: list[Any] = [str(path.resolve()), stat.st_size, stat.st_mtime_ns, config.to_dict()]
+    if placeholder_spacing_mm is not None:
+        identity.append(placeholder_spacing_mm)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def load_subjects(
@@ -132,8 +153,15 @@ def load_subjects(
     cache_dir: str | os.PathLike[str] | None = None,
     min_slices: int = 3,
     root: str | os.PathLike[str] | None = None,
+    placeholder_spacing_mm: float | None = None,
 ) -> list[SubjectVolume]:
-    """Read and preprocess every file (through the cache when given); subjects as :func:`subject_id` with ``root``."""
+    """Read and preprocess every file (through the cache when given); subjects as :func:`subject_id` with ``root``.
+
+    ``placeholder_spacing_mm``: the pixel size to assume for files saved without their
+    geometry (:func:`has_placeholder_spacing`). Preprocessing resamples every slice to
+    the model's pixel size, so a 1.5 mm image read as 1 mm would shrink to two thirds
+    and the network would learn hearts at two scales.
+    """
     cache = Path(cache_dir) if cache_dir is not None else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
@@ -141,17 +169,26 @@ def load_subjects(
     for raw_path in paths:
         path = Path(raw_path)
         subject = subject_id(path, root)
-        cached = cache / f"{subject}-{_cache_key(path, config)}.npy" if cache is not None else None
+        key = _cache_key(path, config, placeholder_spacing_mm)
+        cached = cache / f"{subject}-{key}.npy" if cache is not None else None
+        assumed_marker = cache / f"{subject}-{key}.assumed" if cache is not None else None
+        assumed: float | None = None
         if cached is not None and cached.exists():
             data = np.load(cached, mmap_mode="r")
+            assumed = placeholder_spacing_mm if assumed_marker is not None and assumed_marker.exists() else None
         else:
             stack = read_stack(path, min_slices=min_slices)
+            if placeholder_spacing_mm is not None and has_placeholder_spacing(stack):
+                assumed = float(placeholder_spacing_mm)
+                stack = dataclasses.replace(stack, spacing=(assumed, assumed, stack.spacing[2]))
             data = preprocess(stack, config)[0].data.astype(np.float16)
             if cached is not None:
                 tmp = cached.with_suffix(".tmp.npy")
                 np.save(tmp, data)
+                if assumed is not None and assumed_marker is not None:
+                    assumed_marker.write_text(f"{assumed}\n")
                 os.replace(tmp, cached)
-        volumes.append(SubjectVolume(subject=subject, data=np.asarray(data), source=str(path)))
+        volumes.append(SubjectVolume(subject=subject, data=np.asarray(data), source=str(path), assumed_spacing_mm=assumed))
     return volumes
 
 

@@ -38,7 +38,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from calid.data.datasets import ClipDataset, SubjectVolume, TripletDataset, find_image_files, load_subjects, split_subjects, volumes_from_stacks
+from calid.data.datasets import (
+    ClipDataset,
+    SubjectVolume,
+    TripletDataset,
+    find_image_files,
+    load_subjects,
+    split_subjects,
+    typical_pixel_spacing,
+    volumes_from_stacks,
+)
 from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
 from calid.device import resolve_device
 from calid.errors import InputError
@@ -79,6 +88,8 @@ class TrainConfig:
     swap_neighbours: bool = True
     max_val_batches: int = 8
     val_steps: int = 8  # DDIM steps for validation interpolation
+    #: Pixel size assumed for files saved without geometry (1 x 1 x 1 mm): "median" of the others, "keep", or mm.
+    placeholder_spacing: str = "median"
     cache_dir: str | None = None
     latent_cache_mb: int = 2048  # ldm stage: keep training latents in memory up to this size (0: encode every step)
     device: str = "auto"
@@ -105,22 +116,45 @@ class TrainConfig:
         return cls(**kwargs)
 
 
-def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path) -> list[SubjectVolume]:
-    """Preprocessed subjects from files, folders and ``phantom:N`` entries."""
+def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path, placeholder_spacing: str | float = "median") -> list[SubjectVolume]:
+    """Preprocessed subjects from files, folders and ``phantom:N`` entries.
+
+    ``placeholder_spacing``: the pixel size (mm) assumed for files saved without their
+    geometry (all spacings exactly 1 mm); ``"median"`` takes the median of the files
+    that have one, ``"keep"`` trusts the 1 mm.
+    """
     from calid.data.phantom import PhantomConfig, make_phantom
 
+    files: dict[str, list[Path]] = {}
+    for entry in entries:
+        if entry.startswith("phantom:"):
+            continue
+        if Path(entry).is_dir():
+            files[entry] = find_image_files(entry)
+        elif Path(entry).is_file():
+            files[entry] = [Path(entry)]
+        else:
+            raise InputError(entry, "training data not found (a file, a folder or phantom:N)")
+    if placeholder_spacing == "keep":
+        assumed: float | None = None
+    elif placeholder_spacing == "median":
+        assumed = typical_pixel_spacing([f for group in files.values() for f in group])
+    else:
+        try:
+            assumed = float(placeholder_spacing)
+        except ValueError:
+            raise InputError("--placeholder-spacing", f"expected 'median', 'keep' or a pixel size in mm, got {placeholder_spacing!r}") from None
+        if not 0.05 <= assumed <= 20.0:
+            raise InputError("--placeholder-spacing", f"a pixel size of {assumed} mm is not plausible for cardiac MRI")
     volumes: list[SubjectVolume] = []
     for entry in entries:
         if entry.startswith("phantom:"):
             count = int(entry.split(":", 1)[1])
             stacks = [make_phantom(1000 + i, PhantomConfig(n_frames=6, matrix=96, pixel_spacing_mm=1.8)).sparse for i in range(count)]
             volumes.extend(volumes_from_stacks(stacks, model.preprocess))
-        elif Path(entry).is_dir():
-            volumes.extend(load_subjects(find_image_files(entry), model.preprocess, cache_dir=cache_dir, root=entry))
-        elif Path(entry).is_file():
-            volumes.extend(load_subjects([entry], model.preprocess, cache_dir=cache_dir))
         else:
-            raise InputError(entry, "training data not found (a file, a folder or phantom:N)")
+            root = entry if Path(entry).is_dir() else None
+            volumes.extend(load_subjects(files[entry], model.preprocess, cache_dir=cache_dir, root=root, placeholder_spacing_mm=assumed))
     if not volumes:
         raise InputError(", ".join(entries), "no training images found")
     return volumes
@@ -237,7 +271,7 @@ class Trainer:
 
         # ---- data
         cache = Path(config.cache_dir) if config.cache_dir else self.out / "cache"
-        volumes = gather_volumes(config.data, self.model_config, cache)
+        volumes = gather_volumes(config.data, self.model_config, cache, config.placeholder_spacing)
         train_ids, val_ids = split_subjects([v.subject for v in volumes], config.val_fraction, config.seed, config.val_subjects)
         train_volumes = [v for v in volumes if v.subject in set(train_ids)]
         val_volumes = [v for v in volumes if v.subject in set(val_ids)]
@@ -252,7 +286,7 @@ class Trainer:
             self.val_set = TripletDataset(val_volumes, gaps=(1,), flips=False)
         if len(self.train_set) < config.batch_size * self.world:
             raise InputError(", ".join(config.data), f"only {len(self.train_set)} training triplets for a batch of {config.batch_size} x {self.world} process(es)")
-        self.data_description = {
+        self.data_description: dict[str, Any] = {
             "inputs": list(config.data),
             "train_subjects": train_ids,
             "validation_subjects": val_ids,
@@ -260,6 +294,13 @@ class Trainer:
             "validation_triplets": len(self.val_set),
             "preprocess": self.model_config.preprocess.to_dict(),
         }
+        assumed = sorted({v.assumed_spacing_mm for v in volumes if v.assumed_spacing_mm is not None})
+        if assumed:
+            self.data_description["placeholder_spacing"] = {
+                "note": "these files carry no geometry (1 x 1 x 1 mm); their pixels were taken as assumed_mm",
+                "assumed_mm": assumed[0] if len(assumed) == 1 else assumed,
+                "subjects": sorted({v.subject for v in volumes if v.assumed_spacing_mm is not None}),
+            }
 
         self.latent_cache: LatentCache | None = None
         if config.stage == "ldm":
