@@ -240,6 +240,12 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 result = self.logic.finish_background(job["node"], job["output"], job["options"])
             self.logic.show(result)
             self.ui.statusLabel.text = f"Done: {result.output_node.GetName()}"
+            from CaLIDSlicerLib.process import warnings_in
+
+            warnings = warnings_in("".join(job["errors"]))
+            if warnings:
+                self.ui.statusLabel.text += " (with warnings: see the message)"
+                slicer.util.warningDisplay("\n\n".join(warnings), windowTitle="CaLID")
         except Exception as error:
             self.showError(error)
         finally:

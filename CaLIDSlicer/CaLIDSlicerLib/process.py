@@ -50,3 +50,8 @@ def work_folder() -> Path:
     import tempfile
 
     return Path(tempfile.mkdtemp(prefix="calid-slicer-"))
+
+
+def warnings_in(stderr: str) -> list[str]:
+    """The ``WARNING:`` lines ``calid upsample`` wrote to its error output (untrained model, missing geometry)."""
+    return [line.split("WARNING:", 1)[1].strip() for line in stderr.splitlines() if line.startswith("WARNING:")]

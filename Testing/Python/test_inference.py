@@ -433,3 +433,15 @@ def test_install_adds_info_and_cuts_training_machine_paths(tmp_path, capsys):
     extra.write_text("[1, 2]")
     assert cli_main(["install", str(source), "--name", "other", "--folder", str(folder), "--info", str(extra)]) == 2
     assert "info.json" in capsys.readouterr().err
+
+
+def test_an_input_without_geometry_is_flagged(pipeline, phantom, tmp_path, capsys):
+    from dataclasses import replace
+
+    bare = replace(phantom.sparse.select_frames([0]), spacing=(1.0, 1.0, 1.0))
+    warned = pipeline.upsample(bare, 2, steps=1)
+    assert "carries no geometry" in warned.metadata["upsampling"]["warning"]
+    assert "warning" not in pipeline.upsample(phantom.sparse.select_frames([0]), 2, steps=1).metadata["upsampling"]
+    source = write_stack(bare, tmp_path / "bare.nii.gz")
+    assert cli_main(["upsample", str(source), str(tmp_path / "out.nii.gz"), "--factor", "2", "--steps", "1", "--model", str(pipeline.model.path), "--quiet"]) == 0
+    assert "carries no geometry" in capsys.readouterr().err

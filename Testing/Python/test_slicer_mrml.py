@@ -176,7 +176,7 @@ def test_background_process_progress_and_cancel(phantom, tmp_path):
     import subprocess
 
     from CaLIDSlicerLib.logic import UpsamplingOptions
-    from CaLIDSlicerLib.process import parse_progress, upsample_command
+    from CaLIDSlicerLib.process import parse_progress, upsample_command, warnings_in
 
     source = write_stack(phantom.sparse, tmp_path / "in.seq.nrrd")
     done = upsample_command(source, tmp_path / "dense.seq.nrrd", UpsamplingOptions(factor=2, steps=1, model="untrained:tiny", device="cpu", frames="0"))
@@ -190,6 +190,7 @@ def test_background_process_progress_and_cancel(phantom, tmp_path):
     by_default = subprocess.run(default_command, capture_output=True, text=True, timeout=300)
     assert by_default.returncode == 0, by_default.stderr
     assert ", 8 steps, model untrained:tiny" in by_default.stdout  # the model's default (8 for an untrained one)
+    assert any("UNTRAINED MODEL" in w for w in warnings_in(by_default.stderr))  # what the panel shows after the run
     long_job = upsample_command(source, tmp_path / "killed.seq.nrrd", UpsamplingOptions(factor=16, mode="calid+", steps=32, model="untrained:tiny", device="cpu"))
     worker = subprocess.Popen(long_job, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert worker.stdout is not None

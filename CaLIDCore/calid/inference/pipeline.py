@@ -44,6 +44,7 @@ from scipy import ndimage
 from calid.data.preprocess import PreprocessParams, preprocess, undo_preprocess
 from calid.data.stack import CineStack
 from calid.device import available_memory_bytes, describe_device, resolve_device
+from calid.data.datasets import has_placeholder_spacing
 from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampling_grid, slerp
 from calid.errors import Cancelled, InputError
 from calid.inference.baselines import check_factor, upsample_linear
@@ -288,8 +289,17 @@ class UpsamplingPipeline:
                 ),
                 crop=params.to_dict(),
             )
+            warnings = []
             if self.untrained:
-                info["warning"] = "UNTRAINED MODEL: the generated slices are not meaningful; for testing the pipeline only"
+                warnings.append("UNTRAINED MODEL: the generated slices are not meaningful; for testing the pipeline only")
+            if has_placeholder_spacing(stack):
+                # The crop is resampled to the model's pixel size: a wrong size shows the network hearts at another scale.
+                warnings.append(
+                    f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); the model was given "
+                    "1 mm pixels, which is probably wrong: write the image with its true pixel size and slice spacing for a meaningful result"
+                )
+            if warnings:
+                info["warning"] = " | ".join(warnings)
         info["seconds"] = round(time.perf_counter() - started, 3)
         dense.metadata["upsampling"] = info
         tracker.finish(f"done: {dense.n_slices} slices at {dense.slice_spacing:g} mm")
