@@ -45,6 +45,7 @@ class CaLIDSlicerParameterNode:
     device: str = "auto"
     model: str = ""
     segment: bool = True
+    centreOnHeart: bool = False
     planePoints: vtkMRMLMarkupsFiducialNode
 
 

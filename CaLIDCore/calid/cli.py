@@ -184,6 +184,14 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     stack = read_stack(source, series=args.series)
     frames = parse_frames(args.frames, stack.n_frames)
     args.steps = pipeline.default_steps if args.steps is None else args.steps
+    if args.centre_on_heart and args.mode != "linear":
+        from calid.segmentation.inference import heart_centre_lps
+
+        if centre is not None:
+            raise InputError("--centre-on-heart", "give either --centre-on-heart or --centre-ras, not both")
+        centre = heart_centre_lps(stack, frame=frames[0] if frames else 0)
+        if not args.quiet:
+            print(f"centring the model's crop on the heart at R,A,S {-centre[0]:.1f},{-centre[1]:.1f},{centre[2]:.1f} mm", flush=True)
     dense = _run_upsampling(
         pipeline, stack, "json" if args.progress == "json" else not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre,
         temporal=True if args.temporal else None,
@@ -625,6 +633,10 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9 (default: all)")
     upsample.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
     upsample.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v), help="slices per network call (default: from free memory)")
+    upsample.add_argument(
+        "--centre-on-heart", action="store_true",
+        help="centre the model's crop on the heart found by the segmentation model (for full field-of-view scans; the model was trained on heart-centred windows)",
+    )
     upsample.add_argument("--centre-ras", help="R,A,S point (mm) to centre the model's crop on, e.g. the LV centre (default: image centre)")
     upsample.add_argument("--series", help="DICOM: series number, UID or description when the folder holds several")
     upsample.add_argument("--temporal", action="store_true", help="require a 2D+T model (temporally coherent cine; a 2D+T model is used this way anyway)")

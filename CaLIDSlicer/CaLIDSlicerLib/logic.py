@@ -25,6 +25,7 @@ class UpsamplingOptions:
     model: str | None = None  # a file, an installed name, or None for the default model
     frames: str | None = None  # "all" / None, "3", "0,5-9"
     segment: bool = True
+    centre_on_heart: bool = False  # centre the model's crop on the segmented heart (full field-of-view scans)
     segmentation_model: str | None = None
     #: Points placed by the user (LPS mm): 1 = aortic valve (3-chamber plane), 3 = a plane of their own.
     plane_points_lps: tuple[tuple[float, float, float], ...] | None = None
@@ -70,8 +71,15 @@ def upsample_node(
     stack = stack_from_node(input_node)
     if pipeline is None:
         pipeline = load_pipeline("linear" if options.mode == "linear" and options.model is None else options.model, device=options.device)
+    centre = None
+    if options.centre_on_heart and options.mode != "linear":
+        from calid.inference import parse_frames
+        from calid.segmentation.inference import heart_centre_lps
+
+        chosen = parse_frames(options.frames, stack.n_frames)
+        centre = heart_centre_lps(stack, frame=chosen[0] if chosen else 0)
     dense = pipeline.upsample(
-        stack, options.factor, mode=options.mode, steps=options.steps, seed=options.seed, frames=options.frames, progress=progress, cancel=cancel
+        stack, options.factor, mode=options.mode, steps=options.steps, seed=options.seed, frames=options.frames, progress=progress, cancel=cancel, centre_lps=centre
     )
     result = _add_output(scene, input_node, stack, dense, options)
     if options.segment:

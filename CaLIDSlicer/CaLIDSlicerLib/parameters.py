@@ -82,5 +82,6 @@ def options_from_parameters(parameters: Any, current_frame: int = 0, plane_point
         model=str(parameters.model) or None,
         frames=frames,
         segment=bool(parameters.segment),
+        centre_on_heart=bool(getattr(parameters, "centreOnHeart", False)),
         plane_points_lps=None if points is None or len(points) == 0 else tuple(map(tuple, points)),
     )

@@ -26,6 +26,8 @@ def upsample_command(input_path: str | os.PathLike[str], output_path: str | os.P
     ]
     if options.steps is not None:
         command += ["--steps", str(options.steps)]
+    if options.centre_on_heart:
+        command += ["--centre-on-heart"]
     if options.model:
         command += ["--model", options.model]
     if options.frames and options.frames != "all":

@@ -173,3 +173,28 @@ def test_shipped_segmenter_reaches_its_stated_dice_on_held_out_subjects():
     mean = float(np.mean([np.mean(v) for v in scores.values()]))
     assert mean >= model.info["metrics"]["dice_mean"] - 0.01  # what the model card states
     assert mean >= 0.80 and min(np.mean(v) for v in scores.values()) >= 0.70  # what a clinician can rely on
+
+
+def test_heart_centre_of_a_full_field_of_view_scan_and_centre_on_heart_upsampling(tmp_path):
+    """The shipped segmenter finds the heart of a full field-of-view ACDC volume near the centre of
+    its reference labels; ``calid upsample --centre-on-heart`` puts the model's crop there."""
+    from calid.data.preprocess import label_centre_lps
+    from calid.models.registry import default_model
+    from calid.segmentation import heart_centre_lps
+
+    from conftest import shared_file
+
+    if default_model("segmentation") is None:
+        pytest.skip("no segmentation model is installed in Resources/Models")
+    image_path = shared_file("acdc_edes_labels", "patient011_frame01.nii.gz")  # a validation subject of the segmenter
+    image, truth = read_stack(image_path), read_stack(image_path.with_name("patient011_frame01_gt.nii.gz"))
+    found, expected = heart_centre_lps(image), label_centre_lps(truth)
+    field_centre = image.index_to_physical([(image.shape[3] - 1) / 2, (image.shape[2] - 1) / 2, (image.n_slices - 1) / 2])
+    assert np.linalg.norm(found - expected) < 8.0, (found, expected)
+    assert np.linalg.norm(found - expected) < np.linalg.norm(field_centre - expected)  # better than the field-of-view centre
+    out = tmp_path / "dense.nii.gz"
+    done = run_calid("upsample", str(image_path), str(out), "--factor", "2", "--mode", "latent-linear", "--model", "untrained:tiny", "--centre-on-heart")
+    assert done.returncode == 0, done.stderr
+    assert "centring the model's crop on the heart" in done.stdout
+    both = run_calid("upsample", str(image_path), str(tmp_path / "x.nii.gz"), "--model", "untrained:tiny", "--centre-on-heart", "--centre-ras", "0,0,0")
+    assert both.returncode == 2 and "not both" in both.stderr

@@ -383,3 +383,31 @@ def test_markup_points_place_the_user_plane_and_the_three_chamber_plane(scene, p
     three = result.planes["3-chamber"]
     assert abs(float((valve - three.centre) @ three.normal)) < 1e-6
     assert "user" not in result.planes
+
+
+def test_centre_on_heart_moves_the_models_window_onto_the_heart(scene, tmp_path):
+    """A full field-of-view ACDC volume in a real volume node: with "centre on the heart" the
+    generated window is placed around the segmented heart instead of the image centre."""
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+    from CaLIDSlicerLib.process import upsample_command
+
+    from calid.data.preprocess import label_centre_lps
+    from calid.models.registry import default_model
+    from conftest import shared_file
+
+    if default_model("segmentation") is None:
+        pytest.skip("no segmentation model is installed in Resources/Models")
+    image_path = shared_file("acdc_edes_labels", "patient011_frame01.nii.gz")
+    stack = read_stack(image_path)
+    node = mrml.volume_from_stack(scene, stack, "full field of view")
+    windows = {}
+    for centred in (False, True):
+        options = UpsamplingOptions(factor=2, mode="latent-linear", model="untrained:tiny", device="cpu", segment=False, centre_on_heart=centred)
+        crop = upsample_node(scene, node, options).dense.metadata["upsampling"]["crop"]
+        (y0, x0), (h, w), (sx, sy) = crop["crop_start_yx"], crop["crop_size_yx"], crop["resampled_spacing_xy"]
+        windows[centred] = np.array([(x0 + (w - 1) / 2) * sx, (y0 + (h - 1) / 2) * sy])  # window centre, mm from the first resampled pixel
+    assert not np.allclose(windows[True], windows[False])
+    heart = label_centre_lps(read_stack(image_path.with_name("patient011_frame01_gt.nii.gz")))
+    offset = np.linalg.inv(stack.direction) @ (heart - np.asarray(stack.origin))  # heart in mm along the image axes
+    assert np.linalg.norm(windows[True] - offset[:2]) < min(10.0, np.linalg.norm(windows[False] - offset[:2]))
+    assert "--centre-on-heart" in upsample_command(image_path, tmp_path / "o.nii.gz", UpsamplingOptions(centre_on_heart=True))

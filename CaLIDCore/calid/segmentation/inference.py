@@ -102,3 +102,25 @@ def segment(
     out.metadata["labels"] = {str(k): v for k, v in config.labels.items()}
     out.metadata["segmentation_model"] = model.path
     return out
+
+
+def heart_centre_lps(stack: CineStack, model: SegmentationModel | None = None, frame: int = 0) -> np.ndarray:
+    """Physical (LPS) centre of the heart, LV and RV, as the segmentation model finds it in one frame.
+
+    What to centre the upsampling model's crop on in a full field-of-view scan: it was
+    trained on windows centred on the left ventricle. ``model`` defaults to the
+    installed default segmentation model.
+    """
+    from calid.data.preprocess import label_centre_lps
+
+    if model is None:
+        from calid.models.registry import resolve_model
+        from calid.segmentation.model import load_segmenter
+
+        model = load_segmenter(resolve_model(None, kind="segmentation"))
+    if not 0 <= frame < stack.n_frames:
+        raise InputError(stack.source, f"has no frame {frame} to find the heart in (frames 0-{stack.n_frames - 1})")
+    labels = segment(stack.select_frames([frame]), model)
+    if not np.any(labels.data):
+        raise InputError(stack.source, f"the segmentation model found no heart in frame {frame}; give the centre with --centre-ras")
+    return label_centre_lps(labels)
