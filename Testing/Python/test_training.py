@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from calid.errors import InputError
 from calid.models import build_vae, load_model, named_config, save_model
 from calid.training.trainer import TrainConfig, Trainer
 
@@ -143,3 +144,18 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert vae_run.returncode == 0, vae_run.stderr[-3000:]
     header, *rows = (tmp_path / "ddp_vae" / "log.csv").read_text().strip().splitlines()
     assert rows[-1].split(",")[header.split(",").index("discriminator")] != ""
+
+
+def test_learning_rate_schedules(tmp_path):
+    from calid.training.trainer import learning_rate_factor
+
+    assert learning_rate_factor(0, warmup=10, total=100) == pytest.approx(0.1)
+    assert learning_rate_factor(50, warmup=10, total=100) == 1.0  # constant after the warm-up
+    assert learning_rate_factor(10, warmup=10, total=100, schedule="cosine") == pytest.approx(1.0)
+    assert learning_rate_factor(55, warmup=10, total=100, schedule="cosine") == pytest.approx(0.5)
+    assert learning_rate_factor(100, warmup=10, total=100, schedule="cosine") == pytest.approx(0.0, abs=1e-12)
+    common = dict(stage="vae", data=("phantom:3",), model="tiny", batch_size=4, validate_every=100, checkpoint_every=100, warmup_steps=1, val_fraction=0.34, perceptual_weight=0.0, adversarial_weight=0.0)
+    trainer = run(TrainConfig(out_dir=str(tmp_path / "cosine"), steps=4, lr_schedule="cosine", learning_rate=1e-3, **common))
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # decayed to 0 at the last step
+    with pytest.raises(InputError, match="lr-schedule"):
+        Trainer(TrainConfig(out_dir=str(tmp_path / "bad"), steps=4, lr_schedule="step", **common))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+from functools import partial
 import os
 import random
 import signal
@@ -74,6 +75,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # or "adam"
     weight_decay: float = 0.0
     warmup_steps: int = 500
+    #: After the warm-up: "constant", or "cosine" (down to 0 at ``steps``; for a resumed run the
+    #: factor follows the global step, so lengthening --steps re-plans the rest of the decay).
+    lr_schedule: str = "constant"
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     precision: str = "auto"  # auto (bf16 on CUDA when supported, else fp32), fp32, bf16, fp16
@@ -197,6 +201,15 @@ class LatentCache:
         return torch.stack([fresh[row] if row in fresh else self.latents[row].to(images.device) for row in rows])
 
 
+def learning_rate_factor(step: int, warmup: int, total: int, schedule: str = "constant") -> float:
+    """Multiplier of the learning rate at ``step``: linear warm-up, then constant or cosine to 0 at ``total``."""
+    factor = min(1.0, (step + 1) / max(1, warmup))
+    if schedule == "cosine" and step >= warmup:
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        factor *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
 def to_unit(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1], clipped: the scale every quality metric is computed on."""
     return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -313,7 +326,9 @@ class Trainer:
         # ---- optimisation
         self.model = DistributedDataParallel(self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 else self.trained
         self.optimizer = self._make_optimizer(self.trained.parameters(), config.learning_rate)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / max(1, config.warmup_steps)))
+        if config.lr_schedule not in ("constant", "cosine"):
+            raise InputError("--lr-schedule", f"unknown schedule {config.lr_schedule!r}; use constant or cosine")
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(learning_rate_factor, warmup=config.warmup_steps, total=config.steps, schedule=config.lr_schedule))
         self.ema = AveragedModel(self.trained, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.discriminator: nn.Module | None = None
