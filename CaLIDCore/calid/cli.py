@@ -588,6 +588,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"step {trainer.step} -> {config.steps}",
             flush=True,
         )
+        if trainer.resume_note:
+            print(f"note: {trainer.resume_note}", flush=True)
         placeholder = trainer.data_description.get("placeholder_spacing")
         if placeholder:
             print(

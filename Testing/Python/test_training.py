@@ -159,3 +159,19 @@ def test_learning_rate_schedules(tmp_path):
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)  # decayed to 0 at the last step
     with pytest.raises(InputError, match="lr-schedule"):
         Trainer(TrainConfig(out_dir=str(tmp_path / "bad"), steps=4, lr_schedule="step", **common))
+
+
+def test_resume_with_another_validation_starts_best_afresh(tmp_path):
+    """A best PSNR measured with other DDIM steps (or subjects, or preprocessing) is not comparable:
+    a resumed run that changes the validation must be able to save its own best model."""
+    common = dict(stage="ldm", data=("phantom:3",), model="tiny", batch_size=4, validate_every=3, checkpoint_every=3, warmup_steps=2, val_fraction=0.34, cache_dir=str(tmp_path / "cache"))
+    common["vae_model"] = str(tiny_vae_file(tmp_path))
+    out = str(tmp_path / "run")
+    run(TrainConfig(out_dir=out, steps=3, val_steps=2, **common))
+    same = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=2, **common), resume=True)
+    assert same.resume_note is None and same.best_psnr > -float("inf")
+    changed = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=1, **common), resume=True)
+    assert changed.resume_note is not None and "not comparable" in changed.resume_note and changed.best_psnr == -float("inf")
+    changed.fit()
+    best = load_model(tmp_path / "run" / "best.safetensors")
+    assert best.info["info"]["step"] == 6 and best.config.default_steps == 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import math
 from functools import partial
 import os
@@ -346,6 +347,8 @@ class Trainer:
         self.step = 0
         self._floor_snap_step: tuple[int, float] = (-1, 0.0)  # (step, value) of the last VAE floor calibration
         self.best_psnr = -math.inf
+        #: What a resumed run changed about its validation (printed by ``calid train``), else None.
+        self.resume_note: str | None = None
         self.stop_requested = False
         if resume:
             self._resume()
@@ -572,6 +575,7 @@ class Trainer:
             extra={
                 "step": self.step,
                 "best_psnr": self.best_psnr if math.isfinite(self.best_psnr) else None,
+                "validation": self.validation_signature(),
                 "latent_scale": self.latent_scale,
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
@@ -580,6 +584,18 @@ class Trainer:
             },
         )
         return path
+
+    def validation_signature(self) -> dict[str, Any]:
+        """What the validation numbers depend on besides the weights: a resumed run whose
+        signature differs cannot compare its scores with the checkpoint's best."""
+        return json.loads(json.dumps({  # as stored in a checkpoint (tuples become lists)
+            "val_steps": self.config.val_steps,
+            "max_val_batches": self.config.max_val_batches,
+            "subjects": self.data_description["validation_subjects"],
+            "triplets": self.data_description["validation_triplets"],
+            "preprocess": self.data_description["preprocess"],
+            "placeholder_spacing": self.data_description.get("placeholder_spacing"),
+        }))
 
     def _resume(self) -> None:
         path = self.out / "checkpoints" / "last.safetensors"
@@ -595,6 +611,14 @@ class Trainer:
             raise InputError(path, "the checkpoint was made with another model configuration than this run's")
         self.step = int(extra["step"])
         self.best_psnr = extra["best_psnr"] if extra.get("best_psnr") is not None else -math.inf
+        if extra.get("validation") != self.validation_signature() and math.isfinite(self.best_psnr):
+            # A best score measured on other triplets, steps or preprocessing would keep every new
+            # (and possibly better) model from being saved as best.safetensors.
+            self.resume_note = (
+                f"validation differs from the checkpoint's (steps, subjects or preprocessing): its best PSNR "
+                f"{self.best_psnr:.2f} dB is not comparable, so best.safetensors starts afresh"
+            )
+            self.best_psnr = -math.inf
         self.latent_scale = float(extra["latent_scale"])
         self.scheduler.load_state_dict(extra["scheduler"])
         self.scaler.load_state_dict(extra["scaler"])
