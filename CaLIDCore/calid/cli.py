@@ -555,6 +555,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         warmup_steps=args.warmup,
         lr_schedule=args.lr_schedule,
+        transposes=args.transposes,
         ema_decay=args.ema,
         precision=args.precision,
         checkpoint_every=args.checkpoint_every,
@@ -733,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"])
     train.add_argument("--weight-decay", type=float, default=0.0)
     train.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
+    train.add_argument("--transposes", action="store_true", help="augmentation: also swap the in-plane axes (with the flips, all 8 rotations / reflections of a slice)")
     train.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after the warm-up: constant, or cosine decay to 0 at --steps")
     train.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for validation and export")
     train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="CUDA autocast (CPU: always fp32)")

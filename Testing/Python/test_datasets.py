@@ -75,9 +75,9 @@ def test_triplets_are_true_neighbours_with_consistent_flips():
 def test_keys_say_exactly_which_slice_and_flips_each_tensor_shows():
     stack = oblique_stack(frames=3, slices=6, rows=16, columns=16)
     volumes = volumes_from_stacks([stack, stack], SMALL)
-    dataset = TripletDataset(volumes, gaps=(1, 2), flips=True, swap_neighbours=True, seed=5)
+    dataset = TripletDataset(volumes, gaps=(1, 2), flips=True, swap_neighbours=True, seed=5, transposes=True)
     seen_codes, seen_swap = set(), False
-    for epoch in range(4):
+    for epoch in range(6):
         dataset.set_epoch(epoch)
         for item in range(len(dataset)):
             got = dataset[item]
@@ -85,10 +85,13 @@ def test_keys_say_exactly_which_slice_and_flips_each_tensor_shows():
             for name, (v, t, k, code) in zip(("previous", "middle", "next"), got["keys"].tolist()):
                 dims = [d for bit, d in ((1, -1), (2, -2)) if code & bit]
                 expected = torch.from_numpy(volumes[v].data[t, k].astype(np.float32))[None]
-                assert torch.equal(got[name], expected.flip(dims) if dims else expected), (item, name)
+                expected = expected.flip(dims) if dims else expected
+                assert torch.equal(got[name], expected.transpose(-1, -2) if code & 4 else expected), (item, name)
                 seen_codes.add(code)
             seen_swap |= got["keys"][0, 2] > got["keys"][2, 2]
-    assert seen_codes == {0, 1, 2, 3} and seen_swap
+    assert seen_codes == set(range(8)) and seen_swap  # all 8 rotations / reflections
+    with pytest.raises(InputError, match="square"):
+        TripletDataset(volumes_from_stacks([oblique_stack(rows=16, columns=12)], PreprocessConfig(target_spacing_mm=None, crop_size=(16, 12))), transposes=True)
 
 
 def test_clip_dataset_wraps_around_the_cycle():

@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="folder of cines")
     parser.add_argument("--subjects", required=True, help="held-out subjects, e.g. patient061..patient070")
     parser.add_argument("--triplets", type=int, default=128, help="triplets drawn (seeded) from those subjects")
+    parser.add_argument("--steps", type=int, help="DDIM steps of calid (default: the model's)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -92,7 +93,8 @@ def main() -> None:
                         "latent-linear": pipeline.interpolate_slices(previous, following, "latent-linear"),
                     }
                     if model.net is not None:
-                        methods[f"calid ({pipeline.default_steps} step(s))"] = pipeline.interpolate_slices(previous, following, "calid", batch_size=32)
+                        steps = args.steps or pipeline.default_steps
+                        methods[f"calid ({steps} step(s))"] = pipeline.interpolate_slices(previous, following, "calid", steps, batch_size=32)
                 finally:
                     pipeline.model = model
                 for method, predicted in methods.items():

@@ -215,6 +215,8 @@ class TripletDataset(Dataset[dict[str, Any]]):
         gaps: neighbour distances in slices; 1 is the task, larger gaps add
             training pairs at other scales (bisection also meets half gaps).
         flips: random horizontal / vertical flips, the same for the three slices.
+        transposes: also swap the two in-plane axes at random (square crops only); with
+            the flips, every one of the 8 in-plane rotations and reflections of a slice.
         swap_neighbours: randomly exchange previous and next (the task is symmetric).
         frames: restrict to these frame indices (e.g. ED / ES); default all.
         seed: augmentations are a function of (seed, epoch, item) alone, so they are
@@ -229,9 +231,13 @@ class TripletDataset(Dataset[dict[str, Any]]):
         swap_neighbours: bool = False,
         frames: Sequence[int] | None = None,
         seed: int = 0,
+        transposes: bool = False,
     ) -> None:
         self.volumes = list(volumes)
         self.flips = flips
+        self.transposes = transposes
+        if transposes and any(v.data.shape[-1] != v.data.shape[-2] for v in self.volumes):
+            raise InputError("transposes", "swapping the in-plane axes needs square crops")
         self.swap_neighbours = swap_neighbours
         self.seed = seed
         self.epoch = 0
@@ -257,9 +263,10 @@ class TripletDataset(Dataset[dict[str, Any]]):
         self.epoch = int(epoch)
 
     def _augment(self, slices: list[torch.Tensor], slice_indices: list[int], item: int) -> tuple[list[torch.Tensor], list[int], int]:
-        """Flipped (and maybe swapped) slices, their slice indices in the same order, and the flip code (bit 0: x, bit 1: y)."""
+        """Flipped (and maybe swapped) slices, their slice indices in the same order, and the flip code
+        (bit 0: flipped along x, bit 1: along y, bit 2: then x and y swapped)."""
         seed = int(np.random.SeedSequence([self.seed, self.epoch, item]).generate_state(1)[0])
-        draws = torch.rand(3, generator=torch.Generator().manual_seed(seed))
+        draws = torch.rand(4 if self.transposes else 3, generator=torch.Generator().manual_seed(seed))
         dims = []
         flip_code = 0
         if self.flips and draws[0] < 0.5:
@@ -270,6 +277,9 @@ class TripletDataset(Dataset[dict[str, Any]]):
             flip_code |= 2
         if dims:
             slices = [s.flip(dims) for s in slices]
+        if self.transposes and draws[3] < 0.5:
+            slices = [s.transpose(-1, -2).contiguous() for s in slices]
+            flip_code |= 4
         if self.swap_neighbours and draws[2] < 0.5:
             slices, slice_indices = slices[::-1], slice_indices[::-1]
         return slices, slice_indices, flip_code
@@ -307,8 +317,18 @@ class ClipDataset(TripletDataset):
     number of frames yields clips of a fixed length.
     """
 
-    def __init__(self, volumes: Sequence[SubjectVolume], clip_length: int = 32, gaps: Sequence[int] = (1,), flips: bool = True, swap_neighbours: bool = False, start_stride: int = 1, seed: int = 0) -> None:
-        super().__init__(volumes, gaps=gaps, flips=flips, swap_neighbours=swap_neighbours, seed=seed)
+    def __init__(
+        self,
+        volumes: Sequence[SubjectVolume],
+        clip_length: int = 32,
+        gaps: Sequence[int] = (1,),
+        flips: bool = True,
+        swap_neighbours: bool = False,
+        start_stride: int = 1,
+        seed: int = 0,
+        transposes: bool = False,
+    ) -> None:
+        super().__init__(volumes, gaps=gaps, flips=flips, swap_neighbours=swap_neighbours, seed=seed, transposes=transposes)
         self.clip_length = clip_length
         self.index = [entry for entry in self.index if entry[1] % start_stride == 0]
 

@@ -79,6 +79,8 @@ class TrainConfig:
     #: After the warm-up: "constant", or "cosine" (down to 0 at ``steps``; for a resumed run the
     #: factor follows the global step, so lengthening --steps re-plans the rest of the decay).
     lr_schedule: str = "constant"
+    #: Augmentation: swap the in-plane axes at random too (with the flips: all 8 rotations / reflections).
+    transposes: bool = False
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     precision: str = "auto"  # auto (bf16 on CUDA when supported, else fp32), fp32, bf16, fp16
@@ -293,10 +295,10 @@ class Trainer:
         if self.model_config.temporal:
             # 2D+T: clips starting at every frame (cyclic); validation on non-overlapping clips.
             clip = self.model_config.clip_length
-            self.train_set = ClipDataset(train_volumes, clip_length=clip, gaps=config.gaps, swap_neighbours=config.swap_neighbours, seed=config.seed)
+            self.train_set = ClipDataset(train_volumes, clip_length=clip, gaps=config.gaps, swap_neighbours=config.swap_neighbours, seed=config.seed, transposes=config.transposes)
             self.val_set: TripletDataset = ClipDataset(val_volumes, clip_length=clip, gaps=(1,), flips=False, start_stride=clip)
         else:
-            self.train_set = TripletDataset(train_volumes, gaps=config.gaps, swap_neighbours=config.swap_neighbours, seed=config.seed)
+            self.train_set = TripletDataset(train_volumes, gaps=config.gaps, swap_neighbours=config.swap_neighbours, seed=config.seed, transposes=config.transposes)
             self.val_set = TripletDataset(val_volumes, gaps=(1,), flips=False)
         if len(self.train_set) < config.batch_size * self.world:
             raise InputError(", ".join(config.data), f"only {len(self.train_set)} training triplets for a batch of {config.batch_size} x {self.world} process(es)")
