@@ -141,7 +141,7 @@ def test_files_without_geometry_are_read_at_the_pixel_size_of_the_others(tmp_pat
     training takes its pixels at the median size of the files that have a geometry."""
     from dataclasses import replace
 
-    from calid.data.datasets import has_placeholder_spacing, typical_pixel_spacing
+    from calid.data.datasets import typical_pixel_spacing
     from calid.models import named_config
     from calid.training.trainer import gather_volumes
 
@@ -169,4 +169,4 @@ def test_files_without_geometry_are_read_at_the_pixel_size_of_the_others(tmp_pat
     assert all(v.assumed_spacing_mm is None for v in gather_volumes((str(folder),), model, tmp_path / "c3", "keep"))
     with pytest.raises(InputError, match="placeholder-spacing"):
         gather_volumes((str(folder),), model, tmp_path / "c4", "big")
-    assert has_placeholder_spacing(replace(real, spacing=(1.0, 1.0, 1.0))) and not has_placeholder_spacing(real)
+    assert replace(real, spacing=(1.0, 1.0, 1.0)).has_placeholder_spacing and not real.has_placeholder_spacing

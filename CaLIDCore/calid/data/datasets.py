@@ -23,8 +23,7 @@ import random
 import re
 import warnings
 from collections.abc import Iterable, Sequence
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,18 +122,15 @@ class SubjectVolume:
     assumed_spacing_mm: float | None = None
 
 
-def has_placeholder_spacing(stack: CineStack) -> bool:
-    """True for a stack whose three spacings are all exactly 1 mm: NIfTI's default, what a
-    cine saved without its geometry carries (a real cine has 5-10 mm between slices)."""
-    return tuple(float(s) for s in stack.spacing) == (1.0, 1.0, 1.0)
-
-
 def typical_pixel_spacing(paths: Sequence[str | os.PathLike[str]], min_slices: int = 3) -> float | None:
-    """Median in-plane pixel size (mm) of the files with a real geometry; None if none has one."""
+    """Median in-plane pixel size (mm) of the files with a real geometry; None if none has one.
+
+    Reads every file (also when their preprocessed data are cached): a few seconds for a
+    data set of ACDC's size, and the cache key depends on the result."""
     sizes = []
     for path in paths:
         stack = read_stack(path, min_slices=min_slices)
-        if not has_placeholder_spacing(stack):
+        if not stack.has_placeholder_spacing:
             sizes.append(float(np.mean(stack.spacing[:2])))
     return float(np.median(sizes)) if sizes else None
 
@@ -158,7 +154,7 @@ def load_subjects(
     """Read and preprocess every file (through the cache when given); subjects as :func:`subject_id` with ``root``.
 
     ``placeholder_spacing_mm``: the pixel size to assume for files saved without their
-    geometry (:func:`has_placeholder_spacing`). Preprocessing resamples every slice to
+    geometry (:attr:`CineStack.has_placeholder_spacing`). Preprocessing resamples every slice to
     the model's pixel size, so a 1.5 mm image read as 1 mm would shrink to two thirds
     and the network would learn hearts at two scales.
     """
@@ -178,9 +174,9 @@ def load_subjects(
             assumed = placeholder_spacing_mm if assumed_marker is not None and assumed_marker.exists() else None
         else:
             stack = read_stack(path, min_slices=min_slices)
-            if placeholder_spacing_mm is not None and has_placeholder_spacing(stack):
+            if placeholder_spacing_mm is not None and stack.has_placeholder_spacing:
                 assumed = float(placeholder_spacing_mm)
-                stack = dataclasses.replace(stack, spacing=(assumed, assumed, stack.spacing[2]))
+                stack = replace(stack, spacing=(assumed, assumed, stack.spacing[2]))
             data = preprocess(stack, config)[0].data.astype(np.float16)
             if cached is not None:
                 tmp = cached.with_suffix(".tmp.npy")

@@ -123,6 +123,12 @@ class CineStack:
         return self.spacing[2]
 
     @property
+    def has_placeholder_spacing(self) -> bool:
+        """True when all three spacings are exactly 1 mm: NIfTI's default, what a cine saved
+        without its geometry carries (a real cine has 5-10 mm between slices)."""
+        return self.spacing == (1.0, 1.0, 1.0)
+
+    @property
     def slice_normal(self) -> np.ndarray:
         """Unit vector (LPS) along which the slice index grows."""
         return self.direction[:, 2].copy()

@@ -44,7 +44,6 @@ from scipy import ndimage
 from calid.data.preprocess import PreprocessParams, preprocess, undo_preprocess
 from calid.data.stack import CineStack
 from calid.device import available_memory_bytes, describe_device, resolve_device
-from calid.data.datasets import has_placeholder_spacing
 from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampling_grid, slerp
 from calid.errors import Cancelled, InputError
 from calid.inference.baselines import check_factor, upsample_linear
@@ -292,7 +291,7 @@ class UpsamplingPipeline:
             warnings = []
             if self.untrained:
                 warnings.append("UNTRAINED MODEL: the generated slices are not meaningful; for testing the pipeline only")
-            if has_placeholder_spacing(stack):
+            if stack.has_placeholder_spacing:
                 # The crop is resampled to the model's pixel size: a wrong size shows the network hearts at another scale.
                 warnings.append(
                     f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); the model was given "

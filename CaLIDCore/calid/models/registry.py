@@ -217,7 +217,7 @@ def install_model(
     header["info"] = _without_folders({**header.get("info", {}), **(info or {})})
     if half_precision:
         tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-        header.setdefault("info", {})["stored_as"] = "float16"
+        header["info"]["stored_as"] = "float16"
     target_folder = Path(folder) if folder is not None else user_model_folder()
     target_folder.mkdir(parents=True, exist_ok=True)
     target = target_folder / f"{name}.safetensors"

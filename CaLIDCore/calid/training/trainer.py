@@ -19,13 +19,13 @@ import csv
 import dataclasses
 import json
 import math
-from functools import partial
 import os
 import random
 import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
