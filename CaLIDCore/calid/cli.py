@@ -589,8 +589,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"step {trainer.step} -> {config.steps}",
             flush=True,
         )
-        if trainer.resume_note:
-            print(f"note: {trainer.resume_note}", flush=True)
+        for note in trainer.resume_notes:
+            print(f"note: {note}", flush=True)
         placeholder = trainer.data_description.get("placeholder_spacing")
         if placeholder:
             print(

@@ -169,9 +169,34 @@ def test_resume_with_another_validation_starts_best_afresh(tmp_path):
     out = str(tmp_path / "run")
     run(TrainConfig(out_dir=out, steps=3, val_steps=2, **common))
     same = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=2, **common), resume=True)
-    assert same.resume_note is None and same.best_psnr > -float("inf")
+    assert same.resume_notes == [] and same.best_psnr > -float("inf")
     changed = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=1, **common), resume=True)
-    assert changed.resume_note is not None and "not comparable" in changed.resume_note and changed.best_psnr == -float("inf")
+    assert len(changed.resume_notes) == 1 and "not comparable" in changed.resume_notes[0] and changed.best_psnr == -float("inf")
     changed.fit()
     best = load_model(tmp_path / "run" / "best.safetensors")
     assert best.info["info"]["step"] == 6 and best.config.default_steps == 1
+
+
+def test_resume_takes_learning_rate_and_weight_decay_from_the_command_line(tmp_path):
+    """Restoring an optimiser restores its saved hyper-parameters too; a researcher who resumes
+    with another --lr or --weight-decay must get them (and be told), not the checkpoint's."""
+    common = dict(stage="ldm", data=("phantom:3",), model="tiny", batch_size=4, validate_every=3, checkpoint_every=3, warmup_steps=0, val_fraction=0.34, val_steps=1, cache_dir=str(tmp_path / "cache"))
+    common["vae_model"] = str(tiny_vae_file(tmp_path))
+    out = str(tmp_path / "run")
+    run(TrainConfig(out_dir=out, steps=3, learning_rate=1e-4, weight_decay=0.0, lr_schedule="cosine", **common))
+    unchanged = Trainer(TrainConfig(out_dir=out, steps=6, learning_rate=1e-4, weight_decay=0.0, lr_schedule="cosine", **common), resume=True)
+    assert unchanged.resume_notes == []
+    before = unchanged.optimizer.param_groups[0]["lr"]
+    assert 0 < before < 1e-4  # part-way down the cosine
+
+    changed = Trainer(TrainConfig(out_dir=out, steps=6, learning_rate=3e-4, weight_decay=0.05, lr_schedule="cosine", **common), resume=True)
+    group = changed.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.05
+    assert group["lr"] == pytest.approx(before * 3)  # the same point of the schedule, three times the peak
+    assert changed.scheduler.get_last_lr() == [group["lr"]]
+    assert any("learning rate 0.0001" in note and "0.0003" in note for note in changed.resume_notes)
+    assert any("weight decay 0" in note and "0.05" in note for note in changed.resume_notes)
+    changed.fit()
+    # the next scheduler steps keep the new peak
+    assert changed.step == 6 and changed.scheduler.base_lrs == [3e-4]
+    assert changed.optimizer.param_groups[0]["weight_decay"] == 0.05

@@ -349,8 +349,9 @@ class Trainer:
         self.step = 0
         self._floor_snap_step: tuple[int, float] = (-1, 0.0)  # (step, value) of the last VAE floor calibration
         self.best_psnr = -math.inf
-        #: What a resumed run changed about its validation (printed by ``calid train``), else None.
-        self.resume_note: str | None = None
+        #: What a resumed run changed against its checkpoint: validation, learning rate, weight decay
+        #: (printed by ``calid train``).
+        self.resume_notes: list[str] = []
         self.stop_requested = False
         if resume:
             self._resume()
@@ -616,7 +617,7 @@ class Trainer:
         if extra.get("validation") != self.validation_signature() and math.isfinite(self.best_psnr):
             # A best score measured on other triplets, steps or preprocessing would keep every new
             # (and possibly better) model from being saved as best.safetensors.
-            self.resume_note = (
+            self.resume_notes.append(
                 f"validation differs from the checkpoint's (steps, subjects or preprocessing): its best PSNR "
                 f"{self.best_psnr:.2f} dB is not comparable, so best.safetensors starts afresh"
             )
@@ -624,6 +625,34 @@ class Trainer:
         self.latent_scale = float(extra["latent_scale"])
         self.scheduler.load_state_dict(extra["scheduler"])
         self.scaler.load_state_dict(extra["scaler"])
+        # Loading an optimiser's state also restores its saved hyper-parameters: without this, a
+        # resumed run would silently ignore a changed --lr or --weight-decay.
+        self._apply_hyperparameters(self.optimizer, self.config.learning_rate, "learning rate", self.scheduler)
+        if self.discriminator is not None:
+            self._apply_hyperparameters(self.disc_optimizer, self.config.discriminator_learning_rate, "discriminator learning rate")
+
+    def _apply_hyperparameters(self, optimizer: torch.optim.Optimizer, learning_rate: float, what: str,
+                               scheduler: torch.optim.lr_scheduler.LambdaLR | None = None) -> None:
+        """Give a restored optimiser this run's peak learning rate and weight decay, noting changes."""
+        group = optimizer.param_groups[0]
+        old_lr, old_decay = group.get("initial_lr", group["lr"]), group["weight_decay"]
+        if old_lr != learning_rate:
+            self.resume_notes.append(f"{what} {old_lr:g} in the checkpoint, {learning_rate:g} from now on")
+        if old_decay != self.config.weight_decay and what == "learning rate":
+            self.resume_notes.append(f"weight decay {old_decay:g} in the checkpoint, {self.config.weight_decay:g} from now on")
+        for group in optimizer.param_groups:
+            group["initial_lr"] = learning_rate
+            group["weight_decay"] = self.config.weight_decay
+        if scheduler is not None:
+            # The schedule's factor at the current step, times the new peak.
+            scheduler.base_lrs = [learning_rate for _ in optimizer.param_groups]
+            factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate * factor
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+        else:  # no schedule: the rate is constant
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate
 
     # ------------------------------------------------------------------ the loop
     def _request_stop(self, signum: int, frame: Any) -> None:
