@@ -591,6 +591,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         for note in trainer.resume_notes:
             print(f"note: {note}", flush=True)
+        if trainer.latents_loaded:
+            print(f"latent cache: {trainer.latents_loaded} training latents encoded by earlier runs", flush=True)
         placeholder = trainer.data_description.get("placeholder_spacing")
         if placeholder:
             print(
@@ -754,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--val-subjects", help="comma-separated validation subjects (instead of a random fraction)")
     train.add_argument("--gaps", default="1", help="neighbour distances in slices, e.g. 1,2")
     train.add_argument("--cache-dir", help="preprocessed-data cache, shareable between runs on the same data (default: OUT/cache)")
-    train.add_argument("--latent-cache-mb", type=int, default=2048, help="ldm: memory for the training slices' latents, each encoded once (0: encode every step)")
+    train.add_argument("--latent-cache-mb", type=int, default=2048, help="ldm: memory for the training slices' latents, each encoded once and also kept on disk in the cache folder for later runs (0: encode every step)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     train.add_argument("--lpips-weights", help="AlexNet weights for the perceptual loss (else $CALID_LPIPS_WEIGHTS or a download)")
     train.add_argument("--perceptual-weight", type=float, default=0.002)

@@ -82,6 +82,44 @@ def test_latent_cache_returns_the_encoders_latents_and_reuses_them(tmp_path):
     assert not bounded.latents and bounded.stored_bytes == 0
 
 
+def test_latent_cache_persists_across_runs_and_only_for_the_same_vae_and_data(tmp_path):
+    """A resumed run reads the latents that earlier runs wrote (each shard once), gets the same
+    values the encoder gives, and never reads latents of another VAE or other training data."""
+    vae_file = str(tiny_vae_file(tmp_path))
+    common = dict(stage="ldm", model="tiny", batch_size=4, validate_every=100, checkpoint_every=100, val_fraction=0.0, cache_dir=str(tmp_path / "cache"))
+    first = run(TrainConfig(data=("phantom:2",), out_dir=str(tmp_path / "a"), steps=3, vae_model=vae_file, **common))
+    assert first.latents_loaded == 0
+    kept = dict(first.latent_cache.latents)
+    assert kept and first.latent_cache.unsaved == 0  # the final checkpoint wrote them all
+    shards = list((tmp_path / "cache").glob("latents-*/shard-*.safetensors"))
+    assert len(shards) == 1
+
+    second = Trainer(TrainConfig(data=("phantom:2",), out_dir=str(tmp_path / "a"), steps=6, vae_model=vae_file, **common), resume=True)
+    assert second.latents_loaded == len(kept) and second.latent_cache.unsaved == 0
+    for key, latent in kept.items():
+        assert torch.equal(second.latent_cache.latents[key], latent), key
+    # and they are the encoder's latents of the tensors the keys name
+    items = [second.train_set[i] for i in range(len(second.train_set))]
+    for item in items:
+        for image, key in zip((item["previous"], item["middle"], item["next"]), item["keys"].tolist()):
+            if tuple(key) in kept:
+                with torch.no_grad():
+                    direct = second.vae.encode(image.unsqueeze(0))[0][0]
+                torch.testing.assert_close(kept[tuple(key)], direct, rtol=1e-4, atol=1e-5)
+    second.fit()
+    assert len(list((tmp_path / "cache").glob("latents-*/shard-*.safetensors"))) <= 2  # only new latents are written
+
+    # another VAE, or other training data: its own folder, nothing read from the first
+    torch.manual_seed(1)
+    other_vae = str(save_model(tmp_path / "other-vae.safetensors", named_config("tiny"), build_vae(named_config("tiny"))))
+    assert Trainer(TrainConfig(data=("phantom:2",), out_dir=str(tmp_path / "b"), steps=3, vae_model=other_vae, **common)).latents_loaded == 0
+    assert Trainer(TrainConfig(data=("phantom:3",), out_dir=str(tmp_path / "c"), steps=3, vae_model=vae_file, **common)).latents_loaded == 0
+    # a damaged shard costs only its encodings: the second run's shard still loads
+    shards[0].write_bytes(b"not a safetensors file")
+    added_by_second = len(second.latent_cache.latents) - len(kept)
+    assert Trainer(TrainConfig(data=("phantom:2",), out_dir=str(tmp_path / "d"), steps=3, vae_model=vae_file, **common)).latents_loaded == added_by_second
+
+
 def test_trainer_refuses_resume_without_checkpoint_and_bad_data(tmp_path):
     from calid.errors import InputError
 

@@ -10,7 +10,9 @@ EMA, LR schedule, grad scaler, random generators, data order).
 
 Outputs in ``out_dir``: ``model.safetensors`` (EMA weights, loadable with
 :func:`calid.models.load_model`), ``best.safetensors`` (best validation PSNR),
-``log.csv``, ``validation.csv`` and ``checkpoints/last.safetensors``.
+``log.csv``, ``validation.csv`` and ``checkpoints/last.safetensors``. In the
+preprocessing cache (``cache_dir``, default ``out_dir/cache``): the preprocessed
+subjects and, for the ldm stage, the training latents (``latents-*/``).
 """
 
 from __future__ import annotations
@@ -168,22 +170,40 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
 
 
 class LatentCache:
-    """The frozen VAE's posterior means of training slices, kept in memory by key.
+    """The frozen VAE's posterior means of training slices, kept in memory by key, and on disk.
 
     The ldm stage encodes three slices per triplet every step: on a CPU that is
     about 40 % of the step. The VAE is frozen and the augmentations are discrete
-    (flips, neighbour swap), so every (volume, frame, slice, flips) key always
-    encodes to the same latent: encode it once, reuse it in every later epoch.
+    (flips, transposes, neighbour swap), so every (volume, frame, slice, flips) key
+    always encodes to the same latent: encode it once, reuse it in every later epoch.
     Memory is bounded; past ``max_bytes`` new keys are encoded but not kept.
+
+    With ``folder`` set, the latents also go to disk in shards (:meth:`save_new`) and
+    come back when a run starts (:meth:`load`), so a resumed run (on a CPU: every
+    session) does not spend its first hours encoding again. The folder's name carries
+    a signature of the VAE and the training data, so only valid latents are ever read.
     """
 
-    def __init__(self, encode: Any, max_bytes: int) -> None:
+    SHARD_FORMAT = "calid-latent-cache-1"
+
+    def __init__(self, encode: Any, max_bytes: int, folder: Path | None = None, signature: str = "") -> None:
         self.encode = encode
         self.max_bytes = max_bytes
         self.stored_bytes = 0
         self.latents: dict[tuple[int, ...], torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
+        self.folder = folder
+        self.signature = signature
+        self._unsaved: list[tuple[int, ...]] = []
+
+    def _keep(self, row: tuple[int, ...], z: torch.Tensor) -> bool:
+        size = z.numel() * z.element_size()
+        if row in self.latents or self.stored_bytes + size > self.max_bytes:
+            return False
+        self.latents[row] = z
+        self.stored_bytes += size
+        return True
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -195,13 +215,70 @@ class LatentCache:
             encoded = self.encode(images[missing]).float()
             fresh = {rows[i]: z for i, z in zip(missing, encoded)}
             for row, z in fresh.items():
-                size = z.numel() * z.element_size()
-                if self.stored_bytes + size <= self.max_bytes:
-                    self.latents[row] = z.cpu()
-                    self.stored_bytes += size
+                if self._keep(row, z.cpu()):
+                    self._unsaved.append(row)
         self.hits += len(rows) - len(missing)
         self.misses += len(missing)
         return torch.stack([fresh[row] if row in fresh else self.latents[row].to(images.device) for row in rows])
+
+    @property
+    def unsaved(self) -> int:
+        return len(self._unsaved)
+
+    def save_new(self, min_count: int = 1) -> Path | None:
+        """Write the latents kept since the last save as one new shard, if there are ``min_count``."""
+        if self.folder is None or not self._unsaved or len(self._unsaved) < min_count:
+            return None
+        from safetensors.torch import save_file
+
+        from calid.atomic import atomic_path
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        rows = self._unsaved
+        # A unique name: several runs may share a preprocessing cache (and this folder).
+        path = self.folder / f"shard-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{random.SystemRandom().randrange(16**8):08x}.safetensors"
+        tensors = {"keys": torch.tensor(rows, dtype=torch.long), "latents": torch.stack([self.latents[row] for row in rows]).contiguous()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": self.SHARD_FORMAT, "signature": self.signature})
+        self._unsaved = []
+        return path
+
+    def load(self) -> int:
+        """Read every shard of the folder (up to ``max_bytes``); returns how many latents came in."""
+        if self.folder is None or not self.folder.is_dir():
+            return 0
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        loaded = 0
+        for path in sorted(self.folder.glob("shard-*.safetensors")):
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    metadata = handle.metadata() or {}
+                if metadata.get("format") != self.SHARD_FORMAT or metadata.get("signature") != self.signature:
+                    continue
+                tensors = load_file(str(path))
+            except Exception:  # noqa: BLE001 - any unreadable shard (safetensors raises its own error type)
+                continue  # a damaged shard only costs its encodings; never the run
+            for row, z in zip(tensors["keys"].tolist(), tensors["latents"]):
+                loaded += self._keep(tuple(int(v) for v in row), z.clone())
+        return loaded
+
+
+def latent_cache_signature(vae_file: str | os.PathLike[str], volumes: list[SubjectVolume], dataset: Any) -> str:
+    """What a cached latent depends on: the VAE's weights, the training data (in the order the
+    keys number it) and what one item encodes (a slice, or a clip of a given length)."""
+    import hashlib
+
+    from calid.models.registry import sha256_of
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"vae": sha256_of(vae_file), "dataset": type(dataset).__name__, "clip_length": getattr(dataset, "clip_length", None)}).encode())
+    for volume in volumes:
+        data = np.ascontiguousarray(volume.data)
+        digest.update(f"{volume.subject}|{data.dtype}|{data.shape}".encode())
+        digest.update(data.tobytes())
+    return digest.hexdigest()
 
 
 def learning_rate_factor(step: int, warmup: int, total: int, schedule: str = "constant") -> float:
@@ -319,12 +396,16 @@ class Trainer:
             }
 
         self.latent_cache: LatentCache | None = None
+        self.latents_loaded = 0
         if config.stage == "ldm":
             self.latent_scale = self._measure_latent_scale()
             if self.model_config.vae.floor_snap == 0:  # a VAE file exported before the calibration existed
                 self.model_config = _with_floor_snap(self.model_config, calibrate_floor_snap(self.vae, self._calibration_images()))
             if config.latent_cache_mb > 0:
-                self.latent_cache = LatentCache(lambda images: self.vae.encode(images)[0], config.latent_cache_mb * 2**20)
+                signature = latent_cache_signature(config.vae_model, train_volumes, self.train_set)
+                self.latent_cache = LatentCache(lambda images: self.vae.encode(images)[0], config.latent_cache_mb * 2**20, cache / f"latents-{signature[:16]}", signature)
+                #: Latents read from earlier runs' shards (printed by ``calid train``).
+                self.latents_loaded = self.latent_cache.load()
 
         # ---- optimisation
         self.model = DistributedDataParallel(self.trained, device_ids=[self.device.index] if self.device.type == "cuda" else None) if self.world > 1 else self.trained
@@ -683,7 +764,7 @@ class Trainer:
                     self._checkpoint(metrics)
             if self.stop_requested and self.is_main:
                 progress.write(f"stop requested: saving a checkpoint at step {self.step}; continue with --resume")
-            self._checkpoint(metrics)
+            self._checkpoint(metrics, final=True)
         finally:
             progress.close()
             for sig, handler in previous_handlers.items():
@@ -701,11 +782,14 @@ class Trainer:
             dist.barrier()
         return metrics
 
-    def _checkpoint(self, metrics: dict[str, float]) -> None:
-        """Training state for --resume, and the EMA model file with the latest validation metrics."""
+    def _checkpoint(self, metrics: dict[str, float], final: bool = False) -> None:
+        """Training state for --resume, the EMA model file with the latest validation metrics,
+        and the new latents (in shards of a few thousand, or all at the end)."""
         if self.is_main:
             self.save_checkpoint()
             self.export(self.out / "model.safetensors", metrics)
+            if self.latent_cache is not None:
+                self.latent_cache.save_new(min_count=1 if final else LATENT_SHARD_SIZE)
         if self.world > 1:
             dist.barrier()
 
@@ -713,6 +797,9 @@ class Trainer:
 def _with_floor_snap(config: ModelConfig, floor_snap: float) -> ModelConfig:
     return config.replace(vae=dataclasses.replace(config.vae, floor_snap=floor_snap))
 
+
+#: Latents per cache shard written at a periodic checkpoint (about 28 MB for the ``small`` VAE).
+LATENT_SHARD_SIZE = 4096
 
 LOG_COLUMNS = ("step", "seconds", "loss", "l1", "kl", "perceptual", "adversarial", "discriminator", "mse", "grad_norm", "lr")
 VALIDATION_COLUMNS = ("step", "val_loss", "val_psnr", "val_ssim")
