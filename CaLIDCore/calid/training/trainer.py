@@ -402,7 +402,7 @@ class Trainer:
             if self.model_config.vae.floor_snap == 0:  # a VAE file exported before the calibration existed
                 self.model_config = _with_floor_snap(self.model_config, calibrate_floor_snap(self.vae, self._calibration_images()))
             if config.latent_cache_mb > 0:
-                signature = latent_cache_signature(config.vae_model, train_volumes, self.train_set)
+                signature = latent_cache_signature(str(config.vae_model), train_volumes, self.train_set)
                 self.latent_cache = LatentCache(lambda images: self.vae.encode(images)[0], config.latent_cache_mb * 2**20, cache / f"latents-{signature[:16]}", signature)
                 #: Latents read from earlier runs' shards (printed by ``calid train``).
                 self.latents_loaded = self.latent_cache.load()
