@@ -579,6 +579,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         prediction=args.prediction,
         residual_to_neighbours=True if args.residual_to_neighbours else None,
         temporal=args.temporal,
+        init_from=args.init_from,
         downsample_time=args.downsample_time,
     )
     trainer = Trainer(config, resume=args.resume)
@@ -729,7 +730,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tiny", "small", "paper", "tiny-2d+t", "small-2d+t", "paper-2d+t", "default"],
         help="network sizes (vae: tiny/small/paper, default small, or NAME-2d+t for the 2D+T model on clips; seg: tiny/default)",
     )
-    train.add_argument("--vae", help="ldm stage: the trained VAE file")
+    train.add_argument("--vae", help="ldm stage: the trained VAE file (with --init-from and no --vae: that model's own VAE)")
     train.add_argument("--steps", type=int, help="optimisation steps (default: 20000; seg 4000)")
     train.add_argument("--batch-size", type=int, help="per process (default: 32; seg 16)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4; seg 1e-3)")
@@ -758,6 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cache-dir", help="preprocessed-data cache, shareable between runs on the same data (default: OUT/cache)")
     train.add_argument("--latent-cache-mb", type=int, default=2048, help="ldm: memory for the training slices' latents, each encoded once and also kept on disk in the cache folder for later runs (0: encode every step)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    train.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from this model file's weights (vae: a VAE or CaLID file; ldm: a CaLID file, e.g. an installed model's file, whose denoiser architecture the run keeps; not used with --resume)")
     train.add_argument("--lpips-weights", help="AlexNet weights for the perceptual loss (else $CALID_LPIPS_WEIGHTS or a download)")
     train.add_argument("--perceptual-weight", type=float, default=0.002)
     train.add_argument("--adversarial-weight", type=float, default=0.005)

@@ -238,3 +238,49 @@ def test_resume_takes_learning_rate_and_weight_decay_from_the_command_line(tmp_p
     # the next scheduler steps keep the new peak
     assert changed.step == 6 and changed.scheduler.base_lrs == [3e-4]
     assert changed.optimizer.param_groups[0]["weight_decay"] == 0.05
+
+
+def test_init_from_fine_tunes_a_trained_model(tmp_path):
+    """--init-from starts a new run from a model file's weights (and its denoiser architecture),
+    records where it started, refuses a file that does not fit, and is not used by --resume."""
+    vae_file = str(tiny_vae_file(tmp_path))
+    common = dict(model="tiny", batch_size=4, validate_every=100, checkpoint_every=100, val_fraction=0.34, val_steps=1, cache_dir=str(tmp_path / "cache"))
+    run(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "base"), steps=2, vae_model=vae_file, concat_neighbour_latents=True, prediction="sample", **common))
+    base_model = tmp_path / "base" / "model.safetensors"
+    trained = load_model(base_model)
+
+    # the new run does not repeat the denoiser options: it keeps the starting model's architecture
+    tuned = Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "tuned"), steps=4, vae_model=vae_file, init_from=str(base_model), **common))
+    assert tuned.model_config.denoiser == trained.config.denoiser and tuned.model_config.denoiser.prediction == "sample"
+    start = trained.net.state_dict()
+    for key, value in tuned.net.state_dict().items():
+        assert torch.equal(value, start[key]), key
+    for key, value in tuned.ema.module.state_dict().items():  # the EMA starts there too
+        assert torch.equal(value, start[key]), key
+    tuned.fit()
+    exported = load_model(tmp_path / "tuned" / "model.safetensors")
+    assert exported.info["info"]["training_data"]["initialised_from"]["file"] == "model.safetensors"
+    assert not all(torch.equal(v, start[k]) for k, v in exported.net.state_dict().items())  # it trained
+
+    # fine-tuning a CaLID file without --vae: its own autoencoder
+    own = Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "own"), steps=2, init_from=str(base_model), **common))
+    assert all(torch.equal(v, trained.vae.state_dict()[k]) for k, v in own.vae.state_dict().items())
+
+    # the VAE stage starts from a VAE file's autoencoder
+    vae_run = Trainer(TrainConfig(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "vae"), steps=2, init_from=vae_file, perceptual_weight=0.0, **common))
+    vae_start = load_model(vae_file).vae.state_dict()
+    assert all(torch.equal(v, vae_start[k]) for k, v in vae_run.vae.state_dict().items())
+
+    # files that do not fit: a VAE file for the ldm stage, a model of another size
+    with pytest.raises(InputError, match="VAE file"):
+        Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "bad1"), steps=2, vae_model=vae_file, init_from=vae_file, **common))
+    small = save_model(tmp_path / "small-vae.safetensors", named_config("small"), build_vae(named_config("small")))
+    with pytest.raises(InputError, match="does not fit"):
+        Trainer(TrainConfig(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "bad2"), steps=2, init_from=str(small), perceptual_weight=0.0, **common))
+
+    # resuming the fine-tune: the checkpoint's weights, not the starting file's
+    resumed = Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "tuned"), steps=6, vae_model=vae_file, init_from=str(base_model), **common), resume=True)
+    assert resumed.step == 4 and any("not used" in note for note in resumed.resume_notes)
+    checkpoint = load_file(str(tmp_path / "tuned" / "checkpoints" / "last.safetensors"))
+    for key, value in resumed.net.state_dict().items():
+        assert torch.equal(value, checkpoint["model." + key]), key

@@ -145,7 +145,7 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
 
 
 #: Fields of a training run's description that hold paths of the training machine.
-_PATH_FIELDS = ("inputs", "files", "data", "out_dir", "vae_model", "cache_dir", "lpips_weights")
+_PATH_FIELDS = ("inputs", "files", "data", "out_dir", "vae_model", "cache_dir", "lpips_weights", "init_from")
 
 
 def _without_folders(info: dict[str, Any]) -> dict[str, Any]:

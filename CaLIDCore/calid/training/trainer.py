@@ -72,6 +72,10 @@ class TrainConfig:
     vae_model: str | None = None  # ldm stage: the trained VAE (model.safetensors of the vae stage)
     downsample_time: bool = False  # vae stage of a NAME-2d+t model: the paper's 3D autoencoder (time downsampled by f)
     temporal: bool = False  # ldm stage on a 2D VAE: a 2D+T denoiser over the 2D autoencoder applied frame by frame
+    #: Fine-tuning: start the trained network from this model file (vae: a VAE or CaLID file's
+    #: autoencoder; ldm: a CaLID file's denoiser, whose architecture the run then takes). Not used
+    #: by a resumed run, which continues from its checkpoint.
+    init_from: str | None = None
     steps: int = 20000
     batch_size: int = 32
     learning_rate: float = 1e-4
@@ -326,6 +330,10 @@ class Trainer:
 
         # ---- networks
         self.latent_scale = 1.0
+        #: What a resumed run changed against its checkpoint: validation, learning rate, weight decay
+        #: (printed by ``calid train``).
+        self.resume_notes: list[str] = []
+        self._initialised_from: dict[str, str] | None = None
         if config.stage == "vae":
             self.model_config = named_config(config.model)
             if config.downsample_time:
@@ -334,13 +342,22 @@ class Trainer:
                 self.model_config = self.model_config.replace(time_downsampling=True)
             self.vae: Any = build_vae(self.model_config).to(self.device)
             self.trained: nn.Module = self.vae
+            initial = self._initial_weights(resume)
+            if initial is not None and not resume:
+                self._load_initial(self.vae, initial.vae)
         else:
-            if not config.vae_model:
+            # Fine-tuning a CaLID model file: its own autoencoder, unless --vae names another.
+            self.vae_file = str(config.vae_model or config.init_from or "")
+            if not self.vae_file:
                 raise InputError("--vae", "the ldm stage needs the trained VAE file (model.safetensors of the vae stage)")
             if not 1 <= config.val_steps <= 1000:
                 raise InputError("--val-steps", f"must be from 1 to 1000 DDIM steps, got {config.val_steps}")
-            loaded = load_model(config.vae_model, device=self.device)
-            denoiser = loaded.config.denoiser
+            loaded = load_model(self.vae_file, device=self.device)
+            initial = self._initial_weights(resume)
+            if initial is not None and initial.net is None:
+                raise InputError(config.init_from or "--init-from", "is a VAE file; the ldm stage starts from a CaLID model file (VAE and denoiser)")
+            # Fine-tuning keeps the starting model's denoiser architecture (unless an option below changes it).
+            denoiser = initial.config.denoiser if initial is not None else loaded.config.denoiser
             changes: dict[str, Any] = {
                 key: value
                 for key, value in (
@@ -360,6 +377,8 @@ class Trainer:
             self.vae = vae_module.requires_grad_(False).eval()
             self.net = CaLIDNet(self.model_config).to(self.device)
             self.trained = self.net
+            if initial is not None and initial.net is not None and not resume:
+                self._load_initial(self.net, initial.net)
             self.schedule = NoiseSchedule(self.model_config.schedule)
 
         # ---- data
@@ -387,6 +406,8 @@ class Trainer:
             "validation_triplets": len(self.val_set),
             "preprocess": self.model_config.preprocess.to_dict(),
         }
+        if self._initialised_from is not None:
+            self.data_description["initialised_from"] = self._initialised_from
         assumed = sorted({v.assumed_spacing_mm for v in volumes if v.assumed_spacing_mm is not None})
         if assumed:
             self.data_description["placeholder_spacing"] = {
@@ -402,7 +423,7 @@ class Trainer:
             if self.model_config.vae.floor_snap == 0:  # a VAE file exported before the calibration existed
                 self.model_config = _with_floor_snap(self.model_config, calibrate_floor_snap(self.vae, self._calibration_images()))
             if config.latent_cache_mb > 0:
-                signature = latent_cache_signature(str(config.vae_model), train_volumes, self.train_set)
+                signature = latent_cache_signature(self.vae_file, train_volumes, self.train_set)
                 self.latent_cache = LatentCache(lambda images: self.vae.encode(images)[0], config.latent_cache_mb * 2**20, cache / f"latents-{signature[:16]}", signature)
                 #: Latents read from earlier runs' shards (printed by ``calid train``).
                 self.latents_loaded = self.latent_cache.load()
@@ -430,14 +451,36 @@ class Trainer:
         self.step = 0
         self._floor_snap_step: tuple[int, float] = (-1, 0.0)  # (step, value) of the last VAE floor calibration
         self.best_psnr = -math.inf
-        #: What a resumed run changed against its checkpoint: validation, learning rate, weight decay
-        #: (printed by ``calid train``).
-        self.resume_notes: list[str] = []
         self.stop_requested = False
         if resume:
             self._resume()
 
     # ------------------------------------------------------------------ setup helpers
+    def _initial_weights(self, resume: bool) -> Any:
+        """The model file to fine-tune from (``init_from``), or None. A resumed run reads it only for
+        its architecture (the same as the checkpoint's): its weights come from the checkpoint."""
+        if not self.config.init_from:
+            return None
+        if resume:
+            self.resume_notes.append(f"--init-from {Path(self.config.init_from).name}: its weights are not used, a resumed run continues from its checkpoint")
+        initial = load_model(self.config.init_from, device=self.device)
+        from calid.models.registry import sha256_of
+
+        # Provenance for the exported model's card (the file name only: no paths of this machine).
+        self._initialised_from = {"file": Path(self.config.init_from).name, "sha256": sha256_of(self.config.init_from)}
+        return initial
+
+    def _load_initial(self, network: nn.Module, source: nn.Module) -> None:
+        """Copy a model file's weights into the network to train; the architectures must match."""
+        try:
+            network.load_state_dict(source.state_dict())
+        except RuntimeError as error:
+            raise InputError(
+                self.config.init_from or "--init-from",
+                f"its {'denoiser' if network is getattr(self, 'net', None) else 'autoencoder'} does not fit this run's network "
+                f"({str(error).splitlines()[0]}); use the same --config and denoiser options as the model was trained with",
+            ) from error
+
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % 2**32)
