@@ -134,6 +134,60 @@ def test_2dt_denoiser_over_a_trained_2d_autoencoder(tmp_path):
         torch.testing.assert_close(model.vae.encode(frame[:, :, None].repeat(1, 1, 8, 1, 1))[0][:, :, 5], vae_2d.encode(frame)[0])
 
 
+@pytest.mark.parametrize("concat", [False, True])
+def test_inflated_2d_denoiser_equals_the_2d_one_on_still_clips(concat):
+    """A 2D+T denoiser started from 2D weights computes, on a clip of one repeated frame, what the
+    2D denoiser computes on that frame; on a moving clip it differs (it sees time)."""
+    from calid.models.networks import inflate_to_temporal
+
+    config_2d = named_config("tiny")
+    config_2d = config_2d.replace(denoiser=config_2d.denoiser.__class__(**{**config_2d.denoiser.__dict__, "concat_neighbour_latents": concat}))
+    config_3d = config_2d.replace(temporal=True, time_downsampling=False, clip_length=8)
+    torch.manual_seed(0)
+    net_2d, net_3d = CaLIDNet(config_2d).eval(), CaLIDNet(config_3d).eval()
+    with torch.no_grad():  # MONAI zero-initialises the output and ControlNet convolutions: give every weight a value
+        for parameter in net_2d.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    net_3d.load_state_dict(inflate_to_temporal(net_2d.state_dict(), net_3d))
+    kernels = [(k, v) for k, v in net_3d.state_dict().items() if v.dim() == 5 and v.shape[2] == 3]
+    assert kernels and all(torch.count_nonzero(v[:, :, [0, 2]]) == 0 for _, v in kernels)
+
+    c, size = config_2d.vae.latent_channels, config_2d.latent_size
+    z = torch.randn(2, c, size, size)
+    neighbours = torch.randn(2, 2, config_2d.image_size, config_2d.image_size)
+    latents = torch.randn(2, 2 * c, size, size) if concat else None
+    steps = torch.tensor([10, 500])
+    still = lambda x: x[:, :, None].repeat(1, 1, 8, 1, 1) if x is not None else None  # noqa: E731
+    with torch.no_grad():
+        expected = net_2d(z, steps, neighbours, latents)
+        out = net_3d(still(z), steps, still(neighbours), still(latents))
+    assert expected.abs().mean() > 1e-2  # not a network that outputs zeros
+    for t in range(8):
+        torch.testing.assert_close(out[:, :, t], expected, rtol=1e-4, atol=1e-4)
+    moving = still(z).clone()
+    moving[:, :, 4] += 1.0
+    with torch.no_grad():
+        assert not torch.allclose(net_3d(moving, steps, still(neighbours), still(latents))[:, :, 3], expected, atol=1e-3)
+
+
+def test_trainer_starts_a_2dt_denoiser_from_a_2d_model(tmp_path):
+    """``calid train ldm --temporal --init-from 2D_MODEL``: the 2D model's weights, inflated over time."""
+    config = named_config("tiny")
+    torch.manual_seed(0)
+    vae_file = save_model(tmp_path / "vae2d.safetensors", config, build_vae(config))
+    common = dict(data=("phantom:2",), batch_size=2, validate_every=100, checkpoint_every=100, warmup_steps=1, val_fraction=0.5, val_steps=1, cache_dir=str(tmp_path / "cache"))
+    Trainer(TrainConfig(stage="ldm", out_dir=str(tmp_path / "2d"), vae_model=str(vae_file), steps=1, **common)).fit()
+    model_2d = load_model(tmp_path / "2d" / "model.safetensors")
+    trainer = Trainer(TrainConfig(stage="ldm", out_dir=str(tmp_path / "2dt"), init_from=str(tmp_path / "2d" / "model.safetensors"), temporal=True, steps=1, **common))
+    assert trainer.model_config.temporal
+    state_2d = model_2d.net.state_dict()
+    for key, value in trainer.net.state_dict().items():
+        source = state_2d[key.replace("controlnet_cond_embedding.frames.", "controlnet_cond_embedding.")]
+        assert torch.equal(value[:, :, value.shape[2] // 2] if value.dim() == 5 else value, source), key
+    trainer.fit()
+    assert load_model(tmp_path / "2dt" / "model.safetensors").config.temporal
+
+
 def test_2dt_engine_on_4d_input_keeps_geometry_and_acquired_slices():
     pipeline = load_pipeline("untrained:tiny-2d+t", "cpu")
     for n_frames in (5, 11):  # shorter than a clip (cyclic padding) and longer (overlapping clips)

@@ -196,3 +196,31 @@ class CaLIDNet(nn.Module):
             zeros = torch.zeros(z_t.shape[0], 2 * z_t.shape[1], *z_t.shape[2:], dtype=z_t.dtype, device=z_t.device)
             x = torch.cat([z_t, zeros], dim=1)
         return self.unet(x=x, timesteps=timesteps)
+
+
+def inflate_to_temporal(state_2d: dict[str, torch.Tensor], network: CaLIDNet) -> dict[str, torch.Tensor]:
+    """A 2D denoiser's weights as the starting weights of the same-sized 2D+T ``network``.
+
+    Every k x k convolution kernel becomes a k x k x k kernel holding the 2D kernel at the
+    centre time offset and zeros elsewhere; all other tensors are copied. On a clip whose
+    frames are all equal, the inflated network then computes exactly what the 2D network
+    computes on each frame (normalisation statistics and attention weights do not change when
+    a frame is repeated), so a 2D+T model can start from a trained 2D one and only has to
+    learn what the time axis adds, instead of everything from scratch.
+    """
+    inflated: dict[str, torch.Tensor] = {}
+    for key, target in network.state_dict().items():
+        # A time-keeping model wraps the 2D conditioning encoder (tau1) to run it frame by frame.
+        source_key = key if key in state_2d else key.replace("controlnet_cond_embedding.frames.", "controlnet_cond_embedding.")
+        if source_key not in state_2d:
+            raise ValueError(f"the 2D weights have no tensor for {key!r}: not the same architecture")
+        source = state_2d[source_key]
+        if source.shape == target.shape:
+            inflated[key] = source.clone()
+        elif source.dim() + 1 == target.dim() and target.shape[:2] == source.shape[:2] and target.shape[3:] == source.shape[2:]:
+            kernel = torch.zeros_like(target)
+            kernel[:, :, target.shape[2] // 2] = source
+            inflated[key] = kernel
+        else:
+            raise ValueError(f"{key!r}: a 2D tensor of shape {tuple(source.shape)} does not fit {tuple(target.shape)}")
+    return inflated

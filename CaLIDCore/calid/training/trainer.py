@@ -57,7 +57,7 @@ from calid.device import resolve_device
 from calid.errors import InputError
 from calid.models.checkpoint import load_model, save_model
 from calid.models.config import ModelConfig, named_config
-from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, apply_floor_snap, build_vae, calibrate_floor_snap
+from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, apply_floor_snap, build_vae, calibrate_floor_snap, inflate_to_temporal
 from calid.training.state import load_training_state, save_training_state
 
 
@@ -471,10 +471,14 @@ class Trainer:
         return initial
 
     def _load_initial(self, network: nn.Module, source: nn.Module) -> None:
-        """Copy a model file's weights into the network to train; the architectures must match."""
+        """Copy a model file's weights into the network to train; the architectures must match,
+        except that a 2D denoiser can start a 2D+T one (its kernels inflated over time)."""
         try:
-            network.load_state_dict(source.state_dict())
-        except RuntimeError as error:
+            state = source.state_dict()
+            if isinstance(network, CaLIDNet) and isinstance(source, CaLIDNet) and network.config.temporal and not source.config.temporal:
+                state = inflate_to_temporal(state, network)
+            network.load_state_dict(state)
+        except (RuntimeError, ValueError) as error:
             raise InputError(
                 self.config.init_from or "--init-from",
                 f"its {'denoiser' if network is getattr(self, 'net', None) else 'autoencoder'} does not fit this run's network "
