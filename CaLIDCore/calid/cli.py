@@ -482,6 +482,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         temporal_model=args.temporal_model,
+        placeholder_spacing=args.placeholder_spacing,
     )
     started = time.perf_counter()
 
@@ -794,6 +795,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--factor", type=int, default=8, choices=[2, 4, 8], help="task 4 upsampling factor")
     evaluate_cmd.add_argument("--seg-model", help="segmentation model (default: the installed default)")
     evaluate_cmd.add_argument("--lpips-weights", help="AlexNet weights for LPIPS and the Fréchet distance (else $CALID_LPIPS_WEIGHTS)")
+    evaluate_cmd.add_argument(
+        "--placeholder-spacing", default="model",
+        help="pixel size for files saved without geometry (all spacings exactly 1 mm): model (what the model's training assumed; default), keep, or mm",
+    )
     evaluate_cmd.add_argument("--temporal-model", help="a 2D+T model: also compare it with --model (frame by frame) on whole cines (temporal coherence, x-t cuts)")
     evaluate_cmd.add_argument("--seed", type=int, default=0)
     evaluate_cmd.add_argument("--batch-size", type=int, default=16)

@@ -170,3 +170,36 @@ def test_cli_evaluate_real_cine_uses_ed_and_es_from_info_cfg(tmp_path):
     assert results["task1"]["summary"]["linear"]["slices"] == len({ed, es}) * (stack.n_slices - 2)
     # Bad method names are refused before any work.
     assert main(["evaluate", "--methods", "cubic", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_evaluation_gives_files_without_geometry_the_pixel_size_the_model_assumed(tmp_path):
+    """ACDC cines saved at NIfTI's default 1 x 1 x 1 mm reach the model at the scale its training
+    assumed for them (recorded in the model file), unless told otherwise; the report says so."""
+    path = shared_file("acdc_cine", "patient011_4d.nii.gz")
+    assert read_stack(path).has_placeholder_spacing
+    model = untrained_model("tiny")
+    assumed = {"note": "no geometry", "assumed_mm": 1.5, "subjects": ["patient002"]}
+    model_file = save_model(tmp_path / "m.safetensors", model.config, model.vae, model.net, 1.0, {"training_data": {"placeholder_spacing": assumed}})
+
+    def run(name, *extra):
+        out = tmp_path / name
+        assert main(["evaluate", "--data", str(path.parent), "--subjects", "patient011", "--model", str(model_file), "--methods", "linear",
+                     "--tasks", "1", "--out", str(out), "--quiet", *extra]) == 0
+        return json.loads((out / "results.json").read_text()), (out / "report.md").read_text()
+
+    by_model, report = run("model")
+    assert by_model["placeholder_spacing"] == {"assumed_mm": 1.5, "volumes": ["patient011_4d"]}
+    assert "taken as 1.5 mm" in report and "patient011_4d" in report
+    kept, kept_report = run("keep", "--placeholder-spacing", "keep")
+    assert "placeholder_spacing" not in kept and "taken as" not in kept_report
+    # The crop covers another part of the image, so the slices scored differ.
+    assert by_model["task1"]["summary"]["linear"]["psnr"]["mean"] != kept["task1"]["summary"]["linear"]["psnr"]["mean"]
+    explicit, _ = run("mm", "--placeholder-spacing", "1.5")
+    assert explicit["task1"]["summary"]["linear"]["psnr"]["mean"] == by_model["task1"]["summary"]["linear"]["psnr"]["mean"]
+    assert main(["evaluate", "--data", str(path.parent), "--subjects", "patient011", "--model", str(model_file), "--methods", "linear",
+                 "--tasks", "1", "--out", str(tmp_path / "bad"), "--quiet", "--placeholder-spacing", "huge"]) == 2
+    # A file with its geometry is never changed.
+    reliable = shared_file("acdc_cine", "patient061_4d.nii.gz")
+    if not read_stack(reliable).has_placeholder_spacing:
+        subjects = load_evaluation_subjects(EvaluationConfig(data=(str(reliable),), out_dir=str(tmp_path / "x")), placeholder_spacing_mm=1.5)
+        assert subjects[0].assumed_spacing_mm is None and subjects[0].stack.spacing == read_stack(reliable).spacing

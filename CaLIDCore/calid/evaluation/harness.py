@@ -37,7 +37,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,10 @@ class EvaluationConfig:
         phantoms / factor: Task 4 subjects and upsampling factor (2, 4 or 8).
         seg_model: segmentation model for Tasks 3 and 4; None = default installed.
         lpips_weights: AlexNet weights for LPIPS and the Fréchet distance.
+        placeholder_spacing: in-plane pixel size for files saved without geometry (all
+            spacings exactly 1 mm): ``model`` (the size the model's training assumed for such
+            files, recorded in the model file; else keep), ``keep``, or a size in mm. Without
+            it, such files reach the model at the wrong scale.
     """
 
     data: tuple[str, ...]
@@ -112,6 +116,7 @@ class EvaluationConfig:
     seed: int = 0
     batch_size: int = 16
     device: str = "auto"
+    placeholder_spacing: str = "model"
     examples: int = 2
     #: A 2D+T model: adds the temporal comparison (2D model frame by frame vs the 2D+T model on whole cines).
     temporal_model: str | None = None
@@ -150,6 +155,8 @@ class EvalSubject:
     frames: list[int] = field(default_factory=list)
     frame_note: str = ""
     cardiac_phases: dict[str, int] = field(default_factory=dict)  # ED / ES frame (0-based) when known
+    #: The in-plane pixel size (mm) assumed because the file has no geometry, else None.
+    assumed_spacing_mm: float | None = None
 
 
 def expand_subjects(requested: Sequence[str], available: Sequence[str]) -> list[str]:
@@ -226,8 +233,10 @@ def _read_labels(image: Path, stack: CineStack, config: EvaluationConfig, subjec
     return labels
 
 
-def load_evaluation_subjects(config: EvaluationConfig) -> list[EvalSubject]:
-    """The volumes of ``config.data`` (files, folders, ``phantom:N``), filtered by subject and with their labels."""
+def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: float | None = None) -> list[EvalSubject]:
+    """The volumes of ``config.data`` (files, folders, ``phantom:N``), filtered by subject and with their labels.
+
+    Files saved without geometry are given ``placeholder_spacing_mm`` pixels when it is set."""
     entries: list[tuple[str, Path | None, Phantom | None]] = []
     for entry in config.data:
         if entry.startswith("phantom:"):
@@ -261,7 +270,12 @@ def load_evaluation_subjects(config: EvaluationConfig) -> list[EvalSubject]:
             assert path is not None
             stack = read_stack(path, min_slices=3)
             name = path.name.split(".")[0]
-            volume = EvalSubject(name=name, subject=subject, stack=stack, labels=_read_labels(path, stack, config, subject))
+            labels = _read_labels(path, stack, config, subject)
+            assumed = None
+            if placeholder_spacing_mm is not None and stack.has_placeholder_spacing:
+                assumed = float(placeholder_spacing_mm)
+                stack = replace(stack, spacing=(assumed, assumed, stack.spacing[2]))
+            volume = EvalSubject(name=name, subject=subject, stack=stack, labels=labels, assumed_spacing_mm=assumed)
             if stack.n_frames > 1:
                 volume.cardiac_phases = {k: v for k, v in cardiac_phases(path, subject).items() if v < stack.n_frames}
         volumes.append(_select_frames(volume, config.frames))
@@ -418,6 +432,34 @@ class Evaluation:
             return False
         return True
 
+    def _placeholder_spacing_mm(self) -> float | None:
+        """The pixel size given to files without geometry (see ``EvaluationConfig.placeholder_spacing``)."""
+        choice = str(self.config.placeholder_spacing).strip().lower()
+        if choice == "keep":
+            return None
+        if choice == "model":
+            from calid.models.registry import UNTRAINED_PREFIX
+
+            header: dict[str, Any] = {}
+            if self.pipeline.model is not None:
+                header = self.pipeline.model.info
+            elif self.config.model and not str(self.config.model).startswith(UNTRAINED_PREFIX):
+                # A linear-only run loads no network, but the data should still be seen as the model's training saw it.
+                from calid.models.checkpoint import read_raw_header
+                from calid.models.registry import resolve_model
+
+                header = read_raw_header(resolve_model(self.config.model))
+            recorded = ((header.get("info") or {}).get("training_data") or {}).get("placeholder_spacing")
+            value = recorded.get("assumed_mm") if isinstance(recorded, dict) else None
+            return float(value) if isinstance(value, (int, float)) else None
+        try:
+            value = float(choice)
+        except ValueError:
+            raise InputError("--placeholder-spacing", f"expected model, keep or a pixel size in mm, got {self.config.placeholder_spacing!r}") from None
+        if not 0.1 <= value <= 10:
+            raise InputError("--placeholder-spacing", f"a pixel size of {value} mm is not plausible for cardiac MRI")
+        return value
+
     def _load_seg_model(self) -> None:
         if self.seg_model is not None or self.seg_reason:
             return
@@ -436,7 +478,8 @@ class Evaluation:
         out_dir = Path(config.out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        subjects = load_evaluation_subjects(config) if set(config.tasks) & {1, 2, 3} or config.temporal_model else []
+        assumed_mm = self._placeholder_spacing_mm()
+        subjects = load_evaluation_subjects(config, assumed_mm) if set(config.tasks) & {1, 2, 3} or config.temporal_model else []
         self.perceptual = PerceptualMetrics(config.lpips_weights) if 1 in config.tasks or 2 in config.tasks else None
         triplets = {s.name: self._triplets(s) for s in subjects}
         predictions: dict[str, dict[str, np.ndarray]] = {}
@@ -452,6 +495,9 @@ class Evaluation:
             "subjects": sorted({s.subject for s in subjects}),
             "volumes": [{"volume": s.name, "subject": s.subject, "frames": s.frames, "labelled_frames": sorted(s.labels), "note": s.frame_note} for s in subjects],
         }
+        assumed_volumes = [s.name for s in subjects if s.assumed_spacing_mm is not None]
+        if assumed_volumes:
+            results["placeholder_spacing"] = {"assumed_mm": assumed_mm, "volumes": assumed_volumes}
         if 1 in config.tasks or 3 in config.tasks:
             results["task1"], predictions = self._task1(subjects, triplets)
             if 1 not in config.tasks:
@@ -912,6 +958,12 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         f"- DDIM steps: {results['steps']} (inversion-slerp: {results['config']['baseline_steps']}); seed {results['config']['seed']}",
         "- Means over subjects with 95 % confidence intervals (Student t) in brackets.",
     ]
+    if results.get("placeholder_spacing"):
+        assumed = results["placeholder_spacing"]
+        lines.append(
+            f"- {len(assumed['volumes'])} volume(s) carry no geometry (1 x 1 x 1 mm): their pixels were taken as {assumed['assumed_mm']:g} mm "
+            f"(`--placeholder-spacing`; by default the size the model's training assumed): {', '.join(assumed['volumes'])}"
+        )
     if model.get("untrained"):
         lines += ["", "> **UNTRAINED MODEL**: these numbers only show that the harness runs; they say nothing about CaLID."]
     for method, reason in results.get("skipped_methods", {}).items():
