@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -612,6 +613,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack(args: argparse.Namespace) -> int:
+    from calid.data.datasets import write_packed_volumes
+    from calid.models.config import named_config
+    from calid.training.trainer import gather_volumes
+
+    if args.model:
+        from calid.models.checkpoint import read_header
+        from calid.models.registry import resolve_model
+
+        model = read_header(resolve_model(args.model))["config"]
+        what = f"model {args.model}"
+    else:
+        model = named_config(args.config)
+        what = f"configuration {args.config}"
+    preprocess = model.preprocess
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InputError(out, "exists; use --overwrite to replace it")
+    with tempfile.TemporaryDirectory(prefix="calid-pack-") as scratch:
+        cache = Path(args.cache_dir) if args.cache_dir else Path(scratch)
+        volumes = gather_volumes(tuple(args.data), model, cache, args.placeholder_spacing)
+    write_packed_volumes(out, volumes, preprocess)
+    frames = sum(v.data.shape[0] for v in volumes)
+    slices = sum(v.data.shape[0] * v.data.shape[1] for v in volumes)
+    assumed = sorted({v.assumed_spacing_mm for v in volumes if v.assumed_spacing_mm is not None})
+    print(
+        f"packed {len(volumes)} volumes ({frames} frames, {slices} slices) for the {what} "
+        f"({preprocess.target_spacing_mm} mm pixels, {preprocess.crop_size} crops) into {out} ({out.stat().st_size / 2**20:.1f} MiB)"
+    )
+    if assumed:
+        count = sum(v.assumed_spacing_mm is not None for v in volumes)
+        print(f"note: {count} volume(s) had no geometry in their files; their pixels were taken as {', '.join(f'{a:.3g}' for a in assumed)} mm")
+    print(f"train on it with: calid train vae --data {out} ...")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="calid", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"calid {calid.__version__}")
@@ -775,6 +812,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_cmd_train)
 
     from calid.evaluation.harness import METHODS, STEP_SWEEP
+
+    pack = commands.add_parser(
+        "pack", help="preprocess training images once into one compressed .npz (to carry a data set to a GPU machine; calid train --data FILE.npz)"
+    )
+    pack.add_argument("--data", nargs="+", required=True, help="image files or folders (one subfolder or file name per subject)")
+    pack.add_argument("--out", required=True, help="output .npz file")
+    pack.add_argument("--config", default="small", choices=["tiny", "small", "paper", "tiny-2d+t", "small-2d+t", "paper-2d+t"], help="preprocessing of this configuration (default small)")
+    pack.add_argument("--model", help="instead of --config: the preprocessing of this model file or installed name (for fine-tuning it)")
+    pack.add_argument(
+        "--placeholder-spacing", default="median",
+        help="pixel size assumed for images saved without geometry (all spacings exactly 1 mm): median (of the other images, default), keep, or mm",
+    )
+    pack.add_argument("--cache-dir", help="preprocessed-data cache to read and fill (default: a temporary folder)")
+    pack.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    pack.set_defaults(handler=_cmd_pack)
 
     evaluate_cmd = commands.add_parser(
         "evaluate", help="score CaLID against baselines: middle-slice interpolation, DDIM steps, segmentation, phantoms (report.md, results.json, CSV, PNG)"

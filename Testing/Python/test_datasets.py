@@ -170,3 +170,50 @@ def test_files_without_geometry_are_read_at_the_pixel_size_of_the_others(tmp_pat
     with pytest.raises(InputError, match="placeholder-spacing"):
         gather_volumes((str(folder),), model, tmp_path / "c4", "big")
     assert replace(real, spacing=(1.0, 1.0, 1.0)).has_placeholder_spacing and not real.has_placeholder_spacing
+
+
+def test_packed_volumes_round_trip_to_within_half_a_grey_level(tmp_path):
+    from calid.data.datasets import read_packed_volumes, write_packed_volumes
+
+    stacks = []
+    for index in range(2):
+        stack = oblique_stack(frames=4, slices=3, rows=20, columns=20, seed=index)
+        stack.metadata["subject"] = f"case{index}"
+        stacks.append(stack)
+    volumes = volumes_from_stacks(stacks, SMALL)
+    volumes[1].assumed_spacing_mm = 1.43
+    packed = write_packed_volumes(tmp_path / "data.npz", volumes, SMALL)
+    back = read_packed_volumes(packed, SMALL)
+    assert [v.subject for v in back] == ["case0", "case1"]
+    assert [v.assumed_spacing_mm for v in back] == [None, 1.43]
+    for original, restored in zip(volumes, back):
+        assert restored.data.shape == original.data.shape
+        original32, restored32 = original.data.astype(np.float32), restored.data.astype(np.float32)
+        # half a step of 2/255, plus float16 rounding of values near 1
+        assert np.abs(restored32 - original32).max() <= 1 / 255 + 1e-3
+        assert (restored32[original32 == -1.0] == -1.0).all() and (restored32[original32 == 1.0] == 1.0).all()  # the clipped floor stays exact
+    before = packed.read_bytes()
+    read_packed_volumes(packed)
+    assert packed.read_bytes() == before
+
+
+def test_packed_volumes_refuse_other_preprocessing_and_other_files(tmp_path):
+    from calid.data.datasets import read_packed_volumes, write_packed_volumes
+
+    stack = oblique_stack(frames=2, slices=3, rows=20, columns=20)
+    packed = write_packed_volumes(tmp_path / "data.npz", volumes_from_stacks([stack], SMALL), SMALL)
+    with pytest.raises(InputError, match=r"data\.npz.*pack the images again"):
+        read_packed_volumes(packed, PreprocessConfig(target_spacing_mm=1.8, crop_size=(16, 16)))
+    np.savez(tmp_path / "other.npz", values=np.zeros(3))
+    with pytest.raises(InputError, match="other.npz.*not a CaLID packed data file"):
+        read_packed_volumes(tmp_path / "other.npz")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "array.npz")
+    with pytest.raises(InputError, match="array.npz.*one array"):
+        read_packed_volumes(tmp_path / "array.npz")
+    (tmp_path / "cut.npz").write_bytes(packed.read_bytes()[: packed.stat().st_size // 2])
+    with pytest.raises(InputError, match="cut.npz.*cannot read"):
+        read_packed_volumes(tmp_path / "cut.npz")
+    with pytest.raises(InputError, match="must end in .npz"):
+        write_packed_volumes(tmp_path / "data.zip", volumes_from_stacks([stack], SMALL), SMALL)
+    assert not (tmp_path / "data.zip").exists()

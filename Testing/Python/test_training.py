@@ -135,6 +135,33 @@ def _calid(*args):
     return [sys.executable, "-m", "calid", *args]
 
 
+def test_training_from_a_packed_data_file(tmp_path):
+    """calid pack preprocesses once; calid train reads the .npz like the images it came from."""
+    from calid.training.trainer import gather_volumes
+
+    pack = tmp_path / "phantoms.npz"
+    done = subprocess.run(_calid("pack", "--data", "phantom:3", "--config", "tiny", "--out", str(pack)), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "packed 3 volumes" in done.stdout
+    again = subprocess.run(_calid("pack", "--data", "phantom:3", "--config", "tiny", "--out", str(pack)), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    from_images = gather_volumes(("phantom:3",), named_config("tiny"), tmp_path / "cache")
+    from_pack = gather_volumes((str(pack),), named_config("tiny"), tmp_path / "cache")
+    assert [v.subject for v in from_pack] == [v.subject for v in from_images]
+    for a, b in zip(from_images, from_pack):
+        assert abs(a.data.astype("float32") - b.data.astype("float32")).max() <= 1 / 255 + 1e-3
+    with pytest.raises(InputError, match="phantoms.npz.*pack the images again"):
+        gather_volumes((str(pack),), named_config("small"), tmp_path / "cache")
+    trainer = run(TrainConfig(stage="vae", data=(str(pack),), out_dir=str(tmp_path / "run"), model="tiny", steps=2, batch_size=2, val_fraction=0.34, perceptual_weight=0.0))
+    assert trainer.step == 2 and (tmp_path / "run" / "model.safetensors").is_file()
+    # a model file's own preprocessing can be packed for fine-tuning it
+    for_model = tmp_path / "for-model.npz"
+    done = subprocess.run(_calid("pack", "--data", "phantom:2", "--model", str(tiny_vae_file(tmp_path)), "--out", str(for_model)), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert len(gather_volumes((str(for_model),), named_config("tiny"), tmp_path / "cache")) == 2
+
+
+
 def test_sigterm_stops_training_with_a_usable_checkpoint(tmp_path):
     out = tmp_path / "run"
     command = _calid("train", "vae", "--data", "phantom:2", "--out", str(out), "--config", "tiny", "--steps", "100000", "--batch-size", "2", "--perceptual-weight", "0", "--val-fraction", "0.5", "--validate-every", "100000")

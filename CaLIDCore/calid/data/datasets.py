@@ -188,6 +188,109 @@ def load_subjects(
     return volumes
 
 
+#: ``format`` of a packed-volumes file (:func:`write_packed_volumes`).
+PACKED_FORMAT = "calid-packed-volumes"
+
+
+def write_packed_volumes(path: str | os.PathLike[str], volumes: Sequence[SubjectVolume], config: PreprocessConfig) -> Path:
+    """Write preprocessed training volumes as one compressed ``.npz`` (atomically).
+
+    For moving a data set to a training machine: ACDC's 70 cines at the ``small``
+    preprocessing take about 50 MB. Clipped data in [-1, 1] are stored as uint8 (step
+    2/255, far below the noise of a cine; -1 and +1 exactly), as differences between
+    consecutive frames (modulo 256), which bzip2 compresses to 41 % where the frames
+    themselves only reach 53 %; unclipped data as float16. The file is a plain
+    ``.npz`` (numpy reads bzip2 members). Only file names of the sources are kept.
+    """
+    import zipfile
+
+    from calid.atomic import atomic_path
+
+    path = Path(path)
+    if path.suffix.lower() != ".npz":
+        raise InputError(path, "a packed data file must end in .npz")
+    if not volumes:
+        raise InputError(path, "no volumes to pack")
+    encoding = "uint8-frame-delta" if config.clip else "float16"
+    arrays: dict[str, np.ndarray] = {}
+    for index, volume in enumerate(volumes):
+        data = np.asarray(volume.data, dtype=np.float32)
+        if encoding == "uint8-frame-delta":
+            levels = np.rint((np.clip(data, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+            arrays[f"volume_{index:05d}"] = np.diff(levels, axis=0, prepend=np.zeros_like(levels[:1]))  # uint8: wraps modulo 256
+        else:
+            arrays[f"volume_{index:05d}"] = data.astype(np.float16)
+    meta = {
+        "format": PACKED_FORMAT,
+        "version": 1,
+        "encoding": encoding,
+        "preprocess": config.to_dict(),
+        "subjects": [v.subject for v in volumes],
+        "sources": [Path(v.source).name for v in volumes],
+        "assumed_spacing_mm": [v.assumed_spacing_mm for v in volumes],
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_BZIP2, compresslevel=9) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, array, allow_pickle=False)
+    return path
+
+
+def is_packed_volumes(path: str | os.PathLike[str]) -> bool:
+    return str(path).lower().endswith(".npz") and Path(path).is_file()
+
+
+def read_packed_volumes(path: str | os.PathLike[str], config: PreprocessConfig | None = None) -> list[SubjectVolume]:
+    """The volumes of a :func:`write_packed_volumes` file.
+
+    ``config``: the preprocessing the model needs; a file packed with another one
+    (pixel size, crop, intensity window) is refused rather than trained on at the
+    wrong scale.
+    """
+    import zipfile
+
+    path = Path(path)
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise InputError(path, "not a CaLID packed data file (one array, not an .npz archive); write one with calid pack")
+        with loaded as archive:
+            if "meta" not in archive.files:
+                raise InputError(path, "not a CaLID packed data file (no 'meta' entry); write one with calid pack")
+            meta = json.loads(bytes(archive["meta"]).decode())
+            if meta.get("format") != PACKED_FORMAT:
+                raise InputError(path, f"not a CaLID packed data file (format {meta.get('format')!r})")
+            if int(meta.get("version", 0)) > 1:
+                raise InputError(path, f"packed by a newer CaLID (version {meta['version']}); update calid to read it")
+            packed = PreprocessConfig.from_dict(meta["preprocess"])
+            if config is not None and packed != config:
+                raise InputError(
+                    path,
+                    f"packed for pixel size {packed.target_spacing_mm} mm, crop {packed.crop_size}, percentiles {packed.percentiles}; "
+                    f"this model needs {config.target_spacing_mm} mm, {config.crop_size}, {config.percentiles}: pack the images again with this --config",
+                )
+            volumes = []
+            for index, subject in enumerate(meta["subjects"]):
+                stored = archive[f"volume_{index:05d}"]
+                if meta["encoding"] == "uint8-frame-delta":
+                    levels = np.cumsum(stored, axis=0, dtype=np.uint8)  # undoes the modulo-256 differences
+                    data = (levels.astype(np.float32) / 127.5 - 1.0).astype(np.float16)
+                elif meta["encoding"] == "float16":
+                    data = stored.astype(np.float16)
+                else:
+                    raise InputError(path, f"unknown encoding {meta['encoding']!r}")
+                if data.ndim != 4:
+                    raise InputError(path, f"volume {index} ({subject}) has shape {data.shape}, expected (frames, slices, rows, columns)")
+                assumed = meta["assumed_spacing_mm"][index]
+                volumes.append(SubjectVolume(subject=str(subject), data=data, source=f"{path.name}:{meta['sources'][index]}", assumed_spacing_mm=assumed))
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as error:  # JSONDecodeError is a ValueError
+        raise InputError(path, f"cannot read this packed data file: {error}") from error
+    return volumes
+
+
 def volumes_from_stacks(stacks: Sequence[CineStack], config: PreprocessConfig = PreprocessConfig()) -> list[SubjectVolume]:
     """Preprocess in-memory stacks (e.g. phantoms); the subject is ``metadata['subject']``."""
     out = []

@@ -47,7 +47,9 @@ from calid.data.datasets import (
     SubjectVolume,
     TripletDataset,
     find_image_files,
+    is_packed_volumes,
     load_subjects,
+    read_packed_volumes,
     split_subjects,
     typical_pixel_spacing,
     volumes_from_stacks,
@@ -130,7 +132,7 @@ class TrainConfig:
 
 
 def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path, placeholder_spacing: str | float = "median") -> list[SubjectVolume]:
-    """Preprocessed subjects from files, folders and ``phantom:N`` entries.
+    """Preprocessed subjects from files, folders, packed ``.npz`` files (``calid pack``) and ``phantom:N`` entries.
 
     ``placeholder_spacing``: the pixel size (mm) assumed for files saved without their
     geometry (all spacings exactly 1 mm); ``"median"`` takes the median of the files
@@ -140,7 +142,7 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
 
     files: dict[str, list[Path]] = {}
     for entry in entries:
-        if entry.startswith("phantom:"):
+        if entry.startswith("phantom:") or is_packed_volumes(entry):
             continue
         if Path(entry).is_dir():
             files[entry] = find_image_files(entry)
@@ -165,6 +167,8 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
             count = int(entry.split(":", 1)[1])
             stacks = [make_phantom(1000 + i, PhantomConfig(n_frames=6, matrix=96, pixel_spacing_mm=1.8)).sparse for i in range(count)]
             volumes.extend(volumes_from_stacks(stacks, model.preprocess))
+        elif is_packed_volumes(entry):
+            volumes.extend(read_packed_volumes(entry, model.preprocess))
         else:
             root = entry if Path(entry).is_dir() else None
             volumes.extend(load_subjects(files[entry], model.preprocess, cache_dir=cache_dir, root=root, placeholder_spacing_mm=assumed))
