@@ -540,9 +540,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     if args.stage == "seg":
         return _cmd_train_seg(args)
+    checkpoint = Path(args.out) / "checkpoints" / "last.safetensors"
+    if args.resume and checkpoint.is_file() and (args.lr is None or args.weight_decay is None):
+        # Resuming without --lr / --weight-decay continues with the run's own values, not the defaults.
+        from calid.training.state import read_training_extra
+
+        previous = read_training_extra(checkpoint).get("train_config") or {}
+        args.lr = previous.get("learning_rate") if args.lr is None else args.lr
+        args.weight_decay = previous.get("weight_decay") if args.weight_decay is None else args.weight_decay
     args.steps = 20000 if args.steps is None else args.steps
     args.batch_size = 32 if args.batch_size is None else args.batch_size
     args.lr = 1e-4 if args.lr is None else args.lr
+    args.weight_decay = 0.0 if args.weight_decay is None else args.weight_decay
 
     config = TrainConfig(
         stage=args.stage,
@@ -562,6 +571,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         precision=args.precision,
         checkpoint_every=args.checkpoint_every,
         validate_every=args.validate_every,
+        time_limit_minutes=args.time_limit,
         seed=args.seed,
         num_workers=args.workers,
         val_fraction=args.val_fraction,
@@ -607,7 +617,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if trainer.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         if trainer.stop_requested:
-            print(f"stopped at step {trainer.step} of {config.steps}; continue with the same command and --resume. model so far: {Path(config.out_dir) / 'model.safetensors'}")
+            why = f" (time limit of {config.time_limit_minutes:g} min)" if trainer.time_limit_reached else ""
+            print(f"stopped at step {trainer.step} of {config.steps}{why}; continue with the same command and --resume. model so far: {Path(config.out_dir) / 'model.safetensors'}")
         else:
             print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'model.safetensors'}")
     return 0
@@ -771,15 +782,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--vae", help="ldm stage: the trained VAE file (with --init-from and no --vae: that model's own VAE)")
     train.add_argument("--steps", type=int, help="optimisation steps (default: 20000; seg 4000)")
     train.add_argument("--batch-size", type=int, help="per process (default: 32; seg 16)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4; seg 1e-3)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4; seg 1e-3; with --resume: the run's own)")
     train.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"])
-    train.add_argument("--weight-decay", type=float, default=0.0)
+    train.add_argument("--weight-decay", type=float, help="default 0; with --resume: the run's own")
     train.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
     train.add_argument("--transposes", action="store_true", help="augmentation: also swap the in-plane axes (with the flips, all 8 rotations / reflections of a slice)")
     train.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after the warm-up: constant, or cosine decay to 0 at --steps")
     train.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for validation and export")
     train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="CUDA autocast (CPU: always fp32)")
     train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument(
+        "--time-limit", type=float, metavar="MINUTES",
+        help="stop after this many minutes of training, with a checkpoint and the exported model (for queues with a wall-time limit); continue with --resume",
+    )
     train.add_argument("--validate-every", type=int, default=500)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="data loader processes")

@@ -198,6 +198,7 @@ def test_evaluation_gives_files_without_geometry_the_pixel_size_the_model_assume
     assert explicit["task1"]["summary"]["linear"]["psnr"]["mean"] == by_model["task1"]["summary"]["linear"]["psnr"]["mean"]
     assert main(["evaluate", "--data", str(path.parent), "--subjects", "patient011", "--model", str(model_file), "--methods", "linear",
                  "--tasks", "1", "--out", str(tmp_path / "bad"), "--quiet", "--placeholder-spacing", "huge"]) == 2
+    assert not (tmp_path / "bad").exists()  # refused before the report folder is made
     # A file with its geometry is never changed.
     reliable = shared_file("acdc_cine", "patient061_4d.nii.gz")
     if not read_stack(reliable).has_placeholder_spacing:

@@ -135,6 +135,19 @@ def _calid(*args):
     return [sys.executable, "-m", "calid", *args]
 
 
+def test_time_limit_stops_with_a_checkpoint_that_resumes(tmp_path):
+    common = dict(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "run"), model="tiny", batch_size=2, val_fraction=0.34,
+                  perceptual_weight=0.0, adversarial_weight=0.0, validate_every=100, checkpoint_every=100)
+    stopped = run(TrainConfig(steps=50, time_limit_minutes=1e-6, **common))  # up after the first step
+    assert stopped.time_limit_reached and stopped.step == 1
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    assert checkpoint.is_file() and (tmp_path / "run" / "model.safetensors").is_file()
+    resumed = run(TrainConfig(steps=3, **common), resume=True)
+    assert resumed.step == 3 and not resumed.time_limit_reached
+    with pytest.raises(InputError, match="time-limit"):
+        Trainer(TrainConfig(steps=3, time_limit_minutes=0, **common))
+
+
 def test_training_from_a_packed_data_file(tmp_path):
     """calid pack preprocesses once; calid train reads the .npz like the images it came from."""
     from calid.training.trainer import gather_volumes
@@ -290,8 +303,12 @@ def test_init_from_fine_tunes_a_trained_model(tmp_path):
     assert not all(torch.equal(v, start[k]) for k, v in exported.net.state_dict().items())  # it trained
 
     # fine-tuning a CaLID file without --vae: its own autoencoder
-    own = Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "own"), steps=2, init_from=str(base_model), **common))
+    # (on other data: the denoiser keeps the latent scale it learnt, not one measured on the new data)
+    own = Trainer(TrainConfig(stage="ldm", data=("phantom:4",), out_dir=str(tmp_path / "own"), steps=2, init_from=str(base_model), **common))
     assert all(torch.equal(v, trained.vae.state_dict()[k]) for k, v in own.vae.state_dict().items())
+    assert own.latent_scale == trained.latent_scale
+    other_vae_file = Trainer(TrainConfig(stage="ldm", data=("phantom:4",), out_dir=str(tmp_path / "other"), steps=2, vae_model=vae_file, init_from=str(base_model), **common))
+    assert other_vae_file.latent_scale != trained.latent_scale  # another autoencoder file: measured afresh
 
     # the VAE stage starts from a VAE file's autoencoder
     vae_run = Trainer(TrainConfig(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "vae"), steps=2, init_from=vae_file, perceptual_weight=0.0, **common))
@@ -302,7 +319,7 @@ def test_init_from_fine_tunes_a_trained_model(tmp_path):
     with pytest.raises(InputError, match="VAE file"):
         Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "bad1"), steps=2, vae_model=vae_file, init_from=vae_file, **common))
     small = save_model(tmp_path / "small-vae.safetensors", named_config("small"), build_vae(named_config("small")))
-    with pytest.raises(InputError, match="does not fit"):
+    with pytest.raises(InputError, match="does not fit.*(Missing key|size mismatch)"):
         Trainer(TrainConfig(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "bad2"), steps=2, init_from=str(small), perceptual_weight=0.0, **common))
 
     # resuming the fine-tune: the checkpoint's weights, not the starting file's
@@ -311,3 +328,36 @@ def test_init_from_fine_tunes_a_trained_model(tmp_path):
     checkpoint = load_file(str(tmp_path / "tuned" / "checkpoints" / "last.safetensors"))
     for key, value in resumed.net.state_dict().items():
         assert torch.equal(value, checkpoint["model." + key]), key
+    # resumed without --init-from, the exported model still says where training started
+    plain = Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "tuned"), steps=6, vae_model=vae_file, **common), resume=True)
+    assert plain.data_description["initialised_from"]["file"] == "model.safetensors"
+
+
+def test_latent_cache_that_cannot_be_written_warns_and_training_goes_on(tmp_path):
+    from calid.training.trainer import LatentCache
+
+    (tmp_path / "a-file").write_text("not a folder")
+    cache = LatentCache(lambda images: images[:, :1, :2, :2] * 2, max_bytes=2**20, folder=tmp_path / "a-file" / "latents", signature="x")
+    latents = cache(torch.ones(3, 1, 4, 4), torch.tensor([[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0]]))
+    assert latents.shape == (3, 1, 2, 2) and cache.unsaved == 3
+    with pytest.warns(UserWarning, match="cannot write"):
+        assert cache.save_new() is None
+    assert cache.folder is None and cache.save_new() is None  # no second attempt, no second warning
+    assert torch.equal(cache(torch.zeros(3, 1, 4, 4), torch.tensor([[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0]])), latents)  # still served from memory
+
+
+def test_resume_without_lr_keeps_the_runs_own_learning_rate(tmp_path):
+    out = tmp_path / "run"
+    common = ["train", "vae", "--data", "phantom:3", "--config", "tiny", "--out", str(out), "--batch-size", "2", "--val-fraction", "0.34",
+              "--perceptual-weight", "0", "--adversarial-weight", "0", "--warmup", "0"]
+    first = subprocess.run(_calid(*common, "--steps", "2", "--lr", "3e-4", "--weight-decay", "0.01"), capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    resumed = subprocess.run(_calid(*common, "--steps", "3", "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "learning rate" not in resumed.stdout and "weight decay" not in resumed.stdout
+    from calid.training.state import read_training_extra
+
+    config = read_training_extra(out / "checkpoints" / "last.safetensors")["train_config"]
+    assert config["learning_rate"] == 3e-4 and config["weight_decay"] == 0.01
+    changed = subprocess.run(_calid(*common, "--steps", "4", "--resume", "--lr", "1e-4"), capture_output=True, text=True, timeout=600)
+    assert changed.returncode == 0 and "learning rate 0.0003 in the checkpoint, 0.0001 from now on" in changed.stdout

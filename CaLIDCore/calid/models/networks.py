@@ -209,11 +209,13 @@ def inflate_to_temporal(state_2d: dict[str, torch.Tensor], network: CaLIDNet) ->
     learn what the time axis adds, instead of everything from scratch.
     """
     inflated: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
     for key, target in network.state_dict().items():
         # A time-keeping model wraps the 2D conditioning encoder (tau1) to run it frame by frame.
         source_key = key if key in state_2d else key.replace("controlnet_cond_embedding.frames.", "controlnet_cond_embedding.")
         if source_key not in state_2d:
             raise ValueError(f"the 2D weights have no tensor for {key!r}: not the same architecture")
+        used.add(source_key)
         source = state_2d[source_key]
         if source.shape == target.shape:
             inflated[key] = source.clone()
@@ -223,4 +225,7 @@ def inflate_to_temporal(state_2d: dict[str, torch.Tensor], network: CaLIDNet) ->
             inflated[key] = kernel
         else:
             raise ValueError(f"{key!r}: a 2D tensor of shape {tuple(source.shape)} does not fit {tuple(target.shape)}")
+    unused = sorted(set(state_2d) - used)
+    if unused:  # a trained part with no place in the 2D+T network: not the same architecture
+        raise ValueError(f"Unexpected key(s) in the 2D weights, e.g. {unused[0]!r} ({len(unused)} in all): not the same architecture")
     return inflated

@@ -115,6 +115,19 @@ def load_training_state(
     return dict(header["extra"])
 
 
+def read_training_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``extra`` dict of a checkpoint (step, configurations, ...) without loading its tensors."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = json.loads((handle.metadata() or {})["calid"])
+    except Exception as error:
+        raise InputError(path, f"is not a readable training checkpoint ({error})") from error
+    if header.get("format") != FORMAT_NAME:
+        raise InputError(path, "is not a CaLID training checkpoint")
+    return dict(header["extra"])
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]

@@ -25,6 +25,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -56,11 +57,12 @@ from calid.data.datasets import (
 )
 from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
 from calid.device import resolve_device
-from calid.errors import InputError
+from calid.errors import CalidError, InputError
 from calid.models.checkpoint import load_model, save_model
 from calid.models.config import ModelConfig, named_config
 from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, apply_floor_snap, build_vae, calibrate_floor_snap, inflate_to_temporal
-from calid.training.state import load_training_state, save_training_state
+from calid.models.registry import resolve_model, sha256_of
+from calid.training.state import load_training_state, read_training_extra, save_training_state
 
 
 @dataclass
@@ -94,6 +96,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on CUDA when supported, else fp32), fp32, bf16, fp16
     checkpoint_every: int = 1000
     validate_every: int = 500
+    #: Stop (with a checkpoint and the exported model, like SIGTERM) after this many minutes of
+    #: training in this process: for batch queues with a wall-time limit and lent machines.
+    time_limit_minutes: float | None = None
     log_every: int = 25
     seed: int = 0
     num_workers: int = 0
@@ -241,13 +246,19 @@ class LatentCache:
 
         from calid.atomic import atomic_path
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         rows = self._unsaved
-        # A unique name: several runs may share a preprocessing cache (and this folder).
+        # A unique name: several runs (and the processes of one) may share this folder.
         path = self.folder / f"shard-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{random.SystemRandom().randrange(16**8):08x}.safetensors"
         tensors = {"keys": torch.tensor(rows, dtype=torch.long), "latents": torch.stack([self.latents[row] for row in rows]).contiguous()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": self.SHARD_FORMAT, "signature": self.signature})
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": self.SHARD_FORMAT, "signature": self.signature})
+        except (OSError, CalidError) as error:
+            # A read-only shared cache or a full disk costs later runs their encodings, never this run.
+            warnings.warn(f"latent cache: cannot write to {self.folder} ({error}); latents are no longer saved for later runs", stacklevel=2)
+            self.folder = None
+            return None
         self._unsaved = []
         return path
 
@@ -273,15 +284,14 @@ class LatentCache:
         return loaded
 
 
-def latent_cache_signature(vae_file: str | os.PathLike[str], volumes: list[SubjectVolume], dataset: Any) -> str:
+def latent_cache_signature(vae_file: str | os.PathLike[str], volumes: list[SubjectVolume], dataset: Any, encoder_precision: str = "fp32") -> str:
     """What a cached latent depends on: the VAE's weights, the training data (in the order the
-    keys number it) and what one item encodes (a slice, or a clip of a given length)."""
+    keys number it), what one item encodes (a slice, or a clip of a given length) and the
+    precision the encoder ran in (a bf16 latent is not an fp32 one)."""
     import hashlib
 
-    from calid.models.registry import sha256_of
-
     digest = hashlib.sha256()
-    digest.update(json.dumps({"vae": sha256_of(vae_file), "dataset": type(dataset).__name__, "clip_length": getattr(dataset, "clip_length", None)}).encode())
+    digest.update(json.dumps({"vae": sha256_of(vae_file), "dataset": type(dataset).__name__, "clip_length": getattr(dataset, "clip_length", None), "precision": encoder_precision}).encode())
     for volume in volumes:
         data = np.ascontiguousarray(volume.data)
         digest.update(f"{volume.subject}|{data.dtype}|{data.shape}".encode())
@@ -316,6 +326,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False) -> None:
         if config.stage not in ("vae", "ldm"):
             raise InputError("stage", f"unknown training stage {config.stage!r}; use vae or ldm")
+        if config.init_from:  # an installed model's name, like everywhere else a model is asked for
+            config = dataclasses.replace(config, init_from=str(resolve_model(config.init_from)))
         self.config = config
         self.out = Path(config.out_dir)
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -360,8 +372,13 @@ class Trainer:
             initial = self._initial_weights(resume)
             if initial is not None and initial.net is None:
                 raise InputError(config.init_from or "--init-from", "is a VAE file; the ldm stage starts from a CaLID model file (VAE and denoiser)")
-            # Fine-tuning keeps the starting model's denoiser architecture (unless an option below changes it).
-            denoiser = initial.config.denoiser if initial is not None else loaded.config.denoiser
+            # A resumed run keeps its checkpoint's denoiser architecture, fine-tuning the starting
+            # model's (unless an option below changes it; the resume check then refuses the change).
+            checkpoint = self.out / "checkpoints" / "last.safetensors"
+            if resume and checkpoint.is_file():
+                denoiser = ModelConfig.from_dict(read_training_extra(checkpoint)["model_config"]).denoiser
+            else:
+                denoiser = initial.config.denoiser if initial is not None else loaded.config.denoiser
             changes: dict[str, Any] = {
                 key: value
                 for key, value in (
@@ -423,11 +440,17 @@ class Trainer:
         self.latent_cache: LatentCache | None = None
         self.latents_loaded = 0
         if config.stage == "ldm":
-            self.latent_scale = self._measure_latent_scale()
+            if initial is not None and initial.net is not None and not resume and sha256_of(self.vae_file) == sha256_of(config.init_from or ""):
+                # The starting denoiser learnt latents at its model's scale: keep it, or its inputs
+                # would be rescaled under it by the new data's statistics.
+                self.latent_scale = float(initial.latent_scale)
+            else:
+                self.latent_scale = self._measure_latent_scale()
             if self.model_config.vae.floor_snap == 0:  # a VAE file exported before the calibration existed
                 self.model_config = _with_floor_snap(self.model_config, calibrate_floor_snap(self.vae, self._calibration_images()))
             if config.latent_cache_mb > 0:
-                signature = latent_cache_signature(self.vae_file, train_volumes, self.train_set)
+                precision = "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
+                signature = latent_cache_signature(self.vae_file, train_volumes, self.train_set, precision)
                 self.latent_cache = LatentCache(lambda images: self.vae.encode(images)[0], config.latent_cache_mb * 2**20, cache / f"latents-{signature[:16]}", signature)
                 #: Latents read from earlier runs' shards (printed by ``calid train``).
                 self.latents_loaded = self.latent_cache.load()
@@ -456,6 +479,9 @@ class Trainer:
         self._floor_snap_step: tuple[int, float] = (-1, 0.0)  # (step, value) of the last VAE floor calibration
         self.best_psnr = -math.inf
         self.stop_requested = False
+        self.time_limit_reached = False
+        if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
+            raise InputError("--time-limit", f"must be a positive number of minutes, got {config.time_limit_minutes}")
         if resume:
             self._resume()
 
@@ -468,8 +494,6 @@ class Trainer:
         if resume:
             self.resume_notes.append(f"--init-from {Path(self.config.init_from).name}: its weights are not used, a resumed run continues from its checkpoint")
         initial = load_model(self.config.init_from, device=self.device)
-        from calid.models.registry import sha256_of
-
         # Provenance for the exported model's card (the file name only: no paths of this machine).
         self._initialised_from = {"file": Path(self.config.init_from).name, "sha256": sha256_of(self.config.init_from)}
         return initial
@@ -486,7 +510,7 @@ class Trainer:
             raise InputError(
                 self.config.init_from or "--init-from",
                 f"its {'denoiser' if network is getattr(self, 'net', None) else 'autoencoder'} does not fit this run's network "
-                f"({str(error).splitlines()[0]}); use the same --config and denoiser options as the model was trained with",
+                f"({_first_problem(error)}); use the same --config and denoiser options as the model was trained with",
             ) from error
 
     def _seed_everything(self, seed: int) -> None:
@@ -716,6 +740,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "train_config": self.config.to_dict(),
                 "model_config": self.model_config.to_dict(),
+                "initialised_from": self.data_description.get("initialised_from"),
             },
         )
         return path
@@ -755,6 +780,8 @@ class Trainer:
             )
             self.best_psnr = -math.inf
         self.latent_scale = float(extra["latent_scale"])
+        if extra.get("initialised_from") and "initialised_from" not in self.data_description:
+            self.data_description["initialised_from"] = extra["initialised_from"]  # resumed without --init-from
         self.scheduler.load_state_dict(extra["scheduler"])
         self.scaler.load_state_dict(extra["scaler"])
         # Loading an optimiser's state also restores its saved hyper-parameters: without this, a
@@ -790,6 +817,17 @@ class Trainer:
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
 
+    def _time_is_up(self, started: float) -> bool:
+        """Whether the time limit is reached; with several processes, all stop at the same step
+        (each one's clock may cross the limit a step apart, and a lone stop would hang the others)."""
+        assert self.config.time_limit_minutes is not None
+        up = time.perf_counter() - started >= 60.0 * self.config.time_limit_minutes
+        if self.world > 1:
+            flag = torch.tensor([1.0 if up else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            up = bool(flag.item() > 0)
+        return up
+
     def fit(self) -> dict[str, float]:
         """Train until ``steps`` (or a stop signal); returns the last validation metrics."""
         from tqdm.auto import tqdm
@@ -805,6 +843,8 @@ class Trainer:
             while self.step < cfg.steps and not self.stop_requested:
                 logs = self.train_step(next(batches))
                 self.step += 1
+                if cfg.time_limit_minutes is not None and self._time_is_up(started):
+                    self.stop_requested = self.time_limit_reached = True
                 progress.update(1)
                 if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     progress.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -814,7 +854,8 @@ class Trainer:
                 if self.step % cfg.checkpoint_every == 0:
                     self._checkpoint(metrics)
             if self.stop_requested and self.is_main:
-                progress.write(f"stop requested: saving a checkpoint at step {self.step}; continue with --resume")
+                why = f"time limit of {cfg.time_limit_minutes:g} min reached" if self.time_limit_reached else "stop requested"
+                progress.write(f"{why}: saving a checkpoint at step {self.step}; continue with --resume")
             self._checkpoint(metrics, final=True)
         finally:
             progress.close()
@@ -839,10 +880,18 @@ class Trainer:
         if self.is_main:
             self.save_checkpoint()
             self.export(self.out / "model.safetensors", metrics)
-            if self.latent_cache is not None:
-                self.latent_cache.save_new(min_count=1 if final else LATENT_SHARD_SIZE)
+        if self.latent_cache is not None:  # every process: each encodes its own share of the slices
+            self.latent_cache.save_new(min_count=1 if final else LATENT_SHARD_SIZE)
         if self.world > 1:
             dist.barrier()
+
+
+def _first_problem(error: Exception) -> str:
+    """The first specific line of a load_state_dict error (its first line only names the class)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    specific = [line for line in lines[1:] if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    text = specific[0] if specific else (lines[0] if lines else type(error).__name__)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _with_floor_snap(config: ModelConfig, floor_snap: float) -> ModelConfig:
