@@ -180,8 +180,13 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
         raise InputError(target, "exists already; choose another output path or pass --overwrite")
     factor = check_factor(args.factor, "--factor")
     centre = _parse_point(args.centre_ras, "--centre-ras")
+    from calid.data.stack import fixed_placeholder_mm
+
+    assumed_pixel = fixed_placeholder_mm(args.placeholder_spacing)  # checked before anything is loaded
     started = time.perf_counter()
     pipeline = load_pipeline("linear" if args.mode == "linear" and args.model is None else args.model, device=args.device)
+    if str(args.placeholder_spacing).strip().lower() == "model":
+        assumed_pixel = pipeline.placeholder_spacing_mm
     stack = read_stack(source, series=args.series)
     frames = parse_frames(args.frames, stack.n_frames)
     args.steps = pipeline.default_steps if args.steps is None else args.steps
@@ -195,7 +200,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
             print(f"centring the model's crop on the heart at R,A,S {-centre[0]:.1f},{-centre[1]:.1f},{centre[2]:.1f} mm", flush=True)
     dense = _run_upsampling(
         pipeline, stack, "json" if args.progress == "json" else not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre,
-        temporal=True if args.temporal else None,
+        temporal=True if args.temporal else None, assumed_pixel_mm=assumed_pixel,
     )
     write_stack(dense, target, overwrite=args.overwrite)
     info = dense.metadata["upsampling"]
@@ -694,6 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="centre the model's crop on the heart found by the segmentation model (for full field-of-view scans; the model was trained on heart-centred windows)",
     )
     upsample.add_argument("--centre-ras", help="R,A,S point (mm) to centre the model's crop on, e.g. the LV centre (default: image centre)")
+    upsample.add_argument(
+        "--placeholder-spacing", default="model",
+        help="a file saved without geometry (all spacings exactly 1 mm): the pixel size the network is shown: model (what its training assumed; default), keep (1 mm) or mm; the output keeps the stored geometry",
+    )
     upsample.add_argument("--series", help="DICOM: series number, UID or description when the folder holds several")
     upsample.add_argument("--temporal", action="store_true", help="require a 2D+T model (temporally coherent cine; a 2D+T model is used this way anyway)")
     upsample.add_argument("--overwrite", action="store_true", help="replace an existing output")

@@ -79,7 +79,8 @@ def upsample_node(
         chosen = parse_frames(options.frames, stack.n_frames)
         centre = heart_centre_lps(stack, frame=chosen[0] if chosen else 0)
     dense = pipeline.upsample(
-        stack, options.factor, mode=options.mode, steps=options.steps, seed=options.seed, frames=options.frames, progress=progress, cancel=cancel, centre_lps=centre
+        stack, options.factor, mode=options.mode, steps=options.steps, seed=options.seed, frames=options.frames, progress=progress, cancel=cancel, centre_lps=centre,
+        assumed_pixel_mm=pipeline.placeholder_spacing_mm,  # a file without geometry: the pixel size the model's training assumed
     )
     result = _add_output(scene, input_node, stack, dense, options)
     if options.segment:

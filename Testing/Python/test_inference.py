@@ -445,3 +445,47 @@ def test_an_input_without_geometry_is_flagged(pipeline, phantom, tmp_path, capsy
     source = write_stack(bare, tmp_path / "bare.nii.gz")
     assert cli_main(["upsample", str(source), str(tmp_path / "out.nii.gz"), "--factor", "2", "--steps", "1", "--model", str(pipeline.model.path), "--quiet"]) == 0
     assert "carries no geometry" in capsys.readouterr().err
+
+
+def test_stack_without_geometry_is_shown_to_the_model_at_its_assumed_pixel_size(tmp_path, capsys):
+    """A cine saved at NIfTI's default 1 x 1 x 1 mm reaches the network at the pixel size the
+    model's training assumed for such files, exactly as the same cine with that geometry would;
+    the output keeps the stored geometry and says what was assumed."""
+    from dataclasses import replace
+
+    phantom = make_phantom(3, PhantomConfig(n_frames=2, matrix=48, pixel_spacing_mm=1.5))
+    real = replace(phantom.sparse.select_frames([0]), spacing=(1.5, 1.5, 1.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    placeholder = replace(real, spacing=(1.0, 1.0, 1.0), source="no-geometry.nii.gz")
+    assert placeholder.has_placeholder_spacing and not real.has_placeholder_spacing
+    model = untrained_model("tiny")
+    assumed = {"note": "no geometry", "assumed_mm": 1.5, "subjects": ["x"]}
+    model_file = save_model(tmp_path / "m.safetensors", model.config, model.vae, model.net, 1.0, {"training_data": {"placeholder_spacing": assumed}})
+    pipeline = load_pipeline(str(model_file))
+    assert pipeline.placeholder_spacing_mm == 1.5
+    options = dict(factor=2, mode="calid", steps=2, seed=4)
+
+    as_real = pipeline.upsample(real, **options)
+    as_assumed = pipeline.upsample(placeholder, assumed_pixel_mm=1.5, **options)
+    as_stored = pipeline.upsample(placeholder, **options)
+    np.testing.assert_array_equal(as_assumed.data, as_real.data)  # the network saw the same thing
+    assert not np.array_equal(as_stored.data, as_real.data)  # at 1 mm it does not
+    for dense in (as_assumed, as_stored):
+        np.testing.assert_array_equal(dense.data[:, ::2], placeholder.data)  # acquired slices bit-exact
+        assert dense.spacing == (1.0, 1.0, 0.5)  # the stored geometry, not the assumed one
+    assert as_assumed.metadata["upsampling"]["assumed_pixel_mm"] == 1.5 and "taken as 1.5 mm" in as_assumed.metadata["upsampling"]["warning"]
+    assert "assumed_pixel_mm" not in as_stored.metadata["upsampling"] and "given 1 mm pixels" in as_stored.metadata["upsampling"]["warning"]
+    # a stack with a real geometry is never rescaled
+    np.testing.assert_array_equal(pipeline.upsample(real, assumed_pixel_mm=2.0, **options).data, as_real.data)
+    with pytest.raises(InputError, match="not plausible"):
+        pipeline.upsample(placeholder, assumed_pixel_mm=50, **options)
+
+    # the command line: the model's assumption by default, keep, a size, or a clear error
+    source = write_stack(placeholder, tmp_path / "no-geometry.nii.gz")
+    common = ["upsample", str(source), "--model", str(model_file), "--factor", "2", "--steps", "2", "--seed", "4", "--quiet"]
+    assert cli_main([*common[:2], str(tmp_path / "model.nii.gz"), *common[2:]]) == 0
+    assert "taken as 1.5 mm" in capsys.readouterr().err
+    assert cli_main([*common[:2], str(tmp_path / "keep.nii.gz"), *common[2:], "--placeholder-spacing", "keep"]) == 0
+    assert "given 1 mm pixels" in capsys.readouterr().err
+    assert cli_main([*common[:2], str(tmp_path / "bad.nii.gz"), *common[2:], "--placeholder-spacing", "huge"]) == 2
+    assert "--placeholder-spacing" in capsys.readouterr().err and not (tmp_path / "bad.nii.gz").exists()
+    np.testing.assert_allclose(read_stack(tmp_path / "model.nii.gz").data, as_assumed.data, atol=1e-3 * np.abs(as_assumed.data).max())

@@ -244,3 +244,17 @@ class CineStack:
             f"CineStack(T={t}, Z={z}, Y={y}, X={x}, spacing=({sx:.4g}, {sy:.4g}, {sz:.4g}) mm, "
             f"origin=({self.origin[0]:.4g}, {self.origin[1]:.4g}, {self.origin[2]:.4g}), source={self.source!r})"
         )
+
+
+def fixed_placeholder_mm(choice: str | float) -> float | None:
+    """The pixel size of ``--placeholder-spacing MM``; None for ``model`` and ``keep``; else an error."""
+    text = str(choice).strip().lower()
+    if text in ("model", "keep"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise InputError("--placeholder-spacing", f"expected model, keep or a pixel size in mm, got {choice!r}") from None
+    if not 0.1 <= value <= 10:
+        raise InputError("--placeholder-spacing", f"a pixel size of {value} mm is not plausible for cardiac MRI")
+    return value

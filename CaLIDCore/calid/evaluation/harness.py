@@ -50,7 +50,7 @@ from calid.data.datasets import find_image_files, subject_id
 from calid.data.io import read_stack
 from calid.data.phantom import Phantom, PhantomConfig, make_phantom
 from calid.data.preprocess import PreprocessConfig, PreprocessParams, preprocess, undo_preprocess
-from calid.data.stack import CineStack
+from calid.data.stack import CineStack, fixed_placeholder_mm
 from calid.errors import InputError
 from calid.evaluation.figures import save_figure
 from calid.evaluation.metrics import frechet_distance, psnr, segmentation_scores, ssim
@@ -136,20 +136,6 @@ class EvaluationConfig:
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(self, name)}")
         fixed_placeholder_mm(self.placeholder_spacing)  # a bad value fails before anything is loaded or written
-
-
-def fixed_placeholder_mm(choice: str | float) -> float | None:
-    """The pixel size of ``--placeholder-spacing MM``; None for ``model`` and ``keep``; else an error."""
-    text = str(choice).strip().lower()
-    if text in ("model", "keep"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise InputError("--placeholder-spacing", f"expected model, keep or a pixel size in mm, got {choice!r}") from None
-    if not 0.1 <= value <= 10:
-        raise InputError("--placeholder-spacing", f"a pixel size of {value} mm is not plausible for cardiac MRI")
-    return value
 
 
 # ---------------------------------------------------------------------- data
@@ -464,12 +450,9 @@ class Evaluation:
                 from calid.models.registry import resolve_model
 
                 header = read_raw_header(resolve_model(self.config.model))
-            recorded = ((header.get("info") or {}).get("training_data") or {}).get("placeholder_spacing")
-            value = recorded.get("assumed_mm") if isinstance(recorded, dict) else None
-            if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-                # training data packed with several assumed sizes: their median stands for them
-                value = float(np.median(value))
-            return float(value) if isinstance(value, (int, float)) else None
+            from calid.models.checkpoint import recorded_placeholder_spacing
+
+            return recorded_placeholder_spacing(header)
         return fixed_placeholder_mm(choice)
 
     def _load_seg_model(self) -> None:

@@ -28,6 +28,7 @@ the device).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -203,6 +204,7 @@ class UpsamplingPipeline:
         cancel: CancelFn | None = None,
         centre_lps: Sequence[float] | np.ndarray | None = None,
         temporal: bool | None = None,
+        assumed_pixel_mm: float | None = None,
     ) -> CineStack:
         """The dense stack: ``(Z - 1) * factor + 1`` slices at ``slice_spacing / factor``.
 
@@ -226,6 +228,11 @@ class UpsamplingPipeline:
                 None follows the model; True with a 2D model is an error. A 2D+T
                 model always sees the whole cine (so that every clip is complete);
                 ``frames`` then only selects what is returned.
+            assumed_pixel_mm: for a stack saved without its geometry (all spacings exactly
+                1 mm, :attr:`CineStack.has_placeholder_spacing`): the in-plane pixel size the
+                network is shown, e.g. :attr:`placeholder_spacing_mm` (what the model's
+                training assumed for such files). The output keeps the stack's stored
+                geometry either way; ignored for stacks with a real geometry.
         """
         factor = check_factor(factor, "factor")
         if mode not in MODES:
@@ -268,7 +275,14 @@ class UpsamplingPipeline:
                 raise InputError("batch_size", f"must be at least 1 or 'auto', got {batch_size!r}")
             # Intensity normalisation from the whole cine, so that a frame comes out the
             # same whichever frames are selected with it.
-            cropped, params = preprocess(stack, self.config.preprocess, centre_lps)
+            assumed = self._check_assumed_pixel(stack, assumed_pixel_mm)
+            seen = stack
+            if assumed is not None:
+                # Shown to the network at the assumed scale; a centre point keeps its pixel position.
+                seen = dataclasses.replace(stack, spacing=(assumed, assumed, stack.spacing[2]))
+                if centre_lps is not None:
+                    centre_lps = seen.index_to_physical(stack.physical_to_index(np.asarray(centre_lps, dtype=float)))
+            cropped, params = preprocess(seen, self.config.preprocess, centre_lps)
             if processed is not None:
                 cropped = cropped.select_frames(processed)
             if is_temporal:
@@ -291,7 +305,13 @@ class UpsamplingPipeline:
             warnings = []
             if self.untrained:
                 warnings.append("UNTRAINED MODEL: the generated slices are not meaningful; for testing the pipeline only")
-            if stack.has_placeholder_spacing:
+            if assumed is not None:
+                info["assumed_pixel_mm"] = assumed
+                warnings.append(
+                    f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); its pixels were taken as "
+                    f"{assumed:g} mm for the model (the output keeps the stored 1 mm geometry): write the image with its true geometry to be sure"
+                )
+            elif stack.has_placeholder_spacing:
                 # The crop is resampled to the model's pixel size: a wrong size shows the network hearts at another scale.
                 warnings.append(
                     f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); the model was given "
@@ -303,6 +323,22 @@ class UpsamplingPipeline:
         dense.metadata["upsampling"] = info
         tracker.finish(f"done: {dense.n_slices} slices at {dense.slice_spacing:g} mm")
         return dense
+
+    @property
+    def placeholder_spacing_mm(self) -> float | None:
+        """The pixel size the model's training gave files saved without geometry (None: unknown)."""
+        from calid.models.checkpoint import recorded_placeholder_spacing
+
+        return recorded_placeholder_spacing(self.model.info) if self.model is not None else None
+
+    @staticmethod
+    def _check_assumed_pixel(stack: CineStack, assumed_pixel_mm: float | None) -> float | None:
+        if assumed_pixel_mm is None or not stack.has_placeholder_spacing:
+            return None
+        value = float(assumed_pixel_mm)
+        if not 0.1 <= value <= 10:
+            raise InputError("assumed_pixel_mm", f"a pixel size of {value:g} mm is not plausible for cardiac MRI")
+        return value
 
     @torch.no_grad()
     def interpolate_slices(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -114,6 +115,16 @@ def read_raw_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     if int(header.get("format_version", 0)) > FORMAT_VERSION:
         raise InputError(path, f"was written by a newer calid (format {header.get('format_version')}); update calid to read it")
     return dict(header)
+
+
+def recorded_placeholder_spacing(header: dict[str, Any]) -> float | None:
+    """The pixel size (mm) a model's training gave files saved without geometry, from its
+    header (``info.training_data.placeholder_spacing``); None when its data had none."""
+    recorded = ((header.get("info") or {}).get("training_data") or {}).get("placeholder_spacing")
+    value = recorded.get("assumed_mm") if isinstance(recorded, dict) else None
+    if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        value = float(np.median(value))  # several assumed sizes: their median stands for them
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
