@@ -544,13 +544,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from calid.training.trainer import TrainConfig, Trainer
 
     if args.stage == "seg":
+        if args.time_limit is not None:
+            raise InputError("--time-limit", "applies to the vae and ldm stages; the segmenter trains in minutes (use --steps)")
         return _cmd_train_seg(args)
     checkpoint = Path(args.out) / "checkpoints" / "last.safetensors"
     if args.resume and checkpoint.is_file() and (args.lr is None or args.weight_decay is None):
         # Resuming without --lr / --weight-decay continues with the run's own values, not the defaults.
-        from calid.training.state import read_training_extra
+        from calid.training.trainer import checkpoint_extra_for_stage
 
-        previous = read_training_extra(checkpoint).get("train_config") or {}
+        previous = checkpoint_extra_for_stage(checkpoint, args.stage).get("train_config") or {}
         args.lr = previous.get("learning_rate") if args.lr is None else args.lr
         args.weight_decay = previous.get("weight_decay") if args.weight_decay is None else args.weight_decay
     args.steps = 20000 if args.steps is None else args.steps
@@ -645,12 +647,14 @@ def _cmd_pack(args: argparse.Namespace) -> int:
         what = f"configuration {args.config}"
     preprocess = model.preprocess
     out = Path(args.out)
+    if out.suffix.lower() != ".npz":
+        raise InputError(out, "a packed data file must end in .npz")
     if out.exists() and not args.overwrite:
         raise InputError(out, "exists; use --overwrite to replace it")
     with tempfile.TemporaryDirectory(prefix="calid-pack-") as scratch:
         cache = Path(args.cache_dir) if args.cache_dir else Path(scratch)
         volumes = gather_volumes(tuple(args.data), model, cache, args.placeholder_spacing)
-    write_packed_volumes(out, volumes, preprocess)
+        write_packed_volumes(out, volumes, preprocess)  # inside: cached volumes are memory-mapped from the scratch folder
     frames = sum(v.data.shape[0] for v in volumes)
     slices = sum(v.data.shape[0] * v.data.shape[1] for v in volumes)
     assumed = sorted({v.assumed_spacing_mm for v in volumes if v.assumed_spacing_mm is not None})
@@ -802,7 +806,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--checkpoint-every", type=int, default=1000)
     train.add_argument(
         "--time-limit", type=float, metavar="MINUTES",
-        help="stop after this many minutes of training, with a checkpoint and the exported model (for queues with a wall-time limit); continue with --resume",
+        help="stop after this many minutes (counted from the start, data preparation included), with a checkpoint and the exported model, "
+        "for queues with a wall-time limit; leave time for the final export; continue with --resume",
     )
     train.add_argument("--validate-every", type=int, default=500)
     train.add_argument("--seed", type=int, default=0)
@@ -814,7 +819,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--placeholder-spacing", default="median",
-        help="pixel size assumed for images saved without geometry (all spacings exactly 1 mm): median (of the other images, default), keep, or mm",
+        help="pixel size assumed for images saved without geometry (all spacings exactly 1 mm): median (of the other images, default), keep, or mm; "
+        "packed .npz data keep what calid pack assumed",
     )
     train.add_argument("--val-subjects", help="comma-separated validation subjects (instead of a random fraction)")
     train.add_argument("--gaps", default="1", help="neighbour distances in slices, e.g. 1,2")

@@ -307,8 +307,12 @@ def test_init_from_fine_tunes_a_trained_model(tmp_path):
     own = Trainer(TrainConfig(stage="ldm", data=("phantom:4",), out_dir=str(tmp_path / "own"), steps=2, init_from=str(base_model), **common))
     assert all(torch.equal(v, trained.vae.state_dict()[k]) for k, v in own.vae.state_dict().items())
     assert own.latent_scale == trained.latent_scale
-    other_vae_file = Trainer(TrainConfig(stage="ldm", data=("phantom:4",), out_dir=str(tmp_path / "other"), steps=2, vae_model=vae_file, init_from=str(base_model), **common))
-    assert other_vae_file.latent_scale != trained.latent_scale  # another autoencoder file: measured afresh
+    same_vae_file = Trainer(TrainConfig(stage="ldm", data=("phantom:4",), out_dir=str(tmp_path / "same"), steps=2, vae_model=vae_file, init_from=str(base_model), **common))
+    assert same_vae_file.latent_scale == trained.latent_scale  # the same autoencoder, given as its own file
+    torch.manual_seed(1)
+    other_vae = save_model(tmp_path / "other-vae.safetensors", named_config("tiny"), build_vae(named_config("tiny")))
+    other = Trainer(TrainConfig(stage="ldm", data=("phantom:4",), out_dir=str(tmp_path / "other"), steps=2, vae_model=str(other_vae), init_from=str(base_model), **common))
+    assert other.latent_scale != trained.latent_scale  # another autoencoder: measured afresh
 
     # the VAE stage starts from a VAE file's autoencoder
     vae_run = Trainer(TrainConfig(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "vae"), steps=2, init_from=vae_file, perceptual_weight=0.0, **common))
@@ -361,3 +365,11 @@ def test_resume_without_lr_keeps_the_runs_own_learning_rate(tmp_path):
     assert config["learning_rate"] == 3e-4 and config["weight_decay"] == 0.01
     changed = subprocess.run(_calid(*common, "--steps", "4", "--resume", "--lr", "1e-4"), capture_output=True, text=True, timeout=600)
     assert changed.returncode == 0 and "learning rate 0.0003 in the checkpoint, 0.0001 from now on" in changed.stdout
+    # the run folder of another stage: refused at once, with what it is
+    wrong_stage = subprocess.run(_calid("train", "ldm", "--data", "phantom:3", "--out", str(out), "--vae", str(out / "model.safetensors"), "--resume"),
+                                 capture_output=True, text=True, timeout=600)
+    assert wrong_stage.returncode == 2 and "checkpoint of a vae run, not of a ldm run" in wrong_stage.stderr
+    with pytest.raises(InputError, match="vae run, not of a ldm run"):
+        Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(out), model="tiny", vae_model=str(out / "model.safetensors"), learning_rate=1e-4), resume=True)
+    seg_limit = subprocess.run(_calid("train", "seg", "--data", "phantom:3", "--out", str(tmp_path / "seg"), "--time-limit", "5"), capture_output=True, text=True, timeout=600)
+    assert seg_limit.returncode == 2 and "--time-limit" in seg_limit.stderr

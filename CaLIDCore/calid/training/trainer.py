@@ -339,6 +339,12 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
+        if resume and (self.out / "checkpoints" / "last.safetensors").is_file():
+            checkpoint_extra_for_stage(self.out / "checkpoints" / "last.safetensors", config.stage)  # before any data is read
+        if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
+            raise InputError("--time-limit", f"must be a positive number of minutes, got {config.time_limit_minutes}")
+        #: The time limit counts from here: data preparation is part of a queue's wall time too.
+        self.started = time.perf_counter()
         if self.is_main:
             (self.out / "checkpoints").mkdir(parents=True, exist_ok=True)
         self._seed_everything(config.seed + self.rank)
@@ -376,7 +382,7 @@ class Trainer:
             # model's (unless an option below changes it; the resume check then refuses the change).
             checkpoint = self.out / "checkpoints" / "last.safetensors"
             if resume and checkpoint.is_file():
-                denoiser = ModelConfig.from_dict(read_training_extra(checkpoint)["model_config"]).denoiser
+                denoiser = ModelConfig.from_dict(checkpoint_extra_for_stage(checkpoint, "ldm")["model_config"]).denoiser
             else:
                 denoiser = initial.config.denoiser if initial is not None else loaded.config.denoiser
             changes: dict[str, Any] = {
@@ -440,7 +446,7 @@ class Trainer:
         self.latent_cache: LatentCache | None = None
         self.latents_loaded = 0
         if config.stage == "ldm":
-            if initial is not None and initial.net is not None and not resume and sha256_of(self.vae_file) == sha256_of(config.init_from or ""):
+            if initial is not None and initial.net is not None and not resume and _same_weights(self.vae, initial.vae):
                 # The starting denoiser learnt latents at its model's scale: keep it, or its inputs
                 # would be rescaled under it by the new data's statistics.
                 self.latent_scale = float(initial.latent_scale)
@@ -480,8 +486,6 @@ class Trainer:
         self.best_psnr = -math.inf
         self.stop_requested = False
         self.time_limit_reached = False
-        if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
-            raise InputError("--time-limit", f"must be a positive number of minutes, got {config.time_limit_minutes}")
         if resume:
             self._resume()
 
@@ -817,16 +821,18 @@ class Trainer:
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
 
-    def _time_is_up(self, started: float) -> bool:
-        """Whether the time limit is reached; with several processes, all stop at the same step
-        (each one's clock may cross the limit a step apart, and a lone stop would hang the others)."""
-        assert self.config.time_limit_minutes is not None
-        up = time.perf_counter() - started >= 60.0 * self.config.time_limit_minutes
+    def _agree_on_stopping(self) -> None:
+        """Stop on a signal or at the time limit. With several processes all stop at the same step:
+        a signal reaches them, and a clock crosses the limit, a step apart, and a lone stop would
+        leave the others waiting in the next collective operation."""
+        limit = self.config.time_limit_minutes
+        up = limit is not None and time.perf_counter() - self.started >= 60.0 * limit
         if self.world > 1:
-            flag = torch.tensor([1.0 if up else 0.0], device=self.device if self.device.type == "cuda" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            up = bool(flag.item() > 0)
-        return up
+            flags = torch.tensor([float(up), float(self.stop_requested)], device=self.device if self.device.type == "cuda" else "cpu")
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            up, self.stop_requested = bool(flags[0].item() > 0), bool(flags[1].item() > 0)
+        if up:
+            self.stop_requested = self.time_limit_reached = True
 
     def fit(self) -> dict[str, float]:
         """Train until ``steps`` (or a stop signal); returns the last validation metrics."""
@@ -843,8 +849,7 @@ class Trainer:
             while self.step < cfg.steps and not self.stop_requested:
                 logs = self.train_step(next(batches))
                 self.step += 1
-                if cfg.time_limit_minutes is not None and self._time_is_up(started):
-                    self.stop_requested = self.time_limit_reached = True
+                self._agree_on_stopping()
                 progress.update(1)
                 if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     progress.set_postfix(loss=f"{logs['loss']:.4f}")
@@ -884,6 +889,23 @@ class Trainer:
             self.latent_cache.save_new(min_count=1 if final else LATENT_SHARD_SIZE)
         if self.world > 1:
             dist.barrier()
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two networks hold the same tensors (a VAE file and a CaLID file's own autoencoder)."""
+    state_a, state_b = a.state_dict(), b.state_dict()
+    return state_a.keys() == state_b.keys() and all(
+        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k].detach().cpu().float(), state_b[k].detach().cpu().float()) for k in state_a
+    )
+
+
+def checkpoint_extra_for_stage(checkpoint: Path, stage: str) -> dict[str, Any]:
+    """A checkpoint's ``extra`` dict, refused when it belongs to a run of another stage."""
+    extra = read_training_extra(checkpoint)
+    previous = (extra.get("train_config") or {}).get("stage")
+    if previous != stage or "model_config" not in extra:
+        raise InputError(checkpoint, f"is the checkpoint of a {previous or 'segmentation'} run, not of a {stage} run: use another --out folder")
+    return extra
 
 
 def _first_problem(error: Exception) -> str:
