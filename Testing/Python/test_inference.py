@@ -489,3 +489,13 @@ def test_stack_without_geometry_is_shown_to_the_model_at_its_assumed_pixel_size(
     assert cli_main([*common[:2], str(tmp_path / "bad.nii.gz"), *common[2:], "--placeholder-spacing", "huge"]) == 2
     assert "--placeholder-spacing" in capsys.readouterr().err and not (tmp_path / "bad.nii.gz").exists()
     np.testing.assert_allclose(read_stack(tmp_path / "model.nii.gz").data, as_assumed.data, atol=1e-3 * np.abs(as_assumed.data).max())
+
+
+def test_recorded_placeholder_spacing_reads_only_a_real_record():
+    from calid.models.checkpoint import recorded_placeholder_spacing
+
+    assert recorded_placeholder_spacing({"info": {"training_data": {"placeholder_spacing": {"assumed_mm": 1.43}}}}) == 1.43
+    assert recorded_placeholder_spacing({"info": {"training_data": {"placeholder_spacing": {"assumed_mm": [1.2, 1.4, 1.5]}}}}) == 1.4
+    for header in ({}, {"info": "untrained: no training data"}, {"info": {"training_data": "ACDC"}}, {"info": {"training_data": {"placeholder_spacing": {"assumed_mm": True}}}}):
+        assert recorded_placeholder_spacing(header) is None
+    assert untrained_model("tiny") is not None and load_pipeline("untrained:tiny").placeholder_spacing_mm is None

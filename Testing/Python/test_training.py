@@ -222,6 +222,17 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert vae_run.returncode == 0, vae_run.stderr[-3000:]
     header, *rows = (tmp_path / "ddp_vae" / "log.csv").read_text().strip().splitlines()
     assert rows[-1].split(",")[header.split(",").index("discriminator")] != ""
+    # a time limit: both processes stop at the same step (a lone stop would hang the other), and it resumes
+    limited = subprocess.run(
+        torchrun + ["-m", "calid", "train", "vae", "--data", "phantom:3", "--out", str(tmp_path / "ddp_vae"), "--config", "tiny", "--steps", "50", "--batch-size", "2",
+                    "--perceptual-weight", "0", "--validate-every", "100", "--val-fraction", "0.34", "--device", "cpu", "--resume", "--time-limit", "0.0001"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert limited.returncode == 0, limited.stderr[-3000:]
+    assert "stopped at step 3 of 50 (time limit of 0.0001 min)" in limited.stdout
 
 
 def test_learning_rate_schedules(tmp_path):

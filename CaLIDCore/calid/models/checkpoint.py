@@ -120,8 +120,9 @@ def read_raw_header(path: str | os.PathLike[str]) -> dict[str, Any]:
 def recorded_placeholder_spacing(header: dict[str, Any]) -> float | None:
     """The pixel size (mm) a model's training gave files saved without geometry, from its
     header (``info.training_data.placeholder_spacing``); None when its data had none."""
-    recorded = ((header.get("info") or {}).get("training_data") or {}).get("placeholder_spacing")
-    value = recorded.get("assumed_mm") if isinstance(recorded, dict) else None
+    value: Any = header
+    for key in ("info", "training_data", "placeholder_spacing", "assumed_mm"):  # any level may be absent or free text
+        value = value.get(key) if isinstance(value, dict) else None
     if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
         value = float(np.median(value))  # several assumed sizes: their median stands for them
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
