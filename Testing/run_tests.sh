@@ -17,8 +17,9 @@ set +e
 .venv/bin/python -m pytest -c Testing/pytest.ini --rootdir Testing "$@"
 status=$?
 set -e
-if [ "$status" -eq 5 ]; then
-  echo "pytest collected no tests (exit code 5): nothing was selected; treating as success" >&2
+if [ "$status" -eq 5 ] && [ "$#" -gt 0 ]; then
+  # Only a selection (e.g. -k NAME) may match nothing; the whole suite collecting no test is a failure.
+  echo "pytest collected no tests (exit code 5): nothing matched the selection $*" >&2
   exit 0
 fi
 exit "$status"
