@@ -474,6 +474,12 @@ def test_stack_without_geometry_is_shown_to_the_model_at_its_assumed_pixel_size(
         assert dense.spacing == (1.0, 1.0, 0.5)  # the stored geometry, not the assumed one
     assert as_assumed.metadata["upsampling"]["assumed_pixel_mm"] == 1.5 and "taken as 1.5 mm" in as_assumed.metadata["upsampling"]["warning"]
     assert "assumed_pixel_mm" not in as_stored.metadata["upsampling"] and "given 1 mm pixels" in as_stored.metadata["upsampling"]["warning"]
+    # a crop centre keeps its pixel position: the same pixel in both geometries gives the same result
+    pixel = np.array([20.0, 17.0, 1.0])
+    np.testing.assert_array_equal(
+        pipeline.upsample(placeholder, assumed_pixel_mm=1.5, centre_lps=placeholder.index_to_physical(pixel), **options).data,
+        pipeline.upsample(real, centre_lps=real.index_to_physical(pixel), **options).data,
+    )
     # a stack with a real geometry is never rescaled
     np.testing.assert_array_equal(pipeline.upsample(real, assumed_pixel_mm=2.0, **options).data, as_real.data)
     with pytest.raises(InputError, match="not plausible"):
