@@ -167,8 +167,11 @@ def test_files_without_geometry_are_read_at_the_pixel_size_of_the_others(tmp_pat
     by_median = {v.subject: v.assumed_spacing_mm for v in gather_volumes((str(folder),), model, tmp_path / "c2")}
     assert by_median == {"a": None, "b": None, "c": pytest.approx(1.6)}
     assert all(v.assumed_spacing_mm is None for v in gather_volumes((str(folder),), model, tmp_path / "c3", "keep"))
-    with pytest.raises(InputError, match="placeholder-spacing"):
+    assert {v.subject: v.assumed_spacing_mm for v in gather_volumes((str(folder),), model, tmp_path / "c5", "1.5")}["c"] == 1.5
+    with pytest.raises(InputError, match="placeholder-spacing.*median, keep or a pixel size"):
         gather_volumes((str(folder),), model, tmp_path / "c4", "big")
+    with pytest.raises(InputError, match="placeholder-spacing.*not plausible"):
+        gather_volumes((str(folder),), model, tmp_path / "c4", "50")
     assert replace(real, spacing=(1.0, 1.0, 1.0)).has_placeholder_spacing and not real.has_placeholder_spacing
 
 

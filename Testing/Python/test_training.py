@@ -198,39 +198,25 @@ def test_two_process_ddp_on_cpu(tmp_path):
     vae = tiny_vae_file(tmp_path)
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    result = subprocess.run(
-        torchrun + ["-m", "calid", "train", "ldm", "--data", "phantom:3", "--out", str(out), "--vae", str(vae), "--steps", "3", "--batch-size", "2", "--validate-every", "3", "--val-fraction", "0.34", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+
+    def torchrun_calid(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "calid", "train", *args, "--device", "cpu"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+    result = torchrun_calid("ldm", "--data", "phantom:3", "--out", str(out), "--vae", str(vae), "--steps", "3", "--batch-size", "2", "--validate-every", "3", "--val-fraction", "0.34")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     assert load_model(out / "model.safetensors").kind == "calid"
     lines = (out / "log.csv").read_text().strip().splitlines()
     assert lines[-1].startswith("3,")
     # the VAE stage with its PatchGAN discriminator active from the first step
-    vae_run = subprocess.run(
-        torchrun + ["-m", "calid", "train", "vae", "--data", "phantom:3", "--out", str(tmp_path / "ddp_vae"), "--config", "tiny", "--steps", "2", "--batch-size", "2", "--perceptual-weight", "0", "--adversarial-start", "0", "--validate-every", "2", "--val-fraction", "0.34", "--device", "cpu"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    vae_common = ("vae", "--data", "phantom:3", "--out", str(tmp_path / "ddp_vae"), "--config", "tiny", "--batch-size", "2", "--perceptual-weight", "0", "--val-fraction", "0.34")
+    vae_run = torchrun_calid(*vae_common, "--steps", "2", "--adversarial-start", "0", "--validate-every", "2")
     assert vae_run.returncode == 0, vae_run.stderr[-3000:]
     header, *rows = (tmp_path / "ddp_vae" / "log.csv").read_text().strip().splitlines()
     assert rows[-1].split(",")[header.split(",").index("discriminator")] != ""
     # a time limit: both processes stop at the same step (a lone stop would hang the other), and it resumes
-    limited = subprocess.run(
-        torchrun + ["-m", "calid", "train", "vae", "--data", "phantom:3", "--out", str(tmp_path / "ddp_vae"), "--config", "tiny", "--steps", "50", "--batch-size", "2",
-                    "--perceptual-weight", "0", "--validate-every", "100", "--val-fraction", "0.34", "--device", "cpu", "--resume", "--time-limit", "0.0001"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
+    limited = torchrun_calid(*vae_common, "--steps", "50", "--validate-every", "100", "--resume", "--time-limit", "0.0001")
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert "stopped at step 3 of 50 (time limit of 0.0001 min)" in limited.stdout
 

@@ -246,15 +246,17 @@ class CineStack:
         )
 
 
-def fixed_placeholder_mm(choice: str | float) -> float | None:
-    """The pixel size of ``--placeholder-spacing MM``; None for ``model`` and ``keep``; else an error."""
+def fixed_placeholder_mm(choice: str | float, words: tuple[str, ...] = ("model", "keep"), option: str = "--placeholder-spacing") -> float | None:
+    """The pixel size given as ``--placeholder-spacing MM`` (or as a number); None for one of
+    ``words`` (which the caller resolves); anything else, or an implausible size, is an error."""
     text = str(choice).strip().lower()
-    if text in ("model", "keep"):
+    if text in words:
         return None
     try:
         value = float(text)
     except ValueError:
-        raise InputError("--placeholder-spacing", f"expected model, keep or a pixel size in mm, got {choice!r}") from None
+        expected = f"{', '.join(words)} or a pixel size in mm" if words else "a pixel size in mm"
+        raise InputError(option, f"expected {expected}, got {choice!r}") from None
     if not 0.1 <= value <= 10:
-        raise InputError("--placeholder-spacing", f"a pixel size of {value} mm is not plausible for cardiac MRI")
+        raise InputError(option, f"a pixel size of {value:g} mm is not plausible for cardiac MRI")
     return value

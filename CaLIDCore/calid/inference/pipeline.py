@@ -43,7 +43,7 @@ import torch
 from scipy import ndimage
 
 from calid.data.preprocess import PreprocessParams, preprocess, undo_preprocess
-from calid.data.stack import CineStack
+from calid.data.stack import CineStack, fixed_placeholder_mm
 from calid.device import available_memory_bytes, describe_device, resolve_device
 from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampling_grid, slerp
 from calid.errors import Cancelled, InputError
@@ -335,10 +335,7 @@ class UpsamplingPipeline:
     def _check_assumed_pixel(stack: CineStack, assumed_pixel_mm: float | None) -> float | None:
         if assumed_pixel_mm is None or not stack.has_placeholder_spacing:
             return None
-        value = float(assumed_pixel_mm)
-        if not 0.1 <= value <= 10:
-            raise InputError("assumed_pixel_mm", f"a pixel size of {value:g} mm is not plausible for cardiac MRI")
-        return value
+        return fixed_placeholder_mm(assumed_pixel_mm, words=(), option="assumed_pixel_mm")
 
     @torch.no_grad()
     def interpolate_slices(

@@ -55,6 +55,7 @@ from calid.data.datasets import (
     typical_pixel_spacing,
     volumes_from_stacks,
 )
+from calid.data.stack import fixed_placeholder_mm
 from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
 from calid.device import resolve_device
 from calid.errors import CalidError, InputError
@@ -155,17 +156,9 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
             files[entry] = [Path(entry)]
         else:
             raise InputError(entry, "training data not found (a file, a folder or phantom:N)")
-    if placeholder_spacing == "keep":
-        assumed: float | None = None
-    elif placeholder_spacing == "median":
+    assumed = fixed_placeholder_mm(placeholder_spacing, words=("median", "keep"))
+    if str(placeholder_spacing).strip().lower() == "median":
         assumed = typical_pixel_spacing([f for group in files.values() for f in group])
-    else:
-        try:
-            assumed = float(placeholder_spacing)
-        except ValueError:
-            raise InputError("--placeholder-spacing", f"expected 'median', 'keep' or a pixel size in mm, got {placeholder_spacing!r}") from None
-        if not 0.05 <= assumed <= 20.0:
-            raise InputError("--placeholder-spacing", f"a pixel size of {assumed} mm is not plausible for cardiac MRI")
     volumes: list[SubjectVolume] = []
     for entry in entries:
         if entry.startswith("phantom:"):
@@ -339,8 +332,9 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.is_main = self.rank == 0
-        if resume and (self.out / "checkpoints" / "last.safetensors").is_file():
-            checkpoint_extra_for_stage(self.out / "checkpoints" / "last.safetensors", config.stage)  # before any data is read
+        checkpoint = self.out / "checkpoints" / "last.safetensors"
+        # Checked before any data is read; the ldm stage also takes its architecture from it.
+        resumed_extra = checkpoint_extra_for_stage(checkpoint, config.stage) if resume and checkpoint.is_file() else None
         if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
             raise InputError("--time-limit", f"must be a positive number of minutes, got {config.time_limit_minutes}")
         #: The time limit counts from here: data preparation is part of a queue's wall time too.
@@ -380,9 +374,8 @@ class Trainer:
                 raise InputError(config.init_from or "--init-from", "is a VAE file; the ldm stage starts from a CaLID model file (VAE and denoiser)")
             # A resumed run keeps its checkpoint's denoiser architecture, fine-tuning the starting
             # model's (unless an option below changes it; the resume check then refuses the change).
-            checkpoint = self.out / "checkpoints" / "last.safetensors"
-            if resume and checkpoint.is_file():
-                denoiser = ModelConfig.from_dict(checkpoint_extra_for_stage(checkpoint, "ldm")["model_config"]).denoiser
+            if resumed_extra is not None:
+                denoiser = ModelConfig.from_dict(resumed_extra["model_config"]).denoiser
             else:
                 denoiser = initial.config.denoiser if initial is not None else loaded.config.denoiser
             changes: dict[str, Any] = {
