@@ -20,7 +20,7 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-from CaLIDSlicerLib.parameters import FACTORS, FrameSelection, Method
+from CaLIDSlicerLib.parameters import FACTORS, FrameSelection, Method, PlaceholderSpacing
 
 #: Slice view -> plane shown on it; a plane of the user's own ("user", from 3 points) replaces the 3-chamber view.
 LAX_VIEWS = {"Red": "4-chamber", "Yellow": "2-chamber", "Green": "3-chamber"}
@@ -46,6 +46,8 @@ class CaLIDSlicerParameterNode:
     model: str = ""
     segment: bool = True
     centreOnHeart: bool = False
+    placeholderSpacing: PlaceholderSpacing = PlaceholderSpacing.MODEL
+    placeholderPixelMm: Annotated[float, WithinRange(0.1, 10.0)] = 1.4
     planePoints: vtkMRMLMarkupsFiducialNode
 
 
@@ -154,6 +156,7 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.setCurrentIndex(index)
                 combo.blockSignals(False)
         self.ui.framesLineEdit.setEnabled(node.frames == FrameSelection.RANGE)
+        self.ui.placeholderPixelSpinBox.setEnabled(node.placeholderSpacing == PlaceholderSpacing.CUSTOM)
         needs_model = node.method != Method.LINEAR
         self.ui.stepsSpinBox.setEnabled(needs_model)
         self.ui.seedSpinBox.setEnabled(node.method == Method.CALID)
@@ -359,12 +362,13 @@ class CaLIDSlicerTest(ScriptedLoadableModuleTest):
         self.delayDisplay("CaLID test passed")
 
     def test_parameter_node_round_trip(self) -> None:
-        from CaLIDSlicerLib.parameters import FrameSelection, Method, options_from_parameters
+        from CaLIDSlicerLib.parameters import FrameSelection, Method, PlaceholderSpacing, options_from_parameters
 
         parameters = CaLIDSlicerLogic().getParameterNode()
         parameters.factor, parameters.method, parameters.frames, parameters.frameRange = 8, Method.CALID_PLUS, FrameSelection.RANGE, "1-3"
+        parameters.placeholderSpacing, parameters.placeholderPixelMm = PlaceholderSpacing.CUSTOM, 1.5
         again = CaLIDSlicerLogic().getParameterNode()  # the same scene node, read back typed
-        self.assertEqual((again.factor, again.method, again.frames), (8, Method.CALID_PLUS, FrameSelection.RANGE))
+        self.assertEqual((again.factor, again.method, again.frames, again.placeholderSpacing), (8, Method.CALID_PLUS, FrameSelection.RANGE, PlaceholderSpacing.CUSTOM))
         options = options_from_parameters(again)
-        self.assertEqual((options.factor, options.mode, options.frames), (8, "calid+", "1-3"))
+        self.assertEqual((options.factor, options.mode, options.frames, options.placeholder_spacing), (8, "calid+", "1-3", "1.5"))
 

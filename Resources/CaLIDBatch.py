@@ -42,6 +42,10 @@ def main(argv: list[str], scene: Any) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--frames")
     parser.add_argument("--centre-on-heart", action="store_true", help="centre the model's window on the segmented heart")
+    parser.add_argument(
+        "--placeholder-spacing", default="model",
+        help="a file saved without geometry (all spacings 1 mm): the pixel size the network is shown: model (default), keep or mm",
+    )
     parser.add_argument("--no-segmentation", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -51,7 +55,8 @@ def main(argv: list[str], scene: Any) -> int:
         name = Path(args.input).name.split(".")[0]
         node = mrml.sequence_from_stack(scene, stack, name)[0] if stack.n_frames > 1 else mrml.volume_from_stack(scene, stack, name)
         options = UpsamplingOptions(
-            args.factor, args.mode, args.steps, args.seed, args.device, args.model, args.frames, not args.no_segmentation, centre_on_heart=args.centre_on_heart
+            args.factor, args.mode, args.steps, args.seed, args.device, args.model, args.frames, not args.no_segmentation, centre_on_heart=args.centre_on_heart,
+            placeholder_spacing=args.placeholder_spacing,
         )
         result = upsample_node(scene, node, options, progress=lambda done, total, message: print(f"{100 * done / max(total, 1):5.1f} % {message}", flush=True))
         written = [write_stack(result.dense, out / f"{name}_{args.mode.replace('+', 'plus')}_x{args.factor}.nii.gz")]

@@ -182,11 +182,10 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     centre = _parse_point(args.centre_ras, "--centre-ras")
     from calid.data.stack import fixed_placeholder_mm
 
-    assumed_pixel = fixed_placeholder_mm(args.placeholder_spacing)  # checked before anything is loaded
+    fixed_placeholder_mm(args.placeholder_spacing)  # checked before anything is loaded
     started = time.perf_counter()
     pipeline = load_pipeline("linear" if args.mode == "linear" and args.model is None else args.model, device=args.device)
-    if str(args.placeholder_spacing).strip().lower() == "model":
-        assumed_pixel = pipeline.placeholder_spacing_mm
+    assumed_pixel = pipeline.assumed_pixel_mm_for(args.placeholder_spacing)
     stack = read_stack(source, series=args.series)
     frames = parse_frames(args.frames, stack.n_frames)
     args.steps = pipeline.default_steps if args.steps is None else args.steps

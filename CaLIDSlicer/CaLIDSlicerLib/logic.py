@@ -27,6 +27,9 @@ class UpsamplingOptions:
     segment: bool = True
     centre_on_heart: bool = False  # centre the model's crop on the segmented heart (full field-of-view scans)
     segmentation_model: str | None = None
+    #: A cine saved without geometry (all spacings exactly 1 mm): the pixel size the network is shown:
+    #: "model" (what the model's training assumed), "keep" (1 mm) or a size in mm, as ``calid upsample --placeholder-spacing``.
+    placeholder_spacing: str = "model"
     #: Points placed by the user (LPS mm): 1 = aortic valve (3-chamber plane), 3 = a plane of their own.
     plane_points_lps: tuple[tuple[float, float, float], ...] | None = None
 
@@ -80,7 +83,7 @@ def upsample_node(
         centre = heart_centre_lps(stack, frame=chosen[0] if chosen else 0)
     dense = pipeline.upsample(
         stack, options.factor, mode=options.mode, steps=options.steps, seed=options.seed, frames=options.frames, progress=progress, cancel=cancel, centre_lps=centre,
-        assumed_pixel_mm=pipeline.placeholder_spacing_mm,  # a file without geometry: the pixel size the model's training assumed
+        assumed_pixel_mm=pipeline.assumed_pixel_mm_for(options.placeholder_spacing),
     )
     result = _add_output(scene, input_node, stack, dense, options)
     if options.segment:

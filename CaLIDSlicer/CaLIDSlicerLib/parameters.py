@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from calid.data.stack import fixed_placeholder_mm
 from calid.errors import InputError
 
 from CaLIDSlicerLib.logic import UpsamplingOptions
@@ -48,6 +49,21 @@ class FrameSelection(enum.Enum):
         return {FrameSelection.ALL: "All frames", FrameSelection.CURRENT: "Current frame", FrameSelection.RANGE: "Frames:"}[self]
 
 
+class PlaceholderSpacing(enum.Enum):
+    """What pixel size the network is shown for a cine saved without geometry (all spacings exactly 1 mm)."""
+
+    MODEL = "model"
+    KEEP = "keep"
+    CUSTOM = "custom"
+
+    def label(self) -> str:
+        return {
+            PlaceholderSpacing.MODEL: "As in the model's training",
+            PlaceholderSpacing.KEEP: "Keep 1 mm (as stored)",
+            PlaceholderSpacing.CUSTOM: "Pixel size (mm):",
+        }[self]
+
+
 def options_from_parameters(parameters: Any, current_frame: int = 0, plane_points_lps: np.ndarray | None = None) -> UpsamplingOptions:
     """The options of one run from the parameter node's values (any object with its attributes).
 
@@ -73,6 +89,11 @@ def options_from_parameters(parameters: Any, current_frame: int = 0, plane_point
         raise InputError(
             "long-axis points", f"place 1 point (aortic valve, for the 3-chamber view) or 3 points (a plane of your own), not {len(points)}"
         )
+    placeholder = PlaceholderSpacing(getattr(parameters, "placeholderSpacing", PlaceholderSpacing.MODEL))
+    placeholder_spacing = placeholder.value
+    if placeholder is PlaceholderSpacing.CUSTOM:
+        size = fixed_placeholder_mm(float(parameters.placeholderPixelMm), words=(), option="pixel size for files without geometry")
+        placeholder_spacing = f"{size:g}"
     return UpsamplingOptions(
         factor=int(parameters.factor),
         mode=Method(parameters.method).value,
@@ -83,5 +104,6 @@ def options_from_parameters(parameters: Any, current_frame: int = 0, plane_point
         frames=frames,
         segment=bool(parameters.segment),
         centre_on_heart=bool(getattr(parameters, "centreOnHeart", False)),
+        placeholder_spacing=placeholder_spacing,
         plane_points_lps=None if points is None or len(points) == 0 else tuple(map(tuple, points)),
     )

@@ -169,6 +169,8 @@ def test_batch_script_code_path(scene, phantom, tmp_path):
     assert dense.n_slices == 2 * phantom.sparse.n_slices - 1 and dense.n_frames == 1
     assert (tmp_path / "out" / "cine_volumes.csv").is_file() and "4-chamber" in (tmp_path / "out" / "cine_planes.json").read_text()
     assert batch.main([str(tmp_path / "missing.nii.gz"), str(tmp_path / "out2")], scene) == 2
+    bad = [str(source), str(tmp_path / "out3"), "--factor", "2", "--model", "untrained:tiny", "--device", "cpu", "--placeholder-spacing", "huge"]
+    assert batch.main(bad, scene) == 2 and not list((tmp_path / "out3").glob("*.nii.gz"))
 
 
 def test_background_process_progress_and_cancel(phantom, tmp_path):
@@ -336,7 +338,7 @@ def test_parameter_node_fields_match_the_panel_and_become_options():
     from types import SimpleNamespace
 
     from calid.inference.pipeline import MODES
-    from CaLIDSlicerLib.parameters import FrameSelection, Method, options_from_parameters
+    from CaLIDSlicerLib.parameters import FrameSelection, Method, PlaceholderSpacing, options_from_parameters
 
     fields = _parameter_node_fields()
     ui = ElementTree.parse(REPO_ROOT / "CaLIDSlicer" / "Resources" / "UI" / "CaLIDSlicer.ui")
@@ -344,10 +346,19 @@ def test_parameter_node_fields_match_the_panel_and_become_options():
     assert bound <= set(fields), f"widgets bound to unknown parameters: {bound - set(fields)}"
     assert set(fields) - bound == {"device", "model"}, "every other parameter must have a widget"
     assert {m.value for m in Method} == set(MODES), "the panel offers every engine mode"
-    namespace = {"Method": Method, "FrameSelection": FrameSelection}
+    namespace = {"Method": Method, "FrameSelection": FrameSelection, "PlaceholderSpacing": PlaceholderSpacing}
     defaults = SimpleNamespace(**{name: None if value is None else eval(compile(ast.Expression(value), "defaults", "eval"), namespace) for name, value in fields.items()})
     options = options_from_parameters(defaults)
     assert (options.factor, options.mode, options.steps, options.seed, options.frames, options.device, options.model, options.segment) == (4, "calid", None, 0, None, "auto", None, True)
+    assert options.placeholder_spacing == "model"
+    defaults.placeholderSpacing, defaults.placeholderPixelMm = PlaceholderSpacing.CUSTOM, 1.5
+    assert options_from_parameters(defaults).placeholder_spacing == "1.5"
+    defaults.placeholderSpacing = PlaceholderSpacing.KEEP
+    assert options_from_parameters(defaults).placeholder_spacing == "keep"
+    defaults.placeholderSpacing, defaults.placeholderPixelMm = PlaceholderSpacing.CUSTOM, 50.0
+    with pytest.raises(InputError, match="not plausible"):
+        options_from_parameters(defaults)
+    defaults.placeholderSpacing = PlaceholderSpacing.MODEL
     defaults.frames = FrameSelection.CURRENT
     assert options_from_parameters(defaults, current_frame=3).frames == "3"
     defaults.frames, defaults.frameRange = FrameSelection.RANGE, " 0,5-9 "
@@ -411,3 +422,46 @@ def test_centre_on_heart_moves_the_models_window_onto_the_heart(scene, tmp_path)
     offset = np.linalg.inv(stack.direction) @ (heart - np.asarray(stack.origin))  # heart in mm along the image axes
     assert np.linalg.norm(windows[True] - offset[:2]) < min(10.0, np.linalg.norm(windows[False] - offset[:2]))
     assert "--centre-on-heart" in upsample_command(image_path, tmp_path / "o.nii.gz", UpsamplingOptions(centre_on_heart=True))
+
+
+def test_volume_without_geometry_reaches_the_network_at_the_chosen_pixel_size(scene, tmp_path):
+    """A cine saved at 1 x 1 x 1 mm, in a real volume node: by default the network sees it at the
+    pixel size the model's training assumed, exactly as it sees the same cine with that geometry;
+    "keep" and a size of the user's own are passed through, also to the background worker."""
+    from dataclasses import replace
+
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+    from CaLIDSlicerLib.process import upsample_command
+
+    from calid.inference import load_pipeline
+    from calid.inference.pipeline import untrained_model
+    from calid.models.checkpoint import save_model
+
+    phantom = make_phantom(3, PhantomConfig(n_frames=1, matrix=48, pixel_spacing_mm=1.5))
+    bare = replace(phantom.sparse, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), direction=np.eye(3))
+    model = untrained_model("tiny")
+    recorded = {"note": "no geometry", "assumed_mm": 1.5, "subjects": ["x"]}
+    model_file = save_model(tmp_path / "m.safetensors", model.config, model.vae, model.net, 1.0, {"training_data": {"placeholder_spacing": recorded}})
+    pipeline = load_pipeline(str(model_file), device="cpu")
+    node = mrml.volume_from_stack(scene, bare, "no geometry")
+    from_node = mrml.stack_from_volume(node)  # as the panel reads it (in the node's voxel type)
+    assert from_node.has_placeholder_spacing
+    real = replace(from_node, spacing=(1.5, 1.5, 1.0))  # the same cine with the geometry the model assumes
+
+    def run(choice):
+        options = UpsamplingOptions(factor=2, mode="calid", steps=2, seed=4, model=str(model_file), device="cpu", segment=False, placeholder_spacing=choice)
+        return upsample_node(scene, node, options, pipeline=pipeline).dense
+
+    as_real = pipeline.upsample(real, factor=2, mode="calid", steps=2, seed=4)
+    by_default, kept, given, given_other = run("model"), run("keep"), run("1.5"), run("2")
+    np.testing.assert_array_equal(by_default.data, as_real.data)  # the network saw the cine at 1.5 mm
+    np.testing.assert_array_equal(given.data, as_real.data)
+    assert not np.array_equal(kept.data, as_real.data) and not np.array_equal(given_other.data, as_real.data)
+    assert by_default.metadata["upsampling"]["assumed_pixel_mm"] == 1.5 and given_other.metadata["upsampling"]["assumed_pixel_mm"] == 2.0
+    assert "assumed_pixel_mm" not in kept.metadata["upsampling"]
+    for dense in (by_default, kept):
+        assert dense.spacing == (1.0, 1.0, 0.5)  # the output keeps the stored geometry
+        np.testing.assert_array_equal(dense.data[:, ::2], from_node.data)
+    command = upsample_command(tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", UpsamplingOptions(placeholder_spacing="keep"))
+    assert command[command.index("--placeholder-spacing") + 1] == "keep"
+    assert "--placeholder-spacing" not in upsample_command(tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", UpsamplingOptions())
