@@ -199,6 +199,14 @@ def test_evaluation_gives_files_without_geometry_the_pixel_size_the_model_assume
     assert main(["evaluate", "--data", str(path.parent), "--subjects", "patient011", "--model", str(model_file), "--methods", "linear",
                  "--tasks", "1", "--out", str(tmp_path / "bad"), "--quiet", "--placeholder-spacing", "huge"]) == 2
     assert not (tmp_path / "bad").exists()  # refused before the report folder is made
+    # A 2D+T model trained with another assumption: both models see the 2D model's pixels, and the report says so.
+    temporal = untrained_model("tiny-2d+t")
+    other = {"note": "no geometry", "assumed_mm": 1.7, "subjects": ["patient002"]}
+    temporal_file = save_model(tmp_path / "t.safetensors", temporal.config, temporal.vae, temporal.net, 1.0, {"training_data": {"placeholder_spacing": other}})
+    both, both_report = run("both", "--temporal-model", str(temporal_file), "--steps", "1", "--frames", "0-1")
+    assert both["placeholder_disagreement"] == {"model_mm": 1.5, "temporal_model_mm": 1.7, "volumes": ["patient011_4d"]}
+    assert "The 2D+T model's training assumed 1.7 mm" in both_report and both["placeholder_spacing"]["assumed_mm"] == 1.5
+    assert "placeholder_disagreement" not in by_model
     # A file with its geometry is never changed.
     reliable = shared_file("acdc_cine", "patient061_4d.nii.gz")
     if not read_stack(reliable).has_placeholder_spacing:

@@ -234,6 +234,10 @@ def _read_labels(image: Path, stack: CineStack, config: EvaluationConfig, subjec
     return labels
 
 
+def _mm_or_stored(size: float | None) -> str:
+    return "the stored 1 mm" if size is None else f"{size:g} mm"
+
+
 def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: float | None = None) -> list[EvalSubject]:
     """The volumes of ``config.data`` (files, folders, ``phantom:N``), filtered by subject and with their labels.
 
@@ -411,6 +415,7 @@ class Evaluation:
             self.pipeline.config.preprocess if self.pipeline.model is not None else named_config("small").preprocess
         )
         self.skipped: dict[str, str] = {}
+        self.placeholder_disagreement: dict[str, float | None] | None = None
         self.methods = [m for m in config.methods if self._method_available(m)]
         self.seg_model: Any = None
         self.seg_reason = ""
@@ -452,7 +457,12 @@ class Evaluation:
                 header = read_raw_header(resolve_model(self.config.model))
             from calid.models.checkpoint import recorded_placeholder_spacing
 
-            return recorded_placeholder_spacing(header)
+            value = recorded_placeholder_spacing(header)
+            temporal = self.temporal_pipeline.placeholder_spacing_mm if self.temporal_pipeline is not None else None
+            if temporal is not None and (value is None or abs(temporal - value) > 1e-6):
+                # Both models must see the same data for a like-for-like comparison: the 2D model's choice wins, and the report says so.
+                self.placeholder_disagreement = {"model_mm": value, "temporal_model_mm": temporal}
+            return value
         return fixed_placeholder_mm(choice)
 
     def _load_seg_model(self) -> None:
@@ -493,6 +503,13 @@ class Evaluation:
         assumed_volumes = [s.name for s in subjects if s.assumed_spacing_mm is not None]
         if assumed_volumes:
             results["placeholder_spacing"] = {"assumed_mm": assumed_mm, "volumes": assumed_volumes}
+        without_geometry = [s.name for s in subjects if s.assumed_spacing_mm is not None or s.stack.has_placeholder_spacing]
+        if self.placeholder_disagreement is not None and without_geometry:
+            results["placeholder_disagreement"] = {**self.placeholder_disagreement, "volumes": without_geometry}
+            self.progress(
+                f"note: the 2D+T model's training assumed {self.placeholder_disagreement['temporal_model_mm']:g} mm pixels for files without geometry, "
+                f"the 2D model's {_mm_or_stored(assumed_mm)}; both are shown {_mm_or_stored(assumed_mm)} (--placeholder-spacing chooses)"
+            )
         if 1 in config.tasks or 3 in config.tasks:
             results["task1"], predictions = self._task1(subjects, triplets)
             if 1 not in config.tasks:
@@ -958,6 +975,12 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         lines.append(
             f"- {len(assumed['volumes'])} volume(s) carry no geometry (1 x 1 x 1 mm): their pixels were taken as {assumed['assumed_mm']:g} mm "
             f"(`--placeholder-spacing`; by default the size the model's training assumed): {', '.join(assumed['volumes'])}"
+        )
+    if results.get("placeholder_disagreement"):
+        disagreement = results["placeholder_disagreement"]
+        lines.append(
+            f"- The 2D+T model's training assumed {disagreement['temporal_model_mm']:g} mm pixels for files without geometry, the 2D model's "
+            f"{_mm_or_stored(disagreement['model_mm'])}: both models were shown the same pixels (the 2D model's size), to compare them like for like."
         )
     if model.get("untrained"):
         lines += ["", "> **UNTRAINED MODEL**: these numbers only show that the harness runs; they say nothing about CaLID."]
