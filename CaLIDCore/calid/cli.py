@@ -819,7 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--placeholder-spacing", default="median",
         help="pixel size assumed for images saved without geometry (all spacings exactly 1 mm): median (of the other images, default), keep, or mm; "
-        "packed .npz data keep what calid pack assumed",
+        "packed .npz data keep what calid pack assumed (another size given here is refused)",
     )
     train.add_argument("--val-subjects", help="comma-separated validation subjects (instead of a random fraction)")
     train.add_argument("--gaps", default="1", help="neighbour distances in slices, e.g. 1,2")

@@ -174,6 +174,33 @@ def test_training_from_a_packed_data_file(tmp_path):
     assert len(gather_volumes((str(for_model),), named_config("tiny"), tmp_path / "cache")) == 2
 
 
+def test_a_packed_file_refuses_another_placeholder_spacing(tmp_path):
+    """Files without geometry are resampled when they are packed: a later --placeholder-spacing
+    that disagrees cannot be applied and is refused, naming the file and the packed size."""
+    from dataclasses import replace
+
+    from calid.data.datasets import write_packed_volumes
+    from calid.data.io import write_stack
+    from calid.data.phantom import PhantomConfig, make_phantom
+    from calid.training.trainer import gather_volumes
+
+    images = tmp_path / "images"
+    phantoms = [make_phantom(50 + i, PhantomConfig(n_frames=2, matrix=48, pixel_spacing_mm=1.5)).sparse for i in range(3)]
+    images.mkdir()
+    write_stack(phantoms[0], images / "real.nii.gz")
+    for i, stack in enumerate(phantoms[1:], 1):
+        write_stack(replace(stack, spacing=(1.0, 1.0, 1.0)), images / f"bare{i}.nii.gz")
+    config = named_config("tiny")
+    volumes = gather_volumes((str(images),), config, tmp_path / "cache", placeholder_spacing="1.5")
+    assert sorted(v.assumed_spacing_mm or 0 for v in volumes) == [0, 1.5, 1.5]
+    pack = write_packed_volumes(tmp_path / "bare.npz", volumes, config.preprocess)
+    assert len(gather_volumes((str(pack),), config, tmp_path / "cache")) == 3  # the default keeps what was packed
+    assert len(gather_volumes((str(pack),), config, tmp_path / "cache", placeholder_spacing="1.5")) == 3  # the same size: fine
+    for other in ("2", "keep"):
+        with pytest.raises(InputError, match=r"bare\.npz.*packed at 1\.5 mm.*pack the images again"):
+            gather_volumes((str(pack),), config, tmp_path / "cache", placeholder_spacing=other)
+
+
 
 def test_sigterm_stops_training_with_a_usable_checkpoint(tmp_path):
     out = tmp_path / "run"

@@ -166,13 +166,30 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
             stacks = [make_phantom(1000 + i, PhantomConfig(n_frames=6, matrix=96, pixel_spacing_mm=1.8)).sparse for i in range(count)]
             volumes.extend(volumes_from_stacks(stacks, model.preprocess))
         elif is_packed_volumes(entry):
-            volumes.extend(read_packed_volumes(entry, model.preprocess))
+            packed = read_packed_volumes(entry, model.preprocess)
+            _check_packed_assumption(entry, packed, placeholder_spacing, assumed)
+            volumes.extend(packed)
         else:
             root = entry if Path(entry).is_dir() else None
             volumes.extend(load_subjects(files[entry], model.preprocess, cache_dir=cache_dir, root=root, placeholder_spacing_mm=assumed))
     if not volumes:
         raise InputError(", ".join(entries), "no training images found")
     return volumes
+
+
+def _check_packed_assumption(entry: str, packed: list[SubjectVolume], choice: str | float, assumed: float | None) -> None:
+    """A packed file was resampled when it was packed: an explicit ``--placeholder-spacing`` that
+    disagrees with what was assumed then cannot be applied, and is refused rather than ignored."""
+    if str(choice).strip().lower() == "median":
+        return  # the default: whatever the pack assumed stands
+    differing = sorted({v.assumed_spacing_mm for v in packed if v.assumed_spacing_mm is not None and (assumed is None or abs(v.assumed_spacing_mm - assumed) > 1e-6)})
+    if differing:
+        sizes = ", ".join(f"{size:g}" for size in differing)
+        raise InputError(
+            entry,
+            f"its files without geometry were packed at {sizes} mm pixels; --placeholder-spacing {choice} cannot change a packed file: "
+            f"pack the images again with --placeholder-spacing {choice}, or leave the option out",
+        )
 
 
 class LatentCache:
