@@ -156,8 +156,9 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.setCurrentIndex(index)
                 combo.blockSignals(False)
         self.ui.framesLineEdit.setEnabled(node.frames == FrameSelection.RANGE)
-        self.ui.placeholderPixelSpinBox.setEnabled(node.placeholderSpacing == PlaceholderSpacing.CUSTOM)
         needs_model = node.method != Method.LINEAR
+        self.ui.placeholderComboBox.setEnabled(needs_model)  # linear interpolation works on the pixels as stored
+        self.ui.placeholderPixelSpinBox.setEnabled(needs_model and node.placeholderSpacing == PlaceholderSpacing.CUSTOM)
         self.ui.stepsSpinBox.setEnabled(needs_model)
         self.ui.seedSpinBox.setEnabled(node.method == Method.CALID)
         if self.process is None:

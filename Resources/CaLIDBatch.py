@@ -26,6 +26,7 @@ for candidate in (HERE.parent / "CaLIDSlicer", HERE / "CaLIDSlicer"):
 
 def main(argv: list[str], scene: Any) -> int:
     from calid.data.io import read_stack, write_stack
+    from calid.data.stack import fixed_placeholder_mm
     from calid.errors import CalidError
     from calid.geometry.volumes import write_function_csv
     from CaLIDSlicerLib import mrml
@@ -49,6 +50,7 @@ def main(argv: list[str], scene: Any) -> int:
     parser.add_argument("--no-segmentation", action="store_true")
     args = parser.parse_args(argv)
     try:
+        fixed_placeholder_mm(args.placeholder_spacing)  # a bad value fails before anything is read, made or loaded
         stack = read_stack(args.input)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ class UpsamplingOptions:
     segmentation_model: str | None = None
     #: A cine saved without geometry (all spacings exactly 1 mm): the pixel size the network is shown:
     #: "model" (what the model's training assumed), "keep" (1 mm) or a size in mm, as ``calid upsample --placeholder-spacing``.
-    placeholder_spacing: str = "model"
+    placeholder_spacing: str | None = "model"  # None: "model"
     #: Points placed by the user (LPS mm): 1 = aortic valve (3-chamber plane), 3 = a plane of their own.
     plane_points_lps: tuple[tuple[float, float, float], ...] | None = None
 
@@ -74,6 +74,7 @@ def upsample_node(
     stack = stack_from_node(input_node)
     if pipeline is None:
         pipeline = load_pipeline("linear" if options.mode == "linear" and options.model is None else options.model, device=options.device)
+    assumed_pixel_mm = pipeline.assumed_pixel_mm_for(options.placeholder_spacing)  # a bad value fails before any work
     centre = None
     if options.centre_on_heart and options.mode != "linear":
         from calid.inference import parse_frames
@@ -83,7 +84,7 @@ def upsample_node(
         centre = heart_centre_lps(stack, frame=chosen[0] if chosen else 0)
     dense = pipeline.upsample(
         stack, options.factor, mode=options.mode, steps=options.steps, seed=options.seed, frames=options.frames, progress=progress, cancel=cancel, centre_lps=centre,
-        assumed_pixel_mm=pipeline.assumed_pixel_mm_for(options.placeholder_spacing),
+        assumed_pixel_mm=assumed_pixel_mm,
     )
     result = _add_output(scene, input_node, stack, dense, options)
     if options.segment:

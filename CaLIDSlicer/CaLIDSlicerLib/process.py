@@ -30,7 +30,7 @@ def upsample_command(input_path: str | os.PathLike[str], output_path: str | os.P
         command += ["--centre-on-heart"]
     if options.model:
         command += ["--model", options.model]
-    if str(options.placeholder_spacing).strip().lower() != "model":
+    if options.placeholder_spacing is not None and str(options.placeholder_spacing).strip().lower() != "model":
         command += ["--placeholder-spacing", str(options.placeholder_spacing)]
     if options.frames and options.frames != "all":
         command += ["--frames", options.frames]

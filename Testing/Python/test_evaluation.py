@@ -207,6 +207,12 @@ def test_evaluation_gives_files_without_geometry_the_pixel_size_the_model_assume
     assert both["placeholder_disagreement"] == {"model_mm": 1.5, "temporal_model_mm": 1.7, "volumes": ["patient011_4d"]}
     assert "The 2D+T model's training assumed 1.7 mm" in both_report and both["placeholder_spacing"]["assumed_mm"] == 1.5
     assert "placeholder_disagreement" not in by_model
+    # A 2D model that recorded nothing: the 2D+T model's size is the only one, and both see it.
+    out = tmp_path / "only-temporal"
+    assert main(["evaluate", "--data", str(path.parent), "--subjects", "patient011", "--model", "untrained:tiny", "--temporal-model", str(temporal_file),
+                 "--methods", "linear", "--tasks", "1", "--steps", "1", "--frames", "0-1", "--out", str(out), "--quiet"]) == 0
+    only_temporal = json.loads((out / "results.json").read_text())
+    assert only_temporal["placeholder_spacing"]["assumed_mm"] == 1.7 and "placeholder_disagreement" not in only_temporal
     # A file with its geometry is never changed.
     reliable = shared_file("acdc_cine", "patient061_4d.nii.gz")
     if not read_stack(reliable).has_placeholder_spacing:

@@ -462,6 +462,11 @@ def test_stack_without_geometry_is_shown_to_the_model_at_its_assumed_pixel_size(
     model_file = save_model(tmp_path / "m.safetensors", model.config, model.vae, model.net, 1.0, {"training_data": {"placeholder_spacing": assumed}})
     pipeline = load_pipeline(str(model_file))
     assert pipeline.placeholder_spacing_mm == 1.5
+    assert (pipeline.assumed_pixel_mm_for("model"), pipeline.assumed_pixel_mm_for(None), pipeline.assumed_pixel_mm_for("keep"), pipeline.assumed_pixel_mm_for("2")) == (1.5, 1.5, None, 2.0)
+    from calid.models.card import model_card_text
+
+    assert "shown to it at 1.5 mm pixels" in model_card_text(model_file)  # calid info
+    assert "no geometry" not in model_card_text(save_model(tmp_path / "plain.safetensors", model.config, model.vae, model.net, 1.0, {}))
     options = dict(factor=2, mode="calid", steps=2, seed=4)
 
     as_real = pipeline.upsample(real, **options)

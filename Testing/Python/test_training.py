@@ -199,6 +199,14 @@ def test_a_packed_file_refuses_another_placeholder_spacing(tmp_path):
     for other in ("2", "keep"):
         with pytest.raises(InputError, match=r"bare\.npz.*packed at 1\.5 mm.*pack the images again"):
             gather_volumes((str(pack),), config, tmp_path / "cache", placeholder_spacing=other)
+    # packed with their 1 mm kept: a size given later is refused too, also when read back from the cache
+    for attempt in range(2):
+        kept = gather_volumes((str(images),), config, tmp_path / "cache", placeholder_spacing="keep")
+        assert sorted(v.without_geometry for v in kept) == [False, True, True] and all(v.assumed_spacing_mm is None for v in kept)
+    kept_pack = write_packed_volumes(tmp_path / "kept.npz", kept, config.preprocess)
+    assert len(gather_volumes((str(kept_pack),), config, tmp_path / "cache", placeholder_spacing="keep")) == 3
+    with pytest.raises(InputError, match=r"kept\.npz.*packed at 1 \(kept\) mm"):
+        gather_volumes((str(kept_pack),), config, tmp_path / "cache", placeholder_spacing="1.5")
 
 
 

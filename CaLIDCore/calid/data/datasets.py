@@ -120,6 +120,8 @@ class SubjectVolume:
     source: str
     #: The in-plane pixel size (mm) assumed for a file saved without its geometry, else None.
     assumed_spacing_mm: float | None = None
+    #: The file had no geometry (all spacings exactly 1 mm), whether a size was assumed or its 1 mm kept.
+    without_geometry: bool = False
 
 
 def typical_pixel_spacing(paths: Sequence[str | os.PathLike[str]], min_slices: int = 3) -> float | None:
@@ -168,13 +170,16 @@ def load_subjects(
         key = _cache_key(path, config, placeholder_spacing_mm)
         cached = cache / f"{subject}-{key}.npy" if cache is not None else None
         assumed_marker = cache / f"{subject}-{key}.assumed" if cache is not None else None
+        bare_marker = cache / f"{subject}-{key}.nogeometry" if cache is not None else None
         assumed: float | None = None
         if cached is not None and cached.exists():
             data = np.load(cached, mmap_mode="r")
             assumed = placeholder_spacing_mm if assumed_marker is not None and assumed_marker.exists() else None
+            without_geometry = assumed is not None or (bare_marker is not None and bare_marker.exists())
         else:
             stack = read_stack(path, min_slices=min_slices)
-            if placeholder_spacing_mm is not None and stack.has_placeholder_spacing:
+            without_geometry = stack.has_placeholder_spacing
+            if placeholder_spacing_mm is not None and without_geometry:
                 assumed = float(placeholder_spacing_mm)
                 stack = replace(stack, spacing=(assumed, assumed, stack.spacing[2]))
             data = preprocess(stack, config)[0].data.astype(np.float16)
@@ -183,8 +188,12 @@ def load_subjects(
                 np.save(tmp, data)
                 if assumed is not None and assumed_marker is not None:
                     assumed_marker.write_text(f"{assumed}\n")
+                if without_geometry and bare_marker is not None:
+                    bare_marker.write_text("all spacings 1 mm\n")
                 os.replace(tmp, cached)
-        volumes.append(SubjectVolume(subject=subject, data=np.asarray(data), source=str(path), assumed_spacing_mm=assumed))
+        volumes.append(
+            SubjectVolume(subject=subject, data=np.asarray(data), source=str(path), assumed_spacing_mm=assumed, without_geometry=without_geometry)
+        )
     return volumes
 
 
@@ -229,6 +238,7 @@ def write_packed_volumes(path: str | os.PathLike[str], volumes: Sequence[Subject
         "subjects": [v.subject for v in volumes],
         "sources": [Path(v.source).name for v in volumes],
         "assumed_spacing_mm": [v.assumed_spacing_mm for v in volumes],
+        "without_geometry": [bool(v.without_geometry or v.assumed_spacing_mm is not None) for v in volumes],
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_BZIP2, compresslevel=9) as archive:
@@ -284,7 +294,10 @@ def read_packed_volumes(path: str | os.PathLike[str], config: PreprocessConfig |
                 if data.ndim != 4:
                     raise InputError(path, f"volume {index} ({subject}) has shape {data.shape}, expected (frames, slices, rows, columns)")
                 assumed = meta["assumed_spacing_mm"][index]
-                volumes.append(SubjectVolume(subject=str(subject), data=data, source=f"{path.name}:{meta['sources'][index]}", assumed_spacing_mm=assumed))
+                bare = bool(meta["without_geometry"][index]) if "without_geometry" in meta else assumed is not None
+                volumes.append(
+                    SubjectVolume(subject=str(subject), data=data, source=f"{path.name}:{meta['sources'][index]}", assumed_spacing_mm=assumed, without_geometry=bare)
+                )
     except InputError:
         raise
     except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as error:  # JSONDecodeError is a ValueError

@@ -234,10 +234,6 @@ def _read_labels(image: Path, stack: CineStack, config: EvaluationConfig, subjec
     return labels
 
 
-def _mm_or_stored(size: float | None) -> str:
-    return "the stored 1 mm" if size is None else f"{size:g} mm"
-
-
 def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: float | None = None) -> list[EvalSubject]:
     """The volumes of ``config.data`` (files, folders, ``phantom:N``), filtered by subject and with their labels.
 
@@ -415,7 +411,7 @@ class Evaluation:
             self.pipeline.config.preprocess if self.pipeline.model is not None else named_config("small").preprocess
         )
         self.skipped: dict[str, str] = {}
-        self.placeholder_disagreement: dict[str, float | None] | None = None
+        self.placeholder_disagreement: dict[str, float] | None = None
         self.methods = [m for m in config.methods if self._method_available(m)]
         self.seg_model: Any = None
         self.seg_reason = ""
@@ -459,8 +455,10 @@ class Evaluation:
 
             value = recorded_placeholder_spacing(header)
             temporal = self.temporal_pipeline.placeholder_spacing_mm if self.temporal_pipeline is not None else None
-            if temporal is not None and (value is None or abs(temporal - value) > 1e-6):
-                # Both models must see the same data for a like-for-like comparison: the 2D model's choice wins, and the report says so.
+            if value is None:
+                return temporal  # the only recorded size (also when the 2D side is linear interpolation)
+            if temporal is not None and abs(temporal - value) > 1e-6:
+                # Both models must see the same data for a like-for-like comparison: the 2D model's size wins, and the report says so.
                 self.placeholder_disagreement = {"model_mm": value, "temporal_model_mm": temporal}
             return value
         return fixed_placeholder_mm(choice)
@@ -508,7 +506,8 @@ class Evaluation:
             results["placeholder_disagreement"] = {**self.placeholder_disagreement, "volumes": without_geometry}
             self.progress(
                 f"note: the 2D+T model's training assumed {self.placeholder_disagreement['temporal_model_mm']:g} mm pixels for files without geometry, "
-                f"the 2D model's {_mm_or_stored(assumed_mm)}; both are shown {_mm_or_stored(assumed_mm)} (--placeholder-spacing chooses)"
+                f"the 2D model's {self.placeholder_disagreement['model_mm']:g} mm; both are shown {self.placeholder_disagreement['model_mm']:g} mm "
+                "(--placeholder-spacing chooses)"
             )
         if 1 in config.tasks or 3 in config.tasks:
             results["task1"], predictions = self._task1(subjects, triplets)
@@ -980,7 +979,7 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         disagreement = results["placeholder_disagreement"]
         lines.append(
             f"- The 2D+T model's training assumed {disagreement['temporal_model_mm']:g} mm pixels for files without geometry, the 2D model's "
-            f"{_mm_or_stored(disagreement['model_mm'])}: both models were shown the same pixels (the 2D model's size), to compare them like for like."
+            f"{disagreement['model_mm']:g} mm: both models were shown {disagreement['model_mm']:g} mm pixels, to compare them like for like."
         )
     if model.get("untrained"):
         lines += ["", "> **UNTRAINED MODEL**: these numbers only show that the harness runs; they say nothing about CaLID."]

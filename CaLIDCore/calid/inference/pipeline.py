@@ -331,10 +331,11 @@ class UpsamplingPipeline:
 
         return recorded_placeholder_spacing(self.model.info) if self.model is not None else None
 
-    def assumed_pixel_mm_for(self, choice: str | float) -> float | None:
+    def assumed_pixel_mm_for(self, choice: str | float | None = "model") -> float | None:
         """The ``assumed_pixel_mm`` of :meth:`upsample` for a choice as the command line and the
-        Slicer panel word it: ``model`` (what the model's training assumed; None when it recorded
-        nothing), ``keep`` (None: the stored 1 mm) or a pixel size in mm (checked)."""
+        Slicer panel word it: ``model`` (or None: what the model's training assumed; None when it
+        recorded nothing), ``keep`` (None: the stored 1 mm) or a pixel size in mm (checked)."""
+        choice = "model" if choice is None else choice
         size = fixed_placeholder_mm(choice)
         if size is None and str(choice).strip().lower() == "model":
             return self.placeholder_spacing_mm

@@ -68,6 +68,11 @@ def model_card_text(model: str | os.PathLike[str]) -> str:
     data = info.get("training_data")
     if data:
         lines.append("training data   " + (data if isinstance(data, str) else json.dumps(data)))
+    from calid.models.checkpoint import recorded_placeholder_spacing
+
+    assumed = recorded_placeholder_spacing(header)
+    if assumed is not None:
+        lines.append(f"no geometry     files saved without geometry (all spacings 1 mm) are shown to it at {assumed:g} mm pixels, as in its training")
     metrics = info.get("metrics") or {}
     if metrics:
         lines.append("metrics         " + ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in metrics.items()))

@@ -182,9 +182,12 @@ def _check_packed_assumption(entry: str, packed: list[SubjectVolume], choice: st
     disagrees with what was assumed then cannot be applied, and is refused rather than ignored."""
     if str(choice).strip().lower() == "median":
         return  # the default: whatever the pack assumed stands
-    differing = sorted({v.assumed_spacing_mm for v in packed if v.assumed_spacing_mm is not None and (assumed is None or abs(v.assumed_spacing_mm - assumed) > 1e-6)})
+    def differs(packed_mm: float | None) -> bool:
+        return (packed_mm is None) != (assumed is None) or (packed_mm is not None and assumed is not None and abs(packed_mm - assumed) > 1e-6)
+
+    differing = {v.assumed_spacing_mm for v in packed if v.without_geometry and differs(v.assumed_spacing_mm)}
     if differing:
-        sizes = ", ".join(f"{size:g}" for size in differing)
+        sizes = ", ".join(sorted("1 (kept)" if size is None else f"{size:g}" for size in differing))
         raise InputError(
             entry,
             f"its files without geometry were packed at {sizes} mm pixels; --placeholder-spacing {choice} cannot change a packed file: "
