@@ -123,6 +123,9 @@ class SubjectVolume:
     #: The file had no geometry (all spacings exactly 1 mm), whether a size was assumed or its 1 mm kept.
     without_geometry: bool = False
 
+    def __post_init__(self) -> None:
+        self.without_geometry = self.without_geometry or self.assumed_spacing_mm is not None  # a size is only assumed for such files
+
 
 def typical_pixel_spacing(paths: Sequence[str | os.PathLike[str]], min_slices: int = 3) -> float | None:
     """Median in-plane pixel size (mm) of the files with a real geometry; None if none has one.
@@ -175,7 +178,7 @@ def load_subjects(
         if cached is not None and cached.exists():
             data = np.load(cached, mmap_mode="r")
             assumed = placeholder_spacing_mm if assumed_marker is not None and assumed_marker.exists() else None
-            without_geometry = assumed is not None or (bare_marker is not None and bare_marker.exists())
+            without_geometry = bare_marker is not None and bare_marker.exists()
         else:
             stack = read_stack(path, min_slices=min_slices)
             without_geometry = stack.has_placeholder_spacing
@@ -238,7 +241,7 @@ def write_packed_volumes(path: str | os.PathLike[str], volumes: Sequence[Subject
         "subjects": [v.subject for v in volumes],
         "sources": [Path(v.source).name for v in volumes],
         "assumed_spacing_mm": [v.assumed_spacing_mm for v in volumes],
-        "without_geometry": [bool(v.without_geometry or v.assumed_spacing_mm is not None) for v in volumes],
+        "without_geometry": [v.without_geometry for v in volumes],
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_BZIP2, compresslevel=9) as archive:
@@ -294,7 +297,7 @@ def read_packed_volumes(path: str | os.PathLike[str], config: PreprocessConfig |
                 if data.ndim != 4:
                     raise InputError(path, f"volume {index} ({subject}) has shape {data.shape}, expected (frames, slices, rows, columns)")
                 assumed = meta["assumed_spacing_mm"][index]
-                bare = bool(meta["without_geometry"][index]) if "without_geometry" in meta else assumed is not None
+                bare = bool(meta.get("without_geometry", [False] * len(meta["subjects"]))[index])  # older packs: known from the assumed size alone
                 volumes.append(
                     SubjectVolume(subject=str(subject), data=data, source=f"{path.name}:{meta['sources'][index]}", assumed_spacing_mm=assumed, without_geometry=bare)
                 )

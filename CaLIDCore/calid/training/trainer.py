@@ -182,8 +182,11 @@ def _check_packed_assumption(entry: str, packed: list[SubjectVolume], choice: st
     disagrees with what was assumed then cannot be applied, and is refused rather than ignored."""
     if str(choice).strip().lower() == "median":
         return  # the default: whatever the pack assumed stands
+
     def differs(packed_mm: float | None) -> bool:
-        return (packed_mm is None) != (assumed is None) or (packed_mm is not None and assumed is not None and abs(packed_mm - assumed) > 1e-6)
+        if packed_mm is None or assumed is None:
+            return packed_mm is not assumed  # one kept 1 mm, the other a size
+        return abs(packed_mm - assumed) > 1e-6
 
     differing = {v.assumed_spacing_mm for v in packed if v.without_geometry and differs(v.assumed_spacing_mm)}
     if differing:
