@@ -48,6 +48,7 @@ class CaLIDSlicerParameterNode:
     centreOnHeart: bool = False
     placeholderSpacing: PlaceholderSpacing = PlaceholderSpacing.MODEL
     placeholderPixelMm: Annotated[float, WithinRange(0.1, 10.0)] = 1.4
+    testTimeAugmentation: bool = False
     planePoints: vtkMRMLMarkupsFiducialNode
 
 
@@ -160,6 +161,7 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.placeholderComboBox.setEnabled(needs_model)  # linear interpolation works on the pixels as stored
         self.ui.placeholderPixelSpinBox.setEnabled(needs_model and node.placeholderSpacing == PlaceholderSpacing.CUSTOM)
         self.ui.stepsSpinBox.setEnabled(needs_model)
+        self.ui.ttaCheckBox.setEnabled(node.method in (Method.CALID, Method.CALID_PLUS))  # the others are linear: the same in any orientation
         self.ui.seedSpinBox.setEnabled(node.method == Method.CALID)
         if self.process is None:
             self.ui.applyButton.enabled = node.inputNode is not None

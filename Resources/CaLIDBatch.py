@@ -47,6 +47,7 @@ def main(argv: list[str], scene: Any) -> int:
         "--placeholder-spacing", default="model",
         help="a file saved without geometry (all spacings 1 mm): the pixel size the network is shown: model (default), keep or mm",
     )
+    parser.add_argument("--tta", action="store_true", help="calid, calid+: average over the 8 rotations and reflections of the slice plane (slower)")
     parser.add_argument("--no-segmentation", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -58,7 +59,7 @@ def main(argv: list[str], scene: Any) -> int:
         node = mrml.sequence_from_stack(scene, stack, name)[0] if stack.n_frames > 1 else mrml.volume_from_stack(scene, stack, name)
         options = UpsamplingOptions(
             args.factor, args.mode, args.steps, args.seed, args.device, args.model, args.frames, not args.no_segmentation, centre_on_heart=args.centre_on_heart,
-            placeholder_spacing=args.placeholder_spacing,
+            placeholder_spacing=args.placeholder_spacing, tta=args.tta,
         )
         result = upsample_node(scene, node, options, progress=lambda done, total, message: print(f"{100 * done / max(total, 1):5.1f} % {message}", flush=True))
         written = [write_stack(result.dense, out / f"{name}_{args.mode.replace('+', 'plus')}_x{args.factor}.nii.gz")]

@@ -183,6 +183,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     from calid.data.stack import fixed_placeholder_mm
 
     fixed_placeholder_mm(args.placeholder_spacing)  # checked before anything is loaded
+    if args.tta and args.mode not in ("calid", "calid+"):
+        print(f"note: --tta applies to modes calid and calid+; mode {args.mode} is linear, hence already the same in every orientation", file=sys.stderr)
     started = time.perf_counter()
     pipeline = load_pipeline("linear" if args.mode == "linear" and args.model is None else args.model, device=args.device)
     assumed_pixel = pipeline.assumed_pixel_mm_for(args.placeholder_spacing)
@@ -199,11 +201,11 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
             print(f"centring the model's crop on the heart at R,A,S {-centre[0]:.1f},{-centre[1]:.1f},{centre[2]:.1f} mm", flush=True)
     dense = _run_upsampling(
         pipeline, stack, "json" if args.progress == "json" else not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre,
-        temporal=True if args.temporal else None, assumed_pixel_mm=assumed_pixel,
+        temporal=True if args.temporal else None, assumed_pixel_mm=assumed_pixel, tta=args.tta,
     )
     write_stack(dense, target, overwrite=args.overwrite)
     info = dense.metadata["upsampling"]
-    how = f"mode {args.mode}" + ("" if args.mode == "linear" else f", {args.steps} steps, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
+    how = f"mode {args.mode}" + ("" if args.mode == "linear" else f", {args.steps} steps{', averaged over 8 turns/mirrors' if info.get('tta') else ''}, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
     print(
         f"{stack.n_slices} -> {dense.n_slices} slices, {stack.slice_spacing:g} -> {dense.slice_spacing:g} mm, "
         f"{dense.n_frames} frame(s), {how}, {time.perf_counter() - started:.1f} s on {pipeline.describe()['device']}: {target}"
@@ -696,6 +698,11 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda:N")
     upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9 (default: all)")
     upsample.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    upsample.add_argument(
+        "--tta", action="store_true",
+        help="test-time augmentation (calid, calid+): average each new slice over the 8 rotations and reflections of the slice plane; "
+        "about 8x the denoiser's work, smoother, and closer to the truth on average with few steps",
+    )
     upsample.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v), help="slices per network call (default: from free memory)")
     upsample.add_argument(
         "--centre-on-heart", action="store_true",
@@ -840,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors")
     train.set_defaults(handler=_cmd_train)
 
-    from calid.evaluation.harness import METHODS, STEP_SWEEP
+    from calid.evaluation.harness import ALL_METHODS, METHODS, STEP_SWEEP
 
     pack = commands.add_parser(
         "pack", help="preprocess training images once into one compressed .npz (to carry a data set to a GPU machine; calid train --data FILE.npz)"
@@ -863,7 +870,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--data", nargs="+", default=["phantom:2"], help="cine files, folders or phantom:N (default phantom:2)")
     evaluate_cmd.add_argument("--out", required=True, help="report folder")
     evaluate_cmd.add_argument("--model", help="CaLID model file or installed name (default: the installed default)")
-    evaluate_cmd.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
+    evaluate_cmd.add_argument(
+        "--methods", default=",".join(METHODS),
+        help=f"comma-separated, from {', '.join(ALL_METHODS)} (default: all but the -tta ones, calid and calid+ with test-time augmentation)",
+    )
     evaluate_cmd.add_argument("--steps", type=int, help="DDIM steps of calid and calid+ in tasks 1, 3, 4 (default: the model's)")
     evaluate_cmd.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the inversion-slerp baseline (inversion and decoding)")
     evaluate_cmd.add_argument("--frames", default="labelled", help="labelled (frames with labels), all, or a selection like 0,5-9")

@@ -30,6 +30,8 @@ class UpsamplingOptions:
     #: A cine saved without geometry (all spacings exactly 1 mm): the pixel size the network is shown:
     #: "model" (what the model's training assumed), "keep" (1 mm) or a size in mm, as ``calid upsample --placeholder-spacing``.
     placeholder_spacing: str | None = "model"  # None: "model"
+    #: Test-time augmentation (calid, calid+): average over the 8 rotations and reflections of the slice plane.
+    tta: bool = False
     #: Points placed by the user (LPS mm): 1 = aortic valve (3-chamber plane), 3 = a plane of their own.
     plane_points_lps: tuple[tuple[float, float, float], ...] | None = None
 
@@ -84,7 +86,7 @@ def upsample_node(
         centre = heart_centre_lps(stack, frame=chosen[0] if chosen else 0)
     dense = pipeline.upsample(
         stack, options.factor, mode=options.mode, steps=options.steps, seed=options.seed, frames=options.frames, progress=progress, cancel=cancel, centre_lps=centre,
-        assumed_pixel_mm=assumed_pixel_mm,
+        assumed_pixel_mm=assumed_pixel_mm, tta=options.tta,
     )
     result = _add_output(scene, input_node, stack, dense, options)
     if options.segment:

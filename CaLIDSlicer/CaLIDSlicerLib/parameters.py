@@ -105,5 +105,6 @@ def options_from_parameters(parameters: Any, current_frame: int = 0, plane_point
         segment=bool(parameters.segment),
         centre_on_heart=bool(getattr(parameters, "centreOnHeart", False)),
         placeholder_spacing=placeholder_spacing,
+        tta=bool(getattr(parameters, "testTimeAugmentation", False)),
         plane_points_lps=None if points is None or len(points) == 0 else tuple(map(tuple, points)),
     )

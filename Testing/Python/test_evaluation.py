@@ -73,6 +73,24 @@ def test_interpolate_slices_is_the_engine_on_one_gap(small_phantom):
         pipeline.interpolate_slices(previous[:, :8], following[:, :8], "calid")
 
 
+def test_test_time_augmented_methods_are_scored_beside_the_plain_ones(tmp_path):
+    out = tmp_path / "tta"
+    config = EvaluationConfig(
+        data=("phantom:1",), out_dir=str(out), model="untrained:tiny", methods=("linear", "calid", "calid-tta"), tasks=(1, 4), steps=1,
+        phantoms=1, factor=2, batch_size=32,
+    )
+    evaluate(config, command="test")
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["methods"] == ["linear", "calid", "calid-tta"]
+    summary = saved["task1"]["summary"]
+    assert summary["calid-tta"]["slices"] == summary["calid"]["slices"] > 0
+    assert summary["calid-tta"]["psnr"]["mean"] != pytest.approx(summary["calid"]["psnr"]["mean"], abs=1e-4)
+    assert {"calid", "calid-tta"} <= set(saved["task4"]["summary"])
+    assert "calid-tta" in (out / "report.md").read_text()
+    with pytest.raises(InputError, match="calid-tta"):
+        EvaluationConfig(data=("phantom:1",), out_dir=str(out), methods=("calid-ttx",))
+
+
 def test_evaluation_end_to_end_on_two_phantoms(tmp_path):
     out = tmp_path / "report"
     config = EvaluationConfig(

@@ -181,9 +181,10 @@ def test_background_process_progress_and_cancel(phantom, tmp_path):
     from CaLIDSlicerLib.process import parse_progress, upsample_command, warnings_in
 
     source = write_stack(phantom.sparse, tmp_path / "in.seq.nrrd")
-    done = upsample_command(source, tmp_path / "dense.seq.nrrd", UpsamplingOptions(factor=2, steps=1, model="untrained:tiny", device="cpu", frames="0"))
+    done = upsample_command(source, tmp_path / "dense.seq.nrrd", UpsamplingOptions(factor=2, steps=1, model="untrained:tiny", device="cpu", frames="0", tta=True))
     finished = subprocess.run(done, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
+    assert "averaged over 8 turns/mirrors" in finished.stdout
     updates = [u for u in map(parse_progress, finished.stdout.splitlines()) if u]
     assert updates and updates[-1]["done"] == updates[-1]["total"]
     assert read_stack(tmp_path / "dense.seq.nrrd").n_slices == 2 * phantom.sparse.n_slices - 1
@@ -350,7 +351,9 @@ def test_parameter_node_fields_match_the_panel_and_become_options():
     defaults = SimpleNamespace(**{name: None if value is None else eval(compile(ast.Expression(value), "defaults", "eval"), namespace) for name, value in fields.items()})
     options = options_from_parameters(defaults)
     assert (options.factor, options.mode, options.steps, options.seed, options.frames, options.device, options.model, options.segment) == (4, "calid", None, 0, None, "auto", None, True)
-    assert options.placeholder_spacing == "model"
+    assert options.placeholder_spacing == "model" and options.tta is False
+    defaults.testTimeAugmentation = True
+    assert options_from_parameters(defaults).tta is True
     defaults.placeholderSpacing, defaults.placeholderPixelMm = PlaceholderSpacing.CUSTOM, 1.5
     assert options_from_parameters(defaults).placeholder_spacing == "1.5"
     defaults.placeholderSpacing = PlaceholderSpacing.KEEP
@@ -422,6 +425,26 @@ def test_centre_on_heart_moves_the_models_window_onto_the_heart(scene, tmp_path)
     offset = np.linalg.inv(stack.direction) @ (heart - np.asarray(stack.origin))  # heart in mm along the image axes
     assert np.linalg.norm(windows[True] - offset[:2]) < min(10.0, np.linalg.norm(windows[False] - offset[:2]))
     assert "--centre-on-heart" in upsample_command(image_path, tmp_path / "o.nii.gz", UpsamplingOptions(centre_on_heart=True))
+
+
+def test_test_time_augmentation_from_the_panel_options(scene, phantom):
+    """The panel's "average over the 8 rotations and reflections" reaches the engine through a real volume node."""
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+    from CaLIDSlicerLib.process import upsample_command
+
+    from calid.inference import load_pipeline
+
+    pipeline = load_pipeline("untrained:tiny", device="cpu")
+    node = mrml.volume_from_stack(scene, phantom.sparse.select_frames([0]), "one frame")
+    from_node = mrml.stack_from_volume(node)
+    options = UpsamplingOptions(factor=2, mode="calid", steps=1, model="untrained:tiny", device="cpu", segment=False, tta=True)
+    averaged = upsample_node(scene, node, options, pipeline=pipeline).dense
+    np.testing.assert_array_equal(averaged.data, pipeline.upsample(from_node, 2, "calid", 1, tta=True).data)
+    assert averaged.metadata["upsampling"]["tta"] is True
+    assert not np.array_equal(averaged.data, pipeline.upsample(from_node, 2, "calid", 1).data)
+    np.testing.assert_array_equal(averaged.data[:, ::2], from_node.data)
+    assert "--tta" in upsample_command("in.nii.gz", "out.nii.gz", options)
+    assert "--tta" not in upsample_command("in.nii.gz", "out.nii.gz", UpsamplingOptions())
 
 
 def test_volume_without_geometry_reaches_the_network_at_the_chosen_pixel_size(scene, tmp_path):

@@ -59,6 +59,14 @@ from calid.models.config import named_config
 
 SCHEMA = "calid-evaluation/1"
 METHODS: tuple[str, ...] = ("linear", "latent-linear", INVERSION_SLERP, "calid", "calid+")
+#: calid / calid+ with test-time augmentation (the 8 rotations and reflections averaged): asked for by name.
+TTA_METHODS: tuple[str, ...] = ("calid-tta", "calid+-tta")
+ALL_METHODS: tuple[str, ...] = METHODS + TTA_METHODS
+
+
+def engine_mode(method: str) -> tuple[str, bool]:
+    """An evaluation method -> (the engine's mode, test-time augmentation)."""
+    return (method[: -len("-tta")], True) if method in TTA_METHODS else (method, False)
 STEP_SWEEP: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 STRUCTURES = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
@@ -78,7 +86,7 @@ class EvaluationConfig:
         data: cine files, folders of them, or ``phantom:N`` (N synthetic subjects).
         out_dir: where the report goes.
         model: CaLID model (file, installed name, ``untrained:tiny``); None = default installed.
-        methods: any of :data:`METHODS`.
+        methods: any of :data:`ALL_METHODS` (default :data:`METHODS`).
         steps: DDIM steps of calid / calid+ in Tasks 1, 3, 4.
         baseline_steps: DDIM steps of the inversion and the decoding of ``inversion-slerp``
             (DiffAE-style baselines decode with many steps).
@@ -122,9 +130,9 @@ class EvaluationConfig:
     temporal_model: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = [m for m in self.methods if m not in ALL_METHODS]
         if unknown:
-            raise InputError("--methods", f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+            raise InputError("--methods", f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
         if not self.methods:
             raise InputError("--methods", "no method selected")
         bad_tasks = [t for t in self.tasks if t not in (1, 2, 3, 4)]
@@ -418,12 +426,13 @@ class Evaluation:
 
     def _method_available(self, method: str) -> bool:
         model = self.pipeline.model
+        mode, _ = engine_mode(method)
         if method == "linear":
             return True
         if model is None:
             self.skipped[method] = "no CaLID model is installed"
             return False
-        if method in ("calid", "calid+", INVERSION_SLERP) and model.net is None:
+        if mode in ("calid", "calid+", INVERSION_SLERP) and model.net is None:
             self.skipped[method] = "the model is an autoencoder only"
             return False
         if method == INVERSION_SLERP and model.config.denoiser.condition_dropout <= 0 and not self.pipeline.untrained:
@@ -540,7 +549,8 @@ class Evaluation:
     def _predict(self, method: str, previous: np.ndarray, following: np.ndarray, keys: list[tuple[int, int, int]], steps: int | None = None) -> np.ndarray:
         if steps is None:
             steps = self.config.baseline_steps if method == INVERSION_SLERP else self.steps
-        return self.pipeline.interpolate_slices(previous, following, method, steps, keys, batch_size=self.config.batch_size)
+        mode, tta = engine_mode(method)
+        return self.pipeline.interpolate_slices(previous, following, mode, steps, keys, batch_size=self.config.batch_size, tta=tta)
 
     def _task1(self, subjects: list[EvalSubject], triplets: dict[str, _Triplets]) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
         perceptual = self.perceptual
@@ -716,7 +726,8 @@ class Evaluation:
             for method, given in candidates:
                 self.progress(f"task 4: phantom {i + 1}/{self.config.phantoms}, {method}")
                 dense = given if given is not None else self.pipeline.upsample(
-                    phantom.sparse, factor, method, self.steps, self.config.seed, frames=frames, batch_size=self.config.batch_size
+                    phantom.sparse, factor, engine_mode(method)[0], self.steps, self.config.seed, frames=frames, batch_size=self.config.batch_size,
+                    tta=engine_mode(method)[1],
                 )
                 row: dict[str, Any] = {"subject": f"phantom{3000 + i}", "method": method}
                 if given is None:
