@@ -5,7 +5,8 @@ triplets (previous, middle, next; 10 mm gaps):
 
 - pixel linear interpolation, the autoencoder's reconstruction of the middle
   slice (the ceiling of every latent method), latent-linear interpolation and,
-  for a full CaLID model, CaLID with the model's default steps;
+  for a full CaLID model, CaLID with the model's default steps (and with
+  ``--tta``, also averaged over the 8 rotations and reflections);
 - each with the decoder floor snap as stored in the model and without it
   (``floor_snap`` = 0), and with files saved without geometry read as stored
   (1 mm pixels) and at the median pixel size of the others.
@@ -58,6 +59,7 @@ def main() -> None:
     parser.add_argument("--subjects", required=True, help="held-out subjects, e.g. patient061..patient070")
     parser.add_argument("--triplets", type=int, default=128, help="triplets drawn (seeded) from those subjects")
     parser.add_argument("--steps", type=int, help="DDIM steps of calid (default: the model's)")
+    parser.add_argument("--tta", action="store_true", help="also calid with test-time augmentation (8 rotations and reflections averaged)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -95,6 +97,8 @@ def main() -> None:
                     if model.net is not None:
                         steps = args.steps or pipeline.default_steps
                         methods[f"calid ({steps} step(s))"] = pipeline.interpolate_slices(previous, following, "calid", steps, batch_size=32)
+                        if args.tta:
+                            methods[f"calid ({steps} step(s)), tta"] = pipeline.interpolate_slices(previous, following, "calid", steps, batch_size=32, tta=True)
                 finally:
                     pipeline.model = model
                 for method, predicted in methods.items():
