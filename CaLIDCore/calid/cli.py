@@ -184,7 +184,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
 
     fixed_placeholder_mm(args.placeholder_spacing)  # checked before anything is loaded
     if args.tta and args.mode not in ("calid", "calid+"):
-        print(f"note: --tta applies to modes calid and calid+; mode {args.mode} is linear, hence already the same in every orientation", file=sys.stderr)
+        print(f"note: --tta applies to modes calid and calid+; it has no effect on mode {args.mode}", file=sys.stderr)
     started = time.perf_counter()
     pipeline = load_pipeline("linear" if args.mode == "linear" and args.model is None else args.model, device=args.device)
     assumed_pixel = pipeline.assumed_pixel_mm_for(args.placeholder_spacing)

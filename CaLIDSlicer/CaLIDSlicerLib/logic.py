@@ -109,7 +109,7 @@ def _add_user_plane(result: UpsamplingResult, options: UpsamplingOptions) -> Non
 def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack, options: UpsamplingOptions) -> UpsamplingResult:
     """New node(s) for the dense stack: a volume, or a sequence played by the input cine's own
     browser (synchronised) when every frame was upsampled, else by a browser of its own."""
-    name = f"{input_node.GetName()} {options.mode} x{options.factor}"
+    name = f"{input_node.GetName()} {options.mode} x{options.factor}" + (" tta" if dense.metadata.get("upsampling", {}).get("tta") else "")
     if dense.n_frames == 1:
         return UpsamplingResult(dense=dense, output_node=mrml.volume_from_stack(scene, dense, name))
     whole_cine = input_node.IsA("vtkMRMLSequenceNode") and dense.n_frames == stack.n_frames

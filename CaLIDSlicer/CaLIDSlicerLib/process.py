@@ -32,7 +32,7 @@ def upsample_command(input_path: str | os.PathLike[str], output_path: str | os.P
         command += ["--model", options.model]
     if options.placeholder_spacing is not None and str(options.placeholder_spacing).strip().lower() != "model":
         command += ["--placeholder-spacing", str(options.placeholder_spacing)]
-    if options.tta:
+    if options.tta and options.mode in ("calid", "calid+"):
         command += ["--tta"]
     if options.frames and options.frames != "all":
         command += ["--frames", options.frames]

@@ -204,6 +204,11 @@ def test_2dt_engine_on_4d_input_keeps_geometry_and_acquired_slices():
     # Frames select what is returned; the clips still see the whole cycle, so the frames are identical.
     some = pipeline.upsample(sparse, 4, "calid", steps=2, frames="2,7", batch_size=4)
     np.testing.assert_allclose(some.data, dense.data[[2, 7]], rtol=1e-5, atol=1e-4)
+    # Test-time augmentation turns the clips in their plane, frame by frame.
+    averaged = pipeline.upsample(sparse, 2, "calid", steps=1, batch_size=4, tta=True)
+    assert averaged.metadata["upsampling"]["tta"] is True
+    np.testing.assert_array_equal(averaged.data[:, ::2], sparse.data)
+    assert np.abs(averaged.data - pipeline.upsample(sparse, 2, "calid", steps=1, batch_size=4).data).max() > 1e-3
     # The result does not depend on the batch size.
     np.testing.assert_allclose(pipeline.upsample(sparse, 2, "calid+", steps=1, batch_size=1).data, pipeline.upsample(sparse, 2, "calid+", steps=1, batch_size=8).data, rtol=1e-4, atol=1e-3)
     with pytest.raises(InputError, match="2D model"):

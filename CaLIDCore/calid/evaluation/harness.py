@@ -62,16 +62,16 @@ METHODS: tuple[str, ...] = ("linear", "latent-linear", INVERSION_SLERP, "calid",
 #: calid / calid+ with test-time augmentation (the 8 rotations and reflections averaged): asked for by name.
 TTA_METHODS: tuple[str, ...] = ("calid-tta", "calid+-tta")
 ALL_METHODS: tuple[str, ...] = METHODS + TTA_METHODS
-
-
-def engine_mode(method: str) -> tuple[str, bool]:
-    """An evaluation method -> (the engine's mode, test-time augmentation)."""
-    return (method[: -len("-tta")], True) if method in TTA_METHODS else (method, False)
 STEP_SWEEP: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 STRUCTURES = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
 TASK4_HEADERS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lv ef error (points)": "LV EF error (points)"}
 SEG_METRICS = ("dice", "hd95_mm", "asd_mm", "assd_mm")
+
+
+def engine_mode(method: str) -> tuple[str, bool]:
+    """An evaluation method -> (the engine's mode, test-time augmentation)."""
+    return (method[: -len("-tta")], True) if method in TTA_METHODS else (method, False)
 #: Label files next to the images or in ``--labels``: ``SUBJECT_frameNN_gt.*`` with NN counted from 1 (ACDC).
 _LABEL_FILE = re.compile(r"_frame(\d+)_gt\.(nii\.gz|nii|nrrd|nhdr)$", re.IGNORECASE)
 
@@ -612,7 +612,7 @@ class Evaluation:
     def _task2(self, subjects: list[EvalSubject], triplets: dict[str, _Triplets]) -> dict[str, Any]:
         modes = [m for m in ("calid", "calid+") if m in self.methods]
         if not modes:
-            return {"skipped": "needs the calid or calid+ method (and a CaLID model)"}
+            return {"skipped": "needs the calid or calid+ method (and a CaLID model); the -tta variants are not swept"}
         pool = [(name, i) for name in (s.name for s in subjects) for i in range(len(triplets[name].truth))]
         if not pool:
             return {"skipped": "no interior slices"}
@@ -725,9 +725,9 @@ class Evaluation:
             candidates: list[tuple[str, CineStack | None]] = [(m, None) for m in methods] + [("truth image", truth)]
             for method, given in candidates:
                 self.progress(f"task 4: phantom {i + 1}/{self.config.phantoms}, {method}")
+                mode, tta = engine_mode(method)
                 dense = given if given is not None else self.pipeline.upsample(
-                    phantom.sparse, factor, engine_mode(method)[0], self.steps, self.config.seed, frames=frames, batch_size=self.config.batch_size,
-                    tta=engine_mode(method)[1],
+                    phantom.sparse, factor, mode, self.steps, self.config.seed, frames=frames, batch_size=self.config.batch_size, tta=tta
                 )
                 row: dict[str, Any] = {"subject": f"phantom{3000 + i}", "method": method}
                 if given is None:

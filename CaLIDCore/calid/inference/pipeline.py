@@ -402,8 +402,8 @@ class UpsamplingPipeline:
             next_t = torch.from_numpy(following[part]).to(self.device)
             z_prev, z_next = self._encode(prev_t.unsqueeze(1)), self._encode(next_t.unsqueeze(1))
             condition = torch.stack([prev_t, next_t], dim=1)
-            z_mid = self._interpolate(mode, condition, z_prev, z_next, int(steps), keys[part], tracker, "", tta)
-            out[part] = self._decode(z_mid).cpu().numpy()
+            _, image_mid = self._generate(mode, condition, z_prev, z_next, int(steps), keys[part], tracker, "", tta)
+            out[part] = image_mid.cpu().numpy()
         return out
 
     # ------------------------------------------------------------------ internals
@@ -520,9 +520,9 @@ class UpsamplingPipeline:
                 condition = torch.stack([images[t_index, previous], images[t_index, following]], dim=1)
                 z_prev, z_next = latents[t_index, previous], latents[t_index, following]
                 seeds = [(seed, frame_ids[t], z) for t, z in part]
-                z_mid = self._interpolate(mode, condition, z_prev, z_next, steps, seeds, tracker, message, tta)
+                z_mid, image_mid = self._generate(mode, condition, z_prev, z_next, steps, seeds, tracker, message, tta)
                 latents[t_index, z_index] = z_mid
-                images[t_index, z_index] = self._decode(z_mid)
+                images[t_index, z_index] = image_mid
                 if mode == "latent-linear":
                     tracker.advance(len(part), message)
             stride, level = half, level + 1
@@ -538,7 +538,7 @@ class UpsamplingPipeline:
         decoded = self.model.vae.decode(latents / self.model.latent_scale).float().clamp(-1.0, 1.0)[:, 0]
         return apply_floor_snap(decoded, self.config.vae.floor_snap)
 
-    def _interpolate(
+    def _generate(
         self,
         mode: str,
         condition: torch.Tensor,
@@ -549,27 +549,50 @@ class UpsamplingPipeline:
         tracker: _Tracker,
         message: str,
         tta: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The middle slices of one batch of gaps: (latents, decoded images in [-1, 1])."""
+        if not (tta and mode in TTA_MODES):
+            z_mid = self._interpolate(mode, condition, z_prev, z_next, steps, seeds, tracker, message)
+            return z_mid, self._decode(z_mid)
+        # Test-time augmentation: the average over the dihedral group of the slice plane.
+        # Each member interpolates the turned / mirrored neighbour images in its own frame
+        # (their own encodings, as in training, which encodes turned images; the same
+        # noise), its decoded slice is turned back, and the images are averaged. Averaging
+        # images rather than latents: a latent generated in a turned frame, turned back, is
+        # not the latent of the turned-back image (the encoder is not equivariant), and
+        # averaging such latents measured worse. The average is exactly equivariant to
+        # turning both neighbour images; the next bisection level gets its encoding.
+        total = torch.zeros_like(condition[:, 0])
+        for turns, flip in PLANE_SYMMETRIES:
+            def move(x: torch.Tensor) -> torch.Tensor:
+                x = torch.rot90(x, turns, dims=(-2, -1))
+                return x.flip(-1) if flip else x
+
+            def undo(x: torch.Tensor) -> torch.Tensor:
+                x = x.flip(-1) if flip else x
+                return torch.rot90(x, -turns, dims=(-2, -1))
+
+            moved = move(condition)
+            member_prev, member_next = (self._encode(moved[:, k].unsqueeze(1)) for k in (0, 1))
+            member = self._interpolate_once(mode, moved, member_prev, member_next, steps, seeds, tracker, message, 1.0 / len(PLANE_SYMMETRIES))
+            total += undo(self._decode(member))
+        image_mid = total / len(PLANE_SYMMETRIES)
+        return self._encode(image_mid.unsqueeze(1)), image_mid
+
+    def _interpolate(
+        self,
+        mode: str,
+        condition: torch.Tensor,
+        z_prev: torch.Tensor,
+        z_next: torch.Tensor,
+        steps: int,
+        seeds: Sequence[tuple[Any, ...]],
+        tracker: _Tracker,
+        message: str,
     ) -> torch.Tensor:
         """Latents of the middle slices of one batch of gaps."""
         if mode == "latent-linear":
             return 0.5 * (z_prev + z_next)
-        if tta and mode in TTA_MODES:
-            # The average over the dihedral group of the slice plane: each member sees the
-            # rotated / reflected gap (images and latents alike, the same noise) and its
-            # answer is turned back. The average is then exactly equivariant to these moves.
-            total = torch.zeros_like(z_prev)
-            for turns, flip in PLANE_SYMMETRIES:
-                def move(x: torch.Tensor) -> torch.Tensor:
-                    x = torch.rot90(x, turns, dims=(-2, -1))
-                    return x.flip(-1) if flip else x
-
-                def undo(x: torch.Tensor) -> torch.Tensor:
-                    x = x.flip(-1) if flip else x
-                    return torch.rot90(x, -turns, dims=(-2, -1))
-
-                member = self._interpolate_once(mode, move(condition), move(z_prev), move(z_next), steps, seeds, tracker, message, 1.0 / len(PLANE_SYMMETRIES))
-                total += undo(member)
-            return total / len(PLANE_SYMMETRIES)
         return self._interpolate_once(mode, condition, z_prev, z_next, steps, seeds, tracker, message, 1.0)
 
     def _interpolate_once(
@@ -685,7 +708,7 @@ def untrained_model(config_name: str, seed: int = 0) -> LoadedModel:
         # part of the network count, so that trying (and testing) the pipeline exercises it.
         for parameter in net.parameters():
             if parameter.dim() > 1 and not parameter.any():
-                parameter.normal_(0.0, 0.1)
+                parameter.normal_(0.0, 1.0 / math.sqrt(parameter[0].numel()))  # unit gain: 1 / sqrt(fan-in)
     return LoadedModel(config=config, vae=vae, net=net, latent_scale=1.0, info={"info": {"untrained": True}}, path=f"{UNTRAINED_PREFIX}{config_name}")
 
 
