@@ -438,7 +438,9 @@ def test_test_time_augmentation_from_the_panel_options(scene, phantom):
     node = mrml.volume_from_stack(scene, phantom.sparse.select_frames([0]), "one frame")
     from_node = mrml.stack_from_volume(node)
     options = UpsamplingOptions(factor=2, mode="calid", steps=1, model="untrained:tiny", device="cpu", segment=False, tta=True)
-    averaged = upsample_node(scene, node, options, pipeline=pipeline).dense
+    result = upsample_node(scene, node, options, pipeline=pipeline)
+    averaged = result.dense
+    assert result.output_node.GetName() == "one frame calid x2 tta"
     np.testing.assert_array_equal(averaged.data, pipeline.upsample(from_node, 2, "calid", 1, tta=True).data)
     assert averaged.metadata["upsampling"]["tta"] is True
     assert not np.array_equal(averaged.data, pipeline.upsample(from_node, 2, "calid", 1).data)
