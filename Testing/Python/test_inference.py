@@ -24,7 +24,7 @@ from calid.data.phantom import PhantomConfig, make_phantom
 from calid.data.preprocess import preprocess
 from calid.errors import Cancelled, InputError
 from calid.inference import load_pipeline, parse_frames, upsample_linear
-from calid.inference.pipeline import untrained_model
+from calid.inference.pipeline import turn_plane, untrained_model
 from calid.models.checkpoint import save_model
 from calid.models.registry import MODEL_DIR_ENV, sha256_of
 
@@ -158,11 +158,6 @@ def test_new_slices_are_generated_around_the_given_centre_and_linear_elsewhere(p
 
 
 # ---------------------------------------------------------------- test-time augmentation
-def _turned(x, turns, flip):
-    x = torch.rot90(x, turns, dims=(-2, -1))
-    return x.flip(-1) if flip else x
-
-
 @pytest.mark.parametrize("mode", ["calid", "calid+"])
 def test_test_time_augmentation_is_exactly_equivariant_to_turns_and_mirrors(pipeline, phantom, mode):
     """Turning both neighbour images turns the averaged middle latent the same way; one network pass does not."""
@@ -174,15 +169,15 @@ def test_test_time_augmentation_is_exactly_equivariant_to_turns_and_mirrors(pipe
 
         def generate(turns, flip, tta):
             tracker = _Tracker(total=2.0, progress=None, cancel=None)
-            a, b = _turned(previous, turns, flip), _turned(following, turns, flip)
+            a, b = turn_plane(previous, turns, flip), turn_plane(following, turns, flip)
             condition = torch.stack([a, b], dim=1)
             z_prev, z_next = pipeline._encode(a[:, None]), pipeline._encode(b[:, None])
             return pipeline._generate(mode, condition, z_prev, z_next, 2, [(0, 0, 1), (0, 0, 3)], tracker, "", tta)[1]
 
         averaged, single = generate(0, False, True), generate(0, False, False)
         for turns, flip in [(1, False), (2, True)]:
-            torch.testing.assert_close(generate(turns, flip, True), _turned(averaged, turns, flip), atol=1e-4, rtol=1e-4)
-            assert (generate(turns, flip, False) - _turned(single, turns, flip)).abs().max() > 1e-3
+            torch.testing.assert_close(generate(turns, flip, True), turn_plane(averaged, turns, flip), atol=1e-4, rtol=1e-4)
+            assert (generate(turns, flip, False) - turn_plane(single, turns, flip)).abs().max() > 1e-3
     assert (averaged - single).abs().max() > 1e-3
 
 

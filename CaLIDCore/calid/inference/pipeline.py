@@ -564,18 +564,10 @@ class UpsamplingPipeline:
         # turning both neighbour images; the next bisection level gets its encoding.
         total = torch.zeros_like(condition[:, 0])
         for turns, flip in PLANE_SYMMETRIES:
-            def move(x: torch.Tensor) -> torch.Tensor:
-                x = torch.rot90(x, turns, dims=(-2, -1))
-                return x.flip(-1) if flip else x
-
-            def undo(x: torch.Tensor) -> torch.Tensor:
-                x = x.flip(-1) if flip else x
-                return torch.rot90(x, -turns, dims=(-2, -1))
-
-            moved = move(condition)
+            moved = turn_plane(condition, turns, flip)
             member_prev, member_next = (self._encode(moved[:, k].unsqueeze(1)) for k in (0, 1))
-            member = self._interpolate_once(mode, moved, member_prev, member_next, steps, seeds, tracker, message, 1.0 / len(PLANE_SYMMETRIES))
-            total += undo(self._decode(member))
+            member = self._interpolate(mode, moved, member_prev, member_next, steps, seeds, tracker, message, share=1.0 / len(PLANE_SYMMETRIES))
+            total += turn_plane(self._decode(member), turns, flip, inverse=True)
         image_mid = total / len(PLANE_SYMMETRIES)
         return self._encode(image_mid.unsqueeze(1)), image_mid
 
@@ -589,25 +581,11 @@ class UpsamplingPipeline:
         seeds: Sequence[tuple[Any, ...]],
         tracker: _Tracker,
         message: str,
+        share: float = 1.0,
     ) -> torch.Tensor:
-        """Latents of the middle slices of one batch of gaps."""
+        """Latents of the middle slices of one batch of gaps; ``share`` of the batch's progress is reported."""
         if mode == "latent-linear":
             return 0.5 * (z_prev + z_next)
-        return self._interpolate_once(mode, condition, z_prev, z_next, steps, seeds, tracker, message, 1.0)
-
-    def _interpolate_once(
-        self,
-        mode: str,
-        condition: torch.Tensor,
-        z_prev: torch.Tensor,
-        z_next: torch.Tensor,
-        steps: int,
-        seeds: Sequence[tuple[Any, ...]],
-        tracker: _Tracker,
-        message: str,
-        share: float,
-    ) -> torch.Tensor:
-        """One generation of the middle latents; ``share`` of the batch's progress is reported."""
         assert self.model is not None and self.model.net is not None
         net: CaLIDNet = self.model.net
         if mode == INVERSION_SLERP:
@@ -683,6 +661,15 @@ class UpsamplingPipeline:
         state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)
         generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def turn_plane(x: torch.Tensor, turns: int, flip: bool, inverse: bool = False) -> torch.Tensor:
+    """``x`` turned by ``turns`` quarter turns in its last two axes, then mirrored along the last one if
+    ``flip``; ``inverse`` undoes exactly that move."""
+    if not inverse:
+        x = torch.rot90(x, turns, dims=(-2, -1))
+    x = x.flip(-1) if flip else x
+    return torch.rot90(x, -turns, dims=(-2, -1)) if inverse else x
 
 
 def seam_weight(params: PreprocessParams) -> np.ndarray:
