@@ -122,15 +122,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     ed, es = 0, phantom.es_frame
     frames = sorted({ed, es}) if args.frames is None else args.frames
     args.steps = pipeline.default_steps if args.steps is None else args.steps
-    print(f"Upsampling x{factor} with {pipeline.name} ({args.mode}, {args.steps} steps) on {pipeline.describe()['device']} ...", flush=True)
-    dense = _run_upsampling(pipeline, phantom.sparse, not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames)
+    if args.tta and args.mode not in ("calid", "calid+"):
+        print(f"note: --tta applies to modes calid and calid+; it has no effect on mode {args.mode}", file=sys.stderr)
+    tta = args.tta and args.mode in ("calid", "calid+")
+    averaged = ", averaged over 8 turns/mirrors" if tta else ""
+    print(f"Upsampling x{factor} with {pipeline.name} ({args.mode}, {args.steps} steps{averaged}) on {pipeline.describe()['device']} ...", flush=True)
+    dense = _run_upsampling(pipeline, phantom.sparse, not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, tta=tta)
     chosen = dense.metadata["upsampling"]["frames"]
     linear = load_pipeline("linear").upsample(phantom.sparse, factor, mode="linear", frames=chosen)
     sparse = phantom.sparse.select_frames(chosen)
     truth = phantom.truth_for_factor(factor).select_frames(chosen)
     psnr = {"linear": _psnr_of_new_slices(linear, truth, factor), args.mode: _psnr_of_new_slices(dense, truth, factor)}
-    label = f"{args.mode} x{factor}" + (" (UNTRAINED)" if pipeline.untrained else "")
-    mode_tag = args.mode.replace("+", "plus")
+    label = f"{args.mode}{' tta' if tta else ''} x{factor}" + (" (UNTRAINED)" if pipeline.untrained else "")
+    mode_tag = args.mode.replace("+", "plus") + ("_tta" if tta else "")
     files = {
         "sparse": write_stack(sparse, out / "phantom_sparse.nii.gz"),
         "dense": write_stack(dense, out / f"phantom_{mode_tag}_x{factor}.nii.gz"),
@@ -685,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--frames", type=lambda text: text, default=None, help="frames to upsample, e.g. 0,5-9 or all (default: end-diastole and end-systole)")
     demo.add_argument("--phantom-frames", type=int, default=20, help="frames of the phantom cine (default 20)")
     demo.add_argument("--seed", type=int, default=0, help="phantom and sampling seed (default 0)")
+    demo.add_argument("--tta", action="store_true", help="calid / calid+: average each new slice over the 8 rotations and mirrors of the slice plane (about 8 times slower)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_cmd_demo)
 

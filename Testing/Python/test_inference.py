@@ -404,6 +404,22 @@ def test_cli_demo_untrained_labels_itself_and_writes_everything(tmp_path, monkey
     assert "PSNR" in result.stdout and "linear" in result.stdout
 
 
+def test_cli_demo_with_test_time_augmentation_names_and_records_it(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = cli_main(["demo", "--out", str(out), "--model", "untrained:tiny", "--factor", "2", "--phantom-frames", "2", "--frames", "0", "--steps", "1", "--tta", "--quiet"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "averaged over 8 turns/mirrors" in printed.out
+    dense = read_stack(out / "phantom_calid_tta_x2.nii.gz")
+    assert dense.metadata["upsampling"]["tta"] is True
+    np.testing.assert_array_equal(dense.data[:, ::2], read_stack(out / "phantom_sparse.nii.gz").data)
+    assert not (out / "phantom_calid_x2.nii.gz").exists()
+    # A linear demo says that --tta does nothing there, and does not name its file tta.
+    assert cli_main(["demo", "--out", str(out), "--mode", "linear", "--factor", "2", "--phantom-frames", "2", "--frames", "0", "--tta", "--quiet"]) == 0
+    assert "no effect on mode linear" in capsys.readouterr().err
+    assert (out / "phantom_linear_x2.nii.gz").is_file() and not (out / "phantom_linear_tta_x2.nii.gz").exists()
+
+
 def test_install_a_trained_model_and_use_it_by_name(tmp_path, tiny_model_file, phantom, capsys):
     folder = tmp_path / "models"
     card = tmp_path / "card.md"

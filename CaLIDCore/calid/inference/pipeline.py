@@ -565,7 +565,10 @@ class UpsamplingPipeline:
         total = torch.zeros_like(condition[:, 0])
         for turns, flip in PLANE_SYMMETRIES:
             moved = turn_plane(condition, turns, flip)
-            member_prev, member_next = (self._encode(moved[:, k].unsqueeze(1)) for k in (0, 1))
+            if turns == 0 and not flip:
+                member_prev, member_next = z_prev, z_next  # already the encodings of the unturned images
+            else:
+                member_prev, member_next = (self._encode(moved[:, k].unsqueeze(1)) for k in (0, 1))
             member = self._interpolate(mode, moved, member_prev, member_next, steps, seeds, tracker, message, share=1.0 / len(PLANE_SYMMETRIES))
             total += turn_plane(self._decode(member), turns, flip, inverse=True)
         image_mid = total / len(PLANE_SYMMETRIES)
