@@ -242,6 +242,19 @@ def test_evaluate_compares_2d_and_2dt_models(tmp_path):
         evaluate(EvaluationConfig(data=("phantom:1",), out_dir=str(tmp_path / "x"), model="untrained:tiny", temporal_model="untrained:tiny", tasks=(1,)))
 
 
+def test_evaluate_temporal_comparison_adds_the_tta_pair_when_tta_methods_are_asked_for(tmp_path):
+    config = dict(data=("phantom:1",), model="untrained:tiny", temporal_model="untrained:tiny-2d+t", tasks=(1,), steps=1, batch_size=16)
+    results = evaluate(EvaluationConfig(out_dir=str(tmp_path / "tta"), methods=("calid", "calid-tta"), **config), command="test")
+    task = results["temporal"]
+    assert set(task["summary"]) == {"2D frame by frame", "2D+T", "2D frame by frame, tta", "2D+T, tta"}
+    assert task["models"]["2D+T, tta"]["tta"] is True and task["models"]["2D+T"]["tta"] is False
+    rows = {row["method"]: row for row in task["per_subject"]}
+    # Averaging over the turns changes the generated slices, so it changes their scores.
+    assert rows["2D+T, tta"]["psnr"] != rows["2D+T"]["psnr"]
+    assert rows["2D frame by frame, tta"]["psnr"] != rows["2D frame by frame"]["psnr"]
+    assert "| 2D+T, tta |" in (tmp_path / "tta" / "report.md").read_text()
+
+
 def test_cli_upsample_temporal_refuses_a_2d_model(tmp_path, small_phantom):
     from calid.data.io import write_stack
 

@@ -776,21 +776,26 @@ class Evaluation:
         assert self.temporal_pipeline is not None
         from calid.evaluation.temporal import frame_to_frame_change
 
-        models = {"2D frame by frame": self.pipeline, "2D+T": self.temporal_pipeline}
+        # label -> (pipeline, test-time augmentation); the tta pair only when -tta methods were asked for.
+        models: dict[str, tuple[UpsamplingPipeline, bool]] = {"2D frame by frame": (self.pipeline, False), "2D+T": (self.temporal_pipeline, False)}
         if self.pipeline.model is None or self.pipeline.model.net is None:
-            models = {"linear": self.pipeline, "2D+T": self.temporal_pipeline}
+            models = {"linear": (self.pipeline, False), "2D+T": (self.temporal_pipeline, False)}
+        if any(method in TTA_METHODS for method in self.methods):
+            if self.pipeline.model is not None and self.pipeline.model.net is not None:
+                models["2D frame by frame, tta"] = (self.pipeline, True)
+            models["2D+T, tta"] = (self.temporal_pipeline, True)
         per_subject: list[dict[str, Any]] = []
         example: dict[str, np.ndarray] = {}
         for index, subject in enumerate(s for s in subjects if s.stack.n_frames > 1):
             stack = subject.stack
             low, high = (float(v) for v in np.percentile(stack.data, self.preprocess_config.percentiles))
-            for label, pipeline in models.items():
+            for label, (pipeline, tta) in models.items():
                 self.progress(f"temporal: {subject.name}, {label}")
                 mode = "linear" if pipeline.model is None else "calid"
                 predicted, truths = [], []
                 for n in range(1, stack.n_slices - 1):
                     pair = stack.with_data(stack.data[:, [n - 1, n + 1]])
-                    middle = pipeline.upsample(pair, 2, mode, self.config.steps, self.config.seed, batch_size=self.config.batch_size).data[:, 1]
+                    middle = pipeline.upsample(pair, 2, mode, self.config.steps, self.config.seed, batch_size=self.config.batch_size, tta=tta).data[:, 1]
                     predicted.append(np.clip((middle - low) / (high - low), 0, 1))
                     truths.append(np.clip((stack.data[:, n] - low) / (high - low), 0, 1))
                 generated, truth = np.stack(predicted), np.stack(truths)  # (slices, T, Y, X)
@@ -816,7 +821,7 @@ class Evaluation:
         if example:
             figure = "temporal_xt.png"
             plot_xt(example, Path(self.config.out_dir) / figure)
-        return {"per_subject": pooled, "summary": summary, "models": {k: v.describe() for k, v in models.items()}, "figure": figure}
+        return {"per_subject": pooled, "summary": summary, "models": {k: {**v.describe(), "tta": tta} for k, (v, tta) in models.items()}, "figure": figure}
 
     # ------------------------------------------------------------------ outputs
     def _write(self, results: dict[str, Any], subjects: list[EvalSubject], triplets: dict[str, _Triplets], predictions: dict[str, dict[str, np.ndarray]]) -> None:
