@@ -480,11 +480,15 @@ def test_install_adds_info_and_cuts_training_machine_paths(tmp_path, capsys):
     recorded = {"training_data": {"inputs": ["/home/someone/data/acdc_cine"]}, "train_config": {"data": ["/home/someone/data/acdc_cine"], "out_dir": "/scratch/runs/ldm", "vae_model": "/scratch/runs/vae/best.safetensors", "steps": 10}}
     source = save_model(tmp_path / "trained.safetensors", model.config, model.vae, model.net, latent_scale=1.0, info=recorded)
     extra = tmp_path / "info.json"
-    extra.write_text(json.dumps({"hardware": "2-core CPU", "reproduce": "calid train ldm ..."}))
+    extra.write_text(json.dumps({"hardware": "2-core CPU", "reproduce": "calid train ldm ...", "licence": "CC BY-NC-SA 4.0"}))
     folder = tmp_path / "models"
     assert cli_main(["install", str(source), "--name", "shared", "--folder", str(folder), "--info", str(extra)]) == 0, capsys.readouterr().err
     info = json.loads((folder / "shared.json").read_text())["info"]
     assert info["hardware"] == "2-core CPU" and info["reproduce"] == "calid train ldm ..."
+    from calid.models.card import model_card_text
+
+    card = model_card_text(folder / "shared.safetensors")
+    assert "2-core CPU" in card and "CC BY-NC-SA 4.0" in card  # the British spelling is shown too
     assert info["training_data"]["inputs"] == ["acdc_cine"] and info["train_config"]["data"] == ["acdc_cine"]
     assert info["train_config"]["out_dir"] == "ldm" and info["train_config"]["vae_model"] == "best.safetensors" and info["train_config"]["steps"] == 10
     assert "/home/someone" not in (folder / "shared.safetensors").read_bytes().decode("latin-1")

@@ -239,8 +239,8 @@ class UpsamplingPipeline:
                 training assumed for such files). The output keeps the stack's stored
                 geometry either way; ignored for stacks with a real geometry.
             tta: test-time augmentation (``calid`` and ``calid+``): every gap is generated
-                in the 8 rotations and reflections of the slice plane and the latents
-                averaged. About 8 times the denoiser's work; the result is an average,
+                in the 8 rotations and reflections of the slice plane, and the 8 decoded
+                slices, turned back, are averaged. About 8 times the denoiser's work; the result is an average,
                 smoother than one sample, and scores higher with few steps.
         """
         factor = check_factor(factor, "factor")

@@ -76,6 +76,8 @@ def model_card_text(model: str | os.PathLike[str]) -> str:
     metrics = info.get("metrics") or {}
     if metrics:
         lines.append("metrics         " + ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in metrics.items()))
+    if "licence" in info and "license" not in info:  # both spellings are accepted in --info files
+        info = {**info, "license": info["licence"]}
     for key in ("hardware", "training_time", "license", "reproduce"):
         if key in info:
             lines.append(f"{key.replace('_', ' '):16s}{info[key]}")
