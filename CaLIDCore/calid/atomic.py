@@ -20,6 +20,12 @@ def _compound_suffix(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+def _current_umask() -> int:
+    umask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; move it into place when the block succeeds.
@@ -32,12 +38,13 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(target, f"the folder {parent} does not exist")
+    if target.is_dir():
+        raise OutputError(target, "is a folder; give a file name")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{_compound_suffix(target)}", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)
     # mkstemp creates 0600 files; give the output the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = _current_umask()
     os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
@@ -66,6 +73,7 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
         if any(target.iterdir()):
             raise OutputError(target, "the output folder exists and is not empty; choose a new folder")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent))
+    os.chmod(tmp, 0o777 & ~_current_umask())  # mkdtemp makes it 0700; give the folder a plain mkdir's permissions
     try:
         yield tmp
         if target.exists():

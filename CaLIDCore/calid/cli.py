@@ -23,6 +23,22 @@ from calid.errors import CalidError, Cancelled, InputError
 EXIT_BAD_INPUT = 2
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (checked before anything is loaded)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number of at least 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expects a whole number of at least 1, got {value}")
+    return value
+
+
+def _batch_size(text: str) -> int | str:
+    """argparse type: ``auto`` or an integer of at least 1."""
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def _same_file(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
@@ -683,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="calid-demo", help="output folder (default: ./calid-demo)")
     demo.add_argument("--factor", type=int, default=8, help="upsampling factor 2, 4, 8, 16 or 32 (default 8)")
     demo.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"], help="method (default calid)")
-    demo.add_argument("--steps", type=int, help="DDIM steps (default: the model's, see calid info)")
+    demo.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model's, see calid info)")
     demo.add_argument("--model", help="model file or name (default: the installed model, else an untrained one)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     demo.add_argument("--frames", type=lambda text: text, default=None, help="frames to upsample, e.g. 0,5-9 or all (default: end-diastole and end-systole)")
@@ -698,17 +714,17 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("output", help="output file (.nii.gz, .nrrd, .seq.nrrd) or new DICOM folder")
     upsample.add_argument("--factor", type=int, default=4, help="2, 4, 8, 16 or 32 (default 4)")
     upsample.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"], help="calid (fast), calid+ (inverted neighbours, better), or a baseline (default calid)")
-    upsample.add_argument("--steps", type=int, help="DDIM steps per new slice (default: the model's validated count, see calid info)")
+    upsample.add_argument("--steps", type=_positive_int, help="DDIM steps per new slice (default: the model's validated count, see calid info)")
     upsample.add_argument("--model", help="model file or installed name (default: the installed default model; see calid info)")
     upsample.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda:N")
-    upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9 (default: all)")
+    upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9; -1 is the last (default: all)")
     upsample.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
     upsample.add_argument(
         "--tta", action="store_true",
         help="test-time augmentation (calid, calid+): average each new slice over the 8 rotations and reflections of the slice plane; "
         "about 8x the denoiser's work, smoother, and closer to the truth on average with few steps",
     )
-    upsample.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v), help="slices per network call (default: from free memory)")
+    upsample.add_argument("--batch-size", default="auto", type=_batch_size, help="slices per network call (default: from free memory)")
     upsample.add_argument(
         "--centre-on-heart", action="store_true",
         help="centre the model's crop on the heart found by the segmentation model (for full field-of-view scans; the model was trained on heart-centred windows)",
@@ -805,7 +821,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--vae", help="ldm stage: the trained VAE file (with --init-from and no --vae: that model's own VAE)")
     train.add_argument("--steps", type=int, help="optimisation steps (default: 20000; seg 4000)")
-    train.add_argument("--batch-size", type=int, help="per process (default: 32; seg 16)")
+    train.add_argument("--batch-size", type=_positive_int, help="per process (default: 32; seg 16)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4; seg 1e-3; with --resume: the run's own)")
     train.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"])
     train.add_argument("--weight-decay", type=float, help="default 0; with --resume: the run's own")
@@ -879,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", default=",".join(METHODS),
         help=f"comma-separated, from {', '.join(ALL_METHODS)} (default: all but the -tta ones, calid and calid+ with test-time augmentation)",
     )
-    evaluate_cmd.add_argument("--steps", type=int, help="DDIM steps of calid and calid+ in tasks 1, 3, 4 (default: the model's)")
+    evaluate_cmd.add_argument("--steps", type=_positive_int, help="DDIM steps of calid and calid+ in tasks 1, 3, 4 (default: the model's)")
     evaluate_cmd.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the inversion-slerp baseline (inversion and decoding)")
     evaluate_cmd.add_argument("--frames", default="labelled", help="labelled (frames with labels), all, or a selection like 0,5-9")
     evaluate_cmd.add_argument("--labels", help="folder of SUBJECT_frameNN_gt label files (ACDC layout; default: beside each image)")
@@ -897,7 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate_cmd.add_argument("--temporal-model", help="a 2D+T model: also compare it with --model (frame by frame) on whole cines (temporal coherence, x-t cuts)")
     evaluate_cmd.add_argument("--seed", type=int, default=0)
-    evaluate_cmd.add_argument("--batch-size", type=int, default=16)
+    evaluate_cmd.add_argument("--batch-size", type=_positive_int, default=16)
     evaluate_cmd.add_argument("--device", default="auto")
     evaluate_cmd.add_argument("--quiet", action="store_true", help="no progress messages")
     evaluate_cmd.set_defaults(handler=_cmd_evaluate)

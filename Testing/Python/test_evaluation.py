@@ -39,6 +39,18 @@ def test_subject_ranges_and_unknown_subjects():
         expand_subjects(["patient099"], available)
 
 
+def test_bad_evaluation_data_leaves_no_report_folder(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "eval"
+    with pytest.raises(InputError, match="empty"):
+        evaluate(EvaluationConfig(data=(str(empty),), out_dir=str(out), model="untrained:tiny", tasks=(1,), methods=("linear",)))
+    assert not out.exists()
+    (tmp_path / "report.txt").write_text("not a folder")
+    with pytest.raises(InputError, match="not a folder"):
+        evaluate(EvaluationConfig(data=("phantom:1",), out_dir=str(tmp_path / "report.txt"), model="untrained:tiny", tasks=(1,), methods=("linear",)))
+
+
 def test_label_files_are_found_by_acdc_frame_numbers_and_checked(tmp_path, small_phantom):
     images, labels = tmp_path / "images", tmp_path / "labels"
     images.mkdir(), labels.mkdir()

@@ -244,8 +244,9 @@ def test_models_by_name_with_checksum_and_default(tmp_path, tiny_model_file, mon
     target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(InputError, match="damaged"):
         load_pipeline("calid-test")
-    with pytest.raises(InputError, match="neither a model file nor a known model name"):
+    with pytest.raises(InputError, match="neither a model file nor a known CaLID model name \\(known: [^)]*calid-test") as unknown:
         load_pipeline("no-such-model")
+    assert "calid-seg-acdc" not in str(unknown.value)  # segmentation models are not offered for upsampling
 
 
 def test_no_installed_model_gives_a_clear_message(monkeypatch, tmp_path):
@@ -295,6 +296,22 @@ def test_cli_upsample_phantom_file_end_to_end(tmp_path, tiny_model_file, phantom
     assert len(updates) > 2 and updates[-1]["done"] == updates[-1]["total"] == (original.n_slices - 1)
     again = run_calid("upsample", str(source), str(tmp_path / "dense.seq.nrrd"), "--mode", "linear")
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "options, option",
+    [(["--batch-size", "0"], "--batch-size"), (["--batch-size", "-3"], "--batch-size"), (["--steps", "0"], "--steps"), (["--steps", "two"], "--steps")],
+)
+def test_cli_upsample_checks_counts_before_loading_anything(tmp_path, phantom, capsys, options, option):
+    from calid.data.io import write_stack
+
+    source = write_stack(phantom.sparse, tmp_path / "cine.nii.gz")
+    with pytest.raises(SystemExit) as stopped:
+        cli_main(["upsample", str(source), str(tmp_path / "out.nii.gz"), "--mode", "linear", "--quiet", *options])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {option}" in error and "at least 1" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cine.nii.gz"]
 
 
 def test_cli_upsample_real_acdc_cine(tmp_path, tiny_model_file):

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -119,6 +120,10 @@ def test_dicom_round_trip_and_independent_reader(tmp_path):
     folder = write_stack(stack, tmp_path / "dicom")
     files = sorted(folder.iterdir())
     assert len(files) == stack.n_frames * stack.n_slices
+    umask = os.umask(0)
+    os.umask(umask)
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~umask  # as a plain mkdir: other users can open the series
+    assert files[0].stat().st_mode & 0o777 == 0o666 & ~umask
     back = read_stack(folder)
     assert_same_stack(stack, back, atol_mm=1e-5)
     # SimpleITK / GDCM sees the same geometry for the first frame's slices.
@@ -337,3 +342,11 @@ def test_dicom_order_comes_from_headers_not_file_names(tmp_path, keep_trigger_ti
     np.testing.assert_array_equal(back.data, stack.data)
     assert back.slice_spacing == pytest.approx(stack.slice_spacing, abs=1e-5)
     assert (back.frame_times_ms is not None) == keep_trigger_time
+
+
+def test_a_file_output_over_an_existing_folder_is_refused_by_name(tmp_path):
+    folder = tmp_path / "out.nii.gz"
+    folder.mkdir()
+    with pytest.raises(OutputError, match="out.nii.gz: is a folder"):
+        write_stack(oblique_stack(frames=1), folder)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"] and not any(folder.iterdir())

@@ -170,6 +170,15 @@ def test_untrustworthy_model_files_are_refused(tmp_path):
     save_file({"w": torch.zeros(2)}, str(foreign))
     with pytest.raises(InputError, match="not a CaLID model"):
         load_model(foreign)
+    image = tmp_path / "cine.nii.gz"
+    image.write_bytes(b"\x1f\x8b" + b"\x00" * 62)
+    with pytest.raises(InputError, match="looks like an image: `calid inspect`"):
+        load_model(image)
+    from calid.segmentation.model import build_segmenter, named_segmentation_config, save_segmenter
+
+    segmenter = save_segmenter(tmp_path / "seg.safetensors", named_segmentation_config("tiny"), build_segmenter(named_segmentation_config("tiny")))
+    with pytest.raises(InputError, match="is a segmentation model .*needs a CaLID interpolation model"):
+        load_model(segmenter)
     newer = tmp_path / "newer.safetensors"
     newer.write_bytes(good.read_bytes())
     _rewrite_header(newer, lambda h: h.update(format_version=99))

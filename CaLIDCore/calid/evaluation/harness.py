@@ -488,12 +488,15 @@ class Evaluation:
     def run(self) -> dict[str, Any]:
         config = self.config
         out_dir = Path(config.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise InputError(out_dir, "exists and is not a folder; --out needs a folder for the report")
         started = time.perf_counter()
         assumed_mm = self._placeholder_spacing_mm()
         subjects = load_evaluation_subjects(config, assumed_mm) if set(config.tasks) & {1, 2, 3} or config.temporal_model else []
         self.perceptual = PerceptualMetrics(config.lpips_weights) if 1 in config.tasks or 2 in config.tasks else None
         triplets = {s.name: self._triplets(s) for s in subjects}
+        # Only once the inputs have been read: a bad input leaves no empty report folder behind.
+        out_dir.mkdir(parents=True, exist_ok=True)
         predictions: dict[str, dict[str, np.ndarray]] = {}
         results: dict[str, Any] = {
             "schema": SCHEMA,

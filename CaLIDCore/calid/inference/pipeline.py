@@ -98,7 +98,7 @@ def parse_frames(spec: str | int | Sequence[int] | None, n_frames: int, source: 
     resolved = []
     for value in values:
         if not -n_frames <= value < n_frames:
-            raise InputError(source, f"frame {value} does not exist; the cine has {n_frames} frame(s) (0 .. {n_frames - 1})")
+            raise InputError(source, f"frame {value} does not exist; the cine has {n_frames} frame(s): 0 .. {n_frames - 1}, or -{n_frames} .. -1 counted from the end")
         resolved.append(value % n_frames)
     if not resolved:
         raise InputError(source, "the frame selection is empty")

@@ -103,7 +103,10 @@ def read_raw_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
     except Exception as error:  # safetensors raises SafetensorError / OSError on bad headers
-        raise InputError(path, f"is not a readable safetensors model file ({error})") from error
+        hint = ""
+        if path.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")):
+            hint = "; it looks like an image: `calid inspect` describes images"
+        raise InputError(path, f"is not a readable safetensors model file ({error}){hint}") from error
     if "calid" not in metadata:
         raise InputError(path, "is a safetensors file but not a CaLID model (no 'calid' header entry)")
     try:
@@ -131,6 +134,8 @@ def recorded_placeholder_spacing(header: dict[str, Any]) -> float | None:
 def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The JSON description of a CaLID model file, validated, without loading the weights."""
     header = read_raw_header(path)
+    if header.get("kind") == "segmentation":
+        raise InputError(path, "is a segmentation model (for calid segment); upsampling needs a CaLID interpolation model")
     if header.get("kind") not in KINDS:
         raise InputError(path, f"has an unknown model kind {header.get('kind')!r}")
     try:

@@ -140,8 +140,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
     path = Path(text).expanduser()
     if path.is_file():
         return path
-    names = ", ".join(m.name for m in registered_models()) or "none installed"
-    raise InputError(text, f"is neither a model file nor a known model name (known: {names})")
+    names = ", ".join(m.name for m in registered_models() if m.kind == kind) or "none installed"
+    kind_text = "segmentation" if kind == "segmentation" else "CaLID"
+    raise InputError(text, f"is neither a model file nor a known {kind_text} model name (known: {names})")
 
 
 #: Fields of a training run's description that hold paths of the training machine.
