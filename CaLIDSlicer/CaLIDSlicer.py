@@ -20,7 +20,9 @@ from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrappe
 from slicer.ScriptedLoadableModule import ScriptedLoadableModule, ScriptedLoadableModuleLogic, ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
-from CaLIDSlicerLib.parameters import FACTORS, FrameSelection, Method, PlaceholderSpacing
+# Only calid-free imports at the top: Slicer loads this module before the first-use installer ran.
+from CaLIDSlicerLib.choices import FACTORS, FrameSelection, Method, PlaceholderSpacing
+from CaLIDSlicerLib.dependencies import register_bundled_models
 
 #: Slice view -> plane shown on it; a plane of the user's own ("user", from 3 points) replaces the 3-chamber view.
 LAX_VIEWS = {"Red": "4-chamber", "Yellow": "2-chamber", "Green": "3-chamber"}
@@ -59,6 +61,7 @@ class CaLIDSlicer(ScriptedLoadableModule):
         self.parent.categories = ["Cardiac"]
         self.parent.dependencies = ["Sequences", "Segmentations"]
         self.parent.contributors = ["CaLID developers"]
+        register_bundled_models()  # the shipped models, for the panel, scripts and the worker processes
         self.parent.helpText = (
             "Upsamples a sparse short-axis cine MRI stack (8-10 mm between slices) to a dense 3D / 3D+T volume "
             "with a latent diffusion model trained for slice interpolation (CaLID, CaLID+), then shows long-axis "
@@ -89,15 +92,7 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(panel)
         panel.setMRMLScene(slicer.mrmlScene)
         self.logic = CaLIDSlicerLogic()
-        # Choices known only at run time: filled here and kept in step with the parameter node by hand.
-        self.ui.deviceComboBox.addItem("auto", "auto")
-        self.ui.deviceComboBox.addItem("CPU", "cpu")
-        for index, name in self.logic.cuda_devices():
-            self.ui.deviceComboBox.addItem(f"GPU {index}: {name}", f"cuda:{index}")
-        self.ui.modelComboBox.addItem("Installed default", "")
-        for name in self.logic.installed_models():
-            self.ui.modelComboBox.addItem(name, name)
-        self.ui.modelComboBox.addItem("Load from file...", "file")
+        self.fillRunTimeChoices()
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.modelComboBox.connect("activated(int)", self.onModelChosen)
         self.ui.applyButton.connect("clicked(bool)", self.onApply)
@@ -106,8 +101,26 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
 
+    def fillRunTimeChoices(self) -> None:
+        """Choices known only at run time (GPUs, installed models), kept in step with the parameter
+        node by hand; filled again after the first-use installation."""
+        for combo in (self.ui.deviceComboBox, self.ui.modelComboBox):
+            combo.blockSignals(True)
+            combo.clear()
+        self.ui.deviceComboBox.addItem("auto", "auto")
+        self.ui.deviceComboBox.addItem("CPU", "cpu")
+        for index, name in self.logic.cuda_devices():
+            self.ui.deviceComboBox.addItem(f"GPU {index}: {name}", f"cuda:{index}")
+        self.ui.modelComboBox.addItem("Installed default", "")
+        for name in self.logic.installed_models():
+            self.ui.modelComboBox.addItem(name, name)
+        self.ui.modelComboBox.addItem("Load from file...", "file")
+        for combo in (self.ui.deviceComboBox, self.ui.modelComboBox):
+            combo.blockSignals(False)
+        self.updateGUIFromParameterNode()
+
     def cleanup(self) -> None:
-        self.cancel()
+        self.cancel(wait=True)
         self.removeObservers()
         self.setParameterNode(None)
 
@@ -122,6 +135,8 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = None
 
     def onSceneStartClose(self, caller: Any, event: Any) -> None:
+        # A result must never land in the next case's scene.
+        self.cancel()
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller: Any, event: Any) -> None:
@@ -152,6 +167,11 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         for combo, value in ((self.ui.deviceComboBox, node.device), (self.ui.modelComboBox, node.model)):
             index = combo.findData(value)
+            if index < 0 and value:  # e.g. a model file or a GPU stored in a saved scene: show what will run
+                combo.blockSignals(True)
+                combo.insertItem(max(combo.count - 1, 0) if combo is self.ui.modelComboBox else combo.count, value, value)
+                combo.blockSignals(False)
+                index = combo.findData(value)
             if index >= 0 and index != combo.currentIndex:
                 combo.blockSignals(True)
                 combo.setCurrentIndex(index)
@@ -201,22 +221,32 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             from CaLIDSlicerLib import dependencies
 
+            newly_installed = bool(dependencies.missing_packages())
             if not dependencies.install(confirm=True):
+                self.ui.statusLabel.text = "CaLID's Python packages are not installed; nothing was run."
                 return
+            if newly_installed:
+                self.fillRunTimeChoices()
             options = self.options()
             node = self._parameterNode.inputNode
-            folder, command, output = self.logic.prepare_background(node, options)
+            with slicer.util.WaitCursor():  # writes the input cine for the worker
+                folder, command, output = self.logic.prepare_background(node, options)
         except Exception as error:  # shown in the panel and the log, never a frozen GUI
             self.showError(error)
             return
-        self.job = {"folder": folder, "options": options, "node": node, "output": output, "errors": []}
-        self.process = qt.QProcess()
-        self.process.setProcessChannelMode(qt.QProcess.SeparateChannels)
-        self.process.connect("readyReadStandardOutput()", self.onOutput)
-        self.process.connect("readyReadStandardError()", lambda: self.job["errors"].append(bytes(self.process.readAllStandardError()).decode(errors="replace")))
-        self.process.connect("finished(int,QProcess::ExitStatus)", self.onFinished)
-        self.process.start(command[0], command[1:])
+        self.job = {"folder": folder, "options": options, "node": node, "output": output, "errors": [], "pending": ""}
+        process = qt.QProcess()
+        process.setProcessChannelMode(qt.QProcess.SeparateChannels)
+        process.connect("readyReadStandardOutput()", self.onOutput)
+        process.connect("readyReadStandardError()", lambda: self.job["errors"].append(bytes(process.readAllStandardError()).decode(errors="replace")))
+        process.connect("finished(int,QProcess::ExitStatus)", self.onFinished)
+        process.connect("errorOccurred(QProcess::ProcessError)", self.onProcessError)
+        self.process = process
+        process.start(command[0], command[1:])
+        if self.process is None:  # it failed to start, and onProcessError has already reset the panel
+            return
         self.ui.applyButton.text = "Cancel"
+        self.ui.applyButton.toolTip = "Stop the run; nothing is added to the scene"
         self.ui.progressBar.setValue(0)
         self.ui.progressBar.show()
         self.ui.statusLabel.text = "Starting..."
@@ -224,7 +254,12 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onOutput(self) -> None:
         from CaLIDSlicerLib.process import parse_progress
 
-        for line in bytes(self.process.readAllStandardOutput()).decode(errors="replace").splitlines():
+        if self.process is None:
+            return
+        # Reads arrive in arbitrary chunks: keep an unfinished last line for the next read.
+        text = self.job.get("pending", "") + bytes(self.process.readAllStandardOutput()).decode(errors="replace")
+        *lines, self.job["pending"] = text.split("\n")
+        for line in lines:
             update = parse_progress(line)
             if update and update["total"]:
                 self.ui.progressBar.setValue(int(100 * update["done"] / update["total"]))
@@ -232,8 +267,21 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif line.strip():
                 self.ui.statusLabel.text = line.strip()
 
-    def onFinished(self, code: int, status: Any) -> None:
+    def onProcessError(self, error: Any) -> None:
+        """The worker could not start (a finished signal never comes then): reset and say why."""
+        if error != qt.QProcess.FailedToStart or self.process is None:
+            return  # crashes and kills end with finished(), handled there
         job, self.process = self.job, None
+        self.ui.applyButton.text = "Apply"
+        self.ui.progressBar.hide()
+        self.updateGUIFromParameterNode()
+        shutil.rmtree(job.get("folder", ""), ignore_errors=True)
+        self.showError(RuntimeError("the background process could not be started (Slicer's Python launcher, PythonSlicer, was not found or is not executable)"))
+
+    def onFinished(self, code: int, status: Any) -> None:
+        job, process, self.process = self.job, self.process, None
+        if process is not None:
+            process.deleteLater()  # not deleted from inside its own signal
         self.ui.applyButton.text = "Apply"
         self.ui.progressBar.hide()
         self.updateGUIFromParameterNode()
@@ -241,15 +289,21 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if job.get("cancelled"):
                 self.ui.statusLabel.text = "Cancelled; nothing was added to the scene."
                 return
+            messages = "".join(job["errors"]).strip()
+            if status == qt.QProcess.CrashExit:
+                raise RuntimeError("the background process stopped unexpectedly (out of memory?); try a smaller factor, fewer frames or the CPU", messages)
             if code != 0:
-                raise RuntimeError("".join(job["errors"]).strip().splitlines()[-1] if job["errors"] else f"calid exited with status {code}")
+                raise RuntimeError(messages.splitlines()[-1] if messages else f"calid exited with status {code}", messages)
+            if job["node"] is None or job["node"].GetScene() is None:
+                self.ui.statusLabel.text = "The input was removed from the scene; the result was discarded."
+                return
             with slicer.util.WaitCursor():
                 result = self.logic.finish_background(job["node"], job["output"], job["options"])
             self.logic.show(result)
             self.ui.statusLabel.text = f"Done: {result.output_node.GetName()}"
             from CaLIDSlicerLib.process import warnings_in
 
-            warnings = warnings_in("".join(job["errors"]))
+            warnings = warnings_in(messages) + list(result.warnings)
             if warnings:
                 self.ui.statusLabel.text += " (with warnings: see the message)"
                 slicer.util.warningDisplay("\n\n".join(warnings), windowTitle="CaLID")
@@ -258,17 +312,25 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         finally:
             shutil.rmtree(job.get("folder", ""), ignore_errors=True)
 
-    def cancel(self) -> None:
+    def cancel(self, wait: bool = False) -> None:
+        """Stop the worker (its output is written atomically: nothing half-written remains);
+        ``wait`` lets it end here, so that its temporary files go too (module cleanup, exit)."""
         if self.process is not None:
             self.job["cancelled"] = True
-            self.process.kill()  # the output is written atomically: nothing half-written remains
+            self.process.kill()
+            if wait:
+                self.process.waitForFinished(5000)
+                shutil.rmtree(self.job.get("folder", ""), ignore_errors=True)
 
     def showError(self, error: Exception) -> None:
         import logging
 
-        logging.error(f"CaLID: {error}")
-        self.ui.statusLabel.text = f"Error: {error}"
-        slicer.util.errorDisplay(str(error), windowTitle="CaLID")
+        message = str(error.args[0]) if isinstance(error, RuntimeError) and error.args else str(error)
+        details = str(error.args[1]) if isinstance(error, RuntimeError) and len(error.args) > 1 else ""
+        logging.error(f"CaLID: {message}" + (f"\n{details}" if details else ""))
+        self.ui.statusLabel.text = f"Error: {message}"
+        extra = {"detailedText": details} if details else {}
+        slicer.util.errorDisplay(message, windowTitle="CaLID", **extra)
 
 
 class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
@@ -311,6 +373,8 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
             result.segmentation_node.GetDisplayNode().SetVisibility3D(True)
         if result.chart_node is not None:
             slicer.modules.plots.logic().ShowChartInLayout(result.chart_node)
+        if result.browser_node is not None:
+            slicer.modules.sequences.showSequenceBrowser(result.browser_node)  # play / step the frames from the toolbar
 
     def sequence_of(self, node: Any) -> Any:
         """The sequence behind a browser's proxy volume (so that a cine is processed whole), else the node."""
@@ -326,7 +390,7 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
             import torch
 
             return [(i, torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
-        except ImportError:
+        except Exception:  # not installed yet, or a broken driver: the CPU still works
             return []
 
     def installed_models(self) -> list[str]:
@@ -334,7 +398,7 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
             from calid.models.registry import registered_models
 
             return [m.name for m in registered_models() if m.kind == "calid"]
-        except ImportError:
+        except Exception:  # not installed yet, or an unreadable registry (reported when a run uses it)
             return []
 
 

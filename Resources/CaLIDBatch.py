@@ -62,6 +62,8 @@ def main(argv: list[str], scene: Any) -> int:
             placeholder_spacing=args.placeholder_spacing, tta=args.tta,
         )
         result = upsample_node(scene, node, options, progress=lambda done, total, message: print(f"{100 * done / max(total, 1):5.1f} % {message}", flush=True))
+        for warning in result.warnings:
+            print(f"CaLIDBatch: warning: {warning}", file=sys.stderr, flush=True)
         tta = "_tta" if result.dense.metadata["upsampling"].get("tta") else ""
         written = [write_stack(result.dense, out / f"{name}_{args.mode.replace('+', 'plus')}_x{args.factor}{tta}.nii.gz")]
         if result.labels is not None:

@@ -49,6 +49,8 @@ class UpsamplingResult:
     table_node: Any = None
     chart_node: Any = None
     function: dict[str, Any] = field(default_factory=dict)
+    #: What did not work but did not stop the run (e.g. the segmentation of an unusual scan).
+    warnings: list[str] = field(default_factory=list)
 
 
 def stack_from_node(node: Any) -> CineStack:
@@ -90,7 +92,7 @@ def upsample_node(
     )
     result = _add_output(scene, input_node, stack, dense, options)
     if options.segment:
-        _segment_and_measure(scene, stack, result, options, cancel)
+        _segment_and_measure_or_warn(scene, stack, result, options, cancel)
     _add_user_plane(result, options)
     return result
 
@@ -117,6 +119,28 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
     return UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
 
 
+def _segment_and_measure_or_warn(scene: Any, sparse: CineStack, result: UpsamplingResult, options: UpsamplingOptions, cancel: Callable[[], bool] | None) -> None:
+    """The dense output is the result; its segmentation is an extra. When that fails (no model
+    installed, no heart found in an unusual scan) the output stays and a warning says why."""
+    from calid.errors import CalidError, Cancelled
+
+    try:
+        _segment_and_measure(scene, sparse, result, options, cancel)
+    except Cancelled:
+        raise
+    except CalidError as error:
+        # All or nothing: no segmentation without its planes and volumes, no orphaned nodes.
+        for node in (result.segmentation_node, result.table_node, result.chart_node):
+            if node is not None:
+                display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
+                if display is not None:
+                    scene.RemoveNode(display)
+                scene.RemoveNode(node)
+        result.labels, result.segmentation_node, result.table_node, result.chart_node = None, None, None, None
+        result.planes, result.function = {}, {}
+        result.warnings.append(f"The dense volume was made, but segmentation, long-axis planes and volumes were skipped: {error}")
+
+
 def _segment_and_measure(scene: Any, sparse: CineStack, result: UpsamplingResult, options: UpsamplingOptions, cancel: Callable[[], bool] | None) -> None:
     import numpy as np
 
@@ -133,7 +157,8 @@ def _segment_and_measure(scene: Any, sparse: CineStack, result: UpsamplingResult
     function = {"dense": cardiac_function(result.labels, method="dense"), "acquired (Simpson)": cardiac_function(sparse_labels, method="Simpson")}
     result.function = function
     shown = function["dense"].ed_frame
-    result.segmentation_node = mrml.segmentation_from_labels(scene, result.labels, f"{result.output_node.GetName()} segmentation", frame=shown)
+    # One frame is segmented into nodes (end-diastole); the name says so, as it is shown over the whole cine.
+    result.segmentation_node = mrml.segmentation_from_labels(scene, result.labels, f"{result.output_node.GetName()} segmentation (frame {shown}, end-diastole)", frame=shown)
     points = options.plane_points_lps
     aortic_valve = None if points is None or len(points) != 1 else np.asarray(points[0], dtype=np.float64)
     result.planes = standard_planes(result.labels, shown, three_chamber_point=aortic_valve)
@@ -164,6 +189,6 @@ def finish_background(scene: Any, input_node: Any, output_path: Any, options: Up
     stack = stack_from_node(input_node)
     result = _add_output(scene, input_node, stack, read_stack(output_path), options)
     if options.segment:
-        _segment_and_measure(scene, stack, result, options, None)
+        _segment_and_measure_or_warn(scene, stack, result, options, None)
     _add_user_plane(result, options)
     return result

@@ -1,14 +1,13 @@
-"""The panel's settings: the value types of the module's typed parameter node, and how its
-values become :class:`~CaLIDSlicerLib.logic.UpsamplingOptions`.
+"""How the values of the module's typed parameter node become :class:`~CaLIDSlicerLib.logic.UpsamplingOptions`.
 
 The parameter node class itself (``CaLIDSlicerParameterNode`` in CaLIDSlicer.py) is
-declared with Slicer's ``parameterNodeWrapper``, which only exists inside Slicer;
-everything it needs beyond built-in types lives here so that it is tested headless.
+declared with Slicer's ``parameterNodeWrapper``, which only exists inside Slicer; its
+value types live in :mod:`CaLIDSlicerLib.choices` (re-exported here), and this
+conversion here, so that both are tested headless.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 import numpy as np
@@ -16,52 +15,10 @@ import numpy as np
 from calid.data.stack import fixed_placeholder_mm
 from calid.errors import InputError
 
+from CaLIDSlicerLib.choices import FACTORS, FrameSelection, Method, PlaceholderSpacing
 from CaLIDSlicerLib.logic import UpsamplingOptions
 
-FACTORS = (2, 4, 8, 16)
-
-
-class Method(enum.Enum):
-    """Upsampling method; ``label`` is what the panel's combo box shows."""
-
-    CALID = "calid"
-    CALID_PLUS = "calid+"
-    LATENT_LINEAR = "latent-linear"
-    LINEAR = "linear"
-
-    def label(self) -> str:
-        return {
-            Method.CALID: "CaLID (fast, from noise)",
-            Method.CALID_PLUS: "CaLID+ (inverted neighbours, slower)",
-            Method.LATENT_LINEAR: "Latent linear (baseline)",
-            Method.LINEAR: "Linear (baseline, no model)",
-        }[self]
-
-
-class FrameSelection(enum.Enum):
-    """Which frames of a cine to upsample."""
-
-    ALL = "all"
-    CURRENT = "current"
-    RANGE = "range"
-
-    def label(self) -> str:
-        return {FrameSelection.ALL: "All frames", FrameSelection.CURRENT: "Current frame", FrameSelection.RANGE: "Frames:"}[self]
-
-
-class PlaceholderSpacing(enum.Enum):
-    """What pixel size the network is shown for a cine saved without geometry (all spacings exactly 1 mm)."""
-
-    MODEL = "model"
-    KEEP = "keep"
-    CUSTOM = "custom"
-
-    def label(self) -> str:
-        return {
-            PlaceholderSpacing.MODEL: "As in the model's training",
-            PlaceholderSpacing.KEEP: "Keep 1 mm (as stored)",
-            PlaceholderSpacing.CUSTOM: "Pixel size (mm):",
-        }[self]
+__all__ = ["FACTORS", "FrameSelection", "Method", "PlaceholderSpacing", "options_from_parameters"]
 
 
 def options_from_parameters(parameters: Any, current_frame: int = 0, plane_points_lps: np.ndarray | None = None) -> UpsamplingOptions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -492,3 +493,87 @@ def test_volume_without_geometry_reaches_the_network_at_the_chosen_pixel_size(sc
     for default in ("model", None):
         assert "--placeholder-spacing" not in upsample_command(tmp_path / "in.nii.gz", tmp_path / "out.nii.gz", UpsamplingOptions(placeholder_spacing=default))
     np.testing.assert_array_equal(run(None).data, by_default.data)
+
+
+def test_a_failed_segmentation_keeps_the_dense_output_and_warns(scene, phantom, tmp_path):
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    volume = mrml.volume_from_stack(scene, phantom.sparse.select_frames([0]), "sparse")
+    missing = tmp_path / "no-such-segmenter.safetensors"
+    result = upsample_node(scene, volume, UpsamplingOptions(factor=2, mode="linear", segmentation_model=str(missing)))
+    assert mrml.stack_from_volume(result.output_node).n_slices == 2 * phantom.sparse.n_slices - 1
+    assert len(result.warnings) == 1 and "segmentation" in result.warnings[0] and "no-such-segmenter" in result.warnings[0]
+    assert result.segmentation_node is None and result.labels is None and result.planes == {} and result.table_node is None
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+
+
+# Subprocesses run with -I -S: the standard library only, no calid, torch, MONAI or numpy.
+_BARE_PYTHON = [sys.executable, "-I", "-S"]
+
+
+def test_the_module_loads_before_calid_is_installed():
+    """Slicer imports CaLIDSlicer.py at start-up, before the first-use installer has run: its
+    top-level imports must be Slicer's, the standard library's, or calid-free module files."""
+    import ast
+    import json
+    import subprocess
+
+    tree = ast.parse((REPO_ROOT / "CaLIDSlicer" / "CaLIDSlicer.py").read_text())
+    top_level = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    top_level |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
+    allowed_roots = set(sys.stdlib_module_names) | {"__future__", "qt", "slicer", "vtk"}
+    from_library = {name for name in top_level if name.startswith("CaLIDSlicerLib")}
+    assert {name for name in top_level - from_library if name.split(".")[0] not in allowed_roots} == set()
+    assert from_library == {"CaLIDSlicerLib.choices", "CaLIDSlicerLib.dependencies"}
+    script = (
+        "import json, os, sys; sys.path.insert(0, sys.argv[1]); os.environ['CALID_MODEL_DIR'] = '/mine';"
+        "from CaLIDSlicerLib import choices, dependencies as d;"
+        "folder = d.register_bundled_models();"
+        "print(json.dumps({'missing': d.missing_packages(), 'core': str(d.bundled_core()), 'models': str(folder),"
+        " 'env': os.environ['CALID_MODEL_DIR'], 'factors': list(choices.FACTORS), 'modules': sorted(m for m in sys.modules if m.split('.')[0] in ('calid', 'torch', 'numpy'))}))"
+    )
+    done = subprocess.run([*_BARE_PYTHON, "-c", script, str(REPO_ROOT / "CaLIDSlicer")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["missing"] == ["torch", "monai", "calid"] and found["modules"] == []
+    assert found["core"] == str(REPO_ROOT / "CaLIDCore") and found["models"] == str(REPO_ROOT / "Resources" / "Models")
+    assert found["env"].split(os.pathsep) == ["/mine", found["models"]]  # the user's folders come first
+    assert found["factors"] == [2, 4, 8, 16]
+
+
+def test_installed_extension_layout_finds_the_bundled_core_and_models(tmp_path, monkeypatch):
+    """The layout CMake installs (CaLIDCore/ and CaLIDModels/ beside the module's library) is the
+    one the first-use installer and the model registration look for, and calid reads its models."""
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    cmake = (REPO_ROOT / "CaLIDSlicer" / "CMakeLists.txt").read_text()
+    installed = dict(re.findall(r"install\(DIRECTORY \$\{(\w+)\}/\s+DESTINATION \$\{Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR\}/(\w+)", cmake))
+    assert installed == {"CALID_CORE_DIR": "CaLIDCore", "CALID_MODELS_DIR": "CaLIDModels"}
+    assert "set(CALID_CORE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/../CaLIDCore)" in cmake
+    assert "set(CALID_MODELS_DIR ${CMAKE_CURRENT_SOURCE_DIR}/../Resources/Models)" in cmake
+    modules = tmp_path / "lib" / "Slicer-5.8" / "qt-scripted-modules"
+    (modules / "CaLIDSlicerLib").mkdir(parents=True)
+    for name in ("__init__.py", "dependencies.py"):
+        shutil.copy(REPO_ROOT / "CaLIDSlicer" / "CaLIDSlicerLib" / name, modules / "CaLIDSlicerLib" / name)
+    (modules / "CaLIDCore").mkdir()
+    shutil.copy(REPO_ROOT / "CaLIDCore" / "pyproject.toml", modules / "CaLIDCore" / "pyproject.toml")
+    shutil.copytree(REPO_ROOT / "Resources" / "Models", modules / "CaLIDModels")
+    script = (
+        "import json, os, sys; sys.path.insert(0, sys.argv[1]); os.environ.pop('CALID_MODEL_DIR', None);"
+        "from CaLIDSlicerLib import dependencies as d; d.register_bundled_models();"
+        "print(json.dumps({'core': str(d.bundled_core()), 'env': os.environ['CALID_MODEL_DIR']}))"
+    )
+    done = subprocess.run([*_BARE_PYTHON, "-c", script, str(modules)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["core"] == str(modules / "CaLIDCore") and found["env"] == str(modules / "CaLIDModels")
+    from calid.models.registry import MODEL_DIR_ENV, registered_models
+
+    from CaLIDSlicerLib.dependencies import MODEL_DIR_ENV as module_spelling
+
+    assert module_spelling == MODEL_DIR_ENV
+    monkeypatch.setenv(MODEL_DIR_ENV, found["env"])
+    assert any(model.path.parent == modules / "CaLIDModels" for model in registered_models())
