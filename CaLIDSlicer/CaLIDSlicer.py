@@ -382,7 +382,13 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
         return browser.GetSequenceNode(node) if browser is not None else node
 
     def current_frame(self, node: Any) -> int:
-        browser = slicer.modules.sequences.logic().GetFirstBrowserNodeForProxyNode(node) if node is not None else None
+        """The frame the browser shows, whether ``node`` is the proxy volume or the sequence itself."""
+        if node is None:
+            return 0
+        sequences = slicer.modules.sequences.logic()
+        browser = sequences.GetFirstBrowserNodeForProxyNode(node)
+        if browser is None and node.IsA("vtkMRMLSequenceNode"):
+            browser = sequences.GetFirstBrowserNodeForSequenceNode(node)
         return int(browser.GetSelectedItemNumber()) if browser is not None else 0
 
     def cuda_devices(self) -> list[tuple[int, str]]:

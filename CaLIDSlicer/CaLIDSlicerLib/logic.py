@@ -115,7 +115,9 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
     if dense.n_frames == 1:
         return UpsamplingResult(dense=dense, output_node=mrml.volume_from_stack(scene, dense, name))
     whole_cine = input_node.IsA("vtkMRMLSequenceNode") and dense.n_frames == stack.n_frames
-    output, browser = mrml.sequence_from_stack(scene, dense, name, browser=mrml.browser_of(scene, input_node) if whole_cine else None)
+    output, browser = mrml.sequence_from_stack(
+        scene, dense, name, browser=mrml.browser_of(scene, input_node) if whole_cine else None, index_like=input_node if whole_cine else None
+    )
     return UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
 
 

@@ -114,21 +114,31 @@ def stack_from_sequence(sequence: Any) -> CineStack:
     )
 
 
-def sequence_from_stack(scene: Any, stack: CineStack, name: str, labelmap: bool = False, browser: Any = None) -> tuple[Any, Any]:
+def sequence_from_stack(scene: Any, stack: CineStack, name: str, labelmap: bool = False, browser: Any = None, index_like: Any = None) -> tuple[Any, Any]:
     """A new sequence node (one volume per frame, index = time in ms) and a browser showing it.
 
     With ``browser`` (e.g. the input cine's), the new sequence is added to it as a
-    synchronised sequence, so that both move together frame by frame.
+    synchronised sequence, so that both move together frame by frame. With ``index_like``
+    (a sequence of as many frames, e.g. the input cine), the new sequence copies its index
+    (name, unit, type and values) exactly: a browser pairs the frames of its sequences by
+    index value, whatever the unit, so the output must use the input's own values.
     """
     sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
-    sequence.SetIndexName("time")
-    sequence.SetIndexUnit("ms")
-    sequence.SetIndexType(sequence.NumericIndex)
-    times = stack.frame_times_ms if stack.frame_times_ms is not None else np.arange(stack.n_frames, dtype=float)
+    if index_like is not None and index_like.GetNumberOfDataNodes() == stack.n_frames:
+        sequence.SetIndexName(index_like.GetIndexName())
+        sequence.SetIndexUnit(index_like.GetIndexUnit())
+        sequence.SetIndexType(index_like.GetIndexType())
+        values = [index_like.GetNthIndexValue(frame) for frame in range(stack.n_frames)]
+    else:
+        sequence.SetIndexName("time")
+        sequence.SetIndexUnit("ms")
+        sequence.SetIndexType(sequence.NumericIndex)
+        times = stack.frame_times_ms if stack.frame_times_ms is not None else np.arange(stack.n_frames, dtype=float)
+        values = [f"{float(t):g}" for t in times]
     template = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
     for frame in range(stack.n_frames):
         _fill_volume(template, stack, frame, labelmap)
-        sequence.SetDataNodeAtValue(template, f"{float(times[frame]):g}")
+        sequence.SetDataNodeAtValue(template, values[frame])
     if browser is not None:
         browser.AddSynchronizedSequenceNode(sequence)
         return sequence, browser

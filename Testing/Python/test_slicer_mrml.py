@@ -577,3 +577,23 @@ def test_installed_extension_layout_finds_the_bundled_core_and_models(tmp_path, 
     assert module_spelling == MODEL_DIR_ENV
     monkeypatch.setenv(MODEL_DIR_ENV, found["env"])
     assert any(model.path.parent == modules / "CaLIDModels" for model in registered_models())
+
+
+def test_output_in_the_input_browser_copies_the_input_index_in_any_unit(scene, phantom):
+    """A browser pairs frames by index value: a cine indexed in seconds gets an output indexed in
+    the same seconds (not in ms), so that every frame shows its own upsampled frame."""
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    sequence, browser = mrml.sequence_from_stack(scene, phantom.sparse, "cine in seconds")
+    seconds = [f"{0.04 * frame:g}" for frame in range(phantom.sparse.n_frames)]
+    for frame, value in enumerate(seconds):
+        assert sequence.UpdateIndexValue(sequence.GetNthIndexValue(frame), value)
+    sequence.SetIndexUnit("s")
+    result = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=False))
+    output = result.output_node
+    assert output.GetIndexUnit() == "s" and output.GetIndexName() == sequence.GetIndexName()
+    assert [output.GetNthIndexValue(frame) for frame in range(output.GetNumberOfDataNodes())] == seconds
+    for frame in range(phantom.sparse.n_frames):
+        browser.SetSelectedItemNumber(frame)
+        shown = slicer.util.arrayFromVolume(browser.GetProxyNode(output))
+        np.testing.assert_allclose(shown[::2], phantom.sparse.data[frame], atol=0.5)
