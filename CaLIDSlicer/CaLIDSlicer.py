@@ -229,12 +229,22 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.fillRunTimeChoices()
             options = self.options()
             node = self._parameterNode.inputNode
-            with slicer.util.WaitCursor():  # writes the input cine for the worker
-                folder, command, output = self.logic.prepare_background(node, options)
+            with slicer.util.WaitCursor():  # writes the input cine for the workers
+                background = self.logic.prepare_background(node, options)
         except Exception as error:  # shown in the panel and the log, never a frozen GUI
             self.showError(error)
             return
-        self.job = {"folder": folder, "options": options, "node": node, "output": output, "errors": [], "pending": ""}
+        # Every network (upsampling, then segmentation) runs in a worker process, one stage after
+        # the other; Slicer's own process only builds the nodes at the end.
+        self.job = {"background": background, "stage": 0, "options": options, "node": node, "warnings": []}
+        self.ui.applyButton.text = "Cancel"
+        self.ui.applyButton.toolTip = "Stop the run; nothing is added to the scene"
+        self.ui.progressBar.show()
+        self.startStage()
+
+    def startStage(self) -> None:
+        stage = self.job["background"].stages[self.job["stage"]]
+        self.job["errors"], self.job["pending"] = [], ""
         process = qt.QProcess()
         process.setProcessChannelMode(qt.QProcess.SeparateChannels)
         process.connect("readyReadStandardOutput()", self.onOutput)
@@ -242,20 +252,16 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         process.connect("finished(int,QProcess::ExitStatus)", self.onFinished)
         process.connect("errorOccurred(QProcess::ProcessError)", self.onProcessError)
         self.process = process
-        process.start(command[0], command[1:])
-        if self.process is None:  # it failed to start, and onProcessError has already reset the panel
-            return
-        self.ui.applyButton.text = "Cancel"
-        self.ui.applyButton.toolTip = "Stop the run; nothing is added to the scene"
         self.ui.progressBar.setValue(0)
-        self.ui.progressBar.show()
-        self.ui.statusLabel.text = "Starting..."
+        self.ui.statusLabel.text = f"{stage.label}: starting..."
+        process.start(stage.command[0], stage.command[1:])
 
     def onOutput(self) -> None:
         from CaLIDSlicerLib.process import parse_progress
 
         if self.process is None:
             return
+        stage = self.job["background"].stages[self.job["stage"]]
         # Reads arrive in arbitrary chunks: keep an unfinished last line for the next read.
         text = self.job.get("pending", "") + bytes(self.process.readAllStandardOutput()).decode(errors="replace")
         *lines, self.job["pending"] = text.split("\n")
@@ -263,54 +269,74 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             update = parse_progress(line)
             if update and update["total"]:
                 self.ui.progressBar.setValue(int(100 * update["done"] / update["total"]))
-                self.ui.statusLabel.text = update["message"]
+                self.ui.statusLabel.text = f"{stage.label}: {update['message']}" if update["message"] else stage.label
             elif line.strip():
                 self.ui.statusLabel.text = line.strip()
 
-    def onProcessError(self, error: Any) -> None:
-        """The worker could not start (a finished signal never comes then): reset and say why."""
-        if error != qt.QProcess.FailedToStart or self.process is None:
-            return  # crashes and kills end with finished(), handled there
-        job, self.process = self.job, None
+    def endRun(self) -> dict[str, Any]:
+        """Reset the panel after the last stage (or a failure); returns the finished job."""
+        job, self.job = self.job, {}
         self.ui.applyButton.text = "Apply"
         self.ui.progressBar.hide()
         self.updateGUIFromParameterNode()
-        shutil.rmtree(job.get("folder", ""), ignore_errors=True)
+        return job
+
+    def onProcessError(self, error: Any) -> None:
+        """A worker could not start (a finished signal never comes then): reset and say why."""
+        if error != qt.QProcess.FailedToStart or self.process is None:
+            return  # crashes and kills end with finished(), handled there
+        self.process = None
+        job = self.endRun()
+        shutil.rmtree(job["background"].folder, ignore_errors=True)
         self.showError(RuntimeError("the background process could not be started (Slicer's Python launcher, PythonSlicer, was not found or is not executable)"))
 
     def onFinished(self, code: int, status: Any) -> None:
-        job, process, self.process = self.job, self.process, None
+        process, self.process = self.process, None
         if process is not None:
             process.deleteLater()  # not deleted from inside its own signal
-        self.ui.applyButton.text = "Apply"
-        self.ui.progressBar.hide()
-        self.updateGUIFromParameterNode()
+        if not self.job:
+            return
+        background = self.job["background"]
+        stage = background.stages[self.job["stage"]]
+        messages = "".join(self.job["errors"]).strip()
+        failed = None
+        if not self.job.get("cancelled"):
+            if status == qt.QProcess.CrashExit:
+                failed = "the background process stopped unexpectedly (out of memory?); try a smaller factor, fewer frames or the CPU"
+            elif code != 0:
+                failed = messages.splitlines()[-1] if messages else f"calid exited with status {code}"
+            from CaLIDSlicerLib.process import warnings_in
+
+            self.job["warnings"] += warnings_in(messages)
+            if failed is None and self.job["stage"] + 1 < len(background.stages):
+                self.job["stage"] += 1
+                self.startStage()
+                return
+        job = self.endRun()
         try:
             if job.get("cancelled"):
                 self.ui.statusLabel.text = "Cancelled; nothing was added to the scene."
                 return
-            messages = "".join(job["errors"]).strip()
-            if status == qt.QProcess.CrashExit:
-                raise RuntimeError("the background process stopped unexpectedly (out of memory?); try a smaller factor, fewer frames or the CPU", messages)
-            if code != 0:
-                raise RuntimeError(messages.splitlines()[-1] if messages else f"calid exited with status {code}", messages)
+            segmentation_failure = []
+            if failed is not None:
+                if not stage.optional:
+                    raise RuntimeError(failed, messages)
+                segmentation_failure = [failed]  # the dense volume is there: it is still shown
             if job["node"] is None or job["node"].GetScene() is None:
                 self.ui.statusLabel.text = "The input was removed from the scene; the result was discarded."
                 return
             with slicer.util.WaitCursor():
-                result = self.logic.finish_background(job["node"], job["output"], job["options"])
+                result = self.logic.finish_background(job["node"], background, job["options"], segmentation_failure)
             self.logic.show(result)
             self.ui.statusLabel.text = f"Done: {result.output_node.GetName()}"
-            from CaLIDSlicerLib.process import warnings_in
-
-            warnings = warnings_in(messages) + list(result.warnings)
+            warnings = job["warnings"] + list(result.warnings)
             if warnings:
                 self.ui.statusLabel.text += " (with warnings: see the message)"
                 slicer.util.warningDisplay("\n\n".join(warnings), windowTitle="CaLID")
         except Exception as error:
             self.showError(error)
         finally:
-            shutil.rmtree(job.get("folder", ""), ignore_errors=True)
+            shutil.rmtree(background.folder, ignore_errors=True)
 
     def cancel(self, wait: bool = False) -> None:
         """Stop the worker (its output is written atomically: nothing half-written remains);
@@ -320,7 +346,8 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.process.kill()
             if wait:
                 self.process.waitForFinished(5000)
-                shutil.rmtree(self.job.get("folder", ""), ignore_errors=True)
+                if self.job:
+                    shutil.rmtree(self.job["background"].folder, ignore_errors=True)
 
     def showError(self, error: Exception) -> None:
         import logging
@@ -345,17 +372,17 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
 
         return upsample_node(slicer.mrmlScene, input_node, options or UpsamplingOptions(), progress=progress, cancel=cancel)
 
-    def prepare_background(self, input_node: Any, options: Any) -> tuple[Any, list[str], Any]:
-        """Write the input for the worker process: (folder, command line, output path)."""
+    def prepare_background(self, input_node: Any, options: Any) -> Any:
+        """Write the input for the worker processes; the stages to run (CaLIDSlicerLib.logic.BackgroundJob)."""
         from CaLIDSlicerLib.logic import prepare_background
 
         return prepare_background(self.sequence_of(input_node), options)
 
-    def finish_background(self, input_node: Any, output_path: Any, options: Any) -> Any:
-        """Load the worker's result into new nodes, then segment, place the planes and measure."""
+    def finish_background(self, input_node: Any, background: Any, options: Any, warnings: Any = None) -> Any:
+        """Load the workers' results into new nodes; place the planes and measure from their labels."""
         from CaLIDSlicerLib.logic import finish_background
 
-        return finish_background(slicer.mrmlScene, self.sequence_of(input_node), output_path, options)
+        return finish_background(slicer.mrmlScene, self.sequence_of(input_node), background, options, warnings)
 
     def show(self, result: Any) -> None:
         """Dense output in the views, LAX planes on the three slice views, surfaces in 3D, the table."""

@@ -273,7 +273,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     frames = parse_frames(args.frames, stack.n_frames)
     if frames is not None:
         stack = stack.select_frames(frames)
-    bar = _ProgressBar(not args.quiet)
+    bar: Any = _JsonProgress() if args.progress == "json" else _ProgressBar(not args.quiet)
     try:
         labels = segment(stack, model, progress=bar)
     finally:
@@ -753,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cmd.add_argument("--frames", help="frames to segment, e.g. 0,5-9 (default: all)")
     segment_cmd.add_argument("--series", help="DICOM: which series to read")
     segment_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    segment_cmd.add_argument("--progress", choices=["bar", "json"], default="bar", help="json: one JSON line per update on stdout, for programs")
     segment_cmd.set_defaults(handler=_cmd_segment)
 
     lax = commands.add_parser("lax", help="long-axis (2-, 3-, 4-chamber) reslices as PNG and NIfTI, from labels or user points")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from calid.data.stack import CineStack
@@ -121,76 +122,134 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
     return UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
 
 
-def _segment_and_measure_or_warn(scene: Any, sparse: CineStack, result: UpsamplingResult, options: UpsamplingOptions, cancel: Callable[[], bool] | None) -> None:
+def _segment_and_measure_or_warn(
+    scene: Any,
+    sparse: CineStack,
+    result: UpsamplingResult,
+    options: UpsamplingOptions,
+    cancel: Callable[[], bool] | None,
+    labels: tuple[CineStack, CineStack] | None = None,
+) -> None:
     """The dense output is the result; its segmentation is an extra. When that fails (no model
-    installed, no heart found in an unusual scan) the output stays and a warning says why."""
+    installed, no heart found in an unusual scan) the output stays and a warning says why.
+    ``labels``: the (dense, acquired) label stacks when a worker has already made them."""
     from calid.errors import CalidError, Cancelled
 
     try:
-        _segment_and_measure(scene, sparse, result, options, cancel)
+        dense_labels, acquired_labels = labels if labels is not None else _segment(sparse, result, options, cancel)
+        _measure(scene, result, options, dense_labels, acquired_labels)
     except Cancelled:
         raise
     except CalidError as error:
-        # All or nothing: no segmentation without its planes and volumes, no orphaned nodes.
-        for node in (result.segmentation_node, result.table_node, result.chart_node):
-            if node is not None:
-                display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
-                if display is not None:
-                    scene.RemoveNode(display)
-                scene.RemoveNode(node)
-        result.labels, result.segmentation_node, result.table_node, result.chart_node = None, None, None, None
-        result.planes, result.function = {}, {}
-        result.warnings.append(f"The dense volume was made, but segmentation, long-axis planes and volumes were skipped: {error}")
+        _drop_segmentation(scene, result, f"The dense volume was made, but segmentation, long-axis planes and volumes were skipped: {error}")
 
 
-def _segment_and_measure(scene: Any, sparse: CineStack, result: UpsamplingResult, options: UpsamplingOptions, cancel: Callable[[], bool] | None) -> None:
-    import numpy as np
+def _drop_segmentation(scene: Any, result: UpsamplingResult, warning: str) -> None:
+    """All or nothing: no segmentation without its planes and volumes, no orphaned nodes."""
+    for node in (result.segmentation_node, result.table_node, result.chart_node):
+        if node is not None:
+            display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
+            if display is not None:
+                scene.RemoveNode(display)
+            scene.RemoveNode(node)
+    result.labels, result.segmentation_node, result.table_node, result.chart_node = None, None, None, None
+    result.planes, result.function = {}, {}
+    result.warnings.append(warning)
 
+
+def _segment(sparse: CineStack, result: UpsamplingResult, options: UpsamplingOptions, cancel: Callable[[], bool] | None) -> tuple[CineStack, CineStack]:
+    """Labels of the dense output and of the acquired stack (same frames), in this process."""
     from calid.device import resolve_device
-    from calid.geometry.planes import standard_planes
-    from calid.geometry.volumes import cardiac_function
     from calid.models.registry import resolve_model
     from calid.segmentation import load_segmenter, segment
 
     model = load_segmenter(resolve_model(options.segmentation_model, kind="segmentation"), device=resolve_device(options.device))
     frames = result.dense.metadata.get("upsampling", {}).get("frames") or list(range(sparse.n_frames))
-    result.labels = segment(result.dense, model, cancel=cancel)
-    sparse_labels = segment(sparse.select_frames(frames), model, cancel=cancel)
-    function = {"dense": cardiac_function(result.labels, method="dense"), "acquired (Simpson)": cardiac_function(sparse_labels, method="Simpson")}
+    return segment(result.dense, model, cancel=cancel), segment(sparse.select_frames(frames), model, cancel=cancel)
+
+
+def _measure(scene: Any, result: UpsamplingResult, options: UpsamplingOptions, dense_labels: CineStack, acquired_labels: CineStack) -> None:
+    """Volumes (dense and Simpson), the segmentation node, the long-axis planes and the table."""
+    import numpy as np
+
+    from calid.geometry.planes import standard_planes
+    from calid.geometry.volumes import cardiac_function
+
+    if dense_labels.shape != result.dense.shape or acquired_labels.n_frames != result.dense.n_frames:
+        raise InputError("segmentation", f"labels of shape {dense_labels.shape} / {acquired_labels.shape} do not match the dense output {result.dense.shape}")
+    result.labels = dense_labels
+    function = {"dense": cardiac_function(dense_labels, method="dense"), "acquired (Simpson)": cardiac_function(acquired_labels, method="Simpson")}
     result.function = function
     shown = function["dense"].ed_frame
     # One frame is segmented into nodes (end-diastole); the name says so, as it is shown over the whole cine.
-    result.segmentation_node = mrml.segmentation_from_labels(scene, result.labels, f"{result.output_node.GetName()} segmentation (frame {shown}, end-diastole)", frame=shown)
+    result.segmentation_node = mrml.segmentation_from_labels(scene, dense_labels, f"{result.output_node.GetName()} segmentation (frame {shown}, end-diastole)", frame=shown)
     points = options.plane_points_lps
     aortic_valve = None if points is None or len(points) != 1 else np.asarray(points[0], dtype=np.float64)
-    result.planes = standard_planes(result.labels, shown, three_chamber_point=aortic_valve)
+    result.planes = standard_planes(dense_labels, shown, three_chamber_point=aortic_valve)
     result.table_node, result.chart_node = mrml.table_from_function(scene, function, f"{result.output_node.GetName()} function")
 
 
-#: File names exchanged with the worker process. NIfTI keeps calid's metadata (what was generated, how).
+#: File names exchanged with the worker processes. NIfTI keeps calid's metadata (what was generated, how).
 WORKER_INPUT, WORKER_OUTPUT = "input.nii.gz", "dense.nii.gz"
+WORKER_DENSE_LABELS, WORKER_ACQUIRED_LABELS = "dense_labels.nii.gz", "acquired_labels.nii.gz"
 
 
-def prepare_background(input_node: Any, options: UpsamplingOptions) -> tuple[Any, list[str], Any]:
-    """Write the input for a worker process: (folder, command line, output path)."""
+@dataclass
+class WorkerStage:
+    """One background process of a run: what the panel shows, the command, and whether its
+    failure only loses an extra (the segmentation) rather than the run."""
+
+    label: str
+    command: list[str]
+    optional: bool = False
+
+
+@dataclass
+class BackgroundJob:
+    """The files and processes of one background run (the panel runs the stages in order)."""
+
+    folder: Path
+    stages: list[WorkerStage]
+    output: Path
+    label_files: tuple[Path, Path] | None = None  # (dense, acquired) when segmenting
+
+
+def prepare_background(input_node: Any, options: UpsamplingOptions) -> BackgroundJob:
+    """Write the input for the worker processes: upsampling, then (when asked) segmenting the
+    dense output and the acquired frames, so that no network runs in Slicer's own process."""
     from calid.data.io import write_stack
 
-    from CaLIDSlicerLib.process import upsample_command, work_folder
+    from CaLIDSlicerLib.process import segment_command, upsample_command, work_folder
 
     stack = stack_from_node(input_node)
     folder = work_folder()
     source = write_stack(stack, folder / WORKER_INPUT)
-    return folder, upsample_command(source, folder / WORKER_OUTPUT, options), folder / WORKER_OUTPUT
+    output = folder / WORKER_OUTPUT
+    job = BackgroundJob(folder=folder, stages=[WorkerStage("Upsampling", upsample_command(source, output, options))], output=output)
+    if options.segment:
+        dense_labels, acquired_labels = folder / WORKER_DENSE_LABELS, folder / WORKER_ACQUIRED_LABELS
+        job.stages += [
+            WorkerStage("Segmenting the dense volume", segment_command(output, dense_labels, options), optional=True),
+            WorkerStage("Segmenting the acquired slices", segment_command(source, acquired_labels, options, frames=options.frames), optional=True),
+        ]
+        job.label_files = (dense_labels, acquired_labels)
+    return job
 
 
-def finish_background(scene: Any, input_node: Any, output_path: Any, options: UpsamplingOptions) -> UpsamplingResult:
-    """Load the worker's result into new nodes (the input cine's browser plays a whole-cine output),
-    then segment, place the planes and measure, as :func:`upsample_node` does."""
+def finish_background(scene: Any, input_node: Any, job: BackgroundJob, options: UpsamplingOptions, warnings: list[str] | None = None) -> UpsamplingResult:
+    """Load the workers' results into new nodes (the input cine's browser plays a whole-cine
+    output), then measure and place the planes from their labels, as :func:`upsample_node` does.
+    ``warnings``: why a segmentation stage failed, if one did (the output is still added)."""
     from calid.data.io import read_stack
 
     stack = stack_from_node(input_node)
-    result = _add_output(scene, input_node, stack, read_stack(output_path), options)
+    result = _add_output(scene, input_node, stack, read_stack(job.output), options)
     if options.segment:
-        _segment_and_measure_or_warn(scene, stack, result, options, None)
+        files = job.label_files
+        if warnings or files is None or not all(path.is_file() for path in files):
+            reason = "; ".join(warnings or []) or "the segmentation worker wrote no labels"
+            _drop_segmentation(scene, result, f"The dense volume was made, but segmentation, long-axis planes and volumes were skipped: {reason}")
+        else:
+            _segment_and_measure_or_warn(scene, stack, result, options, None, labels=(read_stack(files[0]), read_stack(files[1])))
     _add_user_plane(result, options)
     return result

@@ -39,6 +39,16 @@ def upsample_command(input_path: str | os.PathLike[str], output_path: str | os.P
     return command
 
 
+def segment_command(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: UpsamplingOptions, frames: str | None = None) -> list[str]:
+    """``calid segment`` with machine-readable progress: labels of ``input_path`` (the given frames, default all)."""
+    command = [python_executable(), "-m", "calid", "segment", os.fspath(input_path), os.fspath(output_path), "--device", options.device, "--progress", "json"]
+    if options.segmentation_model:
+        command += ["--model", options.segmentation_model]
+    if frames and frames != "all":
+        command += ["--frames", frames]
+    return command
+
+
 def parse_progress(line: str) -> dict[str, Any] | None:
     """A progress update ``{"done", "total", "message"}`` from one output line, or None for other lines."""
     line = line.strip()

@@ -244,25 +244,67 @@ def test_output_of_a_whole_cine_plays_in_the_input_browser(scene, phantom):
     np.testing.assert_allclose(slicer.util.arrayFromVolume(proxy)[::2], phantom.sparse.data[2], atol=0.5)
 
 
-def test_background_round_trip_as_the_panel_runs_it(scene, phantom):
-    """prepare_background -> the worker process -> finish_background: the path the panel's Apply takes."""
-    import shutil
+def _run_stages(job):
+    """The panel's loop over worker stages, with subprocess: stops at the first failure, whose
+    last error line is returned for an optional stage (as the panel passes it on)."""
     import subprocess
+
+    from CaLIDSlicerLib.process import parse_progress
+
+    updates, failures = [], []
+    for stage in job.stages:
+        finished = subprocess.run(stage.command, capture_output=True, text=True, timeout=300)
+        updates += [(stage.label, u) for u in map(parse_progress, finished.stdout.splitlines()) if u]
+        if finished.returncode != 0:
+            assert stage.optional, finished.stderr
+            failures.append(finished.stderr.strip().splitlines()[-1])
+            break
+    return updates, failures
+
+
+def test_background_round_trip_as_the_panel_runs_it(scene, phantom):
+    """prepare_background -> the worker processes (upsampling, then segmentation) -> finish_background:
+    the path the panel's Apply takes, with no network in the calling process."""
+    import shutil
 
     from CaLIDSlicerLib.logic import UpsamplingOptions, finish_background, prepare_background
 
     sequence, browser = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
-    options = UpsamplingOptions(factor=2, mode="calid", steps=1, model="untrained:tiny", device="cpu")
-    folder, command, output = prepare_background(sequence, options)
+    options = UpsamplingOptions(factor=2, mode="calid", steps=1, model="untrained:tiny", device="cpu", frames="0,2")
+    job = prepare_background(sequence, options)
     try:
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        assert finished.returncode == 0, finished.stderr
-        result = finish_background(scene, sequence, output, options)
+        assert [(stage.label, stage.optional) for stage in job.stages] == [
+            ("Upsampling", False), ("Segmenting the dense volume", True), ("Segmenting the acquired slices", True)
+        ]
+        updates, failures = _run_stages(job)
+        assert failures == [] and {label for label, _ in updates} == {stage.label for stage in job.stages}
+        assert all(path.is_file() for path in job.label_files)
+        result = finish_background(scene, sequence, job, options)
     finally:
-        shutil.rmtree(folder)
-    assert result.browser_node is browser and result.dense.metadata["upsampling"]["mode"] == "calid"
-    assert result.table_node.GetNumberOfRows() == phantom.sparse.n_frames and "4-chamber" in result.planes
-    np.testing.assert_allclose(mrml.stack_from_sequence(result.output_node).data[:, ::2], phantom.sparse.data, atol=0.5)
+        shutil.rmtree(job.folder)
+    assert result.browser_node is not browser and result.dense.metadata["upsampling"]["mode"] == "calid"  # 2 of 3 frames: a browser of its own
+    assert result.labels.shape == result.dense.shape and result.warnings == []
+    assert result.table_node.GetNumberOfRows() == 2 and "4-chamber" in result.planes
+    np.testing.assert_allclose(mrml.stack_from_sequence(result.output_node).data[:, ::2], phantom.sparse.data[[0, 2]], atol=0.5)
+
+
+def test_background_segmentation_failure_still_adds_the_dense_output(scene, phantom, tmp_path):
+    import shutil
+
+    from CaLIDSlicerLib.logic import UpsamplingOptions, finish_background, prepare_background
+
+    sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    options = UpsamplingOptions(factor=2, mode="linear", segmentation_model=str(tmp_path / "missing-segmenter.safetensors"))
+    job = prepare_background(sequence, options)
+    try:
+        _, failures = _run_stages(job)
+        assert len(failures) == 1 and "missing-segmenter" in failures[0]
+        result = finish_background(scene, sequence, job, options, failures)
+    finally:
+        shutil.rmtree(job.folder)
+    assert mrml.stack_from_sequence(result.output_node).n_slices == 2 * phantom.sparse.n_slices - 1
+    assert result.segmentation_node is None and len(result.warnings) == 1 and "missing-segmenter" in result.warnings[0]
+    assert scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
 
 
 def test_offscreen_slice_views_on_the_long_axis_planes(scene, phantom):
