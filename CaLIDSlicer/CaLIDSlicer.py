@@ -65,7 +65,8 @@ class CaLIDSlicer(ScriptedLoadableModule):
         self.parent.helpText = (
             "Upsamples a sparse short-axis cine MRI stack (8-10 mm between slices) to a dense 3D / 3D+T volume "
             "with a latent diffusion model trained for slice interpolation (CaLID, CaLID+), then shows long-axis "
-            "views, 3D surfaces and ventricular volumes. Acquired slices are kept bit for bit."
+            "views, 3D surfaces and ventricular volumes. Acquired slices are kept bit for bit; the slices between them "
+            "are generated, not measured. For research use, not for diagnosis."
         )
         self.parent.acknowledgementText = (
             "Method: Bubeck et al., Latent Interpolation Learning Using Diffusion Models for Cardiac Volume "
@@ -394,8 +395,12 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
         for view, plane in LAX_VIEWS.items():
             if view == "Green" and "user" in result.planes:
                 plane = "user"
+            slice_node = slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode()
             if plane in result.planes:
-                mrml.orient_slice_node(slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode(), result.planes[plane])
+                mrml.orient_slice_node(slice_node, result.planes[plane])
+            else:
+                # No planes (no segmentation): show the stack's own planes, not an oblique reslice of it.
+                slice_node.RotateToVolumePlane(volume)
         if result.segmentation_node is not None:
             result.segmentation_node.GetDisplayNode().SetVisibility3D(True)
         if result.chart_node is not None:

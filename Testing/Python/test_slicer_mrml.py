@@ -639,3 +639,17 @@ def test_output_in_the_input_browser_copies_the_input_index_in_any_unit(scene, p
         browser.SetSelectedItemNumber(frame)
         shown = slicer.util.arrayFromVolume(browser.GetProxyNode(output))
         np.testing.assert_allclose(shown[::2], phantom.sparse.data[frame], atol=0.5)
+
+
+def test_outputs_carry_how_they_were_made_and_get_names_of_their_own(scene, phantom):
+    import json
+
+    from CaLIDSlicerLib.logic import PROVENANCE_ATTRIBUTE, UpsamplingOptions, upsample_node
+
+    volume = mrml.volume_from_stack(scene, phantom.sparse.select_frames([0]), "sparse")
+    first, second = (upsample_node(scene, volume, UpsamplingOptions(factor=2, mode="linear", segment=False)) for _ in range(2))
+    assert first.output_node.GetName() != second.output_node.GetName()
+    assert first.output_node.GetName().startswith("sparse linear x2")
+    recorded = json.loads(first.output_node.GetAttribute(PROVENANCE_ATTRIBUTE))
+    assert recorded["mode"] == "linear" and recorded["factor"] == 2
+    assert "generated" in first.output_node.GetDescription()
