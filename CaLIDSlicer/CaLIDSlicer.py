@@ -329,7 +329,7 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.WaitCursor():
                 result = self.logic.finish_background(job["node"], background, job["options"], segmentation_failure)
             self.logic.show(result)
-            self.ui.statusLabel.text = f"Done: {result.output_node.GetName()}"
+            self.ui.statusLabel.text = f"Done: {result.output_node.GetName()}" + self.logic.ejection_fractions(result)
             warnings = job["warnings"] + list(result.warnings)
             if warnings:
                 self.ui.statusLabel.text += " (with warnings: see the message)"
@@ -407,6 +407,11 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
             slicer.modules.plots.logic().ShowChartInLayout(result.chart_node)
         if result.browser_node is not None:
             slicer.modules.sequences.showSequenceBrowser(result.browser_node)  # play / step the frames from the toolbar
+
+    def ejection_fractions(self, result: Any) -> str:
+        """``"; LV EF 58 % (dense), 55 % (acquired (Simpson))"`` for the status line, or ""."""
+        values = [f"{f.summary['lv_ef_percent']:.0f} % ({method})" for method, f in result.function.items() if f.summary.get("lv_ef_percent") == f.summary.get("lv_ef_percent")]
+        return f"; LV EF {', '.join(values)}" if values else ""
 
     def sequence_of(self, node: Any) -> Any:
         """The sequence behind a browser's proxy volume (so that a cine is processed whole), else the node."""

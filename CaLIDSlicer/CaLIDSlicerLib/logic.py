@@ -49,6 +49,7 @@ class UpsamplingResult:
     planes: dict[str, Any] = field(default_factory=dict)
     table_node: Any = None
     chart_node: Any = None
+    summary_table_node: Any = None  # EDV, ESV, SV, EF, LV mass per method
     function: dict[str, Any] = field(default_factory=dict)
     #: What did not work but did not stop the run (e.g. the segmentation of an unusual scan).
     warnings: list[str] = field(default_factory=list)
@@ -165,13 +166,13 @@ def _segment_and_measure_or_warn(
 
 def _drop_segmentation(scene: Any, result: UpsamplingResult, warning: str) -> None:
     """All or nothing: no segmentation without its planes and volumes, no orphaned nodes."""
-    for node in (result.segmentation_node, result.table_node, result.chart_node):
+    for node in (result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node):
         if node is not None:
             display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
             if display is not None:
                 scene.RemoveNode(display)
             scene.RemoveNode(node)
-    result.labels, result.segmentation_node, result.table_node, result.chart_node = None, None, None, None
+    result.labels, result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node = None, None, None, None, None
     result.planes, result.function = {}, {}
     result.warnings.append(warning)
 
@@ -206,6 +207,7 @@ def _measure(scene: Any, result: UpsamplingResult, options: UpsamplingOptions, d
     aortic_valve = None if points is None or len(points) != 1 else np.asarray(points[0], dtype=np.float64)
     result.planes = standard_planes(dense_labels, shown, three_chamber_point=aortic_valve)
     result.table_node, result.chart_node = mrml.table_from_function(scene, function, f"{result.output_node.GetName()} function")
+    result.summary_table_node = mrml.summary_table_from_function(scene, function, f"{result.output_node.GetName()} function summary")
 
 
 #: File names exchanged with the worker processes. NIfTI keeps calid's metadata (what was generated, how).

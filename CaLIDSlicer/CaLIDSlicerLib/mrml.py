@@ -191,6 +191,38 @@ def orient_slice_node(slice_node: Any, plane: Any) -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
 
+#: Row titles of the summary table, by calid's summary key.
+SUMMARY_ROWS = {
+    "lv_edv_ml": "LV end-diastolic volume (ml)",
+    "lv_esv_ml": "LV end-systolic volume (ml)",
+    "lv_sv_ml": "LV stroke volume (ml)",
+    "lv_ef_percent": "LV ejection fraction (%)",
+    "rv_edv_ml": "RV end-diastolic volume (ml)",
+    "rv_esv_ml": "RV end-systolic volume (ml)",
+    "rv_sv_ml": "RV stroke volume (ml)",
+    "rv_ef_percent": "RV ejection fraction (%)",
+    "lv_mass_ed_g": "LV mass at end-diastole (g)",
+}
+
+
+def summary_table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardiac function summary") -> Any:
+    """A table node of the cine's summary numbers (EDV, ESV, SV, EF, LV mass): a row per
+    quantity, a column per method (dense stack, Simpson on the acquired slices)."""
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    quantity = vtk.vtkStringArray()
+    quantity.SetName("quantity")
+    for key, title in SUMMARY_ROWS.items():
+        quantity.InsertNextValue(title)
+    table.AddColumn(quantity)
+    for method, result in results.items():
+        values = vtk.vtkDoubleArray()
+        values.SetName(method)
+        for key in SUMMARY_ROWS:
+            values.InsertNextValue(float(result.summary.get(key, float("nan"))))
+        table.AddColumn(values)
+    return table
+
+
 def table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardiac function") -> tuple[Any, Any]:
     """A table node (one row per frame and method) and a plot chart of the LV / RV volume curves."""
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)

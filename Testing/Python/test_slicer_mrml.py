@@ -133,6 +133,12 @@ def test_volumes_table_and_plot(scene, phantom):
     lv = slicer.util.arrayFromTableColumn(table, "LV ml (dense)")
     np.testing.assert_allclose(lv, results["dense"].lv_volume_ml)
     assert chart.GetNumberOfPlotSeriesNodes() == 4
+    summary = mrml.summary_table_from_function(scene, results)
+    assert summary.GetNumberOfColumns() == 3 and summary.GetNumberOfRows() == len(mrml.SUMMARY_ROWS)
+    rows = [summary.GetCellText(row, 0) for row in range(summary.GetNumberOfRows())]
+    ef_row = rows.index("LV ejection fraction (%)")
+    for method, function in results.items():
+        assert float(summary.GetCellText(ef_row, list(results).index(method) + 1)) == pytest.approx(function.summary["lv_ef_percent"], rel=1e-5)
 
 
 def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
@@ -285,6 +291,7 @@ def test_background_round_trip_as_the_panel_runs_it(scene, phantom):
     assert result.browser_node is not browser and result.dense.metadata["upsampling"]["mode"] == "calid"  # 2 of 3 frames: a browser of its own
     assert result.labels.shape == result.dense.shape and result.warnings == []
     assert result.table_node.GetNumberOfRows() == 2 and "4-chamber" in result.planes
+    assert result.summary_table_node.GetNumberOfColumns() == 3  # quantity, dense, acquired (Simpson)
     np.testing.assert_allclose(mrml.stack_from_sequence(result.output_node).data[:, ::2], phantom.sparse.data[[0, 2]], atol=0.5)
 
 
