@@ -410,7 +410,9 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
 
     def ejection_fractions(self, result: Any) -> str:
         """``"; LV EF 58 % (dense), 55 % (acquired (Simpson))"`` for the status line, or ""."""
-        values = [f"{f.summary['lv_ef_percent']:.0f} % ({method})" for method, f in result.function.items() if f.summary.get("lv_ef_percent") == f.summary.get("lv_ef_percent")]
+        import math
+
+        values = [f"{f.summary['lv_ef_percent']:.0f} % ({method})" for method, f in result.function.items() if math.isfinite(f.summary.get("lv_ef_percent", math.nan))]
         return f"; LV EF {', '.join(values)}" if values else ""
 
     def sequence_of(self, node: Any) -> Any:

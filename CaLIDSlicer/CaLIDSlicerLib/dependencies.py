@@ -82,7 +82,10 @@ def install(confirm: bool = True) -> bool:
                     raise RuntimeError("PyTorch could not be installed by the PyTorch extension")
             except ImportError:
                 slicer.util.pip_install("torch")
-        slicer.util.pip_install(str(core))
+        if core is not None:
+            slicer.util.pip_install(str(core))  # calid with its own requirements (MONAI, ...)
+        elif "monai" in missing:  # calid itself is installed (e.g. by hand), only MONAI is not
+            slicer.util.pip_install("monai")
     importlib.invalidate_caches()  # find_spec must see what pip has just added
     still_missing = missing_packages()
     if still_missing:

@@ -148,15 +148,16 @@ def _segment_and_measure_or_warn(
     result: UpsamplingResult,
     options: UpsamplingOptions,
     cancel: Callable[[], bool] | None,
-    labels: tuple[CineStack, CineStack] | None = None,
+    labels: Callable[[], tuple[CineStack, CineStack]] | None = None,
 ) -> None:
     """The dense output is the result; its segmentation is an extra. When that fails (no model
     installed, no heart found in an unusual scan) the output stays and a warning says why.
-    ``labels``: the (dense, acquired) label stacks when a worker has already made them."""
+    ``labels``: reads the (dense, acquired) label stacks when a worker has already made them
+    (inside the guard: an unreadable label file is a warning too)."""
     from calid.errors import CalidError, Cancelled
 
     try:
-        dense_labels, acquired_labels = labels if labels is not None else _segment(sparse, result, options, cancel)
+        dense_labels, acquired_labels = labels() if labels is not None else _segment(sparse, result, options, cancel)
         _measure(scene, result, options, dense_labels, acquired_labels)
     except Cancelled:
         raise
@@ -271,6 +272,6 @@ def finish_background(scene: Any, input_node: Any, job: BackgroundJob, options: 
             reason = "; ".join(warnings or []) or "the segmentation worker wrote no labels"
             _drop_segmentation(scene, result, f"The dense volume was made, but segmentation, long-axis planes and volumes were skipped: {reason}")
         else:
-            _segment_and_measure_or_warn(scene, stack, result, options, None, labels=(read_stack(files[0]), read_stack(files[1])))
+            _segment_and_measure_or_warn(scene, stack, result, options, None, labels=lambda: (read_stack(files[0]), read_stack(files[1])))
     _add_user_plane(result, options)
     return result

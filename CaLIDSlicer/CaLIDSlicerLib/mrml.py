@@ -211,7 +211,7 @@ def summary_table_from_function(scene: Any, results: dict[str, Any], name: str =
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     quantity = vtk.vtkStringArray()
     quantity.SetName("quantity")
-    for key, title in SUMMARY_ROWS.items():
+    for title in SUMMARY_ROWS.values():
         quantity.InsertNextValue(title)
     table.AddColumn(quantity)
     for method, result in results.items():
