@@ -344,6 +344,8 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ``wait`` lets it end here, so that its temporary files go too (module cleanup, exit)."""
         if self.process is not None:
             self.job["cancelled"] = True
+            # The file reaches the Python worker even where killing its launcher (PythonSlicer) does not.
+            self.job["background"].request_stop()
             self.process.kill()
             if wait:
                 self.process.waitForFinished(5000)

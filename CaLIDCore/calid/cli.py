@@ -82,6 +82,28 @@ class _JsonProgress:
         pass
 
 
+def _stop_requested_by(stop_file: str | None) -> Any:
+    """The cancel check for ``--stop-file``: the file exists, or its folder is gone.
+
+    A program that runs ``calid`` through a launcher (Slicer's PythonSlicer) cannot always signal
+    the Python process itself: killing the launcher may leave it running. Such a program creates
+    the file to cancel, and a worker whose folder was cleaned up stops as well."""
+    if stop_file is None:
+        return None
+    path = Path(stop_file).absolute()
+
+    def stop_requested() -> bool:
+        return path.exists() or not path.parent.is_dir()
+
+    return stop_requested
+
+
+def _stop_if_requested(stop_requested: Any, what: str) -> None:
+    """Checked before an output is written: a cancel that came after the last network call."""
+    if stop_requested is not None and stop_requested():
+        raise Cancelled(f"{what} cancelled; nothing was written")
+
+
 def _run_upsampling(pipeline: Any, stack: Any, show_progress: bool | str, **options: Any) -> Any:
     bar: Any = _JsonProgress() if show_progress == "json" else _ProgressBar(bool(show_progress))
     try:
@@ -219,10 +241,12 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
         centre = heart_centre_lps(stack, frame=frames[0] if frames else 0)
         if not args.quiet:
             print(f"centring the model's crop on the heart at R,A,S {-centre[0]:.1f},{-centre[1]:.1f},{centre[2]:.1f} mm", flush=True)
+    stop_requested = _stop_requested_by(args.stop_file)
     dense = _run_upsampling(
         pipeline, stack, "json" if args.progress == "json" else not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre,
-        temporal=True if args.temporal else None, assumed_pixel_mm=assumed_pixel, tta=args.tta,
+        temporal=True if args.temporal else None, assumed_pixel_mm=assumed_pixel, tta=args.tta, cancel=stop_requested,
     )
+    _stop_if_requested(stop_requested, "upsampling")
     write_stack(dense, target, overwrite=args.overwrite)
     info = dense.metadata["upsampling"]
     how = f"mode {args.mode}" + ("" if args.mode == "linear" else f", {args.steps} steps{', averaged over 8 turns/mirrors' if info.get('tta') else ''}, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
@@ -274,10 +298,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     if frames is not None:
         stack = stack.select_frames(frames)
     bar: Any = _JsonProgress() if args.progress == "json" else _ProgressBar(not args.quiet)
+    stop_requested = _stop_requested_by(args.stop_file)
     try:
-        labels = segment(stack, model, progress=bar)
+        labels = segment(stack, model, progress=bar, cancel=stop_requested)
     finally:
         bar.close()
+    _stop_if_requested(stop_requested, "segmentation")
     write_stack(labels, target, dtype="uint8")
     counts = {name: int((labels.data == value).sum()) for value, name in model.config.labels.items()}
     print(f"{stack.n_frames} frame(s) x {stack.n_slices} slices segmented in {time.perf_counter() - started:.1f} s ({', '.join(f'{k}: {v} voxels' for k, v in counts.items())}): {target}")
@@ -739,6 +765,10 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("--overwrite", action="store_true", help="replace an existing output")
     upsample.add_argument("--quiet", action="store_true", help="no progress bar")
     upsample.add_argument("--progress", choices=["bar", "json"], default="bar", help="json: one JSON line per update on stdout, for programs")
+    upsample.add_argument(
+        "--stop-file", metavar="PATH",
+        help="for programs running calid in the background: stop (exit status 130, nothing written) as soon as this file exists or its folder is removed",
+    )
     upsample.set_defaults(handler=_cmd_upsample)
 
     info = commands.add_parser("info", help="print a model's card (configuration, training data, metrics), or list the installed models")
@@ -754,6 +784,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cmd.add_argument("--series", help="DICOM: which series to read")
     segment_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     segment_cmd.add_argument("--progress", choices=["bar", "json"], default="bar", help="json: one JSON line per update on stdout, for programs")
+    segment_cmd.add_argument(
+        "--stop-file", metavar="PATH",
+        help="for programs running calid in the background: stop (exit status 130, nothing written) as soon as this file exists or its folder is removed",
+    )
     segment_cmd.set_defaults(handler=_cmd_segment)
 
     lax = commands.add_parser("lax", help="long-axis (2-, 3-, 4-chamber) reslices as PNG and NIfTI, from labels or user points")

@@ -214,6 +214,9 @@ def _measure(scene: Any, result: UpsamplingResult, options: UpsamplingOptions, d
 #: File names exchanged with the worker processes. NIfTI keeps calid's metadata (what was generated, how).
 WORKER_INPUT, WORKER_OUTPUT = "input.nii.gz", "dense.nii.gz"
 WORKER_DENSE_LABELS, WORKER_ACQUIRED_LABELS = "dense_labels.nii.gz", "acquired_labels.nii.gz"
+#: Created to cancel: the worker stops at its next check even where killing Slicer's Python
+#: launcher leaves the Python process itself running.
+WORKER_STOP = "stop"
 
 
 @dataclass
@@ -235,6 +238,15 @@ class BackgroundJob:
     output: Path
     label_files: tuple[Path, Path] | None = None  # (dense, acquired) when segmenting
 
+    @property
+    def stop_file(self) -> Path:
+        return self.folder / WORKER_STOP
+
+    def request_stop(self) -> None:
+        """Ask the running worker to stop (``--stop-file``); it writes nothing and exits with 130."""
+        if self.folder.is_dir():
+            self.stop_file.touch()
+
 
 def prepare_background(input_node: Any, options: UpsamplingOptions) -> BackgroundJob:
     """Write the input for the worker processes: upsampling, then (when asked) segmenting the
@@ -246,13 +258,13 @@ def prepare_background(input_node: Any, options: UpsamplingOptions) -> Backgroun
     stack = stack_from_node(input_node)
     folder = work_folder()
     source = write_stack(stack, folder / WORKER_INPUT)
-    output = folder / WORKER_OUTPUT
-    job = BackgroundJob(folder=folder, stages=[WorkerStage("Upsampling", upsample_command(source, output, options))], output=output)
+    output, stop = folder / WORKER_OUTPUT, folder / WORKER_STOP
+    job = BackgroundJob(folder=folder, stages=[WorkerStage("Upsampling", upsample_command(source, output, options, stop_file=stop))], output=output)
     if options.segment:
         dense_labels, acquired_labels = folder / WORKER_DENSE_LABELS, folder / WORKER_ACQUIRED_LABELS
         job.stages += [
-            WorkerStage("Segmenting the dense volume", segment_command(output, dense_labels, options), optional=True),
-            WorkerStage("Segmenting the acquired slices", segment_command(source, acquired_labels, options, frames=options.frames), optional=True),
+            WorkerStage("Segmenting the dense volume", segment_command(output, dense_labels, options, stop_file=stop), optional=True),
+            WorkerStage("Segmenting the acquired slices", segment_command(source, acquired_labels, options, frames=options.frames, stop_file=stop), optional=True),
         ]
         job.label_files = (dense_labels, acquired_labels)
     return job

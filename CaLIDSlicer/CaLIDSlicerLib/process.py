@@ -17,8 +17,11 @@ def python_executable() -> str:
     return shutil.which("PythonSlicer") or sys.executable
 
 
-def upsample_command(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: UpsamplingOptions) -> list[str]:
-    """``calid upsample`` with machine-readable progress, for ``qt.QProcess`` or ``subprocess``."""
+def upsample_command(
+    input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: UpsamplingOptions, stop_file: str | os.PathLike[str] | None = None
+) -> list[str]:
+    """``calid upsample`` with machine-readable progress, for ``qt.QProcess`` or ``subprocess``;
+    creating ``stop_file`` cancels it."""
     command = [
         python_executable(), "-m", "calid", "upsample", os.fspath(input_path), os.fspath(output_path),
         "--factor", str(options.factor), "--mode", options.mode,
@@ -36,16 +39,24 @@ def upsample_command(input_path: str | os.PathLike[str], output_path: str | os.P
         command += ["--tta"]
     if options.frames and options.frames != "all":
         command += ["--frames", options.frames]
+    if stop_file is not None:
+        command += ["--stop-file", os.fspath(stop_file)]
     return command
 
 
-def segment_command(input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: UpsamplingOptions, frames: str | None = None) -> list[str]:
-    """``calid segment`` with machine-readable progress: labels of ``input_path`` (the given frames, default all)."""
+def segment_command(
+    input_path: str | os.PathLike[str], output_path: str | os.PathLike[str], options: UpsamplingOptions, frames: str | None = None,
+    stop_file: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """``calid segment`` with machine-readable progress: labels of ``input_path`` (the given frames,
+    default all); creating ``stop_file`` cancels it."""
     command = [python_executable(), "-m", "calid", "segment", os.fspath(input_path), os.fspath(output_path), "--device", options.device, "--progress", "json"]
     if options.segmentation_model:
         command += ["--model", options.segmentation_model]
     if frames and frames != "all":
         command += ["--frames", frames]
+    if stop_file is not None:
+        command += ["--stop-file", os.fspath(stop_file)]
     return command
 
 

@@ -63,3 +63,22 @@ def test_phantom_command_writes_labels_as_integers(tmp_path):
     labels = read_stack(tmp_path / "phantom0000_sparse_labels.nii.gz")
     assert labels.metadata["source_dtype"] == "uint8"
     assert set(np.unique(labels.data)) <= {0.0, 1.0, 2.0, 3.0}
+
+
+def test_segment_and_upsample_stop_at_once_when_the_stop_file_exists(tmp_path):
+    """``--stop-file``: a program cancels a background worker by creating the file; exit status 130, no output."""
+    from calid.data.phantom import PhantomConfig, make_phantom
+
+    source = write_stack(make_phantom(3, PhantomConfig(n_frames=2, matrix=48, pixel_spacing_mm=3.0)).sparse, tmp_path / "cine.nii.gz")
+    stop = tmp_path / "stop"
+    stop.touch()
+    for command, output in (
+        (["segment", str(source), str(tmp_path / "labels.nii.gz")], tmp_path / "labels.nii.gz"),
+        (["upsample", str(source), str(tmp_path / "dense.nii.gz"), "--model", "untrained:tiny", "--steps", "1", "--device", "cpu"], tmp_path / "dense.nii.gz"),
+    ):
+        done = run_calid(*command, "--stop-file", str(stop), "--quiet")
+        assert done.returncode == 130, done.stderr
+        assert "cancelled; no output was written" in done.stderr and not output.exists()
+    linear = run_calid("upsample", str(source), str(tmp_path / "kept.nii.gz"), "--mode", "linear", "--stop-file", str(tmp_path / "never-created"), "--quiet")
+    assert linear.returncode == 0, linear.stderr  # a stop file that does not exist changes nothing
+    assert (tmp_path / "kept.nii.gz").is_file()

@@ -660,3 +660,49 @@ def test_outputs_carry_how_they_were_made_and_get_names_of_their_own(scene, phan
     recorded = json.loads(first.output_node.GetAttribute(PROVENANCE_ATTRIBUTE))
     assert recorded["mode"] == "linear" and recorded["factor"] == 2
     assert "generated" in first.output_node.GetDescription()
+
+
+def _start_and_wait_for_progress(command):
+    import subprocess
+
+    from CaLIDSlicerLib.process import parse_progress
+
+    worker = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert worker.stdout is not None
+    for line in worker.stdout:  # the worker is inside its network loop once it reports progress
+        if parse_progress(line):
+            return worker
+    raise AssertionError(f"the worker ended without progress: {worker.wait()} {worker.stderr.read() if worker.stderr else ''}")
+
+
+def test_a_worker_stops_on_the_jobs_stop_file_or_when_its_folder_is_removed(scene, phantom):
+    """Cancel without a signal: where killing Slicer's Python launcher leaves the Python worker
+    running, the stop file (or the removed job folder) ends it, with nothing written."""
+    import shutil
+
+    from CaLIDSlicerLib.logic import UpsamplingOptions, prepare_background
+
+    sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    options = UpsamplingOptions(factor=16, mode="calid+", steps=32, model="untrained:tiny", device="cpu")  # minutes if not stopped
+    for how in ("stop file", "folder removed"):
+        job = prepare_background(sequence, options)
+        try:
+            assert "--stop-file" in job.stages[0].command and all("--stop-file" in stage.command for stage in job.stages)
+            worker = _start_and_wait_for_progress(job.stages[0].command)
+            if how == "stop file":
+                job.request_stop()
+            else:
+                shutil.rmtree(job.folder)
+            code = worker.wait(timeout=120)
+            errors = worker.stderr.read() if worker.stderr else ""
+            worker.stdout.close()
+            worker.stderr.close()
+            assert code == 130, (how, errors)
+            assert "cancelled; no output was written" in errors
+            assert not job.output.exists()
+            if how == "stop file":
+                assert sorted(p.name for p in job.folder.iterdir()) == ["input.nii.gz", "stop"]  # no output, no temporary file
+        finally:
+            shutil.rmtree(job.folder, ignore_errors=True)
+    job.request_stop()  # its folder is gone: nothing to signal, and no error
+    assert not job.folder.exists()
