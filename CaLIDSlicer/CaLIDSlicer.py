@@ -92,6 +92,11 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(panel)
         self.ui = slicer.util.childWidgetVariables(panel)
         panel.setMRMLScene(slicer.mrmlScene)
+        # Points are placed one after the other (1: aortic valve, 3: a view of the user's own);
+        # the place button alone keeps the row compact.
+        self.ui.planePointsPlaceWidget.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+        self.ui.planePointsPlaceWidget.buttonsVisible = False
+        self.ui.planePointsPlaceWidget.placeButton().show()
         self.logic = CaLIDSlicerLogic()
         self.fillRunTimeChoices()
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)

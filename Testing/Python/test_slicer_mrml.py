@@ -237,6 +237,17 @@ def test_extension_files_listed_in_cmake_exist_and_the_module_parses():
     names = {w.get("name") for w in ui.iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", source))
     assert used <= names, f"widgets used but missing from the .ui file: {used - names}"
+    # A MRML widget that is not given the scene stays empty: each must follow the panel's scene.
+    root = ui.getroot().find("widget")
+    mrml_widgets = {w.get("name") for w in root.iter("widget") if w is not root and w.get("class", "").startswith(("qMRML", "qSlicer"))}
+    given_the_scene = {
+        c.findtext("receiver") for c in ui.iter("connection")
+        if c.findtext("sender") == root.get("name") and c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)" and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)"
+    }
+    assert {"inputSelector", "planePointsSelector", "planePointsPlaceWidget"} <= mrml_widgets
+    assert mrml_widgets <= given_the_scene, f"MRML widgets without the scene: {mrml_widgets - given_the_scene}"
+    declared = {c.findtext("class") for c in ui.iter("customwidget")}
+    assert {w.get("class") for w in root.iter("widget")} - {"QWidget", "QLabel", "QComboBox", "QSpinBox", "QDoubleSpinBox", "QCheckBox", "QLineEdit", "QPushButton", "QProgressBar"} <= declared
 
 
 def test_output_of_a_whole_cine_plays_in_the_input_browser(scene, phantom):
