@@ -248,3 +248,57 @@ def test_evaluation_gives_files_without_geometry_the_pixel_size_the_model_assume
     if not read_stack(reliable).has_placeholder_spacing:
         subjects = load_evaluation_subjects(EvaluationConfig(data=(str(reliable),), out_dir=str(tmp_path / "x")), placeholder_spacing_mm=1.5)
         assert subjects[0].assumed_spacing_mm is None and subjects[0].stack.spacing == read_stack(reliable).spacing
+
+
+def test_task1_scores_only_the_part_of_the_crop_inside_the_image(tmp_path):
+    """A field of view smaller than the model's crop: the padding (-1 in truth and prediction alike)
+    is left out, so the scores are those of the image, not inflated by zero-error pixels."""
+    from calid.data.phantom import PhantomConfig, make_phantom
+
+    phantom = make_phantom(5, PhantomConfig(n_frames=1, matrix=24, pixel_spacing_mm=2.0, n_slices=8))  # 48 mm, the tiny crop 57.6 mm
+    images = tmp_path / "images"
+    images.mkdir()
+    write_stack(phantom.sparse, images / "small_fov.nii.gz")
+    out = tmp_path / "report"
+    saved = evaluate(EvaluationConfig(data=(str(images),), out_dir=str(out), model="untrained:tiny", tasks=(1,), methods=("linear", "latent-linear")), command="test")
+    cropped, params = preprocess(read_stack(images / "small_fov.nii.gz"), untrained_model("tiny").config.preprocess)
+    # Crop pixel (i, j) shows resampled image pixel start + (i, j): inside the image or padding.
+    rows = np.arange(params.crop_size_yx[0]) + params.crop_start_yx[0]
+    columns = np.arange(params.crop_size_yx[1]) + params.crop_start_yx[1]
+    inside = ((rows >= 0) & (rows < params.resampled_shape_yx[0]))[:, None] & ((columns >= 0) & (columns < params.resampled_shape_yx[1]))[None, :]
+    assert 0.3 < inside.mean() < 0.9
+    assert np.all(cropped.data[..., ~inside] == -1.0)  # the part left out is padding only
+    d = np.clip((cropped.data[0] + 1) / 2, 0, 1)
+    linear, truth = (d[:-2] + d[2:]) / 2, d[1:-1]
+    shape = (len(truth), int(inside.any(axis=1).sum()), int(inside.any(axis=0).sum()))
+    inside_psnr = np.mean(psnr(linear[:, inside].reshape(shape), truth[:, inside].reshape(shape)))
+    whole_crop_psnr = np.mean(psnr(linear, truth))
+    task1 = saved["task1"]
+    assert task1["summary"]["linear"]["psnr"]["mean"] == pytest.approx(inside_psnr, abs=1e-3)
+    assert whole_crop_psnr > inside_psnr + 0.5  # what scoring the padding would have reported
+    assert task1["scored_fraction"] == pytest.approx(inside.mean())
+    assert any("padding is left out" in note for note in task1["notes"])
+    assert "padding is left out" in (out / "report.md").read_text()
+
+
+def test_task3_fills_the_slices_outside_the_crop_by_linear_interpolation_not_with_the_truth(small_phantom):
+    """The engine interpolates linearly outside the model's crop: the segmentation task must do the
+    same, or every method would be scored partly on the true slice."""
+    from calid.evaluation.harness import _Triplets, paste_predictions
+    from calid.inference.pipeline import seam_weight
+
+    frame = small_phantom.sparse.select_frames([0])  # 192 mm field of view, the tiny crop 57.6 mm
+    cropped, params = preprocess(frame, untrained_model("tiny").config.preprocess)
+    interior = list(range(1, frame.n_slices - 1))
+    data = _Triplets(cropped.data[0, :-2], cropped.data[0, 2:], cropped.data[0, 1:-1], [(0, 0, n) for n in interior], cropped, params)
+    weight = seam_weight(params)
+    assert (weight == 0).mean() > 0.5
+    pasted = paste_predictions(frame, data.truth, data, weight, interior).data[0]
+    linear = 0.5 * (frame.data[0, :-2] + frame.data[0, 2:])
+    outside = weight == 0
+    np.testing.assert_allclose(pasted[1:-1][:, outside], linear[:, outside], rtol=1e-6)
+    assert not np.allclose(pasted[1:-1][:, outside], frame.data[0, 1:-1][:, outside])
+    np.testing.assert_array_equal(pasted[[0, -1]], frame.data[0, [0, -1]])  # acquired neighbours untouched
+    inside = weight == 1
+    error_inside = np.abs(pasted[1:-1][:, inside] - frame.data[0, 1:-1][:, inside]).mean()
+    assert error_inside < 0.5 * np.abs(linear[:, inside] - frame.data[0, 1:-1][:, inside]).mean()  # the (here perfect) prediction is used there

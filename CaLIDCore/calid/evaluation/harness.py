@@ -65,6 +65,9 @@ ALL_METHODS: tuple[str, ...] = METHODS + TTA_METHODS
 STEP_SWEEP: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
 STRUCTURES = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
+#: Dimension of the AlexNet conv5 features of the Fréchet distance: fewer slices than this give
+#: rank-deficient covariances (a biased, sometimes unstable estimate).
+FRECHET_FEATURES = 256
 TASK4_HEADERS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lv ef error (points)": "LV EF error (points)"}
 SEG_METRICS = ("dice", "hd95_mm", "asd_mm", "assd_mm")
 
@@ -395,6 +398,38 @@ class _Triplets:
     cropped: CineStack
     params: PreprocessParams
 
+    @property
+    def scored(self) -> tuple[slice, slice]:
+        """(rows, columns) of the crop that lie inside the image. Where the field of view is
+        smaller than the crop, the rest is padding (-1) that every method reproduces exactly;
+        scoring it would add the same zero error to every method, raising PSNR and SSIM and
+        shrinking their differences, and make the numbers incomparable with the paper's."""
+        (y0, x0), (h, w), (height, width) = self.params.crop_start_yx, self.params.crop_size_yx, self.params.resampled_shape_yx
+        return slice(max(0, -y0), max(0, min(h, height - y0))), slice(max(0, -x0), max(0, min(w, width - x0)))
+
+    @property
+    def scored_fraction(self) -> float:
+        rows, columns = self.scored
+        h, w = self.params.crop_size_yx
+        return (rows.stop - rows.start) * (columns.stop - columns.start) / float(h * w)
+
+    def within_image(self, images: np.ndarray) -> np.ndarray:
+        """The scored part of (..., Y, X) crops."""
+        rows, columns = self.scored
+        return images[..., rows, columns]
+
+
+def paste_predictions(frame: CineStack, predicted: np.ndarray, data: _Triplets, weight: np.ndarray, interior: list[int]) -> CineStack:
+    """The acquired frame with its interior slices replaced by the predicted ones inside the crop
+    and, as the engine does, by linear interpolation of their neighbours outside it (never by
+    the true slice, which would pull every method towards the real one's scores)."""
+    crop = data.cropped.select_frames([0]).with_data(predicted[None].astype(np.float32), frame_times_ms=None)
+    restored = undo_preprocess(crop, data.params).data[0]
+    out = frame.data.copy()
+    linear = 0.5 * (frame.data[0, [n - 1 for n in interior]] + frame.data[0, [n + 1 for n in interior]])
+    out[0, interior] = weight * restored + (1.0 - weight) * linear
+    return frame.with_data(out)
+
 
 class Evaluation:
     """Runs the selected tasks and writes the report; see the module docstring."""
@@ -564,28 +599,31 @@ class Evaluation:
             data = triplets[subject.name]
             if not len(data.truth):
                 continue
-            truth_unit = _unit(data.truth)
+            truth = data.within_image(data.truth)
+            truth_unit = _unit(truth)
             if perceptual is not None and perceptual.available:
-                features["real"].append(perceptual.features(data.truth))
+                features["real"].append(perceptual.features(truth))
             for method in self.methods:
                 self.progress(f"task 1: {subject.subject} ({index + 1}/{len(subjects)}), {method}, {len(data.truth)} slices")
                 started = time.perf_counter()
                 predicted = self._predict(method, data.previous, data.following, data.keys)
                 seconds = time.perf_counter() - started
                 predictions[subject.name][method] = predicted
+                predicted = data.within_image(predicted)
                 unit = _unit(predicted)
                 row: dict[str, Any] = {
                     "subject": subject.subject,
                     "volume": subject.name,
                     "method": method,
                     "slices": len(predicted),
+                    "scored_fraction": data.scored_fraction,
                     "psnr": float(np.mean(psnr(unit, truth_unit))),
                     "ssim": float(np.mean(ssim(unit, truth_unit))),
                     "lpips": float("nan"),
                     "ms_per_slice": 1000.0 * seconds / len(predicted),
                 }
                 if perceptual is not None and perceptual.available:
-                    row["lpips"] = float(np.mean(perceptual.lpips(predicted, data.truth)))
+                    row["lpips"] = float(np.mean(perceptual.lpips(predicted, truth)))
                     features[method].append(perceptual.features(predicted))
                 per_subject.append(row)
         per_volume = per_subject
@@ -599,8 +637,22 @@ class Evaluation:
         notes = []
         if perceptual is not None and not perceptual.available:
             notes.append(perceptual.reason)
+        fractions = [triplets[s.name].scored_fraction for s in subjects if len(triplets[s.name].truth)]
+        scored_fraction = float(np.mean(fractions)) if fractions else float("nan")
+        if fractions and min(fractions) < 1.0:
+            notes.append(
+                f"Scored inside the image only: where the field of view is smaller than the model's crop, the padding is left out "
+                f"({100 * scored_fraction:.0f} % of the crop scored on average, {100 * min(fractions):.0f} % at least)."
+            )
         notes.append("Fréchet distance on AlexNet conv5 features pooled over space (not the Inception FID of the paper; no Inception weights are used).")
-        return {"per_subject": per_subject, "per_volume": per_volume, "summary": summary, "notes": notes, "device": self.pipeline.describe()["device"]}, predictions
+        if any(len(np.concatenate(f)) < FRECHET_FEATURES for f in features.values() if f):
+            notes.append(f"The Fréchet distance from fewer than {FRECHET_FEATURES} slices (the feature dimension) is biased upwards; compare it between methods only.")
+        unstable = [m for m in self.methods if not math.isfinite(summary[m]["frechet_alexnet"]) and features.get(m)]
+        if unstable:
+            notes.append(f"No Fréchet distance for {', '.join(unstable)}: too few slices for a stable estimate.")
+        return {
+            "per_subject": per_subject, "per_volume": per_volume, "summary": summary, "notes": notes, "device": self.pipeline.describe()["device"], "scored_fraction": scored_fraction,
+        }, predictions
 
     @staticmethod
     def _frechet(generated: list[np.ndarray], real: list[np.ndarray]) -> float:
@@ -609,7 +661,10 @@ class Evaluation:
         a, b = np.concatenate(generated), np.concatenate(real)
         if len(a) < 2 or len(b) < 2:
             return float("nan")
-        return frechet_distance(a, b)
+        try:
+            return frechet_distance(a, b)
+        except ValueError:  # the matrix square root of rank-deficient covariances: no stable estimate
+            return float("nan")
 
     # ------------------------------------------------------------------ task 2
     def _task2(self, subjects: list[EvalSubject], triplets: dict[str, _Triplets]) -> dict[str, Any]:
@@ -624,6 +679,19 @@ class Evaluation:
         following = np.stack([triplets[n].following[i] for n, i in chosen])
         truth = np.stack([triplets[n].truth[i] for n, i in chosen])
         keys = [triplets[n].keys[i] for n, i in chosen]
+        windows = [triplets[n] for n, _ in chosen]
+
+        def scores(predicted: np.ndarray, perceptual: bool) -> dict[str, float]:
+            """Mean PSNR, SSIM (and LPIPS) over the chosen slices, each inside its own image."""
+            pairs = [(w.within_image(p)[None], w.within_image(t)[None]) for w, p, t in zip(windows, predicted, truth)]
+            out = {
+                "psnr": float(np.mean([psnr(_unit(p), _unit(t))[0] for p, t in pairs])),
+                "ssim": float(np.mean([ssim(_unit(p), _unit(t))[0] for p, t in pairs])),
+            }
+            if perceptual and self.perceptual is not None and self.perceptual.available:
+                out["lpips"] = float(np.mean([self.perceptual.lpips(p, t)[0] for p, t in pairs]))
+            return out
+
         rows = []
         for mode in modes:
             for steps in self.config.sweep_steps:
@@ -631,22 +699,11 @@ class Evaluation:
                 started = time.perf_counter()
                 predicted = self._predict(mode, previous, following, keys, steps)
                 seconds = time.perf_counter() - started
-                row = {
-                    "method": mode,
-                    "steps": int(steps),
-                    "psnr": float(np.mean(psnr(_unit(predicted), _unit(truth)))),
-                    "ssim": float(np.mean(ssim(_unit(predicted), _unit(truth)))),
-                    "lpips": float("nan"),
-                    "ms_per_slice": 1000.0 * seconds / len(chosen),
-                }
-                if self.perceptual is not None and self.perceptual.available:
-                    row["lpips"] = float(np.mean(self.perceptual.lpips(predicted, truth)))
-                rows.append(row)
+                rows.append({"method": mode, "steps": int(steps), "lpips": float("nan"), **scores(predicted, perceptual=True), "ms_per_slice": 1000.0 * seconds / len(chosen)})
         references = {}
         for method in ("linear", "latent-linear"):
             if method in self.methods:
-                predicted = self._predict(method, previous, following, keys)
-                references[method] = {"psnr": float(np.mean(psnr(_unit(predicted), _unit(truth)))), "ssim": float(np.mean(ssim(_unit(predicted), _unit(truth))))}
+                references[method] = scores(self._predict(method, previous, following, keys), perceptual=False)
         return {"slices": len(chosen), "rows": rows, "references": references}
 
     # ------------------------------------------------------------------ task 3
@@ -675,7 +732,7 @@ class Evaluation:
                     frame = subject.stack.select_frames([t])
                     if method != "real":
                         rows = slice(position * len(interior), (position + 1) * len(interior))
-                        frame = self._paste(frame, predictions[subject.name][method][rows], data, weight, interior)
+                        frame = paste_predictions(frame, predictions[subject.name][method][rows], data, weight, interior)
                     labels = segment(frame, self.seg_model).data[0]
                     for n in interior:
                         for value, values in segmentation_scores(labels[n], subject.labels[t][n], spacing_yx, tuple(STRUCTURES)).items():
@@ -695,14 +752,6 @@ class Evaluation:
             for method in methods
         }
         return {"per_subject": per_subject, "per_volume": per_volume, "summary": summary, "segmentation_model": self.seg_model.path}
-
-    def _paste(self, frame: CineStack, predicted: np.ndarray, data: _Triplets, weight: np.ndarray, interior: list[int]) -> CineStack:
-        """The acquired frame with its interior slices replaced, inside the crop, by the predicted ones."""
-        crop = data.cropped.select_frames([0]).with_data(predicted[None].astype(np.float32), frame_times_ms=None)
-        restored = undo_preprocess(crop, data.params).data[0]
-        out = frame.data.copy()
-        out[0, interior] = weight * restored + (1.0 - weight) * frame.data[0, interior]
-        return frame.with_data(out)
 
     # ------------------------------------------------------------------ task 4
     def _task4(self) -> dict[str, Any]:
@@ -1010,7 +1059,7 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
             "",
             "## Task 1: middle-slice interpolation (paper Table I)",
             "",
-            "Each interior slice predicted from its two acquired neighbours, scored on the model's crop normalised to [0, 1].",
+            "Each interior slice predicted from its two acquired neighbours, scored on the model's crop normalised to [0, 1], inside the image (padding left out).",
             "",
             "| Method | Slices | PSNR (dB) ↑ | SSIM ↑ | LPIPS-alex ↓ | Fréchet (AlexNet) ↓ | ms / slice |",
             "|---|---|---|---|---|---|---|",
