@@ -667,7 +667,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"their pixels are taken as {placeholder['assumed_mm']} mm (--placeholder-spacing)",
                 flush=True,
             )
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():  # torchrun: leave no process group behind (NCCL warns otherwise)
+            dist.destroy_process_group()
     if trainer.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
         if trainer.stop_requested:
@@ -865,13 +871,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after the warm-up: constant, or cosine decay to 0 at --steps")
     train.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for validation and export")
     train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="CUDA autocast (CPU: always fp32)")
-    train.add_argument("--checkpoint-every", type=int, default=1000)
+    train.add_argument("--checkpoint-every", type=_positive_int, default=1000, help="steps between checkpoints (a stop or time limit also writes one)")
     train.add_argument(
         "--time-limit", type=float, metavar="MINUTES",
         help="stop after this many minutes (counted from the start, data preparation included), with a checkpoint and the exported model, "
         "for queues with a wall-time limit; leave time for the final export; continue with --resume",
     )
-    train.add_argument("--validate-every", type=int, default=500)
+    train.add_argument("--validate-every", type=_positive_int, default=500, help="steps between validations (which pick best.safetensors)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--workers", type=int, default=0, help="data loader processes")
     train.add_argument("--val-fraction", type=float, default=0.15)

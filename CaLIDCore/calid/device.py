@@ -28,6 +28,8 @@ def resolve_device(name: str | torch.device = "auto", local_rank: int = 0) -> to
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise InputError("--device", f"{name} was asked for but no CUDA device is available; use cpu or auto")
+        if device.index is None:  # plain "cuda": this process's GPU (torchrun's LOCAL_RANK, else the first)
+            device = torch.device(f"cuda:{local_rank}")
         if device.index is not None and device.index >= count:
             raise InputError("--device", f"{name} does not exist; this machine has cuda:0 .. cuda:{count - 1}")
     elif device.type not in ("cpu", "mps"):

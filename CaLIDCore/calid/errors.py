@@ -33,3 +33,7 @@ class OutputError(CalidError, ValueError):
 
 class Cancelled(CalidError):
     """The user (a cancel callback, Ctrl-C, the Cancel button) stopped the work; nothing was written."""
+
+
+class TrainingDiverged(CalidError):
+    """Training produced non-finite gradients step after step; the last checkpoint is intact."""

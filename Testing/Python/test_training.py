@@ -280,6 +280,8 @@ def test_resume_with_another_validation_starts_best_afresh(tmp_path):
     run(TrainConfig(out_dir=out, steps=3, val_steps=2, **common))
     same = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=2, **common), resume=True)
     assert same.resume_notes == [] and same.best_psnr > -float("inf")
+    other_batch = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=2, **{**common, "batch_size": 2}), resume=True)  # other triplets are scored
+    assert len(other_batch.resume_notes) == 1 and "not comparable" in other_batch.resume_notes[0]
     changed = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=1, **common), resume=True)
     assert len(changed.resume_notes) == 1 and "not comparable" in changed.resume_notes[0] and changed.best_psnr == -float("inf")
     changed.fit()
@@ -405,3 +407,46 @@ def test_resume_without_lr_keeps_the_runs_own_learning_rate(tmp_path):
         Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(out), model="tiny", vae_model=str(out / "model.safetensors"), learning_rate=1e-4), resume=True)
     seg_limit = subprocess.run(_calid("train", "seg", "--data", "phantom:3", "--out", str(tmp_path / "seg"), "--time-limit", "5"), capture_output=True, text=True, timeout=600)
     assert seg_limit.returncode == 2 and "--time-limit" in seg_limit.stderr
+
+
+def test_non_finite_gradients_skip_the_step_and_stop_training_when_they_persist(tmp_path):
+    """In bf16 / fp32 (no loss scaler to catch them) one NaN gradient would turn every weight and the
+    EMA into NaN for the rest of the run: such a step is skipped, and many in a row stop training."""
+    import math
+
+    from calid.errors import TrainingDiverged
+    from calid.training.trainer import MAX_NON_FINITE_STEPS
+
+    trainer = Trainer(TrainConfig(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "run"), model="tiny", batch_size=2, val_fraction=0.34, perceptual_weight=0.0, adversarial_weight=0.0, device="cpu"))
+    parameters = list(trainer.trained.parameters())
+    before = [p.detach().clone() for p in parameters]
+
+    def step(value: float) -> float:
+        loss = sum(p.pow(2).sum() for p in parameters) * value
+        return trainer._optimise(loss, trainer.optimizer, trainer.trained.parameters())
+
+    for _ in range(MAX_NON_FINITE_STEPS - 1):
+        assert math.isnan(step(float("nan")))
+    assert all(torch.equal(a, b) for a, b in zip(before, parameters))  # no step was taken
+    assert math.isfinite(step(1.0)) and trainer.non_finite_in_a_row == 0  # a good step counts again
+    assert not all(torch.equal(a, b) for a, b in zip(before, parameters))
+    for _ in range(MAX_NON_FINITE_STEPS - 1):
+        step(float("inf"))
+    with pytest.raises(TrainingDiverged, match="non-finite gradients"):
+        step(float("nan"))
+    assert all(torch.isfinite(p).all() for p in parameters)
+
+
+def test_a_plain_cuda_device_is_this_processs_gpu(monkeypatch):
+    """``--device cuda`` names no GPU: it is the process's own (torchrun's LOCAL_RANK), which
+    ``torch.cuda.set_device`` and DDP need as an index. (No GPU here: only the count is faked.)"""
+    from calid.device import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda") == torch.device("cuda:0")
+    assert resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda:1")
+    assert resolve_device("cuda:1", local_rank=0) == torch.device("cuda:1")
+    with pytest.raises(InputError, match="cuda:0 .. cuda:1"):
+        resolve_device("cuda:2")

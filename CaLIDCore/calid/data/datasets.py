@@ -187,7 +187,9 @@ def load_subjects(
                 stack = replace(stack, spacing=(assumed, assumed, stack.spacing[2]))
             data = preprocess(stack, config)[0].data.astype(np.float16)
             if cached is not None:
-                tmp = cached.with_suffix(".tmp.npy")
+                # One temporary file per process: under torchrun every rank fills a fresh cache at
+                # once, and a shared name would let one rank move another's file away mid-write.
+                tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
                 np.save(tmp, data)
                 if assumed is not None and assumed_marker is not None:
                     assumed_marker.write_text(f"{assumed}\n")

@@ -58,7 +58,7 @@ from calid.data.datasets import (
 from calid.data.stack import fixed_placeholder_mm
 from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
 from calid.device import resolve_device
-from calid.errors import CalidError, InputError
+from calid.errors import CalidError, InputError, TrainingDiverged
 from calid.models.checkpoint import load_model, save_model
 from calid.models.config import ModelConfig, named_config
 from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, apply_floor_snap, build_vae, calibrate_floor_snap, inflate_to_temporal
@@ -315,6 +315,10 @@ def latent_cache_signature(vae_file: str | os.PathLike[str], volumes: list[Subje
     return digest.hexdigest()
 
 
+#: Consecutive steps with non-finite gradients (skipped) before training stops as diverged.
+MAX_NON_FINITE_STEPS = 10
+
+
 def learning_rate_factor(step: int, warmup: int, total: int, schedule: str = "constant") -> float:
     """Multiplier of the learning rate at ``step``: linear warm-up, then constant or cosine to 0 at ``total``."""
     factor = min(1.0, (step + 1) / max(1, warmup))
@@ -350,6 +354,11 @@ class Trainer:
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = resolve_device(config.device, self.local_rank)
+        if self.world > 1 and self.device.type == "cuda" and self.device.index != self.local_rank:
+            raise InputError(
+                "--device", f"{config.device} under torchrun: each process trains on the GPU of its LOCAL_RANK (here cuda:{self.local_rank}); "
+                "use --device auto or cuda, and choose GPUs with CUDA_VISIBLE_DEVICES"
+            )
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
         if self.device.type == "cuda":
@@ -502,6 +511,7 @@ class Trainer:
         self.best_psnr = -math.inf
         self.stop_requested = False
         self.time_limit_reached = False
+        self.non_finite_in_a_row = 0
         if resume:
             self._resume()
 
@@ -544,8 +554,8 @@ class Trainer:
             raise InputError("--precision", f"unknown precision {precision!r}")
         if self.device.type != "cuda" or precision == "fp32":
             return None
-        if precision == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if precision == "auto":  # native bf16 only: emulated bf16 (pre-Ampere GPUs) is slower than fp16
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return torch.bfloat16 if precision == "bf16" else torch.float16
 
     def _make_optimizer(self, parameters: Iterator[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -657,7 +667,18 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
-        self.scaler.step(optimizer)
+        if self.scaler.is_enabled() or bool(torch.isfinite(norm)):
+            self.scaler.step(optimizer)  # fp16: the scaler itself skips a non-finite step and lowers its scale
+            self.non_finite_in_a_row = 0 if bool(torch.isfinite(norm)) else self.non_finite_in_a_row
+            return float(norm)
+        # bf16 / fp32: a NaN or inf gradient would make every weight (and the EMA) NaN from here on.
+        # The step is skipped; every rank sees the same all-reduced norm, so all skip together.
+        self.non_finite_in_a_row += 1
+        if self.non_finite_in_a_row >= MAX_NON_FINITE_STEPS:
+            raise TrainingDiverged(
+                f"{MAX_NON_FINITE_STEPS} steps in a row had non-finite gradients (step {self.step}); the weights were not changed by them and the last "
+                "checkpoint is intact. Resume with a lower --lr, --precision fp32, or check the data"
+            )
         return float(norm)
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -771,6 +792,7 @@ class Trainer:
         return json.loads(json.dumps({  # as stored in a checkpoint (tuples become lists)
             "val_steps": self.config.val_steps,
             "max_val_batches": self.config.max_val_batches,
+            "batch_size": self.config.batch_size,  # which triplets are scored, and with which noise
             "subjects": self.data_description["validation_subjects"],
             "triplets": self.data_description["validation_triplets"],
             "preprocess": self.data_description["preprocess"],
@@ -790,8 +812,15 @@ class Trainer:
         if _with_floor_snap(ModelConfig.from_dict(extra["model_config"]), 0.0) != _with_floor_snap(self.model_config, 0.0):  # a calibration, not the architecture
             raise InputError(path, "the checkpoint was made with another model configuration than this run's")
         self.step = int(extra["step"])
+        if self.world > 1:
+            # Only rank 0's random states are saved: restored on every rank, they would give all
+            # ranks the same noise and dropout draws. Each rank reseeds from (seed, rank, step).
+            self._seed_everything(self.config.seed + self.rank + 7919 * self.step)
         self.best_psnr = extra["best_psnr"] if extra.get("best_psnr") is not None else -math.inf
-        if extra.get("validation") != self.validation_signature() and math.isfinite(self.best_psnr):
+        saved_validation = extra.get("validation")
+        if isinstance(saved_validation, dict) and "batch_size" not in saved_validation:  # checkpoints from before it was recorded
+            saved_validation = {**saved_validation, "batch_size": (extra.get("train_config") or {}).get("batch_size")}
+        if saved_validation != self.validation_signature() and math.isfinite(self.best_psnr):
             # A best score measured on other triplets, steps or preprocessing would keep every new
             # (and possibly better) model from being saved as best.safetensors.
             self.resume_notes.append(
@@ -803,7 +832,10 @@ class Trainer:
         if extra.get("initialised_from") and "initialised_from" not in self.data_description:
             self.data_description["initialised_from"] = extra["initialised_from"]  # resumed without --init-from
         self.scheduler.load_state_dict(extra["scheduler"])
-        self.scaler.load_state_dict(extra["scaler"])
+        if extra["scaler"] and self.scaler.is_enabled():
+            self.scaler.load_state_dict(extra["scaler"])
+        elif self.scaler.is_enabled():  # the checkpoint trained in bf16 or fp32: the scale starts afresh
+            self.resume_notes.append("fp16 loss scaling starts afresh (the checkpoint was not trained in fp16)")
         # Loading an optimiser's state also restores its saved hyper-parameters: without this, a
         # resumed run would silently ignore a changed --lr or --weight-decay.
         self._apply_hyperparameters(self.optimizer, self.config.learning_rate, "learning rate", self.scheduler)
