@@ -274,3 +274,18 @@ def test_overlapping_clips_share_each_frames_noise():
     assert not torch.equal(first, UpsamplingPipeline._noise((7, (3, 4, 5, 6), 4), torch.Size((3, 4, 8, 8))))  # another slice
     with pytest.raises(ValueError, match="frames"):
         UpsamplingPipeline._noise((7, (1, 2), 2), torch.Size((3, 4, 8, 8)))
+
+
+def test_every_interior_slice_is_predicted_from_its_two_neighbours(small_phantom):
+    """The temporal comparison predicts slice n from slices n - 1 and n + 1 of the whole cine, by
+    upsampling the even and the odd slices as cines of their own (each normalised over half the cine)."""
+    from calid.evaluation.harness import every_other_slice_predicted
+    from calid.inference.pipeline import load_pipeline
+
+    stack = small_phantom.sparse
+    predicted = every_other_slice_predicted(load_pipeline("linear"), stack, "linear", None, 0, 16)
+    assert sorted(predicted) == list(range(1, stack.n_slices - 1))
+    for n, middle in predicted.items():
+        np.testing.assert_allclose(middle, 0.5 * (stack.data[:, n - 1] + stack.data[:, n + 1]), rtol=1e-5, atol=1e-4)
+    generated = every_other_slice_predicted(load_pipeline("untrained:tiny-2d+t"), stack, "calid", 1, 0, 16)
+    assert sorted(generated) == sorted(predicted) and all(v.shape == stack.data[:, 0].shape for v in generated.values())

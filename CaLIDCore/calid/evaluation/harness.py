@@ -431,6 +431,26 @@ def paste_predictions(frame: CineStack, predicted: np.ndarray, data: _Triplets, 
     return frame.with_data(out)
 
 
+def every_other_slice_predicted(
+    pipeline: UpsamplingPipeline, stack: CineStack, mode: str, steps: int | None, seed: int, batch_size: int | str, tta: bool = False
+) -> dict[int, np.ndarray]:
+    """Each interior slice n of a cine, (T, Y, X), generated from slices n - 1 and n + 1 by the engine.
+
+    The stack's even and its odd slices are each upsampled x2 as one cine (their own geometry,
+    twice the spacing): the new slices fall on the left-out ones. Each input is normalised over
+    half the cine, as the engine normalises a whole one, rather than over two slices only."""
+    predicted: dict[int, np.ndarray] = {}
+    for first in (0, 1):
+        kept = list(range(first, stack.n_slices, 2))
+        if len(kept) < 2:
+            continue
+        half = stack.with_data(stack.data[:, kept], spacing=(stack.spacing[0], stack.spacing[1], 2.0 * stack.spacing[2]), origin=tuple(stack.slice_origin(first)))
+        dense = pipeline.upsample(half, 2, mode, steps, seed, batch_size=batch_size, tta=tta)
+        for i in range(len(kept) - 1):
+            predicted[kept[i] + 1] = dense.data[:, 2 * i + 1]
+    return predicted
+
+
 class Evaluation:
     """Runs the selected tasks and writes the report; see the module docstring."""
 
@@ -844,13 +864,10 @@ class Evaluation:
             for label, (pipeline, tta) in models.items():
                 self.progress(f"temporal: {subject.name}, {label}")
                 mode = "linear" if pipeline.model is None else "calid"
-                predicted, truths = [], []
-                for n in range(1, stack.n_slices - 1):
-                    pair = stack.with_data(stack.data[:, [n - 1, n + 1]])
-                    middle = pipeline.upsample(pair, 2, mode, self.config.steps, self.config.seed, batch_size=self.config.batch_size, tta=tta).data[:, 1]
-                    predicted.append(np.clip((middle - low) / (high - low), 0, 1))
-                    truths.append(np.clip((stack.data[:, n] - low) / (high - low), 0, 1))
-                generated, truth = np.stack(predicted), np.stack(truths)  # (slices, T, Y, X)
+                middles = every_other_slice_predicted(pipeline, stack, mode, self.config.steps, self.config.seed, self.config.batch_size, tta)
+                interior = sorted(middles)
+                generated = np.stack([np.clip((middles[n] - low) / (high - low), 0, 1) for n in interior])  # (slices, T, Y, X)
+                truth = np.stack([np.clip((stack.data[:, n] - low) / (high - low), 0, 1) for n in interior])
                 change_error = [abs(frame_to_frame_change(g) - frame_to_frame_change(t)) for g, t in zip(generated, truth)]
                 per_subject.append(
                     {
