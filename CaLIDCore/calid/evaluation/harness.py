@@ -771,7 +771,7 @@ class Evaluation:
             }
             for method in methods
         }
-        return {"per_subject": per_subject, "per_volume": per_volume, "summary": summary, "segmentation_model": self.seg_model.path}
+        return {"per_subject": per_subject, "per_volume": per_volume, "summary": summary, "segmentation_model": self.config.seg_model or Path(self.seg_model.path).stem}  # as asked for: the installed default by name
 
     # ------------------------------------------------------------------ task 4
     def _task4(self) -> dict[str, Any]:
@@ -1105,7 +1105,7 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
             lines.append(f"Not run: {task['skipped']}.")
         else:
             lines += [
-                f"Interior slices replaced by each method's prediction (inside the model's crop), segmented with `{Path(task['segmentation_model']).name}`, "
+                f"Interior slices replaced by each method's prediction (inside the model's crop; linear interpolation outside it), segmented with `{Path(task['segmentation_model']).name}`, "
                 "scored per slice against the ground truth; `real` segments the acquired slices (upper bound).",
                 "",
                 "| Method | Structure | Dice ↑ | HD95 (mm) ↓ | ASD (mm) ↓ | ASSD (mm) ↓ |",
