@@ -96,6 +96,18 @@ def test_factor_mode_steps_and_stack_validation(pipeline, phantom):
         pipeline.upsample(single, factor=2)
     with pytest.raises(InputError, match="needs a model"):
         load_pipeline("linear").upsample(phantom.sparse, mode="calid")
+    for bad in ("abc", 0, -2, 2.5, True, "1.5"):
+        with pytest.raises(InputError, match="batch_size"):
+            pipeline.upsample(phantom.sparse, factor=2, frames=[0], batch_size=bad)
+    assert pipeline.upsample(phantom.sparse, factor=2, frames=[0], steps=1, batch_size="3").n_slices == 2 * phantom.sparse.n_slices - 1
+    with pytest.raises(InputError, match="mode 'linear' interpolates each frame"):
+        pipeline.upsample(phantom.sparse, mode="linear", temporal=True)
+    crops = np.zeros((2, pipeline.config.image_size, pipeline.config.image_size), np.float32)
+    for steps in (0, 1001, 2.0):
+        with pytest.raises(InputError, match="DDIM steps"):
+            pipeline.interpolate_slices(crops, crops, "calid", steps)
+    with pytest.raises(InputError, match="batch_size"):
+        pipeline.interpolate_slices(crops, crops, "calid", 1, batch_size="many")
 
 
 def test_all_factors_nest(pipeline, phantom):
@@ -267,6 +279,10 @@ def test_vae_only_file_cannot_generate(tmp_path, phantom):
     with pytest.raises(InputError, match="autoencoder only"):
         vae_only.upsample(phantom.sparse, 2, mode="calid")
     assert vae_only.upsample(phantom.sparse, 2, mode="latent-linear", frames=[0]).n_slices == 9
+    crops = np.zeros((2, model.config.image_size, model.config.image_size), np.float32)
+    with pytest.raises(InputError, match="autoencoder only"):
+        vae_only.interpolate_slices(crops, crops, "calid", 1)
+    assert vae_only.interpolate_slices(crops, crops, "latent-linear", 1).shape == crops.shape
 
 
 # ---------------------------------------------------------------- the command line

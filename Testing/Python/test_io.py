@@ -350,3 +350,86 @@ def test_a_file_output_over_an_existing_folder_is_refused_by_name(tmp_path):
     with pytest.raises(OutputError, match="out.nii.gz: is a folder"):
         write_stack(oblique_stack(frames=1), folder)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"] and not any(folder.iterdir())
+
+
+def _nifti_with_forms(path, qform, qform_code, sform, sform_code):
+    data = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    image = nib.Nifti1Image(data, np.eye(4))
+    image.set_qform(qform, code=qform_code)
+    image.set_sform(sform, code=sform_code)
+    nib.save(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, qform_code, sform_code, sheared_sform, expected",
+    [
+        ("registered sform (code 2) beside the scanner qform", 1, 2, False, "qform"),
+        ("scanner sform (code 1) beside another qform", 1, 1, False, "sform"),
+        ("sform only (code 2)", 0, 2, False, "sform"),
+        ("sheared sform beside a valid qform", 1, 2, True, "qform"),
+    ],
+)
+def test_nifti_qform_or_sform_is_chosen_as_itk_and_slicer_choose(tmp_path, case, qform_code, sform_code, sheared_sform, expected):
+    """Where the two transforms disagree, the one ITK (Slicer, ITK-SNAP) uses: the output then
+    overlays the input in Slicer."""
+    rotation = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    qform = np.eye(4)
+    qform[:3, :3] = rotation @ np.diag([1.5, 1.5, 8.0])
+    qform[:3, 3] = [10.0, -20.0, 30.0]
+    sform = qform.copy()
+    sform[:3, 3] += [5.0, 7.0, -9.0]  # registered elsewhere
+    if sheared_sform:
+        sform[0, 1] += 0.6
+    path = _nifti_with_forms(tmp_path / "forms.nii.gz", qform, qform_code, sform, sform_code)
+    stack = read_stack(path)
+    itk = sitk.ReadImage(str(path))
+    np.testing.assert_allclose(stack.origin, itk.GetOrigin(), atol=1e-4)  # ITK's own reading, independently
+    np.testing.assert_allclose(stack.direction.reshape(-1), itk.GetDirection(), atol=1e-5)
+    used = qform if expected == "qform" else sform
+    np.testing.assert_allclose(stack.origin, [-used[0, 3], -used[1, 3], used[2, 3]], atol=1e-4)
+    if expected == "qform":
+        assert "qform (code 1) was used" in stack.metadata["geometry_note"]
+    back = read_stack(write_stack(stack, tmp_path / "out.nii.gz"))
+    np.testing.assert_allclose(back.origin, itk.GetOrigin(), atol=1e-4)
+
+
+def test_nifti_without_orientation_is_written_back_without_one(tmp_path):
+    """Codes 0 in, codes 0 out: claiming scanner space would make nibabel and FSL show the output
+    flipped against the input, which they show without an orientation."""
+    data = np.random.default_rng(0).integers(0, 100, size=(6, 5, 4, 3)).astype(np.int16)
+    image = nib.Nifti1Image(data, np.diag([1.4, 1.4, 9.0, 1.0]))
+    image.set_qform(None, code=0)
+    image.set_sform(None, code=0)
+    image.header.set_zooms((1.4, 1.4, 9.0, 30.0))
+    source = tmp_path / "bare.nii.gz"
+    nib.save(image, str(source))
+    stack = read_stack(source)
+    assert stack.metadata["orientation_unknown"] is True
+    out = write_stack(stack, tmp_path / "copy.nii.gz")
+    written = nib.load(str(out))
+    assert int(written.header["qform_code"]) == 0 and int(written.header["sform_code"]) == 0
+    np.testing.assert_allclose(written.affine, nib.load(str(source)).affine, atol=1e-6)  # nibabel places both alike
+    np.testing.assert_array_equal(read_stack(out).data, stack.data)
+    turned = stack.with_data(stack.data, direction=np.diag([1.0, -1.0, -1.0]))  # given an orientation since: claimed
+    assert int(nib.load(str(write_stack(turned, tmp_path / "turned.nii.gz"))).header["qform_code"]) == 1
+
+
+def test_dicom_orientation_with_few_decimals_is_read_and_written_as_a_new_study(tmp_path):
+    axial = oblique_stack(frames=2, slices=4)
+    folder = write_stack(axial.with_data(axial.data, direction=np.eye(3)), tmp_path / "series")
+    for path in folder.iterdir():  # row and column 3e-4 from perpendicular, as rounded headers give
+        ds = pydicom.dcmread(str(path))
+        ds.ImageOrientationPatient = [1, 0, 0, 0.0003, 1, 0]
+        ds.SliceThickness = 7.0  # thinner than the slices are apart
+        ds.save_as(str(path))
+    stack = read_stack(folder)
+    np.testing.assert_allclose(stack.direction.T @ stack.direction, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(stack.direction[:, 0], [1, 0, 0])
+    source = pydicom.dcmread(str(next(folder.iterdir())))
+    out = write_stack(stack, tmp_path / "out")
+    written = pydicom.dcmread(str(next(out.iterdir())))
+    assert written.StudyInstanceUID != source.StudyInstanceUID  # anonymised files, a study of their own
+    assert written.FrameOfReferenceUID == source.FrameOfReferenceUID  # still overlays the source
+    assert stack.slice_spacing != pytest.approx(7.0)
+    assert float(written.SliceThickness) == pytest.approx(7.0)  # the acquired thickness, kept by a conversion

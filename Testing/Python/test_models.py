@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 
@@ -35,6 +36,8 @@ def test_paper_config_is_larger_and_configs_round_trip_through_json():
     assert sum(p.numel() for p in CaLIDNet(paper).parameters()) > 5 * sum(p.numel() for p in CaLIDNet(small).parameters())
     for config in (named_config("tiny"), small, paper):
         assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(ValueError, match="crop_size None must be"):  # the engine works in square crops of image_size
+        named_config("tiny").replace(preprocess=dataclasses.replace(named_config("tiny").preprocess, crop_size=None))
     with pytest.raises(ValueError, match="tau1 downsamples"):
         named_config("tiny").replace(denoiser=DenoiserConfig(channels=(16, 32), attention_levels=(False, True), norm_num_groups=8, num_head_channels=8, conditioning_channels=(8, 16)))
 

@@ -175,7 +175,10 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
         if not np.allclose(image.pixel_spacing, first.pixel_spacing, rtol=1e-4):
             raise InputError(image.path, "has a different pixel spacing from the rest of the series")
     row_direction = first.orientation[:3] / np.linalg.norm(first.orientation[:3])  # x: along a row
-    column_direction = first.orientation[3:] / np.linalg.norm(first.orientation[3:])  # y: down a column
+    # y: down a column, made exactly perpendicular to the row (Gram-Schmidt): orientations are often
+    # stored with few decimals, and the stack needs orthonormal directions.
+    column_direction = first.orientation[3:] - float(np.dot(first.orientation[3:], row_direction)) * row_direction
+    column_direction = column_direction / np.linalg.norm(column_direction)
     normal = np.cross(row_direction, column_direction)
 
     # Cluster positions along the normal into slices.
@@ -333,14 +336,19 @@ def write_dicom_folder(
     signed = stored.dtype.kind == "i"
 
     dicom_meta = stack.metadata.get("dicom", {}) if isinstance(stack.metadata.get("dicom"), dict) else {}
-    study_uid = dicom_meta.get("StudyInstanceUID") or generate_uid()
+    # A new study: the files are anonymised (no patient data are carried over), and a source study UID
+    # under another patient identity is refused or misfiled by PACS. The frame of reference is kept,
+    # so that viewers still overlay the output on the source series.
+    study_uid = generate_uid()
     frame_of_reference = dicom_meta.get("FrameOfReferenceUID") or generate_uid()
     series_uid = generate_uid()
     now = datetime.datetime.now()
     description = series_description or str(stack.metadata.get("description", "CaLID"))
     row_direction, column_direction = stack.direction[:, 0], stack.direction[:, 1]
     times = stack.frame_times_ms
-    thickness = stack.metadata.get("slice_thickness_mm", stack.slice_spacing)
+    # The source's thickness for a converted series; an upsampled one's slices are as thick as they are apart.
+    acquired_thickness = None if "upsampling" in stack.metadata else dicom_meta.get("SliceThickness")
+    thickness = stack.metadata.get("slice_thickness_mm") or acquired_thickness or stack.slice_spacing
 
     try:
         with atomic_directory(folder) as tmp:

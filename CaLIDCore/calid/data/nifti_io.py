@@ -62,6 +62,7 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     data_tzyx = np.transpose(array, (3, 2, 1, 0))
 
     header = image.header
+    transform_note = None
     if int(header["qform_code"]) == 0 and int(header["sform_code"]) == 0:
         # No orientation at all: do as ITK (and so Slicer) does, identity
         # direction and zero origin in LPS, rather than nibabel's centred guess.
@@ -69,7 +70,8 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
         affine_lps[:, :3] = np.diag(np.asarray(header.get_zooms()[:3], dtype=np.float64))
         no_orientation = True
     else:
-        affine_lps = LPS_FROM_RAS @ np.asarray(image.affine, dtype=np.float64)[:3, :]
+        affine_ras, transform_note = _transform_as_itk_reads_it(image)
+        affine_lps = LPS_FROM_RAS @ affine_ras[:3, :]
         no_orientation = False
     spacing = np.linalg.norm(affine_lps[:, :3], axis=0)
     if np.any(spacing <= 0):
@@ -81,6 +83,9 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     metadata: dict[str, Any] = {"source_file": path.name, "source_format": "nifti", "source_dtype": str(source_dtype)}
     if no_orientation:
         metadata["geometry_note"] = "the file has no orientation (qform and sform codes 0): identity direction and zero origin assumed"
+        metadata["orientation_unknown"] = True  # written back without one (codes 0), not as scanner space
+    elif transform_note is not None:
+        metadata["geometry_note"] = transform_note
     pixdim = np.asarray(zooms[:3], dtype=np.float64)
     if np.all(pixdim > 0) and not np.allclose(spacing, pixdim, rtol=1e-3):
         # Some pipelines write a placeholder affine (identity, zero origin) and keep
@@ -158,6 +163,34 @@ def _stored_geometry(image: nib.Nifti1Image) -> dict[str, Any] | None:
     return None
 
 
+def _orthonormal_columns(matrix: np.ndarray, tolerance: float = 1e-3) -> bool:
+    lengths = np.linalg.norm(matrix, axis=0)
+    if np.any(lengths <= 0):
+        return False
+    unit = matrix / lengths
+    return bool(np.allclose(unit.T @ unit, np.eye(3), atol=tolerance))
+
+
+def _transform_as_itk_reads_it(image: Any) -> tuple[np.ndarray, str | None]:
+    """The voxel-to-RAS affine that ITK, and so Slicer and ITK-SNAP, use, and a note when it is not
+    the sform that nibabel's ``image.affine`` would give.
+
+    ITK takes the sform when it is a rotation with scaling and either it is in scanner space
+    (code 1), the qform is unset, or the two agree; otherwise the qform. Reading the other one
+    would place the volume elsewhere than Slicer does, and the output would not overlay the input."""
+    header = image.header
+    qform_code, sform_code = int(header["qform_code"]), int(header["sform_code"])
+    sform, qform = np.asarray(header.get_sform(), dtype=np.float64), np.asarray(header.get_qform(), dtype=np.float64)
+    if sform_code > 0 and _orthonormal_columns(sform[:3, :3]):
+        if qform_code == 0 or sform_code == 1 or np.allclose(sform, qform, atol=1e-3):
+            return sform, None
+    if qform_code > 0:
+        why = "sheared" if sform_code > 0 and not _orthonormal_columns(sform[:3, :3]) else f"code {sform_code}, differs from the qform"
+        note = None if sform_code == 0 else f"the qform (code {qform_code}) was used, as ITK and Slicer do; the sform ({why}) was not"
+        return qform, note
+    return sform, None  # only a sheared sform: refused below
+
+
 def _agrees(stored: dict[str, Any], spacing: np.ndarray, origin: np.ndarray, direction: np.ndarray, shape: tuple[int, ...]) -> bool:
     try:
         return bool(
@@ -184,8 +217,12 @@ def write_nifti(stack: CineStack, path: str | os.PathLike[str], dtype: Any = Non
     image = nib.Nifti1Image(np.ascontiguousarray(array_xyzt), affine)
     header = image.header
     header.set_data_dtype(disk_dtype)
-    image.set_sform(affine, code=1)  # scanner coordinates
-    image.set_qform(affine, code=1)
+    # Scanner coordinates, unless the source had no orientation at all: claiming one would make
+    # tools that show such files differently (nibabel, FSL) show the output flipped against it.
+    unchanged = np.allclose(stack.direction, np.eye(3)) and np.allclose(stack.origin, 0.0)
+    code = 0 if stack.metadata.get("orientation_unknown") and unchanged else 1
+    image.set_sform(affine, code=code)
+    image.set_qform(affine, code=code)
     if stack.n_frames > 1:
         interval = stack.frame_interval_ms
         zooms = list(header.get_zooms()[:3]) + [interval if interval is not None else 1.0]

@@ -175,6 +175,27 @@ class UpsamplingPipeline:
             "device": describe_device(self.device),
         }
 
+    def _batch_size(self, batch_size: int | str) -> int:
+        """``"auto"`` (from free memory) or a whole number of at least 1; anything else is an input error."""
+        batch = 0
+        if isinstance(batch_size, str):
+            text = batch_size.strip().lower()
+            if text == "auto":
+                return self.auto_batch_size()
+            batch = int(text) if text.isdigit() else 0
+        elif isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool):
+            batch = int(batch_size)
+        if batch < 1:
+            raise InputError("batch_size", f"must be a whole number of at least 1 or 'auto', got {batch_size!r}")
+        return batch
+
+    def _steps(self, steps: int | None) -> int:
+        """The DDIM step count (None: the model's default), checked against the schedule."""
+        steps = self.default_steps if steps is None else steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= self.schedule.num_train_timesteps:
+            raise InputError("steps", f"the number of DDIM steps must be an integer from 1 to {self.schedule.num_train_timesteps}, got {steps!r}")
+        return int(steps)
+
     def auto_batch_size(self) -> int:
         """Slices per network call that fit comfortably in the device's free memory.
 
@@ -248,14 +269,14 @@ class UpsamplingPipeline:
             raise InputError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if stack.n_slices < 2:
             raise InputError(stack.source, f"has {stack.n_slices} slice(s); upsampling needs a stack of at least 2 slices")
-        steps = self.default_steps if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= int(steps) <= self.schedule.num_train_timesteps:
-            raise InputError("steps", f"the number of DDIM steps must be an integer from 1 to {self.schedule.num_train_timesteps}, got {steps!r}")
+        steps = self._steps(steps)
         if mode in MODEL_MODES and self.model is None:
             raise InputError("mode", f"mode {mode!r} needs a model; load one with load_pipeline(path or name) or use mode 'linear'")
         if mode in ("calid", "calid+") and self.model is not None and self.model.net is None:
             raise InputError(self.name, f"is an autoencoder only; mode {mode!r} needs a full CaLID model")
         is_temporal = self.model is not None and self.model.config.temporal and mode != "linear"
+        if temporal and mode == "linear":
+            raise InputError("temporal", "mode 'linear' interpolates each frame on its own; temporal upsampling needs mode calid, calid+ or latent-linear and a 2D+T model")
         if temporal and not is_temporal:
             raise InputError("temporal", f"the model {self.name} is a 2D model; temporal upsampling needs a 2D+T model (calid train vae --config small-2d+t)")
         if temporal is False and is_temporal:
@@ -279,9 +300,7 @@ class UpsamplingPipeline:
             "input_slice_spacing_mm": stack.slice_spacing,
         }
         if mode != "linear":
-            batch = self.auto_batch_size() if batch_size == "auto" else int(batch_size)
-            if batch < 1:
-                raise InputError("batch_size", f"must be at least 1 or 'auto', got {batch_size!r}")
+            batch = self._batch_size(batch_size)
             # Intensity normalisation from the whole cine, so that a frame comes out the
             # same whichever frames are selected with it.
             assumed = self._check_assumed_pixel(stack, assumed_pixel_mm)
@@ -386,14 +405,16 @@ class UpsamplingPipeline:
             return 0.5 * (previous + following)
         if self.model is None:
             raise InputError("mode", f"mode {mode!r} needs a model")
+        if mode != "latent-linear" and self.model.net is None:
+            raise InputError(self.name, f"is an autoencoder only; mode {mode!r} needs a full CaLID model")
         size = self.config.image_size
         expected = (self.config.clip_length, size, size) if self.config.temporal else (size, size)
         if previous.shape[1:] != expected:
             raise InputError("interpolate_slices", f"the model takes crops of shape {expected}, got {previous.shape[1:]}")
         n = previous.shape[0]
-        steps = self.default_steps if steps is None else steps
+        steps = self._steps(steps)
         keys = list(seeds) if seeds is not None else [(0, 0, i) for i in range(n)]
-        batch = self.auto_batch_size() if batch_size == "auto" else int(batch_size)
+        batch = self._batch_size(batch_size)
         tracker = _Tracker(total=float(n), progress=None, cancel=None)
         out = np.empty_like(previous)
         for start in range(0, n, batch):

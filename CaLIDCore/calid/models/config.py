@@ -143,8 +143,9 @@ class ModelConfig:
         latent_size = self.image_size // self.vae.downsampling
         if self.image_size % self.vae.downsampling or latent_size % 2 ** (len(self.denoiser.channels) - 1):
             problems.append(f"image_size {self.image_size} does not divide evenly through the VAE and the U-Net levels")
-        if self.preprocess.crop_size is not None and tuple(self.preprocess.crop_size) != (self.image_size, self.image_size):
-            problems.append(f"preprocess.crop_size {self.preprocess.crop_size} differs from image_size {self.image_size}")
+        if self.preprocess.crop_size is None or tuple(self.preprocess.crop_size) != (self.image_size, self.image_size):
+            # The engine works in square crops of image_size (the latent buffers, turning for tta).
+            problems.append(f"preprocess.crop_size {self.preprocess.crop_size} must be ({self.image_size}, {self.image_size}), the image_size")
         if self.temporal:
             time_factor = (self.vae.downsampling if self.time_downsampling else 1) * 2 ** (len(self.denoiser.channels) - 1)
             if self.clip_length < time_factor or self.clip_length % time_factor:
