@@ -231,6 +231,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     pipeline = load_pipeline("linear" if args.mode == "linear" and args.model is None else args.model, device=args.device)
     assumed_pixel = pipeline.assumed_pixel_mm_for(args.placeholder_spacing)
     stack = read_stack(source, series=args.series)
+    if not args.quiet:
+        _print_reading_note(stack)
     frames = parse_frames(args.frames, stack.n_frames)
     args.steps = pipeline.default_steps if args.steps is None else args.steps
     if args.centre_on_heart and args.mode != "linear":
@@ -455,6 +457,12 @@ def _cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_reading_note(stack: Any) -> None:
+    """What reading decided that the user should know (series combined, a transform chosen, a guess)."""
+    if "geometry_note" in stack.metadata:
+        print(f"note: {stack.source}: {stack.metadata['geometry_note']}", file=sys.stderr)
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     from calid.data.io import read_stack, write_stack
 
@@ -462,6 +470,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if _same_file(source, target):
         raise InputError(target, "the output would overwrite the input; choose another output path")
     stack = read_stack(source, series=args.series, min_slices=1)
+    _print_reading_note(stack)
     write_stack(stack, target, dtype=args.dtype)
     print(f"{stack!r} -> {target}")
     return 0
@@ -766,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--placeholder-spacing", default="model",
         help="a file saved without geometry (all spacings exactly 1 mm): the pixel size the network is shown: model (what its training assumed; default), keep (1 mm) or mm; the output keeps the stored geometry",
     )
-    upsample.add_argument("--series", help="DICOM: series number, UID or description when the folder holds several")
+    upsample.add_argument("--series", help="DICOM: the series to read when the folder holds several: a number, UID or part of its description, or several (7,8,9) holding one slice each")
     upsample.add_argument("--temporal", action="store_true", help="require a 2D+T model (temporally coherent cine; a 2D+T model is used this way anyway)")
     upsample.add_argument("--overwrite", action="store_true", help="replace an existing output")
     upsample.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -787,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cmd.add_argument("--model", help="segmentation model file or name (default: the installed one)")
     segment_cmd.add_argument("--device", default="auto")
     segment_cmd.add_argument("--frames", help="frames to segment, e.g. 0,5-9 (default: all)")
-    segment_cmd.add_argument("--series", help="DICOM: which series to read")
+    segment_cmd.add_argument("--series", help="DICOM: the series to read when the folder holds several: a number, UID or part of its description, or several (7,8,9) holding one slice each")
     segment_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     segment_cmd.add_argument("--progress", choices=["bar", "json"], default="bar", help="json: one JSON line per update on stdout, for programs")
     segment_cmd.add_argument(
@@ -841,13 +850,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser("convert", help="convert between NIfTI, NRRD / .seq.nrrd and DICOM, keeping the geometry")
     convert.add_argument("input")
     convert.add_argument("output")
-    convert.add_argument("--series", help="DICOM: which series to read")
+    convert.add_argument("--series", help="DICOM: the series to read when the folder holds several: a number, UID or part of its description, or several (7,8,9) holding one slice each")
     convert.add_argument("--dtype", help="voxel type to write (default: the input's)")
     convert.set_defaults(handler=_cmd_convert)
 
     inspect = commands.add_parser("inspect", help="print the size, geometry and timing of an image")
     inspect.add_argument("input")
-    inspect.add_argument("--series", help="DICOM: which series to read")
+    inspect.add_argument("--series", help="DICOM: the series to read when the folder holds several: a number, UID or part of its description, or several (7,8,9) holding one slice each")
     inspect.set_defaults(handler=_cmd_inspect)
 
     train = commands.add_parser("train", help="train the VAE (stage 1), the interpolation denoiser (stage 2) or the segmenter; torchrun for several GPUs")

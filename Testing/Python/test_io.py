@@ -433,3 +433,54 @@ def test_dicom_orientation_with_few_decimals_is_read_and_written_as_a_new_study(
     assert written.FrameOfReferenceUID == source.FrameOfReferenceUID  # still overlays the source
     assert stack.slice_spacing != pytest.approx(7.0)
     assert float(written.SliceThickness) == pytest.approx(7.0)  # the acquired thickness, kept by a conversion
+
+
+def _one_series_per_slice(stack: CineStack, root: Path, first_number: int = 100, frame_of_reference: str = "1.2.826.0.1.3680043.8.498.1") -> list[Path]:
+    """A cine exported as many scanners do: one series per slice position, all in one frame of reference."""
+    folders = []
+    root.mkdir(exist_ok=True)
+    for z in range(stack.n_slices):
+        one = stack.with_data(stack.data[:, z : z + 1], origin=tuple(stack.slice_origin(z)))
+        folder = write_stack(one, root / f"sax_{first_number + z}")
+        for path in folder.iterdir():
+            ds = pydicom.dcmread(str(path))
+            ds.SeriesNumber = first_number + z
+            ds.SeriesDescription = f"cine sax slice {z + 1}"
+            ds.FrameOfReferenceUID = frame_of_reference
+            ds.save_as(str(path))
+        folders.append(folder)
+    return folders
+
+
+def test_dicom_one_series_per_slice_is_read_as_one_stack(tmp_path):
+    stack = oblique_stack(frames=3, slices=5)
+    root = tmp_path / "exam"
+    _one_series_per_slice(stack, root)
+    # A long-axis cine in the same exam: one slice too, another orientation, not part of the stack.
+    long_axis = oblique_stack(frames=3, slices=1)
+    long_axis = long_axis.with_data(long_axis.data, direction=np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    write_stack(long_axis, root / "lax_4ch")
+    back = read_stack(root)
+    assert_same_stack(stack, back, atol_mm=1e-5)
+    assert "5 series of one slice each (series 100, 101, 102, 103, 104)" in back.metadata["geometry_note"]
+    assert back.metadata["dicom"]["SeriesNumber"] == ["100", "101", "102", "103", "104"]
+    chosen = read_stack(root, series="101,102,103")  # several series named: one slice each
+    np.testing.assert_array_equal(chosen.data, stack.data[:, 1:4])
+    np.testing.assert_allclose(chosen.origin, stack.slice_origin(1), atol=1e-5)
+    # A second stack of the same kind (another frame of reference) makes the choice ambiguous: asked for, not guessed.
+    _one_series_per_slice(oblique_stack(frames=3, slices=4, seed=1), root, first_number=200, frame_of_reference="1.2.826.0.1.3680043.8.498.2")
+    with pytest.raises(InputError, match="2 groups of them"):
+        read_stack(root)
+    np.testing.assert_array_equal(read_stack(root, series="100,101,102,103,104").data, stack.data)
+
+
+def test_cli_names_the_series_it_combined(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "exam"
+    _one_series_per_slice(oblique_stack(frames=2, slices=3), root)
+    done = subprocess.run([sys.executable, "-m", "calid", "convert", str(root), str(tmp_path / "cine.nii.gz")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "3 series of one slice each (series 100, 101, 102)" in done.stderr
+    assert read_stack(tmp_path / "cine.nii.gz").n_slices == 3

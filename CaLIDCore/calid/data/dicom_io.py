@@ -67,13 +67,20 @@ def read_dicom_folder(folder: str | os.PathLike[str], series: str | int | None =
     by_series: dict[str, list[_Image]] = defaultdict(list)
     for image in images:
         by_series[image.series_uid].append(image)
-    chosen = _choose_series(folder, by_series, series)
+    chosen_uids = _choose_series(folder, by_series, series)
+    chosen = [image for uid in chosen_uids for image in by_series[uid]]
     try:
-        return _assemble(folder, chosen)
+        stack = _assemble(folder, chosen)
     except InputError as error:
         if note:
             raise InputError(error.source, error.problem + note) from error
         raise
+    if len(chosen_uids) > 1:
+        numbers = [by_series[uid][0].series_number or "?" for uid in chosen_uids]
+        stack.metadata["dicom"]["SeriesInstanceUID"] = list(chosen_uids)
+        stack.metadata["dicom"]["SeriesNumber"] = numbers
+        stack.metadata["geometry_note"] = f"{len(chosen_uids)} series of one slice each (series {', '.join(numbers)}) read as one stack, ordered along the slice normal"
+    return stack
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -144,25 +151,65 @@ def _describe_series(uid: str, members: list[_Image]) -> str:
     return f"  series {first.series_number or '?'} '{first.series_description}' ({len(members)} images) UID {uid}"
 
 
-def _choose_series(folder: Path, by_series: dict[str, list[_Image]], series: str | int | None) -> list[_Image]:
+#: Fewest single-slice series that are taken, without being asked, as one short-axis stack.
+MIN_SLICES_OF_A_SERIES_STACK = 3
+
+
+def _is_single_slice(members: list[_Image]) -> bool:
+    first = members[0]
+    return all(np.linalg.norm(image.position - first.position) <= POSITION_TOLERANCE_MM for image in members)
+
+
+def _single_slice_stacks(by_series: dict[str, list[_Image]]) -> list[list[str]]:
+    """Groups of series that each hold one slice position of the same stack (one series per slice, as
+    many scanners export a short-axis cine): same frame of reference, orientation, image size, pixel
+    size and number of frames, at different positions. Largest first."""
+    groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    for uid, members in by_series.items():
+        if not _is_single_slice(members):
+            continue
+        first = members[0]
+        key = (
+            str(first.header.get("FrameOfReferenceUID", "")), tuple(np.round(first.orientation, 3)), first.rows, first.columns,
+            tuple(np.round(first.pixel_spacing, 4)), len(members),
+        )
+        groups[key].append(uid)
+    stacks = []
+    for uids in groups.values():
+        normal = np.cross(by_series[uids[0]][0].orientation[:3], by_series[uids[0]][0].orientation[3:])
+        positions = sorted(float(np.dot(by_series[uid][0].position, normal)) for uid in uids)
+        if len(uids) >= 2 and np.all(np.diff(positions) > POSITION_TOLERANCE_MM):  # a repeated slice is not a stack
+            stacks.append(sorted(uids, key=lambda uid: float(np.dot(by_series[uid][0].position, normal))))
+    return sorted(stacks, key=len, reverse=True)
+
+
+def _choose_series(folder: Path, by_series: dict[str, list[_Image]], series: str | int | None) -> list[str]:
+    """The UIDs of the series to read: the only one, a selection (``7`` or ``7,8,9``: several series
+    that are one slice each), or, unasked, the one group of single-slice series that forms a stack."""
+    listing = "\n".join(_describe_series(uid, m) for uid, m in by_series.items())
     if series is None:
         if len(by_series) == 1:
-            return next(iter(by_series.values()))
-        listing = "\n".join(_describe_series(uid, m) for uid, m in by_series.items())
+            return list(by_series)
+        stacks = [uids for uids in _single_slice_stacks(by_series) if len(uids) >= MIN_SLICES_OF_A_SERIES_STACK]
+        if len(stacks) == 1:
+            return stacks[0]
+        several = f"; {len(stacks)} groups of them could each be a stack of one slice per series" if len(stacks) > 1 else ""
         raise InputError(
             folder,
-            f"holds {len(by_series)} image series; choose one with series=... (--series): "
-            f"its number, UID or a unique part of its description:\n{listing}",
+            f"holds {len(by_series)} image series{several}; choose with series=... (--series): "
+            f"a series' number, UID or a unique part of its description, or several (7,8,9) that are one slice each:\n{listing}",
         )
-    wanted = str(series)
-    matches = [uid for uid, m in by_series.items() if uid == wanted or m[0].series_number == wanted]
-    if not matches:
-        matches = [uid for uid, m in by_series.items() if wanted.lower() in m[0].series_description.lower()]
-    if len(matches) != 1:
-        listing = "\n".join(_describe_series(uid, m) for uid, m in by_series.items())
-        what = "matches no series" if not matches else f"matches {len(matches)} series"
-        raise InputError(folder, f"series selector {wanted!r} {what}; the folder holds:\n{listing}")
-    return by_series[matches[0]]
+    chosen = []
+    for wanted in (part.strip() for part in str(series).split(",")):
+        matches = [uid for uid, m in by_series.items() if uid == wanted or m[0].series_number == wanted]
+        if not matches:
+            matches = [uid for uid, m in by_series.items() if wanted.lower() in m[0].series_description.lower()]
+        if len(matches) != 1:
+            what = "matches no series" if not matches else f"matches {len(matches)} series"
+            raise InputError(folder, f"series selector {wanted!r} {what}; the folder holds:\n{listing}")
+        if matches[0] not in chosen:
+            chosen.append(matches[0])
+    return chosen
 
 
 def _assemble(folder: Path, images: list[_Image]) -> CineStack:
