@@ -26,6 +26,14 @@ def _current_umask() -> int:
     return umask
 
 
+def _flush_to_disk(path: Path) -> None:
+    try:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    except OSError:  # file systems without fsync (some network shares): the rename is still atomic
+        pass
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; move it into place when the block succeeds.
@@ -50,6 +58,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         # Again: some writers (safetensors) replace the file and create it 0600.
         os.chmod(tmp, 0o666 & ~umask)
+        _flush_to_disk(tmp)  # a power cut after the rename must not leave an empty file under the final name
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -40,8 +41,9 @@ def _batch_size(text: str) -> int | str:
 
 
 def _same_file(a: Path, b: Path) -> bool:
+    """The same file, by path, symbolic link or hard link."""
     try:
-        return a.resolve() == b.resolve()
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
 

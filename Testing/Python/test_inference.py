@@ -167,6 +167,11 @@ def test_new_slices_are_generated_around_the_given_centre_and_linear_elsewhere(p
     _, params = preprocess(stack, pipeline.config.preprocess, centre)
     outside = ~params.crop_mask()
     assert not changed[outside].any()
+    assert "warning" not in dense.metadata["upsampling"] or "outside the image" not in dense.metadata["upsampling"]["warning"]
+    far = stack.index_to_physical((500.0, 500.0, 2.0))  # a centre point far off the image
+    missed = pipeline.upsample(stack, 2, mode="calid", steps=1, frames=[0], centre_lps=far)
+    np.testing.assert_array_equal(missed.data, linear.data[[0]])
+    assert "lies outside the image" in missed.metadata["upsampling"]["warning"]
 
 
 # ---------------------------------------------------------------- test-time augmentation

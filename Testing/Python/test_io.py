@@ -206,6 +206,12 @@ def test_garbage_and_unknown_files_are_refused(tmp_path):
         read_stack(unknown)
     with pytest.raises(InputError, match="no such file"):
         read_stack(tmp_path / "missing.nii.gz")
+    with pytest.raises(OutputError, match="unknown file type"):  # an output, not an input, problem
+        write_stack(oblique_stack(), tmp_path / "out.png")
+    rgb = nib.Nifti1Image(np.zeros((4, 4, 3), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")]), np.eye(4))
+    nib.save(rgb, str(tmp_path / "colour.nii.gz"))
+    with pytest.raises(InputError, match="colour or structured voxels"):
+        read_stack(tmp_path / "colour.nii.gz")
 
 
 def test_wrong_dimensionality_and_single_slice_are_refused(tmp_path):
@@ -484,3 +490,40 @@ def test_cli_names_the_series_it_combined(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "3 series of one slice each (series 100, 101, 102)" in done.stderr
     assert read_stack(tmp_path / "cine.nii.gz").n_slices == 3
+
+
+@pytest.mark.parametrize("unit, to_mm", [("meter", 1000.0), ("micron", 0.001), ("mm", 1.0)])
+def test_nifti_sizes_in_metres_or_microns_are_read_in_mm(tmp_path, unit, to_mm):
+    """As ITK (and so Slicer) reads them; a size taken as mm would be 1000 times off."""
+    affine = np.diag([0.0015, 0.0015, 0.01, 1.0]) / to_mm * 1.5 * 1000 / 1.5  # 1.5 x 1.5 x 10 mm in the file's unit
+    affine[3, 3] = 1.0
+    affine[:3, 3] = np.array([-100.0, 50.0, 20.0]) / to_mm
+    image = nib.Nifti1Image(np.zeros((5, 4, 3), dtype=np.int16), affine)
+    image.header.set_xyzt_units(unit, "msec")
+    nib.save(image, str(tmp_path / "units.nii.gz"))
+    stack = read_stack(tmp_path / "units.nii.gz")
+    np.testing.assert_allclose(stack.spacing, (1.5, 1.5, 10.0), rtol=1e-5)
+    np.testing.assert_allclose(stack.origin, (100.0, -50.0, 20.0), rtol=1e-5)
+    itk = sitk.ReadImage(str(tmp_path / "units.nii.gz"))
+    np.testing.assert_allclose(itk.GetSpacing(), stack.spacing, rtol=1e-5)
+    np.testing.assert_allclose(itk.GetOrigin(), stack.origin, rtol=1e-5, atol=1e-4)
+
+
+def test_a_dicom_file_named_reads_its_own_series_and_hidden_folders_are_ignored(tmp_path):
+    root = tmp_path / "exam"
+    root.mkdir()
+    first = write_stack(oblique_stack(frames=2, slices=3), root / "cine")
+    write_stack(oblique_stack(frames=2, slices=4, seed=3), root / "other")
+    with pytest.raises(InputError, match="holds 2 image series"):
+        read_stack(root)
+    one_file = sorted(first.iterdir())[0]
+    flat = tmp_path / "flat"  # both series' files in one folder, as a PACS export puts them
+    flat.mkdir()
+    for folder in (root / "cine", root / "other"):
+        for path in folder.iterdir():
+            shutil.copy(path, flat / f"{folder.name}_{path.name}")
+    named = read_stack(flat / f"cine_{one_file.name}")
+    assert named.n_slices == 3  # the named file's series, not an error about the other one
+    hidden = flat / ".cine.partial.tmp"  # an interrupted write's temporary folder: copies of the same images
+    shutil.copytree(root / "cine", hidden)
+    np.testing.assert_array_equal(read_stack(flat, series=named.metadata["dicom"]["SeriesInstanceUID"]).data, named.data)

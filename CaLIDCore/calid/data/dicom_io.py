@@ -96,7 +96,8 @@ def _scan(folder: Path) -> tuple[list[_Image], int, list[str]]:
     skipped = 0
     unreadable: list[str] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if path.name.upper() == "DICOMDIR" or path.name.startswith("."):
+        # Hidden files and folders, e.g. the temporary folder of an interrupted write, are not images of the series.
+        if path.name.upper() == "DICOMDIR" or any(part.startswith(".") for part in path.relative_to(folder).parts):
             continue
         try:
             header = pydicom.dcmread(str(path), stop_before_pixels=True)

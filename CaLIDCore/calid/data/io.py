@@ -35,6 +35,8 @@ def detect_format(path: str | os.PathLike[str], for_writing: bool = False) -> st
         return "nrrd"
     if path.is_dir() or (for_writing and path.suffix == "") or name.endswith(".dcm"):
         return "dicom"
+    if for_writing:
+        raise OutputError(path, f"unknown file type; write {SUPPORTED_FORMATS_TEXT} (a name without a suffix)")
     raise InputError(path, f"unknown file type; use {SUPPORTED_FORMATS_TEXT}")
 
 
@@ -67,6 +69,8 @@ def read_stack(
         from calid.data.dicom_io import read_dicom_folder
 
         if path.is_file():
+            if series is None:  # one file of a series named: that series, not whatever else is in its folder
+                series = _series_of_dicom_file(path)
             path = path.parent
         stack = read_dicom_folder(path, series=series)
     if stack.n_slices < min_slices:
@@ -75,6 +79,16 @@ def read_stack(
             f"has {stack.n_slices} slice(s); a short-axis stack of at least {min_slices} parallel slices is needed",
         )
     return stack
+
+
+def _series_of_dicom_file(path: Path) -> str | None:
+    import pydicom
+
+    try:
+        uid = pydicom.dcmread(str(path), stop_before_pixels=True).get("SeriesInstanceUID")
+    except Exception:  # not readable as DICOM: the folder reader says what is wrong
+        return None
+    return str(uid) if uid else None
 
 
 def write_stack(

@@ -28,6 +28,7 @@ from calid.errors import InputError, OutputError
 EXTENSION_CODE = 6  # "comment": ignored by other readers
 EXTENSION_PREFIX = b"CaLID-geometry "
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])
+_SPACE_UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001}
 _TIME_UNIT_TO_MS = {"msec": 1.0, "sec": 1000.0, "usec": 1e-3}
 
 
@@ -51,6 +52,8 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     source_dtype = image.get_data_dtype()
     if source_dtype.kind == "c":
         raise InputError(path, f"holds complex voxels ({source_dtype}); save a magnitude image")
+    if source_dtype.fields is not None or source_dtype.kind == "V":
+        raise InputError(path, f"holds colour or structured voxels ({source_dtype}); save a grey-scale image")
     # nibabel moves scl_slope / scl_inter from the header into the array proxy on load.
     slope, inter = float(getattr(image.dataobj, "slope", 1.0)), float(getattr(image.dataobj, "inter", 0.0))
     if (slope, inter) != (1.0, 0.0):
@@ -73,6 +76,9 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
         affine_ras, transform_note = _transform_as_itk_reads_it(image)
         affine_lps = LPS_FROM_RAS @ affine_ras[:3, :]
         no_orientation = False
+    # Sizes in metres or microns are scaled to mm, as ITK does (Slicer would otherwise show 1000 times another size).
+    to_mm = _SPACE_UNIT_TO_MM.get(header.get_xyzt_units()[0], 1.0)
+    affine_lps = affine_lps * to_mm
     spacing = np.linalg.norm(affine_lps[:, :3], axis=0)
     if np.any(spacing <= 0):
         raise InputError(path, f"the affine has a zero-length axis: {image.affine.tolist()}")
@@ -86,7 +92,7 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
         metadata["orientation_unknown"] = True  # written back without one (codes 0), not as scanner space
     elif transform_note is not None:
         metadata["geometry_note"] = transform_note
-    pixdim = np.asarray(zooms[:3], dtype=np.float64)
+    pixdim = np.asarray(zooms[:3], dtype=np.float64) * to_mm
     if np.all(pixdim > 0) and not np.allclose(spacing, pixdim, rtol=1e-3):
         # Some pipelines write a placeholder affine (identity, zero origin) and keep
         # the true voxel size only in pixdim; a voxel size is never 1 mm by accident

@@ -332,6 +332,10 @@ class UpsamplingPipeline:
                 crop=params.to_dict(),
             )
             warnings = []
+            if not params.crop_mask().any():
+                warnings.append(
+                    "the model's window lies outside the image (check the centre point): every new slice was linearly interpolated, none generated"
+                )
             if self.untrained:
                 warnings.append("UNTRAINED MODEL: the generated slices are not meaningful; for testing the pipeline only")
             if assumed is not None:
