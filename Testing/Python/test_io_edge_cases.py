@@ -82,6 +82,18 @@ def test_malformed_dicom_geometry_is_named(tmp_path):
     ds.save_as(str(victim))
     with pytest.raises(InputError, match=f"{victim.name}.*ImagePositionPatient needs 3"):
         read_stack(folder)
+    # Beside another, sound series: that one is still read; the damaged one still says what is wrong.
+    import shutil
+
+    sound = write_stack(oblique_stack(frames=1, slices=4, seed=2), tmp_path / "sound")
+    for path in sound.iterdir():
+        ds = pydicom.dcmread(str(path))
+        ds.SeriesNumber = 7
+        ds.save_as(str(folder / f"sound_{path.name}"))
+    shutil.rmtree(sound)
+    assert read_stack(folder, series="7").n_slices == 4
+    with pytest.raises(InputError, match=f"{victim.name}.*ImagePositionPatient needs 3"):
+        read_stack(folder, series="1000")
 
 
 def test_truncated_dicom_file_is_reported(tmp_path):

@@ -57,10 +57,12 @@ class _Image:
 def read_dicom_folder(folder: str | os.PathLike[str], series: str | int | None = None) -> CineStack:
     """Read one cine series (or a 3D stack) from a folder of DICOM files (searched recursively)."""
     folder = Path(folder)
-    images, skipped, unreadable = _scan(folder)
+    images, skipped, unreadable, problems = _scan(folder)
     note = ""
     if unreadable:
         note = f" ({len(unreadable)} DICOM file(s) could not be read as images with a geometry, e.g. {unreadable[0]})"
+    if not images and problems:
+        raise problems[0][1]
     if not images:
         detail = f" ({skipped} file(s) were not DICOM images)" if skipped else ""
         raise InputError(folder, f"contains no DICOM MR images{detail}{note}")
@@ -68,6 +70,9 @@ def read_dicom_folder(folder: str | os.PathLike[str], series: str | int | None =
     for image in images:
         by_series[image.series_uid].append(image)
     chosen_uids = _choose_series(folder, by_series, series)
+    for uid, problem in problems:  # an unusable image of another series does not stop this one
+        if uid in chosen_uids:
+            raise problem
     chosen = [image for uid in chosen_uids for image in by_series[uid]]
     try:
         stack = _assemble(folder, chosen)
@@ -91,10 +96,13 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def _scan(folder: Path) -> tuple[list[_Image], int, list[str]]:
+def _scan(folder: Path) -> tuple[list[_Image], int, list[str], list[tuple[str, InputError]]]:
+    """The images with a geometry; how many files were skipped; the names of unreadable DICOM
+    files; and (series UID, error) of images that cannot be used, raised only if their series is read."""
     images: list[_Image] = []
     skipped = 0
     unreadable: list[str] = []
+    problems: list[tuple[str, InputError]] = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         # Hidden files and folders, e.g. the temporary folder of an interrupted write, are not images of the series.
         if path.name.upper() == "DICOMDIR" or any(part.startswith(".") for part in path.relative_to(folder).parts):
@@ -106,8 +114,10 @@ def _scan(folder: Path) -> tuple[list[_Image], int, list[str]]:
             if _looks_like_dicom(path):
                 unreadable.append(path.name)
             continue
+        series_uid = str(header.get("SeriesInstanceUID", "<no series UID>"))
         if "PixelSpacing" not in header and "PerFrameFunctionalGroupsSequence" in header:
-            raise InputError(path, "enhanced (multi-frame) DICOM is not supported; convert it to NIfTI first (e.g. with dcm2niix)")
+            problems.append((series_uid, InputError(path, "enhanced (multi-frame) DICOM is not supported; convert it to NIfTI first (e.g. with dcm2niix)")))
+            continue
         if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
             skipped += 1  # reports, presentation states ... or a damaged image: named if an error follows
             unreadable.append(path.name)
@@ -117,19 +127,25 @@ def _scan(folder: Path) -> tuple[list[_Image], int, list[str]]:
             orientation = np.asarray([float(v) for v in header.ImageOrientationPatient], dtype=np.float64)
             spacing = tuple(float(v) for v in header.PixelSpacing)
         except (AttributeError, ValueError, TypeError) as error:
-            raise InputError(path, f"has a malformed image geometry header ({error})") from error
+            problems.append((series_uid, InputError(path, f"has a malformed image geometry header ({error})")))
+            continue
+        problem = None
         if len(position) != 3 or len(orientation) != 6 or len(spacing) != 2:
-            raise InputError(path, "ImagePositionPatient needs 3 values, ImageOrientationPatient 6 and PixelSpacing 2")
-        row_norm, column_norm = np.linalg.norm(orientation[:3]), np.linalg.norm(orientation[3:])
-        if row_norm < 1e-6 or column_norm < 1e-6 or abs(np.dot(orientation[:3], orientation[3:])) > 1e-3 * row_norm * column_norm:
-            raise InputError(path, f"ImageOrientationPatient {orientation.tolist()} is not two perpendicular directions")
-        if min(spacing) <= 0:
-            raise InputError(path, f"PixelSpacing {list(spacing)} must be positive")
+            problem = "ImagePositionPatient needs 3 values, ImageOrientationPatient 6 and PixelSpacing 2"
+        else:
+            row_norm, column_norm = np.linalg.norm(orientation[:3]), np.linalg.norm(orientation[3:])
+            if row_norm < 1e-6 or column_norm < 1e-6 or abs(np.dot(orientation[:3], orientation[3:])) > 1e-3 * row_norm * column_norm:
+                problem = f"ImageOrientationPatient {orientation.tolist()} is not two perpendicular directions"
+            elif min(spacing) <= 0:
+                problem = f"PixelSpacing {list(spacing)} must be positive"
+        if problem is not None:
+            problems.append((series_uid, InputError(path, problem)))
+            continue
         try:
             images.append(
                 _Image(
                     path=path,
-                    series_uid=str(header.get("SeriesInstanceUID", "<no series UID>")),
+                    series_uid=series_uid,
                     series_number=str(header.get("SeriesNumber", "")),
                     series_description=str(header.get("SeriesDescription", "")),
                     position=np.asarray(position, dtype=np.float64),
@@ -143,8 +159,8 @@ def _scan(folder: Path) -> tuple[list[_Image], int, list[str]]:
                 )
             )
         except (AttributeError, ValueError, TypeError) as error:
-            raise InputError(path, f"has an incomplete or malformed image geometry header ({error})") from error
-    return images, skipped, unreadable
+            problems.append((series_uid, InputError(path, f"has an incomplete or malformed image geometry header ({error})")))
+    return images, skipped, unreadable, problems
 
 
 def _describe_series(uid: str, members: list[_Image]) -> str:

@@ -128,9 +128,9 @@ def _frame_times(header: dict[str, Any], list_axis: int, n_frames: int) -> np.nd
     units = header.get("units") or []
     unit = str(units[list_axis] if list_axis < len(units) else "").strip().lower()
     unit = unit or str(header.get(f"axis {list_axis} index unit", "")).strip().lower()
-    if unit == "ms":
+    if unit in ("ms", "msec", "millisecond", "milliseconds"):
         return times
-    if unit == "s":
+    if unit in ("s", "sec", "second", "seconds"):
         return times * 1000.0
     if "time" not in name and "trigger" not in name:
         return None  # frame numbers, not times
