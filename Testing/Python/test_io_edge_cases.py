@@ -72,6 +72,13 @@ def test_seq_nrrd_states_time_unit_and_nhdr_is_not_written(tmp_path):
     assert header["units"][0] == "ms"
     with pytest.raises(OutputError, match="nhdr"):
         write_stack(stack, tmp_path / "cine.nhdr")
+    data, header = nrrd.read(str(path))
+    for unit, scale in (("sec", 1000.0), ("seconds", 1000.0), ("msec", 1.0)):  # other spellings of the unit
+        header["units"] = [unit] + list(header["units"][1:])
+        header["labels"] = ["cardiac phase"] + list(header["labels"][1:])  # no "time" in the name: the unit alone says it
+        header["axis 0 index values"] = " ".join(f"{t / scale:.9g}" for t in stack.frame_times_ms)
+        nrrd.write(str(tmp_path / f"{unit}.seq.nrrd"), data, header)
+        np.testing.assert_allclose(read_stack(tmp_path / f"{unit}.seq.nrrd").frame_times_ms, stack.frame_times_ms, rtol=1e-6)
 
 
 def test_malformed_dicom_geometry_is_named(tmp_path):
