@@ -276,6 +276,22 @@ def test_overlapping_clips_share_each_frames_noise():
         UpsamplingPipeline._noise((7, (1, 2), 2), torch.Size((3, 4, 8, 8)))
 
 
+@pytest.mark.parametrize("time_step", [1, 4])
+def test_clips_overlapping_by_half_get_the_same_noise_keys_where_they_overlap(time_step):
+    """Also when the autoencoder downsamples time (one latent frame per 4 frames): clips of 16
+    frames starting every 8 frames of a 20-frame cine (cyclic) key their shared latent frames alike."""
+    from calid.inference.pipeline import clip_noise_keys
+
+    length, n_frames = 16, 20
+    clips = [(start + np.arange(length)) % n_frames for start in range(0, n_frames, length // 2)]
+    keys = clip_noise_keys(clips, time_step)
+    assert all(len(k) == length // time_step for k in keys)
+    half = length // 2 // time_step
+    for before, after in zip(keys, keys[1:]):
+        assert before[half:] == after[:half]  # the second half of a clip is the first half of the next
+    assert keys[0][0] == 0 and keys[1][0] == 8 and len(set(keys[0])) == len(keys[0])
+
+
 def test_every_interior_slice_is_predicted_from_its_two_neighbours(small_phantom):
     """The temporal comparison predicts slice n from slices n - 1 and n + 1 of the whole cine, by
     upsampling the even and the odd slices as cines of their own (each normalised over half the cine)."""

@@ -495,8 +495,10 @@ class UpsamplingPipeline:
             chunk = starts[first : first + clips_per_chunk]
             indices = [(start + np.arange(length)) % n_frames for start in chunk]
             clips = np.stack([np.moveaxis(cropped.data[index], 0, 1) for index in indices])  # (clips, Z, L, H, W)
-            # Noise keys: per frame when the latent keeps every frame (overlapping clips then share it).
-            keys: list[Any] = [tuple(int(f) for f in index) for index in indices] if not self.model.config.time_downsampling else list(chunk)
+            # Noise keys, one per latent frame: the frame it starts at. Overlapping clips then draw the
+            # same noise for the same frames and agree where they are blended (with a downsampled time
+            # axis too, as clips start at multiples of half a clip).
+            keys: list[Any] = clip_noise_keys(indices, self.model.config.vae.downsampling if self.model.config.time_downsampling else 1)
             generated = self._bisect(clips, factor, mode, steps, seed, keys, batch, tracker, tta)  # (clips, n_dense, L, H, W)
             for index, clip in zip(indices, generated):
                 for position, frame in enumerate(index):
@@ -689,6 +691,12 @@ class UpsamplingPipeline:
         state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)
         generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def clip_noise_keys(clip_frames: Sequence[np.ndarray], time_step: int = 1) -> list[tuple[int, ...]]:
+    """Per clip, the frame each latent frame starts at (every ``time_step``-th frame of the clip):
+    the noise keys that make clips overlapping on the same frames draw the same noise there."""
+    return [tuple(int(f) for f in np.asarray(frames)[::time_step]) for frames in clip_frames]
 
 
 def turn_plane(x: torch.Tensor, turns: int, flip: bool, inverse: bool = False) -> torch.Tensor:
