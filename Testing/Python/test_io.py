@@ -437,6 +437,10 @@ def test_dicom_orientation_with_few_decimals_is_read_and_written_as_a_new_study(
     written = pydicom.dcmread(str(next(out.iterdir())))
     assert written.StudyInstanceUID != source.StudyInstanceUID  # anonymised files, a study of their own
     assert written.FrameOfReferenceUID == source.FrameOfReferenceUID  # still overlays the source
+    # The MR image object's type 1 attributes have values, its type 2 ones are present.
+    assert written.ScanningSequence == "RM" and written.SequenceVariant == "NONE" and written.MRAcquisitionType == "2D"
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "ReferringPhysicianName", "Manufacturer", "PositionReferenceIndicator", "EchoTime"):
+        assert keyword in written, keyword
     assert stack.slice_spacing != pytest.approx(7.0)
     assert float(written.SliceThickness) == pytest.approx(7.0)  # the acquired thickness, kept by a conversion
 

@@ -409,6 +409,7 @@ def write_dicom_folder(
     now = datetime.datetime.now()
     description = series_description or str(stack.metadata.get("description", "CaLID"))
     row_direction, column_direction = stack.direction[:, 0], stack.direction[:, 1]
+    dicom_normal = np.cross(row_direction, column_direction)  # DICOM's slice axis, whatever the stack's handedness
     times = stack.frame_times_ms
     # The source's thickness for a converted series; an upsampled one's slices are as thick as they are apart.
     acquired_thickness = None if "upsampling" in stack.metadata else dicom_meta.get("SliceThickness")
@@ -434,6 +435,13 @@ def write_dicom_folder(
                     ds.Modality = "MR"
                     ds.PatientName = "Anonymous"
                     ds.PatientID = "CaLID"
+                    # Type 2 attributes of the MR image object: present, empty where unknown (strict readers require them).
+                    for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+                                    "Manufacturer", "PositionReferenceIndicator", "ScanOptions", "EchoTime", "EchoTrainLength"):
+                        setattr(ds, keyword, "")
+                    ds.ScanningSequence = "RM"  # research mode: generated images have no pulse sequence of their own
+                    ds.SequenceVariant = "NONE"
+                    ds.MRAcquisitionType = "2D"
                     ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
                     ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
                     ds.SeriesDescription = description[:64]
@@ -445,7 +453,7 @@ def write_dicom_folder(
                     ds.PixelSpacing = [f"{stack.spacing[1]:.8g}", f"{stack.spacing[0]:.8g}"]
                     ds.SliceThickness = f"{float(thickness):.6g}"
                     ds.SpacingBetweenSlices = f"{stack.slice_spacing:.8g}"
-                    ds.SliceLocation = f"{float(np.dot(position, stack.slice_normal)):.6f}"
+                    ds.SliceLocation = f"{float(np.dot(position, dicom_normal)):.6f}"
                     if times is not None:
                         ds.TriggerTime = f"{times[t]:.6f}"
                     ds.CardiacNumberOfImages = stack.n_frames
