@@ -420,7 +420,18 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
     results = {}
     for path in args.labels:
         labels = read_stack(path)
-        results[Path(path).name.split(".")[0]] = cardiac_function(labels, args.ed, args.es, method=Path(path).name)
+        result = cardiac_function(labels, args.ed, args.es, method=Path(path).name, acquired_slice_spacing_mm=args.acquired_slice_spacing)
+        results[Path(path).name.split(".")[0]] = result
+        acquired = args.acquired_slice_spacing or labels.metadata.get("upsampling", {}).get("input_slice_spacing_mm")
+        if acquired is not None and float(acquired) > labels.slice_spacing:
+            print(f"{path}: dense stack ({labels.slice_spacing:g} mm) made from slices {float(acquired):g} mm apart: its end slices also stand for the outer half slab")
+        elif labels.slice_spacing < SPARSE_SLICE_SPACING_MM:
+            result.warnings.append(
+                f"{path}: slices {labels.slice_spacing:g} mm apart and no record of the acquired spacing: if this is an upsampled stack, give "
+                "--acquired-slice-spacing so that its end slices stand for the half slab beyond them (else the volumes are a little low)"
+            )
+        for warning in result.warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = write_function_csv(results, out / "volumes.csv")
@@ -833,8 +844,13 @@ def build_parser() -> argparse.ArgumentParser:
     volumes = commands.add_parser("volumes", help="LV / RV volumes, EDV, ESV, SV, EF and LV mass from label files (CSV + plot)")
     volumes.add_argument("labels", nargs="+", help="label files, e.g. the sparse stack's and the dense reconstruction's")
     volumes.add_argument("--out", required=True)
-    volumes.add_argument("--ed", type=int, help="end-diastolic frame (default: largest LV volume)")
-    volumes.add_argument("--es", type=int, help="end-systolic frame (default: smallest LV volume)")
+    volumes.add_argument("--ed", type=int, help="end-diastolic frame for both ventricles (default: each ventricle's largest volume)")
+    volumes.add_argument("--es", type=int, help="end-systolic frame for both ventricles (default: each ventricle's smallest volume)")
+    volumes.add_argument(
+        "--acquired-slice-spacing", type=float, metavar="MM",
+        help="for dense label files that lost CaLID's record (NRRD, DICOM, drawn elsewhere): the spacing of the acquired slices, "
+        "so that the end slices stand for the half slab beyond them as in Simpson's method",
+    )
     volumes.set_defaults(handler=_cmd_volumes)
 
     install = commands.add_parser("install", help="install a trained model file under a name (calid upsample --model NAME; --default to use it by default)")

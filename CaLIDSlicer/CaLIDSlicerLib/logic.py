@@ -201,6 +201,8 @@ def _measure(scene: Any, result: UpsamplingResult, options: UpsamplingOptions, d
     result.labels = dense_labels
     function = {"dense": cardiac_function(dense_labels, method="dense"), "acquired (Simpson)": cardiac_function(acquired_labels, method="Simpson")}
     result.function = function
+    for method, measured in function.items():  # a file without geometry, frames without an LV, one frame
+        result.warnings += [f"{method} volumes: {warning}" for warning in measured.warnings if f"{method} volumes: {warning}" not in result.warnings]
     shown = function["dense"].ed_frame
     # One frame is segmented into nodes (end-diastole); the name says so, as it is shown over the whole cine.
     result.segmentation_node = mrml.segmentation_from_labels(scene, dense_labels, f"{result.output_node.GetName()} segmentation (frame {shown}, end-diastole)", frame=shown)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -207,3 +208,44 @@ def test_dense_stack_covers_the_same_slab_as_simpsons_method():
     assert simpson == pytest.approx(10 * 8 * 1.5 * 1.5 * 10 * 5 / 1000)
     dense = upsample_linear(sparse, 4)  # labels stay 3 everywhere: the cylinder on the dense grid
     assert structure_volumes_ml(dense, 3)[0] == pytest.approx(simpson)
+    stripped = dense.with_data(dense.data, metadata={})  # the record lost, as NRRD or DICOM labels lose it
+    assert structure_volumes_ml(stripped, 3)[0] < simpson
+    assert structure_volumes_ml(stripped, 3, acquired_slice_spacing_mm=10.0)[0] == pytest.approx(simpson)
+
+
+def _cine_labels(lv_areas, rv_areas, spacing=(1.5, 1.5, 10.0)):
+    """Labels whose LV and RV cavities are squares of the given side lengths (pixels) per frame, 3 slices."""
+    data = np.zeros((len(lv_areas), 3, 40, 40), dtype=np.float32)
+    for t, (lv, rv) in enumerate(zip(lv_areas, rv_areas)):
+        data[t, :, 2 : 2 + lv, 2 : 2 + lv] = 3
+        data[t, :, 22 : 22 + rv, 22 : 22 + rv] = 1
+    return CineStack(data, spacing=spacing)
+
+
+def test_each_ventricle_gets_its_own_end_systole_and_failed_frames_are_left_out():
+    """SCMR: the RV's end-systole may be another frame than the LV's. A frame without any LV (a failed
+    segmentation) must not become end-systole (EF near 100 %)."""
+    labels = _cine_labels(lv_areas=[10, 8, 6, 7, 9], rv_areas=[12, 11, 9, 7, 10])
+    function = cardiac_function(labels)
+    assert (function.ed_frame, function.es_frame, function.rv_ed_frame, function.rv_es_frame) == (0, 2, 0, 3)
+    voxel_ml = 1.5 * 1.5 * 10.0 * 3 / 1000
+    assert function.summary["rv_esv_ml"] == pytest.approx(7 * 7 * voxel_ml)
+    assert function.summary["rv_ef_percent"] == pytest.approx(100 * (144 - 49) / 144)
+    assert [row["phase"] for row in function.rows()] == ["ED", "", "ES", "RV ES", ""]
+    assert function.warnings == []
+    given = cardiac_function(labels, ed_frame=0, es_frame=2)  # given frames hold for both ventricles
+    assert given.rv_es_frame == 2 and given.summary["rv_esv_ml"] == pytest.approx(81 * voxel_ml)
+    failed = labels.with_data(labels.data.copy())
+    failed.data[4][failed.data[4] == 3] = 0
+    measured = cardiac_function(failed)
+    assert measured.es_frame == 2 and measured.summary["lv_ef_percent"] == pytest.approx(100 * (100 - 36) / 100)
+    assert any("frame(s) 4 have no LV cavity" in w for w in measured.warnings)
+
+
+def test_one_frame_gives_no_ejection_fraction_and_no_geometry_gives_a_warning():
+    one = cardiac_function(_cine_labels([10], [12]))
+    assert math.isnan(one.summary["lv_ef_percent"]) and math.isnan(one.summary["lv_sv_ml"]) and math.isnan(one.summary["rv_ef_percent"])
+    assert one.summary["lv_edv_ml"] > 0 and any("same frame" in w for w in one.warnings)
+    bare = cardiac_function(_cine_labels([10, 6], [12, 9], spacing=(1.0, 1.0, 1.0)))
+    assert any("no geometry" in w and "voxels, not ml" in w for w in bare.warnings)
+    assert bare.summary["lv_ef_percent"] == pytest.approx(100 * (100 - 36) / 100)  # still meaningful

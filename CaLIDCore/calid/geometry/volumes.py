@@ -28,10 +28,15 @@ from calid.segmentation.model import LV_CAVITY, LV_MYOCARDIUM, RV_CAVITY
 MYOCARDIAL_DENSITY_G_PER_ML = 1.05
 
 
-def slice_weights_mm(labels: CineStack) -> np.ndarray:
-    """Thickness (mm) each slice stands for along the normal (see the module docstring)."""
+def slice_weights_mm(labels: CineStack, acquired_slice_spacing_mm: float | None = None) -> np.ndarray:
+    """Thickness (mm) each slice stands for along the normal (see the module docstring).
+
+    ``acquired_slice_spacing_mm``: for a dense stack, the spacing of the acquired slices it was made
+    from; by default taken from the stack's upsampling record (kept in NIfTI files written by CaLID)."""
     weights = np.full(labels.n_slices, labels.slice_spacing)
-    acquired_spacing = labels.metadata.get("upsampling", {}).get("input_slice_spacing_mm")
+    acquired_spacing = acquired_slice_spacing_mm
+    if acquired_spacing is None:
+        acquired_spacing = labels.metadata.get("upsampling", {}).get("input_slice_spacing_mm")
     if acquired_spacing is not None and labels.n_slices > 1:
         extra = (float(acquired_spacing) - labels.slice_spacing) / 2.0
         weights[0] += extra
@@ -39,11 +44,11 @@ def slice_weights_mm(labels: CineStack) -> np.ndarray:
     return weights
 
 
-def structure_volumes_ml(labels: CineStack, value: int) -> np.ndarray:
+def structure_volumes_ml(labels: CineStack, value: int, acquired_slice_spacing_mm: float | None = None) -> np.ndarray:
     """Volume (ml) of one label value in every frame."""
     pixel_area = labels.spacing[0] * labels.spacing[1]
     areas = (np.rint(labels.data) == value).sum(axis=(2, 3)) * pixel_area  # (T, Z) mm^2
-    return (areas @ slice_weights_mm(labels)) / 1000.0
+    return (areas @ slice_weights_mm(labels, acquired_slice_spacing_mm)) / 1000.0
 
 
 @dataclass
@@ -58,6 +63,19 @@ class CardiacFunction:
     frame_times_ms: np.ndarray | None = None
     method: str = ""
     summary: dict[str, float] = field(default_factory=dict)
+    #: The RV's own end-diastole and end-systole (largest / smallest RV cavity), which may differ from the LV's.
+    rv_ed_frame: int | None = None
+    rv_es_frame: int | None = None
+    #: What makes the numbers less than trustworthy: a file without geometry, frames without an LV, one frame.
+    warnings: list[str] = field(default_factory=list)
+
+    def _phase(self, t: int) -> str:
+        phases = ["ED" if t == self.ed_frame else "ES" if t == self.es_frame else ""]
+        if self.rv_ed_frame is not None and self.rv_ed_frame != self.ed_frame and t == self.rv_ed_frame:
+            phases.append("RV ED")
+        if self.rv_es_frame is not None and self.rv_es_frame != self.es_frame and t == self.rv_es_frame:
+            phases.append("RV ES")
+        return ", ".join(p for p in phases if p)
 
     def rows(self) -> list[dict[str, Any]]:
         return [
@@ -68,39 +86,70 @@ class CardiacFunction:
                 "rv_cavity_ml": round(float(self.rv_volume_ml[t]), 3),
                 "lv_myocardium_ml": round(float(self.lv_myocardium_ml[t]), 3),
                 "lv_mass_g": round(float(self.lv_myocardium_ml[t]) * MYOCARDIAL_DENSITY_G_PER_ML, 3),
-                "phase": "ED" if t == self.ed_frame else "ES" if t == self.es_frame else "",
+                "phase": self._phase(t),
             }
             for t in range(len(self.lv_volume_ml))
         ]
 
 
-def cardiac_function(labels: CineStack, ed_frame: int | None = None, es_frame: int | None = None, method: str = "") -> CardiacFunction:
+def cardiac_function(
+    labels: CineStack, ed_frame: int | None = None, es_frame: int | None = None, method: str = "", acquired_slice_spacing_mm: float | None = None
+) -> CardiacFunction:
     """Volumes per frame and EDV, ESV, SV, EF (LV and RV) and LV mass at ED.
 
-    ED / ES default to the frames of largest / smallest LV cavity volume.
+    ED / ES default to the frames of largest / smallest cavity volume, for each ventricle on its
+    own (the RV's end-systole may differ from the LV's); frames without any LV cavity (a failed
+    segmentation) are left out of that choice. Given frames apply to both ventricles.
+    ``acquired_slice_spacing_mm``: see :func:`slice_weights_mm`.
     """
-    lv = structure_volumes_ml(labels, LV_CAVITY)
+    lv = structure_volumes_ml(labels, LV_CAVITY, acquired_slice_spacing_mm)
     if not lv.any():
         raise InputError(labels.source, f"no LV cavity (label {LV_CAVITY}) in any frame: the volumes cannot be computed")
-    rv = structure_volumes_ml(labels, RV_CAVITY)
-    myo = structure_volumes_ml(labels, LV_MYOCARDIUM)
-    ed = int(np.argmax(lv)) if ed_frame is None else int(ed_frame)
-    es = int(np.argmin(lv)) if es_frame is None else int(es_frame)
+    rv = structure_volumes_ml(labels, RV_CAVITY, acquired_slice_spacing_mm)
+    myo = structure_volumes_ml(labels, LV_MYOCARDIUM, acquired_slice_spacing_mm)
+    warnings: list[str] = []
+    if labels.has_placeholder_spacing:
+        warnings.append(
+            f"{labels.source} carries no geometry (all spacings exactly 1 mm): the volumes and mass are in voxels, not ml; "
+            "only the ejection fractions are meaningful. Use labels saved with the image's geometry"
+        )
+    usable = lv > 0
+    if not usable.all():
+        missing = ", ".join(str(t) for t in np.flatnonzero(~usable))
+        warnings.append(f"frame(s) {missing} have no LV cavity (a failed segmentation?) and were not considered for end-diastole or end-systole")
+    frames = np.flatnonzero(usable)
+    ed = int(frames[np.argmax(lv[frames])]) if ed_frame is None else int(ed_frame)
+    es = int(frames[np.argmin(lv[frames])]) if es_frame is None else int(es_frame)
     for name, frame in (("ED", ed), ("ES", es)):
         if not 0 <= frame < labels.n_frames:
             raise InputError(labels.source, f"{name} frame {frame} does not exist (the cine has {labels.n_frames} frames)")
+    rv_ed, rv_es = ed, es
+    if ed_frame is None and es_frame is None and rv[frames].any():
+        rv_ed, rv_es = int(frames[np.argmax(rv[frames])]), int(frames[np.argmin(rv[frames])])
+    one_phase = ed == es
+    if one_phase:
+        warnings.append("end-diastole and end-systole are the same frame (one frame given?): no stroke volume or ejection fraction")
+
+    def ejection(volumes: np.ndarray, diastole: int, systole: int) -> tuple[float, float]:
+        if one_phase or not volumes[diastole] > 0:
+            return float("nan"), float("nan")
+        stroke = float(volumes[diastole] - volumes[systole])
+        return stroke, 100.0 * stroke / float(volumes[diastole])
+
+    lv_sv, lv_ef = ejection(lv, ed, es)
+    rv_sv, rv_ef = ejection(rv, rv_ed, rv_es)
     summary = {
         "lv_edv_ml": float(lv[ed]),
         "lv_esv_ml": float(lv[es]),
-        "lv_sv_ml": float(lv[ed] - lv[es]),
-        "lv_ef_percent": float(100.0 * (lv[ed] - lv[es]) / lv[ed]) if lv[ed] > 0 else float("nan"),
-        "rv_edv_ml": float(rv[ed]),
-        "rv_esv_ml": float(rv[es]),
-        "rv_sv_ml": float(rv[ed] - rv[es]),
-        "rv_ef_percent": float(100.0 * (rv[ed] - rv[es]) / rv[ed]) if rv[ed] > 0 else float("nan"),
+        "lv_sv_ml": lv_sv,
+        "lv_ef_percent": lv_ef,
+        "rv_edv_ml": float(rv[rv_ed]),
+        "rv_esv_ml": float(rv[rv_es]),
+        "rv_sv_ml": rv_sv,
+        "rv_ef_percent": rv_ef,
         "lv_mass_ed_g": float(myo[ed] * MYOCARDIAL_DENSITY_G_PER_ML),
     }
-    return CardiacFunction(lv, rv, myo, ed, es, labels.frame_times_ms, method, summary)
+    return CardiacFunction(lv, rv, myo, ed, es, labels.frame_times_ms, method, summary, rv_ed, rv_es, warnings)
 
 
 def write_function_csv(results: dict[str, CardiacFunction], path: str | os.PathLike[str]) -> Path:
