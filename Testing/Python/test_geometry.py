@@ -44,6 +44,38 @@ def test_lv_long_axis_follows_the_phantom_axis(phantom):
     assert np.sign(apex - base) == np.sign(np.dot(axis.direction, phantom.dense.slice_normal))
 
 
+def _lv_discs(radii_mm, rv_pixels=0):
+    """An LV cavity of one disc per slice (radii in mm, 0: none), slices 10 mm apart along +z; an RV square beside it."""
+    data = np.zeros((1, len(radii_mm), 60, 60), dtype=np.float32)
+    yy, xx = np.mgrid[:60, :60]
+    for z, radius in enumerate(radii_mm):
+        data[0, z][(yy - 30) ** 2 + (xx - 30) ** 2 <= (radius / 1.5) ** 2] = 3
+    if rv_pixels:
+        side = int(round(np.sqrt(rv_pixels)))
+        data[0, len(radii_mm) // 2, 5 : 5 + side, 5 : 5 + side] = 1
+    return CineStack(data, spacing=(1.5, 1.5, 10.0))
+
+
+@pytest.mark.parametrize(
+    "radii, apex_towards_z",
+    [
+        ([20, 25, 22, 18, 12, 6], +1),  # base at slice 0, apex at the end
+        ([6, 12, 18, 22, 25, 20], -1),  # the other order
+        ([5, 25, 23, 19, 14, 8], +1),  # the most basal slice, through the outflow tract, smaller than the apical one
+        ([8, 14, 19, 23, 25, 5], -1),
+    ],
+)
+def test_the_long_axis_points_from_base_to_apex(radii, apex_towards_z):
+    axis = lv_long_axis(_lv_discs(radii), 0)
+    assert np.sign(axis.direction[2]) == apex_towards_z
+
+
+def test_a_few_stray_rv_voxels_do_not_place_the_4_chamber_plane():
+    with pytest.raises(InputError, match="only 0.2. ml of RV cavity.*give the planes by points"):
+        standard_planes(_lv_discs([20, 25, 22, 18, 12, 6], rv_pixels=9), 0)  # 9 voxels of 22.5 mm^3
+    assert "4-chamber" in standard_planes(_lv_discs([20, 25, 22, 18, 12, 6], rv_pixels=400), 0)
+
+
 def test_standard_planes_contain_the_axis_and_the_rv(phantom):
     labels = phantom.dense_labels
     axis = lv_long_axis(labels, 0)

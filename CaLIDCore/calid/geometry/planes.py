@@ -28,10 +28,14 @@ from calid.data.stack import CineStack
 from calid.errors import InputError
 from calid.segmentation.model import LV_CAVITY, RV_CAVITY
 
-#: Default angle (degrees) of the 3-chamber plane from the 4-chamber plane about the LV axis,
-#: measured from the RV side towards the anterior wall. Typical anatomy puts the LV outflow
-#: tract 110-140 degrees from the septal direction; give a point when one is known.
+#: Default angle (degrees) of the 3-chamber plane from the 4-chamber plane about the LV axis:
+#: from the RV (septal) direction towards ``axis x septal``, which with the axis pointing base to
+#: apex is the inferior side. The plane then also runs 55 degrees from the septum towards the
+#: anterior wall, cutting the anteroseptal and inferolateral walls as the 3-chamber view does.
+#: Typical anatomy puts the LV outflow tract 110-140 degrees round; give a point when one is known.
 THREE_CHAMBER_ANGLE_DEG = 125.0
+#: Least RV cavity (ml) that places the 4-chamber plane; even an end-systolic RV holds tens of ml.
+MIN_RV_ML = 1.0
 
 
 def _unit(vector: np.ndarray, what: str) -> np.ndarray:
@@ -100,8 +104,9 @@ def structure_centroid(labels: CineStack, value: int, frame: int = 0) -> np.ndar
 def lv_long_axis(labels: CineStack, frame: int = 0) -> LongAxis:
     """The line through the LV cavity centroids of the slices of one frame (least squares).
 
-    Needs the LV cavity in at least two slices. The direction points from the
-    slice with the largest LV cavity area (base side) to the smallest (apex side).
+    Needs the LV cavity in at least two slices. The direction points from base to apex: towards
+    the end of the axis with less of the cavity's area, which holds even when the most basal
+    slice, cut through the outflow tract or valve plane, is the smallest one.
     """
     volume = np.rint(labels.data[frame])
     centroids, areas = [], []
@@ -124,8 +129,10 @@ def lv_long_axis(labels: CineStack, frame: int = 0) -> LongAxis:
     # line within the half-space of the stack normal, then orient base -> apex.
     if np.dot(direction, labels.slice_normal) < 0:
         direction = -direction
-    base, apex = points[int(np.argmax(areas))], points[int(np.argmin(areas))]
-    if np.dot(apex - base, direction) < 0:
+    # The cavity's area-weighted centre along the axis lies on the base side of the middle of its extent.
+    along = (points - centre) @ direction
+    weighted = float(np.average(along, weights=np.asarray(areas, dtype=np.float64)))
+    if weighted > 0.5 * (along.min() + along.max()):
         direction = -direction
     return LongAxis(point=centre, direction=_unit(direction, "LV long axis"), centroids=points)
 
@@ -142,8 +149,12 @@ def standard_planes(
     The 2-chamber normal points towards the RV; the 4-chamber ``v`` too.
     """
     axis = lv_long_axis(labels, frame)
-    if not (np.rint(labels.data[frame]) == RV_CAVITY).any():
-        raise InputError(labels.source, f"no RV cavity (label {RV_CAVITY}) in frame {frame}: the 4-chamber plane cannot be placed; give the planes by points")
+    rv_ml = float((np.rint(labels.data[frame]) == RV_CAVITY).sum() * np.prod(labels.spacing) / 1000.0)
+    if rv_ml < MIN_RV_ML:  # a few stray voxels would swing the 4-chamber plane anywhere
+        raise InputError(
+            labels.source,
+            f"{'no' if rv_ml == 0 else f'only {rv_ml:.2f} ml of'} RV cavity (label {RV_CAVITY}) in frame {frame}: the 4-chamber plane cannot be placed; give the planes by points",
+        )
     rv = structure_centroid(labels, RV_CAVITY, frame)
     to_rv = rv - axis.point
     to_rv = to_rv - np.dot(to_rv, axis.direction) * axis.direction  # perpendicular to the axis
