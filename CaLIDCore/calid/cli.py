@@ -298,6 +298,12 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = _load_segmenter(args.model, args.device)
     stack = read_stack(source, series=args.series)
+    if stack.has_placeholder_spacing:
+        print(
+            f"WARNING: {source} carries no geometry (all spacings exactly 1 mm, the NIfTI default): the segmenter sees 1 mm pixels, "
+            "probably the wrong scale, and volumes from these labels are in voxels; write the image with its true geometry",
+            file=sys.stderr,
+        )
     frames = parse_frames(args.frames, stack.n_frames)
     if frames is not None:
         stack = stack.select_frames(frames)

@@ -116,6 +116,10 @@ def test_cli_segment_lax_surfaces_and_volumes(phantom, tiny_segmenter_file, tmp_
     segmented = run_calid("segment", str(sparse), str(tmp_path / "seg.nii.gz"), "--model", str(tiny_segmenter_file), "--quiet")
     assert segmented.returncode == 0, segmented.stderr
     assert read_stack(tmp_path / "seg.nii.gz").shape == phantom.sparse.shape
+    assert "no geometry" not in segmented.stderr
+    bare = write_stack(phantom.sparse.with_data(phantom.sparse.data, spacing=(1.0, 1.0, 1.0)), tmp_path / "bare.nii.gz", dtype="int16")
+    flagged = run_calid("segment", str(bare), str(tmp_path / "bare_seg.nii.gz"), "--model", str(tiny_segmenter_file), "--quiet")
+    assert flagged.returncode == 0 and "WARNING" in flagged.stderr and "carries no geometry" in flagged.stderr
 
     lax = run_calid("lax", str(image), "--labels", str(dense_labels), "--compare", str(sparse), "--out", str(tmp_path / "lax"), "--frame", "1")
     assert lax.returncode == 0, lax.stderr
