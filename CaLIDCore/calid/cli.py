@@ -623,13 +623,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise InputError("--time-limit", "applies to the vae and ldm stages; the segmenter trains in minutes (use --steps)")
         return _cmd_train_seg(args)
     checkpoint = Path(args.out) / "checkpoints" / "last.safetensors"
-    if args.resume and checkpoint.is_file() and (args.lr is None or args.weight_decay is None):
-        # Resuming without --lr / --weight-decay continues with the run's own values, not the defaults.
+    if args.resume and checkpoint.is_file() and None in (args.lr, args.weight_decay, args.steps, args.batch_size):
+        # Resuming without --lr / --weight-decay / --steps / --batch-size continues with the run's own
+        # values, not the defaults (a default batch size would silently change the run).
         from calid.training.trainer import checkpoint_extra_for_stage
 
         previous = checkpoint_extra_for_stage(checkpoint, args.stage).get("train_config") or {}
         args.lr = previous.get("learning_rate") if args.lr is None else args.lr
         args.weight_decay = previous.get("weight_decay") if args.weight_decay is None else args.weight_decay
+        args.steps = previous.get("steps") if args.steps is None else args.steps
+        args.batch_size = previous.get("batch_size") if args.batch_size is None else args.batch_size
     args.steps = 20000 if args.steps is None else args.steps
     args.batch_size = 32 if args.batch_size is None else args.batch_size
     args.lr = 1e-4 if args.lr is None else args.lr
@@ -894,8 +897,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="network sizes (vae: tiny/small/paper, default small, or NAME-2d+t for the 2D+T model on clips; seg: tiny/default)",
     )
     train.add_argument("--vae", help="ldm stage: the trained VAE file (with --init-from and no --vae: that model's own VAE)")
-    train.add_argument("--steps", type=int, help="optimisation steps (default: 20000; seg 4000)")
-    train.add_argument("--batch-size", type=_positive_int, help="per process (default: 32; seg 16)")
+    train.add_argument("--steps", type=int, help="optimisation steps (default: 20000; seg 4000; with --resume: the run's own)")
+    train.add_argument("--batch-size", type=_positive_int, help="per process (default: 32; seg 16; with --resume: the run's own)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4; seg 1e-3; with --resume: the run's own)")
     train.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"])
     train.add_argument("--weight-decay", type=float, help="default 0; with --resume: the run's own")

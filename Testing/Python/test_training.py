@@ -450,3 +450,17 @@ def test_a_plain_cuda_device_is_this_processs_gpu(monkeypatch):
     assert resolve_device("cuda:1", local_rank=0) == torch.device("cuda:1")
     with pytest.raises(InputError, match="cuda:0 .. cuda:1"):
         resolve_device("cuda:2")
+
+
+def test_a_resumed_run_keeps_its_own_steps_and_batch_size(tmp_path):
+    """``calid train ... --resume`` without --steps / --batch-size continues the run as it was, not with
+    the defaults (a batch of 32 would not even fit these few triplets)."""
+    common = ["train", "vae", "--data", "phantom:2", "--out", str(tmp_path / "run"), "--config", "tiny", "--perceptual-weight", "0", "--val-fraction", "0.5"]
+    first = subprocess.run(_calid(*common, "--steps", "2", "--batch-size", "2", "--validate-every", "2"), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    resumed = subprocess.run(_calid(*common, "--resume"), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step 2 -> 2" in resumed.stdout
+    longer = subprocess.run(_calid(*common, "--resume", "--steps", "3", "--validate-every", "3"), capture_output=True, text=True, timeout=300)
+    assert longer.returncode == 0, longer.stderr
+    assert "step 2 -> 3" in longer.stdout and "done at step 3" in longer.stdout
