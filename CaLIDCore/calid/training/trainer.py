@@ -480,9 +480,8 @@ class Trainer:
             if self.model_config.vae.floor_snap == 0:  # a VAE file exported before the calibration existed
                 self.model_config = _with_floor_snap(self.model_config, calibrate_floor_snap(self.vae, self._calibration_images()))
             if config.latent_cache_mb > 0:
-                precision = "fp32" if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch.")
-                signature = latent_cache_signature(self.vae_file, train_volumes, self.train_set, precision)
-                self.latent_cache = LatentCache(lambda images: self.vae.encode(images)[0], config.latent_cache_mb * 2**20, cache / f"latents-{signature[:16]}", signature)
+                signature = latent_cache_signature(self.vae_file, train_volumes, self.train_set, "fp32")
+                self.latent_cache = LatentCache(self._encode_unscaled, config.latent_cache_mb * 2**20, cache / f"latents-{signature[:16]}", signature)
                 #: Latents read from earlier runs' shards (printed by ``calid train``).
                 self.latents_loaded = self.latent_cache.load()
 
@@ -566,10 +565,16 @@ class Trainer:
         raise InputError("--optimizer", f"unknown optimizer {self.config.optimizer!r}; use adam or adamw")
 
     @torch.no_grad()
+    def _encode_unscaled(self, images: torch.Tensor) -> torch.Tensor:
+        """Posterior means, always in fp32: the training step runs under autocast, but the latent
+        scale, validation and inference encode in fp32, and the latent cache keeps these for later runs."""
+        with torch.autocast(self.device.type, enabled=False):
+            z_mu, _ = self.vae.encode(images.float())
+        return z_mu.float()
+
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """Posterior means, scaled (the latent the denoiser works on)."""
-        z_mu, _ = self.vae.encode(images)
-        return z_mu * self.latent_scale
+        return self._encode_unscaled(images) * self.latent_scale
 
     @torch.no_grad()
     def _measure_latent_scale(self) -> float:
