@@ -180,7 +180,8 @@ def _is_single_slice(members: list[_Image]) -> bool:
 def _single_slice_stacks(by_series: dict[str, list[_Image]]) -> list[list[str]]:
     """Groups of series that each hold one slice position of the same stack (one series per slice, as
     many scanners export a short-axis cine): same frame of reference, orientation, image size, pixel
-    size and number of frames, at different positions. Largest first."""
+    size and number of frames, at least MIN_SLICES_OF_A_SERIES_STACK different positions; each group
+    ordered along the slice normal."""
     groups: dict[tuple[Any, ...], list[str]] = defaultdict(list)
     for uid, members in by_series.items():
         if not _is_single_slice(members):
@@ -193,11 +194,14 @@ def _single_slice_stacks(by_series: dict[str, list[_Image]]) -> list[list[str]]:
         groups[key].append(uid)
     stacks = []
     for uids in groups.values():
-        normal = np.cross(by_series[uids[0]][0].orientation[:3], by_series[uids[0]][0].orientation[3:])
-        positions = sorted(float(np.dot(by_series[uid][0].position, normal)) for uid in uids)
-        if len(uids) >= 2 and np.all(np.diff(positions) > POSITION_TOLERANCE_MM):  # a repeated slice is not a stack
-            stacks.append(sorted(uids, key=lambda uid: float(np.dot(by_series[uid][0].position, normal))))
-    return sorted(stacks, key=len, reverse=True)
+        first = by_series[uids[0]][0]
+        normal = np.cross(first.orientation[:3], first.orientation[3:])
+        position = {uid: float(np.dot(by_series[uid][0].position, normal)) for uid in uids}
+        ordered = sorted(uids, key=position.__getitem__)
+        gaps = np.diff([position[uid] for uid in ordered])
+        if len(uids) >= MIN_SLICES_OF_A_SERIES_STACK and np.all(gaps > POSITION_TOLERANCE_MM):  # a repeated slice is not a stack
+            stacks.append(ordered)
+    return stacks
 
 
 def _choose_series(folder: Path, by_series: dict[str, list[_Image]], series: str | int | None) -> list[str]:
@@ -207,7 +211,7 @@ def _choose_series(folder: Path, by_series: dict[str, list[_Image]], series: str
     if series is None:
         if len(by_series) == 1:
             return list(by_series)
-        stacks = [uids for uids in _single_slice_stacks(by_series) if len(uids) >= MIN_SLICES_OF_A_SERIES_STACK]
+        stacks = _single_slice_stacks(by_series)
         if len(stacks) == 1:
             return stacks[0]
         several = f"; {len(stacks)} groups of them could each be a stack of one slice per series" if len(stacks) > 1 else ""

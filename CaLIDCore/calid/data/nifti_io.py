@@ -121,7 +121,7 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
         metadata.update(stored.get("metadata", {}))
         metadata["source_file"] = path.name
         metadata["source_dtype"] = str(source_dtype)
-    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+    if not _orthonormal_columns(direction):
         raise InputError(path, "the affine is sheared (axes not perpendicular); such images are not supported")
     # float32 headers give directions orthonormal only to ~1e-7: re-orthonormalise.
     u, _, vt = np.linalg.svd(direction)

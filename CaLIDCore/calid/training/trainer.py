@@ -672,9 +672,11 @@ class Trainer:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(parameters, self.config.grad_clip)
-        if self.scaler.is_enabled() or bool(torch.isfinite(norm)):
-            self.scaler.step(optimizer)  # fp16: the scaler itself skips a non-finite step and lowers its scale
-            self.non_finite_in_a_row = 0 if bool(torch.isfinite(norm)) else self.non_finite_in_a_row
+        finite = bool(torch.isfinite(norm))
+        if finite or self.scaler.is_enabled():  # fp16: the scaler itself skips a non-finite step and lowers its scale
+            self.scaler.step(optimizer)
+            if finite:
+                self.non_finite_in_a_row = 0
             return float(norm)
         # bf16 / fp32: a NaN or inf gradient would make every weight (and the EMA) NaN from here on.
         # The step is skipped; every rank sees the same all-reduced norm, so all skip together.
