@@ -350,7 +350,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     from calid.atomic import atomic_path
     from calid.data.io import read_stack, write_stack
     from calid.geometry.planes import Plane, standard_planes
-    from calid.geometry.reslice import compare_with_acquired, reslice, save_plane_png
+    from calid.geometry.reslice import compare_with_acquired, frame_matching, matching_frame, reslice, save_plane_png
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -376,19 +376,23 @@ def _cmd_lax(args: argparse.Namespace) -> int:
         labels = _labels_for(args, image)
         planes = standard_planes(labels, min(frame, labels.n_frames - 1), three_chamber_point=_parse_point(args.three_chamber_ras, "--three-chamber-ras"))
     summary: dict[str, Any] = {"coordinates": "LPS mm (RAS in the *_ras entries)", "planes": {}}
+    # The compared cines may have other frame counts: each shows the frame of the same cardiac phase.
+    view_frames = [frame] + [matching_frame(stack, image, frame) for _, stack in others]
+    if others:
+        summary["compared_frames"] = {n: {"frame": k, "matched_by": frame_matching(s, image)} for (n, s), k in zip(others, view_frames[1:])}
     for name, plane in planes.items():
         tag = name.replace(" ", "-")
         views = [_view(Path(args.input).name.split(".")[0], image, plane, args.spacing)] + [_view(n, s, plane, args.spacing) for n, s in others]
         outline = reslice(labels, plane, args.spacing, order=0) if labels is not None and labels.same_geometry(image) else None
         write_stack(views[0][1], out / f"{tag}.nii.gz")
-        png = save_plane_png(views, out / f"{tag}.png", frame=frame, labels=outline, title=f"{name} plane, frame {frame}")
+        png = save_plane_png(views, out / f"{tag}.png", frame=view_frames, labels=outline, title=f"{name} plane, frame {frame}")
         summary["planes"][name] = {"centre": plane.centre.tolist(), "normal": plane.normal.tolist(), "u": plane.u.tolist(), **{f"{k}_ras": v for k, v in plane.to_ras().items()}}
         print(f"  {name:15s} {png}")
     if args.acquired_lax:
         acquired = read_stack(args.acquired_lax)
         summary["comparison_with_acquired"] = {n: compare_with_acquired(s, acquired) for n, s in [("input", image), *others]}
         for n, result in summary["comparison_with_acquired"].items():
-            print(f"  vs {Path(args.acquired_lax).name}: {n}: PSNR {result['psnr_db']:.2f} dB, SSIM {result['ssim']:.3f}, NCC {result['ncc']:.3f}")
+            print(f"  vs {Path(args.acquired_lax).name}: {n}: PSNR {result['psnr_db']:.2f} dB, SSIM {result['ssim']:.3f}, NCC {result['ncc']:.3f} (frames matched by {result['frames_matched_by']})")
     with atomic_path(out / "planes.json") as tmp:
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"planes and views written to {out}")

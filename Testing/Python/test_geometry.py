@@ -12,7 +12,7 @@ from calid.data.phantom import PhantomConfig, make_phantom
 from calid.data.stack import CineStack
 from calid.errors import InputError, OutputError
 from calid.geometry.planes import Plane, lv_long_axis, standard_planes, structure_centroid
-from calid.geometry.reslice import compare_with_acquired, reslice, save_plane_png, stack_corners
+from calid.geometry.reslice import compare_with_acquired, matching_frame, reslice, save_plane_png, stack_corners
 from calid.geometry.surfaces import enclosed_volume_ml, label_surface, read_surface, render_surfaces, surface_points, write_surface
 from calid.geometry.volumes import MYOCARDIAL_DENSITY_G_PER_ML, cardiac_function, plot_volume_curves, structure_volumes_ml, write_function_csv
 from calid.inference.baselines import upsample_linear
@@ -281,3 +281,26 @@ def test_one_frame_gives_no_ejection_fraction_and_no_geometry_gives_a_warning():
     bare = cardiac_function(_cine_labels([10, 6], [12, 9], spacing=(1.0, 1.0, 1.0)))
     assert any("no geometry" in w and "voxels, not ml" in w for w in bare.warnings)
     assert bare.summary["lv_ef_percent"] == pytest.approx(100 * (100 - 36) / 100)  # still meaningful
+
+
+def test_comparison_matches_frames_of_the_same_cardiac_phase(phantom):
+    """A long-axis cine acquired with fewer frames over the same beat: frame k is not frame k."""
+    plane = standard_planes(phantom.dense_labels, 0)["2-chamber"]
+    every_other = list(range(0, phantom.dense.n_frames, 2))
+    acquired = reslice(phantom.dense, plane, 1.5).select_frames(every_other)
+    assert acquired.n_frames < phantom.dense.n_frames and phantom.dense.frame_times_ms is not None
+    by_time = compare_with_acquired(phantom.dense, acquired)
+    assert by_time["frames_matched_by"] == "trigger time"
+    assert [f["stack_frame"] for f in by_time["frames"]] == every_other
+    assert min(f["psnr_db"] for f in by_time["frames"]) > 40
+    # Without trigger times: the same fraction of the cycle.
+    untimed = compare_with_acquired(phantom.dense.with_data(phantom.dense.data, frame_times_ms=None), acquired.with_data(acquired.data, frame_times_ms=None))
+    assert untimed["frames_matched_by"] == "fraction of the cycle"
+    assert [f["stack_frame"] for f in untimed["frames"]] == every_other
+    assert untimed["psnr_db"] == pytest.approx(by_time["psnr_db"])
+    # Matching by index would have compared other phases of the beat: the heart moves between them.
+    assert np.abs(phantom.dense.data[every_other[-1]] - phantom.dense.data[acquired.n_frames - 1]).max() > 0.1 * np.ptp(phantom.dense.data)
+    # One frame asked for: the same rule (the CLI's --compare views).
+    assert matching_frame(phantom.dense, acquired, 1) == every_other[1]
+    with pytest.raises(InputError, match="does not exist"):
+        matching_frame(phantom.dense, acquired, acquired.n_frames)

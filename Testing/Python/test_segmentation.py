@@ -132,9 +132,15 @@ def test_cli_segment_lax_surfaces_and_volumes(phantom, tiny_segmenter_file, tmp_
     centre = phantom.dense.index_to_physical([32, 32, 30]) * [-1, -1, 1]  # RAS
     along = phantom.dense.index_to_physical([32, 32, 60]) * [-1, -1, 1]
     side = phantom.dense.index_to_physical([50, 32, 30]) * [-1, -1, 1]
-    user = run_calid("lax", str(image), "--out", str(tmp_path / "user"), "--points-ras", ";".join(",".join(f"{v:.4f}" for v in p) for p in (centre, along, side)))
+    # Compared with a cine of half the frames over the same beat, at the last frame (beyond its count).
+    half = write_stack(phantom.dense.select_frames(list(range(0, phantom.dense.n_frames, 2))), tmp_path / "half.nii.gz", dtype="int16")
+    last = phantom.dense.n_frames - 1
+    user = run_calid("lax", str(image), "--out", str(tmp_path / "user"), "--compare", str(half), "--frame", str(last),
+                     "--points-ras", ";".join(",".join(f"{v:.4f}" for v in p) for p in (centre, along, side)))
     assert user.returncode == 0, user.stderr
     assert (tmp_path / "user" / "user.png").is_file()
+    compared = json.loads((tmp_path / "user" / "planes.json").read_text())["compared_frames"]["half"]
+    assert compared == {"frame": last // 2, "matched_by": "trigger time"}
     normal_ras = np.cross(along - centre, side - centre)
     by_plane = run_calid("lax", str(image), "--out", str(tmp_path / "plane"), "--plane-ras", ";".join(",".join(f"{v:.4f}" for v in p) for p in (centre, normal_ras, side - centre)))
     assert by_plane.returncode == 0, by_plane.stderr

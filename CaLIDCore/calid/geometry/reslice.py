@@ -90,7 +90,7 @@ def reslice(stack: CineStack, plane: Plane, spacing_mm: float = 1.0, size_mm: tu
 def save_plane_png(
     views: Sequence[tuple[str, CineStack]],
     path: str | os.PathLike[str],
-    frame: int = 0,
+    frame: int | Sequence[int] = 0,
     title: str = "",
     labels: CineStack | None = None,
     scale_bar_mm: float = 20.0,
@@ -98,14 +98,19 @@ def save_plane_png(
     """A PNG of one or more reslices of the same plane side by side, with a scale bar and the plane name.
 
     Each view is shown in true proportions (its pixel size); ``labels`` (a
-    reslice of a label stack on the same plane) are outlined on every view.
+    reslice of a label stack on the same plane, with the first view's frames)
+    are outlined on every view. ``frame`` is one frame for all views or one per
+    view (cines with other frame counts: see :func:`matching_frame`).
     """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    images = [(name, view.data[frame, 0]) for name, view in views]
+    frames = [frame] * len(views) if isinstance(frame, (int, np.integer)) else list(frame)
+    if len(frames) != len(views):
+        raise ValueError(f"{len(frames)} frames given for {len(views)} views")
+    images = [(name, view.data[k, 0]) for (name, view), k in zip(views, frames)]
     low = min(float(np.percentile(img, 1)) for _, img in images)
     high = max(float(np.percentile(img, 99.5)) for _, img in images)
     figure, axes = plt.subplots(1, len(images), figsize=(3.4 * len(images), 3.8), squeeze=False)
@@ -114,7 +119,7 @@ def save_plane_png(
         extent = (0, image.shape[1] * pixel, image.shape[0] * pixel, 0)
         axis.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1, extent=extent, interpolation="bilinear")
         if labels is not None:
-            outline = np.rint(labels.data[frame, 0])
+            outline = np.rint(labels.data[frames[0], 0])
             xs = (np.arange(outline.shape[1]) + 0.5) * labels.spacing[0]
             ys = (np.arange(outline.shape[0]) + 0.5) * labels.spacing[1]
             for value, colour in LABEL_COLOURS.items():
@@ -126,25 +131,55 @@ def save_plane_png(
         axis.set_title(name, fontsize=9)
         axis.set_axis_off()
     plane_name = views[0][1].metadata.get("plane", {}).get("name", "")
-    figure.suptitle(title or f"{plane_name} view, frame {frame}", fontsize=10)
+    figure.suptitle(title or f"{plane_name} view, frame {frames[0]}", fontsize=10)
     return save_figure(figure, path)
+
+
+def frame_matching(stack: CineStack, reference: CineStack) -> str:
+    """How :func:`matching_frame` pairs the frames of two cines of the same heart beat."""
+    if stack.n_frames == 1:
+        return "single frame"
+    if stack.frame_times_ms is not None and reference.frame_times_ms is not None:
+        return "trigger time"
+    return "index" if stack.n_frames == reference.n_frames else "fraction of the cycle"
+
+
+def matching_frame(stack: CineStack, reference: CineStack, reference_frame: int) -> int:
+    """The frame of ``stack`` at the cardiac phase of ``reference``'s frame ``reference_frame``.
+
+    Long- and short-axis cines of one study are separate acquisitions: their frame
+    counts and trigger times differ (e.g. 25 against 30 frames over the same cycle), so
+    frame k of one is not frame k of the other. With trigger times on both, the nearest
+    trigger time; without, the same fraction of the cycle (frame index / frame count),
+    which is the index itself when the counts agree.
+    """
+    if not 0 <= reference_frame < reference.n_frames:
+        raise InputError(reference.source, f"frame {reference_frame} does not exist (the cine has {reference.n_frames} frames)")
+    how = frame_matching(stack, reference)
+    if how == "single frame":
+        return 0
+    if how == "trigger time":
+        assert stack.frame_times_ms is not None and reference.frame_times_ms is not None
+        return int(np.argmin(np.abs(stack.frame_times_ms - reference.frame_times_ms[reference_frame])))
+    return int(round(reference_frame * stack.n_frames / reference.n_frames)) % stack.n_frames
 
 
 def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, Any]:
     """Resample ``dense`` onto an acquired long-axis image's exact plane and compare where the stack reaches.
 
-    ``acquired`` is a single-slice CineStack (the LAX cine); frames are matched
-    by index (the shorter count is used). Returns PSNR (dB, peak = the acquired
-    image's range), SSIM (on the bounding box of the covered region, both
-    images scaled to [0, 1] by the acquired range) and NCC, per frame and as means.
+    ``acquired`` is a single-slice CineStack (the LAX cine); each of its frames
+    is compared with the stack's frame of the same cardiac phase
+    (:func:`matching_frame`). Returns PSNR (dB, peak = the acquired image's
+    range), SSIM (on the bounding box of the covered region, both images scaled
+    to [0, 1] by the acquired range) and NCC, per frame and as means.
     """
     if acquired.n_slices != 1:
         raise InputError(acquired.source, f"an acquired long-axis image has one slice, this one has {acquired.n_slices}")
     t, _, rows, columns = acquired.shape
     jj, ii = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
     points = acquired.index_to_physical(np.stack([ii, jj, np.zeros_like(ii)], axis=-1).astype(np.float64))
-    frames = list(range(min(t, dense.n_frames)))
-    predicted, inside = sample_at(dense, points, 1, frames)
+    matched = [matching_frame(dense, acquired, frame) for frame in range(t)]
+    predicted, inside = sample_at(dense, points, 1, matched)
     if inside.sum() < 16:
         raise InputError(acquired.source, "the short-axis stack does not reach this long-axis plane (fewer than 16 pixels in common)")
     from monai.metrics import SSIMMetric
@@ -153,11 +188,11 @@ def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, An
     ys, xs = np.nonzero(inside)
     box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     per_frame = []
-    for index, frame in enumerate(frames):
+    for frame, dense_frame in enumerate(matched):
         truth = acquired.data[frame, 0]
         low, high = float(truth.min()), float(truth.max())
         scale = max(high - low, 1e-6)
-        a, b = (truth - low) / scale, (predicted[index] - low) / scale
+        a, b = (truth - low) / scale, (predicted[frame] - low) / scale
         mse = float(np.mean((a[inside] - b[inside]) ** 2))
         psnr = 10.0 * np.log10(1.0 / max(mse, 1e-12))
         x, y = a[inside] - a[inside].mean(), b[inside] - b[inside].mean()
@@ -165,9 +200,10 @@ def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, An
         box_a, box_b = np.where(inside[box], a[box], 0.0), np.where(inside[box], b[box], 0.0)
         ssim_value: Any = SSIMMetric(spatial_dims=2, data_range=1.0, win_size=7)(torch.from_numpy(box_b[None, None].copy()).float(), torch.from_numpy(box_a[None, None].copy()).float())
         ssim = float(torch.as_tensor(ssim_value).mean())
-        per_frame.append({"frame": frame, "psnr_db": psnr, "ssim": ssim, "ncc": ncc})
+        per_frame.append({"frame": frame, "stack_frame": dense_frame, "psnr_db": psnr, "ssim": ssim, "ncc": ncc})
     return {
         "covered_pixels": int(inside.sum()),
+        "frames_matched_by": frame_matching(dense, acquired),
         "psnr_db": float(np.mean([f["psnr_db"] for f in per_frame])),
         "ssim": float(np.mean([f["ssim"] for f in per_frame])),
         "ncc": float(np.mean([f["ncc"] for f in per_frame])),
