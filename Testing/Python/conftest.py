@@ -16,6 +16,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = Path(os.environ.get("CALID_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 
 
+SHARED_LPIPS_WEIGHTS = SHARED_DATA.parent / "weights" / "lpips_alexnet_features.pth"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def offline_lpips_weights():
+    """Tests never download: LPIPS reads the shared AlexNet weights, or is unavailable (a
+    path that does not exist), never torch.hub's download into the user's cache."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("CALID_LPIPS_WEIGHTS", str(SHARED_LPIPS_WEIGHTS))
+    yield SHARED_LPIPS_WEIGHTS if SHARED_LPIPS_WEIGHTS.exists() else None
+    patch.undo()
+
+
 def shared_file(*parts: str) -> Path:
     """A file of the shared real data set, or skip the test saying why."""
     path = SHARED_DATA.joinpath(*parts)

@@ -103,7 +103,7 @@ def test_test_time_augmented_methods_are_scored_beside_the_plain_ones(tmp_path):
         EvaluationConfig(data=("phantom:1",), out_dir=str(out), methods=("calid-ttx",))
 
 
-def test_evaluation_end_to_end_on_two_phantoms(tmp_path):
+def test_evaluation_end_to_end_on_two_phantoms(tmp_path, offline_lpips_weights):
     out = tmp_path / "report"
     config = EvaluationConfig(
         data=("phantom:2",), out_dir=str(out), model="untrained:tiny", baseline_steps=2, steps=2,
@@ -139,6 +139,11 @@ def test_evaluation_end_to_end_on_two_phantoms(tmp_path):
     assert summary["linear"]["psnr"]["mean"] == pytest.approx(np.mean(expected), abs=1e-3)
     # An untrained autoencoder destroys the image: the linear baseline must beat it.
     assert summary["linear"]["psnr"]["mean"] > summary["latent-linear"]["psnr"]["mean"] + 3
+    # Perceptually too (LPIPS from the offline AlexNet weights; without them, a note says why).
+    if offline_lpips_weights is not None:
+        assert 0.0 <= summary["linear"]["lpips"]["mean"] < summary["latent-linear"]["lpips"]["mean"]
+    else:
+        assert any("AlexNet weights could not be loaded" in note for note in saved["task1"]["notes"])
     with open(out / "task1_per_subject.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 2 * 5 and {r["subject"] for r in rows} == {"phantom2000", "phantom2001"}

@@ -229,14 +229,25 @@ def test_progress_is_monotonic_and_reaches_the_total(pipeline, phantom):
 
 def test_cancel_stops_at_the_next_network_call(pipeline, phantom):
     calls: list[float] = []
-    started = time.perf_counter()
-    with pytest.raises(Cancelled):
-        pipeline.upsample(phantom.sparse, 8, mode="calid+", steps=8, progress=lambda d, t, m: calls.append(d), cancel=lambda: len(calls) >= 1)
-    cancelled_after = time.perf_counter() - started
+    network_calls = 0
+
+    def count(*_: object) -> None:
+        nonlocal network_calls
+        network_calls += 1
+
+    hook = pipeline.model.net.register_forward_hook(count)
+    try:
+        with pytest.raises(Cancelled):
+            pipeline.upsample(phantom.sparse, 8, mode="calid+", steps=8, progress=lambda d, t, m: calls.append(d), cancel=lambda: len(calls) >= 1)
+        cancelled_calls = network_calls
+        network_calls = 0
+        pipeline.upsample(phantom.sparse, 8, mode="calid+", steps=8, frames=[0])
+        whole_frame_calls = network_calls
+    finally:
+        hook.remove()
     assert len(calls) == 1
-    started = time.perf_counter()
-    pipeline.upsample(phantom.sparse, 8, mode="calid+", steps=8, frames=[0])
-    assert cancelled_after < time.perf_counter() - started  # less than a third of the whole job, in any case
+    # Stopped within one level's batch of the first progress report: a fraction of one frame's work.
+    assert 0 < cancelled_calls < whole_frame_calls / 3
 
 
 # ---------------------------------------------------------------- models by name, cards, errors
@@ -411,10 +422,9 @@ def test_cli_interrupt_writes_nothing(tmp_path, tiny_model_file):
     reader.start()
     assert seen.wait(120), "the progress bar never appeared: " + output.decode(errors="replace")
     process.send_signal(signal.SIGINT)
-    started = time.perf_counter()
     code = process.wait(timeout=60)
     reader.join(5)
-    assert code == 130 and time.perf_counter() - started < 10
+    assert code == 130
     assert b"no output was written" in output or b"no partial output" in output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cine.nii.gz"]
 
