@@ -2,18 +2,65 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
+import re
+import sys
 from pathlib import Path
 
 #: Python packages the module needs, by import name.
 REQUIRED = ("torch", "monai", "calid")
 
+#: Import names of calid's requirements where they differ from the distribution's name.
+IMPORT_NAMES = {"pynrrd": "nrrd"}
+
 
 def missing_packages() -> list[str]:
     """Import names of the required packages that are not installed."""
     return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+
+
+def core_requirements(core: Path) -> dict[str, str]:
+    """calid's requirements (pip specifiers, by import name), from the bundled core's pyproject.toml."""
+    import tomllib
+
+    specifiers = tomllib.loads((core / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirements = {}
+    for specifier in specifiers:
+        name = re.match(r"[A-Za-z0-9_.-]+", specifier)
+        if name is not None:
+            requirements[IMPORT_NAMES.get(name.group(0), name.group(0))] = specifier
+    return requirements
+
+
+def missing_requirements(core: Path) -> list[str]:
+    """The pip specifiers of calid's requirements that cannot be imported here, torch aside.
+
+    Only these are installed: Slicer's own builds of VTK, SimpleITK, pydicom, numpy and
+    scipy must stay as they are (a PyPI VTK or pydicom 3 beside them breaks Slicer's own
+    modules, e.g. its DICOM cine import), and calid works with them.
+    """
+    return [spec for name, spec in core_requirements(core).items() if name != "torch" and importlib.util.find_spec(name) is None]
+
+
+def _package_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*.py")):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def installed_core_is_outdated(core: Path | None = None) -> bool:
+    """Whether the calid installed in this Python differs from the one shipped with the extension
+    (the extension was updated; the old calid would keep running under the new panel)."""
+    core = core or bundled_core()
+    spec = importlib.util.find_spec("calid")
+    if core is None or spec is None or not spec.submodule_search_locations:
+        return False
+    installed = Path(next(iter(spec.submodule_search_locations)))
+    return _package_digest(installed) != _package_digest(core / "calid")
 
 
 def bundled_core() -> Path | None:
@@ -60,33 +107,52 @@ def install(confirm: bool = True) -> bool:
     """
     import slicer
 
-    missing = missing_packages()
-    if not missing:
-        return True
     core = bundled_core()
+    missing = missing_packages()
+    outdated = "calid" not in missing and installed_core_is_outdated(core)
+    requirements = missing_requirements(core) if core is not None else []
+    if not missing and not outdated and not requirements:
+        return True
     if "calid" in missing and core is None:
         # Never fall back to a package of the same name from an index: it could be anything.
         raise RuntimeError("the calid package that ships with this extension is missing (CaLIDCore); reinstall the CaLID extension")
+    lines = []
+    if missing or requirements:
+        names = dict.fromkeys([*missing, *(re.split(r"[<>=!~ ;\[]", spec)[0] for spec in requirements)])
+        lines.append("CaLID needs these Python packages, which are not installed yet: " + ", ".join(names) + ".")
+    if outdated:
+        lines.append("The installed calid package differs from this version of the extension and will be replaced.")
+    message = "\n".join(lines)
     if confirm and not slicer.util.confirmOkCancelDisplay(
-        "CaLID needs these Python packages, which are not installed yet: " + ", ".join(missing)
-        + ".\nInstall them now? This downloads several hundred MB once and can take a few minutes.",
+        message + "\nInstall now? The first installation downloads several hundred MB and can take a few minutes.",
         "CaLID: install dependencies",
     ):
         return False
+    replacing_loaded_core = outdated and "calid" in sys.modules
     with slicer.util.WaitCursor():
         if "torch" in missing:
             try:
                 import PyTorchUtils  # the PyTorch extension
 
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
+                # The same lower bound as calid's: an older build would not run it.
+                torch_requirement = (core_requirements(core).get("torch", "torch") if core is not None else "torch")[len("torch"):] or None
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=torch_requirement) is None:
                     raise RuntimeError("PyTorch could not be installed by the PyTorch extension")
             except ImportError:
                 slicer.util.pip_install("torch")
         if core is not None:
-            slicer.util.pip_install(str(core))  # calid with its own requirements (MONAI, ...)
+            # Only what is missing (never a second VTK, SimpleITK or pydicom beside Slicer's), then calid
+            # itself without its requirements. Arguments as a list: a string would be split by shlex,
+            # which drops the backslashes of a Windows path.
+            if requirements:
+                slicer.util.pip_install(requirements)
+            slicer.util.pip_install(["--no-deps", "--force-reinstall", str(core)])
         elif "monai" in missing:  # calid itself is installed (e.g. by hand), only MONAI is not
-            slicer.util.pip_install("monai")
+            slicer.util.pip_install(["monai"])
     importlib.invalidate_caches()  # find_spec must see what pip has just added
+    if replacing_loaded_core:
+        # This process has the old modules loaded; mixing them with the new files would fail in odd ways.
+        raise RuntimeError("calid was updated to this extension's version; restart Slicer to use it")
     still_missing = missing_packages()
     if still_missing:
         raise RuntimeError("installation finished but these packages still cannot be imported: " + ", ".join(still_missing) + "; see the Python console for pip's messages")

@@ -717,3 +717,33 @@ def test_a_worker_stops_on_the_jobs_stop_file_or_when_its_folder_is_removed(scen
             shutil.rmtree(job.folder, ignore_errors=True)
     job.request_stop()  # its folder is gone: nothing to signal, and no error
     assert not job.folder.exists()
+
+
+def test_first_use_installer_installs_only_what_is_missing_and_sees_an_outdated_core(tmp_path):
+    """Inside Slicer only calid's missing requirements are installed (Slicer's own VTK, SimpleITK and
+    pydicom stay), read from the bundled core itself; a calid that differs from the bundled one
+    (an updated extension) is replaced."""
+    import shutil
+    import tomllib
+
+    from CaLIDSlicerLib import dependencies as d
+
+    core = REPO_ROOT / "CaLIDCore"
+    declared = tomllib.loads((core / "pyproject.toml").read_text())["project"]["dependencies"]
+    requirements = d.core_requirements(core)
+    assert sorted(requirements.values()) == sorted(declared)
+    assert requirements["nrrd"].startswith("pynrrd") and requirements["SimpleITK"].startswith("SimpleITK")
+    assert d.missing_requirements(core) == []  # this test environment has them all
+
+    fake = tmp_path / "core"
+    fake.mkdir()
+    (fake / "pyproject.toml").write_text('[project]\nname = "calid"\ndependencies = ["numpy>=1.24", "torch>=2.4", "no-such-package-xyz>=1.0"]\n')
+    assert d.missing_requirements(fake) == ["no-such-package-xyz>=1.0"]  # numpy is there; torch is installed apart
+
+    # The calid of this environment is the checkout's own: current. A changed copy is not.
+    assert d.installed_core_is_outdated(core) is False
+    changed = tmp_path / "changed"
+    shutil.copytree(core / "calid", changed / "calid", ignore=shutil.ignore_patterns("__pycache__"))
+    assert d.installed_core_is_outdated(changed) is False
+    (changed / "calid" / "errors.py").write_text((changed / "calid" / "errors.py").read_text() + "\n# changed\n")
+    assert d.installed_core_is_outdated(changed) is True

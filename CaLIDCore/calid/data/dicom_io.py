@@ -376,6 +376,16 @@ def _as_written(value: float) -> float:
     return float(str(DSfloat(value, auto_format=True)))
 
 
+def _write_file(path: Path, ds: Dataset) -> None:
+    """One DICOM file with its preamble and file meta, explicit VR little endian, with pydicom 3 or 2.4
+    (3D Slicer up to at least 5.10 ships pydicom 2.4, which its own DICOM modules need)."""
+    if int(pydicom.__version__.split(".")[0]) >= 3:
+        pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+    else:
+        ds.is_little_endian, ds.is_implicit_VR = True, False  # pydicom 2 encodes by these, not by the transfer syntax
+        pydicom.dcmwrite(str(path), ds, write_like_original=False)
+
+
 def write_dicom_folder(
     stack: CineStack,
     folder: str | os.PathLike[str],
@@ -472,6 +482,6 @@ def write_dicom_folder(
                     ds.RescaleSlope = DSfloat(slope, auto_format=True)
                     ds.RescaleIntercept = DSfloat(intercept, auto_format=True)
                     ds.PixelData = np.ascontiguousarray(stored[t, z]).tobytes()
-                    pydicom.dcmwrite(str(tmp / f"IM_{z:04d}_{t:04d}.dcm"), ds, enforce_file_format=True)
+                    _write_file(tmp / f"IM_{z:04d}_{t:04d}.dcm", ds)
     except OSError as error:
         raise OutputError(folder, f"cannot be written ({error})") from error
