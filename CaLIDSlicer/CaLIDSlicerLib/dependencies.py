@@ -86,6 +86,21 @@ def bundled_models() -> Path | None:
     return None
 
 
+def ships_interpolation_model() -> bool:
+    """Whether the extension ships a default CaLID (interpolation) model; read from the shipped
+    registry without calid, so that the panel's default method works before any installation."""
+    import json
+
+    folder = bundled_models()
+    if folder is None:
+        return False
+    try:
+        entries = json.loads((folder / "registry.json").read_text()).get("models", [])
+    except (OSError, ValueError, AttributeError):
+        return False
+    return any(isinstance(entry, dict) and entry.get("kind", "calid") == "calid" and entry.get("default") for entry in entries)
+
+
 def register_bundled_models() -> Path | None:
     """Let calid find the shipped models, in Slicer's process and in the worker processes
     (which inherit the environment): a pip-installed calid does not know where the

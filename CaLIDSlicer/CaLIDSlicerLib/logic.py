@@ -79,6 +79,7 @@ def upsample_node(
 
     stack = stack_from_node(input_node)
     if pipeline is None:
+        check_model_available(options)
         pipeline = load_pipeline("linear" if options.mode == "linear" and options.model is None else options.model, device=options.device)
     assumed_pixel_mm = pipeline.assumed_pixel_mm_for(options.placeholder_spacing)  # a bad value fails before any work
     centre = None
@@ -250,6 +251,21 @@ class BackgroundJob:
             self.stop_file.touch()
 
 
+def check_model_available(options: UpsamplingOptions) -> None:
+    """Refuse, in the panel's words, a model-based method with no model chosen and none installed
+    (before any file is written or worker started: the worker's message speaks of command options)."""
+    if options.mode == "linear" or options.model is not None:
+        return
+    from calid.models.registry import default_model
+
+    if default_model("calid") is None:
+        raise InputError(
+            "Method",
+            "no CaLID model is installed (none ships with this version of the extension). Choose the Linear method, "
+            "or pick a trained model file with Model > 'Load from file...'",
+        )
+
+
 def prepare_background(input_node: Any, options: UpsamplingOptions) -> BackgroundJob:
     """Write the input for the worker processes: upsampling, then (when asked) segmenting the
     dense output and the acquired frames, so that no network runs in Slicer's own process."""
@@ -257,6 +273,7 @@ def prepare_background(input_node: Any, options: UpsamplingOptions) -> Backgroun
 
     from CaLIDSlicerLib.process import segment_command, upsample_command, work_folder
 
+    check_model_available(options)
     stack = stack_from_node(input_node)
     folder = work_folder()
     source = write_stack(stack, folder / WORKER_INPUT)

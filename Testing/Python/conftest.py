@@ -29,6 +29,17 @@ def offline_lpips_weights():
     patch.undo()
 
 
+@pytest.fixture(autouse=True, scope="session")
+def isolated_model_folders(tmp_path_factory):
+    """Named models come from the repository's Resources/Models only: never from the developer's
+    own model folder or $CALID_MODEL_DIR (a test would then check their model, not the shipped one)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("user-data")))
+    patch.delenv("CALID_MODEL_DIR", raising=False)
+    yield
+    patch.undo()
+
+
 def shared_file(*parts: str) -> Path:
     """A file of the shared real data set, or skip the test saying why."""
     path = SHARED_DATA.joinpath(*parts)

@@ -747,3 +747,37 @@ def test_first_use_installer_installs_only_what_is_missing_and_sees_an_outdated_
     assert d.installed_core_is_outdated(changed) is False
     (changed / "calid" / "errors.py").write_text((changed / "calid" / "errors.py").read_text() + "\n# changed\n")
     assert d.installed_core_is_outdated(changed) is True
+
+
+def test_without_an_installed_model_the_panel_defaults_to_linear_and_says_what_to_do(scene, phantom, tmp_path, monkeypatch):
+    """No CaLID model ships yet: the panel's default method must work as installed, and a
+    model-based method with no model gets the panel's own words (not a command-line option's)."""
+    import json
+
+    from calid.models.registry import default_model
+
+    from CaLIDSlicerLib import dependencies as d
+    from CaLIDSlicerLib.logic import UpsamplingOptions, check_model_available, upsample_node
+
+    shipped = json.loads((REPO_ROOT / "Resources" / "Models" / "registry.json").read_text())["models"]
+    ships = any(entry.get("kind", "calid") == "calid" and entry.get("default") for entry in shipped)
+    assert d.ships_interpolation_model() is ships
+    assert (default_model("calid") is not None) is ships
+    if ships:
+        return
+    node = mrml.volume_from_stack(scene, phantom.sparse.select_frames([0]), "cine")
+    for mode in ("calid", "calid+", "latent-linear"):
+        with pytest.raises(InputError, match="Choose the Linear method"):
+            check_model_available(UpsamplingOptions(factor=2, mode=mode))
+    with pytest.raises(InputError, match="Load from file"):
+        upsample_node(scene, node, UpsamplingOptions(factor=2, mode="calid", segment=False))
+    check_model_available(UpsamplingOptions(factor=2, mode="calid", model="untrained:tiny"))  # a chosen model is the user's
+    result = upsample_node(scene, node, UpsamplingOptions(factor=2, mode="linear", segment=False))
+    assert result.dense.n_slices == 2 * phantom.sparse.n_slices - 1
+
+    # A shipped registry with a default interpolation model makes CaLID the panel's default.
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "registry.json").write_text(json.dumps({"models": [{"name": "m", "file": "m.safetensors", "sha256": "0" * 64, "kind": "calid", "default": True}]}))
+    monkeypatch.setattr(d, "bundled_models", lambda: folder)
+    assert d.ships_interpolation_model() is True
