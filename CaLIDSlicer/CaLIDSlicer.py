@@ -376,10 +376,11 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
         return CaLIDSlicerParameterNode(super().getParameterNode())
 
     def process(self, input_node: Any, options: Any = None, progress: Any = None, cancel: Any = None) -> Any:
-        """Blocking: upsample ``input_node`` (volume or volume sequence) into new nodes; see CaLIDSlicerLib.logic."""
+        """Blocking: upsample ``input_node`` (volume or volume sequence; a browser's proxy volume stands for
+        its whole cine, as in the panel) into new nodes; see CaLIDSlicerLib.logic."""
         from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
 
-        return upsample_node(slicer.mrmlScene, input_node, options or UpsamplingOptions(), progress=progress, cancel=cancel)
+        return upsample_node(slicer.mrmlScene, self.sequence_of(input_node), options or UpsamplingOptions(), progress=progress, cancel=cancel)
 
     def prepare_background(self, input_node: Any, options: Any) -> Any:
         """Write the input for the worker processes; the stages to run (CaLIDSlicerLib.logic.BackgroundJob)."""

@@ -165,6 +165,8 @@ def segmentation_from_labels(scene: Any, labels: CineStack, name: str, frame: in
     segmentation.CreateDefaultDisplayNodes()
     if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation):
         raise InputError(name, "the labels could not be imported into a segmentation")
+    if labelmap.GetDisplayNode() is not None:  # RemoveNode leaves it behind, saved with the scene
+        scene.RemoveNode(labelmap.GetDisplayNode())
     scene.RemoveNode(labelmap)
     segments = segmentation.GetSegmentation()
     present = sorted(int(v) for v in np.unique(np.rint(labels.data[frame])) if v > 0)

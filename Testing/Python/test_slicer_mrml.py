@@ -96,7 +96,11 @@ def test_sequence_with_mixed_grids_is_refused(scene):
 
 def test_segmentation_with_closed_surfaces_in_place(scene, phantom):
     labels = phantom.dense_labels
+    volume_display_nodes = scene.GetNumberOfNodesByClass("vtkMRMLVolumeDisplayNode")
     segmentation = mrml.segmentation_from_labels(scene, labels, "heart", frame=0)
+    # The intermediate labelmap leaves nothing behind (a display node would be saved with the scene).
+    assert scene.GetNumberOfNodesByClass("vtkMRMLVolumeDisplayNode") == volume_display_nodes
+    assert scene.GetNumberOfNodesByClass("vtkMRMLLabelMapVolumeNode") == 0
     segments = segmentation.GetSegmentation()
     names = sorted(segments.GetNthSegment(i).GetName() for i in range(segments.GetNumberOfSegments()))
     assert names == ["LV cavity", "LV myocardium", "RV cavity"]
