@@ -463,6 +463,12 @@ class CaLIDSlicerTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("calid") is None or importlib.util.find_spec("torch") is None:
+            # The extension build servers never run the first-use installer: nothing to test there.
+            self.delayDisplay("CaLID test skipped: calid and PyTorch are not installed (open the module once to install them)")
+            return
         self.setUp()
         self.test_blocking_call_on_phantom()
         self.setUp()

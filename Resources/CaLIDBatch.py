@@ -6,8 +6,10 @@ Reads a short-axis stack or cine (NIfTI, NRRD, .seq.nrrd or a DICOM folder),
 loads it into the MRML scene, runs the CaLID module's blocking Logic call
 (upsampling, segmentation, long-axis planes, volumes) and writes into the
 output folder: the dense stack, its labels, the volumes table, the planes,
-and the scene's nodes as Slicer files. Exits with status 0, or 2 with a
-message on bad input.
+and the scene's nodes as Slicer files. Exits with status 0, 2 with a
+message on bad input, 1 with a traceback on any other failure (Slicer never
+keeps running after the script). ``--install`` first installs what the CaLID
+module needs (PyTorch, calid), as the panel does on first use.
 """
 
 from __future__ import annotations
@@ -19,12 +21,29 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-for candidate in (HERE.parent / "CaLIDSlicer", HERE / "CaLIDSlicer"):
-    if candidate.is_dir() and str(candidate) not in sys.path:
+# The module's library: in a checkout (Resources/ beside CaLIDSlicer/), or beside this file where
+# the extension installs it (with the module's own files).
+for candidate in (HERE.parent / "CaLIDSlicer", HERE / "CaLIDSlicer", HERE):
+    if (candidate / "CaLIDSlicerLib").is_dir() and str(candidate) not in sys.path:
         sys.path.insert(0, str(candidate))
 
 
 def main(argv: list[str], scene: Any) -> int:
+    if "--install" in argv:
+        from CaLIDSlicerLib import dependencies
+
+        dependencies.install(confirm=False)
+        argv = [a for a in argv if a != "--install"]
+    try:
+        import calid  # noqa: F401
+    except ImportError:
+        print("CaLIDBatch: error: the calid package is not installed in this Slicer: open the CaLID module once "
+              "(it offers to install it), or run this script with --install", file=sys.stderr)
+        return 2
+    from CaLIDSlicerLib.dependencies import register_bundled_models
+
+    register_bundled_models()  # the shipped models, also when Slicer did not load the module
+    from calid.atomic import atomic_path
     from calid.data.io import read_stack, write_stack
     from calid.data.stack import fixed_placeholder_mm
     from calid.errors import CalidError
@@ -36,7 +55,7 @@ def main(argv: list[str], scene: Any) -> int:
     parser.add_argument("input")
     parser.add_argument("out")
     parser.add_argument("--factor", type=int, default=4)
-    parser.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"])
+    parser.add_argument("--mode", choices=["calid", "calid+", "latent-linear", "linear"], help="default: calid when a CaLID model is installed, else linear")
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model")
@@ -49,8 +68,15 @@ def main(argv: list[str], scene: Any) -> int:
     )
     parser.add_argument("--tta", action="store_true", help="calid, calid+: average over the 8 rotations and reflections of the slice plane (slower)")
     parser.add_argument("--no-segmentation", action="store_true")
+    parser.add_argument("--install", action="store_true", help="first install PyTorch and calid, as the panel does on first use")
     args = parser.parse_args(argv)
     try:
+        if args.mode is None:
+            from calid.models.registry import default_model
+
+            args.mode = "calid" if args.model is not None or default_model("calid") is not None else "linear"
+            if args.mode == "linear":
+                print("CaLIDBatch: no CaLID model is installed: linear interpolation (give --model to use one)", file=sys.stderr, flush=True)
         fixed_placeholder_mm(args.placeholder_spacing)  # a bad value fails before anything is read, made or loaded
         stack = read_stack(args.input)
         out = Path(args.out)
@@ -70,7 +96,8 @@ def main(argv: list[str], scene: Any) -> int:
             written.append(write_stack(result.labels, out / f"{name}_labels_x{args.factor}.nii.gz", dtype="uint8"))
             written.append(write_function_csv(result.function, out / f"{name}_volumes.csv"))
             planes = {k: {**p.to_ras(), "centre_lps": p.centre.tolist()} for k, p in result.planes.items()}
-            (out / f"{name}_planes.json").write_text(json.dumps(planes, indent=2) + "\n")
+            with atomic_path(out / f"{name}_planes.json") as tmp:
+                tmp.write_text(json.dumps(planes, indent=2) + "\n")
             written.append(out / f"{name}_planes.json")
     except CalidError as error:
         print(f"CaLIDBatch: error: {error}", file=sys.stderr)
@@ -81,9 +108,17 @@ def main(argv: list[str], scene: Any) -> int:
 
 
 if __name__ == "__main__":
+    import traceback
+
     import slicer
 
-    code = main(sys.argv[1:], slicer.mrmlScene)
+    try:
+        code = main(sys.argv[1:], getattr(slicer, "mrmlScene", None))  # None outside Slicer: fails below, with the reason
+    except SystemExit as stop:  # argparse: --help, or a usage error
+        code = stop.code if isinstance(stop.code, int) else 2
+    except BaseException:  # noqa: BLE001 - anything else must still end Slicer, with the reason
+        traceback.print_exc()
+        code = 1
     if hasattr(slicer, "app"):
         slicer.app.exit(code)
     sys.exit(code)

@@ -262,7 +262,7 @@ def check_model_available(options: UpsamplingOptions) -> None:
         raise InputError(
             "Method",
             "no CaLID model is installed (none ships with this version of the extension). Choose the Linear method, "
-            "or pick a trained model file with Model > 'Load from file...'",
+            "or a trained model file (in the panel: Model > 'Load from file...'; in scripts: --model PATH or model=PATH)",
         )
 
 

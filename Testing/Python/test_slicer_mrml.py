@@ -182,6 +182,26 @@ def test_batch_script_code_path(scene, phantom, tmp_path):
     assert batch.main([str(tmp_path / "missing.nii.gz"), str(tmp_path / "out2")], scene) == 2
     bad = [str(source), str(tmp_path / "out3"), "--factor", "2", "--model", "untrained:tiny", "--device", "cpu", "--placeholder-spacing", "huge"]
     assert batch.main(bad, scene) == 2 and not (tmp_path / "out3").exists()  # refused before anything is made
+    # Without --mode: CaLID when a model is installed or given, else linear (none ships yet).
+    from calid.models.registry import default_model
+
+    assert batch.main([str(source), str(tmp_path / "out4"), "--factor", "2", "--frames", "0", "--no-segmentation"], scene) == 0
+    default_mode = "calid" if default_model("calid") is not None else "linear"
+    assert [p.name for p in (tmp_path / "out4").iterdir()] == [f"cine_{default_mode}_x2.nii.gz"]
+
+
+def test_batch_script_ends_slicer_on_any_failure(tmp_path):
+    """Run as Slicer runs it: an unexpected error (here: no MRML scene, as in a bare Python) prints its
+    traceback and exits 1, so that a headless Slicer never keeps running."""
+    import subprocess
+
+    source = write_stack(oblique_stack(frames=1), tmp_path / "in.nii.gz")
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "Resources" / "CaLIDBatch.py"), str(source), str(tmp_path / "out"), "--mode", "linear"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" in done.stderr and "NoneType" in done.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    usage = subprocess.run([sys.executable, str(REPO_ROOT / "Resources" / "CaLIDBatch.py"), "--factor"], capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "usage" in usage.stderr
 
 
 def test_background_process_progress_and_cancel(phantom, tmp_path):
