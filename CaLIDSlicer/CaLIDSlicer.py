@@ -218,7 +218,9 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from CaLIDSlicerLib.parameters import options_from_parameters
 
         node = self._parameterNode
-        return options_from_parameters(node, self.logic.current_frame(node.inputNode), mrml.points_from_markups(node.planePoints))
+        # The points in the input's own coordinates, where the planes are computed (its parent transform undone).
+        transform = mrml.parent_transform(slicer.mrmlScene, self.logic.sequence_of(node.inputNode)) if node.inputNode is not None else None
+        return options_from_parameters(node, self.logic.current_frame(node.inputNode), mrml.points_from_markups(node.planePoints, local_to=transform))
 
     # ------------------------------------------------------------------ apply / cancel
     def onApply(self) -> None:
@@ -406,7 +408,7 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
                 plane = "user"
             slice_node = slicer.app.layoutManager().sliceWidget(view).mrmlSliceNode()
             if plane in result.planes:
-                mrml.orient_slice_node(slice_node, result.planes[plane])
+                mrml.orient_slice_node(slice_node, result.planes[plane], result.parent_transform)
             else:
                 # No planes (no segmentation): show the stack's own planes, not an oblique reslice of it.
                 slice_node.RotateToVolumePlane(volume)

@@ -34,7 +34,7 @@ class UpsamplingOptions:
     #: Test-time augmentation (calid, calid+): average over the 8 rotations and reflections of the slice plane.
     tta: bool = False
     #: Points placed by the user (LPS mm): 1 = aortic valve (3-chamber plane), 3 = a plane of their own.
-    plane_points_lps: tuple[tuple[float, float, float], ...] | None = None
+    plane_points_lps: tuple[tuple[float, float, float], ...] | None = None  # in the input's own coordinates (its parent transform undone)
 
 
 @dataclass
@@ -53,6 +53,9 @@ class UpsamplingResult:
     function: dict[str, Any] = field(default_factory=dict)
     #: What did not work but did not stop the run (e.g. the segmentation of an unusual scan).
     warnings: list[str] = field(default_factory=list)
+    #: The input's parent transform node (None: none). The outputs are placed under it too; the
+    #: planes are in the input's own coordinates (show them with ``mrml.orient_slice_node(..., transform)``).
+    parent_transform: Any = None
 
 
 def stack_from_node(node: Any) -> CineStack:
@@ -126,6 +129,8 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
         )
         result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
     _record_provenance(result.output_node, upsampling)
+    result.parent_transform = mrml.parent_transform(scene, input_node)
+    mrml.place_under(scene, result.output_node, result.parent_transform)
     return result
 
 
@@ -207,6 +212,7 @@ def _measure(scene: Any, result: UpsamplingResult, options: UpsamplingOptions, d
     shown = function["dense"].ed_frame
     # One frame is segmented into nodes (end-diastole); the name says so, as it is shown over the whole cine.
     result.segmentation_node = mrml.segmentation_from_labels(scene, dense_labels, f"{result.output_node.GetName()} segmentation (frame {shown}, end-diastole)", frame=shown)
+    mrml.place_under(scene, result.segmentation_node, result.parent_transform)
     points = options.plane_points_lps
     aortic_valve = None if points is None or len(points) != 1 else np.asarray(points[0], dtype=np.float64)
     result.planes = standard_planes(dense_labels, shown, three_chamber_point=aortic_valve)

@@ -180,15 +180,26 @@ def segmentation_from_labels(scene: Any, labels: CineStack, name: str, frame: in
     return segmentation
 
 
-def orient_slice_node(slice_node: Any, plane: Any) -> np.ndarray:
+def orient_slice_node(slice_node: Any, plane: Any, transform: Any = None) -> np.ndarray:
     """Put a slice view on a calid ``Plane`` (LPS) and return its SliceToRAS matrix.
 
     A view shows its second axis upwards, while calid's PNG and NIfTI reslices have
     rows running down along ``v``; the view looks at the plane from the side of
     ``-normal`` so that ``-v`` is up and both show the same picture (apex at the top).
+    ``transform``: the plane is in the coordinates of the nodes under this transform node
+    (the input's), which views show moved by it.
     """
-    ras = plane.to_ras()
-    slice_node.SetSliceToRASByNTP(*(-np.asarray(ras["normal"])), *ras["u"], *ras["centre"], 0)
+    ras = {key: np.asarray(value, dtype=np.float64) for key, value in plane.to_ras().items()}
+    if transform is not None:
+        to_world = _transform_between(transform, None)
+        centre = np.asarray(to_world.TransformPoint(ras["centre"]))
+        # Directions as the transform moves them at the centre (exact for linear transforms).
+        normal = np.asarray(to_world.TransformPoint(ras["centre"] + ras["normal"])) - centre
+        u = np.asarray(to_world.TransformPoint(ras["centre"] + ras["u"])) - centre
+        normal /= np.linalg.norm(normal)
+        u -= np.dot(u, normal) * normal
+        ras = {"centre": centre, "normal": normal, "u": u / np.linalg.norm(u)}
+    slice_node.SetSliceToRASByNTP(*(-ras["normal"]), *ras["u"], *ras["centre"], 0)
     matrix = slice_node.GetSliceToRAS()
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
 
@@ -255,15 +266,49 @@ def table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardia
     return table, chart
 
 
-def points_from_markups(node: Any) -> np.ndarray:
-    """(N, 3) LPS mm of a markups node's defined control points, in world coordinates (transforms applied)."""
+def shown_node(scene: Any, node: Any) -> Any:
+    """The node Slicer displays for ``node``: a sequence's proxy volume in its browser, else the node itself."""
+    if node is not None and node.IsA("vtkMRMLSequenceNode"):
+        browser = browser_of(scene, node)
+        return browser.GetProxyNode(node) if browser is not None else None
+    return node
+
+
+def parent_transform(scene: Any, node: Any) -> Any:
+    """The transform node the input is shown under (a cine: its proxy volume's), or None."""
+    shown = shown_node(scene, node)
+    return shown.GetParentTransformNode() if shown is not None else None
+
+
+def place_under(scene: Any, node: Any, transform: Any) -> None:
+    """Show ``node`` (a sequence: its proxy volume) under ``transform``, as the input is: the
+    output is computed in the input's own coordinates and must overlay it in the views."""
+    shown = shown_node(scene, node)
+    if transform is not None and shown is not None:
+        shown.SetAndObserveTransformNodeID(transform.GetID())
+
+
+def _transform_between(source: Any, target: Any) -> Any:
+    """A vtkGeneralTransform from ``source``'s coordinates to ``target``'s (None: world); linear or not."""
+    transform = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(source, target, transform)
+    return transform
+
+
+def points_from_markups(node: Any, local_to: Any = None) -> np.ndarray:
+    """(N, 3) LPS mm of a markups node's defined control points: in world coordinates, or in the
+    coordinates of the nodes under the transform node ``local_to`` (the input's own, where the
+    network's planes are computed)."""
     if node is None:
         return np.zeros((0, 3))
+    to_local = _transform_between(None, local_to) if local_to is not None else None
     points = []
     for index in range(node.GetNumberOfControlPoints()):
         if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:  # skip points being placed or missing
             continue
         ras = [0.0, 0.0, 0.0]
         node.GetNthControlPointPositionWorld(index, ras)
+        if to_local is not None:
+            ras = list(to_local.TransformPoint(ras))
         points.append(LPS_TO_RAS @ np.asarray(ras, dtype=np.float64))
     return np.asarray(points, dtype=np.float64).reshape(-1, 3)

@@ -37,7 +37,7 @@ def render_slice_view(
     logic.GetSliceCompositeNode().SetBackgroundVolumeID(volume_node.GetID())
     logic.ResizeSliceNode(size[0], size[1])  # what a view widget does when it is resized
     slice_node.SetFieldOfView(field_of_view_mm, field_of_view_mm * size[1] / size[0], 1.0)
-    mrml.orient_slice_node(slice_node, plane)
+    mrml.orient_slice_node(slice_node, plane, volume_node.GetParentTransformNode())  # planes are in the volume's own coordinates
     # Scene logics may reset a new slice node to the default size; insist on ours.
     slice_node.SetDimensions(size[0], size[1], 1)
     slice_node.UpdateMatrices()

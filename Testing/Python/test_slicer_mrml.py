@@ -805,3 +805,52 @@ def test_without_an_installed_model_the_panel_defaults_to_linear_and_says_what_t
     (folder / "registry.json").write_text(json.dumps({"models": [{"name": "m", "file": "m.safetensors", "sha256": "0" * 64, "kind": "calid", "default": True}]}))
     monkeypatch.setattr(d, "bundled_models", lambda: folder)
     assert d.ships_interpolation_model() is True
+
+
+def test_input_under_a_transform_outputs_overlay_it_and_points_are_taken_in_its_frame(scene, phantom):
+    """A cine shown under a (registration) transform: the outputs go under the same transform, so that
+    they overlay it in the views; points placed in the views are taken back into the cine's own
+    coordinates, where the planes are computed; the planes are shown moved by the transform."""
+    import vtk
+
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    sequence, browser = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    transform_node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
+    to_parent = vtk.vtkTransform()
+    to_parent.Translate(50.0, -20.0, 7.0)
+    to_parent.RotateZ(30.0)
+    transform_node.SetMatrixTransformToParent(to_parent.GetMatrix())
+    mrml.shown_node(scene, sequence).SetAndObserveTransformNodeID(transform_node.GetID())
+    assert mrml.parent_transform(scene, sequence) is transform_node
+
+    result = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=False, frames="all"))
+    assert result.parent_transform is transform_node
+    output_proxy = mrml.shown_node(scene, result.output_node)
+    assert output_proxy.GetParentTransformNode() is transform_node
+    # Overlaid in world coordinates: the same centre (the output spans the same slices, thinner).
+    input_bounds, output_bounds, untransformed = [0.0] * 6, [0.0] * 6, [0.0] * 6
+    mrml.shown_node(scene, sequence).GetRASBounds(input_bounds)
+    output_proxy.GetRASBounds(output_bounds)
+    output_proxy.GetBounds(untransformed)
+    centre = lambda bounds: (np.asarray(bounds[0::2]) + np.asarray(bounds[1::2])) / 2  # noqa: E731
+    np.testing.assert_allclose(centre(output_bounds), centre(input_bounds), atol=1e-3)
+    assert np.linalg.norm(centre(untransformed) - centre(input_bounds)) > 40  # where it was shown before
+
+    # A point placed in a view at the world position of a voxel centre is that voxel's local position.
+    local_lps = phantom.sparse.index_to_physical([20, 30, 2])
+    world_ras = np.asarray(to_parent.TransformPoint(*(local_lps * [-1, -1, 1])))
+    markups = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "points")
+    markups.AddControlPointWorld(vtk.vtkVector3d(*world_ras))
+    np.testing.assert_allclose(mrml.points_from_markups(markups, local_to=transform_node)[0], local_lps, atol=1e-6)
+    np.testing.assert_allclose(mrml.points_from_markups(markups)[0], world_ras * [-1, -1, 1], atol=1e-6)  # world without it
+
+    # A plane in local coordinates is shown where the transform moves it.
+    from calid.geometry.planes import Plane
+
+    plane = Plane("local", local_lps, np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0]))
+    slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+    slice_to_ras = mrml.orient_slice_node(slice_node, plane, transform_node)
+    np.testing.assert_allclose(slice_to_ras[:3, 3], world_ras, atol=1e-6)
+    rotated_normal_ras = np.asarray(to_parent.TransformVector(0.0, 0.0, 1.0))
+    np.testing.assert_allclose(np.abs(slice_to_ras[:3, 2] @ rotated_normal_ras), 1.0, atol=1e-6)
