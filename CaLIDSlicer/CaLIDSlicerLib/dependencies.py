@@ -72,9 +72,9 @@ def bundled_core() -> Path | None:
     return None
 
 
-#: calid's environment variable for extra model folders (calid.models.registry.MODEL_DIR_ENV; spelled
-#: out here because this file must import without calid).
-MODEL_DIR_ENV = "CALID_MODEL_DIR"
+#: calid's environment variable for the folders of shipped models, searched after the user's own
+#: (calid.models.registry.SHIPPED_MODEL_DIR_ENV; spelled out here because this file must import without calid).
+SHIPPED_MODEL_DIR_ENV = "CALID_SHIPPED_MODEL_DIR"
 
 
 def bundled_models() -> Path | None:
@@ -104,13 +104,14 @@ def ships_interpolation_model() -> bool:
 def register_bundled_models() -> Path | None:
     """Let calid find the shipped models, in Slicer's process and in the worker processes
     (which inherit the environment): a pip-installed calid does not know where the
-    extension put them. Folders the user set come first. Returns the folder added."""
+    extension put them. calid searches them after the user's own folders (a model the
+    user installed, or made the default, wins). Returns the folder added."""
     folder = bundled_models()
     if folder is None:
         return None
-    entries = [entry for entry in os.environ.get(MODEL_DIR_ENV, "").split(os.pathsep) if entry.strip()]
+    entries = [entry for entry in os.environ.get(SHIPPED_MODEL_DIR_ENV, "").split(os.pathsep) if entry.strip()]
     if str(folder) not in entries:
-        os.environ[MODEL_DIR_ENV] = os.pathsep.join([*entries, str(folder)])
+        os.environ[SHIPPED_MODEL_DIR_ENV] = os.pathsep.join([*entries, str(folder)])
     return folder
 
 

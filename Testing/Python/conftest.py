@@ -36,6 +36,7 @@ def isolated_model_folders(tmp_path_factory):
     patch = pytest.MonkeyPatch()
     patch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("user-data")))
     patch.delenv("CALID_MODEL_DIR", raising=False)
+    patch.delenv("CALID_SHIPPED_MODEL_DIR", raising=False)
     yield
     patch.undo()
 

@@ -17,6 +17,7 @@ from calid.errors import InputError
 from calid.segmentation import keep_largest_components, load_segmenter, segment
 from calid.segmentation.model import build_segmenter, named_segmentation_config, save_segmenter
 from calid.segmentation.training import SegmentationTrainer, SegTrainConfig, dice_per_structure, find_labelled_pairs
+from conftest import REPO_ROOT
 
 
 def run_calid(*args: str) -> subprocess.CompletedProcess[str]:
@@ -208,3 +209,18 @@ def test_heart_centre_of_a_full_field_of_view_scan_and_centre_on_heart_upsamplin
     assert "centring the model's crop on the heart" in done.stdout
     both = run_calid("upsample", str(image_path), str(tmp_path / "x.nii.gz"), "--model", "untrained:tiny", "--centre-on-heart", "--centre-ras", "0,0,0")
     assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_a_model_the_user_installs_takes_precedence_over_the_shipped_one(tiny_segmenter_file, tmp_path, monkeypatch):
+    """calid install puts models in the user's folder: made the default, or given a shipped model's
+    name, the user's model is the one that runs (the shipped one used to win silently)."""
+    from calid.models.registry import default_model, install_model, registered_models, resolve_model
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    shipped = default_model("segmentation")
+    assert shipped is not None and shipped.path.parent == REPO_ROOT / "Resources" / "Models"
+    mine = install_model(tiny_segmenter_file, "my-seg", default=True)
+    assert default_model("segmentation").name == "my-seg" and resolve_model(None, "segmentation") == mine.path
+    same_name = install_model(tiny_segmenter_file, shipped.name)
+    assert resolve_model(shipped.name, "segmentation") == same_name.path
+    assert [m.path for m in registered_models() if m.name == shipped.name] == [same_name.path]

@@ -614,14 +614,14 @@ def test_the_module_loads_before_calid_is_installed():
         "from CaLIDSlicerLib import choices, dependencies as d;"
         "folder = d.register_bundled_models();"
         "print(json.dumps({'missing': d.missing_packages(), 'core': str(d.bundled_core()), 'models': str(folder),"
-        " 'env': os.environ['CALID_MODEL_DIR'], 'factors': list(choices.FACTORS), 'modules': sorted(m for m in sys.modules if m.split('.')[0] in ('calid', 'torch', 'numpy'))}))"
+        " 'env': os.environ['CALID_MODEL_DIR'], 'shipped': os.environ['CALID_SHIPPED_MODEL_DIR'], 'factors': list(choices.FACTORS), 'modules': sorted(m for m in sys.modules if m.split('.')[0] in ('calid', 'torch', 'numpy'))}))"
     )
     done = subprocess.run([*_BARE_PYTHON, "-c", script, str(REPO_ROOT / "CaLIDSlicer")], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     assert found["missing"] == ["torch", "monai", "calid"] and found["modules"] == []
     assert found["core"] == str(REPO_ROOT / "CaLIDCore") and found["models"] == str(REPO_ROOT / "Resources" / "Models")
-    assert found["env"].split(os.pathsep) == ["/mine", found["models"]]  # the user's folders come first
+    assert found["env"] == "/mine" and found["shipped"] == found["models"]  # the user's folders stay first
     assert found["factors"] == [2, 4, 8, 16]
 
 
@@ -646,21 +646,21 @@ def test_installed_extension_layout_finds_the_bundled_core_and_models(tmp_path, 
     shutil.copy(REPO_ROOT / "CaLIDCore" / "pyproject.toml", modules / "CaLIDCore" / "pyproject.toml")
     shutil.copytree(REPO_ROOT / "Resources" / "Models", modules / "CaLIDModels")
     script = (
-        "import json, os, sys; sys.path.insert(0, sys.argv[1]); os.environ.pop('CALID_MODEL_DIR', None);"
+        "import json, os, sys; sys.path.insert(0, sys.argv[1]); os.environ.pop('CALID_SHIPPED_MODEL_DIR', None);"
         "from CaLIDSlicerLib import dependencies as d; d.register_bundled_models();"
-        "print(json.dumps({'core': str(d.bundled_core()), 'env': os.environ['CALID_MODEL_DIR']}))"
+        "print(json.dumps({'core': str(d.bundled_core()), 'env': os.environ['CALID_SHIPPED_MODEL_DIR']}))"
     )
     done = subprocess.run([*_BARE_PYTHON, "-c", script, str(modules)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     found = json.loads(done.stdout)
     assert found["core"] == str(modules / "CaLIDCore") and found["env"] == str(modules / "CaLIDModels")
-    from calid.models.registry import MODEL_DIR_ENV, registered_models
+    from calid.models.registry import SHIPPED_MODEL_DIR_ENV, model_folders
 
-    from CaLIDSlicerLib.dependencies import MODEL_DIR_ENV as module_spelling
+    from CaLIDSlicerLib.dependencies import SHIPPED_MODEL_DIR_ENV as module_spelling
 
-    assert module_spelling == MODEL_DIR_ENV
-    monkeypatch.setenv(MODEL_DIR_ENV, found["env"])
-    assert any(model.path.parent == modules / "CaLIDModels" for model in registered_models())
+    assert module_spelling == SHIPPED_MODEL_DIR_ENV
+    monkeypatch.setenv(SHIPPED_MODEL_DIR_ENV, found["env"])
+    assert model_folders()[-1] == modules / "CaLIDModels"  # searched, after the user's folders
 
 
 def test_output_in_the_input_browser_copies_the_input_index_in_any_unit(scene, phantom):

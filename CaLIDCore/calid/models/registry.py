@@ -8,9 +8,12 @@ their model cards and a ``registry.json``::
                  "description": "…"}]}
 
 Folders are searched in this order: ``$CALID_MODEL_DIR`` (several separated by
-the path separator), the ``Resources/Models`` folder of the extension or
-source tree that this package sits in, and the user's ``~/.local/share/calid/models``.
-The first entry of a name wins. Every file is checked against its sha256
+the path separator), the user's ``~/.local/share/calid/models`` (where ``calid
+install`` puts models), then the shipped models: the ``Resources/Models``
+folder of the source tree that this package sits in and ``$CALID_SHIPPED_MODEL_DIR``
+(set by the Slicer extension). The first entry of a name, and the first
+default of a kind, win: a model the user installed (or made the default)
+takes precedence over a shipped one. Every file is checked against its sha256
 before it is loaded, so a damaged download never runs silently.
 """
 
@@ -26,6 +29,8 @@ from typing import Any
 from calid.errors import InputError
 
 MODEL_DIR_ENV = "CALID_MODEL_DIR"
+#: Folders of shipped models (the Slicer extension's), searched after the user's own.
+SHIPPED_MODEL_DIR_ENV = "CALID_SHIPPED_MODEL_DIR"
 REGISTRY_FILE = "registry.json"
 #: A randomly initialised model of a named configuration, for tests and for trying the pipeline.
 UNTRAINED_PREFIX = "untrained:"
@@ -51,13 +56,11 @@ def user_model_folder() -> Path:
 
 def model_folders() -> list[Path]:
     """The folders searched for named models, in order (existing ones only)."""
-    folders: list[Path] = []
-    for entry in os.environ.get(MODEL_DIR_ENV, "").split(os.pathsep):
-        if entry.strip():
-            folders.append(Path(entry).expanduser())
+    def from_environment(variable: str) -> list[Path]:
+        return [Path(entry).expanduser() for entry in os.environ.get(variable, "").split(os.pathsep) if entry.strip()]
+
     package_root = Path(__file__).resolve().parents[3]  # <root>/CaLIDCore/calid/models/registry.py
-    folders.append(package_root / "Resources" / "Models")
-    folders.append(user_model_folder())
+    folders = [*from_environment(MODEL_DIR_ENV), user_model_folder(), package_root / "Resources" / "Models", *from_environment(SHIPPED_MODEL_DIR_ENV)]
     unique: list[Path] = []
     for folder in folders:
         if folder.is_dir() and folder.resolve() not in [f.resolve() for f in unique]:
