@@ -247,3 +247,24 @@ def test_tiny_calid_overfits_real_triplets(real_triplets):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 20  # measured: about 2400x
+
+
+def test_a_model_file_without_a_usable_latent_scale_is_refused(tmp_path):
+    """The engine divides the latents by it: NaN, 0 or a negative scale would give black or NaN slices silently."""
+    config = named_config("tiny")
+    vae, net = build_vae(config), CaLIDNet(config)
+    good = save_model(tmp_path / "good.safetensors", config, vae, net, latent_scale=0.8)
+    assert load_model(good).latent_scale == pytest.approx(0.8)
+    for scale in (float("nan"), float("inf"), 0.0, -2.0):
+        path = save_model(tmp_path / f"scale-{scale}.safetensors", config, vae, net, latent_scale=scale)
+        with pytest.raises(InputError, match="latent scale"):
+            load_model(path)
+
+
+def test_attention_head_size_must_divide_the_attended_channels():
+    tiny = named_config("tiny")
+    with pytest.raises(ValueError, match="num_head_channels 12"):
+        dataclasses.replace(tiny, denoiser=dataclasses.replace(tiny.denoiser, num_head_channels=12))
+    for name in ("tiny", "small", "paper"):  # the named configurations build
+        config = named_config(name)
+        assert all(c % config.denoiser.num_head_channels == 0 for c, a in zip(config.denoiser.channels, config.denoiser.attention_levels) if a)

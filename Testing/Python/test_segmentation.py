@@ -224,3 +224,22 @@ def test_a_model_the_user_installs_takes_precedence_over_the_shipped_one(tiny_se
     same_name = install_model(tiny_segmenter_file, shipped.name)
     assert resolve_model(shipped.name, "segmentation") == same_name.path
     assert [m.path for m in registered_models() if m.name == shipped.name] == [same_name.path]
+
+
+def test_segmentation_training_takes_subjects_from_their_folders(tmp_path):
+    """One folder per subject with generic file names (P001/sa.nii.gz, P001/sa_gt.nii.gz): every
+    subject was 'sa', so no validation subject could be held out and no best model was ever written."""
+    root = tmp_path / "data"
+    for index in range(4):
+        ph = make_phantom(40 + index, PhantomConfig(n_frames=1, matrix=48, pixel_spacing_mm=3.0))
+        (root / f"P{index:03d}").mkdir(parents=True)
+        write_stack(ph.sparse, root / f"P{index:03d}" / "sa.nii.gz", dtype="int16")
+        write_stack(ph.sparse_labels, root / f"P{index:03d}" / "sa_gt.nii.gz", dtype="uint8")
+    trainer = SegmentationTrainer(SegTrainConfig(data=(str(root),), out_dir=str(tmp_path / "out"), model="tiny", steps=1, val_fraction=0.25))
+    assert trainer.subjects["validation"] and set(trainer.subjects["validation"]) | set(trainer.subjects["train"]) == {"P000", "P001", "P002", "P003"}
+    single = tmp_path / "single"
+    (single / "P000").mkdir(parents=True)
+    for name in ("sa.nii.gz", "sa_gt.nii.gz"):
+        (single / "P000" / name).write_bytes((root / "P000" / name).read_bytes())
+    with pytest.raises(InputError, match="no validation subject could be held out: 1 subject"):
+        SegmentationTrainer(SegTrainConfig(data=(str(single),), out_dir=str(tmp_path / "out2"), model="tiny", steps=1))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +143,12 @@ def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         header["config"] = ModelConfig.from_dict(header["config"])
     except (KeyError, TypeError, ValueError) as error:
         raise InputError(path, f"has an invalid model configuration ({error})") from error
+    if header["kind"] == "calid":
+        # The engine divides the latents by it: a missing, zero or non-finite scale would give
+        # black or NaN slices without any error.
+        scale = header.get("latent_scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise InputError(path, f"has no usable latent scale ({scale!r}; a positive number is needed)")
     return header
 
 

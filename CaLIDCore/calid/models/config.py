@@ -134,6 +134,9 @@ class ModelConfig:
             )
         if len(self.denoiser.attention_levels) != len(self.denoiser.channels):
             problems.append("denoiser.attention_levels needs one entry per level of denoiser.channels")
+        attended = [c for c, attention in zip(self.denoiser.channels, self.denoiser.attention_levels) if attention]
+        if self.denoiser.num_head_channels < 1 or any(c % self.denoiser.num_head_channels for c in attended):
+            problems.append(f"denoiser.num_head_channels {self.denoiser.num_head_channels} must divide the channels of every attention level {attended}")
         for name, channels, groups in (
             ("vae", self.vae.channels, self.vae.norm_num_groups),
             ("denoiser", self.denoiser.channels, self.denoiser.norm_num_groups),

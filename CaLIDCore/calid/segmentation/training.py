@@ -101,14 +101,18 @@ def find_labelled_pairs(entries: tuple[str, ...]) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def load_labelled(pairs: list[tuple[Path, Path]]) -> list[LabelledVolume]:
+def load_labelled(pairs: list[tuple[Path, Path]], roots: tuple[str, ...] = ()) -> list[LabelledVolume]:
+    """Every frame of every pair. The subject is the first subfolder under a data root when the
+    files sit in one (``root/P001/sa.nii.gz``: ``P001``), else from the file name, as for
+    ``calid train``: frames of one subject must never be split between training and validation."""
     volumes = []
     for image_path, label_path in pairs:
         image, labels = read_stack(image_path), read_stack(label_path)
         if image.shape != labels.shape:
             raise InputError(label_path, f"label shape {labels.shape} differs from its image {image_path.name} {image.shape}")
+        root = next((r for r in roots if Path(r).is_dir() and Path(image_path).resolve().is_relative_to(Path(r).resolve())), None)
         for t in range(image.n_frames):
-            volumes.append(LabelledVolume(subject_id(image_path), image.select_frames([t]), labels.select_frames([t])))
+            volumes.append(LabelledVolume(subject_id(image_path, root), image.select_frames([t]), labels.select_frames([t])))
     return volumes
 
 
@@ -159,8 +163,12 @@ class SegmentationTrainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
-        volumes = load_labelled(find_labelled_pairs(config.data))
+        volumes = load_labelled(find_labelled_pairs(config.data), config.data)
         train_ids, val_ids = split_subjects([v.subject for v in volumes], config.val_fraction, config.seed, config.val_subjects)
+        if not val_ids and (config.val_fraction > 0 or config.val_subjects):
+            # Without validation no best.safetensors is ever written (the file users are told to install).
+            subjects = sorted({v.subject for v in volumes})
+            raise InputError(", ".join(config.data), f"no validation subject could be held out: {len(subjects)} subject(s) found ({', '.join(subjects[:5])})")
         self.train_volumes = [v for v in volumes if v.subject in train_ids]
         self.val_volumes = [v for v in volumes if v.subject in val_ids]
         self.subjects = {"train": sorted(set(train_ids)), "validation": sorted(set(val_ids))}

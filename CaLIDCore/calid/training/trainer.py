@@ -591,6 +591,8 @@ class Trainer:
             value = torch.tensor([std], device=self.device if self.device.type == "cuda" else "cpu")
             dist.broadcast(value, src=0)
             std = float(value.item())
+        if not math.isfinite(std) or std <= 0:
+            raise TrainingDiverged(f"the autoencoder's training latents have no usable spread (std {std}); check the VAE file")
         return 1.0 / max(std, 1e-6)
 
     def _calibration_images(self) -> torch.Tensor:
