@@ -179,17 +179,20 @@ def test_inversion_slerp_needs_a_denoiser_trained_with_condition_dropout(tmp_pat
 def test_cli_evaluate_on_real_acdc_labelled_frames(tmp_path, capsys):
     labels = shared_file("acdc_edes_labels", "patient011_frame01_gt.nii.gz").parent
     out = tmp_path / "acdc"
-    code = main(["evaluate", "--data", str(labels), "--subjects", "patient011", "--methods", "linear", "--tasks", "1,3", "--out", str(out), "--quiet"])
+    code = main(["evaluate", "--data", str(labels), "--subjects", "patient011,patient001", "--methods", "linear", "--tasks", "1,3", "--out", str(out), "--quiet"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     # The ED and ES files of one subject are two volumes pooled into one subject.
-    assert results["subjects"] == ["patient011"]
-    assert sorted(v["volume"] for v in results["volumes"]) == ["patient011_frame01", "patient011_frame08"]
-    assert len(results["task1"]["per_subject"]) == 1 and len(results["task1"]["per_volume"]) == 2
+    assert results["subjects"] == ["patient001", "patient011"]
+    assert sorted(v["volume"] for v in results["volumes"]) == ["patient001_frame01", "patient001_frame12", "patient011_frame01", "patient011_frame08"]
+    assert len(results["task1"]["per_subject"]) == 2 and len(results["task1"]["per_volume"]) == 4
     # Labels found beside the images (NAME_gt): the shipped segmenter agrees with them on the acquired slices.
     real = results["task3"]["summary"]["real"]
     assert real["LV cavity"]["dice"]["mean"] > 0.85
     assert real["LV myocardium"]["dice"]["mean"] > 0.7
+    # patient001 is one of the shipped segmenter's training subjects (its card lists them): flagged.
+    assert results["task3"]["segmenter_training_subjects"] == ["patient001"]
+    assert "trained on 1 of these 2 subjects (patient001)" in (out / "report.md").read_text()
     assert str(out / "report.md") in capsys.readouterr().out
 
 

@@ -771,7 +771,19 @@ class Evaluation:
             }
             for method in methods
         }
-        return {"per_subject": per_subject, "per_volume": per_volume, "summary": summary, "segmentation_model": self.config.seg_model or Path(self.seg_model.path).stem}  # as asked for: the installed default by name
+        # Subjects the segmenter was trained on flatter every method (and the real slices) alike: say so.
+        training = self.seg_model.info.get("training_data") if isinstance(self.seg_model.info, dict) else None
+        trained_on = sorted({s.subject for s in labelled} & set(training.get("train", []) if isinstance(training, dict) else []))
+        notes = []
+        if trained_on:
+            notes.append(
+                f"The segmentation model was trained on {len(trained_on)} of these {len({s.subject for s in labelled})} subjects "
+                f"({', '.join(trained_on)}): their scores are optimistic for every method; score on its held-out subjects for a fair comparison."
+            )
+        return {
+            "per_subject": per_subject, "per_volume": per_volume, "summary": summary, "notes": notes, "segmenter_training_subjects": trained_on,
+            "segmentation_model": self.config.seg_model or Path(self.seg_model.path).stem,  # as asked for: the installed default by name
+        }
 
     # ------------------------------------------------------------------ task 4
     def _task4(self) -> dict[str, Any]:
@@ -1114,6 +1126,7 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
             for method, structures in task["summary"].items():
                 for name, s in structures.items():
                     lines.append(f"| {method} | {name} | {_fmt(s['dice'], 3)} | {_fmt(s['hd95_mm'])} | {_fmt(s['asd_mm'])} | {_fmt(s['assd_mm'])} |")
+            lines += [""] + [f"- {note}" for note in task.get("notes", [])] if task.get("notes") else []
     if "task4" in results:
         task = results["task4"]
         lines += [
