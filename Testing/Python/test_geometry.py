@@ -191,8 +191,9 @@ def test_surfaces_are_closed_in_place_and_round_trip(phantom, tmp_path):
     assert label_surface(labels.with_data(np.zeros(labels.shape, np.float32)), 3).GetNumberOfPoints() == 0
 
 
-def test_offscreen_render_of_the_surfaces(phantom, tmp_path):
-    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+def test_offscreen_render_of_the_surfaces(phantom, tmp_path, monkeypatch):
+    if "VTK_DEFAULT_OPENGL_WINDOW" not in os.environ:
+        monkeypatch.setenv("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     surfaces = {name: label_surface(phantom.dense_labels, value, 0) for name, value in (("RV cavity", 1), ("LV myocardium", 2), ("LV cavity", 3))}
     png = render_surfaces(surfaces, tmp_path / "heart.png", size=(320, 240), view_direction_lps=phantom.dense.direction[:, 1])
     import vtk

@@ -468,7 +468,7 @@ def test_cli_demo_with_test_time_augmentation_names_and_records_it(tmp_path, cap
     assert (out / "phantom_linear_x2.nii.gz").is_file() and not (out / "phantom_linear_tta_x2.nii.gz").exists()
 
 
-def test_install_a_trained_model_and_use_it_by_name(tmp_path, tiny_model_file, phantom, capsys):
+def test_install_a_trained_model_and_use_it_by_name(tmp_path, tiny_model_file, phantom, capsys, monkeypatch):
     folder = tmp_path / "models"
     card = tmp_path / "card.md"
     card.write_text("# my model\nTrained on nothing.\n")
@@ -482,18 +482,15 @@ def test_install_a_trained_model_and_use_it_by_name(tmp_path, tiny_model_file, p
     os.umask(umask)
     assert (folder / "my-model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file
     original = load_pipeline(tiny_model_file)
-    os.environ[MODEL_DIR_ENV] = str(folder)
-    try:
-        installed = load_pipeline()
-        assert installed.name == "my-model"
-        a = original.upsample(phantom.sparse, 2, steps=2, frames=[0])
-        b = installed.upsample(phantom.sparse, 2, steps=2, frames=[0])
-        scale = float(phantom.sparse.data.max() - phantom.sparse.data.min())
-        np.testing.assert_allclose(b.data, a.data, atol=0.02 * scale)  # float16 weights: close, not equal
-        code = cli_main(["install", str(tiny_model_file), "--name", "second", "--folder", str(folder), "--default"])
-        assert code == 0 and load_pipeline().name == "second"  # only one default per kind
-    finally:
-        del os.environ[MODEL_DIR_ENV]
+    monkeypatch.setenv(MODEL_DIR_ENV, str(folder))
+    installed = load_pipeline()
+    assert installed.name == "my-model"
+    a = original.upsample(phantom.sparse, 2, steps=2, frames=[0])
+    b = installed.upsample(phantom.sparse, 2, steps=2, frames=[0])
+    scale = float(phantom.sparse.data.max() - phantom.sparse.data.min())
+    np.testing.assert_allclose(b.data, a.data, atol=0.02 * scale)  # float16 weights: close, not equal
+    code = cli_main(["install", str(tiny_model_file), "--name", "second", "--folder", str(folder), "--default"])
+    assert code == 0 and load_pipeline().name == "second"  # only one default per kind
     assert cli_main(["install", str(tiny_model_file), "--name", "bad/name", "--folder", str(folder)]) == 2
 
 

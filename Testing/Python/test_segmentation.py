@@ -169,8 +169,7 @@ def test_shipped_segmenter_reaches_its_stated_dice_on_held_out_subjects():
     from conftest import shared_file
 
     entry = default_model("segmentation")
-    if entry is None:
-        pytest.skip("no segmentation model is installed in Resources/Models")
+    assert entry is not None and entry.path.parent == REPO_ROOT / "Resources" / "Models", "the shipped segmentation model is not registered"
     model = load_segmenter(verify(entry))
     held_out = model.info["training_data"]["validation"]
     assert held_out and set(held_out).isdisjoint(model.info["training_data"]["train"])
@@ -195,8 +194,7 @@ def test_heart_centre_of_a_full_field_of_view_scan_and_centre_on_heart_upsamplin
 
     from conftest import shared_file
 
-    if default_model("segmentation") is None:
-        pytest.skip("no segmentation model is installed in Resources/Models")
+    assert default_model("segmentation") is not None, "the shipped segmentation model is not registered"
     image_path = shared_file("acdc_edes_labels", "patient011_frame01.nii.gz")  # a validation subject of the segmenter
     image, truth = read_stack(image_path), read_stack(image_path.with_name("patient011_frame01_gt.nii.gz"))
     found, expected = heart_centre_lps(image), label_centre_lps(truth)
