@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,8 +20,13 @@ def gaussian_denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def test_schedules_and_grids():
-    linear = NoiseSchedule(ScheduleConfig(beta_schedule="linear"))
-    assert linear.betas[0] == pytest.approx(0.0015) and linear.betas[-1] == pytest.approx(0.0195)
+    linear = NoiseSchedule(ScheduleConfig(beta_schedule="linear", beta_start=0.0015, beta_end=0.0195))
+    expected = np.linspace(0.0015, 0.0195, 1000)
+    np.testing.assert_allclose(linear.betas.numpy(), expected, rtol=1e-12)
+    # The paper's (Stable Diffusion's) scaled-linear schedule: linear in sqrt(beta), 0.0015 ... 0.0195 over 1000 steps.
+    scaled = NoiseSchedule(ScheduleConfig(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, num_train_timesteps=1000))
+    np.testing.assert_allclose(scaled.betas.numpy(), np.linspace(0.0015**0.5, 0.0195**0.5, 1000) ** 2, rtol=1e-12)
+    np.testing.assert_allclose(scaled.alphas_cumprod.numpy(), np.cumprod(1 - np.linspace(0.0015**0.5, 0.0195**0.5, 1000) ** 2), rtol=1e-10)
     assert torch.all(torch.diff(SCHEDULE.alphas_cumprod) < 0)
     grid = sampling_grid(8)
     assert grid[0][0] == 999 and grid[-1][1] == -1 and len(grid) == 8

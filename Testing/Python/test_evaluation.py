@@ -76,7 +76,7 @@ def test_interpolate_slices_is_the_engine_on_one_gap(small_phantom):
     keys = [(0, 0, z) for z in range(3, 7)]
     whole = pipeline.interpolate_slices(previous, following, "calid", 2, keys, batch_size=4)
     split = pipeline.interpolate_slices(previous, following, "calid", 2, keys, batch_size=1)
-    np.testing.assert_allclose(whole, split, atol=1e-5)
+    np.testing.assert_allclose(whole, split, atol=1e-4)  # batch size changes float summation order only
     other_seed = pipeline.interpolate_slices(previous, following, "calid", 2, [(1, 0, z) for z in range(3, 7)], batch_size=4)
     assert np.abs(other_seed - whole).max() > 1e-3
     baseline = pipeline.interpolate_slices(previous, following, "inversion-slerp", 2, keys)
@@ -253,9 +253,9 @@ def test_evaluation_gives_files_without_geometry_the_pixel_size_the_model_assume
     assert only_temporal["placeholder_spacing"]["assumed_mm"] == 1.7 and "placeholder_disagreement" not in only_temporal
     # A file with its geometry is never changed.
     reliable = shared_file("acdc_cine", "patient061_4d.nii.gz")
-    if not read_stack(reliable).has_placeholder_spacing:
-        subjects = load_evaluation_subjects(EvaluationConfig(data=(str(reliable),), out_dir=str(tmp_path / "x")), placeholder_spacing_mm=1.5)
-        assert subjects[0].assumed_spacing_mm is None and subjects[0].stack.spacing == read_stack(reliable).spacing
+    assert not read_stack(reliable).has_placeholder_spacing  # patient061 keeps its true header (the data's manifest)
+    subjects = load_evaluation_subjects(EvaluationConfig(data=(str(reliable),), out_dir=str(tmp_path / "x")), placeholder_spacing_mm=1.5)
+    assert subjects[0].assumed_spacing_mm is None and subjects[0].stack.spacing == read_stack(reliable).spacing
 
 
 def test_task1_scores_only_the_part_of_the_crop_inside_the_image(tmp_path):

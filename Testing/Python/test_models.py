@@ -50,9 +50,24 @@ def test_concat_option_and_condition_dropout_change_the_network():
     images = torch.randn(2, 2, 32, 32)
     with pytest.raises(ValueError, match="latents"):
         net(z, torch.tensor([1, 2]), images)
-    out = net(z, torch.tensor([1, 2]), images, torch.randn(2, 6, 8, 8), keep_condition=torch.tensor([1.0, 0.0]))
-    assert out.shape == z.shape
-    assert net.unconditioned(z, torch.tensor([1, 2])).shape == z.shape
+    # Zero-initialised outputs would hide any difference: give every parameter a value first.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in net.parameters():
+            parameter.copy_(0.05 * torch.randn_like(parameter))
+    t, neighbours = torch.tensor([1, 2]), torch.randn(2, 6, 8, 8)
+    net.eval()
+    with torch.no_grad():
+        mixed = net(z, t, images, neighbours, keep_condition=torch.tensor([1.0, 0.0]))
+        conditioned = net(z, t, images, neighbours)
+        unconditioned = net.unconditioned(z, t)
+        other_neighbours = net(z, t, images, torch.randn(2, 6, 8, 8))
+    assert mixed.shape == z.shape
+    # Dropped condition (images and neighbour latents alike) is exactly the unconditioned network; kept is not.
+    torch.testing.assert_close(mixed[1], unconditioned[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[0], conditioned[0], atol=1e-5, rtol=1e-5)
+    assert (conditioned - unconditioned).abs().max() > 1e-3
+    assert (other_neighbours - conditioned).abs().max() > 1e-3  # the concatenated latents reach the output
 
 
 def test_residual_denoiser_starts_as_latent_linear_interpolation(tmp_path):
