@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 import calid
-from calid.errors import CalidError, Cancelled, InputError
+from calid.errors import CalidError, Cancelled, InputError, OutputError
 
 EXIT_BAD_INPUT = 2
 
@@ -46,6 +46,27 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
     except OSError:
         return False
+
+
+def _check_output(source: Path, target: Path, overwrite: bool) -> None:
+    """Every reason the output could not be written, before any work (a run can take hours)."""
+    from calid.data.io import check_output_path
+
+    if _same_file(source, target):
+        raise InputError(target, "the output would overwrite the input; choose another output path")
+    check_output_path(target, overwrite=overwrite)
+
+
+def _output_folder(path: str) -> Path:
+    """An output folder, made (with its parents) when missing; an existing file there is refused."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(folder, "exists and is not a folder; choose another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputError(folder, f"cannot be created ({error.strerror or error})") from error
+    return folder
 
 
 class _ProgressBar:
@@ -144,11 +165,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from calid.models.registry import default_model
 
     factor = check_factor(args.factor, "--factor")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(args.out)
     started = time.perf_counter()
     model = args.model
-    if model is None and default_model() is None:
+    if model is None and args.mode == "linear":
+        model = "linear"  # no network at all
+    elif model is None and default_model() is None:
         model = "untrained:tiny"
         print(
             "NOTE: no trained CaLID model is installed in this version. The demo runs an UNTRAINED\n"
@@ -166,7 +188,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"note: --tta applies to modes calid and calid+; it has no effect on mode {args.mode}", file=sys.stderr)
     tta = args.tta and args.mode in ("calid", "calid+")
     averaged = ", averaged over 8 turns/mirrors" if tta else ""
-    print(f"Upsampling x{factor} with {pipeline.name} ({args.mode}, {args.steps} steps{averaged}) on {pipeline.describe()['device']} ...", flush=True)
+    how = "linear interpolation" if args.mode == "linear" else f"{pipeline.name} ({args.mode}, {args.steps} steps{averaged})"
+    print(f"Upsampling x{factor} with {how} on {pipeline.describe()['device']} ...", flush=True)
     dense = _run_upsampling(pipeline, phantom.sparse, not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, tta=tta)
     chosen = dense.metadata["upsampling"]["frames"]
     linear = load_pipeline("linear").upsample(phantom.sparse, factor, mode="linear", frames=chosen)
@@ -177,7 +200,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     mode_tag = args.mode.replace("+", "plus") + ("_tta" if tta else "")
     files = {
         "sparse": write_stack(sparse, out / "phantom_sparse.nii.gz"),
-        "dense": write_stack(dense, out / f"phantom_{mode_tag}_x{factor}.nii.gz"),
+        **({} if args.mode == "linear" else {"dense": write_stack(dense, out / f"phantom_{mode_tag}_x{factor}.nii.gz")}),
         "linear": write_stack(linear, out / f"phantom_linear_x{factor}.nii.gz"),
         "truth": write_stack(truth, out / f"phantom_truth_x{factor}.nii.gz"),
         "labels": write_stack(phantom.labels_for_factor(factor).select_frames(chosen), out / f"phantom_truth_labels_x{factor}.nii.gz", dtype="uint8"),
@@ -218,10 +241,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     from calid.inference.pipeline import load_pipeline, parse_frames
 
     source, target = Path(args.input), Path(args.output)
-    if _same_file(source, target):
-        raise InputError(target, "the output would overwrite the input; choose another output path")
-    if target.exists() and not args.overwrite:
-        raise InputError(target, "exists already; choose another output path or pass --overwrite")
+    _check_output(source, target, args.overwrite)
     factor = check_factor(args.factor, "--factor")
     centre = _parse_point(args.centre_ras, "--centre-ras")
     from calid.data.stack import fixed_placeholder_mm
@@ -293,8 +313,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     from calid.segmentation import segment
 
     source, target = Path(args.input), Path(args.output)
-    if _same_file(source, target):
-        raise InputError(target, "the output would overwrite the input; choose another output path")
+    _check_output(source, target, args.overwrite)  # labels drawn or corrected by hand must never be lost
     started = time.perf_counter()
     model = _load_segmenter(args.model, args.device)
     stack = read_stack(source, series=args.series)
@@ -314,10 +333,25 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     _stop_if_requested(stop_requested, "segmentation")
-    write_stack(labels, target, dtype="uint8")
+    write_stack(labels, target, dtype="uint8", overwrite=args.overwrite)
     counts = {name: int((labels.data == value).sum()) for value, name in model.config.labels.items()}
     print(f"{stack.n_frames} frame(s) x {stack.n_slices} slices segmented in {time.perf_counter() - started:.1f} s ({', '.join(f'{k}: {v} voxels' for k, v in counts.items())}): {target}")
     return 0
+
+
+def _read_labels(path: str) -> Any:
+    """A label stack (0 background, 1 RV cavity, 2 LV myocardium, 3 LV cavity); an intensity image
+    given by mistake is refused (its pixels of value 1, 2, 3 would be measured as heart)."""
+    from calid.data.io import read_stack
+
+    labels = read_stack(path)
+    values = np.unique(labels.data)
+    unexpected = values[~np.isin(values, (0.0, 1.0, 2.0, 3.0))]
+    if unexpected.size:
+        shown = ", ".join(f"{v:g}" for v in unexpected[:5]) + (", ..." if unexpected.size > 5 else "")
+        raise InputError(path, f"is not a label image: it holds values other than 0-3 ({shown}); give labels as `calid segment` writes them "
+                               "(0 background, 1 RV cavity, 2 LV myocardium, 3 LV cavity)")
+    return labels
 
 
 def _labels_for(args: argparse.Namespace, image: Any) -> Any:
@@ -326,7 +360,7 @@ def _labels_for(args: argparse.Namespace, image: Any) -> Any:
     from calid.segmentation import segment
 
     if args.labels:
-        return read_stack(args.labels)  # any grid: planes are placed in physical space
+        return _read_labels(args.labels)  # any grid: planes are placed in physical space
     if image is None:
         raise InputError("--labels", "give a label file, or an image to segment")
     return segment(image, _load_segmenter(args.seg_model, args.device))
@@ -352,26 +386,25 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     from calid.geometry.planes import Plane, standard_planes
     from calid.geometry.reslice import compare_with_acquired, frame_matching, matching_frame, reslice, save_plane_png
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     image = read_stack(args.input)
     others = [(Path(p).name.split(".")[0], read_stack(p)) for p in args.compare or []]
     frame = args.frame
     if not 0 <= frame < image.n_frames:
         raise InputError("--frame", f"frame {frame} does not exist (the cine has {image.n_frames} frames)")
+    out = _output_folder(args.out)  # once the inputs are known to be good: no empty folder after an error
     if args.plane_ras:
         parts = args.plane_ras.split(";")
         if len(parts) != 3:
             raise InputError("--plane-ras", "give CENTRE;NORMAL;AXIS, each as R,A,S (the axis becomes the image's horizontal direction)")
         centre, normal, axis = (_parse_point(text, "--plane-ras") for text in parts)
         planes = {"user": Plane("user", centre, normal, axis)}  # type: ignore[arg-type]
-        labels = read_stack(args.labels) if args.labels else None
+        labels = _read_labels(args.labels) if args.labels else None
     elif args.points_ras:
         points = [_parse_point(text, "--points-ras") for text in args.points_ras.split(";")]
         if len(points) != 3:
             raise InputError("--points-ras", "give exactly three points R,A,S (centre, a point along the long axis, a third point in the plane)")
         planes = {"user": Plane.from_points("user", *points)}  # type: ignore[arg-type]
-        labels = read_stack(args.labels) if args.labels else None
+        labels = _read_labels(args.labels) if args.labels else None
     else:
         labels = _labels_for(args, image)
         planes = standard_planes(labels, min(frame, labels.n_frames - 1), three_chamber_point=_parse_point(args.three_chamber_ras, "--three-chamber-ras"))
@@ -407,9 +440,8 @@ def _cmd_surfaces(args: argparse.Namespace) -> int:
     from calid.inference.pipeline import parse_frames
     from calid.segmentation.model import LABELS
 
-    labels = read_stack(args.labels)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    labels = _read_labels(args.labels)
+    out = _output_folder(args.out)
     frames = parse_frames(args.frames, labels.n_frames) or list(range(labels.n_frames))
     for frame in frames:
         surfaces = {name: label_surface(labels, value, frame) for value, name in LABELS.items()}
@@ -429,7 +461,7 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
 
     results = {}
     for path in args.labels:
-        labels = read_stack(path)
+        labels = _read_labels(path)
         result = cardiac_function(labels, args.ed, args.es, method=Path(path).name, acquired_slice_spacing_mm=args.acquired_slice_spacing)
         results[Path(path).name.split(".")[0]] = result
         acquired = args.acquired_slice_spacing or labels.metadata.get("upsampling", {}).get("input_slice_spacing_mm")
@@ -442,8 +474,7 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
             )
         for warning in result.warnings:
             print(f"WARNING: {warning}", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(args.out)
     csv_path = write_function_csv(results, out / "volumes.csv")
     png = plot_volume_curves(results, out / "volume_curves.png")
     for name, result in results.items():
@@ -490,11 +521,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     from calid.data.io import read_stack, write_stack
 
     source, target = Path(args.input), Path(args.output)
-    if _same_file(source, target):
-        raise InputError(target, "the output would overwrite the input; choose another output path")
+    _check_output(source, target, args.overwrite)
     stack = read_stack(source, series=args.series, min_slices=1)
     _print_reading_note(stack)
-    write_stack(stack, target, dtype=args.dtype)
+    write_stack(stack, target, dtype=args.dtype, overwrite=args.overwrite)
     print(f"{stack!r} -> {target}")
     return 0
 
@@ -521,8 +551,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     from calid.data.io import write_stack
     from calid.data.phantom import PhantomConfig, make_phantom
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(args.out)
     phantom = make_phantom(args.seed, PhantomConfig(n_frames=args.frames))
     stem = f"phantom{args.seed:04d}"
     written = [
@@ -823,6 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cmd.add_argument("--device", default="auto")
     segment_cmd.add_argument("--frames", help="frames to segment, e.g. 0,5-9 (default: all)")
     segment_cmd.add_argument("--series", help="DICOM: the series to read when the folder holds several: a number, UID or part of its description, or several (7,8,9) holding one slice each")
+    segment_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output file (refused by default: it may hold labels corrected by hand)")
     segment_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     segment_cmd.add_argument("--progress", choices=["bar", "json"], default="bar", help="json: one JSON line per update on stdout, for programs")
     segment_cmd.add_argument(
@@ -883,6 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("output")
     convert.add_argument("--series", help="DICOM: the series to read when the folder holds several: a number, UID or part of its description, or several (7,8,9) holding one slice each")
     convert.add_argument("--dtype", help="voxel type to write (default: the input's)")
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
     convert.set_defaults(handler=_cmd_convert)
 
     inspect = commands.add_parser("inspect", help="print the size, geometry and timing of an image")
@@ -949,7 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors")
     train.set_defaults(handler=_cmd_train)
 
-    from calid.evaluation.harness import ALL_METHODS, METHODS, STEP_SWEEP
+    from calid.evaluation.methods import ALL_METHODS, METHODS, STEP_SWEEP  # light: no PyTorch for --help
 
     pack = commands.add_parser(
         "pack", help="preprocess training images once into one compressed .npz (to carry a data set to a GPU machine; calid train --data FILE.npz)"
@@ -1036,6 +1067,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"calid {args.command}: cancelled; no output was written", file=sys.stderr)
         return 130
     except CalidError as error:
+        print(f"calid {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as error:  # a file system problem (a full disk, permissions, a file where a folder is expected)
         print(f"calid {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:

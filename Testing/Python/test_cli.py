@@ -82,3 +82,52 @@ def test_segment_and_upsample_stop_at_once_when_the_stop_file_exists(tmp_path):
     linear = run_calid("upsample", str(source), str(tmp_path / "kept.nii.gz"), "--mode", "linear", "--stop-file", str(tmp_path / "never-created"), "--quiet")
     assert linear.returncode == 0, linear.stderr  # a stop file that does not exist changes nothing
     assert (tmp_path / "kept.nii.gz").is_file()
+
+
+def test_outputs_are_checked_before_any_work_and_never_replaced_silently(tmp_path):
+    """A missing folder, an unknown or read-only format and an existing file are refused at once (a
+    model run can take hours); segment and convert never replace a file (hand-corrected labels)
+    unless --overwrite; a file where an --out folder is expected is an error, not a traceback."""
+    source = write_stack(oblique_stack(frames=1, slices=3), tmp_path / "in.nii.gz")
+    for output, message in ((tmp_path / "no" / "out.nii.gz", "does not exist"), (tmp_path / "out.txt", "unknown file type"),
+                            (tmp_path / "out.nhdr", "read but not written")):
+        # untrained:tiny would build a network and run it: the refusal must come first, whatever the mode.
+        refused = run_calid("upsample", str(source), str(output), "--mode", "calid", "--model", "untrained:tiny", "--steps", "1")
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+        assert "slices" not in refused.stdout  # nothing was computed
+    assert not (tmp_path / "no").exists()
+
+    labels = tmp_path / "labels.nii.gz"
+    labels.write_bytes(b"labels corrected by hand")
+    for command in (["convert", str(source), str(labels)], ["segment", str(source), str(labels), "--model", "untrained:tiny"]):
+        kept = run_calid(*command)
+        assert kept.returncode == 2 and "--overwrite" in kept.stderr
+        assert labels.read_bytes() == b"labels corrected by hand"
+    replaced = run_calid("convert", str(source), str(labels), "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert read_stack(labels).shape == read_stack(source).shape
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    stack = oblique_stack(frames=2, slices=4)
+    real_labels = write_stack(stack.with_data((np.arange(stack.data.size) % 4).reshape(stack.shape).astype(np.float32)), tmp_path / "real_gt.nii.gz", dtype="uint8")
+    for command in (["demo", "--out", str(a_file), "--mode", "linear", "--phantom-frames", "2"], ["volumes", str(real_labels), "--out", str(a_file)]):
+        failed = run_calid(*command)
+        assert failed.returncode == 2 and "is not a folder" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_an_intensity_image_is_refused_as_labels(tmp_path):
+    """Pixels of value 1, 2 or 3 in an MR image would be measured as heart: refused, naming the file."""
+    image = write_stack(oblique_stack(frames=2, slices=4), tmp_path / "image.nii.gz", dtype="int16")
+    for command in (["volumes", str(image), "--out", str(tmp_path / "v")], ["surfaces", str(image), "--out", str(tmp_path / "s")]):
+        refused = run_calid(*command)
+        assert refused.returncode == 2 and "is not a label image" in refused.stderr and "image.nii.gz" in refused.stderr
+    assert not (tmp_path / "v").exists() and not (tmp_path / "s").exists()
+
+
+def test_demo_in_linear_mode_runs_no_network(tmp_path):
+    result = run_calid("demo", "--out", str(tmp_path / "demo"), "--mode", "linear", "--factor", "2", "--phantom-frames", "2")
+    assert result.returncode == 0, result.stderr
+    assert "UNTRAINED" not in result.stdout and "linear interpolation" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "demo").glob("*.nii.gz")) == [
+        "phantom_linear_x2.nii.gz", "phantom_sparse.nii.gz", "phantom_truth_labels_x2.nii.gz", "phantom_truth_x2.nii.gz"]

@@ -23,6 +23,7 @@ from calid.errors import InputError, OutputError
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
 SUPPORTED_FORMATS_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .seq.nrrd, .nhdr) or a DICOM folder"
+WRITABLE_FORMATS_TEXT = "NIfTI (.nii, .nii.gz), NRRD (.nrrd, .seq.nrrd) or a DICOM folder"
 
 
 def detect_format(path: str | os.PathLike[str], for_writing: bool = False) -> str:
@@ -36,7 +37,7 @@ def detect_format(path: str | os.PathLike[str], for_writing: bool = False) -> st
     if path.is_dir() or (for_writing and path.suffix == "") or name.endswith(".dcm"):
         return "dicom"
     if for_writing:
-        raise OutputError(path, f"unknown file type; write {SUPPORTED_FORMATS_TEXT} (a name without a suffix)")
+        raise OutputError(path, f"unknown file type; write {WRITABLE_FORMATS_TEXT} (a name without a suffix)")
     raise InputError(path, f"unknown file type; use {SUPPORTED_FORMATS_TEXT}")
 
 
@@ -89,6 +90,23 @@ def _series_of_dicom_file(path: Path) -> str | None:
     except Exception:  # not readable as DICOM: the folder reader says what is wrong
         return None
     return str(uid) if uid else None
+
+
+def check_output_path(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
+    """Refuse, before any work, an output that :func:`write_stack` would refuse after it: an unknown
+    or read-only format, a folder that does not exist, or (without ``overwrite``) an existing file."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputError(path, "exists already; choose another output path or pass --overwrite")
+    fmt = detect_format(path, for_writing=True)
+    if fmt == "nrrd" and path.name.lower().endswith(".nhdr"):
+        raise OutputError(path, "detached NRRD headers (.nhdr) are read but not written; write .nrrd or .seq.nrrd")
+    parent = path.absolute().parent
+    if not parent.is_dir():
+        raise OutputError(path, f"the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(path, f"the folder {parent} is not writable")
+    return path
 
 
 def write_stack(

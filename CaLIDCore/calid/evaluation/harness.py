@@ -58,11 +58,7 @@ from calid.inference.pipeline import INVERSION_SLERP, UpsamplingPipeline, load_p
 from calid.models.config import named_config
 
 SCHEMA = "calid-evaluation/1"
-METHODS: tuple[str, ...] = ("linear", "latent-linear", INVERSION_SLERP, "calid", "calid+")
-#: calid / calid+ with test-time augmentation (the 8 rotations and reflections averaged): asked for by name.
-TTA_METHODS: tuple[str, ...] = ("calid-tta", "calid+-tta")
-ALL_METHODS: tuple[str, ...] = METHODS + TTA_METHODS
-STEP_SWEEP: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+from calid.evaluation.methods import ALL_METHODS, METHODS, STEP_SWEEP, TTA_METHODS  # noqa: E402 - re-exported
 STRUCTURES = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
 #: Dimension of the AlexNet conv5 features of the Fréchet distance: fewer slices than this give

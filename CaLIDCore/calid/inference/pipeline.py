@@ -62,7 +62,7 @@ MODES: tuple[str, ...] = ("calid", "calid+", "linear", "latent-linear")
 MODEL_MODES = ("calid", "calid+", "latent-linear")
 #: The DiffAE / DMCVR-style baseline of the evaluation (not an upsampling mode): plain DDIM
 #: inversion of both neighbours with the *unconditioned* denoiser, slerp, unconditioned decoding.
-INVERSION_SLERP = "inversion-slerp"
+from calid.evaluation.methods import INVERSION_SLERP  # noqa: E402 - named with the evaluation's methods
 # Modes that test-time augmentation applies to (the others are linear, hence already symmetric).
 TTA_MODES = ("calid", "calid+")
 # The 8 rotations and reflections of the slice plane: (quarter turns, mirror).

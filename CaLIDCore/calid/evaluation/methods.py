@@ -1,0 +1,12 @@
+"""Names of the methods the evaluation compares, free of heavy imports: the command line builds its
+parser from them without loading PyTorch (``calid --help`` answers at once)."""
+
+from __future__ import annotations
+
+#: The DiffAE-style baseline: DDIM-invert both neighbours, slerp, decode (run by the engine).
+INVERSION_SLERP = "inversion-slerp"
+METHODS: tuple[str, ...] = ("linear", "latent-linear", INVERSION_SLERP, "calid", "calid+")
+#: The same models with test-time augmentation (8 rotations and reflections of the slice plane, averaged).
+TTA_METHODS: tuple[str, ...] = ("calid-tta", "calid+-tta")
+ALL_METHODS: tuple[str, ...] = METHODS + TTA_METHODS
+STEP_SWEEP: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
