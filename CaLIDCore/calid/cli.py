@@ -356,7 +356,6 @@ def _read_labels(path: str) -> Any:
 
 def _labels_for(args: argparse.Namespace, image: Any) -> Any:
     """The label stack given with --labels, or a segmentation of ``image``."""
-    from calid.data.io import read_stack
     from calid.segmentation import segment
 
     if args.labels:
@@ -435,7 +434,6 @@ def _cmd_lax(args: argparse.Namespace) -> int:
 def _cmd_surfaces(args: argparse.Namespace) -> int:
     import os
 
-    from calid.data.io import read_stack
     from calid.geometry.surfaces import label_surface, render_surfaces, write_surface
     from calid.inference.pipeline import parse_frames
     from calid.segmentation.model import LABELS
@@ -456,7 +454,6 @@ def _cmd_surfaces(args: argparse.Namespace) -> int:
 
 
 def _cmd_volumes(args: argparse.Namespace) -> int:
-    from calid.data.io import read_stack
     from calid.geometry.volumes import cardiac_function, plot_volume_curves, write_function_csv
 
     results = {}

@@ -353,7 +353,6 @@ def test_background_segmentation_failure_still_adds_the_dense_output(scene, phan
 
 def test_offscreen_slice_views_on_the_long_axis_planes(scene, phantom, tmp_path):
     """Slicer's own slice logic renders the dense phantom on the 4/2/3-chamber planes; the PNGs are kept."""
-    import os
 
     import vtk
     from vtk.util import numpy_support
@@ -377,7 +376,6 @@ def test_offscreen_slice_views_on_the_long_axis_planes(scene, phantom, tmp_path)
 
 def test_offscreen_three_d_view_shows_the_segment_surfaces(scene, phantom, tmp_path):
     """Slicer's 3D displayable managers render the segmentation's closed surfaces; the PNGs are kept."""
-    import os
 
     import vtk
     from vtk.util import numpy_support
