@@ -135,3 +135,30 @@ def test_subjects_in_folders_are_split_by_folder(tmp_path):
     assert set(train).isdisjoint(val) and len(val) == 1
     with pytest.warns(UserWarning, match="only 1 subject"):
         split_subjects(["sa"], val_fraction=0.2)
+
+
+def test_nifti_vector_images_are_refused_not_read_as_frames(tmp_path):
+    """A 5th axis declared as components (here a 3-vector per voxel) is not time."""
+    image = nib.Nifti1Image(np.ones((6, 5, 4, 1, 3), np.float32), np.eye(4))
+    image.header.set_intent("vector")
+    nib.save(image, tmp_path / "field.nii.gz")
+    with pytest.raises(InputError, match="3 values per voxel"):
+        read_stack(tmp_path / "field.nii.gz")
+    plain = nib.Nifti1Image(np.ones((6, 5, 4, 1, 3), np.float32), np.eye(4))  # no intent: (x, y, z, 1, t) as written in the wild
+    nib.save(plain, tmp_path / "frames.nii.gz")
+    assert read_stack(tmp_path / "frames.nii.gz").n_frames == 3
+
+
+def test_uneven_frame_times_survive_in_nifti_with_a_warning(tmp_path):
+    """NIfTI has one time step: other programs see the mean; CaLID keeps the true times in its extension."""
+    stack = oblique_stack(frames=4, slices=3)
+    uneven = stack.with_data(stack.data, frame_times_ms=np.array([0.0, 200.0, 240.0, 280.0]))
+    with pytest.warns(UserWarning, match="not evenly spaced"):
+        write_stack(uneven, tmp_path / "uneven.nii.gz")
+    np.testing.assert_allclose(read_stack(tmp_path / "uneven.nii.gz").frame_times_ms, [0.0, 200.0, 240.0, 280.0])
+    assert nib.load(tmp_path / "uneven.nii.gz").header.get_zooms()[3] == pytest.approx(280.0 / 3)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_stack(stack, tmp_path / "even.nii.gz")  # evenly spaced: no warning

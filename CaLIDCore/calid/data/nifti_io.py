@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,12 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     path = Path(path)
     image = _load(path)
     shape = tuple(int(s) for s in image.shape)
-    # Trailing singleton axes (x, y, z, 1) or (x, y, z, 1, t) occur in the wild.
+    # Trailing singleton axes (x, y, z, 1) or (x, y, z, 1, t) occur in the wild; but a 5th axis
+    # declared as components (a vector or matrix intent: displacement fields, colour, tensors)
+    # holds several values per voxel, not frames.
+    intent = image.header.get_intent()[0] if hasattr(image.header, "get_intent") else "none"
+    if len(shape) >= 5 and shape[4] > 1 and intent not in ("none", "time series"):
+        raise InputError(path, f"holds {shape[4]} values per voxel (NIfTI intent '{intent}'), not frames; save a grey-scale image")
     squeezed = list(shape[:3]) + [s for s in shape[3:] if s != 1]
     if len(shape) < 3 or len(squeezed) > 4:
         raise InputError(
@@ -231,6 +237,12 @@ def write_nifti(stack: CineStack, path: str | os.PathLike[str], dtype: Any = Non
     image.set_qform(affine, code=code)
     if stack.n_frames > 1:
         interval = stack.frame_interval_ms
+        if stack.frame_times_ms is not None and interval is not None and np.ptp(np.diff(stack.frame_times_ms)) > 0.01 * interval:
+            warnings.warn(
+                f"{path}: the frames are not evenly spaced in time; NIfTI holds one interval ({interval:g} ms, the mean), which other "
+                "programs will show (CaLID reads the true times back from its own header extension). Write .seq.nrrd to keep them for every program.",
+                stacklevel=3,
+            )
         zooms = list(header.get_zooms()[:3]) + [interval if interval is not None else 1.0]
         header.set_zooms(zooms)
         header.set_xyzt_units("mm", "msec" if interval is not None else "unknown")
