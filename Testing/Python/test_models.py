@@ -283,3 +283,17 @@ def test_attention_head_size_must_divide_the_attended_channels():
     for name in ("tiny", "small", "paper"):  # the named configurations build
         config = named_config(name)
         assert all(c % config.denoiser.num_head_channels == 0 for c, a in zip(config.denoiser.channels, config.denoiser.attention_levels) if a)
+
+
+def test_paper_tau2_attends_at_every_scale_and_older_files_keep_their_layout():
+    """The paper: tau2 has self-attention at each resolution scale, the U-Net not at the finest one."""
+    def attention_blocks(module: torch.nn.Module) -> int:
+        return sum(1 for m in module.modules() if "Attn" in type(m).__name__ or "Transformer" in type(m).__name__)
+
+    paper = CaLIDNet(named_config("paper"))
+    assert attention_blocks(paper.controlnet.down_blocks[0]) > 0 and attention_blocks(paper.unet.down_blocks[0]) == 0
+    small = named_config("small")
+    saved = small.to_dict()
+    saved["denoiser"].pop("control_attention_levels")  # a file written before the option existed
+    assert ModelConfig.from_dict(saved) == small and small.denoiser.tau2_attention_levels == small.denoiser.attention_levels
+    assert named_config("paper-2d+t").denoiser.tau2_attention_levels == (False, True, True)  # (t, y, x) tokens: as the U-Net

@@ -81,6 +81,9 @@ class DenoiserConfig:
             neighbour latents, the network's output is added to the mean of the
             two neighbours' latents: with the U-Net's zero-initialised output it
             starts as latent-linear interpolation and learns the correction.
+        control_attention_levels: self-attention at each level of tau2 (the
+            ControlNet encoder); None: as ``attention_levels``. The paper puts
+            self-attention at every scale of tau2 (the ``paper`` configuration).
     """
 
     channels: tuple[int, ...] = (64, 128, 128)
@@ -93,6 +96,11 @@ class DenoiserConfig:
     condition_dropout: float = 0.0
     prediction: Prediction = "epsilon"
     residual_to_neighbours: bool = False
+    control_attention_levels: tuple[bool, ...] | None = None
+
+    @property
+    def tau2_attention_levels(self) -> tuple[bool, ...]:
+        return self.attention_levels if self.control_attention_levels is None else self.control_attention_levels
 
 
 @dataclass(frozen=True)
@@ -134,7 +142,9 @@ class ModelConfig:
             )
         if len(self.denoiser.attention_levels) != len(self.denoiser.channels):
             problems.append("denoiser.attention_levels needs one entry per level of denoiser.channels")
-        attended = [c for c, attention in zip(self.denoiser.channels, self.denoiser.attention_levels) if attention]
+        if len(self.denoiser.tau2_attention_levels) != len(self.denoiser.channels):
+            problems.append("denoiser.control_attention_levels needs one entry per level of denoiser.channels")
+        attended = [c for c, a, b in zip(self.denoiser.channels, self.denoiser.attention_levels, self.denoiser.tau2_attention_levels) if a or b]
         if self.denoiser.num_head_channels < 1 or any(c % self.denoiser.num_head_channels for c in attended):
             problems.append(f"denoiser.num_head_channels {self.denoiser.num_head_channels} must divide the channels of every attention level {attended}")
         for name, channels, groups in (
@@ -217,7 +227,9 @@ def named_config(name: str) -> ModelConfig:
     """The configuration called ``name``: ``tiny``, ``small``, ``paper``, or one of them with ``-2d+t``."""
     if name.endswith(TEMPORAL_SUFFIX) and name[: -len(TEMPORAL_SUFFIX)] in CONFIG_NAMES:
         base = named_config(name[: -len(TEMPORAL_SUFFIX)])
-        return base.replace(name=name, temporal=True, clip_length=8 if base.name == "tiny" else 32)
+        # tau2 attends where the U-Net does: at the finest level a (t, y, x) clip has too many tokens.
+        denoiser = dataclasses.replace(base.denoiser, control_attention_levels=None)
+        return base.replace(name=name, temporal=True, clip_length=8 if base.name == "tiny" else 32, denoiser=denoiser)
     if name == "tiny":
         return ModelConfig(
             name="tiny",
@@ -247,6 +259,7 @@ def named_config(name: str) -> ModelConfig:
                 num_head_channels=64,
                 norm_num_groups=32,
                 conditioning_channels=(32, 64, 128),
+                control_attention_levels=(True, True, True),  # tau2: self-attention at each resolution scale (paper, Sec. III)
             ),
             preprocess=PreprocessConfig(target_spacing_mm=1.8, crop_size=(128, 128)),
         )

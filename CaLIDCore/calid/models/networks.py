@@ -153,7 +153,7 @@ class CaLIDNet(nn.Module):
         self.controlnet = ControlNet(
             conditioning_embedding_in_channels=2,
             conditioning_embedding_num_channels=d.conditioning_channels,
-            **common,
+            **{**common, "attention_levels": d.tau2_attention_levels},
         )
         if config.temporal and not config.time_downsampling:
             # The latent keeps every frame: tau1 downsamples y and x only, frame by frame.
