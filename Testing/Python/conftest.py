@@ -43,9 +43,16 @@ def isolated_model_folders(tmp_path_factory):
 
 def shared_file(*parts: str) -> Path:
     """A file of the shared real data set, or skip the test saying why."""
-    path = SHARED_DATA.joinpath(*parts)
+    return require_shared(SHARED_DATA.joinpath(*parts))
+
+
+def require_shared(path: Path) -> Path:
+    """``path`` (real data or weights beside the repository), or skip the test saying why."""
     if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (set CALID_SHARED_DATA to the data folder)")
+        reason = f"real data not available: {path} is absent (set CALID_SHARED_DATA to the data folder)"
+        if os.environ.get("CALID_REQUIRE_DATA") == "1":  # CI, where the data are beside the clone: a skip would hide it
+            pytest.fail(reason + "; CALID_REQUIRE_DATA=1 requires it")
+        pytest.skip(reason)
     return path
 
 

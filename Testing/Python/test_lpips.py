@@ -6,18 +6,15 @@ import torch
 
 from calid.evaluation.lpips import LPIPS
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require_shared
 
 
 def _weights():
-    path = SHARED_DATA.parent / "weights" / "lpips_alexnet_features.pth"
-    if not path.exists():
-        pytest.skip(f"offline AlexNet weights not available: {path} is absent")
-    return path
+    return require_shared(SHARED_DATA.parent / "weights" / "lpips_alexnet_features.pth")
 
 
 def _image(name: str) -> torch.Tensor:
-    path = SHARED_DATA.parent / "weights" / "lpips_check" / name
+    path = require_shared(SHARED_DATA.parent / "weights" / "lpips_check" / name)
     rgb = torch.from_numpy(mpimg.imread(str(path))[..., :3].copy()).permute(2, 0, 1)[None].float()
     return rgb * 2 - 1
 
