@@ -241,3 +241,23 @@ def test_segmentation_training_takes_subjects_from_their_folders(tmp_path):
         (single / "P000" / name).write_bytes((root / "P000" / name).read_bytes())
     with pytest.raises(InputError, match="no validation subject could be held out: 1 subject"):
         SegmentationTrainer(SegTrainConfig(data=(str(single),), out_dir=str(tmp_path / "out2"), model="tiny", steps=1))
+
+
+def test_cli_train_seg_end_to_end_and_resume(labelled_folder, tmp_path):
+    """calid train seg as a user runs it: a best model that calid segment takes, and --resume continues."""
+    out = tmp_path / "seg"
+    common = ["train", "seg", "--data", str(labelled_folder), "--out", str(out), "--config", "tiny", "--batch-size", "4",
+              "--validate-every", "2", "--checkpoint-every", "2", "--val-fraction", "0.25", "--device", "cpu"]
+    first = subprocess.run([sys.executable, "-m", "calid", *common, "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert "step 0 -> 2" in first.stdout and "done at step 2" in first.stdout
+    best = out / "best.safetensors"
+    assert load_segmenter(best).config.name == "tiny"
+    resumed = subprocess.run([sys.executable, "-m", "calid", *common, "--steps", "4", "--resume"], capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "step 2 -> 4" in resumed.stdout and "done at step 4" in resumed.stdout
+    image = sorted(labelled_folder.glob("*_frame00.nii.gz"))[0]
+    segmented = subprocess.run([sys.executable, "-m", "calid", "segment", str(image), str(tmp_path / "labels.nii.gz"), "--model", str(best), "--quiet"],
+                               capture_output=True, text=True, timeout=600)
+    assert segmented.returncode == 0, segmented.stderr
+    assert read_stack(tmp_path / "labels.nii.gz").shape == read_stack(image).shape
