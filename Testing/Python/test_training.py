@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -220,13 +221,20 @@ def test_sigterm_stops_training_with_a_usable_checkpoint(tmp_path):
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr
-    state = load_file(str(out / "checkpoints" / "last.safetensors"))
-    assert "model.encoder.blocks.0.conv.conv.weight" in state or any(k.startswith("model.") for k in state)
-    assert load_model(out / "model.safetensors").kind == "vae"
+    stopped_at = int(re.search(r"stopped at step (\d+) of 100000", stdout).group(1))  # not a misleading "done"
+    assert stopped_at >= 1 and "continue with the same command and --resume" in stdout
     assert "stop requested" in stdout + stderr
-    assert "continue with the same command and --resume" in stdout  # not a misleading "done"
-    resumed = subprocess.run(_calid("train", "vae", "--data", "phantom:2", "--out", str(out), "--config", "tiny", "--steps", "0", "--batch-size", "2", "--perceptual-weight", "0", "--val-fraction", "0.5", "--resume"), capture_output=True, text=True, timeout=300)
+    from calid.training.trainer import checkpoint_extra_for_stage
+
+    assert checkpoint_extra_for_stage(out / "checkpoints" / "last.safetensors", "vae")["step"] == stopped_at
+    fresh = Trainer(TrainConfig(stage="vae", data=("phantom:2",), out_dir=str(tmp_path / "fresh"), model="tiny", batch_size=2, perceptual_weight=0.0, val_fraction=0.5))
+    state = load_file(str(out / "checkpoints" / "last.safetensors"))
+    assert any(not torch.equal(state[f"model.{name}"], value) for name, value in fresh.trained.state_dict().items() if f"model.{name}" in state)  # trained
+    assert load_model(out / "model.safetensors").kind == "vae"
+    resumed = subprocess.run(_calid("train", "vae", "--data", "phantom:2", "--out", str(out), "--config", "tiny", "--steps", str(stopped_at + 1), "--batch-size", "2",
+                                    "--perceptual-weight", "0", "--val-fraction", "0.5", "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert f"step {stopped_at} -> {stopped_at + 1}" in resumed.stdout and f"done at step {stopped_at + 1}" in resumed.stdout
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
