@@ -617,3 +617,12 @@ def test_recorded_placeholder_spacing_reads_only_a_real_record():
     for header in ({}, {"info": "untrained: no training data"}, {"info": {"training_data": "ACDC"}}, {"info": {"training_data": {"placeholder_spacing": {"assumed_mm": True}}}}):
         assert recorded_placeholder_spacing(header) is None
     assert untrained_model("tiny") is not None and load_pipeline("untrained:tiny").placeholder_spacing_mm is None
+
+
+def test_the_default_mode_follows_the_pipeline(phantom, pipeline):
+    """load_pipeline("linear").upsample(stack, f) interpolates linearly; a model's pipeline runs CaLID."""
+    from calid.inference.baselines import upsample_linear
+
+    linear = load_pipeline("linear").upsample(phantom.sparse, 2, frames=[0])
+    np.testing.assert_array_equal(linear.data, upsample_linear(phantom.sparse.select_frames([0]), 2).data)
+    assert pipeline.upsample(phantom.sparse, 2, steps=1, frames=[0]).metadata["upsampling"]["mode"] == "calid"

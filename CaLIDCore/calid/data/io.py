@@ -149,9 +149,9 @@ def output_dtype(stack: CineStack, dtype: str | np.dtype[Any] | None) -> np.dtyp
     try:
         resolved = np.dtype(dtype)
     except TypeError as error:
-        raise OutputError(stack.source, f"unknown data type {dtype!r}") from error
+        raise OutputError("--dtype", f"unknown data type {dtype!r} (e.g. int16, uint8, float32)") from error
     if resolved.kind not in "iuf":
-        raise OutputError(stack.source, f"data type {resolved} is not supported for writing (use an integer or float type)")
+        raise OutputError("--dtype", f"data type {resolved} is not supported for writing (use an integer or float type)")
     return resolved
 
 

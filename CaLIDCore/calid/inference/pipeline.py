@@ -220,7 +220,7 @@ class UpsamplingPipeline:
         self,
         stack: CineStack,
         factor: int = 4,
-        mode: str = "calid",
+        mode: str | None = None,
         steps: int | None = None,
         seed: int = 0,
         frames: str | int | Sequence[int] | None = None,
@@ -240,6 +240,7 @@ class UpsamplingPipeline:
             mode: ``calid`` (from seeded noise, fast), ``calid+`` (from the slerped DDIM
                 inversions of the neighbours), ``latent-linear`` (midpoint of the
                 neighbours' VAE latents) or ``linear`` (pixel space, needs no model).
+                None: ``calid`` with a model, ``linear`` without (``load_pipeline("linear")``).
             steps: DDIM steps per generated slice (and per inversion in ``calid+``);
                 None = the model's default (:attr:`default_steps`).
             seed: seed of the starting noise (``calid``); the result is reproducible.
@@ -265,6 +266,8 @@ class UpsamplingPipeline:
                 smoother than one sample, and scores higher with few steps.
         """
         factor = check_factor(factor, "factor")
+        if mode is None:
+            mode = "linear" if self.model is None else "calid"
         if mode not in MODES:
             raise InputError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if stack.n_slices < 2:
