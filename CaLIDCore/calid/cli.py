@@ -453,12 +453,26 @@ def _cmd_surfaces(args: argparse.Namespace) -> int:
     return 0
 
 
+def _frames_of_one_cine(inputs: list[tuple[str, Any]]) -> Any:
+    """Single-frame label files of one heart (ACDC's ED and ES files, e.g.) as the frames of one cine,
+    in the order given; they must share one grid (the same acquisition)."""
+    first_path, first = inputs[0]
+    for path, labels in inputs[1:]:
+        if not labels.same_geometry(first):
+            raise InputError(path, f"has another grid than {first_path}; --frames-of-one-cine needs label files of one acquisition")
+    if any(labels.n_frames != 1 for _, labels in inputs):
+        raise InputError("--frames-of-one-cine", "takes single-frame label files (e.g. the ED and the ES file)")
+    return first.with_data(np.concatenate([labels.data for _, labels in inputs]), frame_times_ms=None)
+
+
 def _cmd_volumes(args: argparse.Namespace) -> int:
     from calid.geometry.volumes import cardiac_function, plot_volume_curves, write_function_csv
 
     results = {}
-    for path in args.labels:
-        labels = _read_labels(path)
+    inputs = [(path, _read_labels(path)) for path in args.labels]
+    if args.frames_of_one_cine:
+        inputs = [(args.labels[0], _frames_of_one_cine(inputs))]
+    for path, labels in inputs:
         result = cardiac_function(labels, args.ed, args.es, method=Path(path).name, acquired_slice_spacing_mm=args.acquired_slice_spacing)
         results[Path(path).name.split(".")[0]] = result
         acquired = args.acquired_slice_spacing or labels.metadata.get("upsampling", {}).get("input_slice_spacing_mm")
@@ -886,6 +900,10 @@ def build_parser() -> argparse.ArgumentParser:
     volumes.add_argument("--out", required=True)
     volumes.add_argument("--ed", type=int, help="end-diastolic frame for both ventricles (default: each ventricle's largest volume)")
     volumes.add_argument("--es", type=int, help="end-systolic frame for both ventricles (default: each ventricle's smallest volume)")
+    volumes.add_argument(
+        "--frames-of-one-cine", action="store_true",
+        help="the label files are single frames of one heart (e.g. ACDC's ED and ES files): measured together, giving EDV, ESV and EF",
+    )
     volumes.add_argument(
         "--acquired-slice-spacing", type=float, metavar="MM",
         help="for dense label files that lost CaLID's record (NRRD, DICOM, drawn elsewhere): the spacing of the acquired slices, "

@@ -17,7 +17,7 @@ from calid.errors import InputError
 from calid.segmentation import keep_largest_components, load_segmenter, segment
 from calid.segmentation.model import build_segmenter, named_segmentation_config, save_segmenter
 from calid.segmentation.training import SegmentationTrainer, SegTrainConfig, dice_per_structure, find_labelled_pairs
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, shared_file
 
 
 def run_calid(*args: str) -> subprocess.CompletedProcess[str]:
@@ -166,8 +166,6 @@ def test_shipped_segmenter_reaches_its_stated_dice_on_held_out_subjects():
     """The installed default segmentation model, on the labelled ACDC frames it never saw in training."""
     from calid.models.registry import default_model, verify
 
-    from conftest import shared_file
-
     entry = default_model("segmentation")
     assert entry is not None and entry.path.parent == REPO_ROOT / "Resources" / "Models", "the shipped segmentation model is not registered"
     model = load_segmenter(verify(entry))
@@ -191,8 +189,6 @@ def test_heart_centre_of_a_full_field_of_view_scan_and_centre_on_heart_upsamplin
     from calid.data.preprocess import label_centre_lps
     from calid.models.registry import default_model
     from calid.segmentation import heart_centre_lps
-
-    from conftest import shared_file
 
     assert default_model("segmentation") is not None, "the shipped segmentation model is not registered"
     image_path = shared_file("acdc_edes_labels", "patient011_frame01.nii.gz")  # a validation subject of the segmenter
@@ -261,3 +257,27 @@ def test_cli_train_seg_end_to_end_and_resume(labelled_folder, tmp_path):
                                capture_output=True, text=True, timeout=600)
     assert segmented.returncode == 0, segmented.stderr
     assert read_stack(tmp_path / "labels.nii.gz").shape == read_stack(image).shape
+
+
+def test_volumes_of_separate_ed_and_es_label_files(tmp_path):
+    """ACDC's layout (one label file per phase): measured as the frames of one cine, giving the EF,
+    checked against voxel counts (Simpson's rule on 10 mm slices: every voxel's volume)."""
+    import re
+
+    from calid.cli import main
+
+    ed_path = shared_file("acdc_edes_labels", "patient011_frame01_gt.nii.gz")
+    es_path = shared_file("acdc_edes_labels", "patient011_frame08_gt.nii.gz")
+    ed, es = read_stack(ed_path), read_stack(es_path)
+    voxel_ml = float(np.prod(ed.spacing)) / 1000.0
+    edv, esv = float((ed.data == 3).sum()) * voxel_ml, float((es.data == 3).sum()) * voxel_ml
+    out = tmp_path / "function"
+    result = subprocess.run([sys.executable, "-m", "calid", "volumes", str(ed_path), str(es_path), "--frames-of-one-cine", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    found = re.search(r"LV EDV ([\d.]+) ml, ESV ([\d.]+) ml, SV [\d.]+ ml, EF ([\d.]+) %", result.stdout)
+    assert found is not None, result.stdout
+    assert float(found.group(1)) == pytest.approx(edv, abs=0.06) and float(found.group(2)) == pytest.approx(esv, abs=0.06)
+    assert float(found.group(3)) == pytest.approx(100 * (edv - esv) / edv, abs=0.06)
+    other = write_stack(ed.with_data(ed.data, spacing=(2.0, 2.0, 10.0)), tmp_path / "other_gt.nii.gz", dtype="uint8")
+    assert main(["volumes", str(ed_path), str(other), "--frames-of-one-cine", "--out", str(tmp_path / "x")]) == 2
