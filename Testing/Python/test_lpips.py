@@ -32,3 +32,15 @@ def test_lpips_is_zero_for_identical_images_and_takes_gray_input():
     assert torch.allclose(metric(gray, gray), torch.zeros(2), atol=1e-7)
     assert (metric(gray, gray.flip(-1)) > 0).all()
     assert not any(p.requires_grad for p in metric.parameters())
+
+
+def test_lpips_takes_images_smaller_than_alexnet_needs():
+    """The evaluation scores only the part of a crop inside the image, which can be 20 pixels a side:
+    such pairs are measured (enlarged first), identical ones at 0, different ones above."""
+    metric = LPIPS(_weights())
+    generator = torch.Generator().manual_seed(1)
+    a = torch.rand(3, 1, 20, 27, generator=generator) * 2 - 1
+    b = torch.rand(3, 1, 20, 27, generator=generator) * 2 - 1
+    assert torch.allclose(metric(a, a), torch.zeros(3), atol=1e-6)
+    assert torch.all(metric(a, b) > 0.05)
+    assert metric.pooled_features(a).shape == (3, 256)

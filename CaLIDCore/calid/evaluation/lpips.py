@@ -101,7 +101,17 @@ class LPIPS(nn.Module):
     def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)  # frozen: no dropout, ever
 
+    #: AlexNet's two max-pools leave nothing of an image under 31 pixels a side (the evaluation scores
+    #: only the part of the crop inside the image, which can be that small): such images are enlarged
+    #: (bilinear) to this size on their shorter side first. Larger images are used as they are.
+    MIN_SIDE = 32
+    ENLARGED_SIDE = 64
+
     def _layers(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if min(x.shape[-2:]) < self.MIN_SIDE:
+            scale = self.ENLARGED_SIDE / min(x.shape[-2:])
+            size = (round(x.shape[-2] * scale), round(x.shape[-1] * scale))
+            x = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
         if x.shape[1] == 1:
             x = x.repeat(1, 3, 1, 1)
         x = (x - self.shift) / self.scale
