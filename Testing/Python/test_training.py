@@ -472,3 +472,42 @@ def test_a_resumed_run_keeps_its_own_steps_and_batch_size(tmp_path):
     longer = subprocess.run(_calid(*common, "--resume", "--steps", "3", "--validate-every", "3"), capture_output=True, text=True, timeout=300)
     assert longer.returncode == 0, longer.stderr
     assert "step 2 -> 3" in longer.stdout and "done at step 3" in longer.stdout
+
+
+def test_validation_scores_the_image_not_the_crop_padding(tmp_path):
+    """A field of view smaller than the model's crop: the trainer's validation (which picks
+    best.safetensors) scores inside the image, as calid evaluate does; the padding would raise it."""
+    from calid.data.datasets import image_extent
+    import numpy as np
+
+    from calid.data.io import read_stack, write_stack
+    from calid.data.phantom import PhantomConfig, make_phantom
+    from calid.data.preprocess import preprocess
+
+    folder = tmp_path / "small-fov"
+    folder.mkdir()
+    for seed in range(3):
+        write_stack(make_phantom(seed, PhantomConfig(n_frames=2, matrix=24, pixel_spacing_mm=2.0, n_slices=6)).sparse, folder / f"subject{seed}.nii.gz")
+    trainer = Trainer(TrainConfig(stage="vae", data=(str(folder),), out_dir=str(tmp_path / "run"), model="tiny", batch_size=2, perceptual_weight=0.0, val_fraction=0.34))
+    (rows, columns), = trainer.val_extents
+    cropped, params = preprocess(read_stack(next(folder.glob(f"{trainer.val_set.subjects[0]}.nii.gz"))), named_config("tiny").preprocess)
+    (y0, x0), (height, width) = params.crop_start_yx, params.resampled_shape_yx
+    # Inside the resampled image's own box (the crop's padding left out), and holding all of its non-padding pixels.
+    assert max(0, -y0) <= rows.start and rows.stop <= min(32, height - y0) and max(0, -x0) <= columns.start and columns.stop <= min(32, width - x0)
+    assert (rows.stop - rows.start) * (columns.stop - columns.start) < 0.9 * 32 * 32
+    assert image_extent(cropped.data) == (rows, columns)
+    inside = trainer.validate()
+    # The same PSNR computed here on the image part of each scored triplet (the autoencoder's reconstruction).
+    order = torch.randperm(len(trainer.val_set), generator=torch.Generator().manual_seed(12345)).tolist()
+    autoencoder = trainer.ema.module.eval()
+    values = []
+    with torch.no_grad():
+        for index in order[: trainer.config.max_val_batches * trainer.config.batch_size]:
+            middle = trainer.val_set[index]["middle"][None]
+            predicted = autoencoder.decode(autoencoder.encode(middle)[0])
+            a, b = (((x + 1) / 2).clamp(0, 1)[..., rows, columns] for x in (predicted, middle))
+            values.append(10 * np.log10(1.0 / float(((a - b) ** 2).mean())))
+    assert inside["val_psnr"] == pytest.approx(float(np.mean(values)), abs=1e-3) and np.isfinite(inside["val_ssim"])
+    trainer.val_extents = [(slice(0, 32), slice(0, 32))]
+    assert abs(trainer.validate()["val_psnr"] - inside["val_psnr"]) > 0.1  # the padding changes the score
+    assert trainer.validation_signature()["scored"] == "inside the image"

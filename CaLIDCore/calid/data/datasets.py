@@ -319,6 +319,18 @@ def volumes_from_stacks(stacks: Sequence[CineStack], config: PreprocessConfig = 
     return out
 
 
+def image_extent(data: np.ndarray) -> tuple[slice, slice]:
+    """(rows, columns) of a preprocessed volume's crops (..., H, W) that hold image: those where any
+    frame or slice rises above the padding value -1. The crop pads a small field of view with -1;
+    rows and columns of the image that are -1 everywhere (dark, clipped) go with it, which changes
+    nothing for scoring (every method reproduces a constant border). The whole crop when all is -1."""
+    above = np.asarray(data).reshape(-1, *np.shape(data)[-2:]) > -1.0 + 1e-3
+    rows, columns = np.flatnonzero(above.any(axis=(0, 2))), np.flatnonzero(above.any(axis=(0, 1)))
+    if rows.size == 0 or columns.size == 0:
+        return slice(0, np.shape(data)[-2]), slice(0, np.shape(data)[-1])
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1)
+
+
 class TripletDataset(Dataset[dict[str, Any]]):
     """Slice triplets ``(s[n-g], s[n], s[n+g])`` for interpolation training.
 

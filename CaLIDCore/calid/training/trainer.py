@@ -48,6 +48,7 @@ from calid.data.datasets import (
     SubjectVolume,
     TripletDataset,
     find_image_files,
+    image_extent,
     is_packed_volumes,
     load_subjects,
     read_packed_volumes,
@@ -448,6 +449,9 @@ class Trainer:
         else:
             self.train_set = TripletDataset(train_volumes, gaps=config.gaps, swap_neighbours=config.swap_neighbours, seed=config.seed, transposes=config.transposes)
             self.val_set = TripletDataset(val_volumes, gaps=(1,), flips=False)
+        # Validation scores the part of each crop inside the image, as `calid evaluate` does (the padding
+        # of a small field of view would raise every score alike). Validation items are never turned.
+        self.val_extents = [image_extent(volume.data) for volume in self.val_set.volumes]
         if len(self.train_set) < config.batch_size * self.world:
             raise InputError(", ".join(config.data), f"only {len(self.train_set)} training triplets for a batch of {config.batch_size} x {self.world} process(es)")
         self.data_description: dict[str, Any] = {
@@ -750,11 +754,16 @@ class Trainer:
 
                 z = interpolate_latent(bound, z_prev, z_next, self.schedule, "calid", self.config.val_steps, generator, self.model_config.denoiser.prediction)
                 prediction = apply_floor_snap(self.vae.decode(z / self.latent_scale).float().clamp(-1.0, 1.0), self.model_config.vae.floor_snap)
-            # Per-batch values, averaged here: MONAI's aggregate() would all-gather across
-            # ranks, and only rank 0 validates.
-            psnr_values.append(torch.as_tensor(psnr(to_unit(prediction), to_unit(middle))).flatten().cpu())
-            ssim_values.append(torch.as_tensor(ssim(frames_as_images(to_unit(prediction)), frames_as_images(to_unit(middle)))).flatten().cpu())
-        return {"val_loss": float(np.mean(losses)), "val_psnr": float(torch.cat(psnr_values).mean()), "val_ssim": float(torch.cat(ssim_values).mean())}
+            # Per-item values inside the image, averaged here: MONAI's aggregate() would all-gather
+            # across ranks, and only rank 0 validates.
+            for index, item in enumerate(items):
+                rows, columns = self.val_extents[int(item["keys"][0, 0])]
+                predicted, truth = to_unit(prediction[index : index + 1, ..., rows, columns]), to_unit(middle[index : index + 1, ..., rows, columns])
+                psnr_values.append(torch.as_tensor(psnr(predicted, truth)).flatten().cpu())
+                if min(truth.shape[-2:]) >= 11:  # MONAI's SSIM window
+                    ssim_values.append(torch.as_tensor(ssim(frames_as_images(predicted), frames_as_images(truth))).flatten().cpu())
+        ssim_mean = float(torch.cat(ssim_values).mean()) if ssim_values else float("nan")
+        return {"val_loss": float(np.mean(losses)), "val_psnr": float(torch.cat(psnr_values).mean()), "val_ssim": ssim_mean}
 
     # ------------------------------------------------------------------ checkpoints
     def export(self, path: Path, metrics: dict[str, float] | None = None) -> None:
@@ -806,6 +815,7 @@ class Trainer:
             "triplets": self.data_description["validation_triplets"],
             "preprocess": self.data_description["preprocess"],
             "placeholder_spacing": self.data_description.get("placeholder_spacing"),
+            "scored": "inside the image",  # earlier runs scored the whole crop, padding included
         }))
 
     def _resume(self) -> None:
