@@ -220,9 +220,11 @@ def _measure(scene: Any, result: UpsamplingResult, options: UpsamplingOptions, d
     result.summary_table_node = mrml.summary_table_from_function(scene, function, f"{result.output_node.GetName()} function summary")
 
 
-#: File names exchanged with the worker processes. NIfTI keeps calid's metadata (what was generated, how).
-WORKER_INPUT, WORKER_OUTPUT = "input.nii.gz", "dense.nii.gz"
-WORKER_DENSE_LABELS, WORKER_ACQUIRED_LABELS = "dense_labels.nii.gz", "acquired_labels.nii.gz"
+#: File names exchanged with the worker processes. NIfTI keeps calid's metadata (what was generated, how);
+#: uncompressed, because Slicer's own process reads the results (a x8 cine is hundreds of MB, and
+#: decompressing it would freeze the panel for seconds) and the files are temporary.
+WORKER_INPUT, WORKER_OUTPUT = "input.nii", "dense.nii"
+WORKER_DENSE_LABELS, WORKER_ACQUIRED_LABELS = "dense_labels.nii", "acquired_labels.nii"
 #: Created to cancel: the worker stops at its next check even where killing Slicer's Python
 #: launcher leaves the Python process itself running.
 WORKER_STOP = "stop"

@@ -738,7 +738,7 @@ def test_a_worker_stops_on_the_jobs_stop_file_or_when_its_folder_is_removed(scen
             assert "cancelled; no output was written" in errors
             assert not job.output.exists()
             if how == "stop file":
-                assert sorted(p.name for p in job.folder.iterdir()) == ["input.nii.gz", "stop"]  # no output, no temporary file
+                assert sorted(p.name for p in job.folder.iterdir()) == ["input.nii", "stop"]  # no output, no temporary file
         finally:
             shutil.rmtree(job.folder, ignore_errors=True)
     job.request_stop()  # its folder is gone: nothing to signal, and no error
