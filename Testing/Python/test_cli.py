@@ -106,6 +106,14 @@ def test_outputs_are_checked_before_any_work_and_never_replaced_silently(tmp_pat
     replaced = run_calid("convert", str(source), str(labels), "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert read_stack(labels).shape == read_stack(source).shape
+    # DICOM goes into a new or empty folder, never into one with files (--overwrite does not empty it).
+    (tmp_path / "empty").mkdir()
+    assert run_calid("convert", str(source), str(tmp_path / "empty")).returncode == 0
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    full = run_calid("upsample", str(source), str(tmp_path / "full"), "--mode", "calid", "--model", "untrained:tiny", "--overwrite")
+    assert full.returncode == 2 and "not empty" in full.stderr and "slices" not in full.stdout
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["mine.txt"]
 
     a_file = tmp_path / "a-file"
     a_file.write_text("x")

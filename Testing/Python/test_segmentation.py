@@ -213,11 +213,12 @@ def test_a_model_the_user_installs_takes_precedence_over_the_shipped_one(tiny_se
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     shipped = default_model("segmentation")
     assert shipped is not None and shipped.path.parent == REPO_ROOT / "Resources" / "Models"
-    mine = install_model(tiny_segmenter_file, "my-seg", default=True)
-    assert default_model("segmentation").name == "my-seg" and resolve_model(None, "segmentation") == mine.path
-    same_name = install_model(tiny_segmenter_file, shipped.name)
+    same_name = install_model(tiny_segmenter_file, shipped.name)  # not made the default
     assert resolve_model(shipped.name, "segmentation") == same_name.path
     assert [m.path for m in registered_models() if m.name == shipped.name] == [same_name.path]
+    assert resolve_model(None, "segmentation") == same_name.path  # the default's name, found first in the user's folder
+    mine = install_model(tiny_segmenter_file, "my-seg", default=True)
+    assert default_model("segmentation").name == "my-seg" and resolve_model(None, "segmentation") == mine.path
 
 
 def test_segmentation_training_takes_subjects_from_their_folders(tmp_path):

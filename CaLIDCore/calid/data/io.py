@@ -94,13 +94,23 @@ def _series_of_dicom_file(path: Path) -> str | None:
 
 def check_output_path(path: str | os.PathLike[str], overwrite: bool = False) -> Path:
     """Refuse, before any work, an output that :func:`write_stack` would refuse after it: an unknown
-    or read-only format, a folder that does not exist, or (without ``overwrite``) an existing file."""
+    or read-only format, a folder that does not exist, a DICOM folder that is not empty, or
+    (without ``overwrite``) an existing file."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputError(path, "exists already; choose another output path or pass --overwrite")
     fmt = detect_format(path, for_writing=True)
     if fmt == "nrrd" and path.name.lower().endswith(".nhdr"):
         raise OutputError(path, "detached NRRD headers (.nhdr) are read but not written; write .nrrd or .seq.nrrd")
+    if fmt == "dicom":
+        # A DICOM series goes into a new or empty folder only (atomic_directory): the files of two
+        # series are never mixed, and a user's folder is never emptied, --overwrite or not.
+        if path.exists() and not path.is_dir():
+            raise OutputError(path, "exists and is not a folder (a DICOM output is a folder); choose another output path")
+        if path.is_dir() and any(path.iterdir()):
+            raise OutputError(path, "is a folder that is not empty; a DICOM series is written into a new or empty folder")
+    elif path.is_dir():
+        raise OutputError(path, "is a folder; give a file name (e.g. dense.nii.gz)")
+    elif path.exists() and not overwrite:
+        raise OutputError(path, "exists already; choose another output path or pass --overwrite")
     parent = path.absolute().parent
     if not parent.is_dir():
         raise OutputError(path, f"the folder {parent} does not exist")
@@ -124,7 +134,7 @@ def write_stack(
         overwrite: if False, an existing target is an error.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
+    if path.exists() and not overwrite and not path.is_dir():  # folders (DICOM): atomic_directory's rules
         raise OutputError(path, "exists already (refusing to overwrite)")
     fmt = detect_format(path, for_writing=True)
     if fmt == "nifti":

@@ -100,9 +100,14 @@ def registered_models() -> list[RegisteredModel]:
 
 
 def default_model(kind: str = "calid") -> RegisteredModel | None:
-    """The model of a kind used when none is named (the first one marked default), if any is installed."""
-    models = registered_models()
-    return next((m for m in models if m.default and m.kind == kind), None)
+    """The model of a kind used when none is named, if any is installed: the first entry marked
+    default in folder order, found by its name (so a model installed under a shipped default's
+    name, in an earlier folder, is the one that runs)."""
+    for folder in model_folders():
+        for model in _read_registry(folder):
+            if model.default and model.kind == kind:
+                return next(m for m in registered_models() if m.name == model.name)
+    return None
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
