@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-# The module's library: in a checkout (Resources/ beside CaLIDSlicer/), or beside this file where
-# the extension installs it (with the module's own files).
-for candidate in (HERE.parent / "CaLIDSlicer", HERE / "CaLIDSlicer", HERE):
+# The module's library: in a checkout (Resources/ beside CaLIDSlicer/), or one level up where the
+# extension installs this file (CaLIDScripts/ beside the module's own files).
+for candidate in (HERE.parent / "CaLIDSlicer", HERE / "CaLIDSlicer", HERE.parent):
     if (candidate / "CaLIDSlicerLib").is_dir() and str(candidate) not in sys.path:
         sys.path.insert(0, str(candidate))
 
