@@ -193,12 +193,14 @@ def orient_slice_node(slice_node: Any, plane: Any, transform: Any = None) -> np.
     if transform is not None:
         to_world = _transform_between(transform, None)
         centre = np.asarray(to_world.TransformPoint(ras["centre"]))
-        # Directions as the transform moves them at the centre (exact for linear transforms).
-        normal = np.asarray(to_world.TransformPoint(ras["centre"] + ras["normal"])) - centre
-        u = np.asarray(to_world.TransformPoint(ras["centre"] + ras["u"])) - centre
+        # The plane's two in-plane directions as the transform moves them at the centre; the plane they
+        # span is the transformed plane (also under scaling or shear); the normal is theirs.
+        v = np.cross(ras["normal"], ras["u"])
+        u_world = np.asarray(to_world.TransformPoint(ras["centre"] + ras["u"])) - centre
+        v_world = np.asarray(to_world.TransformPoint(ras["centre"] + v)) - centre
+        normal = np.cross(u_world, v_world)
         normal /= np.linalg.norm(normal)
-        u -= np.dot(u, normal) * normal
-        ras = {"centre": centre, "normal": normal, "u": u / np.linalg.norm(u)}
+        ras = {"centre": centre, "normal": normal, "u": u_world / np.linalg.norm(u_world)}
     slice_node.SetSliceToRASByNTP(*(-ras["normal"]), *ras["u"], *ras["centre"], 0)
     matrix = slice_node.GetSliceToRAS()
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])

@@ -301,6 +301,10 @@ def test_comparison_matches_frames_of_the_same_cardiac_phase(phantom):
     assert untimed["psnr_db"] == pytest.approx(by_time["psnr_db"])
     # Matching by index would have compared other phases of the beat: the heart moves between them.
     assert np.abs(phantom.dense.data[every_other[-1]] - phantom.dense.data[acquired.n_frames - 1]).max() > 0.1 * np.ptp(phantom.dense.data)
+    # A stack of fewer frames (only some upsampled) is scored on the acquired frames of its phases only.
+    some = phantom.dense.select_frames([0, 4])
+    partial = compare_with_acquired(some, reslice(phantom.dense, plane, 1.5))
+    assert [(f["frame"], f["stack_frame"]) for f in partial["frames"]] == [(0, 0), (4, 1)] and partial["psnr_db"] > 40
     # One frame asked for: the same rule (the CLI's --compare views).
     assert matching_frame(phantom.dense, acquired, 1) == every_other[1]
     with pytest.raises(InputError, match="does not exist"):

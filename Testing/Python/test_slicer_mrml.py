@@ -821,6 +821,7 @@ def test_input_under_a_transform_outputs_overlay_it_and_points_are_taken_in_its_
     transform_node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "registration")
     to_parent = vtk.vtkTransform()
     to_parent.Translate(50.0, -20.0, 7.0)
+    to_parent.RotateX(25.0)  # moves the plane's normal and in-plane axis below
     to_parent.RotateZ(30.0)
     transform_node.SetMatrixTransformToParent(to_parent.GetMatrix())
     mrml.shown_node(scene, sequence).SetAndObserveTransformNodeID(transform_node.GetID())
@@ -828,6 +829,9 @@ def test_input_under_a_transform_outputs_overlay_it_and_points_are_taken_in_its_
 
     result = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=False, frames="all"))
     assert result.parent_transform is transform_node
+    segmentation = mrml.segmentation_from_labels(scene, phantom.sparse_labels, "labels")
+    mrml.place_under(scene, segmentation, result.parent_transform)  # as the Logic places its segmentation
+    assert segmentation.GetParentTransformNode() is transform_node
     output_proxy = mrml.shown_node(scene, result.output_node)
     assert output_proxy.GetParentTransformNode() is transform_node
     # Overlaid in world coordinates: the same centre (the output spans the same slices, thinner).
@@ -854,5 +858,6 @@ def test_input_under_a_transform_outputs_overlay_it_and_points_are_taken_in_its_
     slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
     slice_to_ras = mrml.orient_slice_node(slice_node, plane, transform_node)
     np.testing.assert_allclose(slice_to_ras[:3, 3], world_ras, atol=1e-6)
-    rotated_normal_ras = np.asarray(to_parent.TransformVector(0.0, 0.0, 1.0))
-    np.testing.assert_allclose(np.abs(slice_to_ras[:3, 2] @ rotated_normal_ras), 1.0, atol=1e-6)
+    untransformed = mrml.orient_slice_node(scene.AddNewNodeByClass("vtkMRMLSliceNode"), plane)
+    rotation = np.array([[to_parent.GetMatrix().GetElement(r, c) for c in range(3)] for r in range(3)])
+    np.testing.assert_allclose(slice_to_ras[:3, :3], rotation @ untransformed[:3, :3], atol=1e-6)  # every axis of the view moved

@@ -169,7 +169,8 @@ def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, An
 
     ``acquired`` is a single-slice CineStack (the LAX cine); each of its frames
     is compared with the stack's frame of the same cardiac phase
-    (:func:`matching_frame`). Returns PSNR (dB, peak = the acquired image's
+    (:func:`matching_frame`), or, when the stack has fewer frames, each of the
+    stack's frames with the acquired frame of its phase. Returns PSNR (dB, peak = the acquired image's
     range), SSIM (on the bounding box of the covered region, both images scaled
     to [0, 1] by the acquired range) and NCC, per frame and as means.
     """
@@ -178,8 +179,13 @@ def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, An
     t, _, rows, columns = acquired.shape
     jj, ii = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
     points = acquired.index_to_physical(np.stack([ii, jj, np.zeros_like(ii)], axis=-1).astype(np.float64))
-    matched = [matching_frame(dense, acquired, frame) for frame in range(t)]
-    predicted, inside = sample_at(dense, points, 1, matched)
+    if dense.n_frames < t:
+        # Fewer frames in the stack (e.g. only ED and ES upsampled): each is scored against the acquired
+        # frame of its phase; the other acquired frames have no counterpart.
+        pairs = sorted({(matching_frame(acquired, dense, k), k) for k in range(dense.n_frames)})
+    else:
+        pairs = [(frame, matching_frame(dense, acquired, frame)) for frame in range(t)]
+    predicted, inside = sample_at(dense, points, 1, [k for _, k in pairs])
     if inside.sum() < 16:
         raise InputError(acquired.source, "the short-axis stack does not reach this long-axis plane (fewer than 16 pixels in common)")
     from monai.metrics import SSIMMetric
@@ -188,11 +194,11 @@ def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, An
     ys, xs = np.nonzero(inside)
     box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     per_frame = []
-    for frame, dense_frame in enumerate(matched):
+    for index, (frame, dense_frame) in enumerate(pairs):
         truth = acquired.data[frame, 0]
         low, high = float(truth.min()), float(truth.max())
         scale = max(high - low, 1e-6)
-        a, b = (truth - low) / scale, (predicted[frame] - low) / scale
+        a, b = (truth - low) / scale, (predicted[index] - low) / scale
         mse = float(np.mean((a[inside] - b[inside]) ** 2))
         psnr = 10.0 * np.log10(1.0 / max(mse, 1e-12))
         x, y = a[inside] - a[inside].mean(), b[inside] - b[inside].mean()
