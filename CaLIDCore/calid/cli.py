@@ -390,7 +390,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     frame = args.frame
     if not 0 <= frame < image.n_frames:
         raise InputError("--frame", f"frame {frame} does not exist (the cine has {image.n_frames} frames)")
-    out = _output_folder(args.out)  # once the inputs are known to be good: no empty folder after an error
+    out = _output_folder(args.out)  # once the images are read and the frame checked
     if args.plane_ras:
         parts = args.plane_ras.split(";")
         if len(parts) != 3:
@@ -456,6 +456,8 @@ def _cmd_surfaces(args: argparse.Namespace) -> int:
 def _frames_of_one_cine(inputs: list[tuple[str, Any]]) -> Any:
     """Single-frame label files of one heart (ACDC's ED and ES files, e.g.) as the frames of one cine,
     in the order given; they must share one grid (the same acquisition)."""
+    if len(inputs) < 2:
+        raise InputError("--frames-of-one-cine", "give at least two label files (e.g. the ED and the ES file)")
     first_path, first = inputs[0]
     for path, labels in inputs[1:]:
         if not labels.same_geometry(first):

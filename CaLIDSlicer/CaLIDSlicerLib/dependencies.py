@@ -15,6 +15,11 @@ REQUIRED = ("torch", "monai", "calid")
 
 #: Import names of calid's requirements where they differ from the distribution's name.
 IMPORT_NAMES = {"pynrrd": "nrrd"}
+#: Requirements installed without their own: calid uses only lpips' weight files, and lpips asks
+#: for torchvision, whose wheel pins a torch build that would replace the PyTorch extension's.
+WITHOUT_THEIR_REQUIREMENTS = ("lpips",)
+#: Set once calid was replaced while its old modules were loaded: they stay loaded until Slicer restarts.
+_restart_needed = False
 
 
 def missing_packages() -> list[str]:
@@ -86,19 +91,24 @@ def bundled_models() -> Path | None:
     return None
 
 
-def ships_interpolation_model() -> bool:
-    """Whether the extension ships a default CaLID (interpolation) model; read from the shipped
-    registry without calid, so that the panel's default method works before any installation."""
+def _has_default_interpolation_model(folder: Path) -> bool:
     import json
 
-    folder = bundled_models()
-    if folder is None:
-        return False
     try:
         entries = json.loads((folder / "registry.json").read_text()).get("models", [])
     except (OSError, ValueError, AttributeError):
         return False
     return any(isinstance(entry, dict) and entry.get("kind", "calid") == "calid" and entry.get("default") for entry in entries)
+
+
+def interpolation_model_installed() -> bool:
+    """Whether a default CaLID (interpolation) model is there: shipped with the extension, or installed
+    by the user (``calid install --default``, or a folder in $CALID_MODEL_DIR). Read from the model
+    registries without calid, so that the panel's default method works before any installation."""
+    user_folders = [Path(entry).expanduser() for entry in os.environ.get("CALID_MODEL_DIR", "").split(os.pathsep) if entry.strip()]
+    user_folders.append(Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "calid" / "models")  # calid install's folder
+    shipped = bundled_models()
+    return any(_has_default_interpolation_model(folder) for folder in [*user_folders, *([shipped] if shipped else [])])
 
 
 def register_bundled_models() -> Path | None:
@@ -123,6 +133,9 @@ def install(confirm: bool = True) -> bool:
     """
     import slicer
 
+    global _restart_needed
+    if _restart_needed:
+        raise RuntimeError("calid was updated to this extension's version; restart Slicer to use it")
     core = bundled_core()
     missing = missing_packages()
     outdated = "calid" not in missing and installed_core_is_outdated(core)
@@ -160,14 +173,18 @@ def install(confirm: bool = True) -> bool:
             # Only what is missing (never a second VTK, SimpleITK or pydicom beside Slicer's), then calid
             # itself without its requirements. Arguments as a list: a string would be split by shlex,
             # which drops the backslashes of a Windows path.
-            if requirements:
-                slicer.util.pip_install(requirements)
+            alone = [spec for spec in requirements if re.split(r"[<>=!~ ;\[]", spec)[0] in WITHOUT_THEIR_REQUIREMENTS]
+            if len(alone) < len(requirements):
+                slicer.util.pip_install([spec for spec in requirements if spec not in alone])
+            if alone:
+                slicer.util.pip_install(["--no-deps", *alone])
             slicer.util.pip_install(["--no-deps", "--force-reinstall", str(core)])
         elif "monai" in missing:  # calid itself is installed (e.g. by hand), only MONAI is not
             slicer.util.pip_install(["monai"])
     importlib.invalidate_caches()  # find_spec must see what pip has just added
     if replacing_loaded_core:
         # This process has the old modules loaded; mixing them with the new files would fail in odd ways.
+        _restart_needed = True
         raise RuntimeError("calid was updated to this extension's version; restart Slicer to use it")
     still_missing = missing_packages()
     if still_missing:

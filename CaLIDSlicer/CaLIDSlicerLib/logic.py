@@ -282,9 +282,15 @@ def prepare_background(input_node: Any, options: UpsamplingOptions) -> Backgroun
     from CaLIDSlicerLib.process import segment_command, upsample_command, work_folder
 
     check_model_available(options)
+    import warnings
+
     stack = stack_from_node(input_node)
     folder = work_folder()
-    source = write_stack(stack, folder / WORKER_INPUT)
+    with warnings.catch_warnings():
+        # Uneven frame times: NIfTI's single interval is for other programs; the worker reads the true
+        # times back from calid's own header extension, so the warning has nothing to say here.
+        warnings.filterwarnings("ignore", message=".*not evenly spaced in time")
+        source = write_stack(stack, folder / WORKER_INPUT)
     output, stop = folder / WORKER_OUTPUT, folder / WORKER_STOP
     job = BackgroundJob(folder=folder, stages=[WorkerStage("Upsampling", upsample_command(source, output, options, stop_file=stop))], output=output)
     if options.segment:

@@ -169,8 +169,10 @@ def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
     assert set(result.planes) >= {"4-chamber", "2-chamber", "3-chamber"}
 
 
-def test_batch_script_code_path(scene, phantom, tmp_path):
+def test_batch_script_code_path(scene, phantom, tmp_path, monkeypatch):
     import importlib.util
+
+    monkeypatch.delenv("CALID_SHIPPED_MODEL_DIR", raising=False)  # the script sets it: restored after the test
 
     spec = importlib.util.spec_from_file_location("CaLIDBatch", REPO_ROOT / "Resources" / "CaLIDBatch.py")
     batch = importlib.util.module_from_spec(spec)
@@ -432,12 +434,12 @@ def test_parameter_node_fields_match_the_panel_and_become_options():
     assert bound <= set(fields), f"widgets bound to unknown parameters: {bound - set(fields)}"
     assert set(fields) - bound == {"device", "model"}, "every other parameter must have a widget"
     assert {m.value for m in Method} == set(MODES), "the panel offers every engine mode"
-    from CaLIDSlicerLib.dependencies import ships_interpolation_model
+    from CaLIDSlicerLib.dependencies import interpolation_model_installed
 
-    namespace = {"Method": Method, "FrameSelection": FrameSelection, "PlaceholderSpacing": PlaceholderSpacing, "ships_interpolation_model": ships_interpolation_model}
+    namespace = {"Method": Method, "FrameSelection": FrameSelection, "PlaceholderSpacing": PlaceholderSpacing, "interpolation_model_installed": interpolation_model_installed}
     defaults = SimpleNamespace(**{name: None if value is None else eval(compile(ast.Expression(value), "defaults", "eval"), namespace) for name, value in fields.items()})
     options = options_from_parameters(defaults)
-    default_mode = "calid" if ships_interpolation_model() else "linear"  # what works as installed
+    default_mode = "calid" if interpolation_model_installed() else "linear"  # what works as installed
     assert (options.factor, options.mode, options.steps, options.seed, options.frames, options.device, options.model, options.segment) == (4, default_mode, None, 0, None, "auto", None, True)
     assert options.placeholder_spacing == "model" and options.tta is False
     defaults.testTimeAugmentation = True
@@ -787,7 +789,7 @@ def test_without_an_installed_model_the_panel_defaults_to_linear_and_says_what_t
 
     shipped = json.loads((REPO_ROOT / "Resources" / "Models" / "registry.json").read_text())["models"]
     ships = any(entry.get("kind", "calid") == "calid" and entry.get("default") for entry in shipped)
-    assert d.ships_interpolation_model() is ships
+    assert d.interpolation_model_installed() is ships
     assert (default_model("calid") is not None) is ships
     if ships:
         return
@@ -801,12 +803,21 @@ def test_without_an_installed_model_the_panel_defaults_to_linear_and_says_what_t
     result = upsample_node(scene, node, UpsamplingOptions(factor=2, mode="linear", segment=False))
     assert result.dense.n_slices == 2 * phantom.sparse.n_slices - 1
 
-    # A shipped registry with a default interpolation model makes CaLID the panel's default.
-    folder = tmp_path / "models"
-    folder.mkdir()
-    (folder / "registry.json").write_text(json.dumps({"models": [{"name": "m", "file": "m.safetensors", "sha256": "0" * 64, "kind": "calid", "default": True}]}))
-    monkeypatch.setattr(d, "bundled_models", lambda: folder)
-    assert d.ships_interpolation_model() is True
+    # A default interpolation model installed by the user (calid install --default), or shipped,
+    # makes CaLID the panel's default.
+    registry = json.dumps({"models": [{"name": "m", "file": "m.safetensors", "sha256": "0" * 64, "kind": "calid", "default": True}]})
+    user_folder = tmp_path / "data" / "calid" / "models"
+    user_folder.mkdir(parents=True)
+    (user_folder / "registry.json").write_text(registry)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    assert d.interpolation_model_installed() is True
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "elsewhere"))
+    assert d.interpolation_model_installed() is False
+    shipped_folder = tmp_path / "shipped"
+    shipped_folder.mkdir()
+    (shipped_folder / "registry.json").write_text(registry)
+    monkeypatch.setattr(d, "bundled_models", lambda: shipped_folder)
+    assert d.interpolation_model_installed() is True
 
 
 def test_input_under_a_transform_outputs_overlay_it_and_points_are_taken_in_its_frame(scene, phantom):

@@ -511,3 +511,29 @@ def test_validation_scores_the_image_not_the_crop_padding(tmp_path):
     trainer.val_extents = [(slice(0, 32), slice(0, 32))]
     assert abs(trainer.validate()["val_psnr"] - inside["val_psnr"]) > 0.1  # the padding changes the score
     assert trainer.validation_signature()["scored"] == "inside the image"
+
+
+def test_an_autoencoder_run_resumes_after_the_denoiser_part_of_its_configuration_changed(tmp_path):
+    """The VAE stage never builds the denoiser: a checkpoint whose stored denoiser settings differ
+    (written before a configuration gained an option) still resumes; another autoencoder does not."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    common = dict(stage="vae", data=("phantom:2",), model="tiny", batch_size=2, perceptual_weight=0.0, val_fraction=0.5, checkpoint_every=1)
+    run(TrainConfig(out_dir=str(tmp_path / "run"), steps=1, **common))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.safetensors"
+
+    def rewrite(change) -> None:
+        with safe_open(str(checkpoint), "pt") as handle:
+            header = json.loads(handle.metadata()["calid"])
+        change(header["extra"]["model_config"])
+        save_file(load_file(str(checkpoint)), str(checkpoint), metadata={"calid": json.dumps(header)})
+
+    rewrite(lambda config: config["denoiser"].update(num_res_blocks=3, control_attention_levels=[True, True]))
+    resumed = Trainer(TrainConfig(out_dir=str(tmp_path / "run"), steps=2, **common), resume=True)
+    assert resumed.step == 1
+    rewrite(lambda config: config["vae"].update(latent_channels=4))
+    with pytest.raises(InputError, match="another model configuration"):
+        Trainer(TrainConfig(out_dir=str(tmp_path / "run"), steps=2, **common), resume=True)

@@ -828,7 +828,12 @@ class Trainer:
             modules["discriminator"] = self.discriminator
             optimizers["disc_optimizer"] = self.disc_optimizer
         extra = load_training_state(path, modules, optimizers)
-        if _with_floor_snap(ModelConfig.from_dict(extra["model_config"]), 0.0) != _with_floor_snap(self.model_config, 0.0):  # a calibration, not the architecture
+        saved_config = _with_floor_snap(ModelConfig.from_dict(extra["model_config"]), 0.0)  # a calibration, not the architecture
+        if self.config.stage == "vae":
+            # The autoencoder's run does not build the denoiser: a later change to the named
+            # configuration's denoiser (or its schedule) must not stop it from resuming.
+            saved_config = saved_config.replace(denoiser=self.model_config.denoiser, schedule=self.model_config.schedule, default_steps=self.model_config.default_steps)
+        if saved_config != _with_floor_snap(self.model_config, 0.0):
             raise InputError(path, "the checkpoint was made with another model configuration than this run's")
         self.step = int(extra["step"])
         if self.world > 1:
