@@ -285,13 +285,14 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from calid.models.card import model_card_text
-    from calid.models.registry import model_folders, registered_models
+    from calid.models.registry import default_model, model_folders, registered_models
 
     if args.model is None:
         models = registered_models()
+        defaults = {model.path for model in (default_model(kind) for kind in {m.kind for m in models}) if model is not None}
         print("installed models:" if models else "no trained model is installed")
         for model in models:
-            print(f"  {model.name}{' (default)' if model.default else ''}: {model.description} [{model.path}]")
+            print(f"  {model.name}{' (default)' if model.path in defaults else ''}: {model.description} [{model.path}]")
         folders = model_folders()
         print("searched folders: " + (", ".join(str(f) for f in folders) or "none exist") + " (add one with $CALID_MODEL_DIR)")
         return 0

@@ -148,7 +148,8 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
     path = Path(text).expanduser()
     if path.is_file():
         return path
-    names = ", ".join(m.name for m in registered_models() if m.kind == kind) or "none installed"
+    others = ", ".join(f"{m.name} ({m.kind})" for m in registered_models() if m.kind != kind)
+    names = ", ".join(m.name for m in registered_models() if m.kind == kind) or ("none installed" + (f"; other models: {others}" if others else ""))
     kind_text = "segmentation" if kind == "segmentation" else "CaLID"
     raise InputError(text, f"is neither a model file nor a known {kind_text} model name (known: {names})")
 
