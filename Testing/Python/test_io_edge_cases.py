@@ -162,3 +162,17 @@ def test_uneven_frame_times_survive_in_nifti_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         write_stack(stack, tmp_path / "even.nii.gz")  # evenly spaced: no warning
+
+
+def test_a_cine_written_as_plain_nrrd_warns_that_slicer_opens_it_as_a_vector_volume(tmp_path):
+    """Slicer picks its reader by the name: .seq.nrrd is a sequence, .nrrd a (vector) volume."""
+    import warnings
+
+    cine = oblique_stack(frames=3, slices=4)
+    with pytest.warns(UserWarning, match=r"vector volume.*\.seq\.nrrd"):
+        write_stack(cine, tmp_path / "cine.nrrd")
+    np.testing.assert_array_equal(read_stack(tmp_path / "cine.nrrd").data, cine.data)  # calid reads it all the same
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_stack(cine, tmp_path / "cine.seq.nrrd")
+        write_stack(cine.select_frames([0]), tmp_path / "volume.nrrd")

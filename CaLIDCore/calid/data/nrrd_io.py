@@ -11,6 +11,7 @@ list axis first or last, and ``space`` in RAS or LPS.
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -154,6 +155,12 @@ def write_nrrd(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None
         header["kinds"] = ["domain", "domain", "domain"]
         header["space directions"] = axes_lps.T
     else:
+        if not path.name.lower().endswith(".seq.nrrd"):
+            warnings.warn(
+                f"{path}: a cine written as plain .nrrd opens in 3D Slicer as a vector volume (one component per frame), "
+                "not as a sequence; name it .seq.nrrd to open it as a cine (calid reads both)",
+                stacklevel=3,
+            )
         data = np.transpose(array, (0, 3, 2, 1))  # (t, x, y, z)
         header["kinds"] = ["list", "domain", "domain", "domain"]
         header["space directions"] = np.vstack([np.full(3, np.nan), axes_lps.T])
