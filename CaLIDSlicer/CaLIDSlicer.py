@@ -22,7 +22,7 @@ from slicer.util import VTKObservationMixin
 
 # Only calid-free imports at the top: Slicer loads this module before the first-use installer ran.
 from CaLIDSlicerLib.choices import FACTORS, FrameSelection, Method, PlaceholderSpacing
-from CaLIDSlicerLib.dependencies import register_bundled_models, interpolation_model_installed
+from CaLIDSlicerLib.dependencies import interpolation_model_installed, register_bundled_models
 
 #: Slice view -> plane shown on it; a plane of the user's own ("user", from 3 points) replaces the 3-chamber view.
 LAX_VIEWS = {"Red": "4-chamber", "Yellow": "2-chamber", "Green": "3-chamber"}
@@ -39,7 +39,7 @@ class CaLIDSlicerParameterNode:
 
     inputNode: Union[vtkMRMLScalarVolumeNode, vtkMRMLSequenceNode]  # node parameters start as None
     factor: Annotated[int, Choice(list(FACTORS))] = 4
-    # What works out of the box: CaLID when the extension ships its model, else linear interpolation.
+    # What works out of the box: CaLID when a default CaLID model is installed (shipped or the user's), else linear.
     method: Method = Method.CALID if interpolation_model_installed() else Method.LINEAR
     steps: Annotated[int, WithinRange(0, 128)] = 0  # 0: the model's validated default
     seed: Annotated[int, WithinRange(0, 999999)] = 0

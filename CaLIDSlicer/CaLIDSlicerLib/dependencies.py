@@ -27,17 +27,17 @@ def missing_packages() -> list[str]:
     return [name for name in REQUIRED if importlib.util.find_spec(name) is None]
 
 
+def distribution_name(specifier: str) -> str:
+    """``"SimpleITK>=2.3"`` -> ``"SimpleITK"``."""
+    return re.split(r"[<>=!~ ;\[]", specifier.strip(), maxsplit=1)[0]
+
+
 def core_requirements(core: Path) -> dict[str, str]:
     """calid's requirements (pip specifiers, by import name), from the bundled core's pyproject.toml."""
     import tomllib
 
     specifiers = tomllib.loads((core / "pyproject.toml").read_text())["project"]["dependencies"]
-    requirements = {}
-    for specifier in specifiers:
-        name = re.match(r"[A-Za-z0-9_.-]+", specifier)
-        if name is not None:
-            requirements[IMPORT_NAMES.get(name.group(0), name.group(0))] = specifier
-    return requirements
+    return {IMPORT_NAMES.get(distribution_name(spec), distribution_name(spec)): spec for spec in specifiers}
 
 
 def missing_requirements(core: Path) -> list[str]:
@@ -147,7 +147,7 @@ def install(confirm: bool = True) -> bool:
         raise RuntimeError("the calid package that ships with this extension is missing (CaLIDCore); reinstall the CaLID extension")
     lines = []
     if missing or requirements:
-        names = dict.fromkeys([*missing, *(re.split(r"[<>=!~ ;\[]", spec)[0] for spec in requirements)])
+        names = dict.fromkeys([*missing, *map(distribution_name, requirements)])
         lines.append("CaLID needs these Python packages, which are not installed yet: " + ", ".join(names) + ".")
     if outdated:
         lines.append("The installed calid package differs from this version of the extension and will be replaced.")
@@ -163,9 +163,10 @@ def install(confirm: bool = True) -> bool:
             try:
                 import PyTorchUtils  # the PyTorch extension
 
-                # The same lower bound as calid's: an older build would not run it.
-                torch_requirement = (core_requirements(core).get("torch", "torch") if core is not None else "torch")[len("torch"):] or None
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=torch_requirement) is None:
+                # The same lower bound as calid's (">=2.4"): an older build would not run it.
+                torch_spec = core_requirements(core).get("torch", "torch") if core is not None else "torch"
+                version = torch_spec[len(distribution_name(torch_spec)):].strip() or None
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=version) is None:
                     raise RuntimeError("PyTorch could not be installed by the PyTorch extension")
             except ImportError:
                 slicer.util.pip_install("torch")
@@ -173,7 +174,7 @@ def install(confirm: bool = True) -> bool:
             # Only what is missing (never a second VTK, SimpleITK or pydicom beside Slicer's), then calid
             # itself without its requirements. Arguments as a list: a string would be split by shlex,
             # which drops the backslashes of a Windows path.
-            alone = [spec for spec in requirements if re.split(r"[<>=!~ ;\[]", spec)[0] in WITHOUT_THEIR_REQUIREMENTS]
+            alone = [spec for spec in requirements if distribution_name(spec) in WITHOUT_THEIR_REQUIREMENTS]
             if len(alone) < len(requirements):
                 slicer.util.pip_install([spec for spec in requirements if spec not in alone])
             if alone:

@@ -3,6 +3,7 @@ background worker all use it)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,8 +283,6 @@ def prepare_background(input_node: Any, options: UpsamplingOptions) -> Backgroun
     from CaLIDSlicerLib.process import segment_command, upsample_command, work_folder
 
     check_model_available(options)
-    import warnings
-
     stack = stack_from_node(input_node)
     folder = work_folder()
     with warnings.catch_warnings():

@@ -53,12 +53,12 @@ from calid.data.preprocess import PreprocessConfig, PreprocessParams, preprocess
 from calid.data.stack import CineStack, fixed_placeholder_mm
 from calid.errors import InputError
 from calid.evaluation.figures import save_figure
+from calid.evaluation.methods import ALL_METHODS, METHODS, STEP_SWEEP, TTA_METHODS  # noqa: F401 - re-exported
 from calid.evaluation.metrics import frechet_distance, psnr, segmentation_scores, ssim
 from calid.inference.pipeline import INVERSION_SLERP, UpsamplingPipeline, load_pipeline, parse_frames, seam_weight
 from calid.models.config import named_config
 
 SCHEMA = "calid-evaluation/1"
-from calid.evaluation.methods import ALL_METHODS, METHODS, STEP_SWEEP, TTA_METHODS  # noqa: E402 - re-exported
 STRUCTURES = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
 #: Dimension of the AlexNet conv5 features of the Fréchet distance: fewer slices than this give
@@ -1122,7 +1122,8 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
             for method, structures in task["summary"].items():
                 for name, s in structures.items():
                     lines.append(f"| {method} | {name} | {_fmt(s['dice'], 3)} | {_fmt(s['hd95_mm'])} | {_fmt(s['asd_mm'])} | {_fmt(s['assd_mm'])} |")
-            lines += [""] + [f"- {note}" for note in task.get("notes", [])] if task.get("notes") else []
+            if task.get("notes"):
+                lines += [""] + [f"- {note}" for note in task["notes"]]
     if "task4" in results:
         task = results["task4"]
         lines += [

@@ -47,6 +47,7 @@ from calid.data.stack import CineStack, fixed_placeholder_mm
 from calid.device import available_memory_bytes, describe_device, resolve_device
 from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampling_grid, slerp
 from calid.errors import Cancelled, InputError
+from calid.evaluation.methods import INVERSION_SLERP  # the evaluation's DiffAE-style baseline, run by the engine
 from calid.inference.baselines import check_factor, upsample_linear
 from calid.models.checkpoint import LoadedModel, load_model
 from calid.models.config import ModelConfig, named_config
@@ -60,9 +61,6 @@ CancelFn = Callable[[], bool]
 
 MODES: tuple[str, ...] = ("calid", "calid+", "linear", "latent-linear")
 MODEL_MODES = ("calid", "calid+", "latent-linear")
-#: The DiffAE / DMCVR-style baseline of the evaluation (not an upsampling mode): plain DDIM
-#: inversion of both neighbours with the *unconditioned* denoiser, slerp, unconditioned decoding.
-from calid.evaluation.methods import INVERSION_SLERP  # noqa: E402 - named with the evaluation's methods
 # Modes that test-time augmentation applies to (the others are linear, hence already symmetric).
 TTA_MODES = ("calid", "calid+")
 # The 8 rotations and reflections of the slice plane: (quarter turns, mirror).
