@@ -161,24 +161,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from calid.data.phantom import PhantomConfig, make_phantom
     from calid.evaluation.figures import save_comparison
     from calid.inference.baselines import check_factor
-    from calid.inference.pipeline import load_pipeline
+    from calid.inference.pipeline import PIXEL_MODES, load_pipeline
     from calid.models.registry import default_model
 
     factor = check_factor(args.factor, "--factor")
     out = _output_folder(args.out)
     started = time.perf_counter()
     model = args.model
-    if model is None and args.mode == "linear":
-        model = "linear"  # no network at all
+    if args.mode is None:
+        args.mode = "calid" if model is not None or default_model() is not None else "registration"
+        if args.mode == "registration":
+            print(
+                "NOTE: no trained CaLID model is installed, so the demo uses registration-based interpolation,\n"
+                "which needs none (--mode registration). The pixel-space linear baseline is written beside it.\n"
+                "To run the diffusion pipeline end to end with random weights: --model untrained:tiny.",
+                flush=True,
+            )
+    if model is None and args.mode in PIXEL_MODES:
+        model = args.mode  # no network at all
     elif model is None and default_model() is None:
-        model = "untrained:tiny"
-        print(
-            "NOTE: no trained CaLID model is installed in this version. The demo runs an UNTRAINED\n"
-            "network ('untrained:tiny') to show the pipeline end to end: its slices are not meaningful.\n"
-            "The pixel-space linear baseline is written beside it for comparison.",
-            flush=True,
-        )
+        raise InputError("--mode", f"mode {args.mode} needs a CaLID model and none is installed; use --mode registration or linear, or --model untrained:tiny to try the pipeline")
     pipeline = load_pipeline(model, device=args.device)
+    if pipeline.untrained:
+        print(f"NOTE: {pipeline.name} is an UNTRAINED network: its slices are not meaningful; it shows the pipeline end to end.", flush=True)
     print(f"Generating the synthetic cine phantom (seed {args.seed}, {args.phantom_frames} frames) ...", flush=True)
     phantom = make_phantom(args.seed, PhantomConfig(n_frames=args.phantom_frames))
     ed, es = 0, phantom.es_frame
@@ -188,7 +193,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"note: --tta applies to modes calid and calid+; it has no effect on mode {args.mode}", file=sys.stderr)
     tta = args.tta and args.mode in ("calid", "calid+")
     averaged = ", averaged over 8 turns/mirrors" if tta else ""
-    how = "linear interpolation" if args.mode == "linear" else f"{pipeline.name} ({args.mode}, {args.steps} steps{averaged})"
+    how = {"linear": "linear interpolation", "registration": "registration-based interpolation"}.get(args.mode, f"{pipeline.name} ({args.mode}, {args.steps} steps{averaged})")
     print(f"Upsampling x{factor} with {how} on {pipeline.describe()['device']} ...", flush=True)
     dense = _run_upsampling(pipeline, phantom.sparse, not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, tta=tta)
     chosen = dense.metadata["upsampling"]["frames"]
@@ -238,7 +243,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_upsample(args: argparse.Namespace) -> int:
     from calid.data.io import read_stack, write_stack
     from calid.inference.baselines import check_factor
-    from calid.inference.pipeline import load_pipeline, parse_frames
+    from calid.inference.pipeline import PIXEL_MODES, load_pipeline, parse_frames
 
     source, target = Path(args.input), Path(args.output)
     _check_output(source, target, args.overwrite)
@@ -250,14 +255,14 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     if args.tta and args.mode not in ("calid", "calid+"):
         print(f"note: --tta applies to modes calid and calid+; it has no effect on mode {args.mode}", file=sys.stderr)
     started = time.perf_counter()
-    pipeline = load_pipeline("linear" if args.mode == "linear" and args.model is None else args.model, device=args.device)
+    pipeline = load_pipeline(args.mode if args.mode in PIXEL_MODES and args.model is None else args.model, device=args.device)
     assumed_pixel = pipeline.assumed_pixel_mm_for(args.placeholder_spacing)
     stack = read_stack(source, series=args.series)
     if not args.quiet:
         _print_reading_note(stack)
     frames = parse_frames(args.frames, stack.n_frames)
     args.steps = pipeline.default_steps if args.steps is None else args.steps
-    if args.centre_on_heart and args.mode != "linear":
+    if args.centre_on_heart and args.mode not in PIXEL_MODES:
         from calid.segmentation.inference import heart_centre_lps
 
         if centre is not None:
@@ -273,7 +278,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     _stop_if_requested(stop_requested, "upsampling")
     write_stack(dense, target, overwrite=args.overwrite)
     info = dense.metadata["upsampling"]
-    how = f"mode {args.mode}" + ("" if args.mode == "linear" else f", {args.steps} steps{', averaged over 8 turns/mirrors' if info.get('tta') else ''}, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
+    how = f"mode {args.mode}" + ("" if args.mode in PIXEL_MODES else f", {args.steps} steps{', averaged over 8 turns/mirrors' if info.get('tta') else ''}, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
     print(
         f"{stack.n_slices} -> {dense.n_slices} slices, {stack.slice_spacing:g} -> {dense.slice_spacing:g} mm, "
         f"{dense.n_frames} frame(s), {how}, {time.perf_counter() - started:.1f} s on {pipeline.describe()['device']}: {target}"
@@ -809,7 +814,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="upsample the built-in phantom with the installed model and write volumes and figures (no data needed)")
     demo.add_argument("--out", default="calid-demo", help="output folder (default: ./calid-demo)")
     demo.add_argument("--factor", type=int, default=8, help="upsampling factor 2, 4, 8, 16 or 32 (default 8)")
-    demo.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"], help="method (default calid)")
+    demo.add_argument(
+        "--mode", choices=["calid", "calid+", "latent-linear", "registration", "linear"],
+        help="method (default: calid with a trained model installed or given, else registration)",
+    )
     demo.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model's, see calid info)")
     demo.add_argument("--model", help="model file or name (default: the installed model, else an untrained one)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
@@ -824,7 +832,11 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("input", help="NIfTI / NRRD file or DICOM folder")
     upsample.add_argument("output", help="output file (.nii.gz, .nrrd, .seq.nrrd) or new DICOM folder")
     upsample.add_argument("--factor", type=int, default=4, help="2, 4, 8, 16 or 32 (default 4)")
-    upsample.add_argument("--mode", default="calid", choices=["calid", "calid+", "latent-linear", "linear"], help="calid (fast), calid+ (inverted neighbours, better), or a baseline (default calid)")
+    upsample.add_argument(
+        "--mode", default="calid", choices=["calid", "calid+", "latent-linear", "registration", "linear"],
+        help="calid (fast), calid+ (inverted neighbours, better), registration (no model: the neighbours registered and morphed), "
+        "or a baseline (default calid)",
+    )
     upsample.add_argument("--steps", type=_positive_int, help="DDIM steps per new slice (default: the model's validated count, see calid info)")
     upsample.add_argument("--model", help="model file or installed name (default: the installed default model; see calid info)")
     upsample.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda:N")

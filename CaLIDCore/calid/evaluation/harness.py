@@ -53,7 +53,7 @@ from calid.data.preprocess import PreprocessConfig, PreprocessParams, preprocess
 from calid.data.stack import CineStack, fixed_placeholder_mm
 from calid.errors import InputError
 from calid.evaluation.figures import save_figure
-from calid.evaluation.methods import ALL_METHODS, METHODS, STEP_SWEEP, TTA_METHODS  # noqa: F401 - re-exported
+from calid.evaluation.methods import ALL_METHODS, METHODS, PIXEL_METHODS, STEP_SWEEP, TTA_METHODS  # noqa: F401 - re-exported
 from calid.evaluation.metrics import frechet_distance, psnr, segmentation_scores, ssim
 from calid.inference.pipeline import INVERSION_SLERP, UpsamplingPipeline, load_pipeline, parse_frames, seam_weight
 from calid.models.config import named_config
@@ -454,7 +454,7 @@ class Evaluation:
         self.config = config
         self.progress = progress or (lambda message: None)
         self.command = command if command is not None else " ".join(["calid"] + sys.argv[1:])
-        self.pipeline: UpsamplingPipeline = load_pipeline("linear" if config.methods == ("linear",) else config.model, config.device)
+        self.pipeline: UpsamplingPipeline = load_pipeline("linear" if set(config.methods) <= set(PIXEL_METHODS) else config.model, config.device)
         #: DDIM steps of calid / calid+ in Tasks 1, 3 and 4: the given count or the model's default.
         self.steps = self.pipeline.default_steps if config.steps is None else int(config.steps)
         if self.pipeline.model is not None and self.pipeline.model.config.temporal:
@@ -478,7 +478,7 @@ class Evaluation:
     def _method_available(self, method: str) -> bool:
         model = self.pipeline.model
         mode, _ = engine_mode(method)
-        if method == "linear":
+        if method in PIXEL_METHODS:
             return True
         if model is None:
             self.skipped[method] = "no CaLID model is installed"
@@ -717,7 +717,7 @@ class Evaluation:
                 seconds = time.perf_counter() - started
                 rows.append({"method": mode, "steps": int(steps), "lpips": float("nan"), **scores(predicted, perceptual=True), "ms_per_slice": 1000.0 * seconds / len(chosen)})
         references = {}
-        for method in ("linear", "latent-linear"):
+        for method in ("linear", "registration", "latent-linear"):
             if method in self.methods:
                 references[method] = scores(self._predict(method, previous, following, keys), perceptual=False)
         return {"slices": len(chosen), "rows": rows, "references": references}

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 #: The DiffAE-style baseline: DDIM-invert both neighbours, slerp, decode (run by the engine).
 INVERSION_SLERP = "inversion-slerp"
-METHODS: tuple[str, ...] = ("linear", "latent-linear", INVERSION_SLERP, "calid", "calid+")
+#: Registration-based interpolation: the neighbours registered to each other and morphed (no model).
+REGISTRATION = "registration"
+#: Methods that need no model.
+PIXEL_METHODS: tuple[str, ...] = ("linear", REGISTRATION)
+METHODS: tuple[str, ...] = ("linear", REGISTRATION, "latent-linear", INVERSION_SLERP, "calid", "calid+")
 #: The same models with test-time augmentation (8 rotations and reflections of the slice plane, averaged).
 TTA_METHODS: tuple[str, ...] = ("calid-tta", "calid+-tta")
 ALL_METHODS: tuple[str, ...] = METHODS + TTA_METHODS

@@ -49,6 +49,8 @@ from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampl
 from calid.errors import Cancelled, InputError
 from calid.evaluation.methods import INVERSION_SLERP  # the evaluation's DiffAE-style baseline, run by the engine
 from calid.inference.baselines import check_factor, upsample_linear
+from calid.inference.registration import midpoints as registration_midpoints
+from calid.inference.registration import upsample_registration
 from calid.models.checkpoint import LoadedModel, load_model
 from calid.models.config import ModelConfig, named_config
 from calid.models.networks import CaLIDNet, apply_floor_snap, build_vae
@@ -59,8 +61,10 @@ ProgressFn = Callable[[float, float, str], None]
 #: ``cancel()`` returns True to stop as soon as possible.
 CancelFn = Callable[[], bool]
 
-MODES: tuple[str, ...] = ("calid", "calid+", "linear", "latent-linear")
+MODES: tuple[str, ...] = ("calid", "calid+", "linear", "latent-linear", "registration")
 MODEL_MODES = ("calid", "calid+", "latent-linear")
+#: Modes that need no model: they work on the whole field of view, frame by frame.
+PIXEL_MODES = ("linear", "registration")
 # Modes that test-time augmentation applies to (the others are linear, hence already symmetric).
 TTA_MODES = ("calid", "calid+")
 # The 8 rotations and reflections of the slice plane: (quarter turns, mirror).
@@ -237,8 +241,11 @@ class UpsamplingPipeline:
             factor: 2, 4, 8, 16 or 32 (bisection levels).
             mode: ``calid`` (from seeded noise, fast), ``calid+`` (from the slerped DDIM
                 inversions of the neighbours), ``latent-linear`` (midpoint of the
-                neighbours' VAE latents) or ``linear`` (pixel space, needs no model).
-                None: ``calid`` with a model, ``linear`` without (``load_pipeline("linear")``).
+                neighbours' VAE latents), ``linear`` (pixel space) or ``registration``
+                (the neighbours registered to each other and morphed; see
+                :mod:`calid.inference.registration`); the last two need no model.
+                None: ``calid`` with a model; without one, the pipeline's own name
+                (``load_pipeline("linear")`` or ``load_pipeline("registration")``).
             steps: DDIM steps per generated slice (and per inversion in ``calid+``);
                 None = the model's default (:attr:`default_steps`).
             seed: seed of the starting noise (``calid``); the result is reproducible.
@@ -265,19 +272,19 @@ class UpsamplingPipeline:
         """
         factor = check_factor(factor, "factor")
         if mode is None:
-            mode = "linear" if self.model is None else "calid"
+            mode = ("registration" if self.name == "registration" else "linear") if self.model is None else "calid"
         if mode not in MODES:
             raise InputError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if stack.n_slices < 2:
             raise InputError(stack.source, f"has {stack.n_slices} slice(s); upsampling needs a stack of at least 2 slices")
         steps = self._steps(steps)
         if mode in MODEL_MODES and self.model is None:
-            raise InputError("mode", f"mode {mode!r} needs a model; load one with load_pipeline(path or name) or use mode 'linear'")
+            raise InputError("mode", f"mode {mode!r} needs a model; load one with load_pipeline(path or name) or use mode 'registration' or 'linear'")
         if mode in ("calid", "calid+") and self.model is not None and self.model.net is None:
             raise InputError(self.name, f"is an autoencoder only; mode {mode!r} needs a full CaLID model")
-        is_temporal = self.model is not None and self.model.config.temporal and mode != "linear"
-        if temporal and mode == "linear":
-            raise InputError("temporal", "mode 'linear' interpolates each frame on its own; temporal upsampling needs mode calid, calid+ or latent-linear and a 2D+T model")
+        is_temporal = self.model is not None and self.model.config.temporal and mode not in PIXEL_MODES
+        if temporal and mode in PIXEL_MODES:
+            raise InputError("temporal", f"mode {mode!r} interpolates each frame on its own; temporal upsampling needs mode calid, calid+ or latent-linear and a 2D+T model")
         if temporal and not is_temporal:
             raise InputError("temporal", f"the model {self.name} is a 2D model; temporal upsampling needs a 2D+T model (calid train vae --config small-2d+t)")
         if temporal is False and is_temporal:
@@ -291,7 +298,10 @@ class UpsamplingPipeline:
         tracker.check()
         started = time.perf_counter()
 
-        dense = upsample_linear(selected, factor)
+        if mode == "registration":
+            dense = self._upsample_registration(stack, selected, factor, tracker, assumed_pixel_mm)
+        else:
+            dense = upsample_linear(selected, factor)
         info: dict[str, Any] = {
             "factor": factor,
             "mode": mode,
@@ -300,7 +310,11 @@ class UpsamplingPipeline:
             "acquired_slice_indices": list(range(0, dense.n_slices, factor)),
             "input_slice_spacing_mm": stack.slice_spacing,
         }
-        if mode != "linear":
+        if mode == "registration":
+            info["registration"] = dense.metadata["upsampling"]["registration"]
+            if "assumed_pixel_mm" in dense.metadata["upsampling"]:
+                info["assumed_pixel_mm"] = dense.metadata["upsampling"]["assumed_pixel_mm"]
+        elif mode != "linear":
             batch = self._batch_size(batch_size)
             # Intensity normalisation from the whole cine, so that a frame comes out the
             # same whichever frames are selected with it.
@@ -358,6 +372,19 @@ class UpsamplingPipeline:
         tracker.finish(f"done: {dense.n_slices} slices at {dense.slice_spacing:g} mm")
         return dense
 
+    def _upsample_registration(self, stack: CineStack, selected: CineStack, factor: int, tracker: _Tracker, assumed_pixel_mm: float | None) -> CineStack:
+        """Registration-based interpolation of the selected frames, on the whole field of view."""
+        assumed = self._check_assumed_pixel(stack, assumed_pixel_mm)
+        seen = selected if assumed is None else dataclasses.replace(selected, spacing=(assumed, assumed, selected.spacing[2]))
+        # The whole cine's intensity percentiles, so that a frame comes out the same whichever frames are selected with it.
+        low, high = (float(v) for v in np.percentile(stack.data, (0.5, 99.5)))
+        dense = upsample_registration(seen, factor, gap_done=lambda amount, message: tracker.advance(amount, message), intensity_range=(low, high))
+        if assumed is not None:
+            # The registration's smoothing is in mm: it saw the assumed pixels; the output keeps the stored geometry.
+            dense = dense.with_data(dense.data, spacing=(selected.spacing[0], selected.spacing[1], dense.spacing[2]))
+            dense.metadata["upsampling"]["assumed_pixel_mm"] = assumed
+        return dense
+
     @property
     def placeholder_spacing_mm(self) -> float | None:
         """The pixel size the model's training gave files saved without geometry (None: unknown)."""
@@ -408,6 +435,12 @@ class UpsamplingPipeline:
             raise InputError("interpolate_slices", f"needs two (N, H, W) (or (N, T, H, W) clips) arrays of the same shape, got {previous.shape} and {following.shape}")
         if mode == "linear":
             return 0.5 * (previous + following)
+        if mode == "registration":
+            if previous.ndim != 3:
+                raise InputError("interpolate_slices", "mode 'registration' takes (N, H, W) slices, not clips")
+            # The crops' pixel size: the model's preprocessing (the default model's without a model).
+            pixel_mm = (self.config.preprocess if self.model is not None else named_config("small").preprocess).target_spacing_mm
+            return registration_midpoints(previous, following, pixel_mm or 1.0)
         if self.model is None:
             raise InputError("mode", f"mode {mode!r} needs a model")
         if mode != "latent-linear" and self.model.net is None:
@@ -742,13 +775,14 @@ def load_pipeline(model: str | os.PathLike[str] | None = None, device: str | tor
     Args:
         model: a model file, the name of an installed model (``calid info`` lists
             them), ``"untrained:tiny"`` (random weights, for trying the pipeline),
-            ``"linear"`` (no model: only the pixel-space baseline), or None for the
+            ``"linear"`` or ``"registration"`` (no model: only the modes that need none,
+            with that one as the default), or None for the
             default installed model.
         device: ``auto`` (a CUDA GPU when present, else the CPU), ``cpu``, ``cuda:N``.
     """
     target = resolve_device(device)
-    if model is not None and os.fspath(model) == "linear":
-        return UpsamplingPipeline(model=None, device=target, name="linear")
+    if model is not None and os.fspath(model) in PIXEL_MODES:
+        return UpsamplingPipeline(model=None, device=target, name=os.fspath(model))
     if model is not None and os.fspath(model).startswith(UNTRAINED_PREFIX):
         loaded = untrained_model(os.fspath(model)[len(UNTRAINED_PREFIX) :])
         loaded.vae.to(target)

@@ -1,0 +1,224 @@
+"""Registration-based slice interpolation: a training-free method that needs no model.
+
+Each pair of acquired neighbours is registered to each other with SimpleITK's fast symmetric
+forces demons (coarse to fine); a new slice at fraction ``t`` of the gap is the two neighbours
+moved ``t`` and ``1 - t`` of the way along that displacement and blended ``1 - t : t``. Both
+directions are estimated and averaged, so the result does not depend on which neighbour
+comes first. Structures that shift or change size from slice to slice (the ventricles
+towards the apex) move instead of fading from one position into the other as with linear
+interpolation: the result is sharper, and on held-out ACDC cines it scores about 1 dB PSNR
+and 0.09 SSIM above linear interpolation (``docs/evaluation``).
+
+Unlike the network modes, one registration per gap serves every new slice in it, so the cost
+of ``x8`` is about that of ``x2``. The displacement is estimated on a grid of at most
+:attr:`RegistrationSettings.working_pixel_mm` and applied to the images at their own
+resolution (a displacement field is smooth: it needs no finer grid). The acquired slices
+pass through bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from calid.data.stack import CineStack
+from calid.errors import InputError
+from calid.inference.baselines import check_factor
+
+#: ``gap_done(new_slices, message)``, called after each gap; it may raise (e.g. :class:`calid.errors.Cancelled`) to stop.
+GapDone = Callable[[int, str], None]
+
+
+@dataclass(frozen=True)
+class RegistrationSettings:
+    """Demons settings, chosen on ACDC training subjects (patient020-029) and scored on held-out ones.
+
+    Args:
+        smoothing_mm: standard deviation of the Gaussian that regularises the displacement
+            field after each iteration (physical mm).
+        iterations: demons iterations at each pyramid level.
+        levels: pyramid levels; each coarser level halves the grid.
+        working_pixel_mm: the registration runs on a grid of at most this pixel size (the
+            images are only resampled for it when their pixels are finer).
+        symmetric: estimate both directions and average the two results (twice the work,
+            about +0.1 dB).
+    """
+
+    smoothing_mm: float = 3.6
+    iterations: int = 50
+    levels: int = 3
+    working_pixel_mm: float = 1.8
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.smoothing_mm > 0 and self.working_pixel_mm > 0):
+            raise InputError("registration", f"smoothing_mm and working_pixel_mm must be positive, got {self.smoothing_mm} and {self.working_pixel_mm}")
+        if self.iterations < 1 or self.levels < 1:
+            raise InputError("registration", f"iterations and levels must be at least 1, got {self.iterations} and {self.levels}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _image(array: np.ndarray, spacing_yx: Sequence[float]) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
+    image.SetSpacing((float(spacing_yx[1]), float(spacing_yx[0])))
+    return image
+
+
+def _working_grid(image: sitk.Image, pixel_mm: float) -> sitk.Image:
+    """The image on a grid of at most ``pixel_mm`` (smoothed before it is coarsened)."""
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    if np.all(spacing >= pixel_mm * 0.999):
+        return image
+    target = np.maximum(spacing, pixel_mm)
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), spacing, target)]
+    sigma = [float(0.5 * np.sqrt(max(t * t - s * s, 0.0))) for s, t in zip(spacing, target)]
+    smoothed = sitk.SmoothingRecursiveGaussian(image, sigma)
+    # Same physical extent: the first pixel centre moves by half the change of pixel size.
+    origin = [o - 0.5 * s + 0.5 * t for o, s, t in zip(image.GetOrigin(), spacing, target)]
+    return sitk.Resample(smoothed, size, sitk.Transform(), sitk.sitkLinear, origin, [float(t) for t in target], image.GetDirection(), 0.0, image.GetPixelID())
+
+
+def _pyramid_level(image: sitk.Image, shrink: int) -> sitk.Image:
+    if shrink == 1:
+        return image
+    spacing = image.GetSpacing()
+    smoothed = sitk.SmoothingRecursiveGaussian(image, [0.5 * shrink * s for s in spacing])
+    return sitk.Shrink(smoothed, [shrink] * image.GetDimension())
+
+
+def displacement(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings) -> sitk.Image:
+    """The field ``u`` (physical mm, on ``fixed``'s grid) with ``moving(x + u(x)) ~ fixed(x)``."""
+    # Demons runs in units of the grid's pixel: its step limit and force normalisation are
+    # tuned for unit pixels (in mm they converged more slowly and scored 0.07 dB lower).
+    unit = float(np.mean(fixed.GetSpacing()))
+    fixed_px, moving_px = (sitk.Image(image) for image in (fixed, moving))
+    for image in (fixed_px, moving_px):
+        image.SetSpacing([s / unit for s in fixed.GetSpacing()])
+        image.SetOrigin([0.0] * fixed.GetDimension())
+    field: sitk.Image | None = None
+    for level in range(settings.levels - 1, -1, -1):
+        shrink = 2**level
+        fixed_level, moving_level = _pyramid_level(fixed_px, shrink), _pyramid_level(moving_px, shrink)
+        demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+        demons.SetNumberOfIterations(settings.iterations)
+        demons.SetStandardDeviations(settings.smoothing_mm / unit)
+        demons.SetUseImageSpacing(True)
+        if field is None:
+            field = demons.Execute(fixed_level, moving_level)
+        else:
+            start = sitk.Resample(field, fixed_level, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat64)
+            field = demons.Execute(fixed_level, moving_level, start)
+    assert field is not None
+    physical = sitk.GetImageFromArray(sitk.GetArrayFromImage(field) * unit, isVector=True)
+    physical.CopyInformation(fixed)
+    return physical
+
+
+def _scaled(field: sitk.Image, scale: float) -> sitk.DisplacementFieldTransform:
+    values = sitk.GetArrayFromImage(field) * float(scale)
+    scaled = sitk.GetImageFromArray(values.astype(np.float64), isVector=True)
+    scaled.CopyInformation(field)
+    return sitk.DisplacementFieldTransform(scaled)
+
+
+def _warp(image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    # Points moved outside the image take the nearest edge value, not zero: no dark border.
+    return sitk.GetArrayFromImage(sitk.Resample(image, image, transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32, True))
+
+
+def morph(
+    first: np.ndarray,
+    second: np.ndarray,
+    fractions: Sequence[float],
+    spacing_yx: Sequence[float] = (1.0, 1.0),
+    settings: RegistrationSettings = RegistrationSettings(),
+    normalised: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Slices between two (Y, X) neighbours at each fraction ``t`` in (0, 1) of the way from ``first``.
+
+    ``spacing_yx``: the pixel size in mm. ``normalised``: the same two images with intensities
+    on a common scale (e.g. [-1, 1] by the cine's percentiles), which the registration sees;
+    the blended result keeps the input intensities.
+    """
+    first = np.asarray(first, dtype=np.float32)
+    second = np.asarray(second, dtype=np.float32)
+    if first.shape != second.shape or first.ndim != 2:
+        raise InputError("registration", f"needs two (Y, X) images of the same shape, got {first.shape} and {second.shape}")
+    for t in fractions:
+        if not 0.0 < float(t) < 1.0:
+            raise InputError("registration", f"fractions lie strictly between 0 and 1, got {t}")
+    seen = normalised if normalised is not None else (first, second)
+    a_seen, b_seen = (_working_grid(_image(v, spacing_yx), settings.working_pixel_mm) for v in seen)
+    a, b = _image(first, spacing_yx), _image(second, spacing_yx)
+    forward = displacement(a_seen, b_seen, settings)  # b(x + u) ~ a(x)
+    backward = displacement(b_seen, a_seen, settings) if settings.symmetric else None
+    out = []
+    for t in fractions:
+        t = float(t)
+        # At t the structure has moved t of the way from a: a is sampled t * u back, b (1 - t) * u ahead.
+        result = (1.0 - t) * _warp(a, _scaled(forward, -t)) + t * _warp(b, _scaled(forward, 1.0 - t))
+        if backward is not None:
+            # The same seen from b, which lies 1 - t away.
+            result = 0.5 * result + 0.5 * (t * _warp(b, _scaled(backward, -(1.0 - t))) + (1.0 - t) * _warp(a, _scaled(backward, t)))
+        out.append(result.astype(np.float32))
+    return out
+
+
+def midpoints(previous: np.ndarray, following: np.ndarray, pixel_mm: float, settings: RegistrationSettings = RegistrationSettings()) -> np.ndarray:
+    """The middle slice of each pair of (N, Y, X) images on a common intensity scale (what the evaluation scores)."""
+    previous = np.asarray(previous, dtype=np.float32)
+    following = np.asarray(following, dtype=np.float32)
+    if previous.shape != following.shape or previous.ndim != 3:
+        raise InputError("registration", f"needs two (N, Y, X) arrays of the same shape, got {previous.shape} and {following.shape}")
+    return np.stack([morph(p, f, [0.5], (pixel_mm, pixel_mm), settings)[0] for p, f in zip(previous, following)]) if len(previous) else previous.copy()
+
+
+def upsample_registration(
+    stack: CineStack,
+    factor: int,
+    settings: RegistrationSettings = RegistrationSettings(),
+    gap_done: GapDone | None = None,
+    intensity_range: tuple[float, float] | None = None,
+) -> CineStack:
+    """The dense stack by registration-based interpolation: geometry as :func:`upsample_linear`'s.
+
+    ``gap_done(new_slices, message)`` is called after each gap (it may raise to cancel).
+    ``intensity_range``: the intensities that the registration sees as -1 and +1 (default:
+    the stack's 0.5 and 99.5 percentiles, as the network modes normalise).
+    """
+    factor = check_factor(factor, stack.source)
+    if stack.n_slices < 2:
+        raise InputError(stack.source, "needs at least 2 slices to interpolate between")
+    started = time.perf_counter()
+    t_count, z, y, x = stack.shape
+    out = np.empty((t_count, (z - 1) * factor + 1, y, x), dtype=np.float32)
+    out[:, ::factor] = stack.data
+    # One intensity scale for the whole cine, as the network modes normalise it.
+    low, high = intensity_range if intensity_range is not None else (float(v) for v in np.percentile(stack.data, (0.5, 99.5)))
+    scale = 2.0 / (high - low) if high > low else 1.0
+    fractions = [step / factor for step in range(1, factor)]
+    spacing_yx = (float(stack.spacing[1]), float(stack.spacing[0]))
+    for frame in range(t_count):
+        for n in range(z - 1):
+            lower, upper = stack.data[frame, n], stack.data[frame, n + 1]
+            seen = tuple(np.clip((v - low) * scale - 1.0, -1.0, 1.0) for v in (lower, upper))
+            new = morph(lower, upper, fractions, spacing_yx, settings, normalised=(seen[0], seen[1]))
+            out[frame, n * factor + 1 : (n + 1) * factor] = np.stack(new)
+            if gap_done is not None:
+                gap_done(factor - 1, f"registration: frame {frame + 1}/{t_count}, gap {n + 1}/{z - 1}")
+    result = stack.with_data(out, spacing=(stack.spacing[0], stack.spacing[1], stack.slice_spacing / factor))
+    result.metadata["upsampling"] = {
+        "factor": factor,
+        "mode": "registration",
+        "acquired_slice_indices": list(range(0, out.shape[1], factor)),
+        "input_slice_spacing_mm": stack.slice_spacing,
+        "registration": settings.to_dict(),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return result
