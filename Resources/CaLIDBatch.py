@@ -55,7 +55,10 @@ def main(argv: list[str], scene: Any) -> int:
     parser.add_argument("input")
     parser.add_argument("out")
     parser.add_argument("--factor", type=int, default=4)
-    parser.add_argument("--mode", choices=["calid", "calid+", "latent-linear", "linear"], help="default: calid when a CaLID model is installed, else linear")
+    parser.add_argument(
+        "--mode", choices=["calid", "calid+", "registration", "latent-linear", "linear"],
+        help="default: calid when a CaLID model is installed, else registration (no model)",
+    )
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model")
@@ -74,9 +77,9 @@ def main(argv: list[str], scene: Any) -> int:
         if args.mode is None:
             from calid.models.registry import default_model
 
-            args.mode = "calid" if args.model is not None or default_model("calid") is not None else "linear"
-            if args.mode == "linear":
-                print("CaLIDBatch: no CaLID model is installed: linear interpolation (give --model to use one)", file=sys.stderr, flush=True)
+            args.mode = "calid" if args.model is not None or default_model("calid") is not None else "registration"
+            if args.mode == "registration":
+                print("CaLIDBatch: no CaLID model is installed: registration-based interpolation (give --model to use one)", file=sys.stderr, flush=True)
         fixed_placeholder_mm(args.placeholder_spacing)  # a bad value fails before anything is read, made or loaded
         stack = read_stack(args.input)
         out = Path(args.out)

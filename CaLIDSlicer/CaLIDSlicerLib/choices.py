@@ -16,6 +16,7 @@ class Method(enum.Enum):
 
     CALID = "calid"
     CALID_PLUS = "calid+"
+    REGISTRATION = "registration"
     LATENT_LINEAR = "latent-linear"
     LINEAR = "linear"
 
@@ -23,9 +24,15 @@ class Method(enum.Enum):
         return {
             Method.CALID: "CaLID (fast, from noise)",
             Method.CALID_PLUS: "CaLID+ (inverted neighbours, slower)",
+            Method.REGISTRATION: "Registration (no model: neighbours morphed)",
             Method.LATENT_LINEAR: "Latent linear (baseline)",
             Method.LINEAR: "Linear (baseline, no model)",
         }[self]
+
+
+    def needs_model(self) -> bool:
+        """Whether the method runs a CaLID model (the others work on the pixels, with no model)."""
+        return self not in (Method.REGISTRATION, Method.LINEAR)
 
 
 class FrameSelection(enum.Enum):

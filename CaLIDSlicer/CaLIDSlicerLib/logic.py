@@ -11,6 +11,7 @@ from typing import Any
 
 from calid.data.stack import CineStack
 from calid.errors import InputError
+from calid.evaluation.methods import PIXEL_METHODS as PIXEL_MODES  # light: no PyTorch when Slicer loads the module
 
 from CaLIDSlicerLib import mrml
 
@@ -84,10 +85,10 @@ def upsample_node(
     stack = stack_from_node(input_node)
     if pipeline is None:
         check_model_available(options)
-        pipeline = load_pipeline("linear" if options.mode == "linear" and options.model is None else options.model, device=options.device)
+        pipeline = load_pipeline(options.mode if options.mode in PIXEL_MODES and options.model is None else options.model, device=options.device)
     assumed_pixel_mm = pipeline.assumed_pixel_mm_for(options.placeholder_spacing)  # a bad value fails before any work
     centre = None
-    if options.centre_on_heart and options.mode != "linear":
+    if options.centre_on_heart and options.mode not in PIXEL_MODES:
         from calid.inference import parse_frames
         from calid.segmentation.inference import heart_centre_lps
 
@@ -263,14 +264,14 @@ class BackgroundJob:
 def check_model_available(options: UpsamplingOptions) -> None:
     """Refuse, in the panel's words, a model-based method with no model chosen and none installed
     (before any file is written or worker started: the worker's message speaks of command options)."""
-    if options.mode == "linear" or options.model is not None:
+    if options.mode in PIXEL_MODES or options.model is not None:
         return
     from calid.models.registry import default_model
 
     if default_model("calid") is None:
         raise InputError(
             "Method",
-            "no CaLID model is installed (none ships with this version of the extension). Choose the Linear method, "
+            "no CaLID model is installed (none ships with this version of the extension). Choose the Registration or Linear method, "
             "or a trained model file (in the panel: Model > 'Load from file...'; in scripts: --model PATH or model=PATH)",
         )
 

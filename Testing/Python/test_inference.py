@@ -283,7 +283,7 @@ def test_no_installed_model_gives_a_clear_message(monkeypatch, tmp_path):
 
     if default_model() is not None:
         pytest.skip("a default model is installed in this source tree")
-    with pytest.raises(InputError, match="no trained CaLID model is installed"):
+    with pytest.raises(InputError, match="no trained CaLID model is installed.*'registration' or 'linear'"):
         load_pipeline()
 
 

@@ -14,7 +14,7 @@ from calid.errors import Cancelled, InputError
 from calid.evaluation.harness import every_other_slice_predicted
 from calid.evaluation.metrics import psnr, ssim
 from calid.inference import load_pipeline, upsample_linear
-from calid.inference.registration import RegistrationSettings, midpoints, morph
+from calid.inference.registration import RegistrationSettings, midpoints, morph, upsample_registration
 
 from conftest import oblique_stack, shared_file
 
@@ -101,6 +101,10 @@ def test_engine_geometry_bit_exact_slices_and_one_registration_for_every_factor(
     np.testing.assert_array_equal(x4.data[:, 2::4], x2.data[:, 1::2])
     # Blends of the neighbours, moved: never outside their range.
     assert x4.data.min() >= stack.data.min() and x4.data.max() <= stack.data.max()
+    # The gaps run in parallel; the result does not depend on how many at once.
+    one_at_a_time = upsample_registration(stack, 4, workers=1)
+    np.testing.assert_array_equal(upsample_registration(stack, 4, workers=3).data, one_at_a_time.data)
+    np.testing.assert_array_equal(one_at_a_time.data, x4.data)
 
 
 def test_engine_progress_cancel_and_temporal_refusal():
@@ -109,7 +113,7 @@ def test_engine_progress_cancel_and_temporal_refusal():
     seen: list[tuple[float, float, str]] = []
     pipeline.upsample(stack, 4, mode="registration", progress=lambda done, total, message: seen.append((done, total, message)))
     assert [done for done, _, _ in seen] == sorted(done for done, _, _ in seen) and seen[-1][0] == seen[-1][1] == 2 * 2 * 3
-    assert any("gap 2/2" in message for _, _, message in seen)
+    assert any("4/4 gaps" in message for _, _, message in seen)
     calls = []
 
     def cancel() -> bool:

@@ -186,11 +186,11 @@ def test_batch_script_code_path(scene, phantom, tmp_path, monkeypatch):
     assert batch.main([str(tmp_path / "missing.nii.gz"), str(tmp_path / "out2")], scene) == 2
     bad = [str(source), str(tmp_path / "out3"), "--factor", "2", "--model", "untrained:tiny", "--device", "cpu", "--placeholder-spacing", "huge"]
     assert batch.main(bad, scene) == 2 and not (tmp_path / "out3").exists()  # refused before anything is made
-    # Without --mode: CaLID when a model is installed or given, else linear (none ships yet).
+    # Without --mode: CaLID when a model is installed or given, else registration (no model ships yet).
     from calid.models.registry import default_model
 
     assert batch.main([str(source), str(tmp_path / "out4"), "--factor", "2", "--frames", "0", "--no-segmentation"], scene) == 0
-    default_mode = "calid" if default_model("calid") is not None else "linear"
+    default_mode = "calid" if default_model("calid") is not None else "registration"
     assert [p.name for p in (tmp_path / "out4").iterdir()] == [f"cine_{default_mode}_x2.nii.gz"]
 
 
@@ -278,11 +278,13 @@ def test_extension_files_listed_in_cmake_exist_and_the_module_parses():
     assert {w.get("class") for w in root.iter("widget")} - {"QWidget", "QLabel", "QComboBox", "QSpinBox", "QDoubleSpinBox", "QCheckBox", "QLineEdit", "QPushButton", "QProgressBar"} <= declared
 
 
-def test_output_of_a_whole_cine_plays_in_the_input_browser(scene, phantom):
+@pytest.mark.parametrize("mode", ["linear", "registration"])
+def test_output_of_a_whole_cine_plays_in_the_input_browser(scene, phantom, mode):
     from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
 
     sequence, browser = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
-    result = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=False))
+    result = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode=mode, segment=False))
+    assert result.output_node.GetName().startswith(f"cine {mode} x2")
     assert result.browser_node is browser and browser.IsSynchronizedSequenceNode(result.output_node.GetID(), True)
     browser.SetSelectedItemNumber(2)
     proxy = browser.GetProxyNode(result.output_node)
@@ -439,7 +441,7 @@ def test_parameter_node_fields_match_the_panel_and_become_options():
     namespace = {"Method": Method, "FrameSelection": FrameSelection, "PlaceholderSpacing": PlaceholderSpacing, "interpolation_model_installed": interpolation_model_installed}
     defaults = SimpleNamespace(**{name: None if value is None else eval(compile(ast.Expression(value), "defaults", "eval"), namespace) for name, value in fields.items()})
     options = options_from_parameters(defaults)
-    default_mode = "calid" if interpolation_model_installed() else "linear"  # what works as installed
+    default_mode = "calid" if interpolation_model_installed() else "registration"  # what works as installed
     assert (options.factor, options.mode, options.steps, options.seed, options.frames, options.device, options.model, options.segment) == (4, default_mode, None, 0, None, "auto", None, True)
     assert options.placeholder_spacing == "model" and options.tta is False
     defaults.testTimeAugmentation = True
@@ -777,7 +779,7 @@ def test_first_use_installer_installs_only_what_is_missing_and_sees_an_outdated_
     assert d.installed_core_is_outdated(changed) is True
 
 
-def test_without_an_installed_model_the_panel_defaults_to_linear_and_says_what_to_do(scene, phantom, tmp_path, monkeypatch):
+def test_without_an_installed_model_the_panel_defaults_to_registration_and_says_what_to_do(scene, phantom, tmp_path, monkeypatch):
     """No CaLID model ships yet: the panel's default method must work as installed, and a
     model-based method with no model gets the panel's own words (not a command-line option's)."""
     import json
@@ -795,13 +797,14 @@ def test_without_an_installed_model_the_panel_defaults_to_linear_and_says_what_t
         return
     node = mrml.volume_from_stack(scene, phantom.sparse.select_frames([0]), "cine")
     for mode in ("calid", "calid+", "latent-linear"):
-        with pytest.raises(InputError, match="Choose the Linear method"):
+        with pytest.raises(InputError, match="Choose the Registration or Linear method"):
             check_model_available(UpsamplingOptions(factor=2, mode=mode))
     with pytest.raises(InputError, match="Load from file"):
         upsample_node(scene, node, UpsamplingOptions(factor=2, mode="calid", segment=False))
     check_model_available(UpsamplingOptions(factor=2, mode="calid", model="untrained:tiny"))  # a chosen model is the user's
-    result = upsample_node(scene, node, UpsamplingOptions(factor=2, mode="linear", segment=False))
-    assert result.dense.n_slices == 2 * phantom.sparse.n_slices - 1
+    for mode in ("registration", "linear"):
+        result = upsample_node(scene, node, UpsamplingOptions(factor=2, mode=mode, segment=False))
+        assert result.dense.n_slices == 2 * phantom.sparse.n_slices - 1 and result.dense.metadata["upsampling"]["mode"] == mode
 
     # A default interpolation model installed by the user (calid install --default), or shipped,
     # makes CaLID the panel's default.

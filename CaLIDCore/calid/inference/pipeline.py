@@ -47,7 +47,7 @@ from calid.data.stack import CineStack, fixed_placeholder_mm
 from calid.device import available_memory_bytes, describe_device, resolve_device
 from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampling_grid, slerp
 from calid.errors import Cancelled, InputError
-from calid.evaluation.methods import INVERSION_SLERP  # the evaluation's DiffAE-style baseline, run by the engine
+from calid.evaluation.methods import INVERSION_SLERP, PIXEL_METHODS  # the evaluation's DiffAE-style baseline, run by the engine
 from calid.inference.baselines import check_factor, upsample_linear
 from calid.inference.registration import midpoints as registration_midpoints
 from calid.inference.registration import upsample_registration
@@ -64,7 +64,7 @@ CancelFn = Callable[[], bool]
 MODES: tuple[str, ...] = ("calid", "calid+", "linear", "latent-linear", "registration")
 MODEL_MODES = ("calid", "calid+", "latent-linear")
 #: Modes that need no model: they work on the whole field of view, frame by frame.
-PIXEL_MODES = ("linear", "registration")
+PIXEL_MODES = PIXEL_METHODS
 # Modes that test-time augmentation applies to (the others are linear, hence already symmetric).
 TTA_MODES = ("calid", "calid+")
 # The 8 rotations and reflections of the slice plane: (quarter turns, mirror).

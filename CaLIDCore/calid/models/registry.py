@@ -137,8 +137,8 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
         if model is None:
             raise InputError(
                 "--model",
-                "no trained CaLID model is installed; pass a model file (calid train … writes model.safetensors), use linear "
-                f"interpolation (mode / method 'linear'), or '{UNTRAINED_PREFIX}tiny' to try the pipeline with an untrained network",
+                "no trained CaLID model is installed; pass a model file (calid train … writes model.safetensors), use a method "
+                f"that needs none (mode / method 'registration' or 'linear'), or '{UNTRAINED_PREFIX}tiny' to try the pipeline with an untrained network",
             )
         return verify(model)
     text = os.fspath(name_or_path)
