@@ -192,7 +192,8 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.placeholderComboBox.setEnabled(uses_pixel_size)
         self.ui.placeholderPixelSpinBox.setEnabled(uses_pixel_size and node.placeholderSpacing == PlaceholderSpacing.CUSTOM)
         self.ui.stepsSpinBox.setEnabled(needs_model)
-        self.ui.ttaCheckBox.setEnabled(node.method in (Method.CALID, Method.CALID_PLUS))  # the others are linear: the same in any orientation
+        # The other methods are deterministic functions of the neighbours, (nearly) the same in any orientation.
+        self.ui.ttaCheckBox.setEnabled(node.method in (Method.CALID, Method.CALID_PLUS))
         self.ui.seedSpinBox.setEnabled(node.method == Method.CALID)
         if self.process is None:
             self.ui.applyButton.enabled = node.inputNode is not None

@@ -174,10 +174,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(
                 "NOTE: no trained CaLID model is installed, so the demo uses registration-based interpolation,\n"
                 "which needs none (--mode registration). The pixel-space linear baseline is written beside it.\n"
+                "On this phantom, whose true slices are 8 mm thick averages (as smooth through-plane as linear\n"
+                "interpolation), registration scores a little below linear; on real held-out cines it scores\n"
+                "about 1 dB above it (README, 'Registration-based interpolation').\n"
                 "To run the diffusion pipeline end to end with random weights: --model untrained:tiny.",
                 flush=True,
             )
-    if model is None and args.mode in PIXEL_MODES:
+    if args.mode in PIXEL_MODES:
+        if model is not None:
+            print(f"note: mode {args.mode} needs no model; --model is not used", file=sys.stderr)
         model = args.mode  # no network at all
     elif model is None and default_model() is None:
         raise InputError("--mode", f"mode {args.mode} needs a CaLID model and none is installed; use --mode registration or linear, or --model untrained:tiny to try the pipeline")
@@ -819,7 +824,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="method (default: calid with a trained model installed or given, else registration)",
     )
     demo.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model's, see calid info)")
-    demo.add_argument("--model", help="model file or name (default: the installed model, else an untrained one)")
+    demo.add_argument("--model", help="model file or name for the CaLID modes (default: the installed model; untrained:tiny for random weights)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     demo.add_argument("--frames", type=lambda text: text, default=None, help="frames to upsample, e.g. 0,5-9 or all (default: end-diastole and end-systole)")
     demo.add_argument("--phantom-frames", type=int, default=20, help="frames of the phantom cine (default 20)")

@@ -114,7 +114,7 @@ def test_evaluation_end_to_end_on_two_phantoms(tmp_path, offline_lpips_weights):
     assert saved["schema"] == SCHEMA
     assert set(saved) >= {"command", "config", "model", "methods", "subjects", "task1", "task2", "task3", "task4", "figures", "seconds"}
     assert saved["model"]["untrained"] is True
-    assert saved["methods"] == ["linear", "latent-linear", "inversion-slerp", "calid", "calid+"]
+    assert saved["methods"] == ["linear", "registration", "latent-linear", "inversion-slerp", "calid", "calid+"]
     assert saved["subjects"] == ["phantom2000", "phantom2001"]
     assert [v["frames"] for v in saved["volumes"]] == [[0, v["labelled_frames"][1]] for v in saved["volumes"]]
     # Task 1: every method on every interior slice of the labelled frames (ED and ES), 8 interior slices each.
@@ -146,7 +146,10 @@ def test_evaluation_end_to_end_on_two_phantoms(tmp_path, offline_lpips_weights):
         assert any("AlexNet weights could not be loaded" in note for note in saved["task1"]["notes"])
     with open(out / "task1_per_subject.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 2 * 5 and {r["subject"] for r in rows} == {"phantom2000", "phantom2001"}
+    assert len(rows) == 2 * len(saved["methods"]) and {r["subject"] for r in rows} == {"phantom2000", "phantom2001"}
+    # Registration, like linear, needs no network: it scores the same neighbours, and its reference line is in Task 2's figure.
+    assert summary["registration"]["psnr"]["mean"] > summary["latent-linear"]["psnr"]["mean"] + 3
+    assert set(saved["task2"]["references"]) == {"linear", "registration", "latent-linear"}
     # Task 2: both modes at each step count.
     assert [(r["method"], r["steps"]) for r in saved["task2"]["rows"]] == [("calid", 1), ("calid", 2), ("calid+", 1), ("calid+", 2)]
     # Task 3: the real-slice upper bound and every method, per structure, with Dice in [0, 1].

@@ -14,6 +14,7 @@ from calid.errors import Cancelled, InputError
 from calid.evaluation.harness import every_other_slice_predicted
 from calid.evaluation.metrics import psnr, ssim
 from calid.inference import load_pipeline, upsample_linear
+from calid.inference import registration
 from calid.inference.registration import RegistrationSettings, midpoints, morph, upsample_registration
 
 from conftest import oblique_stack, shared_file
@@ -107,13 +108,22 @@ def test_engine_geometry_bit_exact_slices_and_one_registration_for_every_factor(
     np.testing.assert_array_equal(one_at_a_time.data, x4.data)
 
 
-def test_engine_progress_cancel_and_temporal_refusal():
-    stack = oblique_stack(frames=2, slices=3, rows=24, columns=24)
+def test_engine_progress_cancel_and_temporal_refusal(monkeypatch):
+    stack = oblique_stack(frames=3, slices=4, rows=24, columns=24)
     pipeline = load_pipeline("linear")  # a model-less pipeline runs every model-less mode
     seen: list[tuple[float, float, str]] = []
     pipeline.upsample(stack, 4, mode="registration", progress=lambda done, total, message: seen.append((done, total, message)))
-    assert [done for done, _, _ in seen] == sorted(done for done, _, _ in seen) and seen[-1][0] == seen[-1][1] == 2 * 2 * 3
-    assert any("4/4 gaps" in message for _, _, message in seen)
+    # One report per gap of 3 new slices each (9 gaps), then the final one.
+    assert [done for done, _, _ in seen[:-1]] == [3.0 * k for k in range(1, 10)] and seen[-1][:2] == (27.0, 27.0)
+    assert {total for _, total, _ in seen} == {27.0} and "9/9 gaps" in seen[-2][2]
+    registered = []
+    real_morph = registration.morph
+
+    def counted_morph(*args, **kwargs):
+        registered.append(1)
+        return real_morph(*args, **kwargs)
+
+    monkeypatch.setattr(registration, "morph", counted_morph)
     calls = []
 
     def cancel() -> bool:
@@ -122,20 +132,39 @@ def test_engine_progress_cancel_and_temporal_refusal():
 
     with pytest.raises(Cancelled):
         pipeline.upsample(stack, 4, mode="registration", cancel=cancel)
-    assert len(calls) == 3  # stopped after the second gap, not at the end
+    # Stopped after the second gap: the gaps not yet started never run (at most one per worker was under way).
+    assert len(calls) == 3 and len(registered) <= 2 + registration._cores() < 9
     with pytest.raises(InputError, match="interpolates each frame on its own"):
         pipeline.upsample(stack, 2, mode="registration", temporal=True)
 
 
+def test_anisotropic_pixels_on_both_sides_of_the_working_grid():
+    """Pixels finer than the 1.8 mm working grid along one axis only: the structure still lands halfway, in mm."""
+    for spacing_yx in ((1.0, 2.0), (2.0, 1.2), (1.5, 1.8)):
+        yy, xx = np.mgrid[0:60, 0:70] * np.asarray(spacing_yx)[:, None, None]
+        first, second = (ndimage.gaussian_filter((((yy - 40) ** 2 + (xx - x0) ** 2) < 15**2).astype(np.float32) * 100, 0.7) for x0 in (50, 58))
+        (middle,) = morph(first, second, [0.5], spacing_yx)
+        weights = np.clip(middle, 0, None)
+        centre = [float((grid * weights).sum() / weights.sum()) for grid in (yy, xx)]
+        np.testing.assert_allclose(centre, [40, 54], atol=0.5)
+    data = np.stack([disk((30, 30), 10)] * 3)[None]
+    assert load_pipeline("registration").upsample(CineStack(data=data, spacing=(1.9, 1.5, 10.0)), 2).n_slices == 5
+
+
 def test_a_stack_without_geometry_is_registered_at_the_assumed_pixel_size():
-    """The smoothing is in mm: a file saved with 1 mm placeholders is registered at the size given."""
+    """The smoothing is in mm: a file saved with 1 mm placeholders is registered at the size given, and warned about."""
     data = np.stack([disk((48, 30 + 6 * k), 12) for k in range(3)])[None]
     stack = CineStack(data=data, spacing=(1.0, 1.0, 1.0))
     assumed = load_pipeline("registration").upsample(stack, 2, assumed_pixel_mm=PIXEL_MM)
     stored = load_pipeline("registration").upsample(stack, 2)
+    # Exactly the result for the same pixels stored at 1.5 mm, with the stored 1 mm geometry kept.
+    at_true_size = load_pipeline("registration").upsample(CineStack(data=data, spacing=(PIXEL_MM, PIXEL_MM, 1.0)), 2)
+    np.testing.assert_array_equal(assumed.data, at_true_size.data)
     assert assumed.spacing == (1.0, 1.0, 0.5) and assumed.metadata["upsampling"]["assumed_pixel_mm"] == PIXEL_MM
-    assert "assumed_pixel_mm" not in stored.metadata["upsampling"]
+    assert "taken as 1.5 mm" in assumed.metadata["upsampling"]["warning"]
+    assert "assumed_pixel_mm" not in stored.metadata["upsampling"] and "took its pixels as 1 mm" in stored.metadata["upsampling"]["warning"]
     assert not np.array_equal(assumed.data, stored.data)
+    assert "warning" not in at_true_size.metadata["upsampling"]
 
 
 def test_cli_upsample_and_demo_in_registration_mode_with_no_model_installed(tmp_path, capsys):
@@ -162,6 +191,11 @@ def test_cli_upsample_and_demo_in_registration_mode_with_no_model_installed(tmp_
         assert "--mode registration" in capsys.readouterr().err
     else:
         assert (out / "phantom_calid_x2.nii.gz").is_file()
+    # A model given with a model-free mode loads no network, and nothing is called untrained.
+    assert cli_main(["demo", "--out", str(tmp_path / "demo3"), "--mode", "registration", "--model", "untrained:tiny", "--factor", "2",
+                     "--phantom-frames", "2", "--frames", "0", "--quiet"]) == 0
+    printed = capsys.readouterr()
+    assert "UNTRAINED" not in printed.out and "--model is not used" in printed.err
 
 
 @pytest.mark.parametrize("subject", ["patient061", "patient067"])

@@ -856,22 +856,24 @@ class Evaluation:
         assert self.temporal_pipeline is not None
         from calid.evaluation.temporal import frame_to_frame_change
 
-        # label -> (pipeline, test-time augmentation); the tta pair only when -tta methods were asked for.
-        models: dict[str, tuple[UpsamplingPipeline, bool]] = {"2D frame by frame": (self.pipeline, False), "2D+T": (self.temporal_pipeline, False)}
+        # label -> (pipeline, test-time augmentation, mode); the tta pairs only when -tta methods were asked for.
+        models: dict[str, tuple[UpsamplingPipeline, bool, str]] = {"2D frame by frame": (self.pipeline, False, "calid")}
         if self.pipeline.model is None or self.pipeline.model.net is None:
-            models = {"linear": (self.pipeline, False), "2D+T": (self.temporal_pipeline, False)}
+            models = {"linear": (self.pipeline, False, "linear")}
+        if "registration" in self.methods:
+            models["registration"] = (self.pipeline, False, "registration")
+        models["2D+T"] = (self.temporal_pipeline, False, "calid")
         if any(method in TTA_METHODS for method in self.methods):
             if self.pipeline.model is not None and self.pipeline.model.net is not None:
-                models["2D frame by frame, tta"] = (self.pipeline, True)
-            models["2D+T, tta"] = (self.temporal_pipeline, True)
+                models["2D frame by frame, tta"] = (self.pipeline, True, "calid")
+            models["2D+T, tta"] = (self.temporal_pipeline, True, "calid")
         per_subject: list[dict[str, Any]] = []
         example: dict[str, np.ndarray] = {}
         for index, subject in enumerate(s for s in subjects if s.stack.n_frames > 1):
             stack = subject.stack
             low, high = (float(v) for v in np.percentile(stack.data, self.preprocess_config.percentiles))
-            for label, (pipeline, tta) in models.items():
+            for label, (pipeline, tta, mode) in models.items():
                 self.progress(f"temporal: {subject.name}, {label}")
-                mode = "linear" if pipeline.model is None else "calid"
                 middles = every_other_slice_predicted(pipeline, stack, mode, self.config.steps, self.config.seed, self.config.batch_size, tta)
                 interior = sorted(middles)
                 generated = np.stack([np.clip((middles[n] - low) / (high - low), 0, 1) for n in interior])  # (slices, T, Y, X)
@@ -898,7 +900,7 @@ class Evaluation:
         if example:
             figure = "temporal_xt.png"
             plot_xt(example, Path(self.config.out_dir) / figure)
-        return {"per_subject": pooled, "summary": summary, "models": {k: {**v.describe(), "tta": tta} for k, (v, tta) in models.items()}, "figure": figure}
+        return {"per_subject": pooled, "summary": summary, "models": {k: {**v.describe(), "tta": tta, "mode": mode} for k, (v, tta, mode) in models.items()}, "figure": figure}
 
     # ------------------------------------------------------------------ outputs
     def _write(self, results: dict[str, Any], subjects: list[EvalSubject], triplets: dict[str, _Triplets], predictions: dict[str, dict[str, np.ndarray]]) -> None:
@@ -971,7 +973,7 @@ def plot_steps(task2: dict[str, Any], path: Path) -> Path:
         for method in dict.fromkeys(r["method"] for r in task2["rows"]):
             rows = [r for r in task2["rows"] if r["method"] == method]
             ax.plot([r["steps"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
-        for (method, values), style in zip(task2.get("references", {}).items(), ("--", ":")):
+        for (method, values), style in zip(task2.get("references", {}).items(), ("--", ":", "-.")):
             ax.axhline(values[metric], color="grey", linestyle=style, label=method)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("DDIM steps")
@@ -1055,7 +1057,8 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         "",
         f"Produced by `{results['command']}` on {results['created']} ({results['seconds']} s).",
         "",
-        f"- Model: `{model['model']}`" + (f" (sha256 `{model['model_sha256'][:16]}…`)" if model.get("model_sha256") else ""),
+        (f"- Model: `{model['model']}`" + (f" (sha256 `{model['model_sha256'][:16]}…`)" if model.get("model_sha256") else ""))
+        if model["model"] not in PIXEL_METHODS else "- Model: none (the methods evaluated need no model)",
         f"- Device: {model['device']}",
         f"- Subjects: {len(results['subjects'])} ({', '.join(results['subjects'][:13])}{', …' if len(results['subjects']) > 13 else ''}); "
         f"{len(results['volumes'])} volumes, {sum(len(v['frames']) for v in results['volumes'])} frames",

@@ -65,7 +65,8 @@ MODES: tuple[str, ...] = ("calid", "calid+", "linear", "latent-linear", "registr
 MODEL_MODES = ("calid", "calid+", "latent-linear")
 #: Modes that need no model: they work on the whole field of view, frame by frame.
 PIXEL_MODES = PIXEL_METHODS
-# Modes that test-time augmentation applies to (the others are linear, hence already symmetric).
+# Modes that test-time augmentation applies to (latent-linear and linear are already symmetric under
+# turns of the plane; registration nearly so, and it estimates each gap deterministically).
 TTA_MODES = ("calid", "calid+")
 # The 8 rotations and reflections of the slice plane: (quarter turns, mirror).
 PLANE_SYMMETRIES: tuple[tuple[int, bool], ...] = tuple((turns, flip) for flip in (False, True) for turns in range(4))
@@ -141,7 +142,7 @@ class UpsamplingPipeline:
     """A loaded model and the device it runs on; call :meth:`upsample`.
 
     Build it with :func:`load_pipeline`. ``model`` is None for a pipeline that
-    only offers the ``linear`` mode (no model installed).
+    only offers the modes that need no model (``registration`` and ``linear``).
     """
 
     model: LoadedModel | None
@@ -160,7 +161,7 @@ class UpsamplingPipeline:
     @property
     def config(self) -> ModelConfig:
         if self.model is None:
-            raise InputError("--model", "this pipeline has no model (only mode 'linear' is available)")
+            raise InputError("--model", "this pipeline has no model (only the modes 'registration' and 'linear' are available)")
         return self.model.config
 
     @property
@@ -312,8 +313,18 @@ class UpsamplingPipeline:
         }
         if mode == "registration":
             info["registration"] = dense.metadata["upsampling"]["registration"]
+            # The registration smooths in mm: a file without geometry is registered at whatever pixel size it is given.
             if "assumed_pixel_mm" in dense.metadata["upsampling"]:
-                info["assumed_pixel_mm"] = dense.metadata["upsampling"]["assumed_pixel_mm"]
+                info["assumed_pixel_mm"] = assumed_mm = dense.metadata["upsampling"]["assumed_pixel_mm"]
+                info["warning"] = (
+                    f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); its pixels were taken as "
+                    f"{assumed_mm:g} mm for the registration (the output keeps the stored 1 mm geometry): write the image with its true geometry to be sure"
+                )
+            elif stack.has_placeholder_spacing:
+                info["warning"] = (
+                    f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); the registration took its pixels as 1 mm, "
+                    "which is probably wrong: write the image with its true pixel size, or give the pixel size (--placeholder-spacing MM)"
+                )
         elif mode != "linear":
             batch = self._batch_size(batch_size)
             # Intensity normalisation from the whole cine, so that a frame comes out the

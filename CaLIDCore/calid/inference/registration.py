@@ -49,7 +49,8 @@ class RegistrationSettings:
 
     Args:
         smoothing_mm: standard deviation of the Gaussian that regularises the displacement
-            field after each iteration (physical mm).
+            field after each iteration, in mm at the finest level (the coarser levels smooth
+            over as many of their own, larger, pixels).
         iterations: demons iterations at each pyramid level.
         levels: pyramid levels; each coarser level halves the grid.
         working_pixel_mm: the registration runs on a grid of at most this pixel size (the
@@ -87,9 +88,15 @@ def _one_thread(item: Any) -> Any:
     return item
 
 
-def _smooth(image: sitk.Image, sigma: Sequence[float]) -> sitk.Image:
-    smoothing = _one_thread(sitk.SmoothingRecursiveGaussianImageFilter())
-    smoothing.SetSigma([float(v) for v in sigma])
+def _smooth(image: sitk.Image, sigma_mm: Sequence[float]) -> sitk.Image:
+    """Gaussian smoothing per axis (physical mm); an axis with sigma 0 is left as it is (pixels
+    finer than the working grid along one axis only)."""
+    if not any(v > 0 for v in sigma_mm):
+        return image
+    smoothing = _one_thread(sitk.DiscreteGaussianImageFilter())
+    smoothing.SetVariance([float(v) ** 2 for v in sigma_mm])
+    smoothing.SetUseImageSpacing(True)
+    smoothing.SetMaximumKernelWidth(64)
     return smoothing.Execute(image)
 
 
@@ -109,7 +116,8 @@ def _working_grid(image: sitk.Image, pixel_mm: float) -> sitk.Image:
     if np.all(spacing >= pixel_mm * 0.999):
         return image
     target = np.maximum(spacing, pixel_mm)
-    reference = sitk.Image([max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), spacing, target)], image.GetPixelID())
+    # Rounded up, so that the coarse grid covers the whole image (no border strip without a displacement).
+    reference = sitk.Image([max(1, int(np.ceil(n * s / t - 1e-6))) for n, s, t in zip(image.GetSize(), spacing, target)], image.GetPixelID())
     reference.SetSpacing([float(t) for t in target])
     # Same physical extent: the first pixel centre moves by half the change of pixel size.
     reference.SetOrigin([o - 0.5 * s + 0.5 * t for o, s, t in zip(image.GetOrigin(), spacing, target)])
@@ -141,12 +149,15 @@ def displacement(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSe
         fixed_level, moving_level = _pyramid_level(fixed_px, shrink), _pyramid_level(moving_px, shrink)
         demons = _one_thread(sitk.FastSymmetricForcesDemonsRegistrationFilter())
         demons.SetNumberOfIterations(settings.iterations)
-        demons.SetStandardDeviations(settings.smoothing_mm / unit)
+        # In pixels of each level (ITK does not scale them by the spacing): smoothing_mm at the finest
+        # level, proportionally more at the coarser ones, as usual in a pyramid.
+        demons.SetStandardDeviations([settings.smoothing_mm / s for s in fixed.GetSpacing()])
         demons.SetUseImageSpacing(True)
         if field is None:
             field = demons.Execute(fixed_level, moving_level)
         else:
-            start = _resample(field, fixed_level, sitk.Transform(), sitk.sitkVectorFloat64)
+            # Extrapolated: a level whose size did not divide evenly reaches past the coarser one.
+            start = _resample(field, fixed_level, sitk.Transform(), sitk.sitkVectorFloat64, extrapolate=True)
             field = demons.Execute(fixed_level, moving_level, start)
     assert field is not None
     physical = sitk.GetImageFromArray(sitk.GetArrayFromImage(field) * unit, isVector=True)
@@ -190,8 +201,10 @@ def morph(
     seen = normalised if normalised is not None else (first, second)
     a_seen, b_seen = (_working_grid(_image(v, spacing_yx), settings.working_pixel_mm) for v in seen)
     a, b = _image(first, spacing_yx), _image(second, spacing_yx)
-    forward = displacement(a_seen, b_seen, settings)  # b(x + u) ~ a(x)
-    backward = displacement(b_seen, a_seen, settings) if settings.symmetric else None
+    # The fields are estimated on the working grid and brought to the images' own grid, extrapolated
+    # to the border (outside its domain a displacement-field transform does not move a point).
+    forward = _resample(displacement(a_seen, b_seen, settings), a, sitk.Transform(), sitk.sitkVectorFloat64, extrapolate=True)  # b(x + u) ~ a(x)
+    backward = _resample(displacement(b_seen, a_seen, settings), a, sitk.Transform(), sitk.sitkVectorFloat64, extrapolate=True) if settings.symmetric else None
     out = []
     for t in fractions:
         t = float(t)
