@@ -267,6 +267,9 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
         _print_reading_note(stack)
     frames = parse_frames(args.frames, stack.n_frames)
     args.steps = pipeline.default_steps if args.steps is None else args.steps
+    if args.mode in PIXEL_MODES and (args.centre_on_heart or centre is not None):
+        print(f"note: the model's window (--centre-ras, --centre-on-heart) has no effect on mode {args.mode}: it works on the whole field of view", file=sys.stderr)
+        centre = None
     if args.centre_on_heart and args.mode not in PIXEL_MODES:
         from calid.segmentation.inference import heart_centre_lps
 

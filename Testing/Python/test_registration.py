@@ -170,9 +170,9 @@ def test_a_stack_without_geometry_is_registered_at_the_assumed_pixel_size():
 def test_cli_upsample_and_demo_in_registration_mode_with_no_model_installed(tmp_path, capsys):
     stack = oblique_stack(frames=2, slices=4, rows=32, columns=32)
     source = write_stack(stack, tmp_path / "cine.nii.gz")
-    assert cli_main(["upsample", str(source), str(tmp_path / "dense.nii.gz"), "--mode", "registration", "--factor", "4", "--quiet"]) == 0
-    printed = capsys.readouterr().out
-    assert "mode registration" in printed and "steps" not in printed
+    assert cli_main(["upsample", str(source), str(tmp_path / "dense.nii.gz"), "--mode", "registration", "--factor", "4", "--quiet", "--centre-ras", "0,0,0"]) == 0
+    printed = capsys.readouterr()
+    assert "mode registration" in printed.out and "steps" not in printed.out and "no effect on mode registration" in printed.err
     dense = read_stack(tmp_path / "dense.nii.gz")
     assert dense.n_slices == 13 and dense.metadata["upsampling"]["mode"] == "registration"
     np.testing.assert_allclose(dense.data[:, ::4], read_stack(source).data, atol=1e-4)
