@@ -55,7 +55,7 @@ class PlaceholderSpacing(enum.Enum):
 
     def label(self) -> str:
         return {
-            PlaceholderSpacing.MODEL: "As in the model's training",
+            PlaceholderSpacing.MODEL: "As in the model's training (no model: 1 mm)",
             PlaceholderSpacing.KEEP: "Keep 1 mm (as stored)",
             PlaceholderSpacing.CUSTOM: "Pixel size (mm):",
         }[self]
