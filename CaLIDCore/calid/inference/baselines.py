@@ -34,11 +34,18 @@ def upsample_linear(stack: CineStack, factor: int) -> CineStack:
     for step in range(1, factor):
         weight = np.float32(step / factor)
         out[:, step::factor] = lower + weight * (upper - lower)
+    return dense_stack(stack, out, factor, "linear")
+
+
+def dense_stack(stack: CineStack, out: np.ndarray, factor: int, mode: str, **record: object) -> CineStack:
+    """The upsampled stack around ``out`` (T, (Z - 1) * factor + 1, Y, X): the input's geometry with
+    the slice spacing divided by ``factor``, and how it was made in ``metadata["upsampling"]``."""
     result = stack.with_data(out, spacing=(stack.spacing[0], stack.spacing[1], stack.slice_spacing / factor))
     result.metadata["upsampling"] = {
         "factor": factor,
-        "mode": "linear",
+        "mode": mode,
         "acquired_slice_indices": list(range(0, out.shape[1], factor)),
         "input_slice_spacing_mm": stack.slice_spacing,
+        **record,
     }
     return result

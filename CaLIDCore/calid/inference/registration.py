@@ -29,7 +29,7 @@ import SimpleITK as sitk
 
 from calid.data.stack import CineStack
 from calid.errors import InputError
-from calid.inference.baselines import check_factor
+from calid.inference.baselines import check_factor, dense_stack
 
 #: ``gap_done(new_slices, message)``, called after each gap; it may raise (e.g. :class:`calid.errors.Cancelled`) to stop.
 GapDone = Callable[[int, str], None]
@@ -277,13 +277,4 @@ def upsample_registration(
             for future in pending:
                 future.cancel()  # a cancel or an error: no further gap starts
             raise
-    result = stack.with_data(out, spacing=(stack.spacing[0], stack.spacing[1], stack.slice_spacing / factor))
-    result.metadata["upsampling"] = {
-        "factor": factor,
-        "mode": "registration",
-        "acquired_slice_indices": list(range(0, out.shape[1], factor)),
-        "input_slice_spacing_mm": stack.slice_spacing,
-        "registration": settings.to_dict(),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    return result
+    return dense_stack(stack, out, factor, "registration", registration=settings.to_dict(), seconds=round(time.perf_counter() - started, 3))
