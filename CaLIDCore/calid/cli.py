@@ -308,6 +308,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"  {model.name}{' (default)' if model.path in defaults else ''}: {model.description} [{model.path}]")
         folders = model_folders()
         print("searched folders: " + (", ".join(str(f) for f in folders) or "none exist") + " (add one with $CALID_MODEL_DIR)")
+        if default_model("calid") is None:
+            print("no CaLID interpolation model is installed: --mode registration (or linear) needs none; train one (calid train) and install it (calid install)")
         return 0
     print(model_card_text(args.model))
     return 0

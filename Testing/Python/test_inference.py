@@ -276,7 +276,7 @@ def test_models_by_name_with_checksum_and_default(tmp_path, tiny_model_file, mon
     assert "calid-seg-acdc" not in str(unknown.value)  # segmentation models are not offered for upsampling
 
 
-def test_no_installed_model_gives_a_clear_message(monkeypatch, tmp_path):
+def test_no_installed_model_gives_a_clear_message(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     from calid.models.registry import default_model
@@ -285,6 +285,9 @@ def test_no_installed_model_gives_a_clear_message(monkeypatch, tmp_path):
         pytest.skip("a default model is installed in this source tree")
     with pytest.raises(InputError, match="no trained CaLID model is installed.*'registration' or 'linear'"):
         load_pipeline()
+    # calid info says what works without one.
+    assert cli_main(["info"]) == 0
+    assert "no CaLID interpolation model is installed: --mode registration" in capsys.readouterr().out
 
 
 def test_vae_only_file_cannot_generate(tmp_path, phantom):
