@@ -162,7 +162,7 @@ def test_a_stack_without_geometry_is_registered_at_the_assumed_pixel_size():
     np.testing.assert_array_equal(assumed.data, at_true_size.data)
     assert assumed.spacing == (1.0, 1.0, 0.5) and assumed.metadata["upsampling"]["assumed_pixel_mm"] == PIXEL_MM
     assert "taken as 1.5 mm" in assumed.metadata["upsampling"]["warning"]
-    assert "assumed_pixel_mm" not in stored.metadata["upsampling"] and "took its pixels as 1 mm" in stored.metadata["upsampling"]["warning"]
+    assert "assumed_pixel_mm" not in stored.metadata["upsampling"] and "the registration was given 1 mm pixels" in stored.metadata["upsampling"]["warning"]
     assert not np.array_equal(assumed.data, stored.data)
     assert "warning" not in at_true_size.metadata["upsampling"]
 

@@ -436,6 +436,9 @@ def test_parameter_node_fields_match_the_panel_and_become_options():
     assert bound <= set(fields), f"widgets bound to unknown parameters: {bound - set(fields)}"
     assert set(fields) - bound == {"device", "model"}, "every other parameter must have a widget"
     assert {m.value for m in Method} == set(MODES), "the panel offers every engine mode"
+    from calid.inference.pipeline import PIXEL_MODES
+
+    assert {m.value for m in Method if not m.needs_model()} == set(PIXEL_MODES), "the panel greys out steps for exactly the model-free modes"
     from CaLIDSlicerLib.dependencies import interpolation_model_installed
 
     namespace = {"Method": Method, "FrameSelection": FrameSelection, "PlaceholderSpacing": PlaceholderSpacing, "interpolation_model_installed": interpolation_model_installed}

@@ -299,8 +299,10 @@ class UpsamplingPipeline:
         tracker.check()
         started = time.perf_counter()
 
+        # The pixel size a file without geometry is shown at (the network and the registration work in mm).
+        assumed = self._check_assumed_pixel(stack, assumed_pixel_mm) if mode != "linear" else None
         if mode == "registration":
-            dense = self._upsample_registration(stack, selected, factor, tracker, assumed_pixel_mm)
+            dense = self._upsample_registration(stack, selected, factor, tracker, assumed)
         else:
             dense = upsample_linear(selected, factor)
         info: dict[str, Any] = {
@@ -311,25 +313,17 @@ class UpsamplingPipeline:
             "acquired_slice_indices": list(range(0, dense.n_slices, factor)),
             "input_slice_spacing_mm": stack.slice_spacing,
         }
+        if assumed is not None:
+            info["assumed_pixel_mm"] = assumed
         if mode == "registration":
             info["registration"] = dense.metadata["upsampling"]["registration"]
-            # The registration smooths in mm: a file without geometry is registered at whatever pixel size it is given.
-            if "assumed_pixel_mm" in dense.metadata["upsampling"]:
-                info["assumed_pixel_mm"] = assumed_mm = dense.metadata["upsampling"]["assumed_pixel_mm"]
-                info["warning"] = (
-                    f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); its pixels were taken as "
-                    f"{assumed_mm:g} mm for the registration (the output keeps the stored 1 mm geometry): write the image with its true geometry to be sure"
-                )
-            elif stack.has_placeholder_spacing:
-                info["warning"] = (
-                    f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); the registration took its pixels as 1 mm, "
-                    "which is probably wrong: write the image with its true pixel size, or give the pixel size (--placeholder-spacing MM)"
-                )
+            warning = placeholder_warning(stack, assumed, "the registration")
+            if warning:
+                info["warning"] = warning
         elif mode != "linear":
             batch = self._batch_size(batch_size)
             # Intensity normalisation from the whole cine, so that a frame comes out the
             # same whichever frames are selected with it.
-            assumed = self._check_assumed_pixel(stack, assumed_pixel_mm)
             seen = stack
             if assumed is not None:
                 # Shown to the network at the assumed scale; a centre point keeps its pixel position.
@@ -357,25 +351,14 @@ class UpsamplingPipeline:
                 ),
                 crop=params.to_dict(),
             )
-            warnings = []
-            if not params.crop_mask().any():
-                warnings.append(
-                    "the model's window lies outside the image (check the centre point): every new slice was linearly interpolated, none generated"
-                )
-            if self.untrained:
-                warnings.append("UNTRAINED MODEL: the generated slices are not meaningful; for testing the pipeline only")
-            if assumed is not None:
-                info["assumed_pixel_mm"] = assumed
-                warnings.append(
-                    f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); its pixels were taken as "
-                    f"{assumed:g} mm for the model (the output keeps the stored 1 mm geometry): write the image with its true geometry to be sure"
-                )
-            elif stack.has_placeholder_spacing:
+            candidates = (
+                None if params.crop_mask().any() else
+                "the model's window lies outside the image (check the centre point): every new slice was linearly interpolated, none generated",
+                "UNTRAINED MODEL: the generated slices are not meaningful; for testing the pipeline only" if self.untrained else None,
                 # The crop is resampled to the model's pixel size: a wrong size shows the network hearts at another scale.
-                warnings.append(
-                    f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); the model was given "
-                    "1 mm pixels, which is probably wrong: write the image with its true pixel size and slice spacing for a meaningful result"
-                )
+                placeholder_warning(stack, assumed, "the model"),
+            )
+            warnings = [w for w in candidates if w]
             if warnings:
                 info["warning"] = " | ".join(warnings)
         info["seconds"] = round(time.perf_counter() - started, 3)
@@ -383,18 +366,15 @@ class UpsamplingPipeline:
         tracker.finish(f"done: {dense.n_slices} slices at {dense.slice_spacing:g} mm")
         return dense
 
-    def _upsample_registration(self, stack: CineStack, selected: CineStack, factor: int, tracker: _Tracker, assumed_pixel_mm: float | None) -> CineStack:
+    @staticmethod
+    def _upsample_registration(stack: CineStack, selected: CineStack, factor: int, tracker: _Tracker, assumed: float | None) -> CineStack:
         """Registration-based interpolation of the selected frames, on the whole field of view."""
-        assumed = self._check_assumed_pixel(stack, assumed_pixel_mm)
         seen = selected if assumed is None else dataclasses.replace(selected, spacing=(assumed, assumed, selected.spacing[2]))
         # The whole cine's intensity percentiles, so that a frame comes out the same whichever frames are selected with it.
         low, high = (float(v) for v in np.percentile(stack.data, (0.5, 99.5)))
         dense = upsample_registration(seen, factor, gap_done=lambda amount, message: tracker.advance(amount, message), intensity_range=(low, high))
-        if assumed is not None:
-            # The registration's smoothing is in mm: it saw the assumed pixels; the output keeps the stored geometry.
-            dense = dense.with_data(dense.data, spacing=(selected.spacing[0], selected.spacing[1], dense.spacing[2]))
-            dense.metadata["upsampling"]["assumed_pixel_mm"] = assumed
-        return dense
+        # The registration smooths in mm, so it saw the assumed pixels; the output keeps the stored geometry.
+        return dense if assumed is None else dense.with_data(dense.data, spacing=(selected.spacing[0], selected.spacing[1], dense.spacing[2]))
 
     @property
     def placeholder_spacing_mm(self) -> float | None:
@@ -736,6 +716,22 @@ class UpsamplingPipeline:
         state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in key]).generate_state(2, dtype=np.uint64)
         generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
         return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def placeholder_warning(stack: CineStack, assumed: float | None, user: str) -> str | None:
+    """What to say about a stack saved without geometry (all spacings exactly 1 mm), whose pixel
+    size ``user`` (the model, the registration: both work in mm) was given as ``assumed`` or left at 1 mm."""
+    if assumed is not None:
+        return (
+            f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); its pixels were taken as "
+            f"{assumed:g} mm for {user} (the output keeps the stored 1 mm geometry): write the image with its true geometry to be sure"
+        )
+    if stack.has_placeholder_spacing:
+        return (
+            f"{stack.source} carries no geometry (all spacings exactly 1 mm, the NIfTI default); {user} was given 1 mm pixels, which is "
+            "probably wrong: write the image with its true pixel size and slice spacing, or give the pixel size (--placeholder-spacing MM)"
+        )
+    return None
 
 
 def clip_noise_keys(clip_frames: Sequence[np.ndarray], time_step: int = 1) -> list[tuple[int, ...]]:

@@ -45,7 +45,7 @@ def _cores() -> int:
 
 @dataclass(frozen=True)
 class RegistrationSettings:
-    """Demons settings, chosen on ACDC training subjects (patient020-029) and scored on held-out ones.
+    """Demons settings, compared with variants on ACDC training subjects (patient020-029) and scored on held-out ones.
 
     Args:
         smoothing_mm: standard deviation of the Gaussian that regularises the displacement
