@@ -738,6 +738,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         condition_dropout=args.condition_dropout,
         prediction=args.prediction,
         residual_to_neighbours=True if args.residual_to_neighbours else None,
+        registered_neighbours=True if args.registered_neighbours else None,
         temporal=args.temporal,
         init_from=args.init_from,
         downsample_time=args.downsample_time,
@@ -1016,6 +1017,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--condition-dropout", type=float, help="ldm: probability of training without the condition")
     train.add_argument("--prediction", choices=["epsilon", "v_prediction", "sample"], help="ldm: network target (default epsilon)")
     train.add_argument("--residual-to-neighbours", action="store_true", help="ldm with --prediction sample --concat-neighbour-latents: predict the correction to latent-linear interpolation")
+    train.add_argument(
+        "--registered-neighbours", action="store_true",
+        help="ldm, 2D: registration-guided CaLID: the network sees the neighbours moved to the middle by the model-free registration (registered once per training pair and cached)",
+    )
     train.add_argument("--downsample-time", action="store_true", help="vae of a NAME-2d+t model: the paper's 3D autoencoder, time downsampled like space")
     train.add_argument("--temporal", action="store_true", help="ldm on a 2D VAE: train a 2D+T denoiser (clips) over the 2D autoencoder applied frame by frame")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors")

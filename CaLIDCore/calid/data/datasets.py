@@ -22,7 +22,7 @@ import os
 import random
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -351,7 +351,15 @@ class TripletDataset(Dataset[dict[str, Any]]):
         frames: restrict to these frame indices (e.g. ED / ES); default all.
         seed: augmentations are a function of (seed, epoch, item) alone, so they are
             the same whatever the number of loader workers and after a resumed run.
+        moved_neighbours: for a registration-guided model, ``moved_neighbours(volume, frame,
+            n, gap)`` gives the (2, H, W) previous and next slices already moved to the middle
+            (e.g. a :class:`MovedNeighbourTable`); the items then carry those instead of the
+            acquired neighbours, with their own keys (flip code bit 3 set, the gap and the
+            side in the higher bits), and the same augmentations.
     """
+
+    #: Flip-code bit of a neighbour moved to the middle of its gap (see ``moved_neighbours``).
+    MOVED = 8
 
     def __init__(
         self,
@@ -362,8 +370,10 @@ class TripletDataset(Dataset[dict[str, Any]]):
         frames: Sequence[int] | None = None,
         seed: int = 0,
         transposes: bool = False,
+        moved_neighbours: Callable[[int, int, int, int], np.ndarray] | None = None,
     ) -> None:
         self.volumes = list(volumes)
+        self.moved_neighbours = moved_neighbours
         self.flips = flips
         self.transposes = transposes
         if transposes and any(v.data.shape[-1] != v.data.shape[-2] for v in self.volumes):
@@ -392,9 +402,9 @@ class TripletDataset(Dataset[dict[str, Any]]):
         """Draw other augmentations in every epoch (like ``DistributedSampler.set_epoch``)."""
         self.epoch = int(epoch)
 
-    def _augment(self, slices: list[torch.Tensor], slice_indices: list[int], item: int) -> tuple[list[torch.Tensor], list[int], int]:
-        """Flipped (and maybe swapped) slices, their slice indices in the same order, and the flip code
-        (bit 0: flipped along x, bit 1: along y, bit 2: then x and y swapped)."""
+    def _augment(self, slices: list[torch.Tensor], slice_indices: list[Any], item: int) -> tuple[list[torch.Tensor], list[Any], int]:
+        """Flipped (and maybe swapped) slices, their identities (slice indices) in the same order, and the
+        flip code (bit 0: flipped along x, bit 1: along y, bit 2: then x and y swapped)."""
         seed = int(np.random.SeedSequence([self.seed, self.epoch, item]).generate_state(1)[0])
         draws = torch.rand(4 if self.transposes else 3, generator=torch.Generator().manual_seed(seed))
         dims = []
@@ -422,16 +432,22 @@ class TripletDataset(Dataset[dict[str, Any]]):
         v, t, n, gap = self.index[item]
         data = self.volumes[v].data
         frames = self._frames(t, data.shape[0])
-        slice_indices = [n - gap, n, n + gap]
-        slices = [torch.from_numpy(np.asarray(data[frames, k], dtype=np.float32)).unsqueeze(0) for k in slice_indices]
-        (previous, middle, following), slice_indices, flip_code = self._augment(slices, slice_indices, item)
+        # Each tensor's identity for its latent-cache key: (slice, extra flip-code bits).
+        identities = [(n - gap, 0), (n, 0), (n + gap, 0)]
+        slices = [torch.from_numpy(np.asarray(data[frames, k], dtype=np.float32)).unsqueeze(0) for k, _ in identities]
+        if self.moved_neighbours is not None:
+            moved = np.asarray(self.moved_neighbours(v, t, n, gap), dtype=np.float32)
+            slices[0], slices[2] = torch.from_numpy(moved[0]).unsqueeze(0), torch.from_numpy(moved[1]).unsqueeze(0)
+            # Keyed by the middle slice: the same slice moved across another gap, or from the other side, differs.
+            identities[0], identities[2] = (n, self.MOVED | (gap << 5)), (n, self.MOVED | 16 | (gap << 5))
+        (previous, middle, following), identities, flip_code = self._augment(slices, identities, item)
         return {
             "previous": previous,
             "middle": middle,
             "next": following,
             # What each of the three tensors is, exactly: (volume, frame, slice, flip code) rows, so
             # a trainer can reuse a tensor's encoding whenever the same one comes back.
-            "keys": torch.tensor([[v, t, k, flip_code] for k in slice_indices], dtype=torch.long),
+            "keys": torch.tensor([[v, t, k, flip_code | extra] for k, extra in identities], dtype=torch.long),
             "subject": self.volumes[v].subject,
             "frame": t,
             "slice": n,

@@ -50,6 +50,7 @@ from calid.errors import Cancelled, InputError
 from calid.evaluation.methods import INVERSION_SLERP, PIXEL_METHODS  # the evaluation's DiffAE-style baseline, run by the engine
 from calid.inference.baselines import check_factor, upsample_linear
 from calid.inference.registration import midpoints as registration_midpoints
+from calid.inference.registration import moved_to_middle
 from calid.inference.registration import upsample_registration
 from calid.models.checkpoint import LoadedModel, load_model
 from calid.models.config import ModelConfig, named_config
@@ -603,6 +604,13 @@ class UpsamplingPipeline:
         tta: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The middle slices of one batch of gaps: (latents, decoded images in [-1, 1])."""
+        if mode in ("calid", "calid+") and self.config.denoiser.registered_neighbours:
+            # A registration-guided model sees both neighbours moved to the middle of the gap
+            # (and their encodings), as in its training; the baselines keep the acquired ones.
+            pixel_mm = float(self.config.preprocess.target_spacing_mm or 1.0)
+            pairs = condition.cpu().numpy()
+            condition = torch.from_numpy(moved_to_middle(pairs[:, 0], pairs[:, 1], pixel_mm)).to(condition.device)
+            z_prev, z_next = (self._encode(condition[:, k].unsqueeze(1)) for k in (0, 1))
         if not (tta and mode in TTA_MODES):
             z_mid = self._interpolate(mode, condition, z_prev, z_next, steps, seeds, tracker, message)
             return z_mid, self._decode(z_mid)

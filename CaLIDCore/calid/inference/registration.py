@@ -177,19 +177,20 @@ def _warp(image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     return sitk.GetArrayFromImage(_resample(image, image, transform, sitk.sitkFloat32, extrapolate=True))
 
 
-def morph(
+def moved_neighbours(
     first: np.ndarray,
     second: np.ndarray,
     fractions: Sequence[float],
     spacing_yx: Sequence[float] = (1.0, 1.0),
     settings: RegistrationSettings = RegistrationSettings(),
     normalised: tuple[np.ndarray, np.ndarray] | None = None,
-) -> list[np.ndarray]:
-    """Slices between two (Y, X) neighbours at each fraction ``t`` in (0, 1) of the way from ``first``.
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Both (Y, X) neighbours moved to each fraction ``t`` in (0, 1) of the way from ``first``.
 
     ``spacing_yx``: the pixel size in mm. ``normalised``: the same two images with intensities
     on a common scale (e.g. [-1, 1] by the cine's percentiles), which the registration sees;
-    the blended result keeps the input intensities.
+    the moved images keep the input intensities. :func:`morph` blends each pair; a
+    registration-guided CaLID model takes the pair as its neighbours.
     """
     first = np.asarray(first, dtype=np.float32)
     second = np.asarray(second, dtype=np.float32)
@@ -209,24 +210,50 @@ def morph(
     for t in fractions:
         t = float(t)
         # At t the structure has moved t of the way from a: a is sampled t * u back, b (1 - t) * u ahead.
-        result = (1.0 - t) * _warp(a, _scaled(forward, -t)) + t * _warp(b, _scaled(forward, 1.0 - t))
+        a_moved, b_moved = _warp(a, _scaled(forward, -t)), _warp(b, _scaled(forward, 1.0 - t))
         if backward is not None:
             # The same seen from b, which lies 1 - t away.
-            result = 0.5 * result + 0.5 * (t * _warp(b, _scaled(backward, -(1.0 - t))) + (1.0 - t) * _warp(a, _scaled(backward, t)))
-        out.append(result.astype(np.float32))
+            a_moved = 0.5 * a_moved + 0.5 * _warp(a, _scaled(backward, t))
+            b_moved = 0.5 * b_moved + 0.5 * _warp(b, _scaled(backward, -(1.0 - t)))
+        out.append((a_moved.astype(np.float32), b_moved.astype(np.float32)))
     return out
 
 
-def midpoints(previous: np.ndarray, following: np.ndarray, pixel_mm: float, settings: RegistrationSettings = RegistrationSettings()) -> np.ndarray:
-    """The middle slice of each pair of (N, Y, X) images on a common intensity scale (what the evaluation scores)."""
+def morph(
+    first: np.ndarray,
+    second: np.ndarray,
+    fractions: Sequence[float],
+    spacing_yx: Sequence[float] = (1.0, 1.0),
+    settings: RegistrationSettings = RegistrationSettings(),
+    normalised: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[np.ndarray]:
+    """Slices between two (Y, X) neighbours at each fraction ``t`` in (0, 1) of the way from ``first``:
+    the two :func:`moved_neighbours` blended ``1 - t : t`` (arguments as there)."""
+    pairs = moved_neighbours(first, second, fractions, spacing_yx, settings, normalised)
+    return [((1.0 - float(t)) * a + float(t) * b).astype(np.float32) for t, (a, b) in zip(fractions, pairs)]
+
+
+def moved_to_middle(previous: np.ndarray, following: np.ndarray, pixel_mm: float, settings: RegistrationSettings = RegistrationSettings()) -> np.ndarray:
+    """(N, 2, Y, X): each pair of (N, Y, X) images on a common intensity scale, both moved to the
+    middle of their gap (what a registration-guided CaLID model sees); one thread per core."""
     previous = np.asarray(previous, dtype=np.float32)
     following = np.asarray(following, dtype=np.float32)
     if previous.shape != following.shape or previous.ndim != 3:
         raise InputError("registration", f"needs two (N, Y, X) arrays of the same shape, got {previous.shape} and {following.shape}")
     if not len(previous):
-        return previous.copy()
+        return np.empty((0, 2) + previous.shape[1:], dtype=np.float32)
+
+    def move(pair: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return np.stack(moved_neighbours(pair[0], pair[1], [0.5], (pixel_mm, pixel_mm), settings)[0])
+
     with ThreadPoolExecutor(max_workers=max(1, min(_cores(), len(previous)))) as pool:
-        return np.stack(list(pool.map(lambda pair: morph(pair[0], pair[1], [0.5], (pixel_mm, pixel_mm), settings)[0], zip(previous, following))))
+        return np.stack(list(pool.map(move, zip(previous, following))))
+
+
+def midpoints(previous: np.ndarray, following: np.ndarray, pixel_mm: float, settings: RegistrationSettings = RegistrationSettings()) -> np.ndarray:
+    """The middle slice of each pair of (N, Y, X) images on a common intensity scale (what the evaluation scores)."""
+    moved = moved_to_middle(previous, following, pixel_mm, settings)
+    return (0.5 * moved[:, 0] + 0.5 * moved[:, 1]).astype(np.float32)
 
 
 def upsample_registration(

@@ -84,6 +84,14 @@ class DenoiserConfig:
         control_attention_levels: self-attention at each level of tau2 (the
             ControlNet encoder); None: as ``attention_levels``. The paper puts
             self-attention at every scale of tau2 (the ``paper`` configuration).
+        registered_neighbours: registration-guided CaLID (an option beside the
+            paper's recipe, 2D models only): the two neighbours are first moved
+            to the middle of their gap by the model-free registration
+            (:func:`calid.inference.registration.moved_neighbours`, default
+            settings, at the model's pixel size), and the network sees the moved
+            images (and their latents) instead of the acquired ones. The
+            registration aligns what it can; the network has to learn only what
+            moving cannot give (what appears or vanishes between the slices).
     """
 
     channels: tuple[int, ...] = (64, 128, 128)
@@ -97,6 +105,7 @@ class DenoiserConfig:
     prediction: Prediction = "epsilon"
     residual_to_neighbours: bool = False
     control_attention_levels: tuple[bool, ...] | None = None
+    registered_neighbours: bool = False
 
     @property
     def tau2_attention_levels(self) -> tuple[bool, ...]:
@@ -169,6 +178,10 @@ class ModelConfig:
             problems.append("denoiser.condition_dropout must be in [0, 1)")
         if self.denoiser.residual_to_neighbours and not (self.denoiser.prediction == "sample" and self.denoiser.concat_neighbour_latents):
             problems.append("denoiser.residual_to_neighbours needs prediction 'sample' and concat_neighbour_latents")
+        if self.denoiser.registered_neighbours and self.temporal:
+            problems.append("denoiser.registered_neighbours is for 2D models (the registration moves single slices)")
+        if self.denoiser.registered_neighbours and not self.preprocess.target_spacing_mm:
+            problems.append("denoiser.registered_neighbours needs preprocess.target_spacing_mm (the registration smooths in mm)")
         if self.denoiser.prediction not in ("epsilon", "v_prediction", "sample"):
             problems.append(f"unknown prediction type {self.denoiser.prediction!r}")
         if self.schedule.beta_schedule not in ("linear", "scaled_linear"):

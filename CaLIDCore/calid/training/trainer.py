@@ -64,6 +64,7 @@ from calid.models.checkpoint import load_model, save_model
 from calid.models.config import ModelConfig, named_config
 from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, apply_floor_snap, build_vae, calibrate_floor_snap, inflate_to_temporal
 from calid.models.registry import resolve_model, sha256_of
+from calid.training.registered import MovedNeighbourTable
 from calid.training.state import load_training_state, read_training_extra, save_training_state
 
 
@@ -127,6 +128,7 @@ class TrainConfig:
     condition_dropout: float | None = None
     prediction: str | None = None
     residual_to_neighbours: bool | None = None
+    registered_neighbours: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -301,14 +303,18 @@ class LatentCache:
         return loaded
 
 
-def latent_cache_signature(vae_file: str | os.PathLike[str], volumes: list[SubjectVolume], dataset: Any, encoder_precision: str = "fp32") -> str:
+def latent_cache_signature(vae_file: str | os.PathLike[str], volumes: list[SubjectVolume], dataset: Any, encoder_precision: str = "fp32", moved_neighbours: str = "") -> str:
     """What a cached latent depends on: the VAE's weights, the training data (in the order the
-    keys number it), what one item encodes (a slice, or a clip of a given length) and the
-    precision the encoder ran in (a bf16 latent is not an fp32 one)."""
+    keys number it), what one item encodes (a slice, or a clip of a given length), the
+    precision the encoder ran in (a bf16 latent is not an fp32 one) and, for a registration-guided
+    model, the signature of the moved neighbours (their registration settings)."""
     import hashlib
 
     digest = hashlib.sha256()
-    digest.update(json.dumps({"vae": sha256_of(vae_file), "dataset": type(dataset).__name__, "clip_length": getattr(dataset, "clip_length", None), "precision": encoder_precision}).encode())
+    description = {"vae": sha256_of(vae_file), "dataset": type(dataset).__name__, "clip_length": getattr(dataset, "clip_length", None), "precision": encoder_precision}
+    if moved_neighbours:
+        description["moved_neighbours"] = moved_neighbours
+    digest.update(json.dumps(description).encode())
     for volume in volumes:
         data = np.ascontiguousarray(volume.data)
         digest.update(f"{volume.subject}|{data.dtype}|{data.shape}".encode())
@@ -418,6 +424,7 @@ class Trainer:
                     ("condition_dropout", config.condition_dropout),
                     ("prediction", config.prediction),
                     ("residual_to_neighbours", config.residual_to_neighbours),
+                    ("registered_neighbours", config.registered_neighbours),
                 )
                 if value is not None
             }
@@ -472,6 +479,11 @@ class Trainer:
                 "subjects": sorted({v.subject for v in volumes if v.assumed_spacing_mm is not None}),
             }
 
+        #: Registration-guided models: seconds spent registering the training pairs (0 when read from the cache).
+        self.registration_seconds = 0.0
+        moved_signature = ""
+        if config.stage == "ldm" and self.model_config.denoiser.registered_neighbours:
+            moved_signature = self._move_neighbours(train_volumes, val_volumes, cache)
         self.latent_cache: LatentCache | None = None
         self.latents_loaded = 0
         if config.stage == "ldm":
@@ -484,7 +496,7 @@ class Trainer:
             if self.model_config.vae.floor_snap == 0:  # a VAE file exported before the calibration existed
                 self.model_config = _with_floor_snap(self.model_config, calibrate_floor_snap(self.vae, self._calibration_images()))
             if config.latent_cache_mb > 0:
-                signature = latent_cache_signature(self.vae_file, train_volumes, self.train_set, "fp32")
+                signature = latent_cache_signature(self.vae_file, train_volumes, self.train_set, "fp32", moved_signature)
                 self.latent_cache = LatentCache(self._encode_unscaled, config.latent_cache_mb * 2**20, cache / f"latents-{signature[:16]}", signature)
                 #: Latents read from earlier runs' shards (printed by ``calid train``).
                 self.latents_loaded = self.latent_cache.load()
@@ -519,6 +531,27 @@ class Trainer:
             self._resume()
 
     # ------------------------------------------------------------------ setup helpers
+    def _move_neighbours(self, train_volumes: list[SubjectVolume], val_volumes: list[SubjectVolume], cache: Path) -> str:
+        """Give both datasets their neighbours moved to the middle (registration-guided models);
+        returns the training table's signature. Under torchrun rank 0 registers and the others
+        read its cache file."""
+        pixel_mm = float(self.model_config.preprocess.target_spacing_mm or 1.0)
+        cache_file = cache / "moved-neighbours-train.npz"
+
+        def report(done: int, total: int) -> None:
+            print(f"registering the training pairs (registration-guided model): {done}/{total}", flush=True)
+
+        if self.world > 1 and not self.is_main:
+            dist.barrier()  # rank 0 writes the cache file first
+        table = MovedNeighbourTable(train_volumes, pixel_mm, self.train_set.index, cache_file=cache_file, progress=report if self.is_main else None)
+        if self.world > 1 and self.is_main:
+            dist.barrier()
+        self.registration_seconds = table.seconds
+        self.train_set.moved_neighbours = table
+        self.val_set.moved_neighbours = MovedNeighbourTable(val_volumes, pixel_mm)  # moved when first drawn
+        self.data_description["moved_neighbours"] = {"pixel_mm": pixel_mm, "registration": table.settings.to_dict()}
+        return table.key
+
     def _initial_weights(self, resume: bool) -> Any:
         """The model file to fine-tune from (``init_from``), or None. A resumed run reads it only for
         its architecture (the same as the checkpoint's): its weights come from the checkpoint."""
