@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 
 from calid.data.datasets import SubjectVolume, TripletDataset
-from calid.inference.registration import midpoints, moved_to_middle
+from calid.inference.registration import RegistrationSettings, midpoints, moved_to_middle
 from calid.models import named_config
 from calid.training.registered import MovedNeighbourTable
 from calid.training.trainer import TrainConfig, Trainer
@@ -97,26 +97,36 @@ def test_training_items_carry_the_moved_neighbours_with_keys_of_their_own(tmp_pa
 def test_the_table_is_kept_on_disk_for_the_same_data_only_and_a_lazy_table_agrees(tmp_path):
     subjects = volumes(count=1)
     entries = TripletDataset(subjects).index
-    cache = tmp_path / "moved.npz"
-    first = MovedNeighbourTable(subjects, PIXEL_MM, entries, cache_file=cache)
-    assert cache.is_file() and not first.loaded_from_cache and first.key
-    again = MovedNeighbourTable(subjects, PIXEL_MM, entries, cache_file=cache)
-    assert again.loaded_from_cache and again.key == first.key
+    folder = tmp_path / "cache"
+    first = MovedNeighbourTable(subjects, PIXEL_MM, entries, cache_folder=folder)
+    assert first.cache_file is not None and first.cache_file.is_file() and first.saved and not first.loaded_from_cache and first.key
+    again = MovedNeighbourTable(subjects, PIXEL_MM, entries, cache_folder=folder)
+    assert again.loaded_from_cache and again.key == first.key and again.seconds == 0.0
     lazy = MovedNeighbourTable(subjects, PIXEL_MM)
     for entry in entries:
         np.testing.assert_array_equal(again(*entry), first(*entry))
         np.testing.assert_array_equal(lazy(*entry), first(*entry))
         direct = moved_to_middle(subjects[0].data[entry[1], entry[2] - 1][None], subjects[0].data[entry[1], entry[2] + 1][None], PIXEL_MM)[0]
         np.testing.assert_allclose(first(*entry).astype(np.float32), direct, atol=2e-3)  # stored as float16
-    # Other data (or another pixel size): the file is not used, and the new pairs replace it.
+    # Other data, or another pixel size: a file of its own; the first one stays for its data.
     changed = [dataclasses.replace(subjects[0], data=subjects[0].data[::-1].copy())]
-    assert not MovedNeighbourTable(changed, PIXEL_MM, entries, cache_file=cache).loaded_from_cache
-    assert not MovedNeighbourTable(changed, 2.0, entries, cache_file=cache).loaded_from_cache
-    # A damaged file costs only the registrations.
-    cache.write_bytes(b"not an npz file")
-    damaged = MovedNeighbourTable(subjects, PIXEL_MM, entries, cache_file=cache)
-    assert not damaged.loaded_from_cache
-    np.testing.assert_array_equal(damaged(*entries[0]), first(*entries[0]))
+    for other in (MovedNeighbourTable(changed, PIXEL_MM, entries, cache_folder=folder), MovedNeighbourTable(subjects, 2.0, entries, cache_folder=folder)):
+        assert not other.loaded_from_cache and other.cache_file != first.cache_file
+    assert len(list(folder.glob("moved-neighbours-*.npz"))) == 3
+    assert MovedNeighbourTable(subjects, PIXEL_MM, entries, cache_folder=folder).loaded_from_cache
+    # A damaged file (cut short, or not an npz at all) costs only the registrations.
+    for damage in (first.cache_file.read_bytes()[:1000], b"not an npz file"):
+        first.cache_file.write_bytes(damage)
+        damaged = MovedNeighbourTable(subjects, PIXEL_MM, entries, cache_folder=folder)
+        assert not damaged.loaded_from_cache and damaged.saved
+        np.testing.assert_array_equal(damaged(*entries[0]), first(*entries[0]))
+    # A folder that cannot be written: a warning, and the table still serves this run.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the folder should be")
+    with pytest.warns(UserWarning, match="cannot write"):
+        unsaved = MovedNeighbourTable(subjects, PIXEL_MM, entries, cache_folder=blocked)
+    assert not unsaved.saved
+    np.testing.assert_array_equal(unsaved(*entries[0]), first(*entries[0]))
 
 
 def test_the_option_is_for_2d_models_at_a_known_pixel_size():
@@ -138,8 +148,16 @@ def test_a_registration_guided_model_trains_and_the_engine_feeds_it_the_moved_ne
     )
     trainer = Trainer(config)
     assert trainer.registration_seconds > 0 and trainer.data_description["moved_neighbours"]["pixel_mm"] == 1.8
+    # Validation scores the model on moved neighbours too, as the engine will feed it.
+    plain_run = Trainer(dataclasses.replace(config, out_dir=str(tmp_path / "plain"), registered_neighbours=None))
+    item, plain_item = trainer.val_set[0], plain_run.val_set[0]
+    assert torch.equal(item["middle"], plain_item["middle"]) and not torch.equal(item["previous"], plain_item["previous"])
+    np.testing.assert_allclose(item["previous"][0].numpy(), moved_to_middle(plain_item["previous"].numpy(), plain_item["next"].numpy(), 1.8)[0, 0], atol=2e-3)
+    # Its latents never mix with a plain run's on the same data.
+    assert trainer.latent_cache is not None and plain_run.latent_cache is not None
+    assert trainer.latent_cache.folder != plain_run.latent_cache.folder
     trainer.fit()
-    assert (tmp_path / "cache" / "moved-neighbours-train.npz").is_file()
+    assert len(list((tmp_path / "cache").glob("moved-neighbours-*.npz"))) == 1
     # A second run on the same data reads the registered pairs back instead of registering again.
     assert Trainer(dataclasses.replace(config, out_dir=str(tmp_path / "again"))).registration_seconds == 0.0
 
@@ -147,6 +165,9 @@ def test_a_registration_guided_model_trains_and_the_engine_feeds_it_the_moved_ne
 
     guided = load_pipeline(tmp_path / "run" / "model.safetensors", device="cpu")
     assert guided.config.denoiser.registered_neighbours
+    from calid.models.card import model_card_text
+
+    assert "registration-guided" in model_card_text(tmp_path / "run" / "model.safetensors")
     # The same weights told to take the neighbours as they come.
     plain = load_pipeline(tmp_path / "run" / "model.safetensors", device="cpu")
     assert plain.model is not None
@@ -159,6 +180,15 @@ def test_a_registration_guided_model_trains_and_the_engine_feeds_it_the_moved_ne
         expected = plain.interpolate_slices(moved[:, 0], moved[:, 1], mode, steps=2)
         np.testing.assert_allclose(guided.interpolate_slices(previous, following, mode, steps=2), expected, atol=1e-5)
         assert np.abs(plain.interpolate_slices(previous, following, mode, steps=2) - expected).max() > 1e-3
+    # The engine registers with the settings the model file records (those of its training).
+    assert guided.model is not None
+    recorded = guided.model.info["info"]["training_data"]["moved_neighbours"]["registration"]
+    assert recorded == RegistrationSettings().to_dict()
+    coarse = RegistrationSettings(iterations=3, levels=1)
+    guided.model.info["info"]["training_data"]["moved_neighbours"]["registration"] = coarse.to_dict()
+    moved_coarse = moved_to_middle(previous, following, 1.8, coarse)
+    np.testing.assert_allclose(guided.interpolate_slices(previous, following, "calid", steps=2), plain.interpolate_slices(moved_coarse[:, 0], moved_coarse[:, 1], "calid", steps=2), atol=1e-5)
+    guided.model.info["info"]["training_data"]["moved_neighbours"]["registration"] = recorded
     # The baselines keep the acquired neighbours.
     np.testing.assert_array_equal(guided.interpolate_slices(previous, following, "latent-linear"), plain.interpolate_slices(previous, following, "latent-linear"))
     # Whole stacks too: the bisection goes through the same path, acquired slices pass through, geometry kept.

@@ -50,7 +50,7 @@ from calid.errors import Cancelled, InputError
 from calid.evaluation.methods import INVERSION_SLERP, PIXEL_METHODS  # the evaluation's DiffAE-style baseline, run by the engine
 from calid.inference.baselines import check_factor, upsample_linear
 from calid.inference.registration import midpoints as registration_midpoints
-from calid.inference.registration import moved_to_middle
+from calid.inference.registration import RegistrationSettings, moved_to_middle
 from calid.inference.registration import upsample_registration
 from calid.models.checkpoint import LoadedModel, load_model
 from calid.models.config import ModelConfig, named_config
@@ -609,7 +609,7 @@ class UpsamplingPipeline:
             # (and their encodings), as in its training; the baselines keep the acquired ones.
             pixel_mm = float(self.config.preprocess.target_spacing_mm or 1.0)
             pairs = condition.cpu().numpy()
-            condition = torch.from_numpy(moved_to_middle(pairs[:, 0], pairs[:, 1], pixel_mm)).to(condition.device)
+            condition = torch.from_numpy(moved_to_middle(pairs[:, 0], pairs[:, 1], pixel_mm, self._training_registration())).to(condition.device)
             z_prev, z_next = (self._encode(condition[:, k].unsqueeze(1)) for k in (0, 1))
         if not (tta and mode in TTA_MODES):
             z_mid = self._interpolate(mode, condition, z_prev, z_next, steps, seeds, tracker, message)
@@ -633,6 +633,20 @@ class UpsamplingPipeline:
             total += turn_plane(self._decode(member), turns, flip, inverse=True)
         image_mid = total / len(PLANE_SYMMETRIES)
         return self._encode(image_mid.unsqueeze(1)), image_mid
+
+    def _training_registration(self) -> RegistrationSettings:
+        """The registration settings a registration-guided model was trained with (its file records
+        them; the current defaults for a file without the record)."""
+        assert self.model is not None
+        recorded: Any = self.model.info
+        for key in ("info", "training_data", "moved_neighbours", "registration"):  # any level may be absent
+            recorded = recorded.get(key) if isinstance(recorded, dict) else None
+        if not recorded:
+            return RegistrationSettings()
+        try:
+            return RegistrationSettings(**recorded)
+        except TypeError as error:
+            raise InputError(self.name, f"records registration settings this version does not know ({error}); update CaLID") from error
 
     def _interpolate(
         self,

@@ -35,6 +35,7 @@ def _config_lines(config: ModelConfig) -> list[str]:
         + (", neighbour latents concatenated" if d.concat_neighbour_latents else "")
         + (" (output: correction to their mean)" if d.residual_to_neighbours else "")
         + (f", condition dropout {d.condition_dropout:g}" if d.condition_dropout else "")
+        + (", registration-guided (sees the neighbours moved to the middle by registration)" if d.registered_neighbours else "")
         + f", {counts['denoiser'] / 1e6:.2f} M parameters",
         f"noise schedule  {config.schedule.beta_schedule} {config.schedule.beta_start:g}-{config.schedule.beta_end:g}, {config.schedule.num_train_timesteps} steps",
         f"sampling        {config.default_steps} DDIM step(s) by default (--steps to change)",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from calid.atomic import atomic_path
+from calid.errors import CalidError
 from calid.data.datasets import SubjectVolume
 from calid.inference.registration import RegistrationSettings, _cores, moved_to_middle
 
@@ -36,8 +37,9 @@ class MovedNeighbourTable:
         entries: the (volume, frame, n, gap) items to compute now (``TripletDataset.index``); none
             for a lazy table, which moves an item when it is first asked for.
         pixel_mm: the crops' pixel size.
-        cache_file: where the computed pairs are kept between runs (float16 ``.npz``; only read
-            back when it was made from the same volumes, entries and settings).
+        cache_folder: where the computed pairs are kept between runs, in a float16 ``.npz`` named
+            after what they depend on (the volumes, entries, pixel size and settings), so runs
+            on other data or splits sharing the folder keep their own.
         workers: pairs registered at once (default: one per core).
     """
 
@@ -49,7 +51,7 @@ class MovedNeighbourTable:
         pixel_mm: float,
         entries: Sequence[tuple[int, int, int, int]] = (),
         settings: RegistrationSettings = RegistrationSettings(),
-        cache_file: Path | None = None,
+        cache_folder: Path | None = None,
         workers: int | None = None,
         progress: Progress | None = None,
     ) -> None:
@@ -57,16 +59,16 @@ class MovedNeighbourTable:
         self.pixel_mm = float(pixel_mm)
         self.settings = settings
         self.pairs: dict[tuple[int, int, int, int], np.ndarray] = {}
-        self._lock = threading.Lock()
         self.loaded_from_cache = False
         self.seconds = 0.0
         entries = [(int(v), int(t), int(n), int(gap)) for v, t, n, gap in entries]
         #: What the computed pairs depend on ("" for a lazy table); part of the latent cache's signature.
         self.key = self.signature(entries) if entries else ""
+        #: The file of this table in ``cache_folder`` (None without a folder or entries).
+        self.cache_file = cache_folder / f"moved-neighbours-{self.key[:16]}.npz" if cache_folder is not None and entries else None
         if not entries:
             return
-        signature = self.key
-        if cache_file is not None and self._load(cache_file, entries, signature):
+        if self.cache_file is not None and self._load(self.cache_file, entries, self.key):
             self.loaded_from_cache = True
             return
         started = time.perf_counter()
@@ -78,8 +80,8 @@ class MovedNeighbourTable:
                 if progress is not None and (done % 200 == 0 or done == len(entries)):
                     progress(done, len(entries))
         self.seconds = time.perf_counter() - started
-        if cache_file is not None:
-            self._save(cache_file, entries, signature)
+        #: Whether the computed pairs reached the cache folder.
+        self.saved = self.cache_file is not None and self._save(self.cache_file, entries, self.key)
 
     def signature(self, entries: Sequence[tuple[int, int, int, int]]) -> str:
         """What the moved pairs depend on: the volumes' data, the items, the pixel size and the settings."""
@@ -102,25 +104,33 @@ class MovedNeighbourTable:
         entry = (int(v), int(t), int(n), int(gap))
         pair = self.pairs.get(entry)
         if pair is None:
-            pair = self._compute(entry)
-            with self._lock:
-                self.pairs[entry] = pair
+            # No lock (the table is pickled into loader workers): two threads asking for the same
+            # new entry at once both compute it, with the same result.
+            pair = self.pairs[entry] = self._compute(entry)
         return pair
 
-    def _save(self, path: Path, entries: list[tuple[int, int, int, int]], signature: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, format=np.asarray(self.FORMAT), signature=np.asarray(signature), pairs=np.stack([self.pairs[e] for e in entries]))
+    def _save(self, path: Path, entries: list[tuple[int, int, int, int]], signature: str) -> bool:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, format=np.asarray(self.FORMAT), signature=np.asarray(signature), pairs=np.stack([self.pairs[e] for e in entries]))
+        except (OSError, CalidError) as error:
+            # A read-only shared cache or a full disk costs later runs the registrations, never this run.
+            warnings.warn(f"moved neighbours: cannot write {path} ({error}); later runs will register the training pairs again", stacklevel=2)
+            return False
+        return True
 
     def _load(self, path: Path, entries: list[tuple[int, int, int, int]], signature: str) -> bool:
+        if not path.is_file():
+            return False
         try:
             with np.load(path) as stored:
                 if str(stored["format"]) != self.FORMAT or str(stored["signature"]) != signature:
                     return False
                 pairs = stored["pairs"]
-        except (OSError, ValueError, KeyError):
-            return False  # missing or damaged: computed again
+        except Exception:  # noqa: BLE001 - a damaged file (zip, pickle or format errors alike) is computed again
+            return False
         if len(pairs) != len(entries):
             return False
         self.pairs = {entry: pair for entry, pair in zip(entries, pairs)}

@@ -533,22 +533,29 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
     def _move_neighbours(self, train_volumes: list[SubjectVolume], val_volumes: list[SubjectVolume], cache: Path) -> str:
         """Give both datasets their neighbours moved to the middle (registration-guided models);
-        returns the training table's signature. Under torchrun rank 0 registers and the others
-        read its cache file."""
+        returns the training table's signature. Under torchrun rank 0 registers the pairs and the
+        other processes read its cache file (a barrier could time out over a long registration)."""
         pixel_mm = float(self.model_config.preprocess.target_spacing_mm or 1.0)
-        cache_file = cache / "moved-neighbours-train.npz"
 
         def report(done: int, total: int) -> None:
             print(f"registering the training pairs (registration-guided model): {done}/{total}", flush=True)
 
         if self.world > 1 and not self.is_main:
-            dist.barrier()  # rank 0 writes the cache file first
-        table = MovedNeighbourTable(train_volumes, pixel_mm, self.train_set.index, cache_file=cache_file, progress=report if self.is_main else None)
-        if self.world > 1 and self.is_main:
-            dist.barrier()
+            expected = MovedNeighbourTable(train_volumes, pixel_mm).signature(self.train_set.index)
+            cache_file = cache / f"moved-neighbours-{expected[:16]}.npz"
+            while True:
+                table = MovedNeighbourTable(train_volumes, pixel_mm, self.train_set.index, cache_folder=cache) if cache_file.is_file() else None
+                if table is not None and table.loaded_from_cache:
+                    break
+                time.sleep(2.0)  # rank 0 is still registering (if it fails, torchrun stops every process)
+        else:
+            table = MovedNeighbourTable(train_volumes, pixel_mm, self.train_set.index, cache_folder=cache, progress=report if self.is_main else None)
+            if self.world > 1 and not (table.loaded_from_cache or table.saved):
+                raise InputError(str(cache), "the other training processes read the registered pairs from this cache folder, which cannot be written (see the warning); use --cache-dir")
         self.registration_seconds = table.seconds
         self.train_set.moved_neighbours = table
         self.val_set.moved_neighbours = MovedNeighbourTable(val_volumes, pixel_mm)  # moved when first drawn
+        # The engine registers with these settings too (read back from the model file).
         self.data_description["moved_neighbours"] = {"pixel_mm": pixel_mm, "registration": table.settings.to_dict()}
         return table.key
 
