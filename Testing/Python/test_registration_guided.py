@@ -199,3 +199,17 @@ def test_a_registration_guided_model_trains_and_the_engine_feeds_it_the_moved_ne
     np.testing.assert_array_equal(dense.data[:, ::4], stack.data)
     np.testing.assert_allclose(dense.spacing[2] * 4, stack.spacing[2])
     np.testing.assert_allclose(dense.origin, stack.origin)
+
+
+def test_options_that_do_not_fit_are_refused_before_any_registration(tmp_path):
+    from calid.errors import InputError
+
+    vae_file = str(tiny_vae_file(tmp_path))
+    common = dict(stage="ldm", data=("phantom:2",), model="tiny", vae_model=vae_file, batch_size=4, steps=2, validate_every=100, checkpoint_every=2, val_fraction=0.0, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(InputError, match="registered_neighbours is for 2D"):
+        Trainer(TrainConfig(out_dir=str(tmp_path / "t"), registered_neighbours=True, temporal=True, **common))
+    # A plain run resumed as a registration-guided one: refused at once, nothing registered or cached.
+    Trainer(TrainConfig(out_dir=str(tmp_path / "plain"), **common)).fit()
+    with pytest.raises(InputError, match="other denoiser options"):
+        Trainer(TrainConfig(out_dir=str(tmp_path / "plain"), registered_neighbours=True, **common), resume=True)
+    assert not list((tmp_path / "cache").glob("moved-neighbours-*.npz"))

@@ -621,7 +621,8 @@ class UpsamplingPipeline:
         # images rather than latents: a latent generated in a turned frame, turned back, is
         # not the latent of the turned-back image (the encoder is not equivariant), and
         # averaging such latents measured worse. The average is exactly equivariant to
-        # turning both neighbour images; the next bisection level gets its encoding.
+        # turning both neighbour images (a registration-guided model's only as far as the
+        # registration is); the next bisection level gets its encoding.
         total = torch.zeros_like(condition[:, 0])
         for turns, flip in PLANE_SYMMETRIES:
             moved = turn_plane(condition, turns, flip)

@@ -428,12 +428,18 @@ class Trainer:
                 )
                 if value is not None
             }
-            self.model_config = loaded.config.replace(denoiser=dataclasses.replace(denoiser, **changes))
             vae_module: nn.Module = loaded.vae
-            if config.temporal and not loaded.config.temporal and isinstance(loaded.vae, AutoencoderKL):
-                # A trained 2D autoencoder serves a 2D+T model that keeps every frame.
-                self.model_config = self.model_config.replace(temporal=True, time_downsampling=False, clip_length=8 if loaded.config.name == "tiny" else 32)
-                vae_module = FrameWiseAutoencoder(loaded.vae)
+            try:
+                self.model_config = loaded.config.replace(denoiser=dataclasses.replace(denoiser, **changes))
+                if config.temporal and not loaded.config.temporal and isinstance(loaded.vae, AutoencoderKL):
+                    # A trained 2D autoencoder serves a 2D+T model that keeps every frame.
+                    self.model_config = self.model_config.replace(temporal=True, time_downsampling=False, clip_length=8 if loaded.config.name == "tiny" else 32)
+                    vae_module = FrameWiseAutoencoder(loaded.vae)
+            except ValueError as error:  # options that do not go together (e.g. --registered-neighbours with --temporal)
+                raise InputError("denoiser options", str(error)) from error
+            if resumed_extra is not None and ModelConfig.from_dict(resumed_extra["model_config"]).denoiser != self.model_config.denoiser:
+                # Refused before any data preparation (a registration-guided run registers every pair first).
+                raise InputError(str(checkpoint), "the checkpoint was made with other denoiser options than this run's (resume with the options it was started with)")
             self.vae = vae_module.requires_grad_(False).eval()
             self.net = CaLIDNet(self.model_config).to(self.device)
             self.trained = self.net
