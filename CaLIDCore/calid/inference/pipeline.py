@@ -49,10 +49,9 @@ from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampl
 from calid.errors import Cancelled, InputError
 from calid.evaluation.methods import INVERSION_SLERP, PIXEL_METHODS  # the evaluation's DiffAE-style baseline, run by the engine
 from calid.inference.baselines import check_factor, upsample_linear
+from calid.inference.registration import RegistrationSettings, moved_to_middle, upsample_registration
 from calid.inference.registration import midpoints as registration_midpoints
-from calid.inference.registration import RegistrationSettings, moved_to_middle
-from calid.inference.registration import upsample_registration
-from calid.models.checkpoint import LoadedModel, load_model
+from calid.models.checkpoint import LoadedModel, load_model, recorded_training_data
 from calid.models.config import ModelConfig, named_config
 from calid.models.networks import CaLIDNet, apply_floor_snap, build_vae
 from calid.models.registry import UNTRAINED_PREFIX, resolve_model, sha256_of
@@ -639,10 +638,8 @@ class UpsamplingPipeline:
         """The registration settings a registration-guided model was trained with (its file records
         them; the current defaults for a file without the record)."""
         assert self.model is not None
-        recorded: Any = self.model.info
-        for key in ("info", "training_data", "moved_neighbours", "registration"):  # any level may be absent
-            recorded = recorded.get(key) if isinstance(recorded, dict) else None
-        if not recorded:
+        recorded = recorded_training_data(self.model.info, "moved_neighbours", "registration")
+        if not isinstance(recorded, dict) or not recorded:
             return RegistrationSettings()
         try:
             return RegistrationSettings(**recorded)

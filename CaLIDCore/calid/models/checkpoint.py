@@ -121,12 +121,19 @@ def read_raw_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     return dict(header)
 
 
+def recorded_training_data(header: dict[str, Any], *keys: str) -> Any:
+    """``info.training_data.<keys...>`` of a model file's header (what its training recorded);
+    None where any level is absent or not a mapping (older or hand-edited files)."""
+    value: Any = header
+    for key in ("info", "training_data", *keys):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 def recorded_placeholder_spacing(header: dict[str, Any]) -> float | None:
     """The pixel size (mm) a model's training gave files saved without geometry, from its
     header (``info.training_data.placeholder_spacing``); None when its data had none."""
-    value: Any = header
-    for key in ("info", "training_data", "placeholder_spacing", "assumed_mm"):  # any level may be absent or free text
-        value = value.get(key) if isinstance(value, dict) else None
+    value = recorded_training_data(header, "placeholder_spacing", "assumed_mm")  # may also be free text
     if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
         value = float(np.median(value))  # several assumed sizes: their median stands for them
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

@@ -87,8 +87,9 @@ class DenoiserConfig:
         registered_neighbours: registration-guided CaLID (an option beside the
             paper's recipe, 2D models only): the two neighbours are first moved
             to the middle of their gap by the model-free registration
-            (:func:`calid.inference.registration.moved_neighbours`, default
-            settings, at the model's pixel size), and the network sees the moved
+            (:func:`calid.inference.registration.moved_neighbours`, at the model's
+            pixel size, with the settings the model file records from its
+            training), and the network sees the moved
             images (and their latents) instead of the acquired ones. The
             registration aligns what it can; the network has to learn only what
             moving cannot give (what appears or vanishes between the slices).

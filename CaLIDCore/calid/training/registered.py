@@ -65,7 +65,7 @@ class MovedNeighbourTable:
         #: What the computed pairs depend on ("" for a lazy table); part of the latent cache's signature.
         self.key = self.signature(entries) if entries else ""
         #: The file of this table in ``cache_folder`` (None without a folder or entries).
-        self.cache_file = cache_folder / f"moved-neighbours-{self.key[:16]}.npz" if cache_folder is not None and entries else None
+        self.cache_file = self.file_in(cache_folder, self.key) if cache_folder is not None and entries else None
         if not entries:
             return
         if self.cache_file is not None and self._load(self.cache_file, entries, self.key):
@@ -82,6 +82,11 @@ class MovedNeighbourTable:
         self.seconds = time.perf_counter() - started
         #: Whether the computed pairs reached the cache folder.
         self.saved = self.cache_file is not None and self._save(self.cache_file, entries, self.key)
+
+    @staticmethod
+    def file_in(folder: Path, key: str) -> Path:
+        """The cache file of the table with signature ``key`` in ``folder``."""
+        return folder / f"moved-neighbours-{key[:16]}.npz"
 
     def signature(self, entries: Sequence[tuple[int, int, int, int]]) -> str:
         """What the moved pairs depend on: the volumes' data, the items, the pixel size and the settings."""

@@ -548,16 +548,12 @@ class Trainer:
 
         if self.world > 1 and not self.is_main:
             expected = MovedNeighbourTable(train_volumes, pixel_mm).signature(self.train_set.index)
-            cache_file = cache / f"moved-neighbours-{expected[:16]}.npz"
-            while True:
-                table = MovedNeighbourTable(train_volumes, pixel_mm, self.train_set.index, cache_folder=cache) if cache_file.is_file() else None
-                if table is not None and table.loaded_from_cache:
-                    break
+            while not MovedNeighbourTable.file_in(cache, expected).is_file():
                 time.sleep(2.0)  # rank 0 is still registering (if it fails, torchrun stops every process)
-        else:
-            table = MovedNeighbourTable(train_volumes, pixel_mm, self.train_set.index, cache_folder=cache, progress=report if self.is_main else None)
-            if self.world > 1 and not (table.loaded_from_cache or table.saved):
-                raise InputError(str(cache), "the other training processes read the registered pairs from this cache folder, which cannot be written (see the warning); use --cache-dir")
+        # The other ranks read rank 0's file (the file is written atomically; if unreadable they register themselves).
+        table = MovedNeighbourTable(train_volumes, pixel_mm, self.train_set.index, cache_folder=cache, progress=report if self.is_main else None)
+        if self.world > 1 and self.is_main and not (table.loaded_from_cache or table.saved):
+            raise InputError(str(cache), "the other training processes read the registered pairs from this cache folder, which cannot be written (see the warning); use --cache-dir")
         self.registration_seconds = table.seconds
         self.train_set.moved_neighbours = table
         self.val_set.moved_neighbours = MovedNeighbourTable(val_volumes, pixel_mm)  # moved when first drawn
