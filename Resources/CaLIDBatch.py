@@ -47,6 +47,7 @@ def main(argv: list[str], scene: Any) -> int:
     from calid.data.io import read_stack, write_stack
     from calid.data.stack import fixed_placeholder_mm
     from calid.errors import CalidError
+    from calid.evaluation.methods import UPSAMPLE_MODES
     from calid.geometry.volumes import write_function_csv
     from CaLIDSlicerLib import mrml
     from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
@@ -56,7 +57,7 @@ def main(argv: list[str], scene: Any) -> int:
     parser.add_argument("out")
     parser.add_argument("--factor", type=int, default=4)
     parser.add_argument(
-        "--mode", choices=["calid", "calid+", "registration", "latent-linear", "linear"],
+        "--mode", choices=UPSAMPLE_MODES,
         help="default: calid when a CaLID model is installed, else registration (no model)",
     )
     parser.add_argument("--steps", type=int, help="DDIM steps (default: the model's)")

@@ -20,6 +20,7 @@ import numpy as np
 
 import calid
 from calid.errors import CalidError, Cancelled, InputError, OutputError
+from calid.evaluation.methods import UPSAMPLE_MODES
 
 EXIT_BAD_INPUT = 2
 
@@ -826,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="calid-demo", help="output folder (default: ./calid-demo)")
     demo.add_argument("--factor", type=int, default=8, help="upsampling factor 2, 4, 8, 16 or 32 (default 8)")
     demo.add_argument(
-        "--mode", choices=["calid", "calid+", "latent-linear", "registration", "linear"],
+        "--mode", choices=UPSAMPLE_MODES,
         help="method (default: calid with a trained model installed or given, else registration)",
     )
     demo.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model's, see calid info)")
@@ -844,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("output", help="output file (.nii.gz, .nrrd, .seq.nrrd) or new DICOM folder")
     upsample.add_argument("--factor", type=int, default=4, help="2, 4, 8, 16 or 32 (default 4)")
     upsample.add_argument(
-        "--mode", default="calid", choices=["calid", "calid+", "latent-linear", "registration", "linear"],
+        "--mode", default="calid", choices=UPSAMPLE_MODES,
         help="calid (fast), calid+ (inverted neighbours, better), registration (no model: the neighbours registered and morphed), "
         "or a baseline (default calid)",
     )

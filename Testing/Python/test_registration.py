@@ -116,6 +116,10 @@ def test_engine_progress_cancel_and_temporal_refusal(monkeypatch):
     # One report per gap of 3 new slices each (9 gaps), then the final one.
     assert [done for done, _, _ in seen[:-1]] == [3.0 * k for k in range(1, 10)] and seen[-1][:2] == (27.0, 27.0)
     assert {total for _, total, _ in seen} == {27.0} and "9/9 gaps" in seen[-2][2]
+    # A selection of frames: the messages name each frame by its number in the whole cine.
+    seen.clear()
+    pipeline.upsample(stack, 2, mode="registration", frames=[2], progress=lambda done, total, message: seen.append((done, total, message)))
+    assert all("(frame 2, 1 of 1;" in message for _, _, message in seen[:-1]) and len(seen) == 4
     registered = []
     real_morph = registration.morph
 

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -262,6 +263,39 @@ def test_two_process_ddp_on_cpu(tmp_path):
     limited = torchrun_calid(*vae_common, "--steps", "50", "--validate-every", "100", "--resume", "--time-limit", "0.0001")
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert "stopped at step 3 of 50 (time limit of 0.0001 min)" in limited.stdout
+
+
+def _logged_losses_of_rank(rank: int, store_file: str, results: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from calid.training.trainer import mean_over_processes
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    try:
+        # Each process saw another share of the batch, so its own losses differ.
+        own = {"loss": 1.0 + rank, "mse": 10.0 * (rank + 1), "lr": 1e-4}
+        logged = mean_over_processes(own, 2, torch.device("cpu"))
+        Path(results, f"rank{rank}.json").write_text(json.dumps(logged))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_logged_losses_are_the_mean_over_processes(tmp_path):
+    """log.csv (written by rank 0) holds the losses of the whole batch, not rank 0's share."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_logged_losses_of_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        logged = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert logged == pytest.approx({"loss": 1.5, "mse": 15.0, "lr": 1e-4})
+    from calid.training.trainer import mean_over_processes
+
+    alone = {"loss": 0.25}
+    assert mean_over_processes(alone, 1, torch.device("cpu")) is alone  # one process: nothing to gather
 
 
 def test_learning_rate_schedules(tmp_path):

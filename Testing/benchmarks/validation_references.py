@@ -3,6 +3,8 @@
 ``calid train`` validates on a fixed random sample of held-out triplets (``max_val_batches x
 batch_size`` of them, 1 DDIM step, scored inside the image). This script draws the same triplets
 and scores, the same way (MONAI's PSNR and SSIM on [0, 1]): linear interpolation, registration,
+latent-linear interpolation of the acquired and of the moved neighbours (the latter is where a
+registration-guided model predicting the correction to the neighbours' mean starts),
 a CaLID model on the acquired neighbours, the same model on the neighbours moved to the middle
 by the registration (what a registration-guided fine-tune starts from), and the mean of the
 registration and model slices.
@@ -54,6 +56,10 @@ def main() -> None:
     predictions = {
         "linear": 0.5 * (previous + following),
         "registration": 0.5 * moved[:, 0] + 0.5 * moved[:, 1],
+        # The latent mean of the moved neighbours is where a registration-guided model that
+        # predicts the correction to that mean (--residual-to-neighbours) starts its fine-tune.
+        "latent-linear, acquired neighbours": pipeline.interpolate_slices(previous, following, "latent-linear"),
+        "latent-linear, neighbours moved by the registration": pipeline.interpolate_slices(moved[:, 0], moved[:, 1], "latent-linear"),
         "model, acquired neighbours": pipeline.interpolate_slices(previous, following, "calid", steps=1),
         "model, neighbours moved by the registration": pipeline.interpolate_slices(moved[:, 0], moved[:, 1], "calid", steps=1),
     }

@@ -1,5 +1,6 @@
-"""Names of the methods the evaluation compares, free of heavy imports: the command line builds its
-parser from them without loading PyTorch (``calid --help`` answers at once)."""
+"""Names of the engine's modes and of the methods the evaluation compares, free of heavy imports:
+the command line, the Slicer panel and the batch script build their choices from them without
+loading PyTorch (``calid --help`` answers at once)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 INVERSION_SLERP = "inversion-slerp"
 #: Registration-based interpolation: the neighbours registered to each other and morphed (no model).
 REGISTRATION = "registration"
+#: The engine's modes (``upsample(mode=...)``, ``--mode``), in the order they are offered.
+UPSAMPLE_MODES: tuple[str, ...] = ("calid", "calid+", "registration", "latent-linear", "linear")
 #: Methods that need no model.
 PIXEL_METHODS: tuple[str, ...] = ("linear", REGISTRATION)
 METHODS: tuple[str, ...] = ("linear", REGISTRATION, "latent-linear", INVERSION_SLERP, "calid", "calid+")

@@ -47,7 +47,7 @@ from calid.data.stack import CineStack, fixed_placeholder_mm
 from calid.device import available_memory_bytes, describe_device, resolve_device
 from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampling_grid, slerp
 from calid.errors import Cancelled, InputError
-from calid.evaluation.methods import INVERSION_SLERP, PIXEL_METHODS  # the evaluation's DiffAE-style baseline, run by the engine
+from calid.evaluation.methods import INVERSION_SLERP, PIXEL_METHODS, UPSAMPLE_MODES  # also the evaluation's DiffAE-style baseline, run by the engine
 from calid.inference.baselines import check_factor, upsample_linear
 from calid.inference.registration import RegistrationSettings, moved_to_middle, upsample_registration
 from calid.inference.registration import midpoints as registration_midpoints
@@ -61,7 +61,7 @@ ProgressFn = Callable[[float, float, str], None]
 #: ``cancel()`` returns True to stop as soon as possible.
 CancelFn = Callable[[], bool]
 
-MODES: tuple[str, ...] = ("calid", "calid+", "linear", "latent-linear", "registration")
+MODES: tuple[str, ...] = UPSAMPLE_MODES
 MODEL_MODES = ("calid", "calid+", "latent-linear")
 #: Modes that need no model: they work on the whole field of view, frame by frame.
 PIXEL_MODES = PIXEL_METHODS
@@ -302,7 +302,7 @@ class UpsamplingPipeline:
         # The pixel size a file without geometry is shown at (the network and the registration work in mm).
         assumed = self._check_assumed_pixel(stack, assumed_pixel_mm) if mode != "linear" else None
         if mode == "registration":
-            dense = self._upsample_registration(stack, selected, factor, tracker, assumed)
+            dense = self._upsample_registration(stack, selected, frame_ids, factor, tracker, assumed)
         else:
             dense = upsample_linear(selected, factor)
         info: dict[str, Any] = {
@@ -367,12 +367,14 @@ class UpsamplingPipeline:
         return dense
 
     @staticmethod
-    def _upsample_registration(stack: CineStack, selected: CineStack, factor: int, tracker: _Tracker, assumed: float | None) -> CineStack:
+    def _upsample_registration(stack: CineStack, selected: CineStack, frame_numbers: Sequence[int], factor: int, tracker: _Tracker, assumed: float | None) -> CineStack:
         """Registration-based interpolation of the selected frames, on the whole field of view."""
         seen = selected if assumed is None else dataclasses.replace(selected, spacing=(assumed, assumed, selected.spacing[2]))
         # The whole cine's intensity percentiles, so that a frame comes out the same whichever frames are selected with it.
         low, high = (float(v) for v in np.percentile(stack.data, (0.5, 99.5)))
-        dense = upsample_registration(seen, factor, gap_done=lambda amount, message: tracker.advance(amount, message), intensity_range=(low, high))
+        dense = upsample_registration(
+            seen, factor, gap_done=lambda amount, message: tracker.advance(amount, message), intensity_range=(low, high), frame_numbers=frame_numbers
+        )
         # The registration smooths in mm, so it saw the assumed pixels; the output keeps the stored geometry.
         return dense if assumed is None else dense.with_data(dense.data, spacing=(selected.spacing[0], selected.spacing[1], dense.spacing[2]))
 

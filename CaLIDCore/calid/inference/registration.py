@@ -263,6 +263,7 @@ def upsample_registration(
     gap_done: GapDone | None = None,
     intensity_range: tuple[float, float] | None = None,
     workers: int | None = None,
+    frame_numbers: Sequence[int] | None = None,
 ) -> CineStack:
     """The dense stack by registration-based interpolation: geometry as :func:`upsample_linear`'s.
 
@@ -270,6 +271,8 @@ def upsample_registration(
     ``intensity_range``: the intensities that the registration sees as -1 and +1 (default:
     the stack's 0.5 and 99.5 percentiles, as the network modes normalise). ``workers``: gaps
     registered at once (default: one per available core); the result does not depend on it.
+    ``frame_numbers``: each frame's number in the whole cine, for the messages, when ``stack``
+    holds a selection of its frames (default 0, 1, ...).
     """
     factor = check_factor(factor, stack.source)
     if stack.n_slices < 2:
@@ -292,6 +295,9 @@ def upsample_registration(
 
     # The gaps are independent and ITK releases the GIL: one thread per core, each filter on one thread.
     gaps = [(frame, n) for frame in range(t_count) for n in range(z - 1)]
+    numbers = list(frame_numbers) if frame_numbers is not None else list(range(t_count))
+    if len(numbers) != t_count:
+        raise ValueError(f"frame_numbers names {len(numbers)} frames; the stack has {t_count}")
     with ThreadPoolExecutor(max_workers=max(1, min(workers or _cores(), len(gaps)))) as pool:
         pending = {pool.submit(fill, frame, n): (frame, n) for frame, n in gaps}
         try:
@@ -299,7 +305,7 @@ def upsample_registration(
                 future.result()
                 if gap_done is not None:
                     frame, n = pending[future]
-                    gap_done(factor - 1, f"registration: {done}/{len(gaps)} gaps (frame {frame + 1}/{t_count}, gap {n + 1}/{z - 1})")
+                    gap_done(factor - 1, f"registration: {done}/{len(gaps)} gaps (frame {numbers[frame]}, {frame + 1} of {t_count}; gap {n + 1}/{z - 1})")
         except BaseException:
             for future in pending:
                 future.cancel()  # a cancel or an error: no further gap starts

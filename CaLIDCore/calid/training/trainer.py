@@ -587,6 +587,16 @@ class Trainer:
                 f"its {'denoiser' if network is getattr(self, 'net', None) else 'autoencoder'} does not fit this run's network "
                 f"({_first_problem(error)}); use the same --config and denoiser options as the model was trained with",
             ) from error
+        if isinstance(network, CaLIDNet) and isinstance(source, CaLIDNet) and network.config.denoiser.residual_to_neighbours and not source.config.denoiser.residual_to_neighbours:
+            # The starting model predicts the whole latent; this run predicts the correction to the
+            # neighbours' mean. Its output layer, zeroed as a fresh network's is, makes the fine-tune
+            # start from that mean (the latent-linear or, with moved neighbours, the registration
+            # slice) instead of from twice the latent, and keeps every learnt feature.
+            output_layer = network.unet.out[-1]
+            with torch.no_grad():
+                for parameter in output_layer.parameters():
+                    parameter.zero_()
+            self.resume_notes.append(f"--init-from {Path(self.config.init_from or '').name}: it predicts the whole latent; its output layer starts at zero, so this run starts from the neighbours' mean")
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
@@ -965,6 +975,8 @@ class Trainer:
                 self.step += 1
                 self._agree_on_stopping()
                 progress.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    logs = mean_over_processes(logs, self.world, self.device)
                 if self.is_main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     progress.set_postfix(loss=f"{logs['loss']:.4f}")
                     _append_csv(log_path, {"step": self.step, "seconds": round(time.perf_counter() - started, 2), **logs})
@@ -1003,6 +1015,18 @@ class Trainer:
             self.latent_cache.save_new(min_count=1 if final else LATENT_SHARD_SIZE)
         if self.world > 1:
             dist.barrier()
+
+
+def mean_over_processes(logs: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
+    """A logged step's losses averaged over all ``world`` processes (each saw its own share of
+    the batch), so that log.csv describes the whole batch and not rank 0's share alone. Every
+    process calls it at the same step, with the same names."""
+    if world == 1:
+        return logs
+    names = sorted(logs)
+    values = torch.tensor([float(logs[name]) for name in names], dtype=torch.float64, device=device if device.type == "cuda" else "cpu")
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    return {name: float(value) / world for name, value in zip(names, values.tolist(), strict=True)}
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
