@@ -378,6 +378,28 @@ def test_init_from_fine_tunes_a_trained_model(tmp_path):
     assert exported.info["info"]["training_data"]["initialised_from"]["file"] == "model.safetensors"
     assert not all(torch.equal(v, start[k]) for k, v in exported.net.state_dict().items())  # it trained
 
+    # a run that predicts the correction to the neighbours' mean, started from this whole-latent model:
+    # it keeps every learnt tensor but the output layer, which starts at zero (so does the EMA), so
+    # that it starts from the neighbours' mean, not from the whole latent plus that mean
+    residual = Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "residual"), steps=2, vae_model=vae_file, init_from=str(base_model), residual_to_neighbours=True, **common))
+    assert residual.model_config.denoiser.residual_to_neighbours and any("output layer starts at zero" in note for note in residual.resume_notes)
+    output_layer = {f"unet.out.2.{name}" for name, _ in residual.net.unet.out[2].named_parameters()}
+    assert output_layer == {"unet.out.2.conv.weight", "unet.out.2.conv.bias"} and output_layer <= start.keys()
+    for network in (residual.net, residual.ema.module):
+        for key, value in network.state_dict().items():
+            assert torch.equal(value, torch.zeros_like(value) if key in output_layer else start[key]), key
+    latent = trained.config.vae.latent_channels
+    size = trained.config.latent_size
+    z_t, neighbour_latents = torch.randn(2, latent, size, size), torch.randn(2, 2 * latent, size, size)
+    neighbours = torch.randn(2, 2, trained.config.image_size, trained.config.image_size)
+    with torch.no_grad():
+        output = residual.net(z_t, torch.tensor([10, 900]), neighbours, neighbour_latents)
+        whole = trained.net(z_t, torch.tensor([10, 900]), neighbours, neighbour_latents)
+    torch.testing.assert_close(output, 0.5 * (neighbour_latents[:, :latent] + neighbour_latents[:, latent:]))
+    assert not torch.allclose(whole, output)  # the starting model's own output is another
+    # a fine-tune with the starting model's own target keeps its output layer as it is
+    assert not any("output layer" in note for note in tuned.resume_notes)
+
     # fine-tuning a CaLID file without --vae: its own autoencoder
     # (on other data: the denoiser keeps the latent scale it learnt, not one measured on the new data)
     own = Trainer(TrainConfig(stage="ldm", data=("phantom:4",), out_dir=str(tmp_path / "own"), steps=2, init_from=str(base_model), **common))
