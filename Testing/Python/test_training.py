@@ -253,6 +253,16 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert load_model(out / "model.safetensors").kind == "calid"
     lines = (out / "log.csv").read_text().strip().splitlines()
     assert lines[-1].startswith("3,")
+    # registration-guided: rank 0 registers the training pairs once, the other rank waits for its file (no hang)
+    guided = torchrun_calid("ldm", "--data", "phantom:3", "--out", str(tmp_path / "guided"), "--vae", str(vae), "--steps", "2", "--batch-size", "2",
+                            "--validate-every", "2", "--val-fraction", "0.34", "--cache-dir", str(tmp_path / "cache"),
+                            "--registered-neighbours", "--concat-neighbour-latents", "--prediction", "sample")
+    assert guided.returncode == 0, guided.stderr[-3000:]
+    assert len(list((tmp_path / "cache").glob("moved-neighbours-*.npz"))) == 1
+    registering = [line for line in guided.stdout.splitlines() if line.startswith("registering the training pairs")]
+    done, total = registering[-1].split(": ")[-1].split("/")
+    assert done == total and len(registering) == len(set(registering))  # reported by rank 0 alone, to the end
+    assert load_model(tmp_path / "guided" / "model.safetensors").config.denoiser.registered_neighbours
     # the VAE stage with its PatchGAN discriminator active from the first step
     vae_common = ("vae", "--data", "phantom:3", "--out", str(tmp_path / "ddp_vae"), "--config", "tiny", "--batch-size", "2", "--perceptual-weight", "0", "--val-fraction", "0.34")
     vae_run = torchrun_calid(*vae_common, "--steps", "2", "--adversarial-start", "0", "--validate-every", "2")
