@@ -64,7 +64,7 @@ def main(argv: list[str], scene: Any) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--frames")
+    parser.add_argument("--frames", help="frames to upsample, e.g. 0,5-9 (default all); write --frames=-2,-1 for a list starting with a minus sign")
     parser.add_argument("--centre-on-heart", action="store_true", help="centre the model's window on the segmented heart")
     parser.add_argument(
         "--placeholder-spacing", default="model",

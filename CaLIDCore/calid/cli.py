@@ -852,7 +852,7 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("--steps", type=_positive_int, help="DDIM steps per new slice (default: the model's validated count, see calid info)")
     upsample.add_argument("--model", help="model file or installed name (default: the installed default model; see calid info)")
     upsample.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda:N")
-    upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9; -1 is the last (default: all)")
+    upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9; -1 is the last; a list starting with a minus sign needs the = form: --frames=-2,-1 (default: all)")
     upsample.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
     upsample.add_argument(
         "--tta", action="store_true",

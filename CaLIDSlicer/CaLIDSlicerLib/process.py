@@ -38,7 +38,7 @@ def upsample_command(
     if options.tta and options.mode in ("calid", "calid+"):
         command += ["--tta"]
     if options.frames and options.frames != "all":
-        command += ["--frames", options.frames]
+        command += [f"--frames={options.frames}"]  # joined: a value like -2,-1 would read as an option
     if stop_file is not None:
         command += ["--stop-file", os.fspath(stop_file)]
     return command
@@ -54,7 +54,7 @@ def segment_command(
     if options.segmentation_model:
         command += ["--model", options.segmentation_model]
     if frames and frames != "all":
-        command += ["--frames", frames]
+        command += [f"--frames={frames}"]
     if stop_file is not None:
         command += ["--stop-file", os.fspath(stop_file)]
     return command

@@ -148,6 +148,19 @@ def test_frame_selection_text():
             parse_frames(bad, 10)
     with pytest.raises(InputError, match="frame 10 does not exist.*10 frame"):
         parse_frames("10", 10)
+    assert parse_frames(np.int64(-2), 10) == [8] and parse_frames(np.array([4, 0]), 10) == [0, 4]
+    for odd in ([1.9], True, [0, True], 2.0, [0.5, 2.7], object()):  # never truncated to a frame
+        with pytest.raises(InputError, match="whole numbers"):
+            parse_frames(odd, 10)
+
+
+def test_seeds_outside_the_noise_generator_range_are_refused(phantom):
+    pipeline = load_pipeline("untrained:tiny", device="cpu")
+    for seed in (-1, 2**32, True, 1.5):  # -1 and 2**32 would repeat the results of 2**32 - 1 and 0
+        with pytest.raises(InputError, match="seed.*0 to 4294967295"):
+            pipeline.upsample(phantom.sparse, 2, mode="calid", steps=1, seed=seed, frames=[0])
+    largest = pipeline.upsample(phantom.sparse, 2, mode="calid", steps=1, seed=2**32 - 1, frames=[0])
+    assert not np.array_equal(largest.data, pipeline.upsample(phantom.sparse, 2, mode="calid", steps=1, seed=0, frames=[0]).data)
 
 
 # ---------------------------------------------------------------- crop, paste back, seam

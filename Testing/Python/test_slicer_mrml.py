@@ -229,6 +229,14 @@ def test_background_process_progress_and_cancel(phantom, tmp_path):
     assert by_default.returncode == 0, by_default.stderr
     assert ", 8 steps, model untrained:tiny" in by_default.stdout  # the model's default (8 for an untrained one)
     assert any("UNTRAINED MODEL" in w for w in warnings_in(by_default.stderr))  # what the panel shows after the run
+    # frames counted from the end (a value starting with a minus sign must not read as an option)
+    last_two = subprocess.run(upsample_command(source, tmp_path / "last.seq.nrrd", UpsamplingOptions(factor=2, mode="linear", device="cpu", frames="-2,-1")),
+                              capture_output=True, text=True, timeout=300)
+    assert last_two.returncode == 0, last_two.stderr
+    np.testing.assert_array_equal(read_stack(tmp_path / "last.seq.nrrd").data[:, ::2], phantom.sparse.data[-2:])
+    from CaLIDSlicerLib.process import segment_command
+
+    assert "--frames=-2,-1" in segment_command(source, tmp_path / "labels.seq.nrrd", UpsamplingOptions(), frames="-2,-1")
     long_job = upsample_command(source, tmp_path / "killed.seq.nrrd", UpsamplingOptions(factor=16, mode="calid+", steps=32, model="untrained:tiny", device="cpu"))
     worker = subprocess.Popen(long_job, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     assert worker.stdout is not None

@@ -33,7 +33,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,10 +94,13 @@ def parse_frames(spec: str | int | Sequence[int] | None, n_frames: int, source: 
                 values.extend(range(int(span.group(1)), int(span.group(2)) + 1))
             else:
                 raise InputError(source, f"cannot read frame selection {spec!r}; write e.g. 0,5-9 or all")
-    elif isinstance(spec, (int, np.integer)):
-        values = [int(spec)]
     else:
-        values = [int(v) for v in spec]
+        items = [spec] if isinstance(spec, (int, np.integer, float, np.floating)) else list(spec) if isinstance(spec, Iterable) else [spec]
+        # Whole numbers only: 1.9 or True picking frame 1 would hide a mistake in the caller.
+        odd = [v for v in items if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))]
+        if odd:
+            raise InputError(source, f"frame numbers are whole numbers (e.g. [0, 5, 9] or '0,5-9'); got {odd[0]!r}")
+        values = [int(v) for v in items]
     resolved = []
     for value in values:
         if not -n_frames <= value < n_frames:
@@ -276,6 +279,9 @@ class UpsamplingPipeline:
             mode = ("registration" if self.name == "registration" else "linear") if self.model is None else "calid"
         if mode not in MODES:
             raise InputError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+            # The noise generator takes 32-bit seeds: a larger or negative one would silently repeat another's results.
+            raise InputError("seed", f"must be a whole number from 0 to {2**32 - 1}, got {seed!r}")
         if stack.n_slices < 2:
             raise InputError(stack.source, f"has {stack.n_slices} slice(s); upsampling needs a stack of at least 2 slices")
         steps = self._steps(steps)
