@@ -100,9 +100,40 @@ def upsample_node(
     )
     result = _add_output(scene, input_node, stack, dense, options)
     if options.segment:
-        _segment_and_measure_or_warn(scene, stack, result, options, cancel)
+        from calid.errors import Cancelled
+
+        try:
+            _segment_and_measure_or_warn(scene, stack, result, options, cancel)
+        except Cancelled:
+            _remove_output(scene, result)  # cancelled means nothing is added, as in the panel
+            raise
     _add_user_plane(result, options)
     return result
+
+
+def _remove_output(scene: Any, result: UpsamplingResult) -> None:
+    """Take the dense output back out of the scene: its node, and its place in a browser (the
+    input's, which stays, or its own, which goes with its proxy node), with their display and
+    storage nodes."""
+    output, browser = result.output_node, result.browser_node
+    if browser is not None:
+        proxy = browser.GetProxyNode(output)
+        if browser.GetMasterSequenceNode() is output:
+            scene.RemoveNode(browser)
+        else:
+            browser.RemoveSynchronizedSequenceNode(output.GetID())
+        if proxy is not None:
+            _remove_with_its_helpers(scene, proxy)
+    _remove_with_its_helpers(scene, output)
+
+
+def _remove_with_its_helpers(scene: Any, node: Any) -> None:
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] if hasattr(node, "GetNumberOfDisplayNodes") else []
+    helpers += [node.GetStorageNode()] if hasattr(node, "GetStorageNode") else []
+    for helper in helpers:
+        if helper is not None:
+            scene.RemoveNode(helper)
+    scene.RemoveNode(node)
 
 
 def _add_user_plane(result: UpsamplingResult, options: UpsamplingOptions) -> None:
@@ -125,9 +156,12 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
     if dense.n_frames == 1:
         result = UpsamplingResult(dense=dense, output_node=mrml.volume_from_stack(scene, dense, name))
     else:
-        whole_cine = input_node.IsA("vtkMRMLSequenceNode") and dense.n_frames == stack.n_frames
+        from_sequence = input_node.IsA("vtkMRMLSequenceNode")
+        whole_cine = from_sequence and dense.n_frames == stack.n_frames
+        # The frames keep the input's own index values (a selection too), so they can be told apart.
         output, browser = mrml.sequence_from_stack(
-            scene, dense, name, browser=mrml.browser_of(scene, input_node) if whole_cine else None, index_like=input_node if whole_cine else None
+            scene, dense, name, browser=mrml.browser_of(scene, input_node) if whole_cine else None, index_like=input_node if from_sequence else None,
+            index_frames=upsampling.get("frames") or list(range(dense.n_frames)),
         )
         result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
     _record_provenance(result.output_node, upsampling)

@@ -95,7 +95,12 @@ def stack_from_sequence(sequence: Any) -> CineStack:
         this = _geometry_of(node)
         if geometry is None:
             geometry = this
-        elif frames[-1].shape != frames[0].shape or not np.allclose(this["direction"], geometry["direction"], atol=1e-5) or not np.allclose(this["origin"], geometry["origin"], atol=1e-3):
+        elif (
+            frames[-1].shape != frames[0].shape
+            or not np.allclose(this["spacing"], geometry["spacing"], rtol=1e-5)
+            or not np.allclose(this["direction"], geometry["direction"], atol=1e-5)
+            or not np.allclose(this["origin"], geometry["origin"], atol=1e-3)
+        ):
             raise InputError(sequence.GetName(), f"frame {index} has another grid than frame 0; a cine needs one grid for all frames")
         times.append(sequence.GetNthIndexValue(index))
     frame_times = None
@@ -114,27 +119,38 @@ def stack_from_sequence(sequence: Any) -> CineStack:
     )
 
 
-def sequence_from_stack(scene: Any, stack: CineStack, name: str, labelmap: bool = False, browser: Any = None, index_like: Any = None) -> tuple[Any, Any]:
+def sequence_from_stack(
+    scene: Any, stack: CineStack, name: str, labelmap: bool = False, browser: Any = None, index_like: Any = None, index_frames: list[int] | None = None
+) -> tuple[Any, Any]:
     """A new sequence node (one volume per frame, index = time in ms) and a browser showing it.
 
     With ``browser`` (e.g. the input cine's), the new sequence is added to it as a
     synchronised sequence, so that both move together frame by frame. With ``index_like``
-    (a sequence of as many frames, e.g. the input cine), the new sequence copies its index
-    (name, unit, type and values) exactly: a browser pairs the frames of its sequences by
-    index value, whatever the unit, so the output must use the input's own values.
+    (a sequence, e.g. the input cine), the new sequence copies its index (name, unit, type
+    and the values of its frames ``index_frames``, default all) exactly: a browser pairs the
+    frames of its sequences by index value, whatever the unit, so the output must use the
+    input's own values, and a selection of frames keeps their own. A stack without frame
+    times is indexed by frame number (index "frame", no unit), never by made-up times.
     """
     sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", name)
-    if index_like is not None and index_like.GetNumberOfDataNodes() == stack.n_frames:
+    frames = list(range(stack.n_frames)) if index_frames is None else list(index_frames)
+    if len(frames) != stack.n_frames:
+        raise ValueError(f"index_frames names {len(frames)} frames; the stack has {stack.n_frames}")
+    if index_like is not None and index_like.GetNumberOfDataNodes() > max(frames):
         sequence.SetIndexName(index_like.GetIndexName())
         sequence.SetIndexUnit(index_like.GetIndexUnit())
         sequence.SetIndexType(index_like.GetIndexType())
-        values = [index_like.GetNthIndexValue(frame) for frame in range(stack.n_frames)]
-    else:
+        values = [index_like.GetNthIndexValue(frame) for frame in frames]
+    elif stack.frame_times_ms is not None:
         sequence.SetIndexName("time")
         sequence.SetIndexUnit("ms")
         sequence.SetIndexType(sequence.NumericIndex)
-        times = stack.frame_times_ms if stack.frame_times_ms is not None else np.arange(stack.n_frames, dtype=float)
-        values = [f"{float(t):g}" for t in times]
+        values = [f"{float(t):g}" for t in stack.frame_times_ms]
+    else:
+        sequence.SetIndexName("frame")
+        sequence.SetIndexUnit("")
+        sequence.SetIndexType(sequence.NumericIndex)
+        values = [str(frame) for frame in frames]
     template = slicer.vtkMRMLLabelMapVolumeNode() if labelmap else slicer.vtkMRMLScalarVolumeNode()
     for frame in range(stack.n_frames):
         _fill_volume(template, stack, frame, labelmap)

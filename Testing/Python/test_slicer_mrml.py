@@ -94,6 +94,36 @@ def test_sequence_with_mixed_grids_is_refused(scene):
     sequence.SetDataNodeAtValue(other, "999")
     with pytest.raises(InputError, match="another grid"):
         mrml.stack_from_sequence(sequence)
+    # the same voxel count at another voxel size is another grid too
+    import vtk
+
+    coarser = mrml.volume_from_stack(scene, oblique_stack(frames=1, slices=4), "coarser")
+    matrix = vtk.vtkMatrix4x4()
+    coarser.GetIJKToRASMatrix(matrix)
+    for row in range(3):
+        matrix.SetElement(row, 0, 2.0 * matrix.GetElement(row, 0))  # columns twice as wide
+    coarser.SetIJKToRASMatrix(matrix)
+    mixed, _ = mrml.sequence_from_stack(scene, stack, "mixed spacing")
+    mixed.SetDataNodeAtValue(coarser, mixed.GetNthIndexValue(1))
+    with pytest.raises(InputError, match="another grid"):
+        mrml.stack_from_sequence(mixed)
+
+
+def test_a_cine_without_frame_times_is_indexed_by_frame_number_not_by_made_up_times(scene):
+    import dataclasses
+
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    untimed = dataclasses.replace(oblique_stack(frames=3, slices=4), frame_times_ms=None)
+    sequence, _ = mrml.sequence_from_stack(scene, untimed, "untimed")
+    assert sequence.GetIndexName() == "frame" and sequence.GetIndexUnit() == ""
+    assert [sequence.GetNthIndexValue(k) for k in range(3)] == ["0", "1", "2"]
+    assert mrml.stack_from_sequence(sequence).frame_times_ms is None  # read back: still no times
+    # a selection of frames keeps the input's own index values (here frame numbers 1 and 2)
+    result = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=False, frames="1,2"))
+    output = result.output_node
+    assert [output.GetNthIndexValue(k) for k in range(2)] == ["1", "2"] and output.GetIndexUnit() == ""
+    assert result.dense.frame_times_ms is None and mrml.stack_from_sequence(output).frame_times_ms is None
 
 
 def test_segmentation_with_closed_surfaces_in_place(scene, phantom):
@@ -233,7 +263,7 @@ def test_background_process_progress_and_cancel(phantom, tmp_path):
     last_two = subprocess.run(upsample_command(source, tmp_path / "last.seq.nrrd", UpsamplingOptions(factor=2, mode="linear", device="cpu", frames="-2,-1")),
                               capture_output=True, text=True, timeout=300)
     assert last_two.returncode == 0, last_two.stderr
-    np.testing.assert_array_equal(read_stack(tmp_path / "last.seq.nrrd").data[:, ::2], phantom.sparse.data[-2:])
+    np.testing.assert_array_equal(read_stack(tmp_path / "last.seq.nrrd").data[:, ::2], read_stack(source).data[-2:])
     from CaLIDSlicerLib.process import segment_command
 
     assert "--frames=-2,-1" in segment_command(source, tmp_path / "labels.seq.nrrd", UpsamplingOptions(), frames="-2,-1")
@@ -297,6 +327,30 @@ def test_output_of_a_whole_cine_plays_in_the_input_browser(scene, phantom, mode)
     browser.SetSelectedItemNumber(2)
     proxy = browser.GetProxyNode(result.output_node)
     np.testing.assert_allclose(slicer.util.arrayFromVolume(proxy)[::2], phantom.sparse.data[2], atol=0.5)
+
+
+@pytest.mark.parametrize("frames", ["all", "0,2", "1"])
+def test_cancelling_during_segmentation_leaves_the_scene_as_it_was(scene, phantom, frames):
+    """Cancelled after the dense output was made, while segmenting: the output goes again (the
+    input's browser keeps playing the input alone), as the panel promises ("nothing was added")."""
+    from calid.errors import Cancelled
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    sequence, browser = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    browser.GetProxyNode(sequence)
+    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    upsampled = []
+
+    def progress(done: float, total: float, message: str) -> None:
+        if done >= total:
+            upsampled.append(True)
+
+    with pytest.raises(Cancelled):
+        upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", frames=frames), progress=progress, cancel=lambda: bool(upsampled))
+    assert upsampled  # it did get as far as segmenting
+    after = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    assert after == before, f"left behind: {[scene.GetNodeByID(node_id).GetName() for node_id in after - before]}"
+    assert browser.GetNumberOfSynchronizedSequenceNodes() == 0 and browser.GetMasterSequenceNode() is sequence
 
 
 def _run_stages(job):
@@ -694,6 +748,10 @@ def test_output_in_the_input_browser_copies_the_input_index_in_any_unit(scene, p
     output = result.output_node
     assert output.GetIndexUnit() == "s" and output.GetIndexName() == sequence.GetIndexName()
     assert [output.GetNthIndexValue(frame) for frame in range(output.GetNumberOfDataNodes())] == seconds
+    # some frames only: each keeps its own index value (a browser of its own shows them)
+    some = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=False, frames="0,2"))
+    assert [some.output_node.GetNthIndexValue(k) for k in range(2)] == [seconds[0], seconds[2]] and some.output_node.GetIndexUnit() == "s"
+    np.testing.assert_allclose(some.dense.frame_times_ms, [0.0, 80.0])  # the index, read in seconds
     for frame in range(phantom.sparse.n_frames):
         browser.SetSelectedItemNumber(frame)
         shown = slicer.util.arrayFromVolume(browser.GetProxyNode(output))
