@@ -176,3 +176,38 @@ def test_a_cine_written_as_plain_nrrd_warns_that_slicer_opens_it_as_a_vector_vol
         warnings.simplefilter("error")
         write_stack(cine, tmp_path / "cine.seq.nrrd")
         write_stack(cine.select_frames([0]), tmp_path / "volume.nrrd")
+
+
+def test_64_bit_integer_nifti_is_written_back_and_half_floats_are_refused_by_name(tmp_path):
+    values = np.arange(6 * 5 * 3, dtype=np.int64).reshape(6, 5, 3) - 40
+    image = nib.Nifti1Image(values, np.diag([1.5, 1.5, 8.0, 1.0]), dtype=np.int64)
+    nib.save(image, str(tmp_path / "int64.nii.gz"))
+    stack = read_stack(tmp_path / "int64.nii.gz")
+    assert stack.metadata["source_dtype"] == "int64"
+    for name in ("out.nii.gz", "out.nrrd"):  # the input's own type, as for every other type
+        back_path = write_stack(stack, tmp_path / name)
+        back = read_stack(back_path)
+        assert back.metadata["source_dtype"] == "int64" and back.same_geometry(stack)
+        np.testing.assert_array_equal(back.data, stack.data)
+    for name in ("half.nii.gz", "half.nrrd", "half.seq.nrrd"):  # neither format has a 16-bit float
+        with pytest.raises(OutputError, match=f"{name}.*no 16-bit float type.*float32"):
+            write_stack(stack, tmp_path / name, dtype="float16")
+        assert not (tmp_path / name).exists()
+
+
+def test_a_reading_note_describes_the_file_read_not_the_original_input(tmp_path):
+    """calid keeps the original input's metadata in its NIfTI files; the note about the input's
+    geometry (here: its sform was not used) must not come back when the clean output is read."""
+    image = nib.Nifti1Image(np.ones((5, 4, 3), dtype=np.int16), np.diag([1.5, 1.5, 8.0, 1.0]))
+    sform = np.diag([1.5, 1.5, 8.0, 1.0])
+    sform[:3, 3] = (5.0, 0.0, 0.0)  # another origin: the qform wins, as in ITK
+    image.set_sform(sform, code=2)
+    image.set_qform(np.diag([1.5, 1.5, 8.0, 1.0]), code=2)
+    nib.save(image, str(tmp_path / "two-forms.nii.gz"))
+    stack = read_stack(tmp_path / "two-forms.nii.gz")
+    assert "sform" in stack.metadata.get("geometry_note", "")
+    written = nib.load(str(write_stack(stack, tmp_path / "clean.nii.gz")))
+    assert np.allclose(written.get_sform(), written.get_qform())
+    back = read_stack(tmp_path / "clean.nii.gz")
+    assert "geometry_note" not in back.metadata and back.same_geometry(stack)
+    assert back.metadata["source_file"] == "clean.nii.gz"

@@ -152,8 +152,9 @@ def write_stack(
     return path
 
 
-def output_dtype(stack: CineStack, dtype: str | np.dtype[Any] | None) -> np.dtype[Any]:
-    """The on-disk dtype: the one asked for, else the source's, else float32."""
+def output_dtype(stack: CineStack, dtype: str | np.dtype[Any] | None, fmt: str | None = None, target: str | os.PathLike[str] | None = None) -> np.dtype[Any]:
+    """The on-disk dtype: the one asked for, else the source's, else float32; refused when the
+    file format ``fmt`` (nifti, nrrd, dicom) cannot store it."""
     if dtype is None:
         dtype = stack.metadata.get("source_dtype", "float32")
     try:
@@ -162,6 +163,8 @@ def output_dtype(stack: CineStack, dtype: str | np.dtype[Any] | None) -> np.dtyp
         raise OutputError("--dtype", f"unknown data type {dtype!r} (e.g. int16, uint8, float32)") from error
     if resolved.kind not in "iuf":
         raise OutputError("--dtype", f"data type {resolved} is not supported for writing (use an integer or float type)")
+    if resolved.kind == "f" and resolved.itemsize == 2 and fmt in ("nifti", "nrrd"):
+        raise OutputError(target if target is not None else "--dtype", f"{'NIfTI' if fmt == 'nifti' else 'NRRD'} has no 16-bit float type; write float32 (--dtype float32)")
     return resolved
 
 

@@ -124,9 +124,9 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
         direction = np.asarray(stored["direction_lps"])
         if stored.get("frame_times_ms") is not None and len(stored["frame_times_ms"]) == data_tzyx.shape[0]:
             frame_times = np.asarray(stored["frame_times_ms"], dtype=np.float64)
-        metadata.update(stored.get("metadata", {}))
-        metadata["source_file"] = path.name
-        metadata["source_dtype"] = str(source_dtype)
+        # What the reader says about this file stays; what an earlier reader said about the
+        # original input (its geometry note, its format) does not describe this file.
+        metadata.update({key: value for key, value in stored.get("metadata", {}).items() if key not in _READER_KEYS})
     if not _orthonormal_columns(direction):
         raise InputError(path, "the affine is sheared (axes not perpendicular); such images are not supported")
     # float32 headers give directions orthonormal only to ~1e-7: re-orthonormalise.
@@ -215,10 +215,14 @@ def _agrees(stored: dict[str, Any], spacing: np.ndarray, origin: np.ndarray, dir
         return False
 
 
+#: Metadata that describes the file just read, set by the reader, never restored from the stored copy.
+_READER_KEYS = frozenset({"source_file", "source_format", "source_dtype", "geometry_note", "orientation_unknown"})
+
+
 def write_nifti(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None) -> None:
     """Write a 3D (T = 1) or 4D NIfTI-1 file atomically, with time in ms."""
     path = Path(path)
-    disk_dtype = output_dtype(stack, dtype)
+    disk_dtype = output_dtype(stack, dtype, "nifti", path)
     array = cast_for_writing(stack.data, disk_dtype, path)
     array_xyzt = np.transpose(array, (3, 2, 1, 0))
     if stack.n_frames == 1:
@@ -226,7 +230,8 @@ def write_nifti(stack: CineStack, path: str | os.PathLike[str], dtype: Any = Non
     affine = np.eye(4)
     affine[:3, :3] = np.linalg.inv(LPS_FROM_RAS) @ (stack.direction * np.asarray(stack.spacing)[None, :])
     affine[:3, 3] = np.linalg.inv(LPS_FROM_RAS) @ np.asarray(stack.origin)
-    image = nib.Nifti1Image(np.ascontiguousarray(array_xyzt), affine)
+    # The type given outright: nibabel refuses 64-bit integer arrays otherwise (an int64 input is kept as int64).
+    image = nib.Nifti1Image(np.ascontiguousarray(array_xyzt), affine, dtype=disk_dtype)
     header = image.header
     header.set_data_dtype(disk_dtype)
     # Scanner coordinates, unless the source had no orientation at all: claiming one would make

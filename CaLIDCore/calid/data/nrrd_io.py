@@ -143,7 +143,7 @@ def write_nrrd(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None
     path = Path(path)
     if path.name.lower().endswith(".nhdr"):
         raise OutputError(path, "detached NRRD headers (.nhdr) are read but not written; write .nrrd or .seq.nrrd")
-    disk_dtype = output_dtype(stack, dtype)
+    disk_dtype = output_dtype(stack, dtype, "nrrd", path)
     array = cast_for_writing(stack.data, disk_dtype, path)
     axes_lps = stack.direction * np.asarray(stack.spacing)[None, :]
     header: dict[str, Any] = OrderedDict()
