@@ -211,3 +211,26 @@ def test_a_reading_note_describes_the_file_read_not_the_original_input(tmp_path)
     back = read_stack(tmp_path / "clean.nii.gz")
     assert "geometry_note" not in back.metadata and back.same_geometry(stack)
     assert back.metadata["source_file"] == "clean.nii.gz"
+
+
+def test_two_images_at_one_slice_and_trigger_time_are_refused_not_read_as_extra_frames(tmp_path):
+    """A magnitude and a phase image (or a re-exported copy) in one series: the same position
+    and trigger time, another instance number. Read as extra frames they would interleave."""
+    folder = write_stack(oblique_stack(frames=3, slices=3), tmp_path / "dicom")
+    originals = sorted(folder.iterdir())
+    assert read_stack(folder).n_frames == 3
+    highest = max(int(pydicom.dcmread(str(path)).InstanceNumber) for path in originals)
+    for offset, path in enumerate(originals, start=1):
+        ds = pydicom.dcmread(str(path))
+        ds.InstanceNumber = highest + offset
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.save_as(str(folder / f"copy_{path.name}"))
+    with pytest.raises(InputError, match=r"2 images at slice position .* share trigger time .* ms.*magnitude and phase"):
+        read_stack(folder)
+    # A cine that writes one trigger time for all its frames is still read, in instance order.
+    untimed = write_stack(oblique_stack(frames=3, slices=2, seed=4), tmp_path / "untimed")
+    for path in untimed.iterdir():
+        ds = pydicom.dcmread(str(path))
+        ds.TriggerTime = 0
+        ds.save_as(str(path))
+    assert read_stack(untimed).n_frames == 3

@@ -302,6 +302,16 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
                 images[members[0]].path,
                 f"{len(keys) - len(set(keys))} image(s) at slice position {distances[members[0]]:.2f} mm share trigger time and instance number (duplicated images)",
             )
+        triggers_here = [images[i].trigger_time for i in members]
+        if None not in triggers_here and 1 < len(set(triggers_here)) < len(triggers_here):
+            # A cine has one image per slice and cardiac phase. (All-equal trigger times, as some
+            # real-time cines write, are ordered by instance number instead.)
+            repeated = next(t for t in triggers_here if triggers_here.count(t) > 1)
+            raise InputError(
+                images[members[0]].path,
+                f"{triggers_here.count(repeated)} images at slice position {distances[members[0]]:.2f} mm share trigger time {repeated:g} ms: "
+                "duplicated images, or two kinds of image in one series (e.g. magnitude and phase)? A cine has one image per slice and trigger time",
+            )
 
     rows, columns = first.rows, first.columns
     data = np.empty((n_frames, len(slices), rows, columns), dtype=np.float32)
