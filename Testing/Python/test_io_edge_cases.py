@@ -234,3 +234,37 @@ def test_two_images_at_one_slice_and_trigger_time_are_refused_not_read_as_extra_
         ds.TriggerTime = 0
         ds.save_as(str(path))
     assert read_stack(untimed).n_frames == 3
+
+
+def test_nrrd_with_voxel_sizes_only_is_read_as_itk_reads_it(tmp_path):
+    """teem's unu and older tools write 'spacings' and 'axis mins' instead of 'space directions'."""
+    import SimpleITK as sitk
+
+    voxels = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
+    for name, header in (("mins.nrrd", {"spacings": [1.2, 1.3, 7.0], "axis mins": [10.0, 20.0, 30.0]}), ("bare.nrrd", {"spacings": [1.2, 1.3, 7.0]})):
+        nrrd.write(str(tmp_path / name), voxels, header)
+        stack, itk = read_stack(tmp_path / name), sitk.ReadImage(str(tmp_path / name))
+        assert stack.spacing == pytest.approx(itk.GetSpacing()) and stack.origin == pytest.approx(itk.GetOrigin())
+        np.testing.assert_allclose(stack.direction.ravel(), itk.GetDirection())
+        np.testing.assert_array_equal(stack.data[0], sitk.GetArrayFromImage(itk))
+        assert "identity orientation assumed" in stack.metadata["geometry_note"]
+    nrrd.write(str(tmp_path / "none.nrrd"), voxels, {})
+    with pytest.raises(InputError, match="none.nrrd.*neither 'space directions' nor 'spacings'"):
+        read_stack(tmp_path / "none.nrrd")
+    nrrd.write(str(tmp_path / "flat.nrrd"), voxels, {"spacings": [1.2, 0.0, 7.0]})
+    with pytest.raises(InputError, match="flat.nrrd.*three positive voxel sizes"):
+        read_stack(tmp_path / "flat.nrrd")
+
+
+def test_one_frame_cut_from_a_cine_keeps_its_time_in_every_format(tmp_path):
+    import SimpleITK as sitk
+
+    frame = oblique_stack(frames=4, slices=3).select_frames([2])
+    assert frame.frame_times_ms is not None
+    for name in ("frame.nrrd", "frame.seq.nrrd", "frame.nii.gz", "frame-dicom"):
+        back = read_stack(write_stack(frame, tmp_path / name))
+        np.testing.assert_allclose(back.frame_times_ms, frame.frame_times_ms, err_msg=name)
+        assert back.same_geometry(frame)
+    assert sitk.ReadImage(str(tmp_path / "frame.nrrd")).GetSize() == (frame.shape[3], frame.shape[2], frame.shape[1])  # still a plain 3D volume
+    untimed = read_stack(write_stack(frame.with_data(frame.data, frame_times_ms=None), tmp_path / "untimed.nrrd"))
+    assert untimed.frame_times_ms is None

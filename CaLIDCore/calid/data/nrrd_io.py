@@ -69,19 +69,23 @@ def read_nrrd(path: str | os.PathLike[str]) -> CineStack:
         raise InputError(path, f"unsupported NRRD space {space!r} (use RAS or LPS)")
     to_lps = _SPACE_TO_LPS[space]
     directions_raw = header.get("space directions")
+    geometry_note = None
     if directions_raw is None:
-        raise InputError(path, "has no 'space directions'; its voxel size and orientation are unknown")
-    directions = np.asarray(directions_raw, dtype=np.float64)
-    if directions.shape[0] == dimension:
-        directions = directions[spatial_axes]
-    if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
-        raise InputError(path, f"'space directions' is not three 3D vectors: {directions_raw}")
-    axes_lps = (to_lps @ directions.T)  # columns: x, y, z axis vectors (mm)
-    spacing = np.linalg.norm(axes_lps, axis=0)
-    if np.any(spacing <= 0):
-        raise InputError(path, "'space directions' has a zero-length axis")
-    direction = axes_lps / spacing
-    origin = to_lps @ np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+        spacing, origin = _spacings_only(header, spatial_axes, path)
+        direction = np.eye(3)
+        geometry_note = "the file gives voxel sizes only ('spacings', no 'space directions'): identity orientation assumed, as ITK and Slicer do"
+    else:
+        directions = np.asarray(directions_raw, dtype=np.float64)
+        if directions.shape[0] == dimension:
+            directions = directions[spatial_axes]
+        if directions.shape != (3, 3) or not np.all(np.isfinite(directions)):
+            raise InputError(path, f"'space directions' is not three 3D vectors: {directions_raw}")
+        axes_lps = (to_lps @ directions.T)  # columns: x, y, z axis vectors (mm)
+        spacing = np.linalg.norm(axes_lps, axis=0)
+        if np.any(spacing <= 0):
+            raise InputError(path, "'space directions' has a zero-length axis")
+        direction = axes_lps / spacing
+        origin = to_lps @ np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
         raise InputError(path, "the axes are sheared (not perpendicular); such images are not supported")
     u, _, vt = np.linalg.svd(direction)
@@ -92,6 +96,7 @@ def read_nrrd(path: str | os.PathLike[str]) -> CineStack:
     frame_times = None
     if list_axis is None:
         data_tzyx = np.transpose(data, (2, 1, 0))[None]
+        frame_times = _single_frame_time(header)
     else:
         # F-order array (a0, a1, a2, a3) -> (T, Z, Y, X)
         x_axis, y_axis, z_axis = spatial_axes
@@ -102,6 +107,8 @@ def read_nrrd(path: str | os.PathLike[str]) -> CineStack:
         "source_format": "nrrd",
         "source_dtype": str(array.dtype),
     }
+    if geometry_note is not None:
+        metadata["geometry_note"] = geometry_note
     return CineStack(
         data=data_tzyx,
         spacing=tuple(spacing),
@@ -111,6 +118,44 @@ def read_nrrd(path: str | os.PathLike[str]) -> CineStack:
         metadata=metadata,
         source=str(path),
     )
+
+
+def _spacings_only(header: dict[str, Any], spatial_axes: list[int], path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel size and origin of a NRRD file without ``space directions`` (teem's ``unu`` and older
+    tools write ``spacings`` and ``axis mins``), read as ITK (and so Slicer) reads them: identity
+    orientation, and the first voxel's centre half a voxel inside ``axis mins``."""
+    spacings_raw = header.get("spacings")
+    if spacings_raw is None:
+        raise InputError(path, "has neither 'space directions' nor 'spacings'; its voxel size and orientation are unknown")
+    try:
+        spacings = np.asarray([float(v) for v in spacings_raw], dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise InputError(path, f"cannot read its 'spacings' {spacings_raw!r}") from error
+    if spacings.size > 3:
+        spacings = spacings[spatial_axes]
+    if spacings.shape != (3,) or not np.all(np.isfinite(spacings)) or np.any(spacings <= 0):
+        raise InputError(path, f"'spacings' must give three positive voxel sizes, got {list(spacings_raw)}")
+    origin = np.zeros(3)
+    mins_raw = header.get("axis mins")
+    if mins_raw is not None:
+        mins = np.asarray([float(v) for v in mins_raw], dtype=np.float64)
+        mins = mins[spatial_axes] if mins.size > 3 else mins
+        if mins.shape == (3,) and np.all(np.isfinite(mins)):
+            origin = mins + 0.5 * spacings  # ITK's reading, whatever the axis centring says
+    return spacings, origin
+
+
+#: Custom field (``key:=value``) holding the time (ms) of a one-frame volume cut from a cine.
+FRAME_TIME_FIELD = "calid frame time ms"
+
+
+def _single_frame_time(header: dict[str, Any]) -> np.ndarray | None:
+    value = header.get(FRAME_TIME_FIELD)
+    try:
+        time_ms = float(value) if value is not None else float("nan")
+    except (TypeError, ValueError):
+        return None
+    return np.array([time_ms]) if np.isfinite(time_ms) else None
 
 
 def _frame_times(header: dict[str, Any], list_axis: int, n_frames: int) -> np.ndarray | None:
@@ -154,6 +199,8 @@ def write_nrrd(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None
         data = np.transpose(array[0], (2, 1, 0))  # (x, y, z), written in Fortran order
         header["kinds"] = ["domain", "domain", "domain"]
         header["space directions"] = axes_lps.T
+        if stack.frame_times_ms is not None:  # one frame of a cine keeps its cardiac phase, as NIfTI and DICOM outputs do
+            header[FRAME_TIME_FIELD] = repr(float(stack.frame_times_ms[0]))
     else:
         if not path.name.lower().endswith(".seq.nrrd"):
             warnings.warn(
@@ -173,7 +220,7 @@ def write_nrrd(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None
         else:
             header["labels"] = ["frame", "", "", ""]
             header["axis 0 index values"] = " ".join(str(i) for i in range(stack.n_frames))
-    custom = {k: "string" for k in header if k.startswith("axis ") or k == "DataNodeClassName"}
+    custom = {k: "string" for k in header if k.startswith("axis ") or k in ("DataNodeClassName", FRAME_TIME_FIELD)}
     try:
         with atomic_path(path) as tmp:
             nrrd.write(str(tmp), np.asfortranarray(data), header, index_order="F", custom_field_map=custom)
