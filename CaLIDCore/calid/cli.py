@@ -670,6 +670,9 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         f"step {trainer.step} -> {config.steps}",
         flush=True,
     )
+    if trainer.step >= config.steps:
+        print(f"the run is already at step {trainer.step} (--steps {config.steps}): nothing to train; give a larger --steps to continue")
+        return 0
     metrics = trainer.fit()
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     if trainer.stop_requested:
@@ -764,6 +767,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 flush=True,
             )
     try:
+        if trainer.step >= config.steps:
+            if trainer.is_main:
+                print(f"the run is already at step {trainer.step} (--steps {config.steps}): nothing to train; give a larger --steps to continue")
+            return 0
         metrics = trainer.fit()
     finally:
         import torch.distributed as dist

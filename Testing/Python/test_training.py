@@ -236,6 +236,92 @@ def test_sigterm_stops_training_with_a_usable_checkpoint(tmp_path):
                                     "--perceptual-weight", "0", "--val-fraction", "0.5", "--resume"), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"step {stopped_at} -> {stopped_at + 1}" in resumed.stdout and f"done at step {stopped_at + 1}" in resumed.stdout
+    # resumed again with nothing left to train: said so, and the exported model keeps its metrics
+    metrics_before = load_model(out / "model.safetensors").info["info"]["metrics"]
+    again = subprocess.run(_calid("train", "vae", "--data", "phantom:2", "--out", str(out), "--config", "tiny", "--steps", "1", "--batch-size", "2",
+                                  "--perceptual-weight", "0", "--val-fraction", "0.5", "--resume"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing to train" in again.stdout and "done at step" not in again.stdout
+    assert load_model(out / "model.safetensors").info["info"]["metrics"] == metrics_before
+
+
+def test_a_stop_sent_to_the_whole_process_group_with_loader_workers_still_checkpoints(tmp_path):
+    """A batch scheduler (SLURM at its time limit, scancel) signals every process of the job,
+    the data-loading workers too: the run must still stop at a step with its checkpoint."""
+    out = tmp_path / "run"
+    command = _calid("train", "vae", "--data", "phantom:2", "--out", str(out), "--config", "tiny", "--steps", "100000", "--batch-size", "2", "--perceptual-weight", "0",
+                     "--val-fraction", "0.5", "--validate-every", "100000", "--checkpoint-every", "100000", "--workers", "1")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "log.csv").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    stopped_at = int(re.search(r"stopped at step (\d+) of 100000", stdout).group(1))
+    from calid.training.trainer import checkpoint_extra_for_stage
+
+    assert stopped_at >= 25 and checkpoint_extra_for_stage(out / "checkpoints" / "last.safetensors", "vae")["step"] == stopped_at
+
+
+def test_a_resume_refuses_what_would_spoil_the_run_and_notes_other_changes(tmp_path):
+    from calid.data.datasets import split_subjects
+    from calid.training.trainer import checkpoint_extra_for_stage
+
+    vae_file = str(tiny_vae_file(tmp_path))
+    common = dict(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "run"), model="tiny", batch_size=2, validate_every=100, checkpoint_every=100,
+                  val_fraction=0.34, val_steps=1, cache_dir=str(tmp_path / "cache"))
+    run(TrainConfig(steps=2, vae_model=vae_file, **common))
+    extra = checkpoint_extra_for_stage(tmp_path / "run" / "checkpoints" / "last.safetensors", "ldm")
+    assert extra["train_subjects"] and extra["autoencoder_weights"]
+    # another autoencoder (a VAE run re-exports its model file as it trains): the denoiser learnt the first one's latents
+    torch.manual_seed(5)
+    other_vae = save_model(tmp_path / "other-vae.safetensors", named_config("tiny"), build_vae(named_config("tiny")))
+    with pytest.raises(InputError, match=r"other-vae\.safetensors.*not the autoencoder this run trained on until step 2"):
+        Trainer(TrainConfig(steps=4, vae_model=str(other_vae), **common), resume=True)
+    # the same weights in another file (re-exported, another header) are the same autoencoder
+    same = save_model(tmp_path / "same-vae.safetensors", named_config("tiny"), load_model(vae_file).vae)
+    assert Trainer(TrainConfig(steps=4, vae_model=str(same), **common), resume=True).step == 2
+    with pytest.raises(InputError, match="--optimizer.*adamw"):
+        Trainer(TrainConfig(steps=4, vae_model=vae_file, optimizer="adam", **common), resume=True)
+    # another seed that moves a training subject into validation
+    subjects = ["phantom1000", "phantom1001", "phantom1002"]
+    _, first_val = split_subjects(subjects, 0.34, 0)
+    seed = next(seed for seed in range(1, 50) if split_subjects(subjects, 0.34, seed)[1] != first_val)
+    with pytest.raises(InputError, match=r"validation subject\(s\) phantom100\d were training subjects"):
+        Trainer(TrainConfig(steps=4, vae_model=vae_file, seed=seed, **{**common, "val_fraction": 0.34}), resume=True)
+    # other options: resumed, each change noted
+    changed = Trainer(TrainConfig(steps=4, vae_model=vae_file, transposes=True, ema_decay=0.99, **common), resume=True)
+    assert any(note.startswith("transposes: False in the checkpoint, True from now on") for note in changed.resume_notes)
+    assert any(note.startswith("ema decay: 0.999 in the checkpoint, 0.99") for note in changed.resume_notes)
+    quiet = Trainer(TrainConfig(steps=4, vae_model=vae_file, **common), resume=True)
+    assert quiet.resume_notes == []
+
+
+def test_a_resume_after_a_crash_keeps_the_better_best_model_and_logs_each_step_once(tmp_path):
+    import csv
+    import shutil
+
+    from calid.models.checkpoint import read_raw_header
+
+    common = dict(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "run"), model="tiny", batch_size=2, val_fraction=0.34, perceptual_weight=0.0,
+                  adversarial_weight=0.0, validate_every=1, checkpoint_every=100, log_every=1, warmup_steps=1)
+    run(TrainConfig(steps=2, **common))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.safetensors"
+    shutil.copy(checkpoint, tmp_path / "step2.safetensors")
+    run(TrainConfig(steps=6, **common), resume=True)
+    shutil.copy(tmp_path / "step2.safetensors", checkpoint)  # a crash: steps 3 to 6 were logged and scored, never checkpointed
+    best_file = tmp_path / "run" / "best.safetensors"
+    best_before = read_raw_header(best_file)["info"]["metrics"]["val_psnr"]
+    resumed = Trainer(TrainConfig(steps=6, learning_rate=3e-3, **common), resume=True)  # another learning rate: other scores
+    assert resumed.step == 2 and resumed.best_psnr >= best_before
+    for log in ("log.csv", "validation.csv"):
+        with (tmp_path / "run" / log).open(newline="") as handle:
+            assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2]
+    resumed.fit()
+    assert read_raw_header(best_file)["info"]["metrics"]["val_psnr"] >= best_before  # never replaced by a worse model
+    for log in ("log.csv", "validation.csv"):
+        with (tmp_path / "run" / log).open(newline="") as handle:
+            assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
@@ -603,3 +689,17 @@ def test_an_autoencoder_run_resumes_after_the_denoiser_part_of_its_configuration
     rewrite(lambda config: config["vae"].update(latent_channels=4))
     with pytest.raises(InputError, match="another model configuration"):
         Trainer(TrainConfig(out_dir=str(tmp_path / "run"), steps=2, **common), resume=True)
+
+
+def test_training_inputs_that_cannot_work_are_named_before_any_work(tmp_path):
+    common = dict(stage="vae", out_dir=str(tmp_path / "run"), model="tiny", batch_size=2, perceptual_weight=0.0)
+    with pytest.raises(InputError, match="phantom:abc.*whole number"):
+        Trainer(TrainConfig(data=("phantom:abc",), **common))
+    with pytest.raises(InputError, match="--val-fraction.*got 1.0"):
+        Trainer(TrainConfig(data=("phantom:3",), val_fraction=1.0, **common))
+    with pytest.raises(InputError, match=r"every subject \(2\) is a validation subject"):
+        Trainer(TrainConfig(data=("phantom:2",), val_subjects=("phantom1000", "phantom1001"), **common))
+    # --resume into a folder without a checkpoint: said at once, and no folder is left behind
+    with pytest.raises(InputError, match="no checkpoint to resume from"):
+        Trainer(TrainConfig(data=("phantom:abc",), **{**common, "out_dir": str(tmp_path / "new")}), resume=True)  # before the data are even read
+    assert not (tmp_path / "new").exists()

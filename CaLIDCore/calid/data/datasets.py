@@ -98,7 +98,7 @@ def split_subjects(
         val = sorted(set(val_subjects))
     else:
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+            raise InputError("--val-fraction", f"must be from 0 up to (not including) 1, got {val_fraction}")
         order = unique.copy()
         random.Random(seed).shuffle(order)
         n_val = int(round(val_fraction * len(order)))

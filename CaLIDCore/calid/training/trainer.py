@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -60,7 +61,8 @@ from calid.data.stack import fixed_placeholder_mm
 from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
 from calid.device import resolve_device
 from calid.errors import CalidError, InputError, TrainingDiverged
-from calid.models.checkpoint import load_model, save_model
+from calid.atomic import atomic_path
+from calid.models.checkpoint import load_model, read_raw_header, save_model
 from calid.models.config import ModelConfig, named_config
 from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, apply_floor_snap, build_vae, calibrate_floor_snap, inflate_to_temporal
 from calid.models.registry import resolve_model, sha256_of
@@ -165,7 +167,10 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
     volumes: list[SubjectVolume] = []
     for entry in entries:
         if entry.startswith("phantom:"):
-            count = int(entry.split(":", 1)[1])
+            count_text = entry.split(":", 1)[1]
+            if not count_text.strip().isdigit():
+                raise InputError(entry, "phantom:N needs a whole number of phantom subjects, e.g. phantom:4")
+            count = int(count_text)
             stacks = [make_phantom(1000 + i, PhantomConfig(n_frames=6, matrix=96, pixel_spacing_mm=1.8)).sparse for i in range(count)]
             volumes.extend(volumes_from_stacks(stacks, model.preprocess))
         elif is_packed_volumes(entry):
@@ -373,7 +378,9 @@ class Trainer:
         self.is_main = self.rank == 0
         checkpoint = self.out / "checkpoints" / "last.safetensors"
         # Checked before any data is read; the ldm stage also takes its architecture from it.
-        resumed_extra = checkpoint_extra_for_stage(checkpoint, config.stage) if resume and checkpoint.is_file() else None
+        if resume and not checkpoint.is_file():
+            raise InputError(checkpoint, "no checkpoint to resume from (train without --resume first, or check --out)")
+        resumed_extra = checkpoint_extra_for_stage(checkpoint, config.stage) if resume else None
         if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
             raise InputError("--time-limit", f"must be a positive number of minutes, got {config.time_limit_minutes}")
         #: The time limit counts from here: data preparation is part of a queue's wall time too.
@@ -465,6 +472,8 @@ class Trainer:
         # Validation scores the part of each crop inside the image, as `calid evaluate` does (the padding
         # of a small field of view would raise every score alike). Validation items are never turned.
         self.val_extents = [image_extent(volume.data) for volume in self.val_set.volumes]
+        if not train_ids:
+            raise InputError(", ".join(config.data), f"every subject ({len(val_ids)}) is a validation subject: none is left to train on (check --val-subjects or --val-fraction)")
         if len(self.train_set) < config.batch_size * self.world:
             raise InputError(", ".join(config.data), f"only {len(self.train_set)} training triplets for a batch of {config.batch_size} x {self.world} process(es)")
         self.data_description: dict[str, Any] = {
@@ -671,7 +680,10 @@ class Trainer:
             # A private generator: creating a loader iterator must not draw from the global
             # RNG, or a resumed run (which creates it mid-epoch) would drift from the original.
             workers_seed = torch.Generator().manual_seed(self.config.seed * 1000 + epoch)
-            loader = DataLoader(self.train_set, batch_sampler=batches, num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda", generator=workers_seed)
+            loader = DataLoader(
+                self.train_set, batch_sampler=batches, num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda", generator=workers_seed,
+                worker_init_fn=_leave_signals_to_the_trainer if self.config.num_workers > 0 else None,
+            )
             yield from loader
             epoch, offset = epoch + 1, 0
 
@@ -852,9 +864,25 @@ class Trainer:
                 "train_config": self.config.to_dict(),
                 "model_config": self.model_config.to_dict(),
                 "initialised_from": self.data_description.get("initialised_from"),
+                "train_subjects": self.data_description["train_subjects"],
+                "autoencoder_weights": self.autoencoder_digest(),
             },
         )
         return path
+
+    def autoencoder_digest(self) -> str | None:
+        """A digest of the frozen autoencoder's weights (ldm stage): a denoiser learns the latents
+        of one autoencoder, so a resumed run must encode with the same one. Of the weights, not
+        of the file, whose header changes each time a VAE run re-exports it."""
+        if self.config.stage != "ldm":
+            return None
+        if getattr(self, "_autoencoder_digest", None) is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.vae.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._autoencoder_digest = digest.hexdigest()
+        return self._autoencoder_digest
 
     def validation_signature(self) -> dict[str, Any]:
         """What the validation numbers depend on besides the weights: a resumed run whose
@@ -888,6 +916,7 @@ class Trainer:
         if saved_config != _with_floor_snap(self.model_config, 0.0):
             raise InputError(path, "the checkpoint was made with another model configuration than this run's")
         self.step = int(extra["step"])
+        self._check_resumed_options(extra, path)
         if self.world > 1:
             # Only rank 0's random states are saved: restored on every rank, they would give all
             # ranks the same noise and dropout draws. Each rank reseeds from (seed, rank, step).
@@ -904,6 +933,13 @@ class Trainer:
                 f"{self.best_psnr:.2f} dB is not comparable, so best.safetensors starts afresh"
             )
             self.best_psnr = -math.inf
+        else:
+            # best.safetensors may have been written after the last checkpoint (a crash, a stop by
+            # force): its score stands, or a replayed, worse validation would replace it.
+            self.best_psnr = max(self.best_psnr, _recorded_val_psnr(self.out / "best.safetensors"))
+        if self.is_main:
+            for log in (self.out / "log.csv", self.out / "validation.csv"):
+                _drop_rows_after(log, self.step)  # those steps are trained again
         self.latent_scale = float(extra["latent_scale"])
         if extra.get("initialised_from") and "initialised_from" not in self.data_description:
             self.data_description["initialised_from"] = extra["initialised_from"]  # resumed without --init-from
@@ -917,6 +953,42 @@ class Trainer:
         self._apply_hyperparameters(self.optimizer, self.config.learning_rate, "learning rate", self.scheduler)
         if self.discriminator is not None:
             self._apply_hyperparameters(self.disc_optimizer, self.config.discriminator_learning_rate, "discriminator learning rate")
+
+    def _check_resumed_options(self, extra: dict[str, Any], path: Path) -> None:
+        """Refuse a resume that would spoil the run (another autoencoder, another optimiser, held-out
+        subjects that it trained on) and note every other option that differs from the checkpoint's."""
+        saved = extra.get("train_config") or {}
+        recorded_autoencoder = extra.get("autoencoder_weights")
+        if recorded_autoencoder is not None and recorded_autoencoder != self.autoencoder_digest():
+            raise InputError(
+                getattr(self, "vae_file", "") or "--vae",
+                f"is not the autoencoder this run trained on until step {self.step} (its weights differ; a VAE run re-exports "
+                "model.safetensors as it trains): resume with the VAE file the run started with, or train into a new --out",
+            )
+        if saved.get("optimizer") not in (None, self.config.optimizer):
+            raise InputError("--optimizer", f"the checkpoint trained with {saved['optimizer']}; resume with --optimizer {saved['optimizer']}")
+        trained_on = set(extra.get("train_subjects") or [])
+        if not trained_on:  # checkpoints from before the training subjects were recorded
+            trained_on = set(self.data_description["train_subjects"]) | set(self.data_description["validation_subjects"])
+            trained_on -= set((extra.get("validation") or {}).get("subjects") or [])
+        leaked = sorted(trained_on & set(self.data_description["validation_subjects"]))
+        if leaked:
+            raise InputError(
+                path,
+                f"validation subject(s) {', '.join(leaked[:5])}{' ...' if len(leaked) > 5 else ''} were training subjects of this run: "
+                "their scores would not be held out. Resume with the run's own --data, --seed, --val-fraction and --val-subjects, or train into a new --out",
+            )
+        # Options a run may change when it resumes (the learning rate and weight decay are noted where they are applied).
+        free = {"out_dir", "steps", "time_limit_minutes", "device", "num_workers", "checkpoint_every", "validate_every", "log_every",
+                "cache_dir", "latent_cache_mb", "init_from", "vae_model", "lpips_weights", "learning_rate", "weight_decay", "batch_size",
+                "val_subjects", "val_fraction", "seed", "data", "model"}  # seed to model: checked above and by the architecture check
+        current = json.loads(json.dumps(self.config.to_dict()))  # as stored (tuples become lists)
+        denoiser_options = {"concat_neighbour_latents", "condition_dropout", "prediction", "residual_to_neighbours", "registered_neighbours"}
+        for name in sorted(set(saved) & set(current) - free):
+            if name in denoiser_options and current[name] is None:
+                continue  # not given: the checkpoint's denoiser keeps its own
+            if saved[name] != current[name]:
+                self.resume_notes.append(f"{name.replace('_', ' ')}: {saved[name]!r} in the checkpoint, {current[name]!r} from now on")
 
     def _apply_hyperparameters(self, optimizer: torch.optim.Optimizer, learning_rate: float, what: str,
                                scheduler: torch.optim.lr_scheduler.LambdaLR | None = None) -> None:
@@ -963,6 +1035,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
+        if self.step >= cfg.steps:
+            return {}  # already trained that far: the exported models keep their metrics
         previous_handlers = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         log_path, val_path = self.out / "log.csv", self.out / "validation.csv"
         metrics: dict[str, float] = {}
@@ -1015,6 +1089,41 @@ class Trainer:
             self.latent_cache.save_new(min_count=1 if final else LATENT_SHARD_SIZE)
         if self.world > 1:
             dist.barrier()
+
+
+def _recorded_val_psnr(model_file: Path) -> float:
+    """The validation PSNR an exported model file records, or -inf."""
+    if not model_file.is_file():
+        return -math.inf
+    try:
+        value = float(read_raw_header(model_file)["info"]["metrics"]["val_psnr"])
+    except (CalidError, KeyError, TypeError, ValueError):
+        return -math.inf
+    return value if math.isfinite(value) else -math.inf
+
+
+def _drop_rows_after(log: Path, step: int) -> None:
+    """Keep a log's rows up to ``step`` (a resumed run logs the later steps again), atomically."""
+    if not log.is_file():
+        return
+    with log.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+        columns = list(rows[0].keys()) if rows else []
+    kept = [row for row in rows if str(row.get("step", "")).isdigit() and int(row["step"]) <= step]
+    if len(kept) == len(rows):
+        return
+    with atomic_path(log) as tmp, Path(tmp).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(kept)
+
+
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """Data-loading workers ignore SIGTERM and SIGINT: a scheduler's stop (SLURM, ``kill`` of the
+    process group) reaches them too, and a worker that dies of it would crash the trainer before
+    its stop checkpoint. The trainer stops at the end of the step and shuts them down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def mean_over_processes(logs: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
