@@ -25,6 +25,17 @@ from calid.evaluation.methods import UPSAMPLE_MODES
 EXIT_BAD_INPUT = 2
 
 
+def _seed(text: str) -> int:
+    """argparse type: a seed the random generators take, 0 to 2**32 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number from 0 to {2**32 - 1}, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expects a whole number from 0 to {2**32 - 1}, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer of at least 1 (checked before anything is loaded)."""
     try:
@@ -115,6 +126,8 @@ def _stop_requested_by(stop_file: str | None) -> Any:
     if stop_file is None:
         return None
     path = Path(stop_file).absolute()
+    if not path.parent.is_dir():  # a mistyped path must not look like a cancel
+        raise InputError("--stop-file", f"the folder {path.parent} does not exist")
 
     def stop_requested() -> bool:
         return path.exists() or not path.parent.is_dir()
@@ -309,6 +322,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
             print(f"  {model.name}{' (default)' if model.path in defaults else ''}: {model.description} [{model.path}]")
         folders = model_folders()
         print("searched folders: " + (", ".join(str(f) for f in folders) or "none exist") + " (add one with $CALID_MODEL_DIR)")
+        missing = [entry for entry in os.environ.get("CALID_MODEL_DIR", "").split(os.pathsep) if entry.strip() and not Path(entry).expanduser().is_dir()]
+        if missing:
+            print(f"note: $CALID_MODEL_DIR names folder(s) that do not exist: {', '.join(missing)}")
         if default_model("calid") is None:
             print("no CaLID interpolation model is installed: --mode registration (or linear) needs none; train one (calid train) and install it (calid install)")
         return 0
@@ -459,15 +475,19 @@ def _cmd_surfaces(args: argparse.Namespace) -> int:
     labels = _read_labels(args.labels)
     out = _output_folder(args.out)
     frames = parse_frames(args.frames, labels.n_frames) or list(range(labels.n_frames))
+    written = 0
     for frame in frames:
         surfaces = {name: label_surface(labels, value, frame) for value, name in LABELS.items()}
         for name, surface in surfaces.items():
             if surface.GetNumberOfPoints():
                 write_surface(surface, out / f"frame{frame:03d}_{name.replace(' ', '_').lower()}.{args.format}")
+                written += 1
         if args.render:
             os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
             render_surfaces(surfaces, out / f"frame{frame:03d}_render.png")
-    print(f"surfaces of {len(frames)} frame(s) (LPS mm) written to {out}")
+    if not written:
+        raise InputError(args.labels, f"has no {', '.join(LABELS.values())} label in frame(s) {', '.join(map(str, frames))}: no surface written")
+    print(f"{written} surface(s) of {len(frames)} frame(s) (LPS mm) written to {out}")
     return 0
 
 
@@ -492,9 +512,14 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
     inputs = [(path, _read_labels(path)) for path in args.labels]
     if args.frames_of_one_cine:
         inputs = [(args.labels[0], _frames_of_one_cine(inputs))]
-    for path, labels in inputs:
+    names = [Path(path).name.split(".")[0] for path, _ in inputs]
+    if len(set(names)) < len(names):  # sparse/labels.nii.gz and dense/labels.nii.gz: named by folder too
+        names = [f"{Path(path).parent.name}/{name}" if names.count(name) > 1 else name for (path, _), name in zip(inputs, names)]
+    if len(set(names)) < len(names):
+        raise InputError(", ".join(str(path) for path, _ in inputs), "two label files have the same name and folder name; give each its own name")
+    for (path, labels), name in zip(inputs, names):
         result = cardiac_function(labels, args.ed, args.es, method=Path(path).name, acquired_slice_spacing_mm=args.acquired_slice_spacing)
-        results[Path(path).name.split(".")[0]] = result
+        results[name] = result
         acquired = args.acquired_slice_spacing or labels.metadata.get("upsampling", {}).get("input_slice_spacing_mm")
         if acquired is not None and float(acquired) > labels.slice_spacing:
             print(f"{path}: dense stack ({labels.slice_spacing:g} mm) made from slices {float(acquired):g} mm apart: its end slices also stand for the outer half slab")
@@ -603,6 +628,19 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
         raise InputError(option, f"expected comma-separated integers, got {text!r}") from None
 
 
+def _segmenter_size(config: str) -> str:
+    if config in ("tiny", "default", "small"):  # small: the option's default, meant for the vae and ldm stages
+        return "tiny" if config == "tiny" else "default"
+    raise InputError("--config", f"the segmenter comes in sizes tiny and default, not {config!r}")
+
+
+def _gaps(text: str) -> tuple[int, ...]:
+    gaps = _int_list(text, "--gaps")
+    if not gaps or min(gaps) < 1:
+        raise InputError("--gaps", f"neighbour distances are whole numbers of slices, at least 1 (e.g. 1,2), got {text!r}")
+    return gaps
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from calid.evaluation.harness import EvaluationConfig, evaluate
 
@@ -652,7 +690,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     config = SegTrainConfig(
         data=tuple(args.data),
         out_dir=args.out,
-        model=args.config if args.config in ("tiny", "default") else "default",
+        model=_segmenter_size(args.config),
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -689,6 +727,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if args.time_limit is not None:
             raise InputError("--time-limit", "applies to the vae and ldm stages; the segmenter trains in minutes (use --steps)")
         return _cmd_train_seg(args)
+    if args.config == "default":
+        raise InputError("--config", f"'default' names the segmenter's size; the {args.stage} stage takes tiny, small, paper or NAME-2d+t")
     checkpoint = Path(args.out) / "checkpoints" / "last.safetensors"
     if args.resume and checkpoint.is_file() and None in (args.lr, args.weight_decay, args.steps, args.batch_size):
         # Resuming without --lr / --weight-decay / --steps / --batch-size continues with the run's own
@@ -728,7 +768,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         val_fraction=args.val_fraction,
         val_subjects=tuple(args.val_subjects.split(",")) if args.val_subjects else None,
-        gaps=tuple(int(g) for g in args.gaps.split(",")),
+        gaps=_gaps(args.gaps),
         val_steps=args.val_steps,
         placeholder_spacing=args.placeholder_spacing,
         cache_dir=args.cache_dir,
@@ -821,7 +861,8 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     if assumed:
         count = sum(v.assumed_spacing_mm is not None for v in volumes)
         print(f"note: {count} volume(s) had no geometry in their files; their pixels were taken as {', '.join(f'{a:.3g}' for a in assumed)} mm")
-    print(f"train on it with: calid train vae --data {out} ...")
+    same_model = f"--init-from {args.model}" if args.model else f"--config {args.config}"
+    print(f"train on it with: calid train vae --data {out} --out RUN {same_model} ...")
     return 0
 
 
@@ -842,7 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
     demo.add_argument("--frames", type=lambda text: text, default=None, help="frames to upsample, e.g. 0,5-9 or all (default: end-diastole and end-systole)")
     demo.add_argument("--phantom-frames", type=int, default=20, help="frames of the phantom cine (default 20)")
-    demo.add_argument("--seed", type=int, default=0, help="phantom and sampling seed (default 0)")
+    demo.add_argument("--seed", type=_seed, default=0, help="phantom and sampling seed (default 0)")
     demo.add_argument("--tta", action="store_true", help="calid / calid+: average each new slice over the 8 rotations and mirrors of the slice plane (about 8 times slower)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(handler=_cmd_demo)
@@ -860,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("--model", help="model file or installed name (default: the installed default model; see calid info)")
     upsample.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda:N")
     upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9; -1 is the last; a list starting with a minus sign needs the = form: --frames=-2,-1 (default: all)")
-    upsample.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default 0)")
+    upsample.add_argument("--seed", type=_seed, default=0, help="seed of the starting noise (default 0)")
     upsample.add_argument(
         "--tta", action="store_true",
         help="test-time augmentation (calid, calid+): average each new slice over the 8 rotations and reflections of the slice plane; "
@@ -999,7 +1040,7 @@ def build_parser() -> argparse.ArgumentParser:
         "for queues with a wall-time limit; leave time for the final export; continue with --resume",
     )
     train.add_argument("--validate-every", type=_positive_int, default=500, help="steps between validations (which pick best.safetensors)")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--seed", type=_seed, default=0)
     train.add_argument("--workers", type=int, default=0, help="data loader processes")
     train.add_argument("--val-fraction", type=float, default=0.15)
     train.add_argument(
@@ -1078,7 +1119,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixel size for files saved without geometry (all spacings exactly 1 mm): model (what the model's training assumed; default), keep, or mm",
     )
     evaluate_cmd.add_argument("--temporal-model", help="a 2D+T model: also compare it with --model (frame by frame) on whole cines (temporal coherence, x-t cuts)")
-    evaluate_cmd.add_argument("--seed", type=int, default=0)
+    evaluate_cmd.add_argument("--seed", type=_seed, default=0)
     evaluate_cmd.add_argument("--batch-size", type=_positive_int, default=16)
     evaluate_cmd.add_argument("--device", default="auto")
     evaluate_cmd.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -1086,7 +1127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     phantom = commands.add_parser("phantom", help="write a synthetic cine phantom (sparse, dense truth, labels)")
     phantom.add_argument("out", help="output folder")
-    phantom.add_argument("--seed", type=int, default=0)
+    phantom.add_argument("--seed", type=_seed, default=0)
     phantom.add_argument("--frames", type=int, default=20)
     phantom.set_defaults(handler=_cmd_phantom)
     return parser
@@ -1115,8 +1156,17 @@ def _join_coordinate_values(argv: Sequence[str]) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_join_coordinate_values(sys.argv[1:] if argv is None else argv))
+    import warnings
+
+    def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"calid {args.command}: warning: {message}", file=sys.stderr)  # the message names the file; no source lines
+
+    warnings.showwarning = one_line_warning
     try:
         return int(args.handler(args))
+    except BrokenPipeError:  # the reader stopped early (calid info | head): not an error of calid's
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Cancelled:
         print(f"calid {args.command}: cancelled; no output was written", file=sys.stderr)
         return 130

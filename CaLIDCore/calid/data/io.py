@@ -72,6 +72,8 @@ def read_stack(
         if path.is_file():
             if series is None:  # one file of a series named: that series, not whatever else is in its folder
                 series = _series_of_dicom_file(path)
+                if series is None:
+                    raise InputError(path, "is not a readable DICOM image with a SeriesInstanceUID; name its folder to read every series there")
             path = path.parent
         stack = read_dicom_folder(path, series=series)
     if stack.n_slices < min_slices:
@@ -87,7 +89,7 @@ def _series_of_dicom_file(path: Path) -> str | None:
 
     try:
         uid = pydicom.dcmread(str(path), stop_before_pixels=True).get("SeriesInstanceUID")
-    except Exception:  # not readable as DICOM: the folder reader says what is wrong
+    except Exception:  # not readable as DICOM
         return None
     return str(uid) if uid else None
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from calid.errors import InputError
 from calid.models.config import ModelConfig
 from calid.models.registry import UNTRAINED_PREFIX, registered_models, resolve_model, sha256_of
 
@@ -50,7 +51,10 @@ def model_card_text(model: str | os.PathLike[str]) -> str:
     if text.startswith(UNTRAINED_PREFIX):
         from calid.models.config import named_config
 
-        config = named_config(text[len(UNTRAINED_PREFIX) :])
+        try:
+            config = named_config(text[len(UNTRAINED_PREFIX) :])
+        except ValueError as error:
+            raise InputError(text, str(error)) from None
         return "\n".join([f"model           {text}", "status          UNTRAINED: random weights, for testing the pipeline only", *_config_lines(config)])
     path = resolve_model(model)
     if _raw_kind(path) == "segmentation":

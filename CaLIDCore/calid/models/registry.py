@@ -212,6 +212,8 @@ def install_model(
     source = Path(source)
     if not name or any(c in name for c in "/\\:;") or name.startswith(UNTRAINED_PREFIX.rstrip(":")):
         raise InputError("--name", f"{name!r} cannot name a model (no slashes, colons or 'untrained')")
+    if card is not None and not Path(card).is_file():  # checked before anything is replaced: a failed install keeps the installed model
+        raise InputError(card, "the model card (--card) was not found")
     header = read_raw_header(source)
     tensors = read_weights(source)
     kind = "segmentation" if header.get("kind") == "segmentation" else "calid"

@@ -1,0 +1,113 @@
+"""What the `calid` command says when something is off: one line naming the input, the right exit
+status, and no silent fallback (a wrong file read, a result dropped, a success that wrote nothing)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from calid.cli import main as cli_main
+from calid.data.io import read_stack, write_stack
+from calid.data.phantom import PhantomConfig, make_phantom
+from calid.errors import InputError
+
+from conftest import oblique_stack
+
+
+def run_calid(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "calid", *args], capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def labels():
+    return make_phantom(3, PhantomConfig(n_frames=2, matrix=48)).sparse_labels
+
+
+def test_naming_an_unreadable_dicom_file_does_not_read_its_folder_instead(tmp_path):
+    folder = write_stack(oblique_stack(frames=1, slices=3), tmp_path / "series")
+    (folder / "mine.dcm").write_text("not dicom")
+    with pytest.raises(InputError, match=r"mine\.dcm.*not a readable DICOM image"):
+        read_stack(folder / "mine.dcm")
+    assert read_stack(folder).n_slices == 3  # the folder itself, named, is still read
+
+
+def test_volumes_of_two_label_files_with_one_name_keeps_both(tmp_path, labels):
+    for folder in ("sparse", "dense"):
+        (tmp_path / folder).mkdir()
+        write_stack(labels, tmp_path / folder / "labels.nii.gz", dtype="uint8")
+    code = cli_main(["volumes", str(tmp_path / "sparse" / "labels.nii.gz"), str(tmp_path / "dense" / "labels.nii.gz"), "--out", str(tmp_path / "out")])
+    assert code == 0
+    with (tmp_path / "out" / "volumes.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    methods = {value for row in rows for value in row.values() if value in ("sparse/labels", "dense/labels")}
+    assert methods == {"sparse/labels", "dense/labels"}, rows[:2]
+
+
+def test_surfaces_of_labels_without_a_heart_fail_instead_of_claiming_success(tmp_path, labels, capsys):
+    empty = write_stack(labels.with_data(np.zeros_like(labels.data)), tmp_path / "empty.nii.gz", dtype="uint8")
+    assert cli_main(["surfaces", str(empty), "--out", str(tmp_path / "surfaces")]) == 2
+    assert "no surface written" in capsys.readouterr().err
+    assert cli_main(["surfaces", str(write_stack(labels, tmp_path / "heart.nii.gz", dtype="uint8")), "--out", str(tmp_path / "heart"), "--frames", "0"]) == 0
+    assert len(list((tmp_path / "heart").glob("frame000_*.vtp"))) == 3
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["phantom", "{tmp}/p", "--seed", "-1"], "--seed: expects a whole number from 0 to 4294967295"),
+        (["info", "untrained:foo"], "untrained:foo: unknown configuration"),
+        (["train", "vae", "--data", "phantom:2", "--out", "{tmp}/t", "--config", "default"], "--config: 'default' names the segmenter's size"),
+        (["train", "vae", "--data", "phantom:2", "--out", "{tmp}/t", "--config", "tiny", "--gaps", "a"], "--gaps: expected comma-separated integers"),
+        (["train", "vae", "--data", "phantom:2", "--out", "{tmp}/t", "--config", "tiny", "--gaps", "0,1"], "--gaps: neighbour distances"),
+        (["upsample", "{tmp}/in.nii.gz", "{tmp}/o.nii.gz", "--mode", "linear", "--stop-file", "{tmp}/missing/stop"], "--stop-file: the folder"),
+    ],
+)
+def test_bad_options_get_one_line_and_exit_status_2(tmp_path, capsys, arguments, message):
+    write_stack(oblique_stack(frames=1, slices=3), tmp_path / "in.nii.gz")
+    try:
+        code = cli_main([argument.replace("{tmp}", str(tmp_path)) for argument in arguments])
+    except SystemExit as stop:  # argparse's own checks
+        code = stop.code
+    assert code == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_warnings_are_one_line_without_source_paths(tmp_path):
+    cine = write_stack(oblique_stack(frames=2, slices=3), tmp_path / "cine.nii.gz")
+    result = run_calid("convert", str(cine), str(tmp_path / "cine.nrrd"))  # a cine as plain .nrrd: Slicer shows a vector volume
+    assert result.returncode == 0, result.stderr
+    warning_lines = [line for line in result.stderr.splitlines() if "warning" in line.lower()]
+    assert warning_lines and warning_lines[0].startswith("calid convert: warning: ") and "cine.nrrd" in warning_lines[0]
+    assert ".py:" not in result.stderr and "write_stack(" not in result.stderr
+
+
+def test_pack_suggests_a_training_command_that_fits_the_packed_file(tmp_path):
+    code_and_output = run_calid("pack", "--data", "phantom:2", "--config", "tiny", "--out", str(tmp_path / "packed.npz"))
+    assert code_and_output.returncode == 0, code_and_output.stderr
+    hint = next(line for line in code_and_output.stdout.splitlines() if line.startswith("train on it with"))
+    assert "--config tiny" in hint
+
+
+def test_a_failed_install_leaves_the_installed_model_working(tmp_path):
+    from calid.models import build_vae, named_config, save_model
+
+    model = save_model(tmp_path / "vae.safetensors", named_config("tiny"), build_vae(named_config("tiny")))
+    folder = tmp_path / "models"
+    assert cli_main(["install", str(model), "--name", "mine", "--folder", str(folder)]) == 0
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    assert cli_main(["install", str(model), "--name", "mine", "--folder", str(folder), "--card", str(tmp_path / "typo.md"), "--keep-precision"]) == 2
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # nothing replaced
+    env = {**os.environ, "CALID_MODEL_DIR": str(folder)}
+    assert run_calid("info", "mine", env=env).returncode == 0
+
+
+def test_info_says_when_the_model_folder_variable_names_no_folder(tmp_path):
+    result = run_calid("info", env={**os.environ, "CALID_MODEL_DIR": str(tmp_path / "no-such-folder")})
+    assert result.returncode == 0 and f"$CALID_MODEL_DIR names folder(s) that do not exist: {tmp_path / 'no-such-folder'}" in result.stdout
