@@ -34,6 +34,9 @@ def test_naming_an_unreadable_dicom_file_does_not_read_its_folder_instead(tmp_pa
     with pytest.raises(InputError, match=r"mine\.dcm.*not a readable DICOM image"):
         read_stack(folder / "mine.dcm")
     assert read_stack(folder).n_slices == 3  # the folder itself, named, is still read
+    nifti = write_stack(oblique_stack(frames=1, slices=3), tmp_path / "one.nii.gz")
+    with pytest.raises(InputError, match=r"--series.*one\.nii\.gz is a NIfTI file"):
+        read_stack(nifti, series="7")
 
 
 def test_volumes_of_two_label_files_with_one_name_keeps_both(tmp_path, labels):

@@ -58,6 +58,8 @@ def read_stack(
     if not path.exists():
         raise InputError(path, "no such file or folder")
     fmt = detect_format(path)
+    if series is not None and fmt != "dicom":  # rather than read the one image and leave the choice unheeded
+        raise InputError("--series", f"chooses among the series of a DICOM folder; {path.name} is a {fmt.upper() if fmt == 'nrrd' else 'NIfTI'} file holding one image")
     if fmt == "nifti":
         from calid.data.nifti_io import read_nifti
 
