@@ -419,12 +419,13 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     from calid.geometry.planes import Plane, standard_planes
     from calid.geometry.reslice import compare_with_acquired, frame_matching, matching_frame, reslice, save_plane_png
 
+    if not args.spacing > 0:
+        raise InputError("--spacing", f"the reslice pixel size must be a positive number of mm, got {args.spacing}")
     image = read_stack(args.input)
     others = [(Path(p).name.split(".")[0], read_stack(p)) for p in args.compare or []]
     frame = args.frame
     if not 0 <= frame < image.n_frames:
         raise InputError("--frame", f"frame {frame} does not exist (the cine has {image.n_frames} frames)")
-    out = _output_folder(args.out)  # once the images are read and the frame checked
     if args.plane_ras:
         parts = args.plane_ras.split(";")
         if len(parts) != 3:
@@ -441,6 +442,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     else:
         labels = _labels_for(args, image)
         planes = standard_planes(labels, min(frame, labels.n_frames - 1), three_chamber_point=_parse_point(args.three_chamber_ras, "--three-chamber-ras"))
+    out = _output_folder(args.out)  # once the images are read and the frame and planes checked: no empty folder on a mistake
     summary: dict[str, Any] = {"coordinates": "LPS mm (RAS in the *_ras entries)", "planes": {}}
     # The compared cines may have other frame counts: each shows the frame of the same cardiac phase.
     view_frames = [frame] + [matching_frame(stack, image, frame) for _, stack in others]
@@ -1128,7 +1130,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom = commands.add_parser("phantom", help="write a synthetic cine phantom (sparse, dense truth, labels)")
     phantom.add_argument("out", help="output folder")
     phantom.add_argument("--seed", type=_seed, default=0)
-    phantom.add_argument("--frames", type=int, default=20)
+    phantom.add_argument("--frames", type=_positive_int, default=20)
     phantom.set_defaults(handler=_cmd_phantom)
     return parser
 

@@ -68,6 +68,9 @@ def test_surfaces_of_labels_without_a_heart_fail_instead_of_claiming_success(tmp
         (["train", "vae", "--data", "phantom:2", "--out", "{tmp}/t", "--config", "tiny", "--gaps", "a"], "--gaps: expected comma-separated integers"),
         (["train", "vae", "--data", "phantom:2", "--out", "{tmp}/t", "--config", "tiny", "--gaps", "0,1"], "--gaps: neighbour distances"),
         (["upsample", "{tmp}/in.nii.gz", "{tmp}/o.nii.gz", "--mode", "linear", "--stop-file", "{tmp}/missing/stop"], "--stop-file: the folder"),
+        (["lax", "{tmp}/in.nii.gz", "--out", "{tmp}/o.nii.gz", "--spacing", "0"], "--spacing: the reslice pixel size"),
+        (["lax", "{tmp}/in.nii.gz", "--out", "{tmp}/o.nii.gz", "--points-ras", "1,2,3;4,5,6"], "--points-ras: give exactly three points"),
+        (["phantom", "{tmp}/o.nii.gz", "--frames", "0"], "--frames: expects a whole number of at least 1"),
     ],
 )
 def test_bad_options_get_one_line_and_exit_status_2(tmp_path, capsys, arguments, message):
@@ -79,7 +82,7 @@ def test_bad_options_get_one_line_and_exit_status_2(tmp_path, capsys, arguments,
     assert code == 2
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
-    assert not (tmp_path / "o.nii.gz").exists()
+    assert not (tmp_path / "o.nii.gz").exists()  # no output, not even an empty output folder
 
 
 def test_warnings_are_one_line_without_source_paths(tmp_path):
