@@ -475,11 +475,13 @@ def _cmd_surfaces(args: argparse.Namespace) -> int:
     from calid.segmentation.model import LABELS
 
     labels = _read_labels(args.labels)
-    out = _output_folder(args.out)
     frames = parse_frames(args.frames, labels.n_frames) or list(range(labels.n_frames))
+    surfaces_of = {frame: {name: label_surface(labels, value, frame) for value, name in LABELS.items()} for frame in frames}
+    if not any(surface.GetNumberOfPoints() for surfaces in surfaces_of.values() for surface in surfaces.values()):
+        raise InputError(args.labels, f"has no {', '.join(LABELS.values())} label in frame(s) {', '.join(map(str, frames))}: no surface written")
+    out = _output_folder(args.out)  # only once there is something to write
     written = 0
-    for frame in frames:
-        surfaces = {name: label_surface(labels, value, frame) for value, name in LABELS.items()}
+    for frame, surfaces in surfaces_of.items():
         for name, surface in surfaces.items():
             if surface.GetNumberOfPoints():
                 write_surface(surface, out / f"frame{frame:03d}_{name.replace(' ', '_').lower()}.{args.format}")
@@ -487,8 +489,6 @@ def _cmd_surfaces(args: argparse.Namespace) -> int:
         if args.render:
             os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
             render_surfaces(surfaces, out / f"frame{frame:03d}_render.png")
-    if not written:
-        raise InputError(args.labels, f"has no {', '.join(LABELS.values())} label in frame(s) {', '.join(map(str, frames))}: no surface written")
     print(f"{written} surface(s) of {len(frames)} frame(s) (LPS mm) written to {out}")
     return 0
 
@@ -507,6 +507,15 @@ def _frames_of_one_cine(inputs: list[tuple[str, Any]]) -> Any:
     return first.with_data(np.concatenate([labels.data for _, labels in inputs]), frame_times_ms=None)
 
 
+def _file_stem(path: str | os.PathLike[str]) -> str:
+    """A file's name without its image suffix (P001.ed.nii.gz -> P001.ed)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".seq.nrrd", ".nii", ".nrrd", ".nhdr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def _cmd_volumes(args: argparse.Namespace) -> int:
     from calid.geometry.volumes import cardiac_function, plot_volume_curves, write_function_csv
 
@@ -514,9 +523,9 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
     inputs = [(path, _read_labels(path)) for path in args.labels]
     if args.frames_of_one_cine:
         inputs = [(args.labels[0], _frames_of_one_cine(inputs))]
-    names = [Path(path).name.split(".")[0] for path, _ in inputs]
+    names = [_file_stem(path) for path, _ in inputs]
     if len(set(names)) < len(names):  # sparse/labels.nii.gz and dense/labels.nii.gz: named by folder too
-        names = [f"{Path(path).parent.name}/{name}" if names.count(name) > 1 else name for (path, _), name in zip(inputs, names)]
+        names = [f"{Path(path).resolve().parent.name}/{name}" if names.count(name) > 1 else name for (path, _), name in zip(inputs, names)]
     if len(set(names)) < len(names):
         raise InputError(", ".join(str(path) for path, _ in inputs), "two label files have the same name and folder name; give each its own name")
     for (path, labels), name in zip(inputs, names):
@@ -1166,9 +1175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = one_line_warning
     try:
         return int(args.handler(args))
-    except BrokenPipeError:  # the reader stopped early (calid info | head): not an error of calid's
+    except BrokenPipeError:  # the reader stopped early (calid info | head): no traceback, and the status of a process the pipe ended
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return 141
     except Cancelled:
         print(f"calid {args.command}: cancelled; no output was written", file=sys.stderr)
         return 130

@@ -49,12 +49,18 @@ def test_volumes_of_two_label_files_with_one_name_keeps_both(tmp_path, labels):
         rows = list(csv.DictReader(handle))
     methods = {value for row in rows for value in row.values() if value in ("sparse/labels", "dense/labels")}
     assert methods == {"sparse/labels", "dense/labels"}, rows[:2]
+    # names with dots of their own stay apart; a file without a folder of its own is named by its folder
+    write_stack(labels, tmp_path / "P001.ed.nii.gz", dtype="uint8")
+    write_stack(labels, tmp_path / "P001.es.nii.gz", dtype="uint8")
+    assert cli_main(["volumes", str(tmp_path / "P001.ed.nii.gz"), str(tmp_path / "P001.es.nii.gz"), "--out", str(tmp_path / "dots")]) == 0
+    table = (tmp_path / "dots" / "volumes.csv").read_text()
+    assert "P001.ed," in table and "P001.es," in table
 
 
 def test_surfaces_of_labels_without_a_heart_fail_instead_of_claiming_success(tmp_path, labels, capsys):
     empty = write_stack(labels.with_data(np.zeros_like(labels.data)), tmp_path / "empty.nii.gz", dtype="uint8")
     assert cli_main(["surfaces", str(empty), "--out", str(tmp_path / "surfaces")]) == 2
-    assert "no surface written" in capsys.readouterr().err
+    assert "no surface written" in capsys.readouterr().err and not (tmp_path / "surfaces").exists()
     assert cli_main(["surfaces", str(write_stack(labels, tmp_path / "heart.nii.gz", dtype="uint8")), "--out", str(tmp_path / "heart"), "--frames", "0"]) == 0
     assert len(list((tmp_path / "heart").glob("frame000_*.vtp"))) == 3
 

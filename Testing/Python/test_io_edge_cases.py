@@ -241,7 +241,12 @@ def test_nrrd_with_voxel_sizes_only_is_read_as_itk_reads_it(tmp_path):
     import SimpleITK as sitk
 
     voxels = np.random.default_rng(0).random((6, 5, 4)).astype(np.float32)
-    for name, header in (("mins.nrrd", {"spacings": [1.2, 1.3, 7.0], "axis mins": [10.0, 20.0, 30.0]}), ("bare.nrrd", {"spacings": [1.2, 1.3, 7.0]})):
+    cases = (
+        ("mins.nrrd", {"spacings": [1.2, 1.3, 7.0], "axis mins": [10.0, 20.0, 30.0]}),
+        ("bare.nrrd", {"spacings": [1.2, 1.3, 7.0]}),
+        ("centred.nrrd", {"spacings": [1.2, 1.3, 7.0], "axis mins": [10.0, 20.0, 30.0], "centerings": ["node", "cell", "node"]}),
+    )
+    for name, header in cases:
         nrrd.write(str(tmp_path / name), voxels, header)
         stack, itk = read_stack(tmp_path / name), sitk.ReadImage(str(tmp_path / name))
         assert stack.spacing == pytest.approx(itk.GetSpacing()) and stack.origin == pytest.approx(itk.GetOrigin())

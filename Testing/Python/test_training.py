@@ -308,12 +308,13 @@ def test_a_resume_after_a_crash_keeps_the_better_best_model_and_logs_each_step_o
     run(TrainConfig(steps=2, **common))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.safetensors"
     shutil.copy(checkpoint, tmp_path / "step2.safetensors")
-    run(TrainConfig(steps=6, **common), resume=True)
-    shutil.copy(tmp_path / "step2.safetensors", checkpoint)  # a crash: steps 3 to 6 were logged and scored, never checkpointed
+    later = run(TrainConfig(steps=6, **common), resume=True)
     best_file = tmp_path / "run" / "best.safetensors"
+    later.export(best_file, {"val_psnr": 99.0, "val_ssim": 0.99, "val_loss": 0.0})  # a best model of step 6 that no replay can beat
+    shutil.copy(tmp_path / "step2.safetensors", checkpoint)  # a crash: steps 3 to 6 were logged and scored, never checkpointed
     best_before = read_raw_header(best_file)["info"]["metrics"]["val_psnr"]
     resumed = Trainer(TrainConfig(steps=6, learning_rate=3e-3, **common), resume=True)  # another learning rate: other scores
-    assert resumed.step == 2 and resumed.best_psnr >= best_before
+    assert resumed.step == 2 and resumed.best_psnr == best_before == 99.0
     for log in ("log.csv", "validation.csv"):
         with (tmp_path / "run" / log).open(newline="") as handle:
             assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2]
@@ -322,6 +323,10 @@ def test_a_resume_after_a_crash_keeps_the_better_best_model_and_logs_each_step_o
     for log in ("log.csv", "validation.csv"):
         with (tmp_path / "run" / log).open(newline="") as handle:
             assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4, 5, 6]
+    # another run into the same folder, stopped before its first validation, does not take that score as its own
+    other = dict(common, validate_every=100)
+    assert run(TrainConfig(steps=50, time_limit_minutes=1e-6, **other)).step == 1  # stopped by its time limit, not validated
+    assert Trainer(TrainConfig(steps=50, **other), resume=True).best_psnr == -float("inf")
 
 
 def test_two_process_ddp_on_cpu(tmp_path):

@@ -123,7 +123,8 @@ def read_nrrd(path: str | os.PathLike[str]) -> CineStack:
 def _spacings_only(header: dict[str, Any], spatial_axes: list[int], path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Voxel size and origin of a NRRD file without ``space directions`` (teem's ``unu`` and older
     tools write ``spacings`` and ``axis mins``), read as ITK (and so Slicer) reads them: identity
-    orientation, and the first voxel's centre half a voxel inside ``axis mins``."""
+    orientation, and the first voxel's centre at ``axis mins`` (node-centred axes) or half a voxel
+    inside it (cell-centred or unknown)."""
     spacings_raw = header.get("spacings")
     if spacings_raw is None:
         raise InputError(path, "has neither 'space directions' nor 'spacings'; its voxel size and orientation are unknown")
@@ -141,7 +142,11 @@ def _spacings_only(header: dict[str, Any], spatial_axes: list[int], path: Path) 
         mins = np.asarray([float(v) for v in mins_raw], dtype=np.float64)
         mins = mins[spatial_axes] if mins.size > 3 else mins
         if mins.shape == (3,) and np.all(np.isfinite(mins)):
-            origin = mins + 0.5 * spacings  # ITK's reading, whatever the axis centring says
+            # Per axis, as ITK (teem's nrrdOriginCalculate) reads it: a cell-centred axis, or one of
+            # unknown centring, starts half a voxel inside its minimum; a node-centred one on it.
+            centres = [str(c).lower() for c in (header.get("centerings") or header.get("centers") or [])]
+            node = np.array([axis < len(centres) and centres[axis] == "node" for axis in spatial_axes])
+            origin = mins + np.where(node, 0.0, 0.5 * spacings)
     return spacings, origin
 
 

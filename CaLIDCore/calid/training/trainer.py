@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -381,6 +382,8 @@ class Trainer:
         if resume and not checkpoint.is_file():
             raise InputError(checkpoint, "no checkpoint to resume from (train without --resume first, or check --out)")
         resumed_extra = checkpoint_extra_for_stage(checkpoint, config.stage) if resume else None
+        #: Ties the files a run exports to its checkpoints (a later run into the same folder is another run).
+        self.run_id = str((resumed_extra or {}).get("run_id") or uuid.uuid4().hex)
         if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
             raise InputError("--time-limit", f"must be a positive number of minutes, got {config.time_limit_minutes}")
         #: The time limit counts from here: data preparation is part of a queue's wall time too.
@@ -454,10 +457,15 @@ class Trainer:
                 self._load_initial(self.net, initial.net)
             self.schedule = NoiseSchedule(self.model_config.schedule)
 
+        if resumed_extra is not None:
+            self._refuse_another_autoencoder_or_optimiser(resumed_extra, checkpoint)  # before any data preparation
+
         # ---- data
         cache = Path(config.cache_dir) if config.cache_dir else self.out / "cache"
         volumes = gather_volumes(config.data, self.model_config, cache, config.placeholder_spacing)
         train_ids, val_ids = split_subjects([v.subject for v in volumes], config.val_fraction, config.seed, config.val_subjects)
+        if resumed_extra is not None:
+            self._refuse_trained_validation_subjects(resumed_extra, checkpoint, train_ids, val_ids)  # before registration and encoding
         train_volumes = [v for v in volumes if v.subject in set(train_ids)]
         val_volumes = [v for v in volumes if v.subject in set(val_ids)]
         self.train_set: TripletDataset
@@ -832,7 +840,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def export(self, path: Path, metrics: dict[str, float] | None = None) -> None:
         """A model file with the EMA weights (what users load)."""
-        info = {"stage": self.config.stage, "step": self.step, "training_data": self.data_description, "metrics": metrics or {}, "train_config": self.config.to_dict()}
+        info = {"stage": self.config.stage, "step": self.step, "run_id": self.run_id, "training_data": self.data_description, "metrics": metrics or {}, "train_config": self.config.to_dict()}
         if self.config.stage == "vae":
             # The floor of the decoder as it is now (the ldm stage inherits it with the file);
             # once per step, though a step may export both best and model files.
@@ -865,6 +873,7 @@ class Trainer:
                 "model_config": self.model_config.to_dict(),
                 "initialised_from": self.data_description.get("initialised_from"),
                 "train_subjects": self.data_description["train_subjects"],
+                "run_id": self.run_id,
                 "autoencoder_weights": self.autoencoder_digest(),
             },
         )
@@ -916,7 +925,7 @@ class Trainer:
         if saved_config != _with_floor_snap(self.model_config, 0.0):
             raise InputError(path, "the checkpoint was made with another model configuration than this run's")
         self.step = int(extra["step"])
-        self._check_resumed_options(extra, path)
+        self._note_changed_options(extra)
         if self.world > 1:
             # Only rank 0's random states are saved: restored on every rank, they would give all
             # ranks the same noise and dropout draws. Each rank reseeds from (seed, rank, step).
@@ -933,10 +942,10 @@ class Trainer:
                 f"{self.best_psnr:.2f} dB is not comparable, so best.safetensors starts afresh"
             )
             self.best_psnr = -math.inf
-        else:
-            # best.safetensors may have been written after the last checkpoint (a crash, a stop by
-            # force): its score stands, or a replayed, worse validation would replace it.
-            self.best_psnr = max(self.best_psnr, _recorded_val_psnr(self.out / "best.safetensors"))
+        elif saved_validation == self.validation_signature():
+            # This run's best.safetensors may have been written after the last checkpoint (a crash, a
+            # stop by force): its score stands, or a replayed, worse validation would replace it.
+            self.best_psnr = max(self.best_psnr, _recorded_val_psnr(self.out / "best.safetensors", extra.get("run_id"), after_step=self.step))
         if self.is_main:
             for log in (self.out / "log.csv", self.out / "validation.csv"):
                 _drop_rows_after(log, self.step)  # those steps are trained again
@@ -954,34 +963,45 @@ class Trainer:
         if self.discriminator is not None:
             self._apply_hyperparameters(self.disc_optimizer, self.config.discriminator_learning_rate, "discriminator learning rate")
 
-    def _check_resumed_options(self, extra: dict[str, Any], path: Path) -> None:
-        """Refuse a resume that would spoil the run (another autoencoder, another optimiser, held-out
-        subjects that it trained on) and note every other option that differs from the checkpoint's."""
-        saved = extra.get("train_config") or {}
+    def _refuse_another_autoencoder_or_optimiser(self, extra: dict[str, Any], path: Path) -> None:
+        """A resume that would spoil the run: another autoencoder (the denoiser learnt one's
+        latents) or another optimiser (its saved state would run on as the old one)."""
         recorded_autoencoder = extra.get("autoencoder_weights")
         if recorded_autoencoder is not None and recorded_autoencoder != self.autoencoder_digest():
             raise InputError(
                 getattr(self, "vae_file", "") or "--vae",
-                f"is not the autoencoder this run trained on until step {self.step} (its weights differ; a VAE run re-exports "
+                f"is not the autoencoder this run trained on until step {extra.get('step')} (its weights differ; a VAE run re-exports "
                 "model.safetensors as it trains): resume with the VAE file the run started with, or train into a new --out",
             )
+        saved = extra.get("train_config") or {}
         if saved.get("optimizer") not in (None, self.config.optimizer):
             raise InputError("--optimizer", f"the checkpoint trained with {saved['optimizer']}; resume with --optimizer {saved['optimizer']}")
+
+    def _refuse_trained_validation_subjects(self, extra: dict[str, Any], path: Path, train_ids: list[str], val_ids: list[str]) -> None:
+        """Validation subjects that the run trained on (another --seed, --data, --val-fraction or
+        --val-subjects) would no longer be held out."""
         trained_on = set(extra.get("train_subjects") or [])
-        if not trained_on:  # checkpoints from before the training subjects were recorded
-            trained_on = set(self.data_description["train_subjects"]) | set(self.data_description["validation_subjects"])
-            trained_on -= set((extra.get("validation") or {}).get("subjects") or [])
-        leaked = sorted(trained_on & set(self.data_description["validation_subjects"]))
+        if not trained_on:
+            earlier_validation = (extra.get("validation") or {}).get("subjects")
+            if earlier_validation is None:  # checkpoints from before either was recorded: nothing to compare with
+                self.resume_notes.append("the checkpoint does not record its subjects: check that the validation subjects are the same as before")
+                return
+            trained_on = (set(train_ids) | set(val_ids)) - set(earlier_validation)  # the data's subjects that did not validate then
+        leaked = sorted(trained_on & set(val_ids))
         if leaked:
             raise InputError(
                 path,
                 f"validation subject(s) {', '.join(leaked[:5])}{' ...' if len(leaked) > 5 else ''} were training subjects of this run: "
                 "their scores would not be held out. Resume with the run's own --data, --seed, --val-fraction and --val-subjects, or train into a new --out",
             )
+
+    def _note_changed_options(self, extra: dict[str, Any]) -> None:
+        """Every other option that differs from the checkpoint's, said (resume with the same command)."""
+        saved = extra.get("train_config") or {}
         # Options a run may change when it resumes (the learning rate and weight decay are noted where they are applied).
         free = {"out_dir", "steps", "time_limit_minutes", "device", "num_workers", "checkpoint_every", "validate_every", "log_every",
                 "cache_dir", "latent_cache_mb", "init_from", "vae_model", "lpips_weights", "learning_rate", "weight_decay", "batch_size",
-                "val_subjects", "val_fraction", "seed", "data", "model"}  # seed to model: checked above and by the architecture check
+                "val_subjects", "val_fraction", "seed", "data", "model", "optimizer"}  # seed to optimizer: checked above and by the architecture check
         current = json.loads(json.dumps(self.config.to_dict()))  # as stored (tuples become lists)
         denoiser_options = {"concat_neighbour_latents", "condition_dropout", "prediction", "residual_to_neighbours", "registered_neighbours"}
         for name in sorted(set(saved) & set(current) - free):
@@ -1091,12 +1111,15 @@ class Trainer:
             dist.barrier()
 
 
-def _recorded_val_psnr(model_file: Path) -> float:
-    """The validation PSNR an exported model file records, or -inf."""
-    if not model_file.is_file():
+def _recorded_val_psnr(model_file: Path, run_id: str | None, after_step: int) -> float:
+    """The validation PSNR a model file records, when run ``run_id`` exported it after ``after_step``; else -inf."""
+    if run_id is None or not model_file.is_file():
         return -math.inf
     try:
-        value = float(read_raw_header(model_file)["info"]["metrics"]["val_psnr"])
+        info = read_raw_header(model_file)["info"]
+        if info.get("run_id") != run_id or int(info["step"]) <= after_step:
+            return -math.inf
+        value = float(info["metrics"]["val_psnr"])
     except (CalidError, KeyError, TypeError, ValueError):
         return -math.inf
     return value if math.isfinite(value) else -math.inf
