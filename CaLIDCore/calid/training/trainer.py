@@ -1001,7 +1001,8 @@ class Trainer:
         # Options a run may change when it resumes (the learning rate and weight decay are noted where they are applied).
         free = {"out_dir", "steps", "time_limit_minutes", "device", "num_workers", "checkpoint_every", "validate_every", "log_every",
                 "cache_dir", "latent_cache_mb", "init_from", "vae_model", "lpips_weights", "learning_rate", "weight_decay", "batch_size",
-                "val_subjects", "val_fraction", "seed", "data", "model", "optimizer"}  # seed to optimizer: checked above and by the architecture check
+                "val_subjects", "val_fraction", "seed", "data", "model", "optimizer",  # checked above and by the architecture check
+                "val_steps", "max_val_batches"}  # a changed validation is said by its own note
         current = json.loads(json.dumps(self.config.to_dict()))  # as stored (tuples become lists)
         denoiser_options = {"concat_neighbour_latents", "condition_dropout", "prediction", "residual_to_neighbours", "registered_neighbours"}
         for name in sorted(set(saved) & set(current) - free):
