@@ -458,7 +458,7 @@ class Trainer:
             self.schedule = NoiseSchedule(self.model_config.schedule)
 
         if resumed_extra is not None:
-            self._refuse_another_autoencoder_or_optimiser(resumed_extra, checkpoint)  # before any data preparation
+            self._refuse_another_autoencoder_or_optimiser(resumed_extra)  # before any data preparation
 
         # ---- data
         cache = Path(config.cache_dir) if config.cache_dir else self.out / "cache"
@@ -963,7 +963,7 @@ class Trainer:
         if self.discriminator is not None:
             self._apply_hyperparameters(self.disc_optimizer, self.config.discriminator_learning_rate, "discriminator learning rate")
 
-    def _refuse_another_autoencoder_or_optimiser(self, extra: dict[str, Any], path: Path) -> None:
+    def _refuse_another_autoencoder_or_optimiser(self, extra: dict[str, Any]) -> None:
         """A resume that would spoil the run: another autoencoder (the denoiser learnt one's
         latents) or another optimiser (its saved state would run on as the old one)."""
         recorded_autoencoder = extra.get("autoencoder_weights")
