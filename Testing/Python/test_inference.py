@@ -21,6 +21,7 @@ from calid.cli import main as cli_main
 from calid.data.io import read_stack, write_stack
 from calid.data.phantom import PhantomConfig, make_phantom
 from calid.data.preprocess import preprocess
+from calid.data.stack import CineStack
 from calid.errors import Cancelled, InputError
 from calid.inference import load_pipeline, parse_frames, upsample_linear
 from calid.inference.pipeline import turn_plane, untrained_model
@@ -640,3 +641,39 @@ def test_the_default_mode_follows_the_pipeline(phantom, pipeline):
     linear = load_pipeline("linear").upsample(phantom.sparse, 2, frames=[0])
     np.testing.assert_array_equal(linear.data, upsample_linear(phantom.sparse.select_frames([0]), 2).data)
     assert pipeline.upsample(phantom.sparse, 2, steps=1, frames=[0]).metadata["upsampling"]["mode"] == "calid"
+
+
+# ---------------------------------------------------------------- voxel types float32 would round
+@pytest.mark.parametrize(
+    ("suffix", "dtype", "values"),
+    [
+        (".nii.gz", np.float64, lambda rng, shape: rng.uniform(0, 1, shape) / 3.0),  # thirds: not float32 numbers
+        (".nrrd", np.int32, lambda rng, shape: rng.integers(2**24, 2**24 + 999, shape)),  # odd integers above 2**24
+    ],
+)
+@pytest.mark.parametrize("mode", ["calid", "registration", "linear"])
+def test_acquired_slices_of_wide_voxel_types_are_written_back_bit_for_bit(pipeline, tmp_path, suffix, dtype, values, mode):
+    reference = oblique_stack(frames=2, slices=3, rows=40, columns=36)
+    rng = np.random.default_rng(3)
+    voxels = values(rng, reference.shape).astype(dtype)
+    assert not np.array_equal(voxels.astype(np.float32).astype(dtype), voxels)  # float32 would round them
+    source = write_stack(reference.with_data(voxels, metadata={"source_dtype": np.dtype(dtype).name}), tmp_path / f"wide{suffix}")
+    written = source.read_bytes()
+
+    stack = read_stack(source)
+    dense = pipeline.upsample(stack, factor=2, mode=mode, steps=1)
+    back = read_stack(write_stack(dense, tmp_path / f"dense{suffix}"))
+
+    assert source.read_bytes() == written  # the input is never modified
+    assert back.metadata["source_dtype"] == np.dtype(dtype).name
+    np.testing.assert_array_equal(back.data[:, ::2].astype(dtype), voxels)
+    assert back.same_geometry(dense)
+    assert np.all(np.isfinite(back.data[:, 1::2]))
+
+
+def test_scanner_voxel_types_are_held_in_float32():
+    """8- and 16-bit integers are exact in float32: holding them in float64 would double the memory for nothing."""
+    for dtype in (np.uint8, np.int16, np.uint16, np.float16, np.float32, bool):
+        assert CineStack(np.zeros((1, 2, 3, 3), dtype=dtype)).data.dtype == np.float32
+    for dtype in (np.float64, np.int32, np.uint32, np.int64):
+        assert CineStack(np.zeros((1, 2, 3, 3), dtype=dtype)).data.dtype == np.float64

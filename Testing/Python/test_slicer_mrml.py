@@ -61,6 +61,20 @@ def test_volume_node_round_trip_keeps_geometry_and_type(scene):
     np.testing.assert_allclose([matrix.GetElement(r, 3) for r in range(3)], np.asarray(stack.origin) * [-1, -1, 1], atol=1e-9)
 
 
+def test_a_double_volume_node_upsampled_keeps_its_acquired_slices_bit_for_bit(scene):
+    """Slicer volumes are often doubles (after a filter, from a script): float32 would round them."""
+    from calid.inference import upsample_linear
+
+    reference = oblique_stack(frames=1, slices=3)
+    values = np.random.default_rng(5).uniform(0, 1, reference.shape) / 3.0
+    node = mrml.volume_from_stack(scene, reference.with_data(values, metadata={"source_dtype": "float64"}), "doubles")
+    stack = mrml.stack_from_volume(node)
+    output = mrml.volume_from_stack(scene, upsample_linear(stack, 2), "doubles x2")
+    dense = slicer.util.arrayFromVolume(output)
+    assert dense.dtype == np.float64
+    np.testing.assert_array_equal(dense[::2], values[0])
+
+
 def test_sequence_round_trip_with_frame_times_and_seq_nrrd(scene, tmp_path):
     stack = oblique_stack(frames=3, slices=4)
     sequence, browser = mrml.sequence_from_stack(scene, stack, "cine")

@@ -29,7 +29,7 @@ from pydicom.valuerep import DSfloat
 
 from calid.atomic import atomic_directory
 from calid.data.io import cast_for_writing, output_dtype
-from calid.data.stack import CineStack
+from calid.data.stack import CineStack, holding_dtype
 from calid.errors import InputError, OutputError
 
 #: Two images closer than this along the normal (mm) are at the same slice position.
@@ -321,6 +321,8 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
             pixels, dtype = _read_pixels(images[index].path, images[index].header)
             if pixels.shape != (rows, columns):
                 raise InputError(images[index].path, f"pixel data shape {pixels.shape} does not match Rows x Columns {rows}x{columns}")
+            if pixels.dtype != data.dtype and pixels.dtype == np.float64:
+                data = data.astype(np.float64)  # 32-bit integers: float32 would round them
             data[t, z] = pixels
             source_dtypes.add(dtype)
     if not np.isfinite(data).all():
@@ -367,16 +369,16 @@ def _read_pixels(path: Path, header: Dataset) -> tuple[np.ndarray, str]:
         stored = dataset.pixel_array
         slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
-        pixels = stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-        dtype = str(stored.dtype) if (slope, intercept) == (1.0, 0.0) else "float32"
-        return pixels, dtype
+        if (slope, intercept) == (1.0, 0.0):
+            return stored.astype(holding_dtype(stored.dtype)), str(stored.dtype)
+        return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept), "float32"
     except Exception as pydicom_error:  # missing decoder plugin, truncated pixel data ...
         try:
             import SimpleITK as sitk
 
             image = sitk.ReadImage(str(path))
             array = sitk.GetArrayFromImage(image)
-            return np.asarray(array, dtype=np.float32).reshape(array.shape[-2:]), str(array.dtype)
+            return np.asarray(array, dtype=holding_dtype(array.dtype)).reshape(array.shape[-2:]), str(array.dtype)
         except Exception as sitk_error:
             raise InputError(path, f"pixel data cannot be decoded ({pydicom_error}; {sitk_error})") from sitk_error
 

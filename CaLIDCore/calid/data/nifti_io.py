@@ -23,7 +23,7 @@ import numpy as np
 
 from calid.atomic import atomic_path
 from calid.data.io import cast_for_writing, check_spatial_shape, output_dtype, require_finite
-from calid.data.stack import CineStack
+from calid.data.stack import CineStack, holding_dtype
 from calid.errors import InputError, OutputError
 
 EXTENSION_CODE = 6  # "comment": ignored by other readers
@@ -64,7 +64,7 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     slope, inter = float(getattr(image.dataobj, "slope", 1.0)), float(getattr(image.dataobj, "inter", 0.0))
     if (slope, inter) != (1.0, 0.0):
         source_dtype = np.dtype(np.float32)  # scaled integers: the values are not integers any more
-    array = np.asarray(array, dtype=np.float32).reshape(squeezed)
+    array = np.asarray(array, dtype=holding_dtype(source_dtype)).reshape(squeezed)
     require_finite(array, path)
     if array.ndim == 3:
         array = array[..., None]

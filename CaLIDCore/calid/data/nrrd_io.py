@@ -21,7 +21,7 @@ import numpy as np
 
 from calid.atomic import atomic_path
 from calid.data.io import cast_for_writing, check_spatial_shape, output_dtype, require_finite
-from calid.data.stack import CineStack
+from calid.data.stack import CineStack, holding_dtype
 from calid.errors import InputError, OutputError
 
 _SPACE_TO_LPS = {
@@ -91,7 +91,7 @@ def read_nrrd(path: str | os.PathLike[str]) -> CineStack:
     u, _, vt = np.linalg.svd(direction)
     direction = u @ vt
 
-    data = np.asarray(array, dtype=np.float32)
+    data = np.asarray(array, dtype=holding_dtype(array.dtype))
     require_finite(data, path)
     frame_times = None
     if list_axis is None:

@@ -2,7 +2,8 @@
 
 Conventions (the same as ITK, SimpleITK and DICOM):
 
-* ``data`` has shape ``(T, Z, Y, X)``: frames, slices, rows, columns; float32.
+* ``data`` has shape ``(T, Z, Y, X)``: frames, slices, rows, columns; float32, or
+  float64 for voxel types that float32 cannot hold exactly (see :func:`holding_dtype`).
 * Physical coordinates are **LPS** millimetres (DICOM patient coordinates).
   Readers and writers convert where a format uses RAS (NIfTI, Slicer's RAS
   space in NRRD files is converted on read).
@@ -29,12 +30,20 @@ from calid.errors import InputError
 GEOMETRY_RTOL = 1e-5
 
 
+def holding_dtype(dtype: np.dtype[Any] | type) -> np.dtype[Any]:
+    """The float type voxels of ``dtype`` are held in: float32 when it keeps every value exactly
+    (8- and 16-bit integers, float16, float32, bool: what scanners write), else float64 (float64,
+    32- and 64-bit integers), so that acquired slices are written back bit for bit."""
+    return np.dtype(np.float32) if np.can_cast(dtype, np.float32, casting="safe") else np.dtype(np.float64)
+
+
 @dataclass(eq=False)
 class CineStack:
-    """Image data ``(T, Z, Y, X)`` float32 plus exact physical geometry.
+    """Image data ``(T, Z, Y, X)`` float32 (float64 where needed) plus exact physical geometry.
 
     Args:
-        data: array of shape ``(T, Z, Y, X)``; converted to float32 (C-contiguous).
+        data: array of shape ``(T, Z, Y, X)``; converted (C-contiguous) to float32, or to float64
+            when float32 would round its values (:func:`holding_dtype`).
         spacing: ``(sx, sy, sz)`` in mm: in-plane column and row spacing, then the
             distance between slice centres along the slice normal.
         origin: LPS position (mm) of the centre of the first voxel.
@@ -63,7 +72,7 @@ class CineStack:
             raise InputError(where, f"image has an empty axis: shape (T, Z, Y, X) = {data.shape}")
         if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
             raise InputError(where, f"image data type {data.dtype} is not numeric")
-        data = np.ascontiguousarray(data, dtype=np.float32)
+        data = np.ascontiguousarray(data, dtype=holding_dtype(data.dtype))
         if not np.isfinite(data).all():
             bad = int((~np.isfinite(data)).sum())
             raise InputError(where, f"image contains {bad} NaN or infinite voxel value(s)")

@@ -28,11 +28,11 @@ def upsample_linear(stack: CineStack, factor: int) -> CineStack:
     if stack.n_slices < 2:
         raise InputError(stack.source, "needs at least 2 slices to interpolate between")
     t, z, y, x = stack.shape
-    out = np.empty((t, (z - 1) * factor + 1, y, x), dtype=np.float32)
+    out = np.empty((t, (z - 1) * factor + 1, y, x), dtype=stack.data.dtype)
     out[:, ::factor] = stack.data
     lower, upper = stack.data[:, :-1], stack.data[:, 1:]
     for step in range(1, factor):
-        weight = np.float32(step / factor)
+        weight = stack.data.dtype.type(step / factor)
         out[:, step::factor] = lower + weight * (upper - lower)
     return dense_stack(stack, out, factor, "linear")
 

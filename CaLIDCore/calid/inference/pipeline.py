@@ -489,7 +489,7 @@ class UpsamplingPipeline:
             new_crop = cropped.with_data(generated[:, new_slices], frame_times_ms=None)
             restored = undo_preprocess(new_crop, params).data
             linear = dense.data[frames, new_slices]
-            dense.data[frames, new_slices] = (weight * restored + (1.0 - weight) * linear).astype(np.float32)
+            dense.data[frames, new_slices] = (weight * restored + (1.0 - weight) * linear).astype(dense.data.dtype)
 
     def _fill_crop_temporal(
         self,
@@ -541,7 +541,7 @@ class UpsamplingPipeline:
         new_crop = cropped.with_data((accumulated / total_weight[:, None, None, None]).astype(np.float32), frame_times_ms=None)
         restored = undo_preprocess(new_crop, params).data
         weight = seam_weight(params)
-        dense.data[:, new_slices] = (weight * restored + (1.0 - weight) * dense.data[:, new_slices]).astype(np.float32)
+        dense.data[:, new_slices] = (weight * restored + (1.0 - weight) * dense.data[:, new_slices]).astype(dense.data.dtype)
 
     @torch.no_grad()
     def _bisect(

@@ -279,7 +279,7 @@ def upsample_registration(
         raise InputError(stack.source, "needs at least 2 slices to interpolate between")
     started = time.perf_counter()
     t_count, z, y, x = stack.shape
-    out = np.empty((t_count, (z - 1) * factor + 1, y, x), dtype=np.float32)
+    out = np.empty((t_count, (z - 1) * factor + 1, y, x), dtype=stack.data.dtype)
     out[:, ::factor] = stack.data
     # One intensity scale for the whole cine, as the network modes normalise it.
     low, high = intensity_range if intensity_range is not None else (float(v) for v in np.percentile(stack.data, (0.5, 99.5)))

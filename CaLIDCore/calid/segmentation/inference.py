@@ -55,7 +55,7 @@ def model_grid_shape(stack: CineStack, config: SegmentationConfig) -> tuple[int,
 
 def to_model_grid(slices: np.ndarray, stack: CineStack, config: SegmentationConfig, low: float, high: float) -> np.ndarray:
     """(Z, Y, X) slices of ``stack`` -> normalised to [-1, 1] and resampled to the model's pixel size."""
-    image = (slices - np.float32(low)) * np.float32(2.0 / (high - low)) - np.float32(1.0)
+    image = (np.asarray(slices, dtype=np.float32) - np.float32(low)) * np.float32(2.0 / (high - low)) - np.float32(1.0)
     spacing = (config.spacing_mm, config.spacing_mm)
     return np.clip(resample_in_plane(image, stack.in_plane_spacing, spacing, model_grid_shape(stack, config)), -1.0, 1.0)
 
