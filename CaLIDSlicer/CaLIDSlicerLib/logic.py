@@ -211,10 +211,7 @@ def _drop_segmentation(scene: Any, result: UpsamplingResult, warning: str) -> No
     """All or nothing: no segmentation without its planes and volumes, no orphaned nodes."""
     for node in (result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node):
         if node is not None:
-            display = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
-            if display is not None:
-                scene.RemoveNode(display)
-            scene.RemoveNode(node)
+            _remove_with_its_helpers(scene, node)
     result.labels, result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node = None, None, None, None, None
     result.planes, result.function = {}, {}
     result.warnings.append(warning)

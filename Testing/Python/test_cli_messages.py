@@ -123,3 +123,12 @@ def test_a_failed_install_leaves_the_installed_model_working(tmp_path):
 def test_info_says_when_the_model_folder_variable_names_no_folder(tmp_path):
     result = run_calid("info", env={**os.environ, "CALID_MODEL_DIR": str(tmp_path / "no-such-folder")})
     assert result.returncode == 0 and f"$CALID_MODEL_DIR names folder(s) that do not exist: {tmp_path / 'no-such-folder'}" in result.stdout
+
+
+def test_info_names_the_training_step_of_the_shipped_weights_not_a_training_length(capsys):
+    """The segmenter was trained for 3000 steps and ships its best validation step: the card must not
+    say it was trained for that many steps."""
+    assert cli_main(["info", "calid-seg-acdc"]) == 0
+    printed = capsys.readouterr().out
+    assert "weights         from training step 2750" in printed
+    assert "2750 steps" not in printed

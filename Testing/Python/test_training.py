@@ -176,6 +176,25 @@ def test_training_from_a_packed_data_file(tmp_path):
     assert len(gather_volumes((str(for_model),), named_config("tiny"), tmp_path / "cache")) == 2
 
 
+def test_training_from_a_packed_file_needs_neither_simpleitk_nor_vtk(tmp_path):
+    """A training machine (a cluster node, a rented GPU) gets the packed file and the Python
+    packages training uses; the registration's SimpleITK and the surfaces' VTK are not among them."""
+    pack = tmp_path / "phantoms.npz"
+    assert subprocess.run(_calid("pack", "--data", "phantom:3", "--config", "tiny", "--out", str(pack)), capture_output=True, timeout=600).returncode == 0
+    without = "import sys; sys.modules['SimpleITK'] = sys.modules['vtk'] = None; from calid.cli import main; sys.exit(main(sys.argv[1:]))"
+    arguments = ["train", "vae", "--data", str(pack), "--out", str(tmp_path / "run"), "--config", "tiny", "--steps", "2", "--batch-size", "2", "--val-fraction", "0.34"]
+    done = subprocess.run([sys.executable, "-c", without, *arguments], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+    from calid.data.io import write_stack
+    from calid.data.phantom import PhantomConfig, make_phantom
+
+    cine = write_stack(make_phantom(1, PhantomConfig(n_frames=1, matrix=32, n_slices=3)).sparse, tmp_path / "cine.nii.gz")
+    blocked = subprocess.run([sys.executable, "-c", without, "upsample", str(cine), str(tmp_path / "x2.nii.gz"), "--mode", "registration"],
+                             capture_output=True, text=True, timeout=600)
+    assert blocked.returncode != 0 and "SimpleITK" in blocked.stderr  # the blocking is real
+
+
 def test_a_packed_file_refuses_another_placeholder_spacing(tmp_path):
     """Files without geometry are resampled when they are packed: a later --placeholder-spacing
     that disagrees cannot be applied and is refused, naming the file and the packed size."""

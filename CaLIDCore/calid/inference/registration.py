@@ -22,14 +22,18 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import SimpleITK as sitk
 
 from calid.data.stack import CineStack
 from calid.errors import InputError
 from calid.inference.baselines import check_factor, dense_stack
+
+# SimpleITK is imported in the functions that use it: importing calid (and training from a
+# packed file, which registers nothing) then works without it.
+if TYPE_CHECKING:
+    import SimpleITK as sitk
 
 #: ``gap_done(new_slices, message)``, called after each gap; it may raise (e.g. :class:`calid.errors.Cancelled`) to stop.
 GapDone = Callable[[int, str], None]
@@ -76,6 +80,7 @@ class RegistrationSettings:
 
 
 def _image(array: np.ndarray, spacing_yx: Sequence[float]) -> sitk.Image:
+    import SimpleITK as sitk
     image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
     image.SetSpacing((float(spacing_yx[1]), float(spacing_yx[0])))
     return image
@@ -91,6 +96,7 @@ def _one_thread(item: Any) -> Any:
 def _smooth(image: sitk.Image, sigma_mm: Sequence[float]) -> sitk.Image:
     """Gaussian smoothing per axis (physical mm); an axis with sigma 0 is left as it is (pixels
     finer than the working grid along one axis only)."""
+    import SimpleITK as sitk
     if not any(v > 0 for v in sigma_mm):
         return image
     smoothing = _one_thread(sitk.DiscreteGaussianImageFilter())
@@ -101,6 +107,7 @@ def _smooth(image: sitk.Image, sigma_mm: Sequence[float]) -> sitk.Image:
 
 
 def _resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transform, pixel_type: int, extrapolate: bool = False) -> sitk.Image:
+    import SimpleITK as sitk
     resampling = _one_thread(sitk.ResampleImageFilter())
     resampling.SetReferenceImage(reference)
     resampling.SetTransform(transform)
@@ -112,6 +119,7 @@ def _resample(image: sitk.Image, reference: sitk.Image, transform: sitk.Transfor
 
 def _working_grid(image: sitk.Image, pixel_mm: float) -> sitk.Image:
     """The image on a grid no finer than ``pixel_mm`` (smoothed before it is coarsened)."""
+    import SimpleITK as sitk
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     if np.all(spacing >= pixel_mm * 0.999):
         return image
@@ -127,6 +135,7 @@ def _working_grid(image: sitk.Image, pixel_mm: float) -> sitk.Image:
 
 
 def _pyramid_level(image: sitk.Image, shrink: int) -> sitk.Image:
+    import SimpleITK as sitk
     if shrink == 1:
         return image
     shrinking = _one_thread(sitk.ShrinkImageFilter())
@@ -136,6 +145,7 @@ def _pyramid_level(image: sitk.Image, shrink: int) -> sitk.Image:
 
 def displacement(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSettings) -> sitk.Image:
     """The field ``u`` (physical mm, on ``fixed``'s grid) with ``moving(x + u(x)) ~ fixed(x)``."""
+    import SimpleITK as sitk
     # Demons runs in units of the grid's pixel: its step limit and force normalisation are
     # tuned for unit pixels (in mm they converged more slowly and scored 0.07 dB lower).
     unit = float(np.mean(fixed.GetSpacing()))
@@ -166,6 +176,7 @@ def displacement(fixed: sitk.Image, moving: sitk.Image, settings: RegistrationSe
 
 
 def _scaled(field: sitk.Image, scale: float) -> sitk.DisplacementFieldTransform:
+    import SimpleITK as sitk
     values = sitk.GetArrayFromImage(field) * float(scale)
     scaled = sitk.GetImageFromArray(values.astype(np.float64), isVector=True)
     scaled.CopyInformation(field)
@@ -174,6 +185,7 @@ def _scaled(field: sitk.Image, scale: float) -> sitk.DisplacementFieldTransform:
 
 def _warp(image: sitk.Image, transform: sitk.Transform) -> np.ndarray:
     # Points moved outside the image take the nearest edge value, not zero: no dark border.
+    import SimpleITK as sitk
     return sitk.GetArrayFromImage(_resample(image, image, transform, sitk.sitkFloat32, extrapolate=True))
 
 
@@ -192,6 +204,7 @@ def moved_neighbours(
     the moved images keep the input intensities. :func:`morph` blends each pair; a
     registration-guided CaLID model takes the pair as its neighbours.
     """
+    import SimpleITK as sitk
     first = np.asarray(first, dtype=np.float32)
     second = np.asarray(second, dtype=np.float32)
     if first.shape != second.shape or first.ndim != 2:

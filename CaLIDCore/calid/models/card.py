@@ -69,7 +69,8 @@ def model_card_text(model: str | os.PathLike[str]) -> str:
         f"latent scale    {header.get('latent_scale', 1.0):.5g}",
     ]
     if "step" in info:
-        lines.append(f"training        stage {info.get('stage', '?')}, {info['step']} steps")
+        stage = f", stage {info['stage']}" if "stage" in info else ""
+        lines.append(f"weights         from training step {info['step']}{stage}")
     data = info.get("training_data")
     if data:
         lines.append("training data   " + (data if isinstance(data, str) else json.dumps(data)))
@@ -112,7 +113,7 @@ def _segmentation_card(text: str, path: Path) -> str:
         f"{config.spacing_mm} mm pixels, {config.patch_size} px sliding windows",
     ]
     if "step" in info:
-        lines.append(f"training        {info['step']} steps")
+        lines.append(f"weights         from training step {info['step']}")
     data = info.get("training_data")
     if data:
         lines.append("training data   " + json.dumps(data))
