@@ -422,10 +422,12 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     if not args.spacing > 0:
         raise InputError("--spacing", f"the reslice pixel size must be a positive number of mm, got {args.spacing}")
     image = read_stack(args.input)
-    others = [(Path(p).name.split(".")[0], read_stack(p)) for p in args.compare or []]
+    input_name = _file_stem(args.input)
+    others = list(zip(_distinct_names(args.compare or [], "compared images", taken=(input_name, "input")), [read_stack(p) for p in args.compare or []]))
     frame = args.frame
     if not 0 <= frame < image.n_frames:
         raise InputError("--frame", f"frame {frame} does not exist (the cine has {image.n_frames} frames)")
+    planes: dict[str, Any] = {}
     if args.plane_ras:
         parts = args.plane_ras.split(";")
         if len(parts) != 3:
@@ -441,7 +443,18 @@ def _cmd_lax(args: argparse.Namespace) -> int:
         labels = _read_labels(args.labels) if args.labels else None
     else:
         labels = _labels_for(args, image)
-        planes = standard_planes(labels, min(frame, labels.n_frames - 1), three_chamber_point=_parse_point(args.three_chamber_ras, "--three-chamber-ras"))
+    # Labels of other frames (e.g. of one phase only, from calid segment --frames): the phase of the shown frame.
+    label_frame = None if labels is None else matching_frame(labels, image, frame)
+    if labels is not None and labels.n_frames != image.n_frames:
+        print(f"note: the labels have {labels.n_frames} frame(s), the image {image.n_frames}: planes and outlines come from label frame {label_frame} "
+              f"(matched by {frame_matching(labels, image)})", file=sys.stderr)
+    if not planes:
+        assert labels is not None and label_frame is not None
+        planes = standard_planes(labels, label_frame, three_chamber_point=_parse_point(args.three_chamber_ras, "--three-chamber-ras"))
+    views_of_planes = {name: [_view(input_name, image, plane, args.spacing)] + [_view(n, s, plane, args.spacing) for n, s in others] for name, plane in planes.items()}
+    for name, views in views_of_planes.items():
+        if views[0][1].metadata["covered_fraction"] == 0.0:
+            raise InputError(f"plane {name}", f"does not cross the image {args.input}: check the coordinates (RAS millimetres, as Slicer shows them)")
     out = _output_folder(args.out)  # once the images are read and the frame and planes checked: no empty folder on a mistake
     summary: dict[str, Any] = {"coordinates": "LPS mm (RAS in the *_ras entries)", "planes": {}}
     # The compared cines may have other frame counts: each shows the frame of the same cardiac phase.
@@ -450,8 +463,8 @@ def _cmd_lax(args: argparse.Namespace) -> int:
         summary["compared_frames"] = {n: {"frame": k, "matched_by": frame_matching(s, image)} for (n, s), k in zip(others, view_frames[1:])}
     for name, plane in planes.items():
         tag = name.replace(" ", "-")
-        views = [_view(Path(args.input).name.split(".")[0], image, plane, args.spacing)] + [_view(n, s, plane, args.spacing) for n, s in others]
-        outline = reslice(labels, plane, args.spacing, order=0) if labels is not None and labels.same_geometry(image) else None
+        views = views_of_planes[name]
+        outline = reslice(labels.select_frames([label_frame]), plane, args.spacing, order=0) if labels is not None and labels.same_geometry(image) else None
         write_stack(views[0][1], out / f"{tag}.nii.gz")
         png = save_plane_png(views, out / f"{tag}.png", frame=view_frames, labels=outline, title=f"{name} plane, frame {frame}")
         summary["planes"][name] = {"centre": plane.centre.tolist(), "normal": plane.normal.tolist(), "u": plane.u.tolist(), **{f"{k}_ras": v for k, v in plane.to_ras().items()}}
@@ -516,6 +529,16 @@ def _file_stem(path: str | os.PathLike[str]) -> str:
     return name
 
 
+def _distinct_names(paths: Sequence[str], what: str, taken: Sequence[str] = ()) -> list[str]:
+    """A name for each file, to label results: its stem, with its folder where two stems are the same
+    (sparse/labels.nii.gz and dense/labels.nii.gz), or where a stem is one of ``taken``."""
+    names = [_file_stem(path) for path in paths]
+    names = [f"{Path(path).resolve().parent.name}/{name}" if names.count(name) > 1 or name in taken else name for path, name in zip(paths, names)]
+    if len(set(names)) < len(names) or set(names) & set(taken):
+        raise InputError(", ".join(str(path) for path in paths), f"two {what} have the same name and folder name; give each its own name")
+    return names
+
+
 def _cmd_volumes(args: argparse.Namespace) -> int:
     from calid.geometry.volumes import cardiac_function, plot_volume_curves, write_function_csv
 
@@ -523,11 +546,7 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
     inputs = [(path, _read_labels(path)) for path in args.labels]
     if args.frames_of_one_cine:
         inputs = [(args.labels[0], _frames_of_one_cine(inputs))]
-    names = [_file_stem(path) for path, _ in inputs]
-    if len(set(names)) < len(names):  # sparse/labels.nii.gz and dense/labels.nii.gz: named by folder too
-        names = [f"{Path(path).resolve().parent.name}/{name}" if names.count(name) > 1 else name for (path, _), name in zip(inputs, names)]
-    if len(set(names)) < len(names):
-        raise InputError(", ".join(str(path) for path, _ in inputs), "two label files have the same name and folder name; give each its own name")
+    names = _distinct_names([path for path, _ in inputs], "label files")
     for (path, labels), name in zip(inputs, names):
         result = cardiac_function(labels, args.ed, args.es, method=Path(path).name, acquired_slice_spacing_mm=args.acquired_slice_spacing)
         results[name] = result
@@ -686,7 +705,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     results = evaluate(config, progress)
     out = Path(args.out)
-    for name in ["report.md", "results.json"] + [f for f in ("task1_per_subject.csv", "task3_per_subject.csv", "task4_per_subject.csv", "temporal_per_subject.csv") if (out / f).exists()] + results["figures"]:
+    for name in ["report.md", "results.json"] + results["tables"] + results["figures"]:
         print(out / name)
     return 0
 

@@ -99,15 +99,13 @@ def upsample_node(
         assumed_pixel_mm=assumed_pixel_mm, tta=options.tta,
     )
     result = _add_output(scene, input_node, stack, dense, options)
-    if options.segment:
-        from calid.errors import Cancelled
-
-        try:
+    try:
+        if options.segment:
             _segment_and_measure_or_warn(scene, stack, result, options, cancel)
-        except Cancelled:
-            _remove_output(scene, result)  # cancelled means nothing is added, as in the panel
-            raise
-    _add_user_plane(result, options)
+        _add_user_plane(result, options)
+    except BaseException:
+        _remove_output(scene, result)  # cancelled or failed means nothing is added, as in the panel
+        raise
     return result
 
 
@@ -115,6 +113,9 @@ def _remove_output(scene: Any, result: UpsamplingResult) -> None:
     """Take the dense output back out of the scene: its node, and its place in a browser (the
     input's, which stays, or its own, which goes with its proxy node), with their display and
     storage nodes."""
+    for extra in (result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node):
+        if extra is not None and scene.IsNodePresent(extra):
+            _remove_with_its_helpers(scene, extra)
     output, browser = result.output_node, result.browser_node
     if browser is not None:
         proxy = browser.GetProxyNode(output)
@@ -232,6 +233,7 @@ def _measure(scene: Any, result: UpsamplingResult, options: UpsamplingOptions, d
     """Volumes (dense and Simpson), the segmentation node, the long-axis planes and the table."""
     import numpy as np
 
+    from calid.errors import CalidError
     from calid.geometry.planes import standard_planes
     from calid.geometry.volumes import cardiac_function
 
@@ -246,11 +248,16 @@ def _measure(scene: Any, result: UpsamplingResult, options: UpsamplingOptions, d
     # One frame is segmented into nodes (end-diastole); the name says so, as it is shown over the whole cine.
     result.segmentation_node = mrml.segmentation_from_labels(scene, dense_labels, f"{result.output_node.GetName()} segmentation (frame {shown}, end-diastole)", frame=shown)
     mrml.place_under(scene, result.segmentation_node, result.parent_transform)
-    points = options.plane_points_lps
-    aortic_valve = None if points is None or len(points) != 1 else np.asarray(points[0], dtype=np.float64)
-    result.planes = standard_planes(dense_labels, shown, three_chamber_point=aortic_valve)
     result.table_node, result.chart_node = mrml.table_from_function(scene, function, f"{result.output_node.GetName()} function")
     result.summary_table_node = mrml.summary_table_from_function(scene, function, f"{result.output_node.GetName()} function summary")
+    points = options.plane_points_lps
+    aortic_valve = None if points is None or len(points) != 1 else np.asarray(points[0], dtype=np.float64)
+    try:
+        result.planes = standard_planes(dense_labels, shown, three_chamber_point=aortic_valve)
+    except CalidError as error:
+        # The planes need a clear LV and RV; the volumes and the segmentation stand without them.
+        user = " (your 3 points still give a plane of your own)" if points is not None and len(points) == 3 else "; place 3 long-axis points for a plane of your own"
+        result.warnings.append(f"The long-axis planes were not placed: {error}{user}")
 
 
 #: File names exchanged with the worker processes. NIfTI keeps calid's metadata (what was generated, how);
@@ -342,12 +349,16 @@ def finish_background(scene: Any, input_node: Any, job: BackgroundJob, options: 
 
     stack = stack_from_node(input_node)
     result = _add_output(scene, input_node, stack, read_stack(job.output), options)
-    if options.segment:
-        files = job.label_files
-        if warnings or files is None or not all(path.is_file() for path in files):
-            reason = "; ".join(warnings or []) or "the segmentation worker wrote no labels"
-            _drop_segmentation(scene, result, f"The dense volume was made, but segmentation, long-axis planes and volumes were skipped: {reason}")
-        else:
-            _segment_and_measure_or_warn(scene, stack, result, options, None, labels=lambda: (read_stack(files[0]), read_stack(files[1])))
-    _add_user_plane(result, options)
+    try:
+        if options.segment:
+            files = job.label_files
+            if warnings or files is None or not all(path.is_file() for path in files):
+                reason = "; ".join(warnings or []) or "the segmentation worker wrote no labels"
+                _drop_segmentation(scene, result, f"The dense volume was made, but segmentation, long-axis planes and volumes were skipped: {reason}")
+            else:
+                _segment_and_measure_or_warn(scene, stack, result, options, None, labels=lambda: (read_stack(files[0]), read_stack(files[1])))
+        _add_user_plane(result, options)
+    except BaseException:
+        _remove_output(scene, result)  # an error after the output was added: nothing stays half-made in the scene
+        raise
     return result

@@ -46,6 +46,13 @@ def options_from_parameters(parameters: Any, current_frame: int = 0, plane_point
         raise InputError(
             "long-axis points", f"place 1 point (aortic valve, for the 3-chamber view) or 3 points (a plane of your own), not {len(points)}"
         )
+    if points is not None and len(points) == 3:
+        from calid.geometry.planes import Plane
+
+        try:
+            Plane.from_points("user", *points)  # checked now, not after minutes of upsampling
+        except InputError as error:
+            raise InputError("long-axis points", f"the 3 points do not define a plane: {error.problem}") from None
     placeholder = PlaceholderSpacing(getattr(parameters, "placeholderSpacing", PlaceholderSpacing.MODEL))
     placeholder_spacing = placeholder.value
     if placeholder is PlaceholderSpacing.CUSTOM:

@@ -6,18 +6,21 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 
 from calid.cli import main
 from calid.data.io import read_stack, write_stack
+from calid.data.phantom import PhantomConfig, make_phantom
 from calid.data.preprocess import preprocess
 from calid.errors import InputError
 from calid.evaluation.harness import SCHEMA, EvaluationConfig, evaluate, expand_subjects, find_label_files, load_evaluation_subjects, mean_ci
 from calid.evaluation.metrics import psnr
 from calid.inference.pipeline import load_pipeline, untrained_model
 from calid.models.checkpoint import save_model
+from calid.models.config import named_config
 
 from conftest import SHARED_DATA, shared_file
 
@@ -66,6 +69,35 @@ def test_label_files_are_found_by_acdc_frame_numbers_and_checked(tmp_path, small
     write_stack(small_phantom.sparse_labels.select_frames([0]).with_data(small_phantom.sparse_labels.data[:1, :-1]), labels / "subj01_frame01_gt.nii.gz", dtype="uint8")
     with pytest.raises(InputError, match="subj01_frame01_gt"):
         load_evaluation_subjects(EvaluationConfig(data=(str(images),), out_dir=str(tmp_path / "out"), labels=str(labels)))
+
+
+def test_folders_per_subject_with_the_same_file_name_are_scored_each_on_its_own_data(tmp_path):
+    """P001/sa.nii.gz and P002/sa.nii.gz: every result is keyed by volume name, so the names must differ."""
+    phantoms = {f"P00{i}": make_phantom(40 + i, PhantomConfig(n_frames=2, matrix=48, n_slices=5)) for i in (1, 2)}
+    for subject, phantom in phantoms.items():
+        (tmp_path / "data" / subject).mkdir(parents=True)
+        write_stack(phantom.sparse, tmp_path / "data" / subject / "sa.nii.gz")
+    config = EvaluationConfig(data=(str(tmp_path / "data"),), out_dir=str(tmp_path / "out"), model="untrained:tiny", tasks=(1,), methods=("linear",), frames="all")
+    subjects = load_evaluation_subjects(config)
+    assert sorted(s.name for s in subjects) == ["P001_sa", "P002_sa"]
+    for volume in subjects:
+        np.testing.assert_array_equal(volume.stack.data, read_stack(tmp_path / "data" / volume.subject / "sa.nii.gz").data)
+    results = evaluate(config)
+    psnr = {row["subject"]: row["psnr"] for row in results["task1"]["per_subject"] if row["method"] == "linear"}
+    assert set(psnr) == {"P001", "P002"} and psnr["P001"] != psnr["P002"]
+
+
+def test_single_frame_copies_beside_a_subjects_cine_are_not_scored_twice(tmp_path, small_phantom):
+    """ACDC's own folders hold patient001_4d and patient001_frame01 (the same ED frame) side by side."""
+    folder = tmp_path / "patient001"
+    folder.mkdir()
+    write_stack(small_phantom.sparse, folder / "patient001_4d.nii.gz")
+    write_stack(small_phantom.sparse.select_frames([0]), folder / "patient001_frame01.nii.gz")
+    write_stack(small_phantom.sparse_labels.select_frames([0]), folder / "patient001_frame01_gt.nii.gz", dtype="uint8")
+    with pytest.warns(UserWarning, match="patient001_frame01"):
+        subjects = load_evaluation_subjects(EvaluationConfig(data=(str(tmp_path),), out_dir=str(tmp_path / "out")))
+    assert [s.name for s in subjects] == ["patient001_4d"]
+    assert subjects[0].frames == [0]  # its labelled ED frame, found from the frame file's labels
 
 
 def test_interpolate_slices_is_the_engine_on_one_gap(small_phantom):
@@ -162,6 +194,8 @@ def test_evaluation_end_to_end_on_two_phantoms(tmp_path, offline_lpips_weights):
     task4 = saved["task4"]["summary"]
     assert {"linear", "calid", "truth image", "sparse stack (Simpson's)"} <= set(task4)
     assert task4["linear"]["psnr"]["mean"] > task4["calid"]["psnr"]["mean"]
+    errors = [v for row in saved["task4"]["per_subject"] for k, v in row.items() if "abs error" in k and not math.isnan(v)]
+    assert errors and min(errors) >= 0  # absolute errors: over- and under-estimates do not cancel in the means
     for name in ("report.md", "task3_per_subject.csv", "task4_per_subject.csv", "steps.png", "examples.png"):
         assert (out / name).stat().st_size > 0
     report = (out / "report.md").read_text()
@@ -313,3 +347,37 @@ def test_task3_fills_the_slices_outside_the_crop_by_linear_interpolation_not_wit
     inside = weight == 1
     error_inside = np.abs(pasted[1:-1][:, inside] - frame.data[0, 1:-1][:, inside]).mean()
     assert error_inside < 0.5 * np.abs(linear[:, inside] - frame.data[0, 1:-1][:, inside]).mean()  # the (here perfect) prediction is used there
+
+
+def test_linear_is_scored_on_the_named_models_crop_whichever_methods_run_with_it(tmp_path):
+    """A baseline-only run loads no network; it must still score the crop the model would use."""
+    common = dict(data=("phantom:1",), model="untrained:tiny", tasks=(1,), frames="all")
+    alone = evaluate(EvaluationConfig(out_dir=str(tmp_path / "alone"), methods=("linear",), **common))
+    together = evaluate(EvaluationConfig(out_dir=str(tmp_path / "together"), methods=("linear", "latent-linear"), **common))
+    assert alone["crop"] == together["crop"] and tuple(alone["crop"]["crop_size"]) == named_config("tiny").preprocess.crop_size
+    linear = [[row for row in run["task1"]["per_subject"] if row["method"] == "linear"] for run in (alone, together)]
+    assert linear[0] == [{**row, "ms_per_slice": linear[0][i]["ms_per_slice"]} for i, row in enumerate(linear[1])]
+
+
+def test_a_folder_evaluated_again_keeps_only_this_runs_tables_and_figures(tmp_path):
+    out = tmp_path / "eval"
+    first = evaluate(EvaluationConfig(data=("phantom:1",), out_dir=str(out), model="untrained:tiny", tasks=(1,), methods=("linear",), frames="all"))
+    assert first["tables"] == ["task1_per_subject.csv"] and (out / "task1_per_subject.csv").is_file() and (out / "examples.png").is_file()
+    again = evaluate(EvaluationConfig(data=("phantom:1",), out_dir=str(out), model="untrained:tiny", tasks=(2,), methods=("calid",), sweep_steps=(1,), frames="all"))
+    assert again["tables"] == [] and again["figures"] == ["steps.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.json", "steps.png"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(tasks=(2,), sweep_steps=(0, 4)), "--sweep-steps: needs step counts of at least 1"),
+        (dict(tasks=(1, 2), sweep_steps=(1, 5000)), "--sweep-steps: the number of DDIM steps must be an integer from 1 to"),
+        (dict(tasks=(4,), phantoms=0), "--phantoms: Task 4 needs at least 1 phantom"),
+    ],
+)
+def test_bad_task_options_are_refused_before_any_task_runs(tmp_path, options, message):
+    out = tmp_path / "eval"
+    with pytest.raises(InputError, match=re.escape(message)):
+        evaluate(EvaluationConfig(data=("phantom:1",), out_dir=str(out), model="untrained:tiny", methods=("calid",), **options))
+    assert not out.exists()

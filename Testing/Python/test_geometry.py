@@ -165,6 +165,10 @@ def test_comparison_with_an_acquired_long_axis_image(phantom):
     away = Plane("far", plane.centre + 1000 * plane.normal, plane.normal, plane.u)
     with pytest.raises(InputError, match="does not reach"):
         compare_with_acquired(phantom.dense, reslice(phantom.dense, away, 1.5, size_mm=(50, 50)))
+    middle = phantom.dense.n_slices // 2
+    one_slice = phantom.dense.with_data(phantom.dense.data[:, middle : middle + 1], origin=tuple(phantom.dense.slice_origin(middle)))
+    with pytest.raises(InputError, match="pixel band of this long-axis plane: too thin"):
+        compare_with_acquired(one_slice, acquired)  # a band narrower than SSIM's window, once a crash
 
 
 # ---------------------------------------------------------------- surfaces
@@ -273,6 +277,21 @@ def test_each_ventricle_gets_its_own_end_systole_and_failed_frames_are_left_out(
     measured = cardiac_function(failed)
     assert measured.es_frame == 2 and measured.summary["lv_ef_percent"] == pytest.approx(100 * (100 - 36) / 100)
     assert any("frame(s) 4 have no LV cavity" in w for w in measured.warnings)
+    no_rv = labels.with_data(labels.data.copy())
+    no_rv.data[1][no_rv.data[1] == 1] = 0  # the RV lost in frame 1: not an RV end-systole of 0 ml (EF 100 %)
+    measured = cardiac_function(no_rv)
+    assert measured.rv_es_frame == 3 and measured.summary["rv_ef_percent"] == pytest.approx(100 * (144 - 49) / 144)
+    assert any("frame(s) 1 have no RV cavity" in w for w in measured.warnings)
+
+
+def test_an_acquired_slice_spacing_below_the_stacks_own_is_refused():
+    """A dense stack's end slices stand for half an acquired gap more; a smaller 'acquired' spacing
+    would shrink them, a negative one give negative volumes."""
+    labels = _cine_labels([10, 6], [12, 9], spacing=(1.5, 1.5, 2.5))
+    for bad in (-10.0, 0.0, 1.0):
+        with pytest.raises(InputError, match="--acquired-slice-spacing: acquired slice spacing"):
+            cardiac_function(labels, acquired_slice_spacing_mm=bad)
+    assert cardiac_function(labels, acquired_slice_spacing_mm=10.0).summary["lv_edv_ml"] > cardiac_function(labels).summary["lv_edv_ml"]
 
 
 def test_one_frame_gives_no_ejection_fraction_and_no_geometry_gives_a_warning():

@@ -162,6 +162,28 @@ def test_cli_segment_lax_surfaces_and_volumes(phantom, tiny_segmenter_file, tmp_
     assert failed.returncode == 2 and "LV cavity" in failed.stderr and "points" in failed.stderr
 
 
+def test_cli_lax_with_labels_of_one_phase_a_plane_beside_the_heart_and_same_named_comparisons(phantom, tmp_path):
+    image = write_stack(phantom.dense, tmp_path / "dense.nii.gz", dtype="int16")
+    es = phantom.es_frame
+    # Labels of the end-systolic frame only (calid segment --frames ES), the image shown at that frame.
+    es_labels = write_stack(phantom.dense_labels.select_frames([es]), tmp_path / "es_labels.nii.gz", dtype="uint8")
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        write_stack(phantom.sparse, tmp_path / folder / "dense.nii.gz", dtype="int16")  # the input's own name, twice
+    lax = run_calid("lax", str(image), "--labels", str(es_labels), "--frame", str(es), "--out", str(tmp_path / "lax"),
+                    "--compare", str(tmp_path / "a" / "dense.nii.gz"), str(tmp_path / "b" / "dense.nii.gz"))
+    assert lax.returncode == 0, lax.stderr
+    assert "the labels have 1 frame(s)" in lax.stderr
+    compared = json.loads((tmp_path / "lax" / "planes.json").read_text())["compared_frames"]
+    assert sorted(compared) == ["a/dense", "b/dense"]
+
+    # A plane 300 mm away from the heart (coordinates from another study, or LPS typed as RAS): refused, nothing written.
+    far = phantom.dense.index_to_physical([32, 32, 30]) * [-1, -1, 1] + [0, 0, 300]
+    beside = run_calid("lax", str(image), "--out", str(tmp_path / "far"), "--plane-ras", ";".join(",".join(f"{v:.4f}" for v in p) for p in (far, (0, 0, 1), (1, 0, 0))))
+    assert beside.returncode == 2 and "does not cross the image" in beside.stderr and "RAS" in beside.stderr
+    assert not (tmp_path / "far").exists()
+
+
 def test_shipped_segmenter_reaches_its_stated_dice_on_held_out_subjects():
     """The installed default segmentation model, on the labelled ACDC frames it never saw in training."""
     from calid.models.registry import default_model, verify

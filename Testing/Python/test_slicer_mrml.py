@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -544,6 +545,50 @@ def test_parameter_node_fields_match_the_panel_and_become_options():
     assert (options_from_parameters(defaults).mode, options_from_parameters(defaults).model) == ("linear", "my-model")
     with pytest.raises(InputError, match="not 2"):
         options_from_parameters(defaults, plane_points_lps=np.zeros((2, 3)))
+    on_a_line = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [20.0, 0.0, 0.0]])  # refused before any work, not after it
+    with pytest.raises(InputError, match="long-axis points: the 3 points do not define a plane"):
+        options_from_parameters(defaults, plane_points_lps=on_a_line)
+
+
+def test_a_failure_after_the_output_was_added_takes_it_out_again(scene, phantom):
+    """Points that pass the panel's count but give no plane (a script's options): the error comes
+    after the dense output was added, which then goes again."""
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    on_a_line = ((0.0, 0.0, 0.0), (10.0, 0.0, 0.0), (20.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="plane user"):
+        upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=False, plane_points_lps=on_a_line))
+    after = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+    assert after == before, f"left behind: {[scene.GetNodeByID(node_id).GetName() for node_id in after - before]}"
+
+
+def test_labels_without_a_right_ventricle_keep_their_volumes_without_long_axis_planes(scene, phantom):
+    """The 4/2/3-chamber planes need the RV; the LV volumes and ejection fraction do not."""
+    import shutil
+
+    from calid.data.io import write_stack
+    from calid.inference import upsample_linear
+    from CaLIDSlicerLib.logic import UpsamplingOptions, finish_background, prepare_background
+
+    sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    options = UpsamplingOptions(factor=2, mode="linear")
+    job = prepare_background(sequence, options)
+    try:
+        upsampling = subprocess.run(job.stages[0].command, capture_output=True, text=True, timeout=300)
+        assert upsampling.returncode == 0, upsampling.stderr
+        no_rv = phantom.sparse_labels.with_data(np.where(phantom.sparse_labels.data == 1, 0, phantom.sparse_labels.data))
+        dense_labels = upsample_linear(no_rv, 2)
+        dense_labels.data[:, 1::2] = no_rv.data[:, :-1]  # nearest, not linear: no label values in between
+        write_stack(dense_labels, job.label_files[0], dtype="uint8")
+        write_stack(no_rv, job.label_files[1], dtype="uint8")
+        result = finish_background(scene, sequence, job, options)
+    finally:
+        shutil.rmtree(job.folder)
+    assert result.segmentation_node is not None and result.summary_table_node is not None
+    assert result.function["dense"].summary["lv_ef_percent"] > 0
+    assert result.planes == {} and any("long-axis planes were not placed" in w for w in result.warnings)
 
 
 def test_markup_points_place_the_user_plane_and_the_three_chamber_plane(scene, phantom):

@@ -16,7 +16,7 @@ Four tasks, each optional:
    "real slice" upper bound.
 4. **Real 3D truth** (beyond the paper): synthetic phantoms are upsampled from
    their sparse acquisition and compared with the dense truth: PSNR / SSIM of
-   every new slice, Dice and volume error of each structure after
+   every new slice, Dice and absolute volume error of each structure after
    segmentation, LV ejection fraction error.
 
 Means come with a 95 % confidence interval over subjects (Student t), so a
@@ -36,6 +36,7 @@ import math
 import re
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -56,15 +57,18 @@ from calid.evaluation.figures import save_figure
 from calid.evaluation.methods import ALL_METHODS, METHODS, PIXEL_METHODS, STEP_SWEEP, TTA_METHODS  # noqa: F401 - re-exported
 from calid.evaluation.metrics import frechet_distance, psnr, segmentation_scores, ssim
 from calid.inference.pipeline import INVERSION_SLERP, UpsamplingPipeline, load_pipeline, parse_frames, seam_weight
-from calid.models.config import named_config
+from calid.models.config import ModelConfig, named_config
 
 SCHEMA = "calid-evaluation/1"
+#: The per-subject table of each task, and every figure a report can have (written in the output folder).
+TABLES = {"task1": "task1_per_subject.csv", "task3": "task3_per_subject.csv", "task4": "task4_per_subject.csv", "temporal": "temporal_per_subject.csv"}
+FIGURES = ("steps.png", "examples.png", "temporal_xt.png")
 STRUCTURES = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
 #: Dimension of the AlexNet conv5 features of the Fréchet distance: fewer slices than this give
 #: rank-deficient covariances (a biased, sometimes unstable estimate).
 FRECHET_FEATURES = 256
-TASK4_HEADERS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lv ef error (points)": "LV EF error (points)"}
+TASK4_HEADERS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lv ef abs error (points)": "LV EF absolute error (points)"}
 SEG_METRICS = ("dice", "hd95_mm", "asd_mm", "assd_mm")
 
 
@@ -142,6 +146,10 @@ class EvaluationConfig:
         for name in ("steps", "baseline_steps", "sweep_slices", "batch_size"):
             if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise InputError(f"--{name.replace('_', '-')}", f"must be at least 1, got {getattr(self, name)}")
+        if 2 in self.tasks and (not self.sweep_steps or any(isinstance(n, bool) or int(n) < 1 for n in self.sweep_steps)):
+            raise InputError("--sweep-steps", f"needs step counts of at least 1, got {list(self.sweep_steps)}")
+        if 4 in self.tasks and int(self.phantoms) < 1:
+            raise InputError("--phantoms", f"Task 4 needs at least 1 phantom, got {self.phantoms}")
         fixed_placeholder_mm(self.placeholder_spacing)  # a bad value fails before anything is loaded or written
 
 
@@ -278,6 +286,8 @@ def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: f
             assert path is not None
             stack = read_stack(path, min_slices=3)
             name = path.name.split(".")[0]
+            if subject not in name:
+                name = f"{subject}_{name}"  # one folder per subject with generic file names (P001/sa.nii.gz)
             labels = _read_labels(path, stack, config, subject)
             assumed = None
             if placeholder_spacing_mm is not None and stack.has_placeholder_spacing:
@@ -287,7 +297,25 @@ def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: f
             if stack.n_frames > 1:
                 volume.cardiac_phases = {k: v for k, v in cardiac_phases(path, subject).items() if v < stack.n_frames}
         volumes.append(_select_frames(volume, config.frames))
-    return volumes
+    return _without_repeated_volumes(volumes)
+
+
+def _without_repeated_volumes(volumes: list[EvalSubject]) -> list[EvalSubject]:
+    """Every volume once, under a name of its own (names key the results and the figures).
+
+    ACDC's own layout keeps each subject's cine beside single-frame copies of its ED and ES
+    frames (``patient001_4d`` and ``patient001_frame01``): those copies would score the same
+    slices twice, so a subject's single-frame volumes are dropped when it has a cine."""
+    with_cine = {v.subject for v in volumes if v.stack.n_frames > 1}
+    dropped = [v.name for v in volumes if v.subject in with_cine and v.stack.n_frames == 1]
+    if dropped:
+        warnings.warn(f"not evaluated separately, their subjects' cines hold the same frames: {', '.join(dropped)}", stacklevel=2)
+    kept = [v for v in volumes if not (v.subject in with_cine and v.stack.n_frames == 1)]
+    names = [v.name for v in kept]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(", ".join(repeated), "two evaluation volumes have this name (same subject and file name); give each volume once")
+    return kept
 
 
 def evaluation_phantom_config() -> PhantomConfig:
@@ -466,9 +494,13 @@ class Evaluation:
             self.temporal_pipeline = load_pipeline(config.temporal_model, config.device)
             if self.temporal_pipeline.model is None or not self.temporal_pipeline.model.config.temporal:
                 raise InputError("--temporal-model", f"{config.temporal_model} is not a 2D+T model")
-        self.preprocess_config: PreprocessConfig = (
-            self.pipeline.config.preprocess if self.pipeline.model is not None else named_config("small").preprocess
-        )
+        self.preprocess_config: PreprocessConfig = self._crop_preprocessing()
+        if 2 in config.tasks and self.pipeline.model is not None:
+            for steps in config.sweep_steps:  # checked against the schedule now, not after hours of Task 1
+                try:
+                    self.pipeline._steps(int(steps))
+                except InputError as error:
+                    raise InputError("--sweep-steps", error.problem) from None
         self.skipped: dict[str, str] = {}
         self.placeholder_disagreement: dict[str, float] | None = None
         self.methods = [m for m in config.methods if self._method_available(m)]
@@ -493,6 +525,29 @@ class Evaluation:
             )
             return False
         return True
+
+    def _crop_preprocessing(self) -> PreprocessConfig:
+        """The crop every method is scored on: the model's, also when only pixel methods run (so
+        that linear scores the same whichever methods it is listed with); the ``small``
+        configuration's when no model is named."""
+        if self.pipeline.model is not None:
+            return self.pipeline.config.preprocess
+        from calid.models.registry import UNTRAINED_PREFIX, default_model, resolve_model
+
+        name = self.config.model
+        if not name:
+            installed = default_model("calid")
+            return named_config("small").preprocess if installed is None else self._crop_of(resolve_model(None))
+        if str(name).startswith(UNTRAINED_PREFIX):
+            return named_config(str(name)[len(UNTRAINED_PREFIX):]).preprocess
+        return self._crop_of(resolve_model(name))
+
+    @staticmethod
+    def _crop_of(model_file: Path) -> PreprocessConfig:
+        from calid.models.checkpoint import read_header
+
+        config: ModelConfig = read_header(model_file)["config"]
+        return config.preprocess
 
     def _placeholder_spacing_mm(self) -> float | None:
         """The pixel size given to files without geometry (see ``EvaluationConfig.placeholder_spacing``)."""
@@ -559,6 +614,7 @@ class Evaluation:
             "methods": self.methods,
             "skipped_methods": dict(self.skipped),
             "subjects": sorted({s.subject for s in subjects}),
+            "crop": _jsonable(asdict(self.preprocess_config)),
             "volumes": [{"volume": s.name, "subject": s.subject, "frames": s.frames, "labelled_frames": sorted(s.labels), "note": s.frame_note} for s in subjects],
         }
         assumed_volumes = [s.name for s in subjects if s.assumed_spacing_mm is not None]
@@ -653,6 +709,13 @@ class Evaluation:
         notes = []
         if perceptual is not None and not perceptual.available:
             notes.append(perceptual.reason)
+        crop = self.preprocess_config
+        if crop.crop_size is not None:
+            notes.append(
+                f"Every method is scored on the same {crop.crop_size[1]} x {crop.crop_size[0]} pixel crop around the heart"
+                + (f" at {crop.target_spacing_mm:g} mm pixels" if crop.target_spacing_mm else "")
+                + " (the model's preprocessing; the `small` configuration's when no model is named): compare with reports made on the same crop."
+            )
         fractions = [triplets[s.name].scored_fraction for s in subjects if len(triplets[s.name].truth)]
         scored_fraction = float(np.mean(fractions)) if fractions else float("nan")
         if fractions and min(fractions) < 1.0:
@@ -822,11 +885,12 @@ class Evaluation:
                         total = p.sum() + t.sum()
                         row[f"dice {name}"] = float(2 * (p & t).sum() / total) if total else float("nan")
                         predicted_ml, true_ml = structure_volumes_ml(labels, value), structure_volumes_ml(true_labels, value)
-                        row[f"volume error % {name}"] = float(np.mean(100.0 * (predicted_ml - true_ml) / np.maximum(true_ml, 1e-6)))
+                        # Absolute: an over-estimate at ED and an under-estimate at ES must not cancel.
+                        row[f"volume abs error % {name}"] = float(np.mean(100.0 * np.abs(predicted_ml - true_ml) / np.maximum(true_ml, 1e-6)))
                     try:
-                        row["lv ef error (points)"] = cardiac_function(labels, ed_frame=0, es_frame=1).summary["lv_ef_percent"] - true_function.summary["lv_ef_percent"]
+                        row["lv ef abs error (points)"] = abs(cardiac_function(labels, ed_frame=0, es_frame=1).summary["lv_ef_percent"] - true_function.summary["lv_ef_percent"])
                     except InputError:
-                        row["lv ef error (points)"] = float("nan")
+                        row["lv ef abs error (points)"] = float("nan")
                 per_subject.append(row)
             if self.seg_model is not None:
                 sparse_labels = segment(phantom.sparse.select_frames(frames), self.seg_model)
@@ -834,7 +898,7 @@ class Evaluation:
                     ef = cardiac_function(sparse_labels, ed_frame=0, es_frame=1).summary["lv_ef_percent"]
                 except InputError:
                     ef = float("nan")
-                per_subject.append({"subject": f"phantom{3000 + i}", "method": "sparse stack (Simpson's)", "lv ef error (points)": ef - true_function.summary["lv_ef_percent"]})
+                per_subject.append({"subject": f"phantom{3000 + i}", "method": "sparse stack (Simpson's)", "lv ef abs error (points)": abs(ef - true_function.summary["lv_ef_percent"])})
         if self.seg_model is None:
             notes.append(f"segmentation scores not computed: {self.seg_reason}")
         else:
@@ -915,10 +979,16 @@ class Evaluation:
         if results.get("temporal", {}).get("figure"):
             figures.append((results["temporal"]["figure"], "x–t and y–t cuts through the middle of one generated slice over the cardiac cycle (2D vs 2D+T)"))
         results["figures"] = [name for name, _ in figures]
-        for task, name in (("task1", "task1_per_subject.csv"), ("task3", "task3_per_subject.csv"), ("task4", "task4_per_subject.csv"), ("temporal", "temporal_per_subject.csv")):
+        results["tables"] = []
+        for task, name in TABLES.items():
             rows = results.get(task, {}).get("per_subject")
             if rows:
                 write_csv(rows, out / name)
+                results["tables"].append(name)
+        # A folder evaluated again with fewer tasks: an earlier run's tables and figures would sit beside a report that no longer has them.
+        for name in set(TABLES.values()) | set(FIGURES):
+            if name not in results["tables"] and name not in results["figures"]:
+                (out / name).unlink(missing_ok=True)
         with atomic_path(out / "results.json") as tmp:
             tmp.write_text(json.dumps(_jsonable(results), indent=2, allow_nan=False) + "\n")
         with atomic_path(out / "report.md") as tmp:
@@ -1012,7 +1082,9 @@ def plot_examples(
         for ax, method in zip(bottom[3:], methods):
             error = np.abs(_unit(predictions[name][method][index]) - _unit(data.truth[index]))
             ax.imshow(error, cmap="magma", vmin=0, vmax=0.5)
-            ax.set_title(f"|error| {float(np.mean(psnr(_unit(predictions[name][method][index])[None], _unit(data.truth[index])[None]))):.1f} dB", fontsize=8)
+            # The PSNR of the tables: inside the image, without the crop's padding.
+            scored = psnr(_unit(data.within_image(predictions[name][method][index]))[None], _unit(data.within_image(data.truth[index]))[None])
+            ax.set_title(f"|error| {float(np.mean(scored)):.1f} dB", fontsize=8)
         for ax in list(top) + list(bottom):
             ax.axis("off")
     figure.tight_layout()
@@ -1134,8 +1206,8 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
             "## Task 4: phantoms with a dense 3D truth (beyond the paper)",
             "",
             f"{task['phantoms']} synthetic cines upsampled ×{task['factor']} (ED and ES frames) and compared with the truth acquired at every position; "
-            "PSNR / SSIM over the new slices; Dice and volume error after segmenting the whole dense stack; "
-            "LV ejection fraction error in percentage points. `truth image` segments the true dense image (upper bound of the segmentation); "
+            "PSNR / SSIM over the new slices; Dice and absolute volume error (% of the true volume, ED and ES frames) after segmenting the whole dense stack; "
+            "absolute LV ejection fraction error in percentage points. `truth image` segments the true dense image (upper bound of the segmentation); "
             "`sparse stack (Simpson's)` is the clinical routine on the acquired slices.",
             "",
             "| Method | " + " | ".join(TASK4_HEADERS.get(m, m) for m in task["metrics"]) + " |",

@@ -98,8 +98,8 @@ def save_plane_png(
     """A PNG of one or more reslices of the same plane side by side, with a scale bar and the plane name.
 
     Each view is shown in true proportions (its pixel size); ``labels`` (a
-    reslice of a label stack on the same plane, with the first view's frames)
-    are outlined on every view. ``frame`` is one frame for all views or one per
+    reslice of a label stack on the same plane, with the first view's frames,
+    or one frame: the one to outline) are outlined on every view. ``frame`` is one frame for all views or one per
     view (cines with other frame counts: see :func:`matching_frame`).
     """
     import matplotlib
@@ -119,7 +119,7 @@ def save_plane_png(
         extent = (0, image.shape[1] * pixel, image.shape[0] * pixel, 0)
         axis.imshow(image, cmap="gray", vmin=low, vmax=high if high > low else low + 1, extent=extent, interpolation="bilinear")
         if labels is not None:
-            outline = np.rint(labels.data[frames[0], 0])
+            outline = np.rint(labels.data[0 if labels.n_frames == 1 else frames[0], 0])
             xs = (np.arange(outline.shape[1]) + 0.5) * labels.spacing[0]
             ys = (np.arange(outline.shape[0]) + 0.5) * labels.spacing[1]
             for value, colour in LABEL_COLOURS.items():
@@ -193,6 +193,12 @@ def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, An
 
     ys, xs = np.nonzero(inside)
     box = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+    rows, columns = int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1
+    if min(rows, columns) < 7:  # SSIM's 7-pixel window must fit
+        raise InputError(
+            acquired.source,
+            f"the short-axis stack covers only a {rows} x {columns} pixel band of this long-axis plane: too thin to compare (SSIM needs 7 x 7)",
+        )
     per_frame = []
     for index, (frame, dense_frame) in enumerate(pairs):
         truth = acquired.data[frame, 0]

@@ -37,6 +37,11 @@ def slice_weights_mm(labels: CineStack, acquired_slice_spacing_mm: float | None 
     acquired_spacing = acquired_slice_spacing_mm
     if acquired_spacing is None:
         acquired_spacing = labels.metadata.get("upsampling", {}).get("input_slice_spacing_mm")
+    if acquired_spacing is not None and not float(acquired_spacing) >= labels.slice_spacing * (1 - 1e-6):
+        source = "--acquired-slice-spacing" if acquired_slice_spacing_mm is not None else labels.source
+        raise InputError(
+            source, f"acquired slice spacing {float(acquired_spacing):g} mm is below the stack's own {labels.slice_spacing:g} mm: a dense stack is made from slices further apart"
+        )
     if acquired_spacing is not None and labels.n_slices > 1:
         extra = (float(acquired_spacing) - labels.slice_spacing) / 2.0
         weights[0] += extra
@@ -124,8 +129,12 @@ def cardiac_function(
         if not 0 <= frame < labels.n_frames:
             raise InputError(labels.source, f"{name} frame {frame} does not exist (the cine has {labels.n_frames} frames)")
     rv_ed, rv_es = ed, es
-    if ed_frame is None and es_frame is None and rv[frames].any():
-        rv_ed, rv_es = int(frames[np.argmax(rv[frames])]), int(frames[np.argmin(rv[frames])])
+    rv_frames = frames[rv[frames] > 0]  # a frame without RV cavity (a failed segmentation) is no RV end-systole at 0 ml
+    if ed_frame is None and es_frame is None and rv_frames.size:
+        rv_ed, rv_es = int(rv_frames[np.argmax(rv[rv_frames])]), int(rv_frames[np.argmin(rv[rv_frames])])
+        if rv_frames.size < frames.size:
+            missing = ", ".join(str(t) for t in sorted(set(frames.tolist()) - set(rv_frames.tolist())))
+            warnings.append(f"frame(s) {missing} have no RV cavity (a failed segmentation?) and were not considered for the RV's end-diastole or end-systole")
     one_phase = ed == es
     if one_phase:
         warnings.append("end-diastole and end-systole are the same frame (one frame given?): no stroke volume or ejection fraction")
