@@ -5,10 +5,12 @@
 Reads a short-axis stack or cine (NIfTI, NRRD, .seq.nrrd or a DICOM folder),
 loads it into the MRML scene, runs the CaLID module's blocking Logic call
 (upsampling, segmentation, long-axis planes, volumes) and writes into the
-output folder: the dense stack, its labels, the volumes table, the planes,
-and the scene's nodes as Slicer files. Exits with status 0, 2 with a
-message on bad input, 1 with a traceback on any other failure (Slicer never
-keeps running after the script). ``--install`` first installs what the CaLID
+output folder: the dense stack, its labels, the volumes table and the planes,
+each named after the input, the mode and the factor. Exits with status 0; 2
+with a message on bad input or an output that exists (without --overwrite);
+3 when the dense stack was written but the segmentation (labels, volumes,
+planes) failed; 1 with a traceback on any other failure (Slicer never keeps
+running after the script). ``--install`` first installs what the CaLID
 module needs (PyTorch, calid), as the panel does on first use.
 """
 
@@ -46,7 +48,7 @@ def main(argv: list[str], scene: Any) -> int:
     from calid.atomic import atomic_path
     from calid.data.io import read_stack, write_stack
     from calid.data.stack import fixed_placeholder_mm
-    from calid.errors import CalidError
+    from calid.errors import CalidError, OutputError
     from calid.evaluation.methods import UPSAMPLE_MODES
     from calid.geometry.volumes import write_function_csv
     from CaLIDSlicerLib import mrml
@@ -71,7 +73,10 @@ def main(argv: list[str], scene: Any) -> int:
         help="a file saved without geometry (all spacings 1 mm): the pixel size the network is shown: model (default), keep or mm",
     )
     parser.add_argument("--tta", action="store_true", help="calid, calid+: average over the 8 rotations and reflections of the slice plane (slower)")
+    parser.add_argument("--series", help="a DICOM folder with several series: the SeriesInstanceUID or series number to read")
     parser.add_argument("--no-segmentation", action="store_true")
+    parser.add_argument("--segmentation-model", help="segmentation model file or installed name (default: the installed one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs of an earlier run (by default an existing file is an error: hand-corrected labels are never lost)")
     parser.add_argument("--install", action="store_true", help="first install PyTorch and calid, as the panel does on first use")
     args = parser.parse_args(argv)
     try:
@@ -82,33 +87,58 @@ def main(argv: list[str], scene: Any) -> int:
             if args.mode == "registration":
                 print("CaLIDBatch: no CaLID model is installed: registration-based interpolation (give --model to use one)", file=sys.stderr, flush=True)
         fixed_placeholder_mm(args.placeholder_spacing)  # a bad value fails before anything is read, made or loaded
-        stack = read_stack(args.input)
+        stack = read_stack(args.input, series=args.series)
         out = Path(args.out)
+        name = _input_name(args.input)
+        tag = f"{args.mode.replace('+', 'plus')}_x{args.factor}" + ("_tta" if args.tta and args.mode in ("calid", "calid+") else "")
+        outputs = {
+            "dense": out / f"{name}_{tag}.nii.gz", "labels": out / f"{name}_{tag}_labels.nii.gz",
+            "volumes": out / f"{name}_{tag}_volumes.csv", "planes": out / f"{name}_{tag}_planes.json",
+        }
+        existing = [str(path) for path in outputs.values() if path.exists()]
+        if existing and not args.overwrite:
+            raise OutputError(existing[0], "exists from an earlier run; choose another output folder, or give --overwrite to replace it")
         out.mkdir(parents=True, exist_ok=True)
-        name = Path(args.input).name.split(".")[0]
         node = mrml.sequence_from_stack(scene, stack, name)[0] if stack.n_frames > 1 else mrml.volume_from_stack(scene, stack, name)
         options = UpsamplingOptions(
             args.factor, args.mode, args.steps, args.seed, args.device, args.model, args.frames, not args.no_segmentation, centre_on_heart=args.centre_on_heart,
-            placeholder_spacing=args.placeholder_spacing, tta=args.tta,
+            placeholder_spacing=args.placeholder_spacing, tta=args.tta, segmentation_model=args.segmentation_model,
         )
         result = upsample_node(scene, node, options, progress=lambda done, total, message: print(f"{100 * done / max(total, 1):5.1f} % {message}", flush=True))
         for warning in result.warnings:
             print(f"CaLIDBatch: warning: {warning}", file=sys.stderr, flush=True)
-        tta = "_tta" if result.dense.metadata["upsampling"].get("tta") else ""
-        written = [write_stack(result.dense, out / f"{name}_{args.mode.replace('+', 'plus')}_x{args.factor}{tta}.nii.gz")]
+        written = [write_stack(result.dense, outputs["dense"])]
         if result.labels is not None:
-            written.append(write_stack(result.labels, out / f"{name}_labels_x{args.factor}.nii.gz", dtype="uint8"))
-            written.append(write_function_csv(result.function, out / f"{name}_volumes.csv"))
-            planes = {k: {**p.to_ras(), "centre_lps": p.centre.tolist()} for k, p in result.planes.items()}
-            with atomic_path(out / f"{name}_planes.json") as tmp:
-                tmp.write_text(json.dumps(planes, indent=2) + "\n")
-            written.append(out / f"{name}_planes.json")
+            written.append(write_stack(result.labels, outputs["labels"], dtype="uint8"))
+            written.append(write_function_csv(result.function, outputs["volumes"]))
+            if result.planes:
+                planes = {k: {**p.to_ras(), "centre_lps": p.centre.tolist()} for k, p in result.planes.items()}
+                with atomic_path(outputs["planes"]) as tmp:
+                    tmp.write_text(json.dumps(planes, indent=2) + "\n")
+                written.append(outputs["planes"])
     except CalidError as error:
         print(f"CaLIDBatch: error: {error}", file=sys.stderr)
         return 2
     for path in written:
         print(path)
+    if not args.no_segmentation and result.labels is None:
+        print("CaLIDBatch: the dense stack was written, but the segmentation failed (see the warning above)", file=sys.stderr)
+        return SEGMENTATION_FAILED
     return 0
+
+
+#: Exit status when the dense stack was written but its segmentation (labels, volumes, planes) failed.
+SEGMENTATION_FAILED = 3
+
+
+def _input_name(path: str) -> str:
+    """The input's name for the output files: its file name without the image suffix; a DICOM folder
+    named by UID (1.2.840...) keeps its whole name."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".seq.nrrd", ".nii", ".nrrd", ".nhdr"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 if __name__ == "__main__":

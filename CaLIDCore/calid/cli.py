@@ -204,7 +204,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if pipeline.untrained:
         print(f"NOTE: {pipeline.name} is an UNTRAINED network: its slices are not meaningful; it shows the pipeline end to end.", flush=True)
     print(f"Generating the synthetic cine phantom (seed {args.seed}, {args.phantom_frames} frames) ...", flush=True)
-    phantom = make_phantom(args.seed, PhantomConfig(n_frames=args.phantom_frames))
+    phantom = make_phantom(args.seed, PhantomConfig(n_frames=args.phantom_frames, dense_factor=max(8, factor)))  # a true slice at every new one
     ed, es = 0, phantom.es_frame
     frames = sorted({ed, es}) if args.frames is None else args.frames
     args.steps = pipeline.default_steps if args.steps is None else args.steps

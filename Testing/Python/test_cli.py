@@ -139,3 +139,13 @@ def test_demo_in_linear_mode_runs_no_network(tmp_path):
     assert "UNTRAINED" not in result.stdout and "linear interpolation" in result.stdout
     assert sorted(p.name for p in (tmp_path / "demo").glob("*.nii.gz")) == [
         "phantom_linear_x2.nii.gz", "phantom_sparse.nii.gz", "phantom_truth_labels_x2.nii.gz", "phantom_truth_x2.nii.gz"]
+
+
+def test_demo_at_the_largest_factor_scores_against_a_truth_at_every_new_slice(tmp_path):
+    """x16 and x32 are valid factors: the demo's phantom is then made dense enough to have a true slice for each new one."""
+    result = run_calid("demo", "--out", str(tmp_path / "demo"), "--mode", "linear", "--factor", "32", "--phantom-frames", "2")
+    assert result.returncode == 0, result.stderr
+    from calid.data.io import read_stack
+
+    dense, truth = (read_stack(tmp_path / "demo" / f"phantom_{kind}_x32.nii.gz") for kind in ("linear", "truth"))
+    assert dense.shape == truth.shape and dense.slice_spacing == pytest.approx(truth.slice_spacing)

@@ -227,7 +227,15 @@ def test_batch_script_code_path(scene, phantom, tmp_path, monkeypatch):
     assert code == 0
     dense = read_stack(tmp_path / "out" / "cine_calid_x2.nii.gz")
     assert dense.n_slices == 2 * phantom.sparse.n_slices - 1 and dense.n_frames == 1
-    assert (tmp_path / "out" / "cine_volumes.csv").is_file() and "4-chamber" in (tmp_path / "out" / "cine_planes.json").read_text()
+    assert (tmp_path / "out" / "cine_calid_x2_volumes.csv").is_file() and "4-chamber" in (tmp_path / "out" / "cine_calid_x2_planes.json").read_text()
+    labels = tmp_path / "out" / "cine_calid_x2_labels.nii.gz"
+    corrected = labels.read_bytes()  # as if corrected by hand since: a second run must not replace it
+    assert batch.main([str(source), str(tmp_path / "out"), "--factor", "2", "--mode", "calid", "--model", "untrained:tiny", "--frames", "0"], scene) == 2
+    assert labels.read_bytes() == corrected
+    # The segmentation fails (no such model): the dense stack is written, the exit status says what is missing.
+    failed = [str(source), str(tmp_path / "out5"), "--factor", "2", "--mode", "linear", "--frames", "0", "--segmentation-model", str(tmp_path / "none.safetensors")]
+    assert batch.main(failed, scene) == batch.SEGMENTATION_FAILED
+    assert [p.name for p in (tmp_path / "out5").iterdir()] == ["cine_linear_x2.nii.gz"]
     assert batch.main([str(tmp_path / "missing.nii.gz"), str(tmp_path / "out2")], scene) == 2
     bad = [str(source), str(tmp_path / "out3"), "--factor", "2", "--model", "untrained:tiny", "--device", "cpu", "--placeholder-spacing", "huge"]
     assert batch.main(bad, scene) == 2 and not (tmp_path / "out3").exists()  # refused before anything is made

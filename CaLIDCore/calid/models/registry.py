@@ -133,7 +133,11 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
     if name_or_path is None:
         model = default_model(kind)
         if model is None and kind == "segmentation":
-            raise InputError("--model", "no segmentation model is installed; pass one (calid train seg writes best.safetensors)")
+            raise InputError(
+                "--model",
+                "no segmentation model is installed; pass one (calid train seg writes best.safetensors), or, for the one that ships with "
+                f"CaLID, set {SHIPPED_MODEL_DIR_ENV} to the repository's Resources/Models folder (an install not made with pip install -e)",
+            )
         if model is None:
             raise InputError(
                 "--model",
