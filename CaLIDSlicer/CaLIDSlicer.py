@@ -61,7 +61,7 @@ class CaLIDSlicer(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "CaLID"
         self.parent.categories = ["Cardiac"]
-        self.parent.dependencies = ["Sequences", "Segmentations"]
+        self.parent.dependencies = ["Sequences", "Segmentations", "Markups"]
         self.parent.contributors = ["CaLID developers"]
         register_bundled_models()  # the shipped models, for the panel, scripts and the worker processes
         self.parent.helpText = (
@@ -155,7 +155,10 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if self._parameterNode.inputNode is None:
-            self._parameterNode.inputNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            # Exactly a grey-level volume: label maps and vector volumes are scalar-volume subclasses the selector hides.
+            volumes = slicer.mrmlScene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+            plain = [volumes.GetItemAsObject(i) for i in range(volumes.GetNumberOfItems()) if volumes.GetItemAsObject(i).GetClassName() == "vtkMRMLScalarVolumeNode"]
+            self._parameterNode.inputNode = plain[0] if plain else None
 
     def setParameterNode(self, parameterNode: CaLIDSlicerParameterNode | None) -> None:
         if self._parameterNode is not None:
@@ -405,7 +408,11 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
         """Dense output in the views, LAX planes on the three slice views, surfaces in 3D, the table."""
         from CaLIDSlicerLib import mrml
 
-        slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
+        manager = slicer.app.layoutManager()
+        if result.chart_node is not None:
+            manager.setLayout(mrml.result_layout(manager.layoutLogic().GetLayoutNode()))
+        else:
+            manager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpView)
         volume = result.browser_node.GetProxyNode(result.output_node) if result.browser_node is not None else result.output_node
         slicer.util.setSliceViewerLayers(background=volume, fit=True)
         for view, plane in LAX_VIEWS.items():
@@ -420,7 +427,9 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
         if result.segmentation_node is not None:
             result.segmentation_node.GetDisplayNode().SetVisibility3D(True)
         if result.chart_node is not None:
-            slicer.modules.plots.logic().ShowChartInLayout(result.chart_node)
+            mrml.show_function(slicer.mrmlScene, result.chart_node, result.summary_table_node)
+        if manager.threeDWidget(0) is not None:
+            manager.threeDWidget(0).threeDView().resetFocalPoint()  # the surfaces in the middle of the 3D view
         if result.browser_node is not None:
             slicer.modules.sequences.showSequenceBrowser(result.browser_node)  # play / step the frames from the toolbar
 
@@ -447,12 +456,9 @@ class CaLIDSlicerLogic(ScriptedLoadableModuleLogic):
         return int(browser.GetSelectedItemNumber()) if browser is not None else 0
 
     def cuda_devices(self) -> list[tuple[int, str]]:
-        try:
-            import torch
+        from CaLIDSlicerLib.dependencies import cuda_devices
 
-            return [(i, torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
-        except Exception:  # not installed yet, or a broken driver: the CPU still works
-            return []
+        return cuda_devices()
 
     def installed_models(self) -> list[str]:
         try:

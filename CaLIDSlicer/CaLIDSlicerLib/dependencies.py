@@ -191,3 +191,37 @@ def install(confirm: bool = True) -> bool:
     if still_missing:
         raise RuntimeError("installation finished but these packages still cannot be imported: " + ", ".join(still_missing) + "; see the Python console for pip's messages")
     return True
+
+
+def cuda_devices() -> list[tuple[int, str]]:
+    """The GPUs for the Device choice, as ``(index, name)``, without loading PyTorch into Slicer's
+    process when it is not loaded yet (that takes seconds and starts CUDA there, though only the
+    worker processes run networks): ``nvidia-smi`` lists them then. [] without an NVIDIA GPU."""
+    if "torch" in sys.modules:
+        try:
+            import torch
+
+            return [(i, torch.cuda.get_device_name(i)) for i in range(torch.cuda.device_count())]
+        except Exception:  # a broken driver: the CPU still works
+            return []
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        listed = subprocess.run([smi, "--query-gpu=index,name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    devices = []
+    for line in listed.stdout.splitlines() if listed.returncode == 0 else []:
+        index, _, name = line.partition(",")
+        if index.strip().isdigit():
+            devices.append((int(index), name.strip()))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:  # PyTorch numbers the visible GPUs from 0, in the order given
+        order = [int(v) for v in visible.split(",") if v.strip().isdigit()]
+        names = dict(devices)
+        devices = [(i, names[k]) for i, k in enumerate(order) if k in names]
+    return devices

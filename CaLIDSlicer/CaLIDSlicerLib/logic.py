@@ -321,8 +321,11 @@ def prepare_background(input_node: Any, options: UpsamplingOptions) -> Backgroun
 
     from CaLIDSlicerLib.process import segment_command, upsample_command, work_folder
 
+    from calid.inference import parse_frames
+
     check_model_available(options)
     stack = stack_from_node(input_node)
+    parse_frames(options.frames, stack.n_frames, "Frames")  # in the panel's words, before any file is written
     folder = work_folder()
     with warnings.catch_warnings():
         # Uneven frame times: NIfTI's single interval is for other programs; the worker reads the true

@@ -330,3 +330,41 @@ def points_from_markups(node: Any, local_to: Any = None) -> np.ndarray:
             ras = list(to_local.TransformPoint(ras))
         points.append(LPS_TO_RAS @ np.asarray(ras, dtype=np.float64))
     return np.asarray(points, dtype=np.float64).reshape(-1, 3)
+
+
+def _view_xml(node_class: str, tag: str, label: str, colour: str | None = None) -> str:
+    colour_property = f'<property name="viewcolor" action="default">{colour}</property>' if colour else ""
+    return f'<item><view class="{node_class}" singletontag="{tag}"><property name="viewlabel" action="default">{label}</property>{colour_property}</view></item>'
+
+
+#: The layout a result is shown in: the three long-axis views on top, and below them the 3D
+#: surfaces, the volume curves and the summary table. (Slicer's own layouts with a plot view
+#: give up a slice view or the 3D view for it.)
+RESULT_LAYOUT_ID = 26001
+RESULT_LAYOUT_XML = (
+    '<layout type="vertical">'
+    '<item><layout type="horizontal">'
+    + _view_xml("vtkMRMLSliceNode", "Red", "R", "#F34A33") + _view_xml("vtkMRMLSliceNode", "Yellow", "Y", "#EDD54C") + _view_xml("vtkMRMLSliceNode", "Green", "G", "#6EB04B")
+    + "</layout></item>"
+    '<item><layout type="horizontal">'
+    + _view_xml("vtkMRMLViewNode", "1", "1") + _view_xml("vtkMRMLPlotViewNode", "PlotView1", "P") + _view_xml("vtkMRMLTableViewNode", "TableView1", "T")
+    + "</layout></item>"
+    "</layout>"
+)
+
+
+def result_layout(layout_node: Any) -> int:
+    """The id of :data:`RESULT_LAYOUT_XML`, registered with ``layout_node`` (once)."""
+    if not layout_node.IsLayoutDescription(RESULT_LAYOUT_ID):
+        layout_node.AddLayoutDescription(RESULT_LAYOUT_ID, RESULT_LAYOUT_XML)
+    return RESULT_LAYOUT_ID
+
+
+def show_function(scene: Any, chart: Any, table: Any) -> None:
+    """The volume curves and the summary table in the result layout's plot and table views
+    (which the layout logic creates when the layout is set)."""
+    for node_class, tag, node, setter in (("vtkMRMLPlotViewNode", "PlotView1", chart, "SetPlotChartNodeID"), ("vtkMRMLTableViewNode", "TableView1", table, "SetTableNodeID")):
+        views = scene.GetNodesByClass(node_class)
+        view = next((views.GetItemAsObject(i) for i in range(views.GetNumberOfItems()) if views.GetItemAsObject(i).GetSingletonTag() == tag), None)
+        if view is not None and node is not None:
+            getattr(view, setter)(node.GetID())

@@ -214,6 +214,28 @@ def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
     assert set(result.planes) >= {"4-chamber", "2-chamber", "3-chamber"}
 
 
+def test_the_result_layout_shows_three_long_axis_views_the_3d_view_the_curves_and_the_summary(scene, phantom):
+    """Slicer's own plot layouts give up a slice view or the 3D view; the result needs all of them."""
+    layout = scene.AddNode(slicer.vtkMRMLLayoutNode())
+    layout_logic = slicer.vtkMRMLLayoutLogic()
+    layout_logic.SetMRMLScene(scene)
+    layout.SetViewArrangement(mrml.result_layout(layout))
+    assert mrml.result_layout(layout) == layout.GetViewArrangement()  # registered once, found again
+
+    def tags(node_class):
+        nodes = scene.GetNodesByClass(node_class)
+        return {nodes.GetItemAsObject(i).GetSingletonTag(): nodes.GetItemAsObject(i) for i in range(nodes.GetNumberOfItems())}
+
+    assert {"Red", "Yellow", "Green"} <= set(tags("vtkMRMLSliceNode")) and "1" in tags("vtkMRMLViewNode")  # the panel's LAX_VIEWS and 3D
+    results = {"dense": cardiac_function(phantom.dense_labels)}
+    table, chart = mrml.table_from_function(scene, results)
+    summary = mrml.summary_table_from_function(scene, results)
+    mrml.show_function(scene, chart, summary)
+    assert tags("vtkMRMLPlotViewNode")["PlotView1"].GetPlotChartNodeID() == chart.GetID()
+    assert tags("vtkMRMLTableViewNode")["TableView1"].GetTableNodeID() == summary.GetID()
+    layout_logic.SetMRMLScene(None)
+
+
 def test_batch_script_code_path(scene, phantom, tmp_path, monkeypatch):
     import importlib.util
 
@@ -556,6 +578,26 @@ def test_parameter_node_fields_match_the_panel_and_become_options():
     on_a_line = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0], [20.0, 0.0, 0.0]])  # refused before any work, not after it
     with pytest.raises(InputError, match="long-axis points: the 3 points do not define a plane"):
         options_from_parameters(defaults, plane_points_lps=on_a_line)
+
+
+def test_a_frame_the_cine_lacks_is_refused_in_the_panels_words_before_anything_is_written(scene, phantom, tmp_path, monkeypatch):
+    import tempfile
+
+    from CaLIDSlicerLib.logic import UpsamplingOptions, prepare_background
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the work folder would go
+    sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    with pytest.raises(InputError, match="^Frames: "):
+        prepare_background(sequence, UpsamplingOptions(factor=2, mode="linear", frames="0,99"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gpus_are_listed_without_loading_pytorch_into_the_calling_process():
+    """The panel fills its Device choice in Slicer's own process: that must not load PyTorch (seconds, and CUDA)."""
+    probe = "import sys; from CaLIDSlicerLib.dependencies import cuda_devices; devices = cuda_devices(); print('torch' in sys.modules, devices)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT / "CaLIDSlicer")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("False ")
 
 
 def test_a_failure_after_the_output_was_added_takes_it_out_again(scene, phantom):
