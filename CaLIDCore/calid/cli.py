@@ -987,7 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
     lax.add_argument("--frame", type=int, default=0, help="frame shown and used to place the planes (default 0)")
     lax.add_argument("--spacing", type=float, default=1.0, help="reslice pixel size in mm (default 1)")
     lax.add_argument("--three-chamber-ras", help="R,A,S of a point of the 3-chamber plane, e.g. the aortic valve")
-    lax.add_argument("--points-ras", metavar="R,A,S;R,A,S;R,A,S", help="one plane through three points (centre, a point towards the apex, a third point) instead of the automatic planes")
+    lax.add_argument("--points-ras", metavar="R,A,S;R,A,S;R,A,S", help="one plane through three points instead of the automatic planes: centre, a point towards the apex (the axis runs up the image, as in the automatic planes), a third point (on the right)")
     lax.add_argument("--plane-ras", metavar="C;N;U", help="one plane from its centre, normal and in-plane axis, each R,A,S (directions in RAS too)")
     lax.add_argument("--acquired-lax", help="an acquired long-axis cine: report PSNR / SSIM / NCC of each stack on its plane")
     lax.add_argument("--device", default="auto")

@@ -105,7 +105,14 @@ def test_missing_lv_is_a_clear_error_but_planes_from_points_work(phantom):
     a, b, c = np.array([0.0, 0, 0]), np.array([10.0, 0, 0]), np.array([0.0, 5, 0])
     plane = Plane.from_points("user", a, b, c)
     assert np.allclose([plane.distance(p) for p in (a, b, c)], 0)
-    np.testing.assert_allclose(plane.u, [1, 0, 0])
+    # As the automatic planes: the axis from the centre towards the second point (the apex) runs up the image, the third point is on the right.
+    np.testing.assert_allclose(plane.v, [-1, 0, 0], atol=1e-12)
+    np.testing.assert_allclose(plane.u, [0, 1, 0], atol=1e-12)
+    mirrored = Plane.from_points("user", a, b, np.array([0.0, -5, 0]))
+    np.testing.assert_allclose(mirrored.v, plane.v, atol=1e-12)
+    np.testing.assert_allclose(mirrored.u, [0, -1, 0], atol=1e-12)  # the third point on the right again
+    with pytest.raises(InputError, match="parallel to the normal"):
+        Plane("axis along the normal", a, np.array([0.0, 0, 1]), np.array([0.0, 0, 2]))
     assert reslice(phantom.dense, Plane.from_points("user", *(phantom.dense.index_to_physical(p) for p in ([10, 10, 5], [80, 10, 5], [10, 10, 60]))), 2.0).n_slices == 1
     with pytest.raises(InputError, match="collinear"):
         Plane.from_points("bad", a, b, 2 * b)

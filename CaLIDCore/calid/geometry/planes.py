@@ -58,6 +58,8 @@ class Plane:
     def __post_init__(self) -> None:
         normal = _unit(self.normal, f"plane {self.name}: normal")
         u = np.asarray(self.u, dtype=np.float64)
+        if np.linalg.norm(u) > 1e-9 and np.linalg.norm(u - np.dot(u, normal) * normal) < 1e-9 * np.linalg.norm(u):
+            raise InputError(f"plane {self.name}", "the in-plane axis is parallel to the normal: give an axis that lies in the plane")
         u = _unit(u - np.dot(u, normal) * normal, f"plane {self.name}: in-plane axis")  # project into the plane
         object.__setattr__(self, "centre", np.asarray(self.centre, dtype=np.float64).reshape(3))
         object.__setattr__(self, "normal", normal)
@@ -73,10 +75,13 @@ class Plane:
 
     @classmethod
     def from_points(cls, name: str, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> Plane:
-        """The plane through three points; centred on ``a``, ``u`` from ``a`` towards ``b``."""
+        """The plane through three points, centred on ``a``, shown as the automatic long-axis planes
+        are: the line from ``a`` towards ``b`` (the apex) runs up the image (``v`` from ``b`` to
+        ``a``), and ``c`` lies on the right (``u``)."""
         a, b, c = (np.asarray(p, dtype=np.float64) for p in (a, b, c))
-        normal = _unit(np.cross(b - a, c - a), f"plane {name} from points")
-        return cls(name, a, normal, b - a)
+        towards_b = _unit(b - a, f"plane {name} from points: the first two points coincide, so they")
+        across = _unit((c - a) - np.dot(c - a, towards_b) * towards_b, f"plane {name} from points")
+        return cls(name, a, np.cross(towards_b, across), across)
 
     def to_ras(self) -> dict[str, list[float]]:
         """Centre, normal and axes in RAS (what Slicer's ``SetSliceToRASByNTP`` takes)."""

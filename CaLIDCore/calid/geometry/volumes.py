@@ -189,12 +189,13 @@ def plot_volume_curves(results: dict[str, CardiacFunction], path: str | os.PathL
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3.8))
+    in_ms = all(result.frame_times_ms is not None for result in results.values())  # one x axis: times only if every method has them
     for (method, result), style in zip(results.items(), ("-", "--", ":", "-.")):
-        x = np.arange(len(result.lv_volume_ml)) if result.frame_times_ms is None else result.frame_times_ms
+        x = np.arange(len(result.lv_volume_ml)) if result.frame_times_ms is None or not in_ms else result.frame_times_ms
         s = result.summary
         axis.plot(x, result.lv_volume_ml, style, color="tab:blue", label=f"LV, {method} (EF {s['lv_ef_percent']:.0f} %)")
         axis.plot(x, result.rv_volume_ml, style, color="tab:red", label=f"RV, {method} (EF {s['rv_ef_percent']:.0f} %)")
-    axis.set_xlabel("time (ms)" if next(iter(results.values())).frame_times_ms is not None else "frame")
+    axis.set_xlabel("time (ms)" if in_ms else "frame")
     axis.set_ylabel("cavity volume (ml)")
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
