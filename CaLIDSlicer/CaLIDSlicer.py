@@ -194,7 +194,10 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uses_pixel_size = node.method != Method.LINEAR
         self.ui.placeholderComboBox.setEnabled(uses_pixel_size)
         self.ui.placeholderPixelSpinBox.setEnabled(uses_pixel_size and node.placeholderSpacing == PlaceholderSpacing.CUSTOM)
-        self.ui.stepsSpinBox.setEnabled(needs_model)
+        # Latent-linear interpolation takes no DDIM steps; the pixel methods no model and no model window.
+        self.ui.stepsSpinBox.setEnabled(node.method in (Method.CALID, Method.CALID_PLUS))
+        self.ui.modelComboBox.setEnabled(needs_model)
+        self.ui.centreOnHeartCheckBox.setEnabled(needs_model)
         # The other methods are deterministic functions of the neighbours, (nearly) the same in any orientation.
         self.ui.ttaCheckBox.setEnabled(node.method in (Method.CALID, Method.CALID_PLUS))
         self.ui.seedSpinBox.setEnabled(node.method == Method.CALID)
@@ -346,7 +349,9 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 result = self.logic.finish_background(job["node"], background, job["options"], segmentation_failure)
             self.logic.show(result)
             self.ui.statusLabel.text = f"Done: {result.output_node.GetName()}" + self.logic.ejection_fractions(result)
-            warnings = job["warnings"] + list(result.warnings)
+            from CaLIDSlicerLib.logic import in_panel_words
+
+            warnings = in_panel_words(background, job["warnings"] + list(result.warnings), job["node"].GetName())
             if warnings:
                 self.ui.statusLabel.text += " (with warnings: see the message)"
                 slicer.util.warningDisplay("\n\n".join(warnings), windowTitle="CaLID")

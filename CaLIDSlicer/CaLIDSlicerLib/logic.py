@@ -299,6 +299,25 @@ class BackgroundJob:
             self.stop_file.touch()
 
 
+def in_panel_words(job: BackgroundJob, messages: list[str], input_name: str) -> list[str]:
+    """The workers' messages as the panel shows them: their temporary files named by what they
+    hold (the input node, the dense output), each message once."""
+    names = {
+        job.folder / WORKER_INPUT: f"the input '{input_name}'",
+        job.folder / WORKER_OUTPUT: "the dense output",
+        job.folder / WORKER_DENSE_LABELS: "the dense output's labels",
+        job.folder / WORKER_ACQUIRED_LABELS: "the acquired slices' labels",
+    }
+    shown: list[str] = []
+    for message in messages:
+        for path, name in names.items():
+            message = message.replace(str(path), name)
+        message = message.replace(str(job.folder), "the work folder")
+        if message not in shown:
+            shown.append(message)
+    return shown
+
+
 def check_model_available(options: UpsamplingOptions) -> None:
     """Refuse, in the panel's words, a model-based method with no model chosen and none installed
     (before any file is written or worker started: the worker's message speaks of command options)."""

@@ -592,6 +592,21 @@ def test_a_frame_the_cine_lacks_is_refused_in_the_panels_words_before_anything_i
     assert list(tmp_path.iterdir()) == []
 
 
+def test_worker_messages_name_the_nodes_not_the_temporary_files(scene, phantom):
+    """A segmentation worker warns about its input file; the panel says which node that is, once."""
+    import shutil
+
+    from CaLIDSlicerLib.logic import UpsamplingOptions, in_panel_words, prepare_background
+
+    sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
+    job = prepare_background(sequence, UpsamplingOptions(factor=2, mode="linear"))
+    shutil.rmtree(job.folder)
+    warning = f"{job.folder / 'input.nii'} carries no geometry (all spacings exactly 1 mm)"
+    shown = in_panel_words(job, [warning, warning, f"{job.folder / 'dense.nii'}: made from slices 10 mm apart"], "cine")
+    assert shown == ["the input 'cine' carries no geometry (all spacings exactly 1 mm)", "the dense output: made from slices 10 mm apart"]
+    assert all(str(job.folder) not in message for message in shown)
+
+
 def test_gpus_are_listed_without_loading_pytorch_into_the_calling_process():
     """The panel fills its Device choice in Slicer's own process: that must not load PyTorch (seconds, and CUDA)."""
     probe = "import sys; from CaLIDSlicerLib.dependencies import cuda_devices; devices = cuda_devices(); print('torch' in sys.modules, devices)"
