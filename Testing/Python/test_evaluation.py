@@ -381,3 +381,17 @@ def test_bad_task_options_are_refused_before_any_task_runs(tmp_path, options, me
     with pytest.raises(InputError, match=re.escape(message)):
         evaluate(EvaluationConfig(data=("phantom:1",), out_dir=str(out), model="untrained:tiny", methods=("calid",), **options))
     assert not out.exists()
+
+
+def test_pooling_a_subjects_volumes_weights_each_metric_by_the_slices_it_was_measured_on():
+    """ED and ES volumes of one subject: a distance that exists on 1 of 7 slices of one volume must
+    count as 1 slice, not 7, against a volume where it exists on all 7."""
+    from calid.evaluation.harness import pool_by_subject
+
+    rows = [
+        {"subject": "P1", "method": "linear", "slices": 7, "dice": 0.8, "hd95_mm": 20.0, "slices dice": 7, "slices hd95_mm": 1},
+        {"subject": "P1", "method": "linear", "slices": 7, "dice": 0.6, "hd95_mm": 4.0, "slices dice": 7, "slices hd95_mm": 7},
+    ]
+    [pooled] = pool_by_subject(rows, ("method",), ("dice", "hd95_mm"), weight="slices")
+    assert pooled["dice"] == pytest.approx(0.7) and pooled["slices"] == 14
+    assert pooled["hd95_mm"] == pytest.approx((20.0 * 1 + 4.0 * 7) / 8) and pooled["slices hd95_mm"] == 8

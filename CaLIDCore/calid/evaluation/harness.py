@@ -350,8 +350,13 @@ def pool_by_subject(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Se
             merged[weight] = int(weights.sum())
         for metric in metrics:
             values = np.asarray([m.get(metric, float("nan")) for m in members], dtype=np.float64)
+            # A metric undefined on some slices (a distance where a structure is absent) is weighted by the slices it has.
+            counted = f"{weight} {metric}" if weight and all(f"{weight} {metric}" in m for m in members) else None
+            metric_weights = np.asarray([m[counted] for m in members], dtype=np.float64) if counted else weights
+            if counted:
+                merged[counted] = int(metric_weights.sum())
             ok = np.isfinite(values)
-            merged[metric] = float(np.average(values[ok], weights=weights[ok])) if ok.any() and weights[ok].sum() > 0 else float("nan")
+            merged[metric] = float(np.average(values[ok], weights=metric_weights[ok])) if ok.any() and metric_weights[ok].sum() > 0 else float("nan")
         pooled.append(merged)
     return pooled
 
@@ -819,7 +824,11 @@ class Evaluation:
                                 scores[value][metric].append(values[metric])
                 for value, name in STRUCTURES.items():
                     per_subject.append(
-                        {"subject": subject.subject, "volume": subject.name, "method": method, "structure": name, "slices": len(scores[value]["dice"]), **{m: _nanmean(scores[value][m]) for m in SEG_METRICS}}
+                        {
+                            "subject": subject.subject, "volume": subject.name, "method": method, "structure": name, "slices": len(scores[value]["dice"]),
+                            **{m: _nanmean(scores[value][m]) for m in SEG_METRICS},
+                            **{f"slices {m}": int(np.isfinite(np.asarray(scores[value][m], dtype=np.float64)).sum()) for m in SEG_METRICS},
+                        }
                     )
         per_volume = per_subject
         per_subject = pool_by_subject(per_volume, ("method", "structure"), SEG_METRICS, weight="slices")
@@ -854,6 +863,11 @@ class Evaluation:
         notes = []
         if INVERSION_SLERP in self.methods:
             notes.append("inversion-slerp is a single-gap baseline and is not run through the bisection engine in Task 4.")
+        if any(engine_mode(m)[0] not in PIXEL_METHODS for m in methods):
+            notes.append(
+                "PSNR / SSIM over the whole field of view, as `calid upsample` writes it: the model methods generate new slices inside the "
+                "model's crop around the heart and interpolate them linearly outside it (Task 1 scores the crop only)."
+            )
         factor = self.config.factor
         per_subject: list[dict[str, Any]] = []
         for i in range(self.config.phantoms):

@@ -215,7 +215,7 @@ def compare_with_acquired(dense: CineStack, acquired: CineStack) -> dict[str, An
         per_frame.append({"frame": frame, "stack_frame": dense_frame, "psnr_db": psnr, "ssim": ssim, "ncc": ncc})
     return {
         "covered_pixels": int(inside.sum()),
-        "frames_matched_by": frame_matching(dense, acquired),
+        "frames_matched_by": frame_matching(acquired, dense) if dense.n_frames < t else frame_matching(dense, acquired),  # as paired above
         "psnr_db": float(np.mean([f["psnr_db"] for f in per_frame])),
         "ssim": float(np.mean([f["ssim"] for f in per_frame])),
         "ncc": float(np.mean([f["ncc"] for f in per_frame])),
