@@ -273,15 +273,20 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         process.connect("errorOccurred(QProcess::ProcessError)", self.onProcessError)
         self.process = process
         self.ui.progressBar.setValue(0)
-        self.ui.statusLabel.text = f"{stage.label}: starting..."
+        self.ui.statusLabel.text = f"{self.stageName()}: starting..."
         process.start(stage.command[0], stage.command[1:])
+
+    def stageName(self) -> str:
+        """``Step 2 of 3, segmenting the dense volume``: the progress bar restarts with each stage."""
+        stages = self.job["background"].stages
+        label = stages[self.job["stage"]].label
+        return label if len(stages) == 1 else f"Step {self.job['stage'] + 1} of {len(stages)}, {label[0].lower()}{label[1:]}"
 
     def onOutput(self) -> None:
         from CaLIDSlicerLib.process import parse_progress
 
         if self.process is None:
             return
-        stage = self.job["background"].stages[self.job["stage"]]
         # Reads arrive in arbitrary chunks: keep an unfinished last line for the next read.
         text = self.job.get("pending", "") + bytes(self.process.readAllStandardOutput()).decode(errors="replace")
         *lines, self.job["pending"] = text.split("\n")
@@ -289,7 +294,7 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             update = parse_progress(line)
             if update and update["total"]:
                 self.ui.progressBar.setValue(int(100 * update["done"] / update["total"]))
-                self.ui.statusLabel.text = f"{stage.label}: {update['message']}" if update["message"] else stage.label
+                self.ui.statusLabel.text = f"{self.stageName()}: {update['message']}" if update["message"] else self.stageName()
             elif line.strip():
                 self.ui.statusLabel.text = line.strip()
 
