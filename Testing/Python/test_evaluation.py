@@ -395,3 +395,18 @@ def test_pooling_a_subjects_volumes_weights_each_metric_by_the_slices_it_was_mea
     [pooled] = pool_by_subject(rows, ("method",), ("dice", "hd95_mm"), weight="slices")
     assert pooled["dice"] == pytest.approx(0.7) and pooled["slices"] == 14
     assert pooled["hd95_mm"] == pytest.approx((20.0 * 1 + 4.0 * 7) / 8) and pooled["slices hd95_mm"] == 8
+
+
+def test_a_volume_with_too_few_slices_is_left_out_with_a_warning_not_the_whole_run(tmp_path, small_phantom):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_stack(small_phantom.sparse, folder / "subj01_4d.nii.gz")
+    two = small_phantom.sparse.with_data(small_phantom.sparse.data[:, :2])
+    write_stack(two, folder / "subj02_4d.nii.gz")
+    config = EvaluationConfig(data=(str(folder),), out_dir=str(tmp_path / "out"), frames="all")
+    with pytest.warns(UserWarning, match="subj02_4d.nii.gz: not evaluated: 2 slice"):
+        subjects = load_evaluation_subjects(config)
+    assert [s.subject for s in subjects] == ["subj01"]
+    (folder / "subj01_4d.nii.gz").unlink()
+    with pytest.warns(UserWarning), pytest.raises(InputError, match="no volume with 3 or more slices"):
+        load_evaluation_subjects(config)

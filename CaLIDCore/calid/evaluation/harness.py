@@ -284,7 +284,10 @@ def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: f
             )
         else:
             assert path is not None
-            stack = read_stack(path, min_slices=3)
+            stack = read_stack(path, min_slices=1)
+            if stack.n_slices < 3:  # a localiser or a single long-axis image among the cines: nothing to predict
+                warnings.warn(f"{path}: not evaluated: {stack.n_slices} slice(s), and a slice is predicted from two neighbours", stacklevel=2)
+                continue
             name = path.name.split(".")[0]
             if subject not in name:
                 name = f"{subject}_{name}"  # one folder per subject with generic file names (P001/sa.nii.gz)
@@ -297,6 +300,8 @@ def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: f
             if stack.n_frames > 1:
                 volume.cardiac_phases = {k: v for k, v in cardiac_phases(path, subject).items() if v < stack.n_frames}
         volumes.append(_select_frames(volume, config.frames))
+    if not volumes:
+        raise InputError(", ".join(config.data), "no volume with 3 or more slices to evaluate")
     return _without_repeated_volumes(volumes)
 
 
