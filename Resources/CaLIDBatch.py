@@ -121,6 +121,10 @@ def main(argv: list[str], scene: Any) -> int:
         return 2
     for path in written:
         print(path)
+    kept = {Path(path).resolve() for path in written}
+    for path in outputs.values():
+        if path.resolve() not in kept:
+            path.unlink(missing_ok=True)  # an earlier run's (--overwrite): it would sit beside this run's files as if it were theirs
     if not args.no_segmentation and result.labels is None:
         print("CaLIDBatch: the dense stack was written, but the segmentation failed (see the warning above)", file=sys.stderr)
         return SEGMENTATION_FAILED
@@ -134,11 +138,9 @@ SEGMENTATION_FAILED = 3
 def _input_name(path: str) -> str:
     """The input's name for the output files: its file name without the image suffix; a DICOM folder
     named by UID (1.2.840...) keeps its whole name."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".seq.nrrd", ".nii", ".nrrd", ".nhdr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    from calid.data.io import image_stem
+
+    return image_stem(path)
 
 
 if __name__ == "__main__":

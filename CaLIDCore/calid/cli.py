@@ -443,7 +443,14 @@ def _cmd_lax(args: argparse.Namespace) -> int:
         labels = _read_labels(args.labels) if args.labels else None
     else:
         labels = _labels_for(args, image)
-    # Labels of other frames (e.g. of one phase only, from calid segment --frames): the phase of the shown frame.
+    # Labels of other frames (e.g. of one phase only, from calid segment --frames): the phase of the shown frame,
+    # found by trigger time. Without times, only labels of one frame or of every frame say which phase they hold.
+    if labels is not None and labels.n_frames not in (1, image.n_frames) and frame_matching(labels, image) != "trigger time":
+        raise InputError(
+            args.labels or "labels",
+            f"has {labels.n_frames} frames, the image {image.n_frames}, and no frame times to tell which phases they are: "
+            "give labels of every frame, or of the shown frame only (calid segment --frames N)",
+        )
     label_frame = None if labels is None else matching_frame(labels, image, frame)
     if labels is not None and labels.n_frames != image.n_frames:
         print(f"note: the labels have {labels.n_frames} frame(s), the image {image.n_frames}: planes and outlines come from label frame {label_frame} "
@@ -521,12 +528,9 @@ def _frames_of_one_cine(inputs: list[tuple[str, Any]]) -> Any:
 
 
 def _file_stem(path: str | os.PathLike[str]) -> str:
-    """A file's name without its image suffix (P001.ed.nii.gz -> P001.ed)."""
-    name = Path(path).name
-    for suffix in (".nii.gz", ".seq.nrrd", ".nii", ".nrrd", ".nhdr"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    from calid.data.io import image_stem
+
+    return image_stem(path)
 
 
 def _distinct_names(paths: Sequence[str], what: str, taken: Sequence[str] = ()) -> list[str]:

@@ -131,6 +131,7 @@ def _remove_output(scene: Any, result: UpsamplingResult) -> None:
 def _remove_with_its_helpers(scene: Any, node: Any) -> None:
     helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())] if hasattr(node, "GetNumberOfDisplayNodes") else []
     helpers += [node.GetStorageNode()] if hasattr(node, "GetStorageNode") else []
+    helpers += [node.GetNthPlotSeriesNode(i) for i in range(node.GetNumberOfPlotSeriesNodes())] if hasattr(node, "GetNumberOfPlotSeriesNodes") else []  # a chart's curves
     for helper in helpers:
         if helper is not None:
             scene.RemoveNode(helper)
@@ -204,8 +205,9 @@ def _segment_and_measure_or_warn(
         _measure(scene, result, options, dense_labels, acquired_labels)
     except Cancelled:
         raise
-    except CalidError as error:
-        _drop_segmentation(scene, result, f"The dense volume was made, but segmentation, long-axis planes and volumes were skipped: {error}")
+    except Exception as error:  # noqa: BLE001 - also a network's own error (out of GPU memory ...): the dense output stays
+        reason = str(error) if isinstance(error, CalidError) else f"{type(error).__name__}: {error}"
+        _drop_segmentation(scene, result, f"The dense volume was made, but segmentation, long-axis planes and volumes were skipped: {reason}")
 
 
 def _drop_segmentation(scene: Any, result: UpsamplingResult, warning: str) -> None:

@@ -98,6 +98,13 @@ def test_single_frame_copies_beside_a_subjects_cine_are_not_scored_twice(tmp_pat
         subjects = load_evaluation_subjects(EvaluationConfig(data=(str(tmp_path),), out_dir=str(tmp_path / "out")))
     assert [s.name for s in subjects] == ["patient001_4d"]
     assert subjects[0].frames == [0]  # its labelled ED frame, found from the frame file's labels
+    # A labelled volume of the subject that is not a copy of a cine frame (another grid, another scan) stays.
+    other = small_phantom.sparse.select_frames([0])
+    write_stack(other.with_data(other.data[:, :, ::-1].copy()), folder / "patient001_sa_ed.nii.gz")
+    write_stack(small_phantom.sparse_labels.select_frames([0]), folder / "patient001_sa_ed_gt.nii.gz", dtype="uint8")
+    with pytest.warns(UserWarning, match="patient001_frame01"):
+        names = [s.name for s in load_evaluation_subjects(EvaluationConfig(data=(str(tmp_path),), out_dir=str(tmp_path / "out")))]
+    assert names == ["patient001_4d", "patient001_sa_ed"]
 
 
 def test_interpolate_slices_is_the_engine_on_one_gap(small_phantom):

@@ -177,6 +177,13 @@ def test_cli_lax_with_labels_of_one_phase_a_plane_beside_the_heart_and_same_name
     compared = json.loads((tmp_path / "lax" / "planes.json").read_text())["compared_frames"]
     assert sorted(compared) == ["a/dense", "b/dense"]
 
+    # Labels of two phases, with no frame times on either file to say which: refused, not guessed.
+    untimed = write_stack(phantom.dense.with_data(phantom.dense.data, frame_times_ms=None), tmp_path / "untimed.nii.gz", dtype="int16")
+    two = write_stack(phantom.dense_labels.select_frames([0, es]).with_data(phantom.dense_labels.data[[0, es]], frame_times_ms=None), tmp_path / "two.nii.gz", dtype="uint8")
+    assert read_stack(untimed).frame_times_ms is None and read_stack(two).frame_times_ms is None
+    guessed = run_calid("lax", str(untimed), "--labels", str(two), "--frame", str(es), "--out", str(tmp_path / "guessed"))
+    assert guessed.returncode == 2 and "no frame times to tell which phases" in guessed.stderr
+
     # A plane 300 mm away from the heart (coordinates from another study, or LPS typed as RAS): refused, nothing written.
     far = phantom.dense.index_to_physical([32, 32, 30]) * [-1, -1, 1] + [0, 0, 300]
     beside = run_calid("lax", str(image), "--out", str(tmp_path / "far"), "--plane-ras", ";".join(",".join(f"{v:.4f}" for v in p) for p in (far, (0, 0, 1), (1, 0, 0))))

@@ -258,6 +258,11 @@ def test_batch_script_code_path(scene, phantom, tmp_path, monkeypatch):
     failed = [str(source), str(tmp_path / "out5"), "--factor", "2", "--mode", "linear", "--frames", "0", "--segmentation-model", str(tmp_path / "none.safetensors")]
     assert batch.main(failed, scene) == batch.SEGMENTATION_FAILED
     assert [p.name for p in (tmp_path / "out5").iterdir()] == ["cine_linear_x2.nii.gz"]
+    # Again with --overwrite over a complete earlier run: its labels, volumes and planes go, not to sit beside the new stack.
+    complete = [str(source), str(tmp_path / "out5"), "--factor", "2", "--mode", "linear", "--frames", "0", "--overwrite"]
+    assert batch.main(complete, scene) == 0 and len(list((tmp_path / "out5").iterdir())) == 4
+    assert batch.main(failed + ["--overwrite"], scene) == batch.SEGMENTATION_FAILED
+    assert [p.name for p in (tmp_path / "out5").iterdir()] == ["cine_linear_x2.nii.gz"]
     assert batch.main([str(tmp_path / "missing.nii.gz"), str(tmp_path / "out2")], scene) == 2
     bad = [str(source), str(tmp_path / "out3"), "--factor", "2", "--model", "untrained:tiny", "--device", "cpu", "--placeholder-spacing", "huge"]
     assert batch.main(bad, scene) == 2 and not (tmp_path / "out3").exists()  # refused before anything is made
@@ -623,10 +628,11 @@ def test_a_failure_after_the_output_was_added_takes_it_out_again(scene, phantom)
     sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
     before = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
     on_a_line = ((0.0, 0.0, 0.0), (10.0, 0.0, 0.0), (20.0, 0.0, 0.0))
-    with pytest.raises(InputError, match="plane user"):
-        upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=False, plane_points_lps=on_a_line))
-    after = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
-    assert after == before, f"left behind: {[scene.GetNodeByID(node_id).GetName() for node_id in after - before]}"
+    for segment in (False, True):  # with the segmentation, its table, chart and the chart's curves go too
+        with pytest.raises(InputError, match="plane user"):
+            upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", segment=segment, plane_points_lps=on_a_line))
+        after = {scene.GetNthNode(index).GetID() for index in range(scene.GetNumberOfNodes())}
+        assert after == before, f"left behind: {[scene.GetNodeByID(node_id).GetClassName() for node_id in after - before]}"
 
 
 def test_labels_without_a_right_ventricle_keep_their_volumes_without_long_axis_planes(scene, phantom):

@@ -41,6 +41,19 @@ def detect_format(path: str | os.PathLike[str], for_writing: bool = False) -> st
     raise InputError(path, f"unknown file type; use {SUPPORTED_FORMATS_TEXT}")
 
 
+#: File name endings of the images calid reads and writes (longest first).
+IMAGE_SUFFIXES = (".nii.gz", ".seq.nrrd", ".nii", ".nrrd", ".nhdr")
+
+
+def image_stem(path: str | os.PathLike[str]) -> str:
+    """A file's name without its image suffix (P001.ed.nii.gz -> P001.ed; a DICOM folder keeps its name)."""
+    name = Path(path).name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def read_stack(
     path: str | os.PathLike[str],
     series: str | int | None = None,

@@ -48,7 +48,7 @@ from scipy import stats
 
 from calid.atomic import atomic_path
 from calid.data.datasets import find_image_files, subject_id
-from calid.data.io import read_stack
+from calid.data.io import image_stem, read_stack
 from calid.data.phantom import Phantom, PhantomConfig, make_phantom
 from calid.data.preprocess import PreprocessConfig, PreprocessParams, preprocess, undo_preprocess
 from calid.data.stack import CineStack, fixed_placeholder_mm
@@ -288,7 +288,7 @@ def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: f
             if stack.n_slices < 3:  # a localiser or a single long-axis image among the cines: nothing to predict
                 warnings.warn(f"{path}: not evaluated: {stack.n_slices} slice(s), and a slice is predicted from two neighbours", stacklevel=2)
                 continue
-            name = path.name.split(".")[0]
+            name = image_stem(path)
             if subject not in name:
                 name = f"{subject}_{name}"  # one folder per subject with generic file names (P001/sa.nii.gz)
             labels = _read_labels(path, stack, config, subject)
@@ -311,11 +311,19 @@ def _without_repeated_volumes(volumes: list[EvalSubject]) -> list[EvalSubject]:
     ACDC's own layout keeps each subject's cine beside single-frame copies of its ED and ES
     frames (``patient001_4d`` and ``patient001_frame01``): those copies would score the same
     slices twice, so a subject's single-frame volumes are dropped when it has a cine."""
-    with_cine = {v.subject for v in volumes if v.stack.n_frames > 1}
-    dropped = [v.name for v in volumes if v.subject in with_cine and v.stack.n_frames == 1]
+    cines = [v for v in volumes if v.stack.n_frames > 1]
+
+    def copy_of_a_cine_frame(volume: EvalSubject) -> bool:
+        return volume.stack.n_frames == 1 and any(
+            cine.subject == volume.subject and cine.stack.shape[1:] == volume.stack.shape[1:] and cine.stack.same_geometry(volume.stack)
+            and any(np.array_equal(frame, volume.stack.data[0]) for frame in cine.stack.data)
+            for cine in cines
+        )
+
+    dropped = [v.name for v in volumes if copy_of_a_cine_frame(v)]
     if dropped:
         warnings.warn(f"not evaluated separately, their subjects' cines hold the same frames: {', '.join(dropped)}", stacklevel=2)
-    kept = [v for v in volumes if not (v.subject in with_cine and v.stack.n_frames == 1)]
+    kept = [v for v in volumes if v.name not in dropped]
     names = [v.name for v in kept]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -505,7 +513,7 @@ class Evaluation:
             if self.temporal_pipeline.model is None or not self.temporal_pipeline.model.config.temporal:
                 raise InputError("--temporal-model", f"{config.temporal_model} is not a 2D+T model")
         self.preprocess_config: PreprocessConfig = self._crop_preprocessing()
-        if 2 in config.tasks and self.pipeline.model is not None:
+        if 2 in config.tasks and self.pipeline.model is not None and any(engine_mode(m)[0] in ("calid", "calid+") for m in config.methods):
             for steps in config.sweep_steps:  # checked against the schedule now, not after hours of Task 1
                 try:
                     self.pipeline._steps(int(steps))
@@ -545,6 +553,8 @@ class Evaluation:
         from calid.models.registry import UNTRAINED_PREFIX, default_model, resolve_model
 
         name = self.config.model
+        if name in PIXEL_METHODS:  # --model registration / linear: no network, as no model named
+            name = None
         if not name:
             installed = default_model("calid")
             return named_config("small").preprocess if installed is None else self._crop_of(resolve_model(None))
@@ -724,7 +734,7 @@ class Evaluation:
             notes.append(
                 f"Every method is scored on the same {crop.crop_size[1]} x {crop.crop_size[0]} pixel crop around the heart"
                 + (f" at {crop.target_spacing_mm:g} mm pixels" if crop.target_spacing_mm else "")
-                + " (the model's preprocessing; the `small` configuration's when no model is named): compare with reports made on the same crop."
+                + " (the model's preprocessing; the `small` configuration's when no model is named or installed): compare with reports made on the same crop."
             )
         fractions = [triplets[s.name].scored_fraction for s in subjects if len(triplets[s.name].truth)]
         scored_fraction = float(np.mean(fractions)) if fractions else float("nan")
