@@ -279,6 +279,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     stack = read_stack(source, series=args.series)
     if not args.quiet:
         _print_reading_note(stack)
+    _warn_if_labels(stack, source)
     frames = parse_frames(args.frames, stack.n_frames)
     args.steps = pipeline.default_steps if args.steps is None else args.steps
     if args.mode in PIXEL_MODES and (args.centre_on_heart or centre is not None):
@@ -350,6 +351,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = _load_segmenter(args.model, args.device)
     stack = read_stack(source, series=args.series)
+    _warn_if_labels(stack, source)
     if stack.has_placeholder_spacing:
         print(
             f"WARNING: {source} carries no geometry (all spacings exactly 1 mm, the NIfTI default): the segmenter sees 1 mm pixels, "
@@ -406,7 +408,7 @@ SPARSE_SLICE_SPACING_MM = 5.0
 def _view(name: str, stack: Any, plane: Any, spacing: float) -> tuple[str, Any]:
     from calid.geometry.reslice import reslice
 
-    if stack.slice_spacing >= SPARSE_SLICE_SPACING_MM:
+    if stack.slice_spacing >= SPARSE_SLICE_SPACING_MM and "upsampling" not in stack.metadata:  # an upsampled stack is shown as made
         return f"{name} (acquired slices)", reslice(stack, plane, spacing, through_plane="nearest")
     return name, reslice(stack, plane, spacing)
 
@@ -417,7 +419,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     from calid.atomic import atomic_path
     from calid.data.io import read_stack, write_stack
     from calid.geometry.planes import Plane, standard_planes
-    from calid.geometry.reslice import compare_with_acquired, frame_matching, matching_frame, reslice, save_plane_png
+    from calid.geometry.reslice import compare_with_acquired, frame_matching, matching_frame, resample_onto, save_plane_png
 
     if not args.spacing > 0:
         raise InputError("--spacing", f"the reslice pixel size must be a positive number of mm, got {args.spacing}")
@@ -444,8 +446,9 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     else:
         labels = _labels_for(args, image)
     # Labels of other frames (e.g. of one phase only, from calid segment --frames): the phase of the shown frame,
-    # found by trigger time. Without times, only labels of one frame or of every frame say which phase they hold.
-    if labels is not None and labels.n_frames not in (1, image.n_frames) and frame_matching(labels, image) != "trigger time":
+    # found by trigger time or recorded frame numbers. Without either, only labels of one frame or of every frame
+    # say which phase they hold.
+    if labels is not None and labels.n_frames not in (1, image.n_frames) and frame_matching(labels, image) not in ("trigger time", "recorded frame numbers"):
         raise InputError(
             args.labels or "labels",
             f"has {labels.n_frames} frames, the image {image.n_frames}, and no frame times to tell which phases they are: "
@@ -462,8 +465,11 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     for name, views in views_of_planes.items():
         if views[0][1].metadata["covered_fraction"] == 0.0:
             raise InputError(f"plane {name}", f"does not cross the image {args.input}: check the coordinates (RAS millimetres, as Slicer shows them)")
-    out = _output_folder(args.out)  # once the images are read and the frame and planes checked: no empty folder on a mistake
     summary: dict[str, Any] = {"coordinates": "LPS mm (RAS in the *_ras entries)", "planes": {}}
+    if args.acquired_lax:  # compared before anything is written: an image that does not fit leaves no half-made folder
+        acquired = read_stack(args.acquired_lax, min_slices=1)
+        summary["comparison_with_acquired"] = {n: compare_with_acquired(s, acquired) for n, s in [("input", image), *others]}
+    out = _output_folder(args.out)  # once the images are read and the frame and planes checked: no empty folder on a mistake
     # The compared cines may have other frame counts: each shows the frame of the same cardiac phase.
     view_frames = [frame] + [matching_frame(stack, image, frame) for _, stack in others]
     if others:
@@ -471,14 +477,12 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     for name, plane in planes.items():
         tag = name.replace(" ", "-")
         views = views_of_planes[name]
-        outline = reslice(labels.select_frames([label_frame]), plane, args.spacing, order=0) if labels is not None and labels.same_geometry(image) else None
+        outline = resample_onto(labels.select_frames([label_frame]), views[0][1]) if labels is not None else None  # labels on any grid
         write_stack(views[0][1], out / f"{tag}.nii.gz")
         png = save_plane_png(views, out / f"{tag}.png", frame=view_frames, labels=outline, title=f"{name} plane, frame {frame}")
         summary["planes"][name] = {"centre": plane.centre.tolist(), "normal": plane.normal.tolist(), "u": plane.u.tolist(), **{f"{k}_ras": v for k, v in plane.to_ras().items()}}
         print(f"  {name:15s} {png}")
     if args.acquired_lax:
-        acquired = read_stack(args.acquired_lax)
-        summary["comparison_with_acquired"] = {n: compare_with_acquired(s, acquired) for n, s in [("input", image), *others]}
         for n, result in summary["comparison_with_acquired"].items():
             print(f"  vs {Path(args.acquired_lax).name}: {n}: PSNR {result['psnr_db']:.2f} dB, SSIM {result['ssim']:.3f}, NCC {result['ncc']:.3f} (frames matched by {result['frames_matched_by']})")
     with atomic_path(out / "planes.json") as tmp:
@@ -571,7 +575,8 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
         s = result.summary
         print(
             f"{name}: ED frame {result.ed_frame}, ES frame {result.es_frame}; LV EDV {s['lv_edv_ml']:.1f} ml, ESV {s['lv_esv_ml']:.1f} ml, "
-            f"SV {s['lv_sv_ml']:.1f} ml, EF {s['lv_ef_percent']:.1f} %, mass {s['lv_mass_ed_g']:.1f} g; RV EDV {s['rv_edv_ml']:.1f} ml, EF {s['rv_ef_percent']:.1f} %"
+            f"SV {s['lv_sv_ml']:.1f} ml, EF {s['lv_ef_percent']:.1f} %, mass {s['lv_mass_ed_g']:.1f} g; RV (ED frame {result.rv_ed_frame}, ES frame {result.rv_es_frame}) "
+            f"EDV {s['rv_edv_ml']:.1f} ml, ESV {s['rv_esv_ml']:.1f} ml, EF {s['rv_ef_percent']:.1f} % (frames counted from 0)"
         )
     print(f"  table  {csv_path}\n  plot   {png}")
     return 0
@@ -601,6 +606,15 @@ def _cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_labels(stack: Any, source: Any) -> None:
+    """A label map given where an image is expected: interpolating or segmenting it runs, and makes
+    nonsense (the average of RV cavity 1 and LV cavity 3 is myocardium 2)."""
+    data = stack.data
+    if float(data.min()) >= 0 and float(data.max()) <= 3 and np.array_equal(data, np.rint(data)):
+        print(f"WARNING: {source} holds only the values 0-3: is it a label map (segmentation) rather than an image? "
+              "Give the grey-level cine here", file=sys.stderr)
+
+
 def _print_reading_note(stack: Any) -> None:
     """What reading decided that the user should know (series combined, a transform chosen, a guess)."""
     if "geometry_note" in stack.metadata:
@@ -615,7 +629,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     stack = read_stack(source, series=args.series, min_slices=1)
     _print_reading_note(stack)
     write_stack(stack, target, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"{stack!r} -> {target}")
+    t, z, y, x = stack.shape
+    print(f"{source} -> {target}: {t} frame(s) x {z} slices of {x} x {y} pixels, {stack.spacing[0]:.4g} x {stack.spacing[1]:.4g} mm, "
+          f"{stack.slice_spacing:.4g} mm between slices; geometry and frame times kept")
     return 0
 
 
@@ -630,10 +646,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"origin (LPS mm) {', '.join(f'{v:.3f}' for v in stack.origin)}")
     print(f"slice normal    {', '.join(f'{v:.4f}' for v in stack.slice_normal)} (LPS)")
     if stack.frame_times_ms is not None and t > 1:
-        print(f"frame times     {stack.frame_times_ms[0]:.1f} .. {stack.frame_times_ms[-1]:.1f} ms ({stack.frame_interval_ms:.1f} ms apart)")
+        steps = np.diff(stack.frame_times_ms)
+        if np.allclose(steps, steps.mean(), rtol=0.01, atol=0.5):
+            print(f"frame times     {stack.frame_times_ms[0]:.1f} .. {stack.frame_times_ms[-1]:.1f} ms ({stack.frame_interval_ms:.1f} ms apart)")
+        else:  # a selection of frames (ED and ES), or an irregular acquisition: each time says more than a mean
+            print(f"frame times     {', '.join(f'{v:.1f}' for v in stack.frame_times_ms)} ms (unevenly spaced)")
+    frames = stack.metadata.get("source_frames") or stack.metadata.get("upsampling", {}).get("frames")
+    if isinstance(frames, list) and len(frames) == t:
+        print(f"frames of cine  {', '.join(str(f) for f in frames)} (counted from 0)")
     print(f"intensities     {stack.data.min():g} .. {stack.data.max():g} (stored as {stack.metadata.get('source_dtype', '?')})")
+    upsampling = stack.metadata.get("upsampling")
+    if isinstance(upsampling, dict) and upsampling.get("mode"):
+        print(f"made by calid   {upsampling['mode']} x{upsampling.get('factor', '?')}: only every {upsampling.get('factor', '?')}th slice is acquired, "
+              f"from slices {upsampling.get('input_slice_spacing_mm', '?')} mm apart")
     if "geometry_note" in stack.metadata:
         print(f"note            {stack.metadata['geometry_note']}")
+    if stack.has_placeholder_spacing:
+        print("note            all spacings are exactly 1 mm, NIfTI's default: the file has probably lost its geometry (sizes and volumes are in voxels)")
     return 0
 
 

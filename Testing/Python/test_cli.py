@@ -55,6 +55,19 @@ def test_convert_dicom_to_nifti_and_inspect(tmp_path):
     np.testing.assert_allclose(back.origin, stack.origin, atol=1e-5)
     info = run_calid("inspect", str(tmp_path / "cine.nii.gz"))
     assert info.returncode == 0 and "8.5 between slices" in info.stdout and "37.5 ms apart" in info.stdout
+    assert converted.stdout.strip().endswith("geometry and frame times kept") and "CineStack(" not in converted.stdout
+
+
+def test_inspect_lists_uneven_frame_times_the_frames_of_a_selection_and_how_a_stack_was_made(tmp_path):
+    stack = oblique_stack(frames=12, slices=4)
+    ed_es = write_stack(upsample_linear(stack.select_frames([0, 1, 10]), 2), tmp_path / "dense.nii.gz")
+    info = run_calid("inspect", str(ed_es))
+    assert info.returncode == 0, info.stderr
+    assert "12.0, 49.5, 387.0 ms (unevenly spaced)" in info.stdout and "apart)" not in info.stdout.split("frame times")[1].splitlines()[0]
+    assert "frames of cine  0, 1, 10 (counted from 0)" in info.stdout
+    assert "made by calid   linear x2" in info.stdout and "from slices 8.5 mm apart" in info.stdout
+    bare = write_stack(stack.with_data(stack.data, spacing=(1.0, 1.0, 1.0)), tmp_path / "bare.nii.gz")
+    assert "probably lost its geometry" in run_calid("inspect", str(bare)).stdout
 
 
 def test_phantom_command_writes_labels_as_integers(tmp_path):

@@ -132,3 +132,21 @@ def test_info_names_the_training_step_of_the_shipped_weights_not_a_training_leng
     printed = capsys.readouterr().out
     assert "weights         from training step 2750" in printed
     assert "2750 steps" not in printed
+
+
+def test_a_label_map_given_as_the_image_is_flagged(tmp_path, labels):
+    """Interpolating labels linearly turns RV (1) beside LV (3) into myocardium (2): say what was probably meant."""
+    source = write_stack(labels, tmp_path / "seg.nii.gz", dtype="uint8")
+    result = run_calid("upsample", str(source), str(tmp_path / "x2.nii.gz"), "--mode", "linear", "--factor", "2", "--quiet")
+    assert result.returncode == 0 and "holds only the values 0-3: is it a label map" in result.stderr
+    image = write_stack(oblique_stack(frames=1), tmp_path / "image.nii.gz")
+    fine = run_calid("upsample", str(image), str(tmp_path / "image_x2.nii.gz"), "--mode", "linear", "--factor", "2", "--quiet")
+    assert fine.returncode == 0 and "label map" not in fine.stderr
+
+
+def test_a_folder_of_nifti_files_given_as_the_input_says_to_give_one_file(tmp_path):
+    folder = tmp_path / "cines"
+    folder.mkdir()
+    write_stack(oblique_stack(frames=1), folder / "patient001_4d.nii.gz")
+    result = run_calid("upsample", str(folder), str(tmp_path / "x2.nii.gz"), "--mode", "linear")
+    assert result.returncode == 2 and "holds 1 NIfTI / NRRD image(s) (patient001_4d.nii.gz, ...): give one of them, not the folder" in result.stderr

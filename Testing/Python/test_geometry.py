@@ -8,11 +8,12 @@ import os
 import numpy as np
 import pytest
 
+from calid.data.io import read_stack, write_stack
 from calid.data.phantom import PhantomConfig, make_phantom
 from calid.data.stack import CineStack
 from calid.errors import InputError, OutputError
 from calid.geometry.planes import Plane, lv_long_axis, standard_planes, structure_centroid
-from calid.geometry.reslice import compare_with_acquired, matching_frame, reslice, save_plane_png, stack_corners
+from calid.geometry.reslice import compare_with_acquired, frame_matching, matching_frame, resample_onto, reslice, save_plane_png, stack_corners
 from calid.geometry.surfaces import enclosed_volume_ml, label_surface, read_surface, render_surfaces, surface_points, write_surface
 from calid.geometry.volumes import MYOCARDIAL_DENSITY_G_PER_ML, cardiac_function, plot_volume_curves, structure_volumes_ml, write_function_csv
 from calid.inference.baselines import upsample_linear
@@ -335,3 +336,27 @@ def test_comparison_matches_frames_of_the_same_cardiac_phase(phantom):
     assert matching_frame(phantom.dense, acquired, 1) == every_other[1]
     with pytest.raises(InputError, match="does not exist"):
         matching_frame(phantom.dense, acquired, acquired.n_frames)
+
+
+def test_a_selection_of_frames_is_paired_with_its_cine_by_recorded_frame_numbers(tmp_path):
+    """ACDC cines carry no trigger times: frame 1 of `--frames 0,11` is frame 11 of the cine, not the
+    frame at the same fraction of the cycle; the numbers survive a round trip through calid's NIfTI."""
+    cine = oblique_stack(frames=30, slices=3)
+    cine.frame_times_ms = None
+    selection = read_stack(write_stack(cine.select_frames([0, 11]), tmp_path / "ed_es.nii.gz"))
+    assert selection.frame_times_ms is None and frame_matching(selection, cine) == "recorded frame numbers"
+    assert matching_frame(cine, selection, 1) == 11 and matching_frame(selection, cine, 11) == 1 and matching_frame(selection, cine, 3) == 0
+    again = selection.select_frames([1])  # a selection of a selection keeps the cine's numbers
+    assert again.metadata["source_frames"] == [11] and matching_frame(cine, again, 0) == 11
+
+
+def test_labels_on_another_grid_are_resampled_onto_the_view(phantom):
+    """A DICOM round trip can reverse the slice order: the same anatomy on another grid outlines the same."""
+    plane = standard_planes(phantom.dense_labels, 0)["4-chamber"]
+    view = reslice(phantom.dense, plane, 1.5)
+    same_grid = reslice(phantom.dense_labels, plane, 1.5, order=0)
+    np.testing.assert_array_equal(resample_onto(phantom.dense_labels, view).data, same_grid.data)
+    reversed_labels = phantom.dense_labels.with_data(phantom.dense_labels.data[:, ::-1].copy(), origin=tuple(phantom.dense_labels.slice_origin(phantom.dense_labels.n_slices - 1)),
+                                                direction=phantom.dense_labels.direction * [1, 1, -1])  # the same anatomy, slices stored last to first
+    assert not reversed_labels.same_geometry(phantom.dense)
+    np.testing.assert_array_equal(resample_onto(reversed_labels, view).data, same_grid.data)

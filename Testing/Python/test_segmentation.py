@@ -177,12 +177,30 @@ def test_cli_lax_with_labels_of_one_phase_a_plane_beside_the_heart_and_same_name
     compared = json.loads((tmp_path / "lax" / "planes.json").read_text())["compared_frames"]
     assert sorted(compared) == ["a/dense", "b/dense"]
 
+    # An acquired long-axis cine (one slice per frame) to compare with; one the stack does not reach leaves no folder.
+    from calid.geometry.planes import Plane, standard_planes
+    from calid.geometry.reslice import reslice
+
+    plane = standard_planes(phantom.dense_labels, 0)["2-chamber"]
+    acquired = write_stack(reslice(phantom.dense, plane, 1.5), tmp_path / "acquired_2ch.nii.gz")
+    compared = run_calid("lax", str(image), "--labels", str(es_labels), "--frame", str(es), "--acquired-lax", str(acquired), "--out", str(tmp_path / "acq"))
+    assert compared.returncode == 0, compared.stderr
+    assert json.loads((tmp_path / "acq" / "planes.json").read_text())["comparison_with_acquired"]["input"]["psnr_db"] > 30
+    far = write_stack(reslice(phantom.dense, Plane("far", plane.centre + 500 * plane.normal, plane.normal, plane.u), 1.5, size_mm=(60, 60)), tmp_path / "far_2ch.nii.gz")
+    missed = run_calid("lax", str(image), "--labels", str(es_labels), "--frame", str(es), "--acquired-lax", str(far), "--out", str(tmp_path / "missed"))
+    assert missed.returncode == 2 and "does not reach" in missed.stderr and not (tmp_path / "missed").exists()
+
     # Labels of two phases, with no frame times on either file to say which: refused, not guessed.
     untimed = write_stack(phantom.dense.with_data(phantom.dense.data, frame_times_ms=None), tmp_path / "untimed.nii.gz", dtype="int16")
-    two = write_stack(phantom.dense_labels.select_frames([0, es]).with_data(phantom.dense_labels.data[[0, es]], frame_times_ms=None), tmp_path / "two.nii.gz", dtype="uint8")
+    two = write_stack(phantom.dense_labels.with_data(phantom.dense_labels.data[[0, es]], frame_times_ms=None, metadata={}), tmp_path / "two.nii.gz", dtype="uint8")
     assert read_stack(untimed).frame_times_ms is None and read_stack(two).frame_times_ms is None
     guessed = run_calid("lax", str(untimed), "--labels", str(two), "--frame", str(es), "--out", str(tmp_path / "guessed"))
     assert guessed.returncode == 2 and "no frame times to tell which phases" in guessed.stderr
+    # Labels of `calid segment --frames 0,ES` record which frames they are: the shown phase is found by number.
+    recorded = write_stack(phantom.dense_labels.with_data(phantom.dense_labels.data, frame_times_ms=None, metadata={}).select_frames([0, es]), tmp_path / "recorded.nii.gz", dtype="uint8")
+    found = run_calid("lax", str(untimed), "--labels", str(recorded), "--frame", str(es), "--out", str(tmp_path / "found"))
+    assert found.returncode == 0, found.stderr
+    assert "come from label frame 1 (matched by recorded frame numbers)" in found.stderr
 
     # A plane 300 mm away from the heart (coordinates from another study, or LPS typed as RAS): refused, nothing written.
     far = phantom.dense.index_to_physical([32, 32, 30]) * [-1, -1, 1] + [0, 0, 300]

@@ -65,6 +65,9 @@ def read_dicom_folder(folder: str | os.PathLike[str], series: str | int | None =
         raise problems[0][1]
     if not images:
         detail = f" ({skipped} file(s) were not DICOM images)" if skipped else ""
+        others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.lower().endswith((".nii", ".nii.gz", ".nrrd", ".nhdr")))
+        if others:  # a folder of NIfTI / NRRD images given where one image is read
+            detail += f"; it holds {len(others)} NIfTI / NRRD image(s) ({others[0]}, ...): give one of them, not the folder"
         raise InputError(folder, f"contains no DICOM MR images{detail}{note}")
     by_series: dict[str, list[_Image]] = defaultdict(list)
     for image in images:

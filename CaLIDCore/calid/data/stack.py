@@ -234,7 +234,13 @@ class CineStack:
             if not -self.n_frames <= f < self.n_frames:
                 raise InputError(self.source, f"frame {f} does not exist (the cine has {self.n_frames} frame(s))")
         times = None if self.frame_times_ms is None else self.frame_times_ms[frames]
-        return self.with_data(self.data[frames], frame_times_ms=times)
+        selected = self.with_data(self.data[frames], frame_times_ms=times)
+        # Which frames of the acquired cine these are (kept in calid's files): a cine without trigger
+        # times can still be paired frame by frame with the whole cine or another selection.
+        numbers = self.metadata.get("source_frames")
+        numbers = numbers if isinstance(numbers, list) and len(numbers) == self.n_frames else list(range(self.n_frames))
+        selected.metadata["source_frames"] = [int(numbers[f]) for f in frames]
+        return selected
 
     def geometry_dict(self) -> dict[str, Any]:
         """Geometry as plain JSON-serialisable Python values."""

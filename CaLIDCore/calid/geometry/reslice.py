@@ -71,6 +71,17 @@ def sample_at(stack: CineStack, points: np.ndarray, order: int = 1, frames: Sequ
     return np.where(inside, values, 0.0).astype(np.float32), inside
 
 
+def resample_onto(stack: CineStack, target: CineStack, order: int = 0) -> CineStack:
+    """Every frame of ``stack`` sampled at the pixel centres of ``target`` (a one-slice reslice):
+    labels on another grid than the image (a DICOM round trip, a dense image with sparse labels)
+    outlined on its long-axis views. Nearest (``order=0``) for labels."""
+    rows, columns = target.shape[2:]
+    jj, ii = np.meshgrid(np.arange(rows), np.arange(columns), indexing="ij")
+    points = target.index_to_physical(np.stack([ii, jj, np.zeros_like(ii)], axis=-1).astype(np.float64))
+    values, _ = sample_at(stack, points, order)
+    return target.with_data(values[:, None], frame_times_ms=None)
+
+
 def reslice(stack: CineStack, plane: Plane, spacing_mm: float = 1.0, size_mm: tuple[float, float] | None = None, order: int = 1, through_plane: str = "linear") -> CineStack:
     """The stack resampled on the plane, every frame: a (T, 1, H, W) CineStack with the plane's geometry.
 
@@ -135,12 +146,23 @@ def save_plane_png(
     return save_figure(figure, path)
 
 
+def source_frames(stack: CineStack) -> list[int] | None:
+    """The frame numbers of the acquired cine that ``stack``'s frames are, when it holds some frames
+    only and recorded them (``--frames 0,11`` of calid upsample or segment, kept in calid's files), else None."""
+    for recorded in (stack.metadata.get("source_frames"), stack.metadata.get("upsampling", {}).get("frames")):
+        if isinstance(recorded, list) and len(recorded) == stack.n_frames and all(isinstance(f, int) for f in recorded):
+            return list(recorded)
+    return None
+
+
 def frame_matching(stack: CineStack, reference: CineStack) -> str:
     """How :func:`matching_frame` pairs the frames of two cines of the same heart beat."""
     if stack.n_frames == 1:
         return "single frame"
     if stack.frame_times_ms is not None and reference.frame_times_ms is not None:
         return "trigger time"
+    if source_frames(stack) is not None or source_frames(reference) is not None:
+        return "recorded frame numbers"
     return "index" if stack.n_frames == reference.n_frames else "fraction of the cycle"
 
 
@@ -161,6 +183,11 @@ def matching_frame(stack: CineStack, reference: CineStack, reference_frame: int)
     if how == "trigger time":
         assert stack.frame_times_ms is not None and reference.frame_times_ms is not None
         return int(np.argmin(np.abs(stack.frame_times_ms - reference.frame_times_ms[reference_frame])))
+    if how == "recorded frame numbers":
+        # Frames of one acquired cine: a selection (dense output of --frames) against the cine itself or another selection.
+        wanted = (source_frames(reference) or list(range(reference.n_frames)))[reference_frame]
+        numbers = np.asarray(source_frames(stack) or list(range(stack.n_frames)))
+        return int(np.argmin(np.abs(numbers - wanted)))
     return int(round(reference_frame * stack.n_frames / reference.n_frames)) % stack.n_frames
 
 
