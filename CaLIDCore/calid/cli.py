@@ -81,6 +81,24 @@ def _output_folder(path: str) -> Path:
     return folder
 
 
+#: What lax, surfaces and volumes write into their --out folder (glob patterns): an earlier run's
+#: files of these names are refused, or replaced with --overwrite, never mixed with a new run's.
+LAX_OUTPUTS = ("4-chamber.*", "2-chamber.*", "3-chamber.*", "short-axis.*", "user.*", "planes.json")
+SURFACE_OUTPUTS = ("frame[0-9][0-9][0-9]_*.vtp", "frame[0-9][0-9][0-9]_*.stl", "frame[0-9][0-9][0-9]_*.obj", "frame[0-9][0-9][0-9]_render.png")
+VOLUME_OUTPUTS = ("volumes.csv", "volume_curves.png")
+
+
+def _clear_earlier_outputs(folder: str, patterns: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse (or, with --overwrite, remove) an earlier run's outputs in ``folder``: a rerun with other
+    frames or planes would otherwise leave the old files beside the new ones, as if from this run."""
+    path = Path(folder)
+    earlier = sorted({f for pattern in patterns for f in path.glob(pattern) if f.is_file()}) if path.is_dir() else []
+    if earlier and not overwrite:
+        raise OutputError(earlier[0], f"exists from an earlier run (with {len(earlier) - 1} other file(s)); choose another --out, or give --overwrite to replace that run's files")
+    for old in earlier:
+        old.unlink()
+
+
 class _ProgressBar:
     """A tqdm bar (slices, time left) on stderr fed by the engine's ``progress(done, total, message)``."""
 
@@ -469,6 +487,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     if args.acquired_lax:  # compared before anything is written: an image that does not fit leaves no half-made folder
         acquired = read_stack(args.acquired_lax, min_slices=1)
         summary["comparison_with_acquired"] = {n: compare_with_acquired(s, acquired) for n, s in [("input", image), *others]}
+    _clear_earlier_outputs(args.out, LAX_OUTPUTS, args.overwrite)
     out = _output_folder(args.out)  # once the images are read and the frame and planes checked: no empty folder on a mistake
     # The compared cines may have other frame counts: each shows the frame of the same cardiac phase.
     view_frames = [frame] + [matching_frame(stack, image, frame) for _, stack in others]
@@ -503,6 +522,7 @@ def _cmd_surfaces(args: argparse.Namespace) -> int:
     surfaces_of = {frame: {name: label_surface(labels, value, frame) for value, name in LABELS.items()} for frame in frames}
     if not any(surface.GetNumberOfPoints() for surfaces in surfaces_of.values() for surface in surfaces.values()):
         raise InputError(args.labels, f"has no {', '.join(LABELS.values())} label in frame(s) {', '.join(map(str, frames))}: no surface written")
+    _clear_earlier_outputs(args.out, SURFACE_OUTPUTS, args.overwrite)
     out = _output_folder(args.out)  # only once there is something to write
     written = 0
     for frame, surfaces in surfaces_of.items():
@@ -568,6 +588,7 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
             )
         for warning in result.warnings:
             print(f"WARNING: {warning}", file=sys.stderr)
+    _clear_earlier_outputs(args.out, VOLUME_OUTPUTS, args.overwrite)
     out = _output_folder(args.out)
     csv_path = write_function_csv(results, out / "volumes.csv")
     png = plot_volume_curves(results, out / "volume_curves.png")
@@ -1024,6 +1045,7 @@ def build_parser() -> argparse.ArgumentParser:
     lax.add_argument("--plane-ras", metavar="C;N;U", help="one plane from its centre, normal and in-plane axis, each R,A,S (directions in RAS too)")
     lax.add_argument("--acquired-lax", help="an acquired long-axis cine: report PSNR / SSIM / NCC of each stack on its plane")
     lax.add_argument("--device", default="auto")
+    lax.add_argument("--overwrite", action="store_true", help="replace an earlier run's views in --out")
     lax.set_defaults(handler=_cmd_lax)
 
     surfaces = commands.add_parser("surfaces", help="smooth closed surfaces of every structure and frame (VTP / STL / OBJ, LPS mm)")
@@ -1032,11 +1054,13 @@ def build_parser() -> argparse.ArgumentParser:
     surfaces.add_argument("--format", default="vtp", choices=["vtp", "stl", "obj"])
     surfaces.add_argument("--frames", help="e.g. 0,11 (default: all)")
     surfaces.add_argument("--render", action="store_true", help="also write an offscreen render (PNG) per frame")
+    surfaces.add_argument("--overwrite", action="store_true", help="replace an earlier run's surfaces in --out")
     surfaces.set_defaults(handler=_cmd_surfaces)
 
     volumes = commands.add_parser("volumes", help="LV / RV volumes, EDV, ESV, SV, EF and LV mass from label files (CSV + plot)")
     volumes.add_argument("labels", nargs="+", help="label files, e.g. the sparse stack's and the dense reconstruction's")
     volumes.add_argument("--out", required=True)
+    volumes.add_argument("--overwrite", action="store_true", help="replace an earlier run's table and plot in --out")
     volumes.add_argument("--ed", type=int, help="end-diastolic frame for both ventricles (default: each ventricle's largest volume)")
     volumes.add_argument("--es", type=int, help="end-systolic frame for both ventricles (default: each ventricle's smallest volume)")
     volumes.add_argument(

@@ -150,3 +150,17 @@ def test_a_folder_of_nifti_files_given_as_the_input_says_to_give_one_file(tmp_pa
     write_stack(oblique_stack(frames=1), folder / "patient001_4d.nii.gz")
     result = run_calid("upsample", str(folder), str(tmp_path / "x2.nii.gz"), "--mode", "linear")
     assert result.returncode == 2 and "holds 1 NIfTI / NRRD image(s) (patient001_4d.nii.gz, ...): give one of them, not the folder" in result.stderr
+
+
+def test_surfaces_again_into_the_same_folder_replace_the_earlier_run_only_when_asked(tmp_path, labels):
+    source = write_stack(labels, tmp_path / "labels.nii.gz", dtype="uint8")
+    out = tmp_path / "surfaces"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    assert run_calid("surfaces", str(source), "--out", str(out), "--frames", "0,1", "--format", "stl").returncode == 0
+    again = run_calid("surfaces", str(source), "--out", str(out), "--frames", "1", "--format", "stl")
+    assert again.returncode == 2 and "exists from an earlier run" in again.stderr and "--overwrite" in again.stderr
+    replaced = run_calid("surfaces", str(source), "--out", str(out), "--frames", "1", "--format", "stl", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert "notes.txt" in names and not any(name.startswith("frame000") for name in names) and any(name.startswith("frame001") for name in names)
