@@ -162,3 +162,14 @@ def test_demo_at_the_largest_factor_scores_against_a_truth_at_every_new_slice(tm
 
     dense, truth = (read_stack(tmp_path / "demo" / f"phantom_{kind}_x32.nii.gz") for kind in ("linear", "truth"))
     assert dense.shape == truth.shape and dense.slice_spacing == pytest.approx(truth.slice_spacing)
+
+
+def test_an_upsampled_dicom_series_says_how_it_was_made_and_the_command_says_it_is_anonymised(tmp_path):
+    import pydicom
+
+    source = write_stack(oblique_stack(frames=1, slices=3), tmp_path / "cine.nii.gz")
+    done = run_calid("upsample", str(source), str(tmp_path / "dense_dicom"), "--mode", "linear", "--factor", "2", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert "new DICOM study with no patient name or ID" in done.stderr
+    first = next((tmp_path / "dense_dicom").iterdir())
+    assert pydicom.dcmread(str(first)).SeriesDescription == "CaLID linear x2"

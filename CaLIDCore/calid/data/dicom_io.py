@@ -436,7 +436,11 @@ def write_dicom_folder(
     frame_of_reference = dicom_meta.get("FrameOfReferenceUID") or generate_uid()
     series_uid = generate_uid()
     now = datetime.datetime.now()
-    description = series_description or str(stack.metadata.get("description", "CaLID"))
+    recorded = stack.metadata.get("upsampling")
+    upsampling: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
+    # How the series was made, where a viewer lists series (all CaLID outputs are otherwise alike).
+    made = f"CaLID {upsampling['mode']} x{upsampling.get('factor', '?')}" if upsampling.get("mode") else "CaLID"
+    description = series_description or str(stack.metadata.get("description", made))
     row_direction, column_direction = stack.direction[:, 0], stack.direction[:, 1]
     dicom_normal = np.cross(row_direction, column_direction)  # DICOM's slice axis, whatever the stack's handedness
     times = stack.frame_times_ms
