@@ -291,6 +291,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     fixed_placeholder_mm(args.placeholder_spacing)  # checked before anything is loaded
     if args.tta and args.mode not in ("calid", "calid+"):
         print(f"note: --tta applies to modes calid and calid+; it has no effect on mode {args.mode}", file=sys.stderr)
+    if args.steps is not None and args.mode not in ("calid", "calid+"):
+        print(f"note: --steps applies to modes calid and calid+; mode {args.mode} takes no diffusion steps", file=sys.stderr)
     started = time.perf_counter()
     pipeline = load_pipeline(args.mode if args.mode in PIXEL_MODES and args.model is None else args.model, device=args.device)
     assumed_pixel = pipeline.assumed_pixel_mm_for(args.placeholder_spacing)
@@ -310,7 +312,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
             raise InputError("--centre-on-heart", "give either --centre-on-heart or --centre-ras, not both")
         centre = heart_centre_lps(stack, frame=frames[0] if frames else 0)
         if not args.quiet:
-            print(f"centring the model's crop on the heart at R,A,S {-centre[0]:.1f},{-centre[1]:.1f},{centre[2]:.1f} mm", flush=True)
+            print(f"centring the model's crop on the heart at R,A,S {-centre[0]:.1f},{-centre[1]:.1f},{centre[2]:.1f} mm", flush=True,
+                  file=sys.stderr if args.progress == "json" else sys.stdout)
     stop_requested = _stop_requested_by(args.stop_file)
     dense = _run_upsampling(
         pipeline, stack, "json" if args.progress == "json" else not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, batch_size=args.batch_size, centre_lps=centre,
@@ -323,7 +326,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     how = f"mode {args.mode}" + ("" if args.mode in PIXEL_MODES else f", {args.steps} steps{', averaged over 8 turns/mirrors' if info.get('tta') else ''}, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
     print(
         f"{stack.n_slices} -> {dense.n_slices} slices, {stack.slice_spacing:g} -> {dense.slice_spacing:g} mm, "
-        f"{dense.n_frames} frame(s), {how}, {time.perf_counter() - started:.1f} s on {pipeline.describe()['device']}: {target}"
+        f"{dense.n_frames} frame(s), {how}, {time.perf_counter() - started:.1f} s on {pipeline.describe()['device']}: {target}",
+        file=sys.stderr if args.progress == "json" else sys.stdout,  # --progress json: stdout holds JSON lines only
     )
     if "warning" in info:
         print(f"WARNING: {info['warning']}", file=sys.stderr)
@@ -390,7 +394,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     write_stack(labels, target, dtype="uint8", overwrite=args.overwrite)
     _note_if_dicom(target)
     counts = {name: int((labels.data == value).sum()) for value, name in model.config.labels.items()}
-    print(f"{stack.n_frames} frame(s) x {stack.n_slices} slices segmented in {time.perf_counter() - started:.1f} s ({', '.join(f'{k}: {v} voxels' for k, v in counts.items())}): {target}")
+    print(f"{stack.n_frames} frame(s) x {stack.n_slices} slices segmented in {time.perf_counter() - started:.1f} s ({', '.join(f'{k}: {v} voxels' for k, v in counts.items())}): {target}",
+          file=sys.stderr if args.progress == "json" else sys.stdout)  # --progress json: stdout holds JSON lines only
     return 0
 
 

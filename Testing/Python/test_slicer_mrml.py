@@ -299,15 +299,16 @@ def test_background_process_progress_and_cancel(phantom, tmp_path):
     done = upsample_command(source, tmp_path / "dense.seq.nrrd", UpsamplingOptions(factor=2, steps=1, model="untrained:tiny", device="cpu", frames="0", tta=True))
     finished = subprocess.run(done, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
-    assert "averaged over 8 turns/mirrors" in finished.stdout
-    updates = [u for u in map(parse_progress, finished.stdout.splitlines()) if u]
+    assert "averaged over 8 turns/mirrors" in finished.stderr  # the summary line; stdout holds the JSON progress only
+    updates = [parse_progress(line) for line in finished.stdout.splitlines()]
+    assert all(updates)
     assert updates and updates[-1]["done"] == updates[-1]["total"]
     assert read_stack(tmp_path / "dense.seq.nrrd").n_slices == 2 * phantom.sparse.n_slices - 1
     default_command = upsample_command(source, tmp_path / "default.seq.nrrd", UpsamplingOptions(factor=2, model="untrained:tiny", device="cpu", frames="0"))
     assert "--steps" not in default_command  # "model default" on the panel
     by_default = subprocess.run(default_command, capture_output=True, text=True, timeout=300)
     assert by_default.returncode == 0, by_default.stderr
-    assert ", 8 steps, model untrained:tiny" in by_default.stdout  # the model's default (8 for an untrained one)
+    assert ", 8 steps, model untrained:tiny" in by_default.stderr  # the model's default (8 for an untrained one)
     assert any("UNTRAINED MODEL" in w for w in warnings_in(by_default.stderr))  # what the panel shows after the run
     # frames counted from the end (a value starting with a minus sign must not read as an option)
     last_two = subprocess.run(upsample_command(source, tmp_path / "last.seq.nrrd", UpsamplingOptions(factor=2, mode="linear", device="cpu", frames="-2,-1")),
