@@ -348,6 +348,10 @@ def test_a_selection_of_frames_is_paired_with_its_cine_by_recorded_frame_numbers
     assert matching_frame(cine, selection, 1) == 11 and matching_frame(selection, cine, 11) == 1 and matching_frame(selection, cine, 3) == 0
     again = selection.select_frames([1])  # a selection of a selection keeps the cine's numbers
     assert again.metadata["source_frames"] == [11] and matching_frame(cine, again, 0) == 11
+    # Another cine of the same beat (a long-axis cine of 25 frames, no times): paired by the fraction of the cycle.
+    long_axis = oblique_stack(frames=25, slices=1)
+    long_axis.frame_times_ms = None
+    assert matching_frame(long_axis, selection, 1) == round(11 / 30 * 25) and matching_frame(selection, long_axis, 24) == 0  # the cycle wraps round
 
 
 def test_labels_on_another_grid_are_resampled_onto_the_view(phantom):

@@ -237,9 +237,12 @@ class CineStack:
         selected = self.with_data(self.data[frames], frame_times_ms=times)
         # Which frames of the acquired cine these are (kept in calid's files): a cine without trigger
         # times can still be paired frame by frame with the whole cine or another selection.
-        numbers = self.metadata.get("source_frames")
-        numbers = numbers if isinstance(numbers, list) and len(numbers) == self.n_frames else list(range(self.n_frames))
+        stored = self.metadata.get("source_frames")
+        recorded = isinstance(stored, list) and len(stored) == self.n_frames
+        numbers: list[int] = list(stored) if recorded and stored is not None else list(range(self.n_frames))
         selected.metadata["source_frames"] = [int(numbers[f]) for f in frames]
+        # Of how many frames: the cycle fraction of each frame, to pair it with another cine of the beat.
+        selected.metadata["source_frame_count"] = int(self.metadata.get("source_frame_count", self.n_frames)) if recorded else self.n_frames
         return selected
 
     def geometry_dict(self) -> dict[str, Any]:

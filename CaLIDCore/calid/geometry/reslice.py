@@ -155,6 +155,19 @@ def source_frames(stack: CineStack) -> list[int] | None:
     return None
 
 
+def _cycle_fractions(stack: CineStack, other: CineStack) -> np.ndarray:
+    """Where each frame lies in the cardiac cycle (0 to 1): its number in the cine it was selected
+    from over that cine's frame count, or its own index over its count. A record without the count
+    (older files) is taken as frames of ``other``, when that is a whole cine."""
+    numbers = source_frames(stack)
+    if numbers is None:
+        return np.arange(stack.n_frames) / stack.n_frames
+    count = stack.metadata.get("source_frame_count")
+    if not isinstance(count, int) or count <= max(numbers):
+        count = other.n_frames if source_frames(other) is None and other.n_frames > max(numbers) else max(numbers) + 1
+    return np.asarray(numbers, dtype=np.float64) / count
+
+
 def frame_matching(stack: CineStack, reference: CineStack) -> str:
     """How :func:`matching_frame` pairs the frames of two cines of the same heart beat."""
     if stack.n_frames == 1:
@@ -184,10 +197,11 @@ def matching_frame(stack: CineStack, reference: CineStack, reference_frame: int)
         assert stack.frame_times_ms is not None and reference.frame_times_ms is not None
         return int(np.argmin(np.abs(stack.frame_times_ms - reference.frame_times_ms[reference_frame])))
     if how == "recorded frame numbers":
-        # Frames of one acquired cine: a selection (dense output of --frames) against the cine itself or another selection.
-        wanted = (source_frames(reference) or list(range(reference.n_frames)))[reference_frame]
-        numbers = np.asarray(source_frames(stack) or list(range(stack.n_frames)))
-        return int(np.argmin(np.abs(numbers - wanted)))
+        # A selection of frames (the dense output of --frames 0,11) against its cine, another selection of it,
+        # or another cine of the same beat: compared as fractions of the cycle of the cine each came from.
+        wanted = _cycle_fractions(reference, stack)[reference_frame]
+        distance = np.abs(_cycle_fractions(stack, reference) - wanted)
+        return int(np.argmin(np.minimum(distance, 1.0 - distance)))  # the cycle wraps round
     return int(round(reference_frame * stack.n_frames / reference.n_frames)) % stack.n_frames
 
 
