@@ -321,7 +321,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     )
     _stop_if_requested(stop_requested, "upsampling")
     write_stack(dense, target, overwrite=args.overwrite)
-    _note_if_dicom(target)
+    _note_if_dicom(target, dense)
     info = dense.metadata["upsampling"]
     how = f"mode {args.mode}" + ("" if args.mode in PIXEL_MODES else f", {args.steps} steps{', averaged over 8 turns/mirrors' if info.get('tta') else ''}, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
     print(
@@ -392,7 +392,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         bar.close()
     _stop_if_requested(stop_requested, "segmentation")
     write_stack(labels, target, dtype="uint8", overwrite=args.overwrite)
-    _note_if_dicom(target)
+    _note_if_dicom(target, labels)
     counts = {name: int((labels.data == value).sum()) for value, name in model.config.labels.items()}
     print(f"{stack.n_frames} frame(s) x {stack.n_slices} slices segmented in {time.perf_counter() - started:.1f} s ({', '.join(f'{k}: {v} voxels' for k, v in counts.items())}): {target}",
           file=sys.stderr if args.progress == "json" else sys.stdout)  # --progress json: stdout holds JSON lines only
@@ -634,11 +634,15 @@ def _cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _note_if_dicom(target: Any) -> None:
-    """A DICOM output is a new, anonymised study: say so, so that nobody looks for it under the patient."""
+def _note_if_dicom(target: Any, stack: Any) -> None:
+    """A DICOM output is a new, anonymised study: say so, so that nobody looks for it under the patient;
+    and a left-handed stack is stored last slice first (DICOM describes right-handed stacks only)."""
     if Path(target).is_dir():
         print(f"note: {target} is a new DICOM study with no patient name or ID (CaLID does not copy them); "
               "import it with the source series' patient details if it belongs in a PACS", file=sys.stderr)
+        if not stack.is_right_handed:
+            print(f"note: {target} stores the slices in reverse order (DICOM describes right-handed stacks only): "
+                  "the same anatomy at the same positions, read back with slice 0 where the input had its last", file=sys.stderr)
 
 
 def _warn_if_labels(stack: Any, source: Any) -> None:
@@ -664,7 +668,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     stack = read_stack(source, series=args.series, min_slices=1)
     _print_reading_note(stack)
     write_stack(stack, target, dtype=args.dtype, overwrite=args.overwrite)
-    _note_if_dicom(target)
+    _note_if_dicom(target, stack)
     t, z, y, x = stack.shape
     print(f"{source} -> {target}: {t} frame(s) x {z} slices of {x} x {y} pixels, {stack.spacing[0]:.4g} x {stack.spacing[1]:.4g} mm, "
           f"{stack.slice_spacing:.4g} mm between slices; geometry and frame times kept")

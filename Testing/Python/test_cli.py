@@ -173,3 +173,8 @@ def test_an_upsampled_dicom_series_says_how_it_was_made_and_the_command_says_it_
     assert "new DICOM study with no patient name or ID" in done.stderr
     first = next((tmp_path / "dense_dicom").iterdir())
     assert pydicom.dcmread(str(first)).SeriesDescription == "CaLID linear x2"
+    assert "reverse order" not in done.stderr  # the test stack is right-handed
+    left = oblique_stack(frames=1, slices=3)
+    left = left.with_data(left.data, direction=left.direction * [1, 1, -1])
+    converted = run_calid("convert", str(write_stack(left, tmp_path / "left.nii.gz")), str(tmp_path / "left_dicom"))
+    assert converted.returncode == 0 and "stores the slices in reverse order" in converted.stderr
