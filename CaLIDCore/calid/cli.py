@@ -83,16 +83,18 @@ def _output_folder(path: str) -> Path:
 
 #: What lax, surfaces and volumes write into their --out folder (glob patterns): an earlier run's
 #: files of these names are refused, or replaced with --overwrite, never mixed with a new run's.
-LAX_OUTPUTS = ("4-chamber.*", "2-chamber.*", "3-chamber.*", "short-axis.*", "user.*", "planes.json")
+LAX_OUTPUTS = tuple(f"{tag}.{kind}" for tag in ("4-chamber", "2-chamber", "3-chamber", "short-axis", "user") for kind in ("nii.gz", "png")) + ("planes.json",)
 SURFACE_OUTPUTS = ("frame[0-9][0-9][0-9]_*.vtp", "frame[0-9][0-9][0-9]_*.stl", "frame[0-9][0-9][0-9]_*.obj", "frame[0-9][0-9][0-9]_render.png")
 VOLUME_OUTPUTS = ("volumes.csv", "volume_curves.png")
 
 
-def _clear_earlier_outputs(folder: str, patterns: tuple[str, ...], overwrite: bool) -> None:
+def _clear_earlier_outputs(folder: str, patterns: tuple[str, ...], overwrite: bool, inputs: Sequence[str | None] = ()) -> None:
     """Refuse (or, with --overwrite, remove) an earlier run's outputs in ``folder``: a rerun with other
-    frames or planes would otherwise leave the old files beside the new ones, as if from this run."""
+    frames or planes would otherwise leave the old files beside the new ones, as if from this run.
+    The command's own ``inputs`` are never among them."""
     path = Path(folder)
-    earlier = sorted({f for pattern in patterns for f in path.glob(pattern) if f.is_file()}) if path.is_dir() else []
+    given = {Path(p).resolve() for p in inputs if p}
+    earlier = sorted({f for pattern in patterns for f in path.glob(pattern) if f.is_file() and f.resolve() not in given}) if path.is_dir() else []
     if earlier and not overwrite:
         raise OutputError(earlier[0], f"exists from an earlier run (with {len(earlier) - 1} other file(s)); choose another --out, or give --overwrite to replace that run's files")
     for old in earlier:
@@ -323,7 +325,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     write_stack(dense, target, overwrite=args.overwrite)
     _note_if_dicom(target, dense)
     info = dense.metadata["upsampling"]
-    how = f"mode {args.mode}" + ("" if args.mode in PIXEL_MODES else f", {args.steps} steps{', averaged over 8 turns/mirrors' if info.get('tta') else ''}, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
+    steps = f", {args.steps} steps{', averaged over 8 turns/mirrors' if info.get('tta') else ''}" if args.mode in ("calid", "calid+") else ""
+    how = f"mode {args.mode}" + ("" if args.mode in PIXEL_MODES else f"{steps}, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
     print(
         f"{stack.n_slices} -> {dense.n_slices} slices, {stack.slice_spacing:g} -> {dense.slice_spacing:g} mm, "
         f"{dense.n_frames} frame(s), {how}, {time.perf_counter() - started:.1f} s on {pipeline.describe()['device']}: {target}",
@@ -444,7 +447,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     from calid.atomic import atomic_path
     from calid.data.io import read_stack, write_stack
     from calid.geometry.planes import Plane, standard_planes
-    from calid.geometry.reslice import compare_with_acquired, frame_matching, matching_frame, resample_onto, save_plane_png
+    from calid.geometry.reslice import compare_with_acquired, frame_matching, matching_frame, resample_onto, save_plane_png, source_frames
 
     if not args.spacing > 0:
         raise InputError("--spacing", f"the reslice pixel size must be a positive number of mm, got {args.spacing}")
@@ -473,7 +476,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     # Labels of other frames (e.g. of one phase only, from calid segment --frames): the phase of the shown frame,
     # found by trigger time or recorded frame numbers. Without either, only labels of one frame or of every frame
     # say which phase they hold.
-    if labels is not None and labels.n_frames not in (1, image.n_frames) and frame_matching(labels, image) not in ("trigger time", "recorded frame numbers"):
+    if labels is not None and labels.n_frames not in (1, image.n_frames) and frame_matching(labels, image) != "trigger time" and source_frames(labels) is None:
         raise InputError(
             args.labels or "labels",
             f"has {labels.n_frames} frames, the image {image.n_frames}, and no frame times to tell which phases they are: "
@@ -494,7 +497,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     if args.acquired_lax:  # compared before anything is written: an image that does not fit leaves no half-made folder
         acquired = read_stack(args.acquired_lax, min_slices=1)
         summary["comparison_with_acquired"] = {n: compare_with_acquired(s, acquired) for n, s in [("input", image), *others]}
-    _clear_earlier_outputs(args.out, LAX_OUTPUTS, args.overwrite)
+    _clear_earlier_outputs(args.out, LAX_OUTPUTS, args.overwrite, [args.input, args.labels, args.acquired_lax, *(args.compare or [])])
     out = _output_folder(args.out)  # once the images are read and the frame and planes checked: no empty folder on a mistake
     # The compared cines may have other frame counts: each shows the frame of the same cardiac phase.
     view_frames = [frame] + [matching_frame(stack, image, frame) for _, stack in others]
@@ -529,7 +532,7 @@ def _cmd_surfaces(args: argparse.Namespace) -> int:
     surfaces_of = {frame: {name: label_surface(labels, value, frame) for value, name in LABELS.items()} for frame in frames}
     if not any(surface.GetNumberOfPoints() for surfaces in surfaces_of.values() for surface in surfaces.values()):
         raise InputError(args.labels, f"has no {', '.join(LABELS.values())} label in frame(s) {', '.join(map(str, frames))}: no surface written")
-    _clear_earlier_outputs(args.out, SURFACE_OUTPUTS, args.overwrite)
+    _clear_earlier_outputs(args.out, SURFACE_OUTPUTS, args.overwrite, [args.labels])
     out = _output_folder(args.out)  # only once there is something to write
     written = 0
     for frame, surfaces in surfaces_of.items():
@@ -575,6 +578,7 @@ def _distinct_names(paths: Sequence[str], what: str, taken: Sequence[str] = ()) 
 
 
 def _cmd_volumes(args: argparse.Namespace) -> int:
+    from calid.geometry.reslice import source_frames
     from calid.geometry.volumes import cardiac_function, plot_volume_curves, write_function_csv
 
     results = {}
@@ -595,15 +599,17 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
             )
         for warning in result.warnings:
             print(f"WARNING: {warning}", file=sys.stderr)
-    _clear_earlier_outputs(args.out, VOLUME_OUTPUTS, args.overwrite)
+    _clear_earlier_outputs(args.out, VOLUME_OUTPUTS, args.overwrite, list(args.labels))
     out = _output_folder(args.out)
     csv_path = write_function_csv(results, out / "volumes.csv")
     png = plot_volume_curves(results, out / "volume_curves.png")
-    for name, result in results.items():
+    for (name, result), (_, labels) in zip(results.items(), inputs):
         s = result.summary
+        numbers = source_frames(labels) or list(range(labels.n_frames))  # the cine's own frame numbers, for labels of --frames 0,11
+        rv_ed, rv_es = (numbers[f] if f is not None else "?" for f in (result.rv_ed_frame, result.rv_es_frame))
         print(
-            f"{name}: ED frame {result.ed_frame}, ES frame {result.es_frame}; LV EDV {s['lv_edv_ml']:.1f} ml, ESV {s['lv_esv_ml']:.1f} ml, "
-            f"SV {s['lv_sv_ml']:.1f} ml, EF {s['lv_ef_percent']:.1f} %, mass {s['lv_mass_ed_g']:.1f} g; RV (ED frame {result.rv_ed_frame}, ES frame {result.rv_es_frame}) "
+            f"{name}: ED frame {numbers[result.ed_frame]}, ES frame {numbers[result.es_frame]}; LV EDV {s['lv_edv_ml']:.1f} ml, ESV {s['lv_esv_ml']:.1f} ml, "
+            f"SV {s['lv_sv_ml']:.1f} ml, EF {s['lv_ef_percent']:.1f} %, mass {s['lv_mass_ed_g']:.1f} g; RV (ED frame {rv_ed}, ES frame {rv_es}) "
             f"EDV {s['rv_edv_ml']:.1f} ml, ESV {s['rv_esv_ml']:.1f} ml, EF {s['rv_ef_percent']:.1f} % (frames counted from 0)"
         )
     print(f"  table  {csv_path}\n  plot   {png}")
@@ -638,7 +644,7 @@ def _note_if_dicom(target: Any, stack: Any) -> None:
     """A DICOM output is a new, anonymised study: say so, so that nobody looks for it under the patient;
     and a left-handed stack is stored last slice first (DICOM describes right-handed stacks only)."""
     if Path(target).is_dir():
-        print(f"note: {target} is a new DICOM study with no patient name or ID (CaLID does not copy them); "
+        print(f"note: {target} is a new DICOM study, patient 'Anonymous', ID 'CaLID' (CaLID does not copy patient data); "
               "import it with the source series' patient details if it belongs in a PACS", file=sys.stderr)
         if not stack.is_right_handed:
             print(f"note: {target} stores the slices in reverse order (DICOM describes right-handed stacks only): "
@@ -671,7 +677,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     _note_if_dicom(target, stack)
     t, z, y, x = stack.shape
     print(f"{source} -> {target}: {t} frame(s) x {z} slices of {x} x {y} pixels, {stack.spacing[0]:.4g} x {stack.spacing[1]:.4g} mm, "
-          f"{stack.slice_spacing:.4g} mm between slices; geometry and frame times kept")
+          f"{stack.slice_spacing:.4g} mm between slices; geometry" + (" and frame times" if stack.frame_times_ms is not None else "") + " kept")
     return 0
 
 
@@ -691,13 +697,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(f"frame times     {stack.frame_times_ms[0]:.1f} .. {stack.frame_times_ms[-1]:.1f} ms ({stack.frame_interval_ms:.1f} ms apart)")
         else:  # a selection of frames (ED and ES), or an irregular acquisition: each time says more than a mean
             print(f"frame times     {', '.join(f'{v:.1f}' for v in stack.frame_times_ms)} ms (unevenly spaced)")
-    frames = stack.metadata.get("source_frames") or stack.metadata.get("upsampling", {}).get("frames")
-    if isinstance(frames, list) and len(frames) == t:
+    from calid.geometry.reslice import source_frames
+
+    frames = source_frames(stack)
+    if frames is not None:
         print(f"frames of cine  {', '.join(str(f) for f in frames)} (counted from 0)")
     print(f"intensities     {stack.data.min():g} .. {stack.data.max():g} (stored as {stack.metadata.get('source_dtype', '?')})")
     upsampling = stack.metadata.get("upsampling")
     if isinstance(upsampling, dict) and upsampling.get("mode"):
-        print(f"made by calid   {upsampling['mode']} x{upsampling.get('factor', '?')}: only every {upsampling.get('factor', '?')}th slice is acquired, "
+        print(f"made by calid   {upsampling['mode']} x{upsampling.get('factor', '?')}: 1 slice in {upsampling.get('factor', '?')} is acquired, "
               f"from slices {upsampling.get('input_slice_spacing_mm', '?')} mm apart")
     if "geometry_note" in stack.metadata:
         print(f"note            {stack.metadata['geometry_note']}")

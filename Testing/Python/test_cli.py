@@ -170,7 +170,7 @@ def test_an_upsampled_dicom_series_says_how_it_was_made_and_the_command_says_it_
     source = write_stack(oblique_stack(frames=1, slices=3), tmp_path / "cine.nii.gz")
     done = run_calid("upsample", str(source), str(tmp_path / "dense_dicom"), "--mode", "linear", "--factor", "2", "--quiet")
     assert done.returncode == 0, done.stderr
-    assert "new DICOM study with no patient name or ID" in done.stderr
+    assert "new DICOM study, patient 'Anonymous', ID 'CaLID'" in done.stderr
     first = next((tmp_path / "dense_dicom").iterdir())
     assert pydicom.dcmread(str(first)).SeriesDescription == "CaLID linear x2"
     assert "reverse order" not in done.stderr  # the test stack is right-handed

@@ -164,3 +164,18 @@ def test_surfaces_again_into_the_same_folder_replace_the_earlier_run_only_when_a
     assert replaced.returncode == 0, replaced.stderr
     names = sorted(p.name for p in out.iterdir())
     assert "notes.txt" in names and not any(name.startswith("frame000") for name in names) and any(name.startswith("frame001") for name in names)
+
+
+def test_lax_overwrite_never_removes_its_own_input_or_other_files(tmp_path):
+    from calid.data.phantom import PhantomConfig, make_phantom
+
+    phantom = make_phantom(4, PhantomConfig(n_frames=1, matrix=48))
+    out = tmp_path / "views"
+    out.mkdir()
+    cine = write_stack(phantom.sparse, out / "short-axis.seq.nrrd")  # named like a view, and inside --out
+    labels = write_stack(phantom.sparse_labels, out / "labels.nii.gz", dtype="uint8")
+    (out / "user.json").write_text("{}")
+    for _ in range(2):
+        done = run_calid("lax", str(cine), "--labels", str(labels), "--out", str(out), "--overwrite")
+        assert done.returncode == 0, done.stderr
+    assert cine.is_file() and labels.is_file() and (out / "user.json").is_file() and (out / "short-axis.png").is_file()

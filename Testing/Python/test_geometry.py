@@ -348,6 +348,12 @@ def test_a_selection_of_frames_is_paired_with_its_cine_by_recorded_frame_numbers
     assert matching_frame(cine, selection, 1) == 11 and matching_frame(selection, cine, 11) == 1 and matching_frame(selection, cine, 3) == 0
     again = selection.select_frames([1])  # a selection of a selection keeps the cine's numbers
     assert again.metadata["source_frames"] == [11] and matching_frame(cine, again, 0) == 11
+    # A whole cine upsampled (its record lists every frame) is no selection: paired with another cine by cycle fraction.
+    whole = upsample_linear(cine, 2)
+    whole.metadata["upsampling"]["frames"] = list(range(30))
+    forty = oblique_stack(frames=40, slices=1)
+    forty.frame_times_ms = None
+    assert frame_matching(whole, forty) == "fraction of the cycle" and matching_frame(whole, forty, 39) == 29
     # Another cine of the same beat (a long-axis cine of 25 frames, no times): paired by the fraction of the cycle.
     long_axis = oblique_stack(frames=25, slices=1)
     long_axis.frame_times_ms = None

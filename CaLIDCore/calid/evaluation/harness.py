@@ -310,7 +310,8 @@ def _without_repeated_volumes(volumes: list[EvalSubject]) -> list[EvalSubject]:
 
     ACDC's own layout keeps each subject's cine beside single-frame copies of its ED and ES
     frames (``patient001_4d`` and ``patient001_frame01``): those copies would score the same
-    slices twice, so a subject's single-frame volumes are dropped when it has a cine."""
+    slices twice, so a single-frame volume is dropped when a cine of its subject holds the same
+    frame (same grid, same voxels); other single-frame volumes stay."""
     cines = [v for v in volumes if v.stack.n_frames > 1]
 
     def copy_of_a_cine_frame(volume: EvalSubject) -> bool:
