@@ -76,7 +76,7 @@ def main(argv: list[str], scene: Any) -> int:
     parser.add_argument("--series", help="a DICOM folder with several series: the SeriesInstanceUID or series number to read")
     parser.add_argument("--no-segmentation", action="store_true")
     parser.add_argument("--segmentation-model", help="segmentation model file or installed name (default: the installed one)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run of the same mode and factor, its labels too, hand-corrected or not (by default an existing output is an error)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run with the same names (input, mode, factor), its labels too, hand-corrected or not (by default an existing output is an error)")
     parser.add_argument("--install", action="store_true", help="first install PyTorch and calid, as the panel does on first use")
     args = parser.parse_args(argv)
     try:

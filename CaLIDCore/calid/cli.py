@@ -476,7 +476,13 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     # Labels of other frames (e.g. of one phase only, from calid segment --frames): the phase of the shown frame,
     # found by trigger time or recorded frame numbers. Without either, only labels of one frame or of every frame
     # say which phase they hold.
-    if labels is not None and labels.n_frames not in (1, image.n_frames) and frame_matching(labels, image) != "trigger time" and source_frames(labels) is None:
+    image_numbers = source_frames(image)  # the image a selection (--frames 0,11) of a cine: labels of that whole cine fit
+    whole_cine = image.metadata.get("source_frame_count") if image_numbers is not None else None
+    labels_of_whole_cine = labels is not None and image_numbers is not None and (
+        labels.n_frames == whole_cine if isinstance(whole_cine, int) else labels.n_frames > max(image_numbers)
+    )
+    if (labels is not None and labels.n_frames not in (1, image.n_frames) and frame_matching(labels, image) != "trigger time"
+            and source_frames(labels) is None and not labels_of_whole_cine):
         raise InputError(
             args.labels or "labels",
             f"has {labels.n_frames} frames, the image {image.n_frames}, and no frame times to tell which phases they are: "
@@ -497,7 +503,12 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     if args.acquired_lax:  # compared before anything is written: an image that does not fit leaves no half-made folder
         acquired = read_stack(args.acquired_lax, min_slices=1)
         summary["comparison_with_acquired"] = {n: compare_with_acquired(s, acquired) for n, s in [("input", image), *others]}
-    _clear_earlier_outputs(args.out, LAX_OUTPUTS, args.overwrite, [args.input, args.labels, args.acquired_lax, *(args.compare or [])])
+    given = [args.input, args.labels, args.acquired_lax, *(args.compare or [])]
+    written = [Path(args.out) / f"{name.replace(' ', '-')}.{kind}" for name in planes for kind in ("nii.gz", "png")] + [Path(args.out) / "planes.json"]
+    clash = sorted({str(path) for path in written for other in given if other and path.resolve() == Path(other).resolve()})
+    if clash:
+        raise OutputError(clash[0], "is an input of this command and would be replaced by a view; give another --out")
+    _clear_earlier_outputs(args.out, LAX_OUTPUTS, args.overwrite, given)
     out = _output_folder(args.out)  # once the images are read and the frame and planes checked: no empty folder on a mistake
     # The compared cines may have other frame counts: each shows the frame of the same cardiac phase.
     view_frames = [frame] + [matching_frame(stack, image, frame) for _, stack in others]
@@ -558,7 +569,10 @@ def _frames_of_one_cine(inputs: list[tuple[str, Any]]) -> Any:
             raise InputError(path, f"has another grid than {first_path}; --frames-of-one-cine needs label files of one acquisition")
     if any(labels.n_frames != 1 for _, labels in inputs):
         raise InputError("--frames-of-one-cine", "takes single-frame label files (e.g. the ED and the ES file)")
-    return first.with_data(np.concatenate([labels.data for _, labels in inputs]), frame_times_ms=None)
+    joined = first.with_data(np.concatenate([labels.data for _, labels in inputs]), frame_times_ms=None)
+    for key in ("source_frames", "source_frame_count"):  # the first file's record is not the joined stack's
+        joined.metadata.pop(key, None)
+    return joined
 
 
 def _file_stem(path: str | os.PathLike[str]) -> str:
@@ -605,12 +619,18 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
     png = plot_volume_curves(results, out / "volume_curves.png")
     for (name, result), (_, labels) in zip(results.items(), inputs):
         s = result.summary
-        numbers = source_frames(labels) or list(range(labels.n_frames))  # the cine's own frame numbers, for labels of --frames 0,11
-        rv_ed, rv_es = (numbers[f] if f is not None else "?" for f in (result.rv_ed_frame, result.rv_es_frame))
+        recorded = source_frames(labels)  # labels of --frames 0,11: say which frames of the cine they are too
+
+        def frame(index: int | None, recorded: list[int] | None = recorded) -> str:
+            if index is None:
+                return "?"
+            return f"{index} (cine frame {recorded[index]})" if recorded is not None else str(index)
+
+        ed, es, rv_ed, rv_es = (frame(f) for f in (result.ed_frame, result.es_frame, result.rv_ed_frame, result.rv_es_frame))
         print(
-            f"{name}: ED frame {numbers[result.ed_frame]}, ES frame {numbers[result.es_frame]}; LV EDV {s['lv_edv_ml']:.1f} ml, ESV {s['lv_esv_ml']:.1f} ml, "
+            f"{name}: ED frame {ed}, ES frame {es}; LV EDV {s['lv_edv_ml']:.1f} ml, ESV {s['lv_esv_ml']:.1f} ml, "
             f"SV {s['lv_sv_ml']:.1f} ml, EF {s['lv_ef_percent']:.1f} %, mass {s['lv_mass_ed_g']:.1f} g; RV (ED frame {rv_ed}, ES frame {rv_es}) "
-            f"EDV {s['rv_edv_ml']:.1f} ml, ESV {s['rv_esv_ml']:.1f} ml, EF {s['rv_ef_percent']:.1f} % (frames counted from 0)"
+            f"EDV {s['rv_edv_ml']:.1f} ml, ESV {s['rv_esv_ml']:.1f} ml, EF {s['rv_ef_percent']:.1f} % (frames of the file, counted from 0, as --ed / --es take them)"
         )
     print(f"  table  {csv_path}\n  plot   {png}")
     return 0

@@ -201,6 +201,20 @@ def test_cli_lax_with_labels_of_one_phase_a_plane_beside_the_heart_and_same_name
     found = run_calid("lax", str(untimed), "--labels", str(recorded), "--frame", str(es), "--out", str(tmp_path / "found"))
     assert found.returncode == 0, found.stderr
     assert "come from label frame 1 (matched by recorded frame numbers)" in found.stderr
+    # The other way round: the image a selection of the cine, the labels of the whole cine.
+    untimed_labels = write_stack(phantom.dense_labels.with_data(phantom.dense_labels.data, frame_times_ms=None, metadata={}), tmp_path / "all_labels.nii.gz", dtype="uint8")
+    selection = write_stack(read_stack(untimed).select_frames([0, es]), tmp_path / "ed_es.nii.gz", dtype="int16")
+    whole = run_calid("lax", str(selection), "--labels", str(untimed_labels), "--frame", "1", "--out", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    assert f"come from label frame {es} (matched by recorded frame numbers)" in whole.stderr
+    # volumes says which frames of the cine the recorded labels are
+    measured = run_calid("volumes", str(recorded), "--out", str(tmp_path / "function"))
+    assert measured.returncode == 0 and f"ES frame 1 (cine frame {es})" in measured.stdout
+    # An input inside --out named like a view would be replaced by it: refused, also with --overwrite.
+    (tmp_path / "views").mkdir()
+    acquired_in_out = write_stack(read_stack(acquired, min_slices=1), tmp_path / "views" / "2-chamber.nii.gz")
+    clash = run_calid("lax", str(image), "--labels", str(es_labels), "--frame", str(es), "--acquired-lax", str(acquired_in_out), "--out", str(tmp_path / "views"), "--overwrite")
+    assert clash.returncode == 2 and "is an input of this command" in clash.stderr and read_stack(acquired_in_out, min_slices=1).n_frames == phantom.dense.n_frames
 
     # A plane 300 mm away from the heart (coordinates from another study, or LPS typed as RAS): refused, nothing written.
     far = phantom.dense.index_to_physical([32, 32, 30]) * [-1, -1, 1] + [0, 0, 300]

@@ -237,12 +237,20 @@ class CineStack:
         selected = self.with_data(self.data[frames], frame_times_ms=times)
         # Which frames of the acquired cine these are (kept in calid's files): a cine without trigger
         # times can still be paired frame by frame with the whole cine or another selection.
-        stored = self.metadata.get("source_frames")
-        recorded = isinstance(stored, list) and len(stored) == self.n_frames
-        numbers: list[int] = list(stored) if recorded and stored is not None else list(range(self.n_frames))
-        selected.metadata["source_frames"] = [int(numbers[f]) for f in frames]
-        # Of how many frames: the cycle fraction of each frame, to pair it with another cine of the beat.
-        selected.metadata["source_frame_count"] = int(self.metadata.get("source_frame_count", self.n_frames)) if recorded else self.n_frames
+        numbers: list[int] = list(range(self.n_frames))
+        recorded = False
+        for stored in (self.metadata.get("source_frames"), self.metadata.get("upsampling", {}).get("frames")):
+            if isinstance(stored, list) and len(stored) == self.n_frames and all(isinstance(f, int) for f in stored):
+                numbers, recorded = [int(f) for f in stored], True
+                break
+        selected.metadata["source_frames"] = [numbers[f] for f in frames]
+        # Of how many frames: the cycle fraction of each frame, to pair it with another cine of the beat
+        # (unknown for a record that did not keep it: left out rather than guessed).
+        count = self.metadata.get("source_frame_count") if recorded else self.n_frames
+        if isinstance(count, int):
+            selected.metadata["source_frame_count"] = count
+        else:
+            selected.metadata.pop("source_frame_count", None)
         return selected
 
     def geometry_dict(self) -> dict[str, Any]:
