@@ -321,11 +321,15 @@ def test_comparison_matches_frames_of_the_same_cardiac_phase(phantom):
     assert by_time["frames_matched_by"] == "trigger time"
     assert [f["stack_frame"] for f in by_time["frames"]] == every_other
     assert min(f["psnr_db"] for f in by_time["frames"]) > 40
-    # Without trigger times: the same fraction of the cycle.
-    untimed = compare_with_acquired(phantom.dense.with_data(phantom.dense.data, frame_times_ms=None), acquired.with_data(acquired.data, frame_times_ms=None))
+    # Without trigger times: the same fraction of the cycle (an acquired cine of its own, with no record of selected frames).
+    dense_untimed = phantom.dense.with_data(phantom.dense.data, frame_times_ms=None)
+    untimed = compare_with_acquired(dense_untimed, acquired.with_data(acquired.data, frame_times_ms=None, metadata={}))
     assert untimed["frames_matched_by"] == "fraction of the cycle"
     assert [f["stack_frame"] for f in untimed["frames"]] == every_other
     assert untimed["psnr_db"] == pytest.approx(by_time["psnr_db"])
+    # Frames selected from the same cine record their numbers: the same pairing, by number.
+    by_number = compare_with_acquired(dense_untimed, acquired.with_data(acquired.data, frame_times_ms=None))
+    assert by_number["frames_matched_by"] == "recorded frame numbers" and [f["stack_frame"] for f in by_number["frames"]] == every_other
     # Matching by index would have compared other phases of the beat: the heart moves between them.
     assert np.abs(phantom.dense.data[every_other[-1]] - phantom.dense.data[acquired.n_frames - 1]).max() > 0.1 * np.ptp(phantom.dense.data)
     # A stack of fewer frames (only some upsampled) is scored on the acquired frames of its phases only.
