@@ -46,7 +46,7 @@ def main(argv: list[str], scene: Any) -> int:
 
     register_bundled_models()  # the shipped models, also when Slicer did not load the module
     from calid.atomic import atomic_path
-    from calid.data.io import read_stack, write_stack
+    from calid.data.io import image_stem, read_stack, write_stack
     from calid.data.stack import fixed_placeholder_mm
     from calid.errors import CalidError, OutputError
     from calid.evaluation.methods import UPSAMPLE_MODES
@@ -89,7 +89,7 @@ def main(argv: list[str], scene: Any) -> int:
         fixed_placeholder_mm(args.placeholder_spacing)  # a bad value fails before anything is read, made or loaded
         stack = read_stack(args.input, series=args.series)
         out = Path(args.out)
-        name = _input_name(args.input)
+        name = image_stem(args.input)  # a DICOM folder named by UID (1.2.840...) keeps its whole name
         tag = f"{args.mode.replace('+', 'plus')}_x{args.factor}" + ("_tta" if args.tta and args.mode in ("calid", "calid+") else "")
         outputs = {
             "dense": out / f"{name}_{tag}.nii.gz", "labels": out / f"{name}_{tag}_labels.nii.gz",
@@ -133,14 +133,6 @@ def main(argv: list[str], scene: Any) -> int:
 
 #: Exit status when the dense stack was written but its segmentation (labels, volumes, planes) failed.
 SEGMENTATION_FAILED = 3
-
-
-def _input_name(path: str) -> str:
-    """The input's name for the output files: its file name without the image suffix; a DICOM folder
-    named by UID (1.2.840...) keeps its whole name."""
-    from calid.data.io import image_stem
-
-    return image_stem(path)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import calid
+from calid.data.io import image_stem
 from calid.errors import CalidError, Cancelled, InputError, OutputError
 from calid.evaluation.methods import UPSAMPLE_MODES
 
@@ -452,7 +453,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     if not args.spacing > 0:
         raise InputError("--spacing", f"the reslice pixel size must be a positive number of mm, got {args.spacing}")
     image = read_stack(args.input)
-    input_name = _file_stem(args.input)
+    input_name = image_stem(args.input)
     others = list(zip(_distinct_names(args.compare or [], "compared images", taken=(input_name, "input")), [read_stack(p) for p in args.compare or []]))
     frame = args.frame
     if not 0 <= frame < image.n_frames:
@@ -575,16 +576,10 @@ def _frames_of_one_cine(inputs: list[tuple[str, Any]]) -> Any:
     return joined
 
 
-def _file_stem(path: str | os.PathLike[str]) -> str:
-    from calid.data.io import image_stem
-
-    return image_stem(path)
-
-
 def _distinct_names(paths: Sequence[str], what: str, taken: Sequence[str] = ()) -> list[str]:
     """A name for each file, to label results: its stem, with its folder where two stems are the same
     (sparse/labels.nii.gz and dense/labels.nii.gz), or where a stem is one of ``taken``."""
-    names = [_file_stem(path) for path in paths]
+    names = [image_stem(path) for path in paths]
     names = [f"{Path(path).resolve().parent.name}/{name}" if names.count(name) > 1 or name in taken else name for path, name in zip(paths, names)]
     if len(set(names)) < len(names) or set(names) & set(taken):
         raise InputError(", ".join(str(path) for path in paths), f"two {what} have the same name and folder name; give each its own name")

@@ -113,9 +113,7 @@ def _remove_output(scene: Any, result: UpsamplingResult) -> None:
     """Take the dense output back out of the scene: its node, and its place in a browser (the
     input's, which stays, or its own, which goes with its proxy node), with their display and
     storage nodes."""
-    for extra in (result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node):
-        if extra is not None and scene.IsNodePresent(extra):
-            _remove_with_its_helpers(scene, extra)
+    _remove_segmentation_nodes(scene, result)
     output, browser = result.output_node, result.browser_node
     if browser is not None:
         proxy = browser.GetProxyNode(output)
@@ -126,6 +124,14 @@ def _remove_output(scene: Any, result: UpsamplingResult) -> None:
         if proxy is not None:
             _remove_with_its_helpers(scene, proxy)
     _remove_with_its_helpers(scene, output)
+
+
+def _remove_segmentation_nodes(scene: Any, result: UpsamplingResult) -> None:
+    """The segmentation, the function tables and the chart of a result, with their helpers."""
+    for node in (result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node):
+        if node is not None and scene.IsNodePresent(node):
+            _remove_with_its_helpers(scene, node)
+    result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node = None, None, None, None
 
 
 def _remove_with_its_helpers(scene: Any, node: Any) -> None:
@@ -212,11 +218,8 @@ def _segment_and_measure_or_warn(
 
 def _drop_segmentation(scene: Any, result: UpsamplingResult, warning: str) -> None:
     """All or nothing: no segmentation without its planes and volumes, no orphaned nodes."""
-    for node in (result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node):
-        if node is not None:
-            _remove_with_its_helpers(scene, node)
-    result.labels, result.segmentation_node, result.table_node, result.chart_node, result.summary_table_node = None, None, None, None, None
-    result.planes, result.function = {}, {}
+    _remove_segmentation_nodes(scene, result)
+    result.labels, result.planes, result.function = None, {}, {}
     result.warnings.append(warning)
 
 

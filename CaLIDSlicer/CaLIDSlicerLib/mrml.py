@@ -363,8 +363,9 @@ def result_layout(layout_node: Any) -> int:
 def show_function(scene: Any, chart: Any, table: Any) -> None:
     """The volume curves and the summary table in the result layout's plot and table views
     (which the layout logic creates when the layout is set)."""
-    for node_class, tag, node, setter in (("vtkMRMLPlotViewNode", "PlotView1", chart, "SetPlotChartNodeID"), ("vtkMRMLTableViewNode", "TableView1", table, "SetTableNodeID")):
-        views = scene.GetNodesByClass(node_class)
-        view = next((views.GetItemAsObject(i) for i in range(views.GetNumberOfItems()) if views.GetItemAsObject(i).GetSingletonTag() == tag), None)
-        if view is not None and node is not None:
-            getattr(view, setter)(node.GetID())
+    plot_view = scene.GetSingletonNode("PlotView1", "vtkMRMLPlotViewNode")
+    table_view = scene.GetSingletonNode("TableView1", "vtkMRMLTableViewNode")
+    if plot_view is not None and chart is not None:
+        plot_view.SetPlotChartNodeID(chart.GetID())
+    if table_view is not None and table is not None:
+        table_view.SetTableNodeID(table.GetID())

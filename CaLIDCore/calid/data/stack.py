@@ -227,6 +227,14 @@ class CineStack:
     def copy(self) -> CineStack:
         return self.with_data(self.data.copy())
 
+    def recorded_frames(self) -> list[int] | None:
+        """The frame numbers of the acquired cine that this stack's frames are, as recorded by
+        :meth:`select_frames` (or by calid upsample --frames in older files), else None."""
+        for stored in (self.metadata.get("source_frames"), self.metadata.get("upsampling", {}).get("frames")):
+            if isinstance(stored, list) and len(stored) == self.n_frames and all(isinstance(f, int) for f in stored):
+                return [int(f) for f in stored]
+        return None
+
     def select_frames(self, frames: list[int] | np.ndarray) -> CineStack:
         """A stack of the given frame indices (increasing, when the frames have times)."""
         frames = [int(f) for f in frames]
@@ -237,12 +245,9 @@ class CineStack:
         selected = self.with_data(self.data[frames], frame_times_ms=times)
         # Which frames of the acquired cine these are (kept in calid's files): a cine without trigger
         # times can still be paired frame by frame with the whole cine or another selection.
-        numbers: list[int] = list(range(self.n_frames))
-        recorded = False
-        for stored in (self.metadata.get("source_frames"), self.metadata.get("upsampling", {}).get("frames")):
-            if isinstance(stored, list) and len(stored) == self.n_frames and all(isinstance(f, int) for f in stored):
-                numbers, recorded = [int(f) for f in stored], True
-                break
+        stored = self.recorded_frames()
+        recorded = stored is not None
+        numbers = stored if stored is not None else list(range(self.n_frames))
         selected.metadata["source_frames"] = [numbers[f] for f in frames]
         # Of how many frames: the cycle fraction of each frame, to pair it with another cine of the beat
         # (unknown for a record that did not keep it: left out rather than guessed).

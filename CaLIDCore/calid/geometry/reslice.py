@@ -149,13 +149,10 @@ def save_plane_png(
 def source_frames(stack: CineStack) -> list[int] | None:
     """The frame numbers of the acquired cine that ``stack``'s frames are, when it holds some frames
     only and recorded them (``--frames 0,11`` of calid upsample or segment, kept in calid's files), else None."""
-    count = stack.metadata.get("source_frame_count")
-    for recorded in (stack.metadata.get("source_frames"), stack.metadata.get("upsampling", {}).get("frames")):
-        if isinstance(recorded, list) and len(recorded) == stack.n_frames and all(isinstance(f, int) for f in recorded):
-            if recorded == list(range(stack.n_frames)) and count in (None, stack.n_frames):
-                return None  # every frame of its cine, in order: nothing was selected
-            return list(recorded)
-    return None
+    recorded = stack.recorded_frames()
+    if recorded == list(range(stack.n_frames)) and stack.metadata.get("source_frame_count") in (None, stack.n_frames):
+        return None  # every frame of its cine, in order: nothing was selected
+    return recorded
 
 
 def _cycle_fractions(stack: CineStack, other: CineStack) -> np.ndarray:
