@@ -137,6 +137,53 @@ def test_dicom_round_trip_and_independent_reader(tmp_path):
     np.testing.assert_allclose(sitk.GetArrayFromImage(image), stack.data[0], atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["dense.nii.gz", "dense.nrrd", "dense.seq.nrrd", "dense_dicom"])
+def test_how_a_stack_was_made_survives_every_output_format(tmp_path, name):
+    """The upsampling record (mode, factor, warnings) and the frame numbers of a selection are read back
+    from every format calid writes, so that a result can be told from an acquisition and paired with its cine."""
+    stack = oblique_stack(frames=2)
+    stack.metadata.update({
+        "upsampling": {"mode": "calid+", "factor": 4, "warning": "line one\nline two"},
+        "source_frames": [3, 17],
+        "source_frame_count": 30,
+        "geometry_note": "said about an earlier input",
+    })
+    back = read_stack(write_stack(stack, tmp_path / name))
+    assert back.metadata["upsampling"] == stack.metadata["upsampling"]
+    assert back.metadata["source_frames"] == [3, 17] and back.metadata["source_frame_count"] == 30
+    # What a reader said about the earlier input does not describe this file.
+    assert "geometry_note" not in back.metadata
+
+
+def test_dicom_record_carries_no_source_identity(tmp_path):
+    """A DICOM output is a new anonymised study: the record inside it keeps no UIDs or folder name of the source."""
+    source = write_stack(oblique_stack(frames=2), tmp_path / "DOE^JANE")
+    converted = read_stack(source)
+    converted.metadata["upsampling"] = {"mode": "linear", "factor": 2}
+    folder = write_stack(converted, tmp_path / "out")
+    text = b"".join(path.read_bytes() for path in folder.iterdir())
+    assert converted.metadata["dicom"]["StudyInstanceUID"].encode() not in text
+    assert converted.metadata["dicom"]["SeriesInstanceUID"].encode() not in text
+    assert b"DOE^JANE" not in text
+    header = pydicom.dcmread(str(next(folder.iterdir())), stop_before_pixels=True)
+    assert header.private_block(0x0011, "CaLID")[0x01].VR == "UT"
+
+
+def test_a_damaged_record_is_ignored_and_the_image_still_reads(tmp_path):
+    stack = oblique_stack(frames=2)
+    stack.metadata["source_frames"] = [0, 5]
+    path = write_stack(stack, tmp_path / "cine.nrrd")
+    header = nrrd.read_header(str(path))
+    assert "calid metadata" in header
+    raw = path.read_bytes()
+    start = raw.index(b"calid metadata:=")
+    broken = raw[:start] + b"calid metadata:={not json" + raw[raw.index(b"\n", start):]
+    path.write_bytes(broken)
+    back = read_stack(path)
+    assert_same_stack(stack, back)
+    assert "source_frames" not in back.metadata
+
+
 def test_dicom_float_data_are_stored_with_rescale(tmp_path):
     stack = oblique_stack(frames=2)
     stack = stack.with_data(stack.data / 7.0 - 3.25, metadata={})

@@ -15,6 +15,7 @@ descriptions and UIDs are kept, so derived files do not leak names.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from collections import defaultdict
 from dataclasses import dataclass
@@ -28,9 +29,13 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import DSfloat
 
 from calid.atomic import atomic_directory
-from calid.data.io import cast_for_writing, output_dtype
+from calid.data.io import READER_KEYS, cast_for_writing, metadata_record, output_dtype, restore_record
 from calid.data.stack import CineStack, holding_dtype
 from calid.errors import InputError, OutputError
+
+#: Private block where calid keeps its record of how a series was made (as JSON, VR UT), as it does in
+#: NIfTI and NRRD files: which frames of which cine it holds, the upsampling settings.
+RECORD_GROUP, RECORD_CREATOR, RECORD_ELEMENT = 0x0011, "CaLID", 0x01
 
 #: Two images closer than this along the normal (mm) are at the same slice position.
 POSITION_TOLERANCE_MM = 0.01
@@ -354,6 +359,7 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
             "SliceThickness": float(header.SliceThickness) if header.get("SliceThickness") not in (None, "") else None,
         },
     }
+    restore_record(metadata, _read_record(header))
     return CineStack(
         data=data,
         spacing=(first.pixel_spacing[1], first.pixel_spacing[0], slice_spacing),
@@ -363,6 +369,14 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
         metadata=metadata,
         source=str(folder),
     )
+
+
+def _read_record(header: Dataset) -> Any:
+    """calid's record from a series it wrote; None for any other series or a damaged record."""
+    try:
+        return json.loads(str(header.private_block(RECORD_GROUP, RECORD_CREATOR)[RECORD_ELEMENT].value))
+    except (KeyError, ValueError):
+        return None
 
 
 def _read_pixels(path: Path, header: Dataset) -> tuple[np.ndarray, str]:
@@ -447,6 +461,10 @@ def write_dicom_folder(
     # The source's thickness for a converted series; an upsampled one's slices are as thick as they are apart.
     acquired_thickness = None if "upsampling" in stack.metadata else dicom_meta.get("SliceThickness")
     thickness = stack.metadata.get("slice_thickness_mm") or acquired_thickness or stack.slice_spacing
+    # Without the source's UIDs (the output is a new, anonymised study) or the reader's words about the
+    # source (its folder name may be the patient's).
+    record = metadata_record(stack, leave_out=READER_KEYS | {"dicom"})
+    record_text = json.dumps(record) if record else None
 
     try:
         with atomic_directory(folder) as tmp:
@@ -500,6 +518,8 @@ def write_dicom_folder(
                     ds.PixelRepresentation = 1 if signed else 0
                     ds.RescaleSlope = DSfloat(slope, auto_format=True)
                     ds.RescaleIntercept = DSfloat(intercept, auto_format=True)
+                    if record_text:
+                        ds.private_block(RECORD_GROUP, RECORD_CREATOR, create=True).add_new(RECORD_ELEMENT, "UT", record_text)
                     ds.PixelData = np.ascontiguousarray(stored[t, z]).tobytes()
                     _write_file(tmp / f"IM_{z:04d}_{t:04d}.dcm", ds)
     except OSError as error:

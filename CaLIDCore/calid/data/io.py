@@ -11,6 +11,7 @@ in the input's data type.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,44 @@ def detect_format(path: str | os.PathLike[str], for_writing: bool = False) -> st
     if for_writing:
         raise OutputError(path, f"unknown file type; write {WRITABLE_FORMATS_TEXT} (a name without a suffix)")
     raise InputError(path, f"unknown file type; use {SUPPORTED_FORMATS_TEXT}")
+
+
+#: What a reader says about the file it read. A record read back from a file calid wrote never
+#: overrides these: an earlier reader's words about the original input do not describe this file.
+READER_KEYS = frozenset({"source_file", "source_format", "source_dtype", "geometry_note", "orientation_unknown"})
+
+
+def metadata_record(stack: CineStack, leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The part of a stack's metadata that calid writes into its files beside the voxels (how it was
+    made, which frames of which cine it holds), without what JSON cannot hold."""
+    kept = {key: value for key, value in stack.metadata.items() if key not in leave_out}
+    record = json_safe(kept)
+    return record if isinstance(record, dict) else {}
+
+
+def restore_record(metadata: dict[str, Any], record: Any) -> None:
+    """Add a record read back from a file to a reader's metadata; the reader's own keys stay."""
+    if isinstance(record, dict):
+        metadata.update({key: value for key, value in record.items() if key not in READER_KEYS and key not in metadata})
+
+
+def json_safe(value: Any) -> Any:
+    """Drop what JSON cannot hold rather than fail a write over metadata."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        if isinstance(value, dict):
+            return {str(k): json_safe(v) for k, v in value.items() if _is_jsonable(v)}
+        return None
+
+
+def _is_jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return isinstance(value, dict)
 
 
 #: File name endings of the images calid reads and writes (longest first).

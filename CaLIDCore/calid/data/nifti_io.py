@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 
 from calid.atomic import atomic_path
-from calid.data.io import cast_for_writing, check_spatial_shape, output_dtype, require_finite
+from calid.data.io import cast_for_writing, check_spatial_shape, metadata_record, output_dtype, require_finite, restore_record
 from calid.data.stack import CineStack, holding_dtype
 from calid.errors import InputError, OutputError
 
@@ -126,7 +126,7 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
             frame_times = np.asarray(stored["frame_times_ms"], dtype=np.float64)
         # What the reader says about this file stays; what an earlier reader said about the
         # original input (its geometry note, its format) does not describe this file.
-        metadata.update({key: value for key, value in stored.get("metadata", {}).items() if key not in _READER_KEYS})
+        restore_record(metadata, stored.get("metadata"))
     if not _orthonormal_columns(direction):
         raise InputError(path, "the affine is sheared (axes not perpendicular); such images are not supported")
     # float32 headers give directions orthonormal only to ~1e-7: re-orthonormalise.
@@ -215,10 +215,6 @@ def _agrees(stored: dict[str, Any], spacing: np.ndarray, origin: np.ndarray, dir
         return False
 
 
-#: Metadata that describes the file just read, set by the reader, never restored from the stored copy.
-_READER_KEYS = frozenset({"source_file", "source_format", "source_dtype", "geometry_note", "orientation_unknown"})
-
-
 def write_nifti(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None) -> None:
     """Write a 3D (T = 1) or 4D NIfTI-1 file atomically, with time in ms."""
     path = Path(path)
@@ -256,7 +252,7 @@ def write_nifti(stack: CineStack, path: str | os.PathLike[str], dtype: Any = Non
     else:
         header.set_xyzt_units("mm", "msec")
     payload = stack.geometry_dict()
-    payload["metadata"] = _json_safe(stack.metadata)
+    payload["metadata"] = metadata_record(stack)
     content = EXTENSION_PREFIX + zlib.compress(json.dumps(payload).encode("utf-8"))
     header.extensions.append(nib.nifti1.Nifti1Extension(EXTENSION_CODE, content))
     try:
@@ -264,22 +260,3 @@ def write_nifti(stack: CineStack, path: str | os.PathLike[str], dtype: Any = Non
             nib.save(image, str(tmp))
     except OSError as error:
         raise OutputError(path, f"cannot be written ({error})") from error
-
-
-def _json_safe(value: Any) -> Any:
-    """Drop what JSON cannot hold rather than fail a write over metadata."""
-    try:
-        json.dumps(value)
-        return value
-    except TypeError:
-        if isinstance(value, dict):
-            return {str(k): _json_safe(v) for k, v in value.items() if _is_jsonable(v)}
-        return None
-
-
-def _is_jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-        return True
-    except TypeError:
-        return isinstance(value, dict)

@@ -10,6 +10,7 @@ list axis first or last, and ``space`` in RAS or LPS.
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections import OrderedDict
@@ -20,7 +21,7 @@ import nrrd
 import numpy as np
 
 from calid.atomic import atomic_path
-from calid.data.io import cast_for_writing, check_spatial_shape, output_dtype, require_finite
+from calid.data.io import cast_for_writing, check_spatial_shape, metadata_record, output_dtype, require_finite, restore_record
 from calid.data.stack import CineStack, holding_dtype
 from calid.errors import InputError, OutputError
 
@@ -109,6 +110,7 @@ def read_nrrd(path: str | os.PathLike[str]) -> CineStack:
     }
     if geometry_note is not None:
         metadata["geometry_note"] = geometry_note
+    restore_record(metadata, _read_record(header))
     return CineStack(
         data=data_tzyx,
         spacing=tuple(spacing),
@@ -152,6 +154,17 @@ def _spacings_only(header: dict[str, Any], spatial_axes: list[int], path: Path) 
 
 #: Custom field (``key:=value``) holding the time (ms) of a one-frame volume cut from a cine.
 FRAME_TIME_FIELD = "calid frame time ms"
+
+
+#: Custom field holding calid's record of how a stack was made (JSON on one line), as NIfTI outputs keep it in a header extension.
+RECORD_FIELD = "calid metadata"
+
+
+def _read_record(header: dict[str, Any]) -> Any:
+    try:
+        return json.loads(str(header[RECORD_FIELD])) if RECORD_FIELD in header else None
+    except ValueError:
+        return None  # edited by hand or cut short: the voxels and geometry are still right
 
 
 def _single_frame_time(header: dict[str, Any]) -> np.ndarray | None:
@@ -225,7 +238,10 @@ def write_nrrd(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None
         else:
             header["labels"] = ["frame", "", "", ""]
             header["axis 0 index values"] = " ".join(str(i) for i in range(stack.n_frames))
-    custom = {k: "string" for k in header if k.startswith("axis ") or k in ("DataNodeClassName", FRAME_TIME_FIELD)}
+    record = metadata_record(stack)
+    if record:
+        header[RECORD_FIELD] = json.dumps(record)  # one line: JSON escapes line breaks
+    custom = {k: "string" for k in header if k.startswith("axis ") or k in ("DataNodeClassName", FRAME_TIME_FIELD, RECORD_FIELD)}
     try:
         with atomic_path(path) as tmp:
             nrrd.write(str(tmp), np.asfortranarray(data), header, index_order="F", custom_field_map=custom)
