@@ -806,9 +806,55 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Options a resumed run takes from its checkpoint when the command line leaves them out (argparse
+#: name: training-configuration field): its recipe and its data split, so that `--resume` alone
+#: continues the same run. Where it runs (device, workers, caches, time limit) is the new command's.
+RESUMED_OPTIONS = {
+    "config": "model", "steps": "steps", "batch_size": "batch_size", "lr": "learning_rate", "weight_decay": "weight_decay",
+    "optimizer": "optimizer", "warmup": "warmup_steps", "lr_schedule": "lr_schedule", "transposes": "transposes", "ema": "ema_decay",
+    "precision": "precision", "checkpoint_every": "checkpoint_every", "validate_every": "validate_every", "seed": "seed",
+    "val_fraction": "val_fraction", "val_subjects": "val_subjects", "gaps": "gaps", "val_steps": "val_steps",
+    "placeholder_spacing": "placeholder_spacing", "perceptual_weight": "perceptual_weight", "adversarial_weight": "adversarial_weight",
+    "adversarial_start": "adversarial_start", "lpips_weights": "lpips_weights", "vae": "vae_model",
+    "temporal": "temporal", "downsample_time": "downsample_time",
+}
+
+
+def _options_given(argv: Sequence[str], command: str) -> set[str]:
+    """The options of ``command`` written on the command line (abbreviated or not), as opposed to left at their defaults."""
+    probe = build_parser()
+    subcommand = next(a for a in probe._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    for action in subcommand._actions:  # argparse has no public way to tell an option given from its default
+        action.default = argparse.SUPPRESS
+    return set(vars(probe.parse_args(list(argv))))
+
+
+def _take_the_runs_own_options(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
+    """With --resume: every option in RESUMED_OPTIONS not given takes the checkpoint's value. Returns what was taken."""
+    given = getattr(args, "options_given", set())
+    taken = []
+    for name, field in RESUMED_OPTIONS.items():
+        if name in given or field not in saved or not hasattr(args, name):
+            continue
+        value = saved[field]
+        if name in ("val_subjects", "gaps") and isinstance(value, (list, tuple)):
+            value = ",".join(str(v) for v in value)
+        if name in ("lpips_weights", "vae") and (not value or not Path(value).is_file()):
+            continue  # a file of another machine: the new command names its own
+        if value != getattr(args, name):
+            taken.append(f"--{name.replace('_', '-')} {value if not isinstance(value, bool) else str(value).lower()}")
+        setattr(args, name, value)
+    return taken
+
+
 def _cmd_train_seg(args: argparse.Namespace) -> int:
     from calid.segmentation.training import SegTrainConfig, SegmentationTrainer
 
+    checkpoint = Path(args.out) / "checkpoints" / "last.safetensors"
+    if args.resume and checkpoint.is_file():
+        from calid.training.state import read_training_extra
+
+        _say_taken(_take_the_runs_own_options(args, read_training_extra(checkpoint).get("train_config") or {}))
     args.steps = 4000 if args.steps is None else args.steps
     args.batch_size = 16 if args.batch_size is None else args.batch_size
     args.lr = 1e-3 if args.lr is None else args.lr
@@ -846,6 +892,11 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_taken(taken: list[str]) -> None:
+    if taken and int(os.environ.get("RANK", "0")) == 0:
+        print(f"resuming with the run's own {', '.join(taken)}", flush=True)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from calid.training.trainer import TrainConfig, Trainer
 
@@ -856,16 +907,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.config == "default":
         raise InputError("--config", f"'default' names the segmenter's size; the {args.stage} stage takes tiny, small, paper or NAME-2d+t")
     checkpoint = Path(args.out) / "checkpoints" / "last.safetensors"
-    if args.resume and checkpoint.is_file() and None in (args.lr, args.weight_decay, args.steps, args.batch_size):
-        # Resuming without --lr / --weight-decay / --steps / --batch-size continues with the run's own
-        # values, not the defaults (a default batch size would silently change the run).
+    if args.resume and checkpoint.is_file():
+        # Resuming continues with the run's own options, not the defaults (a default batch size, warm-up
+        # or validation split would silently change the run): only what the command gives changes.
         from calid.training.trainer import checkpoint_extra_for_stage
 
-        previous = checkpoint_extra_for_stage(checkpoint, args.stage).get("train_config") or {}
-        args.lr = previous.get("learning_rate") if args.lr is None else args.lr
-        args.weight_decay = previous.get("weight_decay") if args.weight_decay is None else args.weight_decay
-        args.steps = previous.get("steps") if args.steps is None else args.steps
-        args.batch_size = previous.get("batch_size") if args.batch_size is None else args.batch_size
+        _say_taken(_take_the_runs_own_options(args, checkpoint_extra_for_stage(checkpoint, args.stage).get("train_config") or {}))
     args.steps = 20000 if args.steps is None else args.steps
     args.batch_size = 32 if args.batch_size is None else args.batch_size
     args.lr = 1e-4 if args.lr is None else args.lr
@@ -1201,7 +1248,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--downsample-time", action="store_true", help="vae of a NAME-2d+t model: the paper's 3D autoencoder, time downsampled like space")
     train.add_argument("--temporal", action="store_true", help="ldm on a 2D VAE: train a 2D+T denoiser (clips) over the 2D autoencoder applied frame by frame")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors, with the run's own options except those given")
     train.set_defaults(handler=_cmd_train)
 
     from calid.evaluation.methods import ALL_METHODS, METHODS, STEP_SWEEP  # light: no PyTorch for --help
@@ -1284,7 +1331,10 @@ def _join_coordinate_values(argv: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(_join_coordinate_values(sys.argv[1:] if argv is None else argv))
+    words = _join_coordinate_values(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(words)
+    if args.command == "train":
+        args.options_given = _options_given(words, args.command)
     import warnings
 
     def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:

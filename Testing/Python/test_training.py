@@ -727,3 +727,32 @@ def test_training_inputs_that_cannot_work_are_named_before_any_work(tmp_path):
     with pytest.raises(InputError, match="no checkpoint to resume from"):
         Trainer(TrainConfig(data=("phantom:abc",), **{**common, "out_dir": str(tmp_path / "new")}), resume=True)  # before the data are even read
     assert not (tmp_path / "new").exists()
+
+
+def test_resume_alone_continues_the_run_with_its_own_options(tmp_path, capsys):
+    """`calid train ... --resume` without the first command's options continues the same run (its
+    warm-up, augmentation, split, configuration), not the defaults; an option given, abbreviated or
+    not, changes it."""
+    from calid.cli import main
+    from calid.training.state import read_training_extra
+
+    out = tmp_path / "run"
+    first = ["train", "vae", "--data", "phantom:3", "--out", str(out), "--config", "tiny", "--steps", "2", "--batch-size", "2", "--lr", "3e-4",
+             "--perceptual-weight", "0", "--val-fraction", "0.5", "--seed", "3", "--warmup", "1", "--transposes", "--ema", "0.9", "--checkpoint-every", "1"]
+    assert main(first) == 0
+    capsys.readouterr()
+    assert main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "3", "--validate-every", "7", "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "resuming with the run's own" in said and "--warmup 1" in said and "--config tiny" in said and "--transposes true" in said
+    assert "note:" not in said  # nothing changed but what was given
+    saved = read_training_extra(out / "checkpoints" / "last.safetensors")
+    assert saved["step"] == 3
+    config = saved["train_config"]
+    assert (config["model"], config["batch_size"], config["learning_rate"], config["warmup_steps"], config["transposes"]) == ("tiny", 2, 3e-4, 1, True)
+    assert (config["ema_decay"], config["seed"], config["val_fraction"], config["perceptual_weight"], config["checkpoint_every"]) == (0.9, 3, 0.5, 0.0, 1)
+    assert config["validate_every"] == 7
+    # An abbreviated option is given too: it changes the run, and the change is said.
+    assert main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "4", "--warm", "5", "--resume"]) == 0
+    said = capsys.readouterr().out
+    assert "warmup steps: 1 in the checkpoint, 5 from now on" in said
+    assert read_training_extra(out / "checkpoints" / "last.safetensors")["train_config"]["warmup_steps"] == 5
