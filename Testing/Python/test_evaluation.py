@@ -35,6 +35,18 @@ def test_mean_ci_matches_the_t_table():
     assert mean_ci([])["n"] == 0
 
 
+def test_confidence_intervals_stay_within_what_a_metric_can_take():
+    """Three Dice scores near 1 with one low one: the t interval reaches past 1, the reported one stops at 1."""
+    dice = [0.99, 0.98, 0.80]
+    unbounded = mean_ci(dice)
+    assert unbounded["ci95"][1] > 1.0  # the raw interval overshoots: the case this guards against
+    bounded = mean_ci(dice, "dice LV cavity")
+    assert bounded["ci95"] == [pytest.approx(unbounded["ci95"][0]), 1.0] and bounded["mean"] == unbounded["mean"]
+    assert mean_ci([0.01, 0.02, 0.3], "lpips")["ci95"][0] == 0.0 and mean_ci([0.5, 2.0, 9.0], "hd95_mm")["ci95"][0] == 0.0
+    assert mean_ci([-0.2, 0.9, 0.95], "ssim")["ci95"][0] == -1.0
+    assert mean_ci([20.0, 30.0, 31.0], "psnr")["ci95"] == mean_ci([20.0, 30.0, 31.0])["ci95"]  # PSNR has no bound to clip to
+
+
 def test_subject_ranges_and_unknown_subjects():
     available = [f"patient{i:03d}" for i in range(1, 12)]
     assert expand_subjects(["patient003..patient005", "patient010"], available) == ["patient003", "patient004", "patient005", "patient010"]

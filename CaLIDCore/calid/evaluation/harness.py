@@ -378,8 +378,21 @@ def pool_by_subject(rows: list[dict[str, Any]], keys: Sequence[str], metrics: Se
 # ---------------------------------------------------------------------- statistics
 
 
-def mean_ci(values: Sequence[float]) -> dict[str, float | int | list[float]]:
-    """Mean and 95 % confidence interval (Student t) of per-subject values, NaNs ignored."""
+def metric_range(metric: str) -> tuple[float, float]:
+    """The values a metric (so its mean) can take. A Student t interval over a few subjects can
+    reach past them (a Dice of 0.97 +- 0.05 above 1): the reported interval is clipped to them."""
+    if metric.startswith("dice"):
+        return 0.0, 1.0
+    if metric == "ssim":
+        return -1.0, 1.0
+    if metric in ("lpips", "ms_per_slice", "change_error") or metric.endswith("_mm") or "abs error" in metric:
+        return 0.0, math.inf
+    return -math.inf, math.inf
+
+
+def mean_ci(values: Sequence[float], metric: str = "") -> dict[str, float | int | list[float]]:
+    """Mean and 95 % confidence interval (Student t) of per-subject values, NaNs ignored; the
+    interval is clipped to the values the named metric can take."""
     finite = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     n = int(finite.size)
     if n == 0:
@@ -388,7 +401,8 @@ def mean_ci(values: Sequence[float]) -> dict[str, float | int | list[float]]:
     if n == 1:
         return {"mean": mean, "ci95": [float("nan"), float("nan")], "n": 1}
     half = float(stats.t.ppf(0.975, n - 1) * finite.std(ddof=1) / math.sqrt(n))
-    return {"mean": mean, "ci95": [mean - half, mean + half], "n": n}
+    low, high = metric_range(metric)
+    return {"mean": mean, "ci95": [max(mean - half, low), min(mean + half, high)], "n": n}
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -724,7 +738,7 @@ class Evaluation:
         summary: dict[str, Any] = {}
         for method in self.methods:
             rows = [r for r in per_subject if r["method"] == method]
-            summary[method] = {metric: mean_ci([r[metric] for r in rows]) for metric in IMAGE_METRICS + ("ms_per_slice",)}
+            summary[method] = {metric: mean_ci([r[metric] for r in rows], metric) for metric in IMAGE_METRICS + ("ms_per_slice",)}
             summary[method]["slices"] = int(sum(r["slices"] for r in rows))
             summary[method]["frechet_alexnet"] = self._frechet(features.get(method, []), features["real"])
         notes = []
@@ -850,7 +864,7 @@ class Evaluation:
         per_subject = pool_by_subject(per_volume, ("method", "structure"), SEG_METRICS, weight="slices")
         summary = {
             method: {
-                name: {m: mean_ci([r[m] for r in per_subject if r["method"] == method and r["structure"] == name]) for m in SEG_METRICS}
+                name: {m: mean_ci([r[m] for r in per_subject if r["method"] == method and r["structure"] == name], m) for m in SEG_METRICS}
                 for name in STRUCTURES.values()
             }
             for method in methods
@@ -938,7 +952,7 @@ class Evaluation:
             )
         metrics = sorted({k for r in per_subject for k in r if k not in ("subject", "method")}, key=_metric_order)
         summary = {
-            method: {m: mean_ci([r.get(m, float("nan")) for r in per_subject if r["method"] == method]) for m in metrics}
+            method: {m: mean_ci([r.get(m, float("nan")) for r in per_subject if r["method"] == method], m) for m in metrics}
             for method in dict.fromkeys(r["method"] for r in per_subject)
         }
         return {"factor": factor, "phantoms": self.config.phantoms, "per_subject": per_subject, "summary": summary, "metrics": metrics, "notes": notes}
@@ -989,7 +1003,7 @@ class Evaluation:
         if not per_subject:
             return {"skipped": "no cine (more than one frame) to evaluate"}
         pooled = pool_by_subject(per_subject, ("method",), ("psnr", "ssim", "change_error"), weight="slices")
-        summary = {label: {m: mean_ci([r[m] for r in pooled if r["method"] == label]) for m in ("psnr", "ssim", "change_error")} for label in models}
+        summary = {label: {m: mean_ci([r[m] for r in pooled if r["method"] == label], m) for m in ("psnr", "ssim", "change_error")} for label in models}
         figure = None
         if example:
             figure = "temporal_xt.png"
@@ -1165,7 +1179,7 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         f"- Subjects: {len(results['subjects'])} ({', '.join(results['subjects'][:13])}{', …' if len(results['subjects']) > 13 else ''}); "
         f"{len(results['volumes'])} volumes, {sum(len(v['frames']) for v in results['volumes'])} frames",
         f"- DDIM steps: {results['steps']} (inversion-slerp: {results['config']['baseline_steps']}); seed {results['config']['seed']}",
-        "- Means over subjects with 95 % confidence intervals (Student t) in brackets.",
+        "- Means over subjects with 95 % confidence intervals (Student t, clipped to the range of the metric, e.g. Dice at most 1) in brackets.",
     ]
     if results.get("placeholder_spacing"):
         assumed = results["placeholder_spacing"]
