@@ -831,7 +831,7 @@ def _options_given(argv: Sequence[str], command: str) -> set[str]:
 
 def _take_the_runs_own_options(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
     """With --resume: every option in RESUMED_OPTIONS not given takes the checkpoint's value. Returns what was taken."""
-    given = getattr(args, "options_given", set())
+    given: set[str] = getattr(args, "options_given", set())
     taken = []
     for name, field in RESUMED_OPTIONS.items():
         if name in given or field not in saved or not hasattr(args, name):
