@@ -815,7 +815,7 @@ RESUMED_OPTIONS = {
     "precision": "precision", "checkpoint_every": "checkpoint_every", "validate_every": "validate_every", "seed": "seed",
     "val_fraction": "val_fraction", "val_subjects": "val_subjects", "gaps": "gaps", "val_steps": "val_steps",
     "placeholder_spacing": "placeholder_spacing", "perceptual_weight": "perceptual_weight", "adversarial_weight": "adversarial_weight",
-    "adversarial_start": "adversarial_start", "lpips_weights": "lpips_weights", "vae": "vae_model",
+    "adversarial_start": "adversarial_start", "lpips_weights": "lpips_weights", "vae": "vae_model", "init_from": "init_from",
     "temporal": "temporal", "downsample_time": "downsample_time",
 }
 
@@ -831,7 +831,11 @@ def _options_given(argv: Sequence[str], command: str) -> set[str]:
 
 def _take_the_runs_own_options(args: argparse.Namespace, saved: dict[str, Any]) -> list[str]:
     """With --resume: every option in RESUMED_OPTIONS not given takes the checkpoint's value. Returns what was taken."""
-    given: set[str] = getattr(args, "options_given", set())
+    given: set[str] | None = getattr(args, "options_given", None)
+    if given is None:  # a Namespace not parsed by main(): which options it gives is unknown, so all stand
+        return []
+    if "val_fraction" in given:
+        given = given | {"val_subjects"}  # a fraction asked for replaces the run's list of subjects
     taken = []
     for name, field in RESUMED_OPTIONS.items():
         if name in given or field not in saved or not hasattr(args, name):
@@ -839,10 +843,11 @@ def _take_the_runs_own_options(args: argparse.Namespace, saved: dict[str, Any]) 
         value = saved[field]
         if name in ("val_subjects", "gaps") and isinstance(value, (list, tuple)):
             value = ",".join(str(v) for v in value)
-        if name in ("lpips_weights", "vae") and (not value or not Path(value).is_file()):
+        if name in ("lpips_weights", "vae", "init_from") and (not value or not Path(value).is_file()):
             continue  # a file of another machine: the new command names its own
         if value != getattr(args, name):
-            taken.append(f"--{name.replace('_', '-')} {value if not isinstance(value, bool) else str(value).lower()}")
+            option = f"--{name.replace('_', '-')}"
+            taken.append((option if value else f"--no-{option[2:]}") if isinstance(value, bool) else f"{option} {value}")
         setattr(args, name, value)
     return taken
 
@@ -854,7 +859,12 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     if args.resume and checkpoint.is_file():
         from calid.training.state import read_training_extra
 
-        _say_taken(_take_the_runs_own_options(args, read_training_extra(checkpoint).get("train_config") or {}))
+        saved = read_training_extra(checkpoint)
+        stage = (saved.get("train_config") or {}).get("stage")
+        if "model_config" in saved:  # a VAE or denoiser run's checkpoint
+            raise InputError(checkpoint, f"is the checkpoint of a {stage or 'vae or ldm'} run, not of a seg run: use another --out folder")
+        if stage == "seg":  # older segmentation checkpoints record no options: the command's stand
+            _say_taken(_take_the_runs_own_options(args, saved["train_config"]))
     args.steps = 4000 if args.steps is None else args.steps
     args.batch_size = 16 if args.batch_size is None else args.batch_size
     args.lr = 1e-3 if args.lr is None else args.lr
@@ -866,6 +876,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
+        weight_decay=1e-4 if args.weight_decay is None else args.weight_decay,
         validate_every=args.validate_every,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
@@ -1158,7 +1169,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     volumes.add_argument(
         "--acquired-slice-spacing", type=float, metavar="MM",
-        help="for dense label files that lost CaLID's record (NRRD, DICOM, drawn elsewhere): the spacing of the acquired slices, "
+        help="for dense label files without CaLID's record (drawn or converted by other tools): the spacing of the acquired slices, "
         "so that the end slices stand for the half slab beyond them as in Simpson's method",
     )
     volumes.set_defaults(handler=_cmd_volumes)
@@ -1203,9 +1214,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, help="per process (default: 32; seg 16; with --resume: the run's own)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4; seg 1e-3; with --resume: the run's own)")
     train.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"])
-    train.add_argument("--weight-decay", type=float, help="default 0; with --resume: the run's own")
+    train.add_argument("--weight-decay", type=float, help="default 0; seg 1e-4; with --resume: the run's own")
     train.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
-    train.add_argument("--transposes", action="store_true", help="augmentation: also swap the in-plane axes (with the flips, all 8 rotations / reflections of a slice)")
+    train.add_argument(
+        "--transposes", action=argparse.BooleanOptionalAction, default=False,
+        help="augmentation: also swap the in-plane axes (with the flips, all 8 rotations / reflections of a slice)",
+    )
     train.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="after the warm-up: constant, or cosine decay to 0 at --steps")
     train.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights used for validation and export")
     train.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="CUDA autocast (CPU: always fp32)")

@@ -311,9 +311,19 @@ def test_cli_train_seg_end_to_end_and_resume(labelled_folder, tmp_path):
     assert "step 0 -> 2" in first.stdout and "done at step 2" in first.stdout
     best = out / "best.safetensors"
     assert load_segmenter(best).config.name == "tiny"
-    resumed = subprocess.run([sys.executable, "-m", "calid", *common, "--steps", "4", "--resume"], capture_output=True, text=True, timeout=600)
+    # --resume alone continues with the run's own options (size, batch, split), not the defaults
+    resumed = subprocess.run([sys.executable, "-m", "calid", "train", "seg", "--data", str(labelled_folder), "--out", str(out), "--steps", "4", "--resume"],
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr
     assert "step 2 -> 4" in resumed.stdout and "done at step 4" in resumed.stdout
+    assert "--config tiny" in resumed.stdout and "--batch-size 4" in resumed.stdout and "--val-fraction 0.25" in resumed.stdout
+    from calid.training.state import read_training_extra
+
+    saved = read_training_extra(out / "checkpoints" / "last.safetensors")["train_config"]
+    assert (saved["model"], saved["batch_size"], saved["val_fraction"], saved["validate_every"]) == ("tiny", 4, 0.25, 2)
+    # a VAE run's folder is no segmentation run to resume
+    wrong = subprocess.run([sys.executable, "-m", "calid", "train", "vae", "--data", str(labelled_folder), "--out", str(out), "--resume"], capture_output=True, text=True, timeout=600)
+    assert wrong.returncode == 2 and "not of a vae run" in wrong.stderr
     image = sorted(labelled_folder.glob("*_frame00.nii.gz"))[0]
     segmented = subprocess.run([sys.executable, "-m", "calid", "segment", str(image), str(tmp_path / "labels.nii.gz"), "--model", str(best), "--quiet"],
                                capture_output=True, text=True, timeout=600)

@@ -743,7 +743,7 @@ def test_resume_alone_continues_the_run_with_its_own_options(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "3", "--validate-every", "7", "--resume"]) == 0
     said = capsys.readouterr().out
-    assert "resuming with the run's own" in said and "--warmup 1" in said and "--config tiny" in said and "--transposes true" in said
+    assert "resuming with the run's own" in said and "--warmup 1" in said and "--config tiny" in said and "--transposes," in said
     assert "note:" not in said  # nothing changed but what was given
     saved = read_training_extra(out / "checkpoints" / "last.safetensors")
     assert saved["step"] == 3
@@ -752,7 +752,8 @@ def test_resume_alone_continues_the_run_with_its_own_options(tmp_path, capsys):
     assert (config["ema_decay"], config["seed"], config["val_fraction"], config["perceptual_weight"], config["checkpoint_every"]) == (0.9, 3, 0.5, 0.0, 1)
     assert config["validate_every"] == 7
     # An abbreviated option is given too: it changes the run, and the change is said.
-    assert main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "4", "--warm", "5", "--resume"]) == 0
+    assert main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "4", "--warm", "5", "--no-transposes", "--resume"]) == 0
     said = capsys.readouterr().out
-    assert "warmup steps: 1 in the checkpoint, 5 from now on" in said
-    assert read_training_extra(out / "checkpoints" / "last.safetensors")["train_config"]["warmup_steps"] == 5
+    assert "warmup steps: 1 in the checkpoint, 5 from now on" in said and "transposes: True in the checkpoint, False from now on" in said
+    config = read_training_extra(out / "checkpoints" / "last.safetensors")["train_config"]
+    assert config["warmup_steps"] == 5 and config["transposes"] is False and config["seed"] == 3

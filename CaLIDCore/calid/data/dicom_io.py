@@ -29,7 +29,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from pydicom.valuerep import DSfloat
 
 from calid.atomic import atomic_directory
-from calid.data.io import READER_KEYS, cast_for_writing, metadata_record, output_dtype, restore_record
+from calid.data.io import cast_for_writing, metadata_record, output_dtype, restore_record
 from calid.data.stack import CineStack, holding_dtype
 from calid.errors import InputError, OutputError
 
@@ -374,9 +374,28 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
 def _read_record(header: Dataset) -> Any:
     """calid's record from a series it wrote; None for any other series or a damaged record."""
     try:
-        return json.loads(str(header.private_block(RECORD_GROUP, RECORD_CREATOR)[RECORD_ELEMENT].value))
+        value = header.private_block(RECORD_GROUP, RECORD_CREATOR)[RECORD_ELEMENT].value
+        if isinstance(value, bytes):  # transcoded to implicit VR (as many archives store images): VR UN, padded
+            value = value.decode("utf-8").rstrip("\x00 ")
+        return json.loads(str(value))
     except (KeyError, ValueError):
         return None
+
+
+#: What a DICOM output's record keeps: how it was made and which frames it holds. A DICOM output is a
+#: new, anonymised study: nothing that may name the patient or a path (the source's UIDs, file and
+#: node names, model paths, warnings that quote the input's path) goes into it.
+DICOM_RECORD_KEYS = ("upsampling", "source_frames", "source_frame_count", "labels", "slice_thickness_mm")
+
+
+def _anonymous_record(stack: CineStack) -> dict[str, Any]:
+    record = {key: value for key, value in metadata_record(stack).items() if key in DICOM_RECORD_KEYS}
+    if isinstance(record.get("upsampling"), dict):
+        upsampling = {key: value for key, value in record["upsampling"].items() if key != "warning"}
+        if isinstance(upsampling.get("model"), str):
+            upsampling["model"] = Path(upsampling["model"].replace("\\", "/")).name  # a model file's name, not where it lies
+        record["upsampling"] = upsampling
+    return record
 
 
 def _read_pixels(path: Path, header: Dataset) -> tuple[np.ndarray, str]:
@@ -461,9 +480,7 @@ def write_dicom_folder(
     # The source's thickness for a converted series; an upsampled one's slices are as thick as they are apart.
     acquired_thickness = None if "upsampling" in stack.metadata else dicom_meta.get("SliceThickness")
     thickness = stack.metadata.get("slice_thickness_mm") or acquired_thickness or stack.slice_spacing
-    # Without the source's UIDs (the output is a new, anonymised study) or the reader's words about the
-    # source (its folder name may be the patient's).
-    record = metadata_record(stack, leave_out=READER_KEYS | {"dicom"})
+    record = _anonymous_record(stack)
     record_text = json.dumps(record) if record else None
 
     try:

@@ -56,9 +56,25 @@ def metadata_record(stack: CineStack, leave_out: frozenset[str] = frozenset()) -
 
 
 def restore_record(metadata: dict[str, Any], record: Any) -> None:
-    """Add a record read back from a file to a reader's metadata; the reader's own keys stay."""
+    """Add a record read back from a file to a reader's metadata; the reader's own keys stay. An
+    entry of the wrong kind (a header edited by hand, a tool that rewrote it) is left out, so that
+    it cannot mislead what reads it (frame pairing, Simpson's weights, a DICOM description)."""
     if isinstance(record, dict):
-        metadata.update({key: value for key, value in record.items() if key not in READER_KEYS and key not in metadata})
+        metadata.update(
+            {key: value for key, value in record.items() if key not in READER_KEYS and key not in metadata and _well_formed(key, value)}
+        )
+
+
+def _well_formed(key: str, value: Any) -> bool:
+    if key in ("upsampling", "plane", "labels", "dicom", "preprocess"):
+        return isinstance(value, dict)
+    if key == "source_frames":
+        return isinstance(value, list) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    if key == "source_frame_count":
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if key == "slice_thickness_mm":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    return True
 
 
 def json_safe(value: Any) -> Any:

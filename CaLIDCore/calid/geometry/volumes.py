@@ -32,7 +32,7 @@ def slice_weights_mm(labels: CineStack, acquired_slice_spacing_mm: float | None 
     """Thickness (mm) each slice stands for along the normal (see the module docstring).
 
     ``acquired_slice_spacing_mm``: for a dense stack, the spacing of the acquired slices it was made
-    from; by default taken from the stack's upsampling record (kept in NIfTI files written by CaLID)."""
+    from; by default taken from the stack's upsampling record (kept in the files CaLID writes)."""
     weights = np.full(labels.n_slices, labels.slice_spacing)
     acquired_spacing = acquired_slice_spacing_mm
     if acquired_spacing is None:

@@ -249,7 +249,8 @@ class SegmentationTrainer:
         save_segmenter(path, self.model_config, self.network, info)
 
     def _checkpoint(self) -> None:
-        extra = {"step": self.step, "best_dice": self.best_dice}
+        # The options, so that `calid train seg --resume` alone continues with them.
+        extra = {"step": self.step, "best_dice": self.best_dice, "train_config": {**self.config.to_dict(), "stage": "seg"}}
         save_training_state(self.out / "checkpoints" / "last.safetensors", {"network": self.network}, {"optimizer": self.optimizer}, extra)
 
     def _resume(self) -> None:
