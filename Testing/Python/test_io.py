@@ -235,6 +235,18 @@ def test_dicom_float_data_are_stored_with_rescale(tmp_path):
     np.testing.assert_allclose(back.data, stack.data, atol=span / 65000.0)
 
 
+@pytest.mark.parametrize("offset", [0.0, -1024.0])
+def test_dicom_float_data_holding_whole_numbers_are_stored_exactly(tmp_path, offset):
+    """Float files holding whole numbers (ACDC's float32 images, labels, CT-like negative values):
+    written as 16-bit integers with slope 1, so they read back bit for bit, not quantised over their range."""
+    stack = oblique_stack(frames=2)
+    stack = stack.with_data(stack.data.astype(np.float32) + np.float32(offset), metadata={"source_dtype": "float32"})
+    folder = write_stack(stack, tmp_path / "d")
+    header = pydicom.dcmread(str(next(folder.iterdir())), stop_before_pixels=True)
+    assert float(header.RescaleSlope) == 1.0 and header.PixelRepresentation == (1 if offset < 0 else 0)
+    np.testing.assert_array_equal(read_stack(folder).data, stack.data)
+
+
 REAL_FILES = [
     ("acdc_cine", "patient001_4d.nii.gz"),
     ("acdc_cine", "patient040_4d.nii.gz"),

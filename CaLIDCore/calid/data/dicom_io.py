@@ -371,6 +371,16 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
     )
 
 
+def _whole_numbers_in_16_bits(data: np.ndarray) -> np.ndarray | None:
+    """``data`` as 16-bit integers when every value is a whole number that fits (unsigned if none is negative), else None."""
+    low, high = float(data.min()), float(data.max())
+    kind = np.uint16 if low >= 0 else np.int16
+    info = np.iinfo(kind)
+    if low < info.min or high > info.max or not np.array_equal(data, np.rint(data)):
+        return None
+    return data.astype(kind)
+
+
 def _read_record(header: Dataset) -> Any:
     """calid's record from a series it wrote; None for any other series or a damaged record."""
     try:
@@ -442,7 +452,7 @@ def write_dicom_folder(
 ) -> None:
     """Write one MR image per (slice, frame) into a new folder, atomically.
 
-    Voxel values are stored as 16-bit integers. Integer-valued data that fit are
+    Voxel values are stored as 16-bit integers. Integer data, and float data holding whole numbers, that fit are
     stored as they are; other data are stored with ``RescaleSlope`` /
     ``RescaleIntercept`` spanning their range (precision: range / 65535).
     """
@@ -453,6 +463,10 @@ def write_dicom_folder(
         sixteen_bit = np.dtype(np.int16 if disk_dtype.kind == "i" else np.uint16)
         stored = cast_for_writing(stack.data, sixteen_bit, folder)
         slope, intercept = 1.0, 0.0
+    elif (exact := _whole_numbers_in_16_bits(stack.data)) is not None:
+        # Float voxels holding whole numbers (labels, images converted to float elsewhere): stored
+        # exactly, not quantised over their range.
+        stored, slope, intercept = exact, 1.0, 0.0
     else:
         low, high = float(stack.data.min()), float(stack.data.max())
         # DS values hold at most 16 characters: quantise with the values as written.
