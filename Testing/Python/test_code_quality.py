@@ -3,7 +3,6 @@ supported Python lacks (ruff), and the package's type annotations (mypy). Both a
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 
@@ -14,28 +13,19 @@ from conftest import REPO_ROOT
 CHECKED = ["CaLIDCore", "CaLIDSlicer", "Testing", "Resources"]
 
 
-def _tool(name: str) -> list[str]:
-    """The tool installed beside this Python (the test environment's own), else on PATH."""
-    beside = REPO_ROOT / ".venv" / "bin" / name
-    for candidate in (str(beside), shutil.which(name, path=str(REPO_ROOT / ".venv" / "bin")), shutil.which(name)):
-        if candidate and shutil.which(candidate):
-            return [candidate]
-    pytest.skip(f"{name} is not installed: install the test extras (pip install -e './CaLIDCore[test]')")
+def _run_module(module: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module ...`` in the test environment, skipped with the reason when the module is not installed."""
+    result = subprocess.run([sys.executable, "-m", module, *arguments], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    if f"No module named {module}" in result.stderr:
+        pytest.skip(f"{module} is not installed: install the test extras (pip install -e './CaLIDCore[test]')")
+    return result
 
 
 def test_ruff_finds_no_errors_in_any_python_of_the_project():
-    result = subprocess.run(
-        [*_tool("ruff"), "check", "--select", "F,E9", "--target-version", "py310", "--no-cache", *CHECKED],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )
+    result = _run_module("ruff", "check", "--select", "F,E9", "--target-version", "py310", "--no-cache", *CHECKED)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def test_mypy_finds_no_type_errors_in_the_package():
-    result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--no-incremental", "CaLIDCore/calid"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600,
-    )
-    if "No module named mypy" in result.stderr:
-        pytest.skip("mypy is not installed: install the test extras (pip install -e './CaLIDCore[test]')")
+    result = _run_module("mypy", "--ignore-missing-imports", "--no-incremental", "CaLIDCore/calid")
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

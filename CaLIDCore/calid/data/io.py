@@ -47,11 +47,10 @@ def detect_format(path: str | os.PathLike[str], for_writing: bool = False) -> st
 READER_KEYS = frozenset({"source_file", "source_format", "source_dtype", "geometry_note", "orientation_unknown"})
 
 
-def metadata_record(stack: CineStack, leave_out: frozenset[str] = frozenset()) -> dict[str, Any]:
+def metadata_record(stack: CineStack) -> dict[str, Any]:
     """The part of a stack's metadata that calid writes into its files beside the voxels (how it was
     made, which frames of which cine it holds), without what JSON cannot hold."""
-    kept = {key: value for key, value in stack.metadata.items() if key not in leave_out}
-    record = json_safe(kept)
+    record = json_safe(dict(stack.metadata))
     return record if isinstance(record, dict) else {}
 
 
