@@ -598,7 +598,7 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
     for (path, labels), name in zip(inputs, names):
         result = cardiac_function(labels, args.ed, args.es, method=Path(path).name, acquired_slice_spacing_mm=args.acquired_slice_spacing)
         results[name] = result
-        acquired = args.acquired_slice_spacing or labels.metadata.get("upsampling", {}).get("input_slice_spacing_mm")
+        acquired = args.acquired_slice_spacing or labels.recorded_acquired_spacing()
         if acquired is not None and float(acquired) > labels.slice_spacing:
             print(f"{path}: dense stack ({labels.slice_spacing:g} mm) made from slices {float(acquired):g} mm apart: its end slices also stand for the outer half slab")
         elif labels.slice_spacing < SPARSE_SLICE_SPACING_MM:
@@ -720,8 +720,14 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print(f"intensities     {stack.data.min():g} .. {stack.data.max():g} (stored as {stack.metadata.get('source_dtype', '?')})")
     upsampling = stack.metadata.get("upsampling")
     if isinstance(upsampling, dict) and upsampling.get("mode"):
-        print(f"made by calid   {upsampling['mode']} x{upsampling.get('factor', '?')}: 1 slice in {upsampling.get('factor', '?')} is acquired, "
-              f"from slices {upsampling.get('input_slice_spacing_mm', '?')} mm apart")
+        steps = [step for step in upsampling.get("earlier_upsampling") or [] if isinstance(step, dict)] + [upsampling]
+        how = " then ".join(f"{step.get('mode', '?')} x{step.get('factor', '?')}" for step in steps)
+        acquired = stack.recorded_acquired_spacing()
+        if acquired is None:
+            print(f"made by calid   {how}")
+        else:
+            every = round(acquired / stack.slice_spacing)
+            print(f"made by calid   {how}: 1 slice in {every} is acquired, from slices {acquired:.4g} mm apart")
     if "geometry_note" in stack.metadata:
         print(f"note            {stack.metadata['geometry_note']}")
     if stack.has_placeholder_spacing:

@@ -65,10 +65,30 @@ def stack_from_node(node: Any) -> CineStack:
     if node is None:
         raise InputError("input", "select an input volume or volume sequence")
     if node.IsA("vtkMRMLSequenceNode"):
-        return mrml.stack_from_sequence(node)
-    if node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
-        return mrml.stack_from_volume(node)
-    raise InputError(node.GetName(), f"is a {node.GetClassName()}; select a grey-level volume or a volume sequence")
+        stack = mrml.stack_from_sequence(node)
+    elif node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
+        stack = mrml.stack_from_volume(node)
+    else:
+        raise InputError(node.GetName(), f"is a {node.GetClassName()}; select a grey-level volume or a volume sequence")
+    _restore_provenance(node, stack)
+    return stack
+
+
+def _restore_provenance(node: Any, stack: CineStack) -> None:
+    """A CaLID output used as input again keeps its record (where its acquired slices are, how far
+    apart), so that upsampling it again and its volumes still know what was acquired."""
+    import json
+
+    from calid.data.io import restore_record
+
+    text = node.GetAttribute(PROVENANCE_ATTRIBUTE)
+    if not text:
+        return
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return  # an attribute edited by hand: the node is taken as acquired
+    restore_record(stack.metadata, {"upsampling": record})
 
 
 def upsample_node(
@@ -99,6 +119,8 @@ def upsample_node(
         assumed_pixel_mm=assumed_pixel_mm, tta=options.tta,
     )
     result = _add_output(scene, input_node, stack, dense, options)
+    if dense.metadata["upsampling"].get("warning"):  # (a background run has the worker print it)
+        result.warnings.append(dense.metadata["upsampling"]["warning"])
     try:
         if options.segment:
             _segment_and_measure_or_warn(scene, stack, result, options, cancel)

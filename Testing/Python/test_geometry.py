@@ -258,6 +258,38 @@ def test_dense_stack_covers_the_same_slab_as_simpsons_method():
     assert structure_volumes_ml(stripped, 3, acquired_slice_spacing_mm=10.0)[0] == pytest.approx(simpson)
 
 
+def test_a_stack_upsampled_twice_keeps_the_acquired_spacing_for_simpsons_end_slabs(tmp_path):
+    """x2 of a x2 output: the end slices stand for half the acquired 10 mm gap, not half of the 5 mm
+    one it was upsampled from, also after a round trip through a file; the acquired slices stay marked."""
+    data = np.zeros((1, 5, 20, 20), dtype=np.float32)
+    data[:, :, 5:15, 6:14] = 3
+    sparse = CineStack(data, spacing=(1.5, 1.5, 10.0))
+    simpson = structure_volumes_ml(sparse, 3)[0]
+    twice = upsample_linear(upsample_linear(sparse, 2), 2)
+    record = twice.metadata["upsampling"]
+    assert twice.slice_spacing == pytest.approx(2.5) and record["input_slice_spacing_mm"] == pytest.approx(5.0)
+    assert record["acquired_slice_spacing_mm"] == pytest.approx(10.0) and twice.recorded_acquired_spacing() == pytest.approx(10.0)
+    assert record["acquired_slice_indices"] == [0, 4, 8, 12, 16]
+    assert np.array_equal(twice.data[:, record["acquired_slice_indices"]], sparse.data)
+    assert record["earlier_upsampling"] == [{"mode": "linear", "factor": 2}]
+    assert structure_volumes_ml(twice, 3)[0] == pytest.approx(simpson)
+    back = read_stack(write_stack(twice, tmp_path / "twice.nrrd"))
+    assert structure_volumes_ml(back, 3)[0] == pytest.approx(simpson)
+    three = upsample_linear(back, 2)  # the chain goes on
+    assert three.metadata["upsampling"]["acquired_slice_indices"] == [0, 8, 16, 24, 32]
+    assert [step["factor"] for step in three.metadata["upsampling"]["earlier_upsampling"]] == [2, 2]
+    assert structure_volumes_ml(three, 3)[0] == pytest.approx(simpson)
+
+
+def test_a_malformed_recorded_acquired_spacing_is_not_used():
+    labels = _cine_labels([10, 6], [12, 9], spacing=(1.5, 1.5, 2.5))
+    for bad in ("10", None, True, float("nan"), -10.0, [10.0]):
+        labels.metadata["upsampling"] = {"mode": "linear", "acquired_slice_spacing_mm": bad}
+        assert labels.recorded_acquired_spacing() is None
+    labels.metadata["upsampling"] = {"mode": "linear", "acquired_slice_spacing_mm": "x", "input_slice_spacing_mm": 7.5}  # the spacing upsampled from, as older files record it
+    assert labels.recorded_acquired_spacing() == 7.5
+
+
 def _cine_labels(lv_areas, rv_areas, spacing=(1.5, 1.5, 10.0)):
     """Labels whose LV and RV cavities are squares of the given side lengths (pixels) per frame, 3 slices."""
     data = np.zeros((len(lv_areas), 3, 40, 40), dtype=np.float32)

@@ -83,6 +83,22 @@ def test_output_geometry_and_acquired_slices(pipeline, frames, mode):
     assert info["mode"] == mode and info["acquired_slice_indices"] == [0, 4, 8, 12]
 
 
+@pytest.mark.parametrize("mode", ["calid", "registration", "linear"])
+def test_upsampling_an_upsampled_stack_keeps_the_acquired_slices_and_warns(pipeline, mode):
+    """x2 of a x2 output: the record keeps the first acquisition (its slices and their spacing) and
+    says that generated slices served as neighbours; the acquired slices still pass through bit for bit."""
+    stack = oblique_stack(frames=2, slices=3, rows=40, columns=36)
+    once = pipeline.upsample(stack, factor=2, mode="registration")
+    assert "warning" not in once.metadata["upsampling"]
+    twice = pipeline.upsample(once, factor=2, mode=mode, steps=2)
+    info = twice.metadata["upsampling"]
+    assert info["acquired_slice_indices"] == [0, 4, 8] and np.array_equal(twice.data[:, ::4], stack.data)
+    assert info["acquired_slice_spacing_mm"] == pytest.approx(stack.slice_spacing)
+    assert info["input_slice_spacing_mm"] == pytest.approx(stack.slice_spacing / 2)
+    assert info["earlier_upsampling"] == [{"mode": "registration", "factor": 2}]
+    assert "was itself upsampled (registration x2)" in info["warning"] and "x4 in one run" in info["warning"]
+
+
 def test_factor_mode_steps_and_stack_validation(pipeline, phantom):
     for factor in (3, 6, 0, 1, 2.0):
         with pytest.raises(InputError, match="2, 4, 8, 16"):

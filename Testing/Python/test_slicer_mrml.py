@@ -901,6 +901,12 @@ def test_outputs_carry_how_they_were_made_and_get_names_of_their_own(scene, phan
     recorded = json.loads(first.output_node.GetAttribute(PROVENANCE_ATTRIBUTE))
     assert recorded["mode"] == "linear" and recorded["factor"] == 2
     assert "generated" in first.output_node.GetDescription()
+    # An output upsampled again keeps the first acquisition in its record (Simpson's end slabs, acquired slices).
+    again = upsample_node(scene, first.output_node, UpsamplingOptions(factor=2, mode="linear", segment=False))
+    chained = json.loads(again.output_node.GetAttribute(PROVENANCE_ATTRIBUTE))
+    assert chained["acquired_slice_spacing_mm"] == pytest.approx(phantom.sparse.slice_spacing)
+    assert chained["acquired_slice_indices"] == list(range(0, again.dense.n_slices, 4))
+    assert "was itself upsampled (linear x2)" in chained["warning"] and chained["warning"] in again.warnings
 
 
 def _start_and_wait_for_progress(command):

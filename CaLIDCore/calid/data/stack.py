@@ -19,6 +19,7 @@ So the physical point of index ``(i, j, k)`` (x, y, z order) is
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,6 +234,20 @@ class CineStack:
         for stored in (self.metadata.get("source_frames"), self.metadata.get("upsampling", {}).get("frames")):
             if isinstance(stored, list) and len(stored) == self.n_frames and all(isinstance(f, int) for f in stored):
                 return [int(f) for f in stored]
+        return None
+
+    def recorded_acquired_spacing(self) -> float | None:
+        """The spacing (mm) of the acquired slices this upsampled stack was made from, as calid
+        recorded it (through a chain of upsamplings too); None for a stack without that record
+        (an acquired stack, a file from another tool)."""
+        record = self.metadata.get("upsampling")
+        if not isinstance(record, dict):
+            return None
+        # "input_slice_spacing_mm" alone: a file written before chains were recorded.
+        for key in ("acquired_slice_spacing_mm", "input_slice_spacing_mm"):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
+                return float(value)
         return None
 
     def select_frames(self, frames: list[int] | np.ndarray) -> CineStack:

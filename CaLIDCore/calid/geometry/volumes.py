@@ -36,7 +36,7 @@ def slice_weights_mm(labels: CineStack, acquired_slice_spacing_mm: float | None 
     weights = np.full(labels.n_slices, labels.slice_spacing)
     acquired_spacing = acquired_slice_spacing_mm
     if acquired_spacing is None:
-        acquired_spacing = labels.metadata.get("upsampling", {}).get("input_slice_spacing_mm")
+        acquired_spacing = labels.recorded_acquired_spacing()
     if acquired_spacing is not None and not float(acquired_spacing) >= labels.slice_spacing * (1 - 1e-6):
         source = "--acquired-slice-spacing" if acquired_slice_spacing_mm is not None else labels.source
         raise InputError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from calid.data.stack import CineStack
@@ -41,11 +43,47 @@ def dense_stack(stack: CineStack, out: np.ndarray, factor: int, mode: str, **rec
     """The upsampled stack around ``out`` (T, (Z - 1) * factor + 1, Y, X): the input's geometry with
     the slice spacing divided by ``factor``, and how it was made in ``metadata["upsampling"]``."""
     result = stack.with_data(out, spacing=(stack.spacing[0], stack.spacing[1], stack.slice_spacing / factor))
-    result.metadata["upsampling"] = {
+    result.metadata["upsampling"] = {**upsampling_record(stack, factor, mode), **record}
+    return result
+
+
+def upsampling_record(stack: CineStack, factor: int, mode: str) -> dict[str, Any]:
+    """The start of the record of ``stack`` upsampled by ``factor``: which slices of the output are
+    acquired and how far apart they were.
+
+    ``stack`` may itself be an upsampled stack (a x2 output upsampled again): then the acquired
+    slices and their spacing stay those of the first acquisition, so that Simpson's end slabs and
+    the acquired-slice marks stay true, and ``earlier_upsampling`` lists the earlier steps."""
+    n_dense = (stack.n_slices - 1) * factor + 1
+    record: dict[str, Any] = {
         "factor": factor,
         "mode": mode,
-        "acquired_slice_indices": list(range(0, out.shape[1], factor)),
+        "acquired_slice_indices": list(range(0, n_dense, factor)),
         "input_slice_spacing_mm": stack.slice_spacing,
-        **record,
+        "acquired_slice_spacing_mm": stack.slice_spacing,
     }
-    return result
+    earlier = stack.metadata.get("upsampling")
+    if not (isinstance(earlier, dict) and earlier.get("mode")):
+        return record
+    record["acquired_slice_spacing_mm"] = stack.recorded_acquired_spacing() or stack.slice_spacing
+    indices = earlier.get("acquired_slice_indices")
+    if isinstance(indices, list) and indices and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < stack.n_slices for i in indices):
+        record["acquired_slice_indices"] = [i * factor for i in indices]
+    steps = earlier.get("earlier_upsampling")
+    steps = steps if isinstance(steps, list) else []
+    record["earlier_upsampling"] = [*steps, {"mode": earlier["mode"], "factor": earlier.get("factor")}]
+    return record
+
+
+def chained_upsampling_warning(stack: CineStack, factor: int) -> str | None:
+    """A warning when ``stack`` is itself an upsampled stack: its generated slices are taken as
+    acquired neighbours, which one run over the acquired stack avoids."""
+    earlier = stack.metadata.get("upsampling")
+    if not (isinstance(earlier, dict) and earlier.get("mode")):
+        return None
+    acquired = stack.recorded_acquired_spacing()
+    total = round(acquired / (stack.slice_spacing / factor)) if acquired else None
+    advice = f"; upsampling the acquired stack x{total} in one run keeps every new slice between acquired ones" if total in VALID_FACTORS else ""
+    return (
+        f"{stack.source} was itself upsampled ({earlier['mode']} x{earlier.get('factor', '?')}): its generated slices are used as if acquired{advice}"
+    )

@@ -48,7 +48,7 @@ from calid.device import available_memory_bytes, describe_device, resolve_device
 from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampling_grid, slerp
 from calid.errors import Cancelled, InputError
 from calid.evaluation.methods import INVERSION_SLERP, PIXEL_METHODS, UPSAMPLE_MODES  # also the evaluation's DiffAE-style baseline, run by the engine
-from calid.inference.baselines import check_factor, upsample_linear
+from calid.inference.baselines import chained_upsampling_warning, check_factor, upsample_linear, upsampling_record
 from calid.inference.registration import RegistrationSettings, moved_to_middle, upsample_registration
 from calid.inference.registration import midpoints as registration_midpoints
 from calid.models.checkpoint import LoadedModel, load_model, recorded_training_data
@@ -312,20 +312,16 @@ class UpsamplingPipeline:
         else:
             dense = upsample_linear(selected, factor)
         info: dict[str, Any] = {
-            "factor": factor,
-            "mode": mode,
+            **upsampling_record(stack, factor, mode),
             "frames": list(range(stack.n_frames)) if selection is None else selection,
             "temporal": is_temporal,
-            "acquired_slice_indices": list(range(0, dense.n_slices, factor)),
-            "input_slice_spacing_mm": stack.slice_spacing,
         }
+        warnings = [chained_upsampling_warning(stack, factor)]
         if assumed is not None:
             info["assumed_pixel_mm"] = assumed
         if mode == "registration":
             info["registration"] = dense.metadata["upsampling"]["registration"]
-            warning = placeholder_warning(stack, assumed, "the registration")
-            if warning:
-                info["warning"] = warning
+            warnings.append(placeholder_warning(stack, assumed, "the registration"))
         elif mode != "linear":
             batch = self._batch_size(batch_size)
             # Intensity normalisation from the whole cine, so that a frame comes out the
@@ -357,16 +353,15 @@ class UpsamplingPipeline:
                 ),
                 crop=params.to_dict(),
             )
-            candidates = (
+            warnings += [
                 None if params.crop_mask().any() else
                 "the model's window lies outside the image (check the centre point): every new slice was linearly interpolated, none generated",
                 "UNTRAINED MODEL: the generated slices are not meaningful; for testing the pipeline only" if self.untrained else None,
                 # The crop is resampled to the model's pixel size: a wrong size shows the network hearts at another scale.
                 placeholder_warning(stack, assumed, "the model"),
-            )
-            warnings = [w for w in candidates if w]
-            if warnings:
-                info["warning"] = " | ".join(warnings)
+            ]
+        if any(warnings):
+            info["warning"] = " | ".join(w for w in warnings if w)
         info["seconds"] = round(time.perf_counter() - started, 3)
         dense.metadata["upsampling"] = info
         tracker.finish(f"done: {dense.n_slices} slices at {dense.slice_spacing:g} mm")
