@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ import calid
 from calid.data.io import image_stem
 from calid.errors import CalidError, Cancelled, InputError, OutputError
 from calid.evaluation.methods import UPSAMPLE_MODES
+
+if TYPE_CHECKING:
+    from calid.data.stack import CineStack
 
 EXIT_BAD_INPUT = 2
 
@@ -712,27 +715,51 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             print(f"frame times     {stack.frame_times_ms[0]:.1f} .. {stack.frame_times_ms[-1]:.1f} ms ({stack.frame_interval_ms:.1f} ms apart)")
         else:  # a selection of frames (ED and ES), or an irregular acquisition: each time says more than a mean
             print(f"frame times     {', '.join(f'{v:.1f}' for v in stack.frame_times_ms)} ms (unevenly spaced)")
+    elif stack.frame_times_ms is not None:
+        print(f"frame time      {stack.frame_times_ms[0]:.1f} ms")
     from calid.geometry.reslice import source_frames
 
     frames = source_frames(stack)
     if frames is not None:
         print(f"frames of cine  {', '.join(str(f) for f in frames)} (counted from 0)")
-    print(f"intensities     {stack.data.min():g} .. {stack.data.max():g} (stored as {stack.metadata.get('source_dtype', '?')})")
+    label_names, convention = _label_names(stack)
+    if label_names:
+        print(f"labels          {', '.join(f'{value} {name}' for value, name in label_names.items())}{convention}")
+    else:
+        print(f"intensities     {stack.data.min():g} .. {stack.data.max():g} (stored as {stack.metadata.get('source_dtype', '?')})")
+    plane = stack.metadata.get("plane")
+    if isinstance(plane, dict):
+        covered = stack.metadata.get("covered_fraction")
+        inside = f", {covered:.0%} of it inside the stack" if isinstance(covered, float) else ""
+        print(f"plane           {plane.get('name', '?')}: a reslice by calid lax{inside}")
     upsampling = stack.metadata.get("upsampling")
     if isinstance(upsampling, dict) and upsampling.get("mode"):
-        steps = [step for step in upsampling.get("earlier_upsampling") or [] if isinstance(step, dict)] + [upsampling]
-        how = " then ".join(f"{step.get('mode', '?')} x{step.get('factor', '?')}" for step in steps)
+        chain = [step for step in upsampling.get("earlier_upsampling") or [] if isinstance(step, dict)] + [upsampling]
+        how = " then ".join(f"{step.get('mode', '?')} x{step.get('factor', '?')}" for step in chain)
         acquired = stack.recorded_acquired_spacing()
-        if acquired is None:
-            print(f"made by calid   {how}")
-        else:
-            every = round(acquired / stack.slice_spacing)
-            print(f"made by calid   {how}: 1 slice in {every} is acquired, from slices {acquired:.4g} mm apart")
+        if isinstance(plane, dict):  # one plane through the stack: its slices are no longer rows here
+            how = f"resliced from a stack made by {how}" + ("" if acquired is None else f" from slices {acquired:.4g} mm apart")
+        elif acquired is not None:
+            how += f": 1 slice in {round(acquired / stack.slice_spacing)} is acquired, from slices {acquired:.4g} mm apart"
+        print(f"made by calid   {how}")
     if "geometry_note" in stack.metadata:
         print(f"note            {stack.metadata['geometry_note']}")
-    if stack.has_placeholder_spacing:
+    if stack.has_placeholder_spacing and not isinstance(plane, dict):  # a reslice is written at 1 mm on purpose
         print("note            all spacings are exactly 1 mm, NIfTI's default: the file has probably lost its geometry (sizes and volumes are in voxels)")
     return 0
+
+
+def _label_names(stack: CineStack) -> tuple[dict[int, str], str]:
+    """What each value of a label file stands for, and how that is known: calid's record (calid
+    segment), else the ACDC convention for a file holding only its values; empty for an image."""
+    recorded = stack.metadata.get("labels")
+    if isinstance(recorded, dict) and recorded:
+        return {int(k): str(v) for k, v in recorded.items() if str(k).isdigit()}, ""
+    values = np.unique(stack.data)  # (ACDC's own label files are float32)
+    if values.size < 2 or not set(values.tolist()) <= {0, 1, 2, 3}:
+        return {}, ""
+    names = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
+    return {int(v): names[int(v)] for v in values if v}, " (values 0-3 only: taken as ACDC's numbering)"
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:

@@ -70,6 +70,31 @@ def test_inspect_lists_uneven_frame_times_the_frames_of_a_selection_and_how_a_st
     assert "probably lost its geometry" in run_calid("inspect", str(bare)).stdout
 
 
+def test_inspect_names_a_chain_of_upsamplings_a_reslice_label_values_and_a_single_frames_time(tmp_path):
+    stack = oblique_stack(frames=3, slices=4)
+    twice = write_stack(upsample_linear(upsample_linear(stack, 2), 2), tmp_path / "twice.nii.gz")
+    info = run_calid("inspect", str(twice))
+    assert info.returncode == 0, info.stderr
+    assert "made by calid   linear x2 then linear x2: 1 slice in 4 is acquired, from slices 8.5 mm apart" in info.stdout
+    to_ras = np.array([-1.0, -1.0, 1.0])
+    centre = stack.index_to_physical([(n - 1) / 2 for n in (stack.shape[3], stack.shape[2], stack.shape[1])]) * to_ras
+    normal, along = stack.direction[:, 0] * to_ras, stack.slice_normal * to_ras  # a plane across the slices
+    plane_ras = ";".join(",".join(f"{v:.6f}" for v in vector) for vector in (centre, normal, along))
+    view = run_calid("lax", str(twice), "--out", str(tmp_path / "lax"), f"--plane-ras={plane_ras}")
+    assert view.returncode == 0, view.stderr
+    plane = run_calid("inspect", str(tmp_path / "lax" / "user.nii.gz"))
+    assert plane.returncode == 0, plane.stderr
+    assert "a reslice by calid lax" in plane.stdout and "resliced from a stack made by linear x2 then linear x2" in plane.stdout
+    assert "1 slice in" not in plane.stdout and "lost its geometry" not in plane.stdout  # a reslice is written at 1 mm on purpose
+    labels = np.zeros(stack.shape, dtype=np.uint8)
+    labels[:, :, 2:5, 2:5], labels[:, :, 6:8, 6:8] = 1, 3
+    label_file = write_stack(stack.with_data(labels).select_frames([1]), tmp_path / "labels.nii.gz", dtype="uint8")
+    described = run_calid("inspect", str(label_file)).stdout
+    assert "labels          1 RV cavity, 3 LV cavity (values 0-3 only: taken as ACDC's numbering)" in described and "intensities" not in described
+    assert f"frame time      {stack.frame_times_ms[1]:.1f} ms" in described
+    assert "labels " not in run_calid("inspect", str(twice)).stdout
+
+
 def test_phantom_command_writes_labels_as_integers(tmp_path):
     result = run_calid("phantom", str(tmp_path), "--frames", "2")
     assert result.returncode == 0, result.stderr
