@@ -118,14 +118,20 @@ class _ProgressBar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=round(total, 3), unit="slice", file=sys.stderr, dynamic_ncols=True, leave=False)
+            # Whole slices read as such ("3/12", not "3.0/12.0"); a registration reports fractions of a gap.
+            self.bar = tqdm(total=_whole_if_whole(total), unit="slice", file=sys.stderr, dynamic_ncols=True, leave=False)
         self.bar.set_description_str(message, refresh=False)
-        self.bar.update(round(done - self.bar.n, 3))
+        self.bar.update(_whole_if_whole(done) - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def _whole_if_whole(value: float) -> float:
+    value = round(float(value), 3)
+    return int(value) if value.is_integer() else value
 
 
 class _JsonProgress:

@@ -63,6 +63,11 @@ def test_training_learns_and_resumes_exactly(labelled_folder, tmp_path):
     resumed.fit()
     for key, value in whole.network.state_dict().items():
         torch.testing.assert_close(resumed.network.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    # Options changed on resume hold from then on: the weight decay of the restored optimiser too.
+    changed = SegmentationTrainer(SegTrainConfig(**{**config.to_dict(), "out_dir": str(tmp_path / "split"), "weight_decay": 0.05, "learning_rate": 1e-2}), resume=True)
+    assert changed.optimizer.param_groups[0]["weight_decay"] == 0.05 != config.weight_decay
+    changed.train_step()
+    assert changed.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 7 / 100)  # step 6 of the 100-step warm-up, towards the new peak
 
 
 def test_a_few_hundred_steps_learn_the_phantom(labelled_folder, tmp_path):

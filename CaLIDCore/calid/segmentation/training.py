@@ -259,6 +259,10 @@ class SegmentationTrainer:
             raise InputError(path, "no checkpoint to resume from")
         extra = load_training_state(path, {"network": self.network}, {"optimizer": self.optimizer})
         self.step, self.best_dice = int(extra["step"]), float(extra["best_dice"])
+        # The restored optimiser holds the checkpoint's weight decay; this run's options hold from now
+        # on (the learning rate is set at every step from the schedule).
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = self.config.weight_decay
 
     def fit(self, until_step: int | None = None) -> dict[str, float]:
         """Train to ``config.steps`` (or stop early at ``until_step``, checkpointed, e.g. for time-limited jobs)."""
