@@ -451,6 +451,30 @@ def _view(name: str, stack: Any, plane: Any, spacing: float) -> tuple[str, Any]:
     return name, reslice(stack, plane, spacing)
 
 
+def _check_labels_lie_on_the_image(label_path: str, labels: CineStack, label_frame: int, image_path: str, image: CineStack, frame: int) -> None:
+    """Labels of another scan (another subject, or a file that lost its geometry) would place the
+    planes and outlines on the wrong anatomy: refused when they miss the image, else a warning."""
+    from calid.geometry.reslice import BLOOD_TO_MUSCLE_MINIMUM, label_fit
+
+    fraction, ratio = label_fit(labels, label_frame, image, frame)
+    if fraction is None:
+        return  # no heart labelled: the planes' own error says so
+    lost = " (its spacings are all 1 mm: its geometry was probably lost)" if labels.has_placeholder_spacing else ""
+    if fraction == 0.0:
+        raise InputError(
+            label_path, f"does not lie on the image {image_path}: none of its heart voxels falls inside the image's volume{lost}; "
+            f"give labels of this scan in its coordinates, e.g. from `calid segment {image_path}`",
+        )
+    if fraction < 0.5:
+        print(f"WARNING: {label_path}: only {fraction:.0%} of its heart voxels lie inside the image {image_path}{lost}: are the labels of this scan?", file=sys.stderr)
+    if ratio is not None and ratio < BLOOD_TO_MUSCLE_MINIMUM:
+        print(
+            f"WARNING: {label_path}: in the image {image_path} (frame {frame}), the labels' LV cavity is not brighter than their myocardium "
+            f"(median ratio {ratio:.2f}; a bright-blood cine usually gives 1.5 or more): the labels may be of another scan or another phase",
+            file=sys.stderr,
+        )
+
+
 def _cmd_lax(args: argparse.Namespace) -> int:
     import json
 
@@ -499,6 +523,8 @@ def _cmd_lax(args: argparse.Namespace) -> int:
             "give labels of every frame, or of the shown frame only (calid segment --frames N)",
         )
     label_frame = None if labels is None else matching_frame(labels, image, frame)
+    if args.labels and labels is not None and label_frame is not None:
+        _check_labels_lie_on_the_image(args.labels, labels, label_frame, args.input, image, frame)
     if labels is not None and labels.n_frames != image.n_frames:
         print(f"note: the labels have {labels.n_frames} frame(s), the image {image.n_frames}: planes and outlines come from label frame {label_frame} "
               f"(matched by {frame_matching(labels, image)})", file=sys.stderr)

@@ -167,6 +167,24 @@ def test_cli_segment_lax_surfaces_and_volumes(phantom, tiny_segmenter_file, tmp_
     assert failed.returncode == 2 and "LV cavity" in failed.stderr and "points" in failed.stderr
 
 
+def test_cli_lax_refuses_labels_off_the_image_and_warns_about_labels_of_another_heart(phantom, tmp_path):
+    image = write_stack(phantom.dense, tmp_path / "dense.nii.gz", dtype="int16")
+    own = write_stack(phantom.dense_labels, tmp_path / "labels.nii.gz", dtype="uint8")
+    fits = run_calid("lax", str(image), "--labels", str(own), "--out", str(tmp_path / "own"))
+    assert fits.returncode == 0 and "WARNING" not in fits.stderr, fits.stderr
+    # A file that lost its geometry (all 1 mm, at the origin) lies elsewhere: refused in words about the labels, not the planes.
+    lost = write_stack(phantom.dense_labels.with_data(phantom.dense_labels.data, spacing=(1.0, 1.0, 1.0), origin=(500.0, 500.0, 500.0)), tmp_path / "lost.nii.gz", dtype="uint8")
+    off = run_calid("lax", str(image), "--labels", str(lost), "--out", str(tmp_path / "off"))
+    assert off.returncode == 2 and "lost.nii.gz: does not lie on the image" in off.stderr and "geometry was probably lost" in off.stderr
+    assert "check the coordinates" not in off.stderr and not (tmp_path / "off").exists()
+    # Another heart on the same grid: here the cavity and the myocardium swapped, so the dark muscle lies under the "cavity".
+    swapped_data = phantom.dense_labels.data.copy()
+    swapped_data[phantom.dense_labels.data == 2], swapped_data[phantom.dense_labels.data == 3] = 3, 2
+    swapped = write_stack(phantom.dense_labels.with_data(swapped_data), tmp_path / "swapped.nii.gz", dtype="uint8")
+    warned = run_calid("lax", str(image), "--labels", str(swapped), "--out", str(tmp_path / "swapped"))
+    assert warned.returncode == 0 and "LV cavity is not brighter than their myocardium" in warned.stderr, warned.stderr
+
+
 def test_cli_lax_with_labels_of_one_phase_a_plane_beside_the_heart_and_same_named_comparisons(phantom, tmp_path):
     image = write_stack(phantom.dense, tmp_path / "dense.nii.gz", dtype="int16")
     es = phantom.es_frame

@@ -71,6 +71,35 @@ def sample_at(stack: CineStack, points: np.ndarray, order: int = 1, frames: Sequ
     return np.where(inside, values, 0.0).astype(np.float32), inside
 
 
+#: Below this ratio of the image's median intensity under the labels' LV cavity to that under their
+#: myocardium, labels probably belong to another scan: in a bright-blood cine the cavity is 1.5-4
+#: times brighter (ACDC), whereas another subject's labels on the same image give about 0.7-1.5.
+BLOOD_TO_MUSCLE_MINIMUM = 1.1
+
+
+def label_fit(labels: CineStack, label_frame: int, image: CineStack, image_frame: int, max_points: int = 20000) -> tuple[float | None, float | None]:
+    """How well a label frame lies on an image frame, on any two grids: the fraction of the labelled
+    heart voxels inside the image (None: no heart labelled), and the image's median intensity under
+    the LV cavity divided by that under the myocardium (None without both inside the image)."""
+    from calid.segmentation.model import LV_CAVITY, LV_MYOCARDIUM, RV_CAVITY  # (PyTorch: not for every reslice)
+
+    data = np.rint(labels.data[label_frame])
+    medians: dict[int, float] = {}
+    inside_counts, total = 0, 0
+    for value in (LV_MYOCARDIUM, LV_CAVITY, RV_CAVITY):
+        z, y, x = np.nonzero(data == value)
+        stride = max(1, z.size // max_points)  # evenly thinned: enough for a median and a fraction
+        points = labels.index_to_physical(np.stack([x[::stride], y[::stride], z[::stride]], axis=-1).astype(np.float64))
+        values, inside = sample_at(image, points, order=0, frames=[image_frame])
+        inside_counts, total = inside_counts + int(inside.sum()), total + inside.size
+        if value != RV_CAVITY and inside.any():
+            medians[value] = float(np.median(values[0][inside]))
+    fraction = inside_counts / total if total else None
+    muscle = medians.get(LV_MYOCARDIUM)
+    ratio = medians[LV_CAVITY] / muscle if LV_CAVITY in medians and muscle is not None and muscle > 0 else None
+    return fraction, ratio
+
+
 def resample_onto(stack: CineStack, target: CineStack, order: int = 0) -> CineStack:
     """Every frame of ``stack`` sampled at the pixel centres of ``target`` (a one-slice reslice):
     labels on another grid than the image (a DICOM round trip, a dense image with sparse labels)
