@@ -16,6 +16,7 @@ import SimpleITK as sitk
 
 from calid.data.io import read_stack, write_stack
 from calid.data.stack import CineStack
+from calid.inference.baselines import upsample_linear
 from calid.errors import InputError, OutputError
 
 from conftest import oblique_stack, shared_file
@@ -402,8 +403,28 @@ def test_dicom_several_series_are_listed_and_selectable(tmp_path):
     assert read_stack(root, series=7).shape[:2] == (1, 3)
     uid = pydicom.dcmread(str(next(first.iterdir()))).SeriesInstanceUID
     assert read_stack(root, series=uid).shape[:2] == (2, 4)
+    assert read_stack(root, series=uid[-10:]).shape[:2] == (2, 4)  # a part of the UID, as copied from the listing
     with pytest.raises(InputError, match="matches no series"):
         read_stack(root, series="nothing like it")
+
+
+def test_dicom_outputs_copied_into_one_folder_are_told_apart(tmp_path):
+    """An image and its labels written by calid, then put into one folder (as for a PACS upload):
+    each series has a number of its own, the labels say they are labels, and the listing names --series."""
+    root = tmp_path / "together"
+    root.mkdir()
+    image = upsample_linear(oblique_stack(frames=2, slices=3), 2)
+    labels = image.with_data(np.rint(np.clip(image.data / image.data.max() * 3, 0, 3)))
+    labels.metadata["labels"] = {"1": "RV cavity", "2": "LV myocardium", "3": "LV cavity"}
+    written = [write_stack(image, root / "image"), write_stack(labels, root / "labels", dtype="uint8")]
+    headers = [pydicom.dcmread(str(next(folder.iterdir()))) for folder in written]
+    numbers = [int(h.SeriesNumber) for h in headers]
+    assert numbers[0] != numbers[1] and all(1000 <= n < 10000 for n in numbers)
+    assert headers[0].SeriesDescription == "CaLID linear x2" and headers[1].SeriesDescription == "CaLID linear x2 labels"
+    with pytest.raises(InputError, match=r"choose one with --series \(series= in Python\)"):
+        read_stack(root)
+    assert read_stack(root, series=str(numbers[1])).metadata["labels"]["3"] == "LV cavity"
+    assert np.array_equal(read_stack(root, series=str(numbers[0])).data, read_stack(written[0]).data)
 
 
 def test_dicom_mixed_orientations_in_one_series_are_refused(tmp_path):

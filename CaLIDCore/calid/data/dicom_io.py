@@ -225,12 +225,14 @@ def _choose_series(folder: Path, by_series: dict[str, list[_Image]], series: str
         several = f"; {len(stacks)} groups of them could each be a stack of one slice per series" if len(stacks) > 1 else ""
         raise InputError(
             folder,
-            f"holds {len(by_series)} image series{several}; choose with series=... (--series): "
-            f"a series' number, UID or a unique part of its description, or several (7,8,9) that are one slice each:\n{listing}",
+            f"holds {len(by_series)} image series{several}; choose one with --series (series= in Python): "
+            f"a series' number, its UID or a unique part of it, a unique part of its description, or several (7,8,9) that are one slice each:\n{listing}",
         )
     chosen = []
     for wanted in (part.strip() for part in str(series).split(",")):
         matches = [uid for uid, m in by_series.items() if uid == wanted or m[0].series_number == wanted]
+        if not matches and len(wanted) >= 4 and wanted.replace(".", "").isdigit():  # a part of a UID, as copied from a listing
+            matches = [uid for uid in by_series if wanted in uid]
         if not matches:
             matches = [uid for uid, m in by_series.items() if wanted.lower() in m[0].series_description.lower()]
         if len(matches) != 1:
@@ -482,11 +484,16 @@ def write_dicom_folder(
     study_uid = generate_uid()
     frame_of_reference = dicom_meta.get("FrameOfReferenceUID") or generate_uid()
     series_uid = generate_uid()
+    # Each output is a study of its own, but outputs copied into one folder (an image and its labels,
+    # two modes) are told apart by number too: one from the UID's random digits, from 1000 up.
+    series_number = 1000 + int(series_uid.replace(".", "")[-8:]) % 9000
     now = datetime.datetime.now()
     recorded = stack.metadata.get("upsampling")
     upsampling: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     # How the series was made, where a viewer lists series (all CaLID outputs are otherwise alike).
     made = f"CaLID {upsampling['mode']} x{upsampling.get('factor', '?')}" if upsampling.get("mode") else "CaLID"
+    if isinstance(stack.metadata.get("labels"), dict):  # calid segment's labels: not to be taken for the image
+        made = f"{made} labels"
     description = series_description or str(stack.metadata.get("description", made))
     row_direction, column_direction = stack.direction[:, 0], stack.direction[:, 1]
     dicom_normal = np.cross(row_direction, column_direction)  # DICOM's slice axis, whatever the stack's handedness
@@ -527,7 +534,7 @@ def write_dicom_folder(
                     ds.StudyDate = ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
                     ds.StudyTime = ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
                     ds.SeriesDescription = description[:64]
-                    ds.SeriesNumber = 1000
+                    ds.SeriesNumber = series_number
                     ds.InstanceNumber = instance
                     ds.ImageType = ["DERIVED", "SECONDARY"]
                     ds.ImagePositionPatient = [f"{v:.6f}" for v in position]
