@@ -489,8 +489,9 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     input_name = image_stem(args.input)
     others = list(zip(_distinct_names(args.compare or [], "compared images", taken=(input_name, "input")), [read_stack(p) for p in args.compare or []]))
     frame = args.frame
-    if not 0 <= frame < image.n_frames:
+    if not -image.n_frames <= frame < image.n_frames:
         raise InputError("--frame", f"frame {frame} does not exist (the cine has {image.n_frames} frames)")
+    frame %= image.n_frames  # -1: the last
     planes: dict[str, Any] = {}
     if args.plane_ras:
         parts = args.plane_ras.split(";")
@@ -550,12 +551,16 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     view_frames = [frame] + [matching_frame(stack, image, frame) for _, stack in others]
     if others:
         summary["compared_frames"] = {n: {"frame": k, "matched_by": frame_matching(s, image)} for (n, s), k in zip(others, view_frames[1:])}
+    # The title names the cine's own frame number for a selection, and which label frame is outlined when it is another file's.
+    shown = f"frame {frame}" + (f" (frame {image_numbers[frame]} of the cine)" if image_numbers is not None and image_numbers[frame] != frame else "")
+    if labels is not None and labels.n_frames != image.n_frames:
+        shown += f"; outlines: label frame {label_frame} (matched by {frame_matching(labels, image)})"
     for name, plane in planes.items():
         tag = name.replace(" ", "-")
         views = views_of_planes[name]
         outline = resample_onto(labels.select_frames([label_frame]), views[0][1]) if labels is not None else None  # labels on any grid
         write_stack(views[0][1], out / f"{tag}.nii.gz")
-        png = save_plane_png(views, out / f"{tag}.png", frame=view_frames, labels=outline, title=f"{name} plane, frame {frame}")
+        png = save_plane_png(views, out / f"{tag}.png", frame=view_frames, labels=outline, title=f"{name} plane, {shown}")
         summary["planes"][name] = {"centre": plane.centre.tolist(), "normal": plane.normal.tolist(), "u": plane.u.tolist(), **{f"{k}_ras": v for k, v in plane.to_ras().items()}}
         print(f"  {name:15s} {png}")
     if args.acquired_lax:
@@ -1203,7 +1208,7 @@ def build_parser() -> argparse.ArgumentParser:
     lax.add_argument("--labels", help="label file on the input's grid (default: segment the input)")
     lax.add_argument("--seg-model", help="segmentation model when --labels is not given")
     lax.add_argument("--compare", nargs="+", help="other stacks (e.g. linear and CaLID outputs) shown beside the input on each plane")
-    lax.add_argument("--frame", type=int, default=0, help="frame shown and used to place the planes (default 0)")
+    lax.add_argument("--frame", type=int, default=0, help="frame shown and used to place the planes: its position in the file, 0 the first, -1 the last (default 0)")
     lax.add_argument("--spacing", type=float, default=1.0, help="reslice pixel size in mm (default 1)")
     lax.add_argument("--three-chamber-ras", help="R,A,S of a point of the 3-chamber plane, e.g. the aortic valve")
     lax.add_argument("--points-ras", metavar="R,A,S;R,A,S;R,A,S", help="one plane through three points instead of the automatic planes: centre, a point towards the apex (the axis runs up the image, as in the automatic planes), a third point (on the right)")
@@ -1226,8 +1231,8 @@ def build_parser() -> argparse.ArgumentParser:
     volumes.add_argument("labels", nargs="+", help="label files, e.g. the sparse stack's and the dense reconstruction's")
     volumes.add_argument("--out", required=True)
     volumes.add_argument("--overwrite", action="store_true", help="replace an earlier run's table and plot in --out")
-    volumes.add_argument("--ed", type=int, help="end-diastolic frame for both ventricles (default: each ventricle's largest volume)")
-    volumes.add_argument("--es", type=int, help="end-systolic frame for both ventricles (default: each ventricle's smallest volume)")
+    volumes.add_argument("--ed", type=int, help="end-diastolic frame for both ventricles, by its position in the file (0 the first; default: each ventricle's largest volume)")
+    volumes.add_argument("--es", type=int, help="end-systolic frame for both ventricles, by its position in the file (default: each ventricle's smallest volume)")
     volumes.add_argument(
         "--frames-of-one-cine", action="store_true",
         help="the label files are single frames of one heart (e.g. ACDC's ED and ES files): measured together, giving EDV, ESV and EF",

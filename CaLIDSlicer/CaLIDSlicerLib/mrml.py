@@ -259,7 +259,10 @@ def table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardia
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     first = next(iter(results.values()))
     n_frames = len(first.lv_volume_ml)
-    columns = {"time_ms": first.frame_times_ms if first.frame_times_ms is not None else np.arange(n_frames, dtype=float)}
+    # Frames without trigger times are plotted by their frame number in the cine, not as made-up times.
+    frames = first.cine_frames if first.cine_frames is not None else np.arange(n_frames)
+    x_column, x_title = ("time_ms", "time (ms)") if first.frame_times_ms is not None else ("frame", "frame of the cine")
+    columns = {x_column: first.frame_times_ms if first.frame_times_ms is not None else np.asarray(frames, dtype=float)}
     for method, result in results.items():
         columns[f"LV ml ({method})"] = result.lv_volume_ml
         columns[f"RV ml ({method})"] = result.rv_volume_ml
@@ -271,13 +274,13 @@ def table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardia
             array.InsertNextValue(float(value))
         table.AddColumn(array)
     chart = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"{name} chart")
-    chart.SetXAxisTitle("time (ms)")
+    chart.SetXAxisTitle(x_title)
     chart.SetYAxisTitle("volume (ml)")
     for title in columns:
         if title.startswith(("LV ml", "RV ml")):
             series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", title)
             series.SetAndObserveTableNodeID(table.GetID())
-            series.SetXColumnName("time_ms")
+            series.SetXColumnName(x_column)
             series.SetYColumnName(title)
             series.SetPlotType(series.PlotTypeScatter)
             chart.AddAndObservePlotSeriesNodeID(series.GetID())

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+
 import json
 import subprocess
 import sys
@@ -233,6 +236,10 @@ def test_cli_lax_with_labels_of_one_phase_a_plane_beside_the_heart_and_same_name
     # volumes says which frames of the cine the recorded labels are
     measured = run_calid("volumes", str(recorded), "--out", str(tmp_path / "function"))
     assert measured.returncode == 0 and f"ES frame 1 (cine frame {es})" in measured.stdout
+    table = list(csv.DictReader(io.StringIO((tmp_path / "function" / "volumes.csv").read_text().split("\n\n")[0])))
+    assert [(row["frame"], row["cine_frame"]) for row in table] == [("0", "0"), ("1", str(es))]
+    last = run_calid("lax", str(untimed), "--labels", str(recorded), "--frame", "-1", "--out", str(tmp_path / "last"))
+    assert last.returncode == 0 and "come from label frame 0" in last.stderr, last.stderr  # -1: the last frame, next in the cycle to frame 0
     # An input inside --out named like a view would be replaced by it: refused, also with --overwrite.
     (tmp_path / "views").mkdir()
     acquired_in_out = write_stack(read_stack(acquired, min_slices=1), tmp_path / "views" / "2-chamber.nii.gz")

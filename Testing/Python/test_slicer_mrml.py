@@ -190,6 +190,12 @@ def test_volumes_table_and_plot(scene, phantom):
     ef_row = rows.index("LV ejection fraction (%)")
     for method, function in results.items():
         assert float(summary.GetCellText(ef_row, list(results).index(method) + 1)) == pytest.approx(function.summary["lv_ef_percent"], rel=1e-5)
+    assert table.GetTable().GetColumnByName("time_ms") is not None and chart.GetXAxisTitle() == "time (ms)"
+    # ED and ES of a cine without trigger times: plotted at their frame numbers in the cine, not as times.
+    untimed = phantom.dense_labels.with_data(phantom.dense_labels.data, frame_times_ms=None).select_frames([0, phantom.es_frame])
+    table, chart = mrml.table_from_function(scene, {"dense": cardiac_function(untimed)})
+    assert chart.GetXAxisTitle() == "frame of the cine" and table.GetTable().GetColumnByName("time_ms") is None
+    np.testing.assert_array_equal(slicer.util.arrayFromTableColumn(table, "frame"), [0, phantom.es_frame])
 
 
 def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):

@@ -73,6 +73,9 @@ class CardiacFunction:
     rv_es_frame: int | None = None
     #: What makes the numbers less than trustworthy: a file without geometry, frames without an LV, one frame.
     warnings: list[str] = field(default_factory=list)
+    #: Which frames of the acquired cine these are (a selection, e.g. ED and ES of calid upsample
+    #: --frames), as the files record them; None: the frames are the cine's own, in order.
+    cine_frames: list[int] | None = None
 
     def _phase(self, t: int) -> str:
         phases = ["ED" if t == self.ed_frame else "ES" if t == self.es_frame else ""]
@@ -86,6 +89,7 @@ class CardiacFunction:
         return [
             {
                 "frame": t,
+                "cine_frame": t if self.cine_frames is None else self.cine_frames[t],
                 "time_ms": "" if self.frame_times_ms is None else round(float(self.frame_times_ms[t]), 2),
                 "lv_cavity_ml": round(float(self.lv_volume_ml[t]), 3),
                 "rv_cavity_ml": round(float(self.rv_volume_ml[t]), 3),
@@ -158,7 +162,7 @@ def cardiac_function(
         "rv_ef_percent": rv_ef,
         "lv_mass_ed_g": float(myo[ed] * MYOCARDIAL_DENSITY_G_PER_ML),
     }
-    return CardiacFunction(lv, rv, myo, ed, es, labels.frame_times_ms, method, summary, rv_ed, rv_es, warnings)
+    return CardiacFunction(lv, rv, myo, ed, es, labels.frame_times_ms, method, summary, rv_ed, rv_es, warnings, labels.recorded_frames())
 
 
 def write_function_csv(results: dict[str, CardiacFunction], path: str | os.PathLike[str]) -> Path:
@@ -167,7 +171,7 @@ def write_function_csv(results: dict[str, CardiacFunction], path: str | os.PathL
     rows: list[dict[str, Any]] = []
     for method, result in results.items():
         rows += [{"method": method, **row} for row in result.rows()]
-    fields = ["method", "frame", "time_ms", "lv_cavity_ml", "rv_cavity_ml", "lv_myocardium_ml", "lv_mass_g", "phase"]
+    fields = ["method", "frame", "cine_frame", "time_ms", "lv_cavity_ml", "rv_cavity_ml", "lv_myocardium_ml", "lv_mass_g", "phase"]
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=fields)
@@ -188,14 +192,20 @@ def plot_volume_curves(results: dict[str, CardiacFunction], path: str | os.PathL
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     figure, axis = plt.subplots(figsize=(6, 3.8))
     in_ms = all(result.frame_times_ms is not None for result in results.values())  # one x axis: times only if every method has them
     for (method, result), style in zip(results.items(), ("-", "--", ":", "-.")):
-        x = np.arange(len(result.lv_volume_ml)) if result.frame_times_ms is None or not in_ms else result.frame_times_ms
+        # Else the cine's frame numbers (a selection's own ones), so that methods of other selections line up.
+        x = np.asarray(result.frame_times_ms if in_ms and result.frame_times_ms is not None else
+                       result.cine_frames if result.cine_frames is not None else np.arange(len(result.lv_volume_ml)))
         s = result.summary
         axis.plot(x, result.lv_volume_ml, style, color="tab:blue", label=f"LV, {method} (EF {s['lv_ef_percent']:.0f} %)")
         axis.plot(x, result.rv_volume_ml, style, color="tab:red", label=f"RV, {method} (EF {s['rv_ef_percent']:.0f} %)")
-    axis.set_xlabel("time (ms)" if in_ms else "frame")
+    axis.set_xlabel("time (ms)" if in_ms else "frame of the cine")
+    if not in_ms:
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # frames are whole: no tick at 0.2
     axis.set_ylabel("cavity volume (ml)")
     axis.legend(fontsize=7)
     axis.grid(alpha=0.3)
