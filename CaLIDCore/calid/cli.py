@@ -313,6 +313,8 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
         _print_reading_note(stack)
     _warn_if_labels(stack, source)
     frames = parse_frames(args.frames, stack.n_frames)
+    if frames is not None and parse_frames(args.frames, stack.n_frames, as_given=True) != frames:
+        print(f"note: --frames {args.frames}: the frames are taken in the cine's order, each once: {', '.join(map(str, frames))}", file=sys.stderr)
     args.steps = pipeline.default_steps if args.steps is None else args.steps
     if args.mode in PIXEL_MODES and (args.centre_on_heart or centre is not None):
         print(f"note: the model's window (--centre-ras, --centre-on-heart) has no effect on mode {args.mode}: it works on the whole field of view", file=sys.stderr)

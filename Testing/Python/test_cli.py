@@ -35,6 +35,8 @@ def test_upsample_command_and_its_errors(tmp_path):
     ok = run_calid("upsample", str(source), str(tmp_path / "out.seq.nrrd"), "--factor", "2", "--mode", "linear")
     assert ok.returncode == 0, ok.stderr
     assert read_stack(tmp_path / "out.seq.nrrd").n_slices == 5
+    reordered = run_calid("upsample", str(source), str(tmp_path / "reordered.nii.gz"), "--factor", "2", "--mode", "linear", "--frames", "1,0,1")
+    assert reordered.returncode == 0 and "--frames 1,0,1: the frames are taken in the cine's order, each once: 0, 1" in reordered.stderr
     bad_factor = run_calid("upsample", str(source), str(tmp_path / "x.nii.gz"), "--factor", "3", "--mode", "linear")
     assert bad_factor.returncode == 2 and "2, 4, 8, 16" in bad_factor.stderr
     same = run_calid("upsample", str(source), str(source))

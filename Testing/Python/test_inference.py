@@ -160,9 +160,12 @@ def test_frame_selection_text():
     assert parse_frames("0,5-7", 10) == [0, 5, 6, 7]
     assert parse_frames("all", 10) is None and parse_frames(None, 10) is None
     assert parse_frames("-1", 10) == [9] and parse_frames([3, 1, 3], 10) == [1, 3]
-    for bad in ("x", "5-2", "0,,1"):
+    for bad in ("x", "0,,1"):
         with pytest.raises(InputError, match="frame selection"):
             parse_frames(bad, 10)
+    with pytest.raises(InputError, match="the range 5-2 runs backwards; write 2-5"):
+        parse_frames("5-2", 10)
+    assert parse_frames("9,0,0", 10, as_given=True) == [9, 0, 0] and parse_frames("9,0,0", 10) == [0, 9]
     with pytest.raises(InputError, match="frame 10 does not exist.*10 frame"):
         parse_frames("10", 10)
     assert parse_frames(np.int64(-2), 10) == [8] and parse_frames(np.array([4, 0]), 10) == [0, 4]

@@ -74,10 +74,11 @@ PLANE_SYMMETRIES: tuple[tuple[int, bool], ...] = tuple((turns, flip) for flip in
 SEAM_MM = 6.0
 
 
-def parse_frames(spec: str | int | Sequence[int] | None, n_frames: int, source: str = "--frames") -> list[int] | None:
+def parse_frames(spec: str | int | Sequence[int] | None, n_frames: int, source: str = "--frames", as_given: bool = False) -> list[int] | None:
     """Frame selection from ``None`` (all), an index, a list, or text such as ``"0,5-9"`` or ``"all"``.
 
-    Negative indices count from the end. The result is sorted and unique.
+    Negative indices count from the end. The result is sorted and unique (a cine runs forward in
+    time); ``as_given``: in the order given, repeats kept (to tell the user what was changed).
     """
     if spec is None:
         return None
@@ -92,6 +93,9 @@ def parse_frames(spec: str | int | Sequence[int] | None, n_frames: int, source: 
                 values.append(int(single.group(1)))
             elif span and int(span.group(1)) <= int(span.group(2)):
                 values.extend(range(int(span.group(1)), int(span.group(2)) + 1))
+            elif span:
+                first, last = int(span.group(1)), int(span.group(2))
+                raise InputError(source, f"the range {first}-{last} runs backwards; write {last}-{first} (frames are always taken in the cine's order)")
             else:
                 raise InputError(source, f"cannot read frame selection {spec!r}; write e.g. 0,5-9 or all")
     else:
@@ -108,7 +112,7 @@ def parse_frames(spec: str | int | Sequence[int] | None, n_frames: int, source: 
         resolved.append(value % n_frames)
     if not resolved:
         raise InputError(source, "the frame selection is empty")
-    return sorted(set(resolved))
+    return resolved if as_given else sorted(set(resolved))
 
 
 @dataclass
