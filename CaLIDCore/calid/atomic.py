@@ -12,6 +12,13 @@ from pathlib import Path
 from calid.errors import OutputError
 
 
+def missing_folder(target: str | os.PathLike[str], parent: Path) -> OutputError:
+    """The error for an output whose folder is missing, or is a file (``dense.nii.gz/out.nrrd``)."""
+    if parent.exists():
+        return OutputError(target, f"{parent} is a file, not a folder: the output cannot be written inside it")
+    return OutputError(target, f"the folder {parent} does not exist")
+
+
 def _compound_suffix(path: Path) -> str:
     """``.nii.gz`` / ``.seq.nrrd`` rather than ``.gz`` / ``.nrrd`` (writers pick the format by it)."""
     suffixes = [s.lower() for s in path.suffixes]  # libraries compare suffixes in lower case
@@ -45,7 +52,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
-        raise OutputError(target, f"the folder {parent} does not exist")
+        raise missing_folder(target, parent)
     if target.is_dir():
         raise OutputError(target, "is a folder; give a file name")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{_compound_suffix(target)}", dir=parent)
@@ -75,7 +82,7 @@ def atomic_directory(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
-        raise OutputError(target, f"the folder {parent} does not exist")
+        raise missing_folder(target, parent)
     if target.exists():
         if not target.is_dir():
             raise OutputError(target, "exists and is not a folder")

@@ -77,6 +77,9 @@ def test_surfaces_of_labels_without_a_heart_fail_instead_of_claiming_success(tmp
         (["lax", "{tmp}/in.nii.gz", "--out", "{tmp}/o.nii.gz", "--spacing", "0"], "--spacing: the reslice pixel size"),
         (["lax", "{tmp}/in.nii.gz", "--out", "{tmp}/o.nii.gz", "--points-ras", "1,2,3;4,5,6"], "--points-ras: give exactly three points"),
         (["phantom", "{tmp}/o.nii.gz", "--frames", "0"], "--frames: expects a whole number of at least 1"),
+        (["upsample", "{tmp}/in.nii.gz", "{tmp}/in.nii.gz/o.nii.gz", "--mode", "linear"], "in.nii.gz is a file, not a folder"),
+        (["upsample", "{tmp}/in.nii.gz", "{tmp}/missing/o.nii.gz", "--mode", "linear"], "missing does not exist"),
+        (["upsample", "{tmp}/in.nii.gz", "{tmp}/o.nii.gz", "--frames", "5-2", "--mode", "linear"], "the range 5-2 runs backwards"),
     ],
 )
 def test_bad_options_get_one_line_and_exit_status_2(tmp_path, capsys, arguments, message):

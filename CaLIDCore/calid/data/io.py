@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from calid.atomic import missing_folder
 from calid.data.stack import CineStack
 from calid.errors import InputError, OutputError
 
@@ -184,7 +185,7 @@ def check_output_path(path: str | os.PathLike[str], overwrite: bool = False) -> 
         raise OutputError(path, "exists already; choose another output path or pass --overwrite")
     parent = path.absolute().parent
     if not parent.is_dir():
-        raise OutputError(path, f"the folder {parent} does not exist")
+        raise missing_folder(path, parent)
     if not os.access(parent, os.W_OK):
         raise OutputError(path, f"the folder {parent} is not writable")
     return path
