@@ -228,6 +228,29 @@ def test_a_damaged_record_is_ignored_and_the_image_still_reads(tmp_path):
     assert "source_frames" not in back.metadata
 
 
+def test_the_nifti_record_is_readable_json_and_older_compressed_records_still_read(tmp_path):
+    import zlib
+
+    stack = oblique_stack(frames=3)
+    stack = stack.with_data(stack.data, frame_times_ms=np.array([0.0, 40.0, 130.0]))  # uneven: kept by the record only
+    stack.metadata["upsampling"] = {"mode": "linear", "factor": 2}
+    with pytest.warns(UserWarning, match="not evenly spaced"):
+        path = write_stack(stack, tmp_path / "cine.nii.gz")
+    extension = nib.load(str(path)).header.extensions[0]
+    assert extension.get_code() == 6  # "comment": other tools show it as text
+    record = json.loads(extension.get_content()[len(b"CaLID-geometry "):].rstrip(b"\0"))
+    assert record["metadata"]["upsampling"] == {"mode": "linear", "factor": 2}
+    # As earlier versions wrote it: the same JSON, zlib-compressed.
+    image = nib.load(str(path))
+    image.header.extensions.clear()
+    image.header.extensions.append(nib.nifti1.Nifti1Extension(6, b"CaLID-geometry " + zlib.compress(json.dumps(record).encode())))
+    older = tmp_path / "older.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), None, image.header), str(older))
+    back = read_stack(older)
+    assert back.metadata["upsampling"] == {"mode": "linear", "factor": 2}
+    np.testing.assert_array_equal(back.frame_times_ms, stack.frame_times_ms)
+
+
 def test_dicom_float_data_are_stored_with_rescale(tmp_path):
     stack = oblique_stack(frames=2)
     stack = stack.with_data(stack.data / 7.0 - 3.25, metadata={})

@@ -3,9 +3,11 @@
 NIfTI stores its affine in RAS and in float32, and time only as a start and a
 step. So that our own files round-trip *exactly* (float64 geometry, any frame
 times, metadata), the writer also stores the geometry as JSON in a NIfTI
-header extension (code 6, "comment", prefixed ``CaLID-geometry``). The reader
-uses it only when it agrees with the header's affine, so a file whose affine
-was later changed by another tool is read from its header.
+header extension (code 6, "comment", prefixed ``CaLID-geometry``), as plain
+text that other tools show (nibabel's ``header.extensions``, ``nifti_tool``).
+The reader uses it only when it agrees with the header's affine, so a file
+whose affine was later changed by another tool is read from its header. (Files
+written before kept the JSON zlib-compressed; they read the same.)
 """
 
 from __future__ import annotations
@@ -167,8 +169,10 @@ def _stored_geometry(image: nib.Nifti1Image) -> dict[str, Any] | None:
     for extension in image.header.extensions:
         content = extension.get_content()
         if isinstance(content, bytes) and content.startswith(EXTENSION_PREFIX):
+            payload = content[len(EXTENSION_PREFIX) :].rstrip(b"\0")  # (the padding to 16 bytes)
             try:
-                payload = zlib.decompress(content[len(EXTENSION_PREFIX) :])
+                if not payload.lstrip().startswith(b"{"):
+                    payload = zlib.decompress(payload)  # as earlier versions wrote it
                 return dict(json.loads(payload.decode("utf-8")))
             except (zlib.error, ValueError):
                 return None
@@ -253,7 +257,7 @@ def write_nifti(stack: CineStack, path: str | os.PathLike[str], dtype: Any = Non
         header.set_xyzt_units("mm", "msec")
     payload = stack.geometry_dict()
     payload["metadata"] = metadata_record(stack)
-    content = EXTENSION_PREFIX + zlib.compress(json.dumps(payload).encode("utf-8"))
+    content = EXTENSION_PREFIX + json.dumps(payload).encode("utf-8")
     header.extensions.append(nib.nifti1.Nifti1Extension(EXTENSION_CODE, content))
     try:
         with atomic_path(path) as tmp:
