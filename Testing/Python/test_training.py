@@ -757,3 +757,27 @@ def test_resume_alone_continues_the_run_with_its_own_options(tmp_path, capsys):
     assert "warmup steps: 1 in the checkpoint, 5 from now on" in said and "transposes: True in the checkpoint, False from now on" in said
     config = read_training_extra(out / "checkpoints" / "last.safetensors")["train_config"]
     assert config["warmup_steps"] == 5 and config["transposes"] is False and config["seed"] == 3
+
+
+def test_the_training_script_trains_both_stages_resumes_and_keeps_the_vae_once_the_denoiser_started(tmp_path, offline_lpips_weights):
+    """docs/training/train_small.sh, the recipe the model cards cite, on a tiny phantom run."""
+    if offline_lpips_weights is None:
+        pytest.skip("the VAE's validation needs the LPIPS weights (../shared/weights) and this machine has no copy")
+    script = Path(__file__).resolve().parents[2] / "docs" / "training" / "train_small.sh"
+    out = tmp_path / "run"
+    env = {
+        **os.environ, "DATA": "phantom:3", "OUT": str(out), "CONFIG": "tiny", "VAL_SUBJECTS": "", "CALID": f"{sys.executable} -m calid",
+        "VAE_MINUTES": "5", "LDM_MINUTES": "5", "VAE_ARGS": "--steps 2 --batch-size 2 --validate-every 2",
+        "LDM_ARGS": "--steps 2 --batch-size 2 --validate-every 2", "EVAL_DATA": "phantom:1",
+    }
+    first = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert load_model(out / "ldm" / "best.safetensors").net is not None
+    assert (out / "evaluation" / "report.md").is_file()
+    vae_before = (out / "vae" / "best.safetensors").read_bytes()
+    again = subprocess.run(["bash", str(script)], env={**env, "VAE_ARGS": "--steps 4", "LDM_ARGS": "--steps 3", "EVAL_DATA": ""},
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the VAE is not trained further" in again.stdout and (out / "vae" / "best.safetensors").read_bytes() == vae_before
+    assert "resuming with the run's own" in again.stdout + again.stderr
+    assert load_model(out / "ldm" / "model.safetensors").info["info"]["step"] == 3
