@@ -23,6 +23,8 @@ from calid.data.io import image_stem
 from calid.errors import CalidError, Cancelled, InputError, OutputError
 from calid.evaluation.methods import UPSAMPLE_MODES
 
+from calid.data.stack import describe_upsampling
+
 if TYPE_CHECKING:
     from calid.data.stack import CineStack
 
@@ -763,7 +765,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"frames of cine  {', '.join(str(f) for f in frames)} (counted from 0)")
     label_names, convention = _label_names(stack)
     if label_names:
-        print(f"labels          {', '.join(f'{value} {name}' for value, name in label_names.items())}{convention}")
+        print(f"labels          {', '.join(f'{value} {name}'.strip() for value, name in label_names.items())}{convention}")
     else:
         print(f"intensities     {stack.data.min():g} .. {stack.data.max():g} (stored as {stack.metadata.get('source_dtype', '?')})")
     plane = stack.metadata.get("plane")
@@ -771,15 +773,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         covered = stack.metadata.get("covered_fraction")
         inside = f", {covered:.0%} of it inside the stack" if isinstance(covered, float) else ""
         print(f"plane           {plane.get('name', '?')}: a reslice by calid lax{inside}")
-    upsampling = stack.metadata.get("upsampling")
-    if isinstance(upsampling, dict) and upsampling.get("mode"):
-        chain = [step for step in upsampling.get("earlier_upsampling") or [] if isinstance(step, dict)] + [upsampling]
-        how = " then ".join(f"{step.get('mode', '?')} x{step.get('factor', '?')}" for step in chain)
+    how = describe_upsampling(stack.metadata.get("upsampling"))
+    if how:
         acquired = stack.recorded_acquired_spacing()
         if isinstance(plane, dict):  # one plane through the stack: its slices are no longer rows here
             how = f"resliced from a stack made by {how}" + ("" if acquired is None else f" from slices {acquired:.4g} mm apart")
-        elif acquired is not None:
-            how += f": 1 slice in {round(acquired / stack.slice_spacing)} is acquired, from slices {acquired:.4g} mm apart"
+        elif acquired is not None and stack.acquired_slice_step() is not None:
+            how += f": 1 slice in {stack.acquired_slice_step()} is acquired, from slices {acquired:.4g} mm apart"
         print(f"made by calid   {how}")
     if "geometry_note" in stack.metadata:
         print(f"note            {stack.metadata['geometry_note']}")
@@ -793,12 +793,12 @@ def _label_names(stack: CineStack) -> tuple[dict[int, str], str]:
     segment), else the ACDC convention for a file holding only its values; empty for an image."""
     recorded = stack.metadata.get("labels")
     if isinstance(recorded, dict) and recorded:
-        return {int(k): str(v) for k, v in recorded.items() if str(k).isdigit()}, ""
+        return {int(k): str(v) for k, v in recorded.items() if str(k).isdecimal()}, ""
     values = np.unique(stack.data)  # (ACDC's own label files are float32)
     if values.size < 2 or not set(values.tolist()) <= {0, 1, 2, 3}:
         return {}, ""
-    names = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
-    return {int(v): names[int(v)] for v in values if v}, " (values 0-3 only: taken as ACDC's numbering)"
+    # Other data sets number the structures otherwise (Sunnybrook: 1 the LV cavity): only the values are certain.
+    return {int(v): "" for v in values if v}, " (values 0-3 only: probably labels; calid reads 1 RV cavity, 2 LV myocardium, 3 LV cavity, as ACDC)"
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:

@@ -261,7 +261,7 @@ def table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardia
     n_frames = len(first.lv_volume_ml)
     # Frames without trigger times are plotted by their frame number in the cine, not as made-up times.
     frames = first.cine_frames if first.cine_frames is not None else np.arange(n_frames)
-    x_column, x_title = ("time_ms", "time (ms)") if first.frame_times_ms is not None else ("frame", "frame of the cine")
+    x_column, x_title = ("time_ms", "time (ms)") if first.frame_times_ms is not None else ("frame", "frame of the cine" if first.cine_frames is not None else "frame")
     columns = {x_column: first.frame_times_ms if first.frame_times_ms is not None else np.asarray(frames, dtype=float)}
     for method, result in results.items():
         columns[f"LV ml ({method})"] = result.lv_volume_ml

@@ -92,9 +92,16 @@ def test_inspect_names_a_chain_of_upsamplings_a_reslice_label_values_and_a_singl
     labels[:, :, 2:5, 2:5], labels[:, :, 6:8, 6:8] = 1, 3
     label_file = write_stack(stack.with_data(labels).select_frames([1]), tmp_path / "labels.nii.gz", dtype="uint8")
     described = run_calid("inspect", str(label_file)).stdout
-    assert "labels          1 RV cavity, 3 LV cavity (values 0-3 only: taken as ACDC's numbering)" in described and "intensities" not in described
+    assert "labels          1, 3 (values 0-3 only: probably labels; calid reads 1 RV cavity" in described and "intensities" not in described
     assert f"frame time      {stack.frame_times_ms[1]:.1f} ms" in described
     assert "labels " not in run_calid("inspect", str(twice)).stdout
+    # A record edited by hand or by another tool: described as far as it can be, never a crash.
+    odd = upsample_linear(stack, 2)
+    odd.metadata["upsampling"].update(earlier_upsampling=3, acquired_slice_spacing_mm=1.0)
+    odd.metadata["labels"] = {"\u00b2": "squared", "1": "RV cavity"}
+    described = run_calid("inspect", str(write_stack(odd, tmp_path / "odd.nrrd")))
+    assert described.returncode == 0, described.stderr
+    assert "made by calid   linear x2\n" in described.stdout and "1 slice in" not in described.stdout and "labels          1 RV cavity" in described.stdout
 
 
 def test_phantom_command_writes_labels_as_integers(tmp_path):

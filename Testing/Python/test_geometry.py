@@ -241,6 +241,9 @@ def test_volumes_and_ejection_fraction_against_the_phantom(phantom, tmp_path):
     csv_path = write_function_csv({"dense": dense, "sparse": sparse}, tmp_path / "volumes.csv")
     text = csv_path.read_text()
     assert text.count("\n") > 2 * phantom.dense.n_frames and "lv_ef_percent" in text and ",ES" in text
+    assert text.splitlines()[1].startswith("dense,0,,")  # no record says which frames of a cine these are: left blank
+    selection = cardiac_function(phantom.dense_labels.select_frames([1, 3]))
+    assert [row["cine_frame"] for row in selection.rows()] == [1, 3] and [row["frame"] for row in selection.rows()] == [0, 1]
     assert plot_volume_curves({"dense": dense, "sparse": sparse}, tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
 
 

@@ -163,8 +163,9 @@ def test_frame_selection_text():
     for bad in ("x", "0,,1"):
         with pytest.raises(InputError, match="frame selection"):
             parse_frames(bad, 10)
-    with pytest.raises(InputError, match="the range 5-2 runs backwards; write 2-5"):
+    with pytest.raises(InputError, match="the range 5-2 runs backwards; write 2-5, or 5-9,0-2 for the frames across the end of the cycle"):
         parse_frames("5-2", 10)
+    assert parse_frames("8-9,0-1", 10) == [0, 1, 8, 9]
     assert parse_frames("9,0,0", 10, as_given=True) == [9, 0, 0] and parse_frames("9,0,0", 10) == [0, 9]
     with pytest.raises(InputError, match="frame 10 does not exist.*10 frame"):
         parse_frames("10", 10)

@@ -915,6 +915,35 @@ def test_outputs_carry_how_they_were_made_and_get_names_of_their_own(scene, phan
     assert "was itself upsampled (linear x2)" in chained["warning"] and chained["warning"] in again.warnings
 
 
+def test_an_output_upsampled_again_keeps_its_cine_frames_and_measures_simpson_on_the_acquired_slices(scene, phantom):
+    from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
+
+    sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "sparse cine")
+    first = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", frames="0,2", segment=False))
+    again = upsample_node(scene, first.output_node, UpsamplingOptions(factor=2, mode="linear"))
+    assert again.dense.recorded_frames() == [0, 2]  # the cine's frames, not positions in the first output
+    assert "only 1 slice in 4 is acquired" in again.output_node.GetDescription() and "linear x2 then linear x2" in again.output_node.GetDescription()
+    # "acquired (Simpson)" is measured on the acquired slices, as from the acquired cine in one x4 run.
+    direct = upsample_node(scene, sequence, UpsamplingOptions(factor=4, mode="linear", frames="0,2"))
+    np.testing.assert_allclose(again.function["acquired (Simpson)"].lv_volume_ml, direct.function["acquired (Simpson)"].lv_volume_ml)
+    np.testing.assert_allclose(again.function["dense"].summary["lv_edv_ml"], direct.function["dense"].summary["lv_edv_ml"], rtol=0.05)
+    # The panel's background run segments the acquired slices alone too.
+    from calid.data.io import read_stack
+    from CaLIDSlicerLib.logic import WORKER_ACQUIRED_INPUT, prepare_background
+
+    job = prepare_background(first.output_node, UpsamplingOptions(factor=2, mode="linear"))
+    try:
+        acquired_stage = job.stages[-1].command
+        assert str(job.folder / WORKER_ACQUIRED_INPUT) in acquired_stage
+        acquired = read_stack(job.folder / WORKER_ACQUIRED_INPUT)
+        assert acquired.n_slices == phantom.sparse.n_slices and acquired.slice_spacing == pytest.approx(phantom.sparse.slice_spacing)
+        assert acquired.recorded_frames() == [0, 2] and "upsampling" not in acquired.metadata
+    finally:
+        import shutil
+
+        shutil.rmtree(job.folder, ignore_errors=True)
+
+
 def _start_and_wait_for_progress(command):
     import subprocess
 

@@ -30,7 +30,7 @@ from pydicom.valuerep import DSfloat
 
 from calid.atomic import atomic_directory
 from calid.data.io import cast_for_writing, metadata_record, output_dtype, restore_record
-from calid.data.stack import CineStack, holding_dtype
+from calid.data.stack import CineStack, describe_upsampling, holding_dtype, upsampling_steps
 from calid.errors import InputError, OutputError
 
 #: Private block where calid keeps its record of how a series was made (as JSON, VR UT), as it does in
@@ -226,13 +226,14 @@ def _choose_series(folder: Path, by_series: dict[str, list[_Image]], series: str
         raise InputError(
             folder,
             f"holds {len(by_series)} image series{several}; choose one with --series (series= in Python): "
-            f"a series' number, its UID or a unique part of it, a unique part of its description, or several (7,8,9) that are one slice each:\n{listing}",
+            f"a series' number, its UID or the end of it, a unique part of its description, or several (7,8,9) that are one slice each:\n{listing}",
         )
     chosen = []
     for wanted in (part.strip() for part in str(series).split(",")):
         matches = [uid for uid, m in by_series.items() if uid == wanted or m[0].series_number == wanted]
-        if not matches and len(wanted) >= 4 and wanted.replace(".", "").isdigit():  # a part of a UID, as copied from a listing
-            matches = [uid for uid in by_series if wanted in uid]
+        if not matches and len(wanted) >= 8 and wanted.replace(".", "").isdigit():
+            # The end of a UID, as copied from a listing (not its start or middle: the UIDs of one tool share those).
+            matches = [uid for uid in by_series if uid.endswith(wanted)]
         if not matches:
             matches = [uid for uid, m in by_series.items() if wanted.lower() in m[0].series_description.lower()]
         if len(matches) != 1:
@@ -406,6 +407,8 @@ def _anonymous_record(stack: CineStack) -> dict[str, Any]:
         upsampling = {key: value for key, value in record["upsampling"].items() if key != "warning"}
         if isinstance(upsampling.get("model"), str):
             upsampling["model"] = Path(upsampling["model"].replace("\\", "/")).name  # a model file's name, not where it lies
+        if "earlier_upsampling" in upsampling:  # each earlier step's mode and factor only, whatever a file held
+            upsampling["earlier_upsampling"] = upsampling_steps(upsampling)[:-1]
         record["upsampling"] = upsampling
     return record
 
@@ -491,7 +494,7 @@ def write_dicom_folder(
     recorded = stack.metadata.get("upsampling")
     upsampling: dict[str, Any] = recorded if isinstance(recorded, dict) else {}
     # How the series was made, where a viewer lists series (all CaLID outputs are otherwise alike).
-    made = f"CaLID {upsampling['mode']} x{upsampling.get('factor', '?')}" if upsampling.get("mode") else "CaLID"
+    made = f"CaLID {describe_upsampling(upsampling)}" if upsampling_steps(upsampling) else "CaLID"
     if isinstance(stack.metadata.get("labels"), dict):  # calid segment's labels: not to be taken for the image
         made = f"{made} labels"
     description = series_description or str(stack.metadata.get("description", made))

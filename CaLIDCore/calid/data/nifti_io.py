@@ -169,10 +169,12 @@ def _stored_geometry(image: nib.Nifti1Image) -> dict[str, Any] | None:
     for extension in image.header.extensions:
         content = extension.get_content()
         if isinstance(content, bytes) and content.startswith(EXTENSION_PREFIX):
-            payload = content[len(EXTENSION_PREFIX) :].rstrip(b"\0")  # (the padding to 16 bytes)
+            payload = content[len(EXTENSION_PREFIX) :]
             try:
-                if not payload.lstrip().startswith(b"{"):
-                    payload = zlib.decompress(payload)  # as earlier versions wrote it
+                if payload.lstrip().startswith(b"{"):
+                    payload = payload.rstrip(b"\0")  # (the padding to 16 bytes)
+                else:  # zlib, as earlier versions wrote it: its checksum may end in a zero byte; the padding after it is ignored
+                    payload = zlib.decompressobj().decompress(payload)
                 return dict(json.loads(payload.decode("utf-8")))
             except (zlib.error, ValueError):
                 return None

@@ -250,6 +250,13 @@ class CineStack:
                 return float(value)
         return None
 
+    def acquired_slice_step(self) -> int | None:
+        """1 slice in how many of this upsampled stack is acquired (4 for x2 of x2), from calid's
+        record; None without a usable record."""
+        acquired = self.recorded_acquired_spacing()
+        step = None if acquired is None else round(acquired / self.slice_spacing)
+        return step if step is not None and step >= 1 else None
+
     def select_frames(self, frames: list[int] | np.ndarray) -> CineStack:
         """A stack of the given frame indices (increasing, when the frames have times)."""
         frames = [int(f) for f in frames]
@@ -306,3 +313,22 @@ def fixed_placeholder_mm(choice: str | float, words: tuple[str, ...] = ("model",
     if not 0.1 <= value <= 10:
         raise InputError(option, f"a pixel size of {value:g} mm is not plausible for cardiac MRI")
     return value
+
+
+def upsampling_steps(record: Any) -> list[dict[str, Any]]:
+    """The steps of calid's upsampling record, first to last: each ``{"mode", "factor"}`` (an
+    output upsampled again lists the earlier steps); entries of the wrong kind are left out."""
+    if not isinstance(record, dict) or not isinstance(record.get("mode"), str):
+        return []
+    earlier = record.get("earlier_upsampling")
+    steps = [step for step in earlier if isinstance(step, dict)] if isinstance(earlier, list) else []
+    return [
+        {"mode": step["mode"], "factor": step.get("factor") if isinstance(step.get("factor"), int) and not isinstance(step.get("factor"), bool) else None}
+        for step in [*steps, record]
+        if isinstance(step.get("mode"), str)
+    ]
+
+
+def describe_upsampling(record: Any) -> str:
+    """``linear x2 then registration x2``: how an upsampled stack was made, in words."""
+    return " then ".join(f"{step['mode']} x{step['factor'] if step['factor'] is not None else '?'}" for step in upsampling_steps(record))

@@ -74,7 +74,7 @@ class CardiacFunction:
     #: What makes the numbers less than trustworthy: a file without geometry, frames without an LV, one frame.
     warnings: list[str] = field(default_factory=list)
     #: Which frames of the acquired cine these are (a selection, e.g. ED and ES of calid upsample
-    #: --frames), as the files record them; None: the frames are the cine's own, in order.
+    #: --frames), as calid's files record them; None: no record says.
     cine_frames: list[int] | None = None
 
     def _phase(self, t: int) -> str:
@@ -89,7 +89,7 @@ class CardiacFunction:
         return [
             {
                 "frame": t,
-                "cine_frame": t if self.cine_frames is None else self.cine_frames[t],
+                "cine_frame": "" if self.cine_frames is None else self.cine_frames[t],  # blank: no record says which
                 "time_ms": "" if self.frame_times_ms is None else round(float(self.frame_times_ms[t]), 2),
                 "lv_cavity_ml": round(float(self.lv_volume_ml[t]), 3),
                 "rv_cavity_ml": round(float(self.rv_volume_ml[t]), 3),
@@ -196,14 +196,15 @@ def plot_volume_curves(results: dict[str, CardiacFunction], path: str | os.PathL
 
     figure, axis = plt.subplots(figsize=(6, 3.8))
     in_ms = all(result.frame_times_ms is not None for result in results.values())  # one x axis: times only if every method has them
+    # Else the cine's frame numbers where every file records them (selections of other frames line up), else positions.
+    in_cine_frames = not in_ms and all(result.cine_frames is not None for result in results.values())
     for (method, result), style in zip(results.items(), ("-", "--", ":", "-.")):
-        # Else the cine's frame numbers (a selection's own ones), so that methods of other selections line up.
         x = np.asarray(result.frame_times_ms if in_ms and result.frame_times_ms is not None else
-                       result.cine_frames if result.cine_frames is not None else np.arange(len(result.lv_volume_ml)))
+                       result.cine_frames if in_cine_frames and result.cine_frames is not None else np.arange(len(result.lv_volume_ml)))
         s = result.summary
         axis.plot(x, result.lv_volume_ml, style, color="tab:blue", label=f"LV, {method} (EF {s['lv_ef_percent']:.0f} %)")
         axis.plot(x, result.rv_volume_ml, style, color="tab:red", label=f"RV, {method} (EF {s['rv_ef_percent']:.0f} %)")
-    axis.set_xlabel("time (ms)" if in_ms else "frame of the cine")
+    axis.set_xlabel("time (ms)" if in_ms else "frame of the cine" if in_cine_frames else "frame")
     if not in_ms:
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # frames are whole: no tick at 0.2
     axis.set_ylabel("cavity volume (ml)")

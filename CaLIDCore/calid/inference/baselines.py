@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from calid.data.stack import CineStack
+from calid.data.stack import CineStack, describe_upsampling, upsampling_steps
 from calid.errors import InputError
 
 VALID_FACTORS = (2, 4, 8, 16, 32)
@@ -63,27 +63,43 @@ def upsampling_record(stack: CineStack, factor: int, mode: str) -> dict[str, Any
         "acquired_slice_spacing_mm": stack.slice_spacing,
     }
     earlier = stack.metadata.get("upsampling")
-    if not (isinstance(earlier, dict) and earlier.get("mode")):
+    if not upsampling_steps(earlier):
         return record
+    assert isinstance(earlier, dict)
     record["acquired_slice_spacing_mm"] = stack.recorded_acquired_spacing() or stack.slice_spacing
     indices = earlier.get("acquired_slice_indices")
     if isinstance(indices, list) and indices and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < stack.n_slices for i in indices):
         record["acquired_slice_indices"] = [i * factor for i in indices]
-    steps = earlier.get("earlier_upsampling")
-    steps = steps if isinstance(steps, list) else []
-    record["earlier_upsampling"] = [*steps, {"mode": earlier["mode"], "factor": earlier.get("factor")}]
+    # Only each step's mode and factor: nothing else of a record read from a file travels on.
+    record["earlier_upsampling"] = upsampling_steps(earlier)
     return record
+
+
+def acquired_slices(stack: CineStack) -> CineStack:
+    """The acquired slices of an upsampled stack (1 in every ``step``, as its record says), at
+    their own spacing and without the record: what Simpson's method measures. A stack without
+    such a record is returned as it is."""
+    step = stack.acquired_slice_step()
+    record = stack.metadata.get("upsampling")
+    indices = record.get("acquired_slice_indices") if isinstance(record, dict) else None
+    if step is None or step == 1 or indices != list(range(0, stack.n_slices, step)):
+        return stack
+    spacing = (stack.spacing[0], stack.spacing[1], stack.spacing[2] * step)
+    sparse = stack.with_data(np.ascontiguousarray(stack.data[:, ::step]), spacing=spacing)
+    frames = stack.recorded_frames()  # which frames of the cine: kept when the record goes
+    sparse.metadata.pop("upsampling")
+    if frames is not None:
+        sparse.metadata["source_frames"] = frames
+    return sparse
 
 
 def chained_upsampling_warning(stack: CineStack, factor: int) -> str | None:
     """A warning when ``stack`` is itself an upsampled stack: its generated slices are taken as
     acquired neighbours, which one run over the acquired stack avoids."""
     earlier = stack.metadata.get("upsampling")
-    if not (isinstance(earlier, dict) and earlier.get("mode")):
+    if not upsampling_steps(earlier):
         return None
-    acquired = stack.recorded_acquired_spacing()
-    total = round(acquired / (stack.slice_spacing / factor)) if acquired else None
+    step = stack.acquired_slice_step()
+    total = step * factor if step is not None else None
     advice = f"; upsampling the acquired stack x{total} in one run keeps every new slice between acquired ones" if total in VALID_FACTORS else ""
-    return (
-        f"{stack.source} was itself upsampled ({earlier['mode']} x{earlier.get('factor', '?')}): its generated slices are used as if acquired{advice}"
-    )
+    return f"{stack.source} was itself upsampled ({describe_upsampling(earlier)}): its generated slices are used as if acquired{advice}"

@@ -95,7 +95,8 @@ def parse_frames(spec: str | int | Sequence[int] | None, n_frames: int, source: 
                 values.extend(range(int(span.group(1)), int(span.group(2)) + 1))
             elif span:
                 first, last = int(span.group(1)), int(span.group(2))
-                raise InputError(source, f"the range {first}-{last} runs backwards; write {last}-{first} (frames are always taken in the cine's order)")
+                across = f", or {first}-{n_frames - 1},0-{last} for the frames across the end of the cycle" if first < n_frames else ""
+                raise InputError(source, f"the range {first}-{last} runs backwards; write {last}-{first}{across} (frames are always taken in the cine's order)")
             else:
                 raise InputError(source, f"cannot read frame selection {spec!r}; write e.g. 0,5-9 or all")
     else:
@@ -367,7 +368,12 @@ class UpsamplingPipeline:
         if any(warnings):
             info["warning"] = " | ".join(w for w in warnings if w)
         info["seconds"] = round(time.perf_counter() - started, 3)
+        cine_frames = stack.recorded_frames()  # read before the output's record replaces the input's
         dense.metadata["upsampling"] = info
+        if cine_frames is not None and "source_frames" not in dense.metadata:
+            # An input that is itself a selection known only by its record (a Slicer node upsampled
+            # again): the output names the same frames of the cine, not its positions in the input.
+            dense.metadata["source_frames"] = [cine_frames[f] for f in info["frames"]]
         tracker.finish(f"done: {dense.n_slices} slices at {dense.slice_spacing:g} mm")
         return dense
 
