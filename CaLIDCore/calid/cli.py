@@ -762,7 +762,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
     frames = source_frames(stack)
     if frames is not None:
-        print(f"frames of cine  {', '.join(str(f) for f in frames)} (counted from 0)")
+        cine, count = stack.metadata.get("source_cine"), stack.metadata.get("source_frame_count")
+        parts = [part for part in (cine if isinstance(cine, str) else "", f"{count} frames" if isinstance(count, int) else "") if part]
+        of = f" of {', '.join(parts)}" if parts else ""
+        print(f"frames of cine  {', '.join(str(f) for f in frames)} (counted from 0){of}")
     label_names, convention = _label_names(stack)
     if label_names:
         print(f"labels          {', '.join(f'{value} {name}'.strip() for value, name in label_names.items())}{convention}")

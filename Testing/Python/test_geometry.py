@@ -115,8 +115,10 @@ def test_missing_lv_is_a_clear_error_but_planes_from_points_work(phantom):
     with pytest.raises(InputError, match="parallel to the normal"):
         Plane("axis along the normal", a, np.array([0.0, 0, 1]), np.array([0.0, 0, 2]))
     assert reslice(phantom.dense, Plane.from_points("user", *(phantom.dense.index_to_physical(p) for p in ([10, 10, 5], [80, 10, 5], [10, 10, 60]))), 2.0).n_slices == 1
-    with pytest.raises(InputError, match="collinear"):
-        Plane.from_points("bad", a, b, 2 * b)
+    with pytest.raises(InputError, match="plane bad from points: the third point lies on the line through the first two"):
+        Plane.from_points("bad", a, a + (b - a), a + 2 * (b - a))
+    with pytest.raises(InputError, match="plane bad from points: the first two points coincide"):
+        Plane.from_points("bad", a, a.copy(), c)
 
 
 # ---------------------------------------------------------------- reslicing

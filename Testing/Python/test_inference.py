@@ -105,6 +105,8 @@ def test_factor_mode_steps_and_stack_validation(pipeline, phantom):
             pipeline.upsample(phantom.sparse, factor=factor)
     with pytest.raises(InputError, match="unknown mode 'bilinear'"):
         pipeline.upsample(phantom.sparse, mode="bilinear")
+    with pytest.raises(TypeError, match="stack must be a CineStack"):
+        pipeline.upsample("cine.nii.gz", factor=2)  # a path: read_stack(path) first
     with pytest.raises(InputError, match="DDIM steps"):
         pipeline.upsample(phantom.sparse, steps=0)
     single = phantom.sparse.with_data(phantom.sparse.data[:, :1])

@@ -689,3 +689,34 @@ def test_a_dicom_file_named_reads_its_own_series_and_hidden_folders_are_ignored(
     hidden = flat / ".cine.partial.tmp"  # an interrupted write's temporary folder: copies of the same images
     shutil.copytree(root / "cine", hidden)
     np.testing.assert_array_equal(read_stack(flat, series=named.metadata["dicom"]["SeriesInstanceUID"]).data, named.data)
+
+
+def test_a_selection_read_back_still_names_the_cine_its_frames_are_of(tmp_path):
+    cine = write_stack(oblique_stack(frames=6), tmp_path / "cine.nii.gz")
+    selection = write_stack(read_stack(cine).select_frames([1, 4]), tmp_path / "ed_es.nrrd")
+    back = read_stack(selection)
+    assert back.metadata["source_file"] == "ed_es.nrrd" and back.metadata["source_cine"] == "cine.nii.gz"
+    assert back.recorded_frames() == [1, 4] and back.metadata["source_frame_count"] == 6
+    again = read_stack(write_stack(back.select_frames([1]), tmp_path / "es.nii.gz"))  # a selection of the selection
+    assert again.metadata["source_cine"] == "cine.nii.gz" and again.recorded_frames() == [4]
+
+
+def test_write_stack_never_replaces_the_file_a_stack_came_from_unless_told(tmp_path):
+    path = write_stack(oblique_stack(frames=2), tmp_path / "acquired.nii.gz")
+    stack, before = read_stack(path), path.read_bytes()
+    with pytest.raises(OutputError, match="acquired.nii.gz: is the file this stack was read from"):
+        write_stack(stack, path)
+    other = write_stack(stack, tmp_path / "copy.nii.gz")
+    other.chmod(0o444)
+    with pytest.raises(OutputError, match="copy.nii.gz: is read-only"):
+        write_stack(stack, other)
+    assert path.read_bytes() == before
+    write_stack(stack, tmp_path / "copy2.nii.gz")
+    write_stack(stack, tmp_path / "copy2.nii.gz")  # an earlier output of this session: replaced, as before
+    write_stack(stack, path, overwrite=True)  # asked for: replaced
+    with pytest.raises(TypeError, match="stack must be a CineStack"):
+        write_stack(stack.data, tmp_path / "x.nii.gz")
+    with pytest.raises(TypeError, match="path must be a file or folder path"):
+        write_stack(stack, None)
+    with pytest.raises(TypeError, match="read_stack\\(path\\): path must be"):
+        read_stack(stack.data)

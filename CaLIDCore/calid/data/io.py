@@ -72,6 +72,8 @@ def _well_formed(key: str, value: Any) -> bool:
         return isinstance(value, list) and bool(value) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
     if key == "source_frame_count":
         return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    if key == "source_cine":
+        return isinstance(value, str)
     if key == "slice_thickness_mm":
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
     return True
@@ -122,6 +124,7 @@ def read_stack(
             (SeriesInstanceUID, SeriesNumber or a unique part of SeriesDescription).
         min_slices: refuse stacks with fewer slices (upsampling needs at least 2).
     """
+    _require_path(path, "read_stack(path)")
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or folder")
@@ -195,7 +198,7 @@ def write_stack(
     stack: CineStack,
     path: str | os.PathLike[str],
     dtype: str | np.dtype[Any] | None = None,
-    overwrite: bool = True,
+    overwrite: bool | None = None,
 ) -> Path:
     """Write ``stack`` atomically; the format follows the path (a folder or no suffix: DICOM).
 
@@ -203,11 +206,21 @@ def write_stack(
         dtype: voxel type on disk. Default: ``metadata["source_dtype"]`` when the
             stack came from a file (outputs keep the input's type), else float32.
             Integer types refuse values that do not fit instead of wrapping round.
-        overwrite: if False, an existing target is an error.
+        overwrite: False: an existing target is an error. None (default): an existing
+            file is replaced, except the file the stack was read from and a read-only
+            file (an acquired scan is never lost by a slip). True: any file is replaced.
     """
+    if not isinstance(stack, CineStack):
+        raise TypeError(f"write_stack(stack, path): stack must be a CineStack (calid.read_stack(...) gives one), not {type(stack).__name__}")
+    _require_path(path, "write_stack(stack, path)")
     path = Path(path)
-    if path.exists() and not overwrite and not path.is_dir():  # folders (DICOM): atomic_directory's rules
-        raise OutputError(path, "exists already (refusing to overwrite)")
+    if path.exists() and not path.is_dir():  # folders (DICOM): atomic_directory's rules
+        if overwrite is False:
+            raise OutputError(path, "exists already (refusing to overwrite)")
+        if overwrite is None and stack.source and Path(stack.source).exists() and path.resolve() == Path(stack.source).resolve():
+            raise OutputError(path, "is the file this stack was read from: refusing to replace it (write elsewhere, or pass overwrite=True)")
+        if overwrite is None and not path.stat().st_mode & 0o222:
+            raise OutputError(path, "is read-only: refusing to replace it (pass overwrite=True to replace it anyway)")
     fmt = detect_format(path, for_writing=True)
     if fmt == "nifti":
         from calid.data.nifti_io import write_nifti
@@ -222,6 +235,11 @@ def write_stack(
 
         write_dicom_folder(stack, path, dtype=dtype)
     return path
+
+
+def _require_path(path: Any, call: str) -> None:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{call}: path must be a file or folder path (str or pathlib.Path), not {type(path).__name__}")
 
 
 def output_dtype(stack: CineStack, dtype: str | np.dtype[Any] | None, fmt: str | None = None, target: str | os.PathLike[str] | None = None) -> np.dtype[Any]:

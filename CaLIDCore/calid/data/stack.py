@@ -278,6 +278,9 @@ class CineStack:
             selected.metadata["source_frame_count"] = count
         else:
             selected.metadata.pop("source_frame_count", None)
+        if not recorded and isinstance(self.metadata.get("source_file"), str):
+            # Which file that cine is: a file read back later names itself as "source_file".
+            selected.metadata["source_cine"] = self.metadata["source_file"]
         return selected
 
     def geometry_dict(self) -> dict[str, Any]:

@@ -38,11 +38,11 @@ THREE_CHAMBER_ANGLE_DEG = 125.0
 MIN_RV_ML = 1.0
 
 
-def _unit(vector: np.ndarray, what: str) -> np.ndarray:
+def _unit(vector: np.ndarray, what: str, problem: str = "has no direction (zero length, or points that are collinear or coincide)") -> np.ndarray:
     vector = np.asarray(vector, dtype=np.float64)
     norm = float(np.linalg.norm(vector))
     if not np.isfinite(norm) or norm < 1e-9:
-        raise InputError(what, "has no direction (zero length, or points that are collinear or coincide)")
+        raise InputError(what, problem)
     return vector / norm
 
 
@@ -79,8 +79,9 @@ class Plane:
         are: the line from ``a`` towards ``b`` (the apex) runs up the image (``v`` from ``b`` to
         ``a``), and ``c`` lies on the right (``u``)."""
         a, b, c = (np.asarray(p, dtype=np.float64) for p in (a, b, c))
-        towards_b = _unit(b - a, f"plane {name} from points: the first two points coincide, so they")
-        across = _unit((c - a) - np.dot(c - a, towards_b) * towards_b, f"plane {name} from points")
+        towards_b = _unit(b - a, f"plane {name} from points", "the first two points coincide: they give no long-axis direction")
+        across = _unit((c - a) - np.dot(c - a, towards_b) * towards_b, f"plane {name} from points",
+                       "the third point lies on the line through the first two: the three points give no plane")
         return cls(name, a, np.cross(towards_b, across), across)
 
     def to_ras(self) -> dict[str, list[float]]:

@@ -131,7 +131,7 @@ def cardiac_function(
     es = int(frames[np.argmin(lv[frames])]) if es_frame is None else int(es_frame)
     for name, frame in (("ED", ed), ("ES", es)):
         if not 0 <= frame < labels.n_frames:
-            raise InputError(labels.source, f"{name} frame {frame} does not exist (the cine has {labels.n_frames} frames)")
+            raise InputError(labels.source, f"{name} frame {frame} does not exist: the file has {labels.n_frames} frame(s), 0 to {labels.n_frames - 1} (positions in the file)")
     rv_ed, rv_es = ed, es
     rv_frames = frames[rv[frames] > 0]  # a frame without RV cavity (a failed segmentation) is no RV end-systole at 0 ml
     if ed_frame is None and es_frame is None and rv_frames.size:

@@ -102,4 +102,4 @@ def chained_upsampling_warning(stack: CineStack, factor: int) -> str | None:
     step = stack.acquired_slice_step()
     total = step * factor if step is not None else None
     advice = f"; upsampling the acquired stack x{total} in one run keeps every new slice between acquired ones" if total in VALID_FACTORS else ""
-    return f"{stack.source} was itself upsampled ({describe_upsampling(earlier)}): its generated slices are used as if acquired{advice}"
+    return f"the input was itself upsampled ({describe_upsampling(earlier)}): its generated slices are used as if acquired{advice}"

@@ -282,6 +282,8 @@ class UpsamplingPipeline:
         factor = check_factor(factor, "factor")
         if mode is None:
             mode = ("registration" if self.name == "registration" else "linear") if self.model is None else "calid"
+        if not isinstance(stack, CineStack):
+            raise TypeError(f"upsample(stack, ...): stack must be a CineStack (calid.read_stack(path) gives one), not {type(stack).__name__}")
         if mode not in MODES:
             raise InputError("mode", f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
