@@ -14,19 +14,15 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 import calid
 from calid.data.io import image_stem
+from calid.data.stack import CineStack, describe_upsampling
 from calid.errors import CalidError, Cancelled, InputError, OutputError
 from calid.evaluation.methods import UPSAMPLE_MODES
-
-from calid.data.stack import describe_upsampling
-
-if TYPE_CHECKING:
-    from calid.data.stack import CineStack
 
 EXIT_BAD_INPUT = 2
 
@@ -766,9 +762,9 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         parts = [part for part in (cine if isinstance(cine, str) else "", f"{count} frames" if isinstance(count, int) else "") if part]
         of = f" of {', '.join(parts)}" if parts else ""
         print(f"frames of cine  {', '.join(str(f) for f in frames)} (counted from 0){of}")
-    label_names, convention = _label_names(stack)
-    if label_names:
-        print(f"labels          {', '.join(f'{value} {name}'.strip() for value, name in label_names.items())}{convention}")
+    labels = _label_values(stack)
+    if labels:
+        print(f"labels          {labels}")
     else:
         print(f"intensities     {stack.data.min():g} .. {stack.data.max():g} (stored as {stack.metadata.get('source_dtype', '?')})")
     plane = stack.metadata.get("plane")
@@ -781,8 +777,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         acquired = stack.recorded_acquired_spacing()
         if isinstance(plane, dict):  # one plane through the stack: its slices are no longer rows here
             how = f"resliced from a stack made by {how}" + ("" if acquired is None else f" from slices {acquired:.4g} mm apart")
-        elif acquired is not None and stack.acquired_slice_step() is not None:
-            how += f": 1 slice in {stack.acquired_slice_step()} is acquired, from slices {acquired:.4g} mm apart"
+        elif acquired is not None and (step := stack.acquired_slice_step()) is not None:
+            how += f": 1 slice in {step} is acquired, from slices {acquired:.4g} mm apart"
         print(f"made by calid   {how}")
     if "geometry_note" in stack.metadata:
         print(f"note            {stack.metadata['geometry_note']}")
@@ -791,17 +787,17 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _label_names(stack: CineStack) -> tuple[dict[int, str], str]:
-    """What each value of a label file stands for, and how that is known: calid's record (calid
-    segment), else the ACDC convention for a file holding only its values; empty for an image."""
+def _label_values(stack: CineStack) -> str | None:
+    """A label file's values in words: named by calid's record (calid segment), else, for a file of
+    values 0-3 only, what calid reads them as; None for an image."""
     recorded = stack.metadata.get("labels")
     if isinstance(recorded, dict) and recorded:
-        return {int(k): str(v) for k, v in recorded.items() if str(k).isdecimal()}, ""
+        return ", ".join(f"{k} {v}" for k, v in recorded.items() if str(k).isdecimal())
     values = np.unique(stack.data)  # (ACDC's own label files are float32)
     if values.size < 2 or not set(values.tolist()) <= {0, 1, 2, 3}:
-        return {}, ""
+        return None
     # Other data sets number the structures otherwise (Sunnybrook: 1 the LV cavity): only the values are certain.
-    return {int(v): "" for v in values if v}, " (values 0-3 only: probably labels; calid reads 1 RV cavity, 2 LV myocardium, 3 LV cavity, as ACDC)"
+    return f"{', '.join(str(int(v)) for v in values if v)} (values 0-3 only: probably labels; calid reads 1 RV cavity, 2 LV myocardium, 3 LV cavity, as ACDC)"
 
 
 def _cmd_phantom(args: argparse.Namespace) -> int:

@@ -199,8 +199,11 @@ def plot_volume_curves(results: dict[str, CardiacFunction], path: str | os.PathL
     # Else the cine's frame numbers where every file records them (selections of other frames line up), else positions.
     in_cine_frames = not in_ms and all(result.cine_frames is not None for result in results.values())
     for (method, result), style in zip(results.items(), ("-", "--", ":", "-.")):
-        x = np.asarray(result.frame_times_ms if in_ms and result.frame_times_ms is not None else
-                       result.cine_frames if in_cine_frames and result.cine_frames is not None else np.arange(len(result.lv_volume_ml)))
+        x = np.arange(len(result.lv_volume_ml))
+        if in_ms and result.frame_times_ms is not None:
+            x = result.frame_times_ms
+        elif in_cine_frames and result.cine_frames is not None:
+            x = np.asarray(result.cine_frames)
         s = result.summary
         axis.plot(x, result.lv_volume_ml, style, color="tab:blue", label=f"LV, {method} (EF {s['lv_ef_percent']:.0f} %)")
         axis.plot(x, result.rv_volume_ml, style, color="tab:red", label=f"RV, {method} (EF {s['rv_ef_percent']:.0f} %)")
