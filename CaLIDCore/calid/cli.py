@@ -309,7 +309,6 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     stack = read_stack(source, series=args.series)
     if not args.quiet:
         _print_reading_note(stack)
-    _warn_if_labels(stack, source)
     frames = parse_frames(args.frames, stack.n_frames)
     if frames is not None and parse_frames(args.frames, stack.n_frames, as_given=True) != frames:
         print(f"note: --frames {args.frames}: the frames are taken in the cine's order, each once: {', '.join(map(str, frames))}", file=sys.stderr)
@@ -387,7 +386,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     model = _load_segmenter(args.model, args.device)
     stack = read_stack(source, series=args.series)
-    _warn_if_labels(stack, source)
+    _warn_if_labels(stack)
     if stack.has_placeholder_spacing:
         print(
             f"WARNING: {source} carries no geometry (all spacings exactly 1 mm, the NIfTI default): the segmenter sees 1 mm pixels, "
@@ -706,13 +705,12 @@ def _note_if_dicom(target: Any, stack: Any) -> None:
                   "the same anatomy at the same positions, read back with slice 0 where the input had its last", file=sys.stderr)
 
 
-def _warn_if_labels(stack: Any, source: Any) -> None:
-    """A label map given where an image is expected: interpolating or segmenting it runs, and makes
-    nonsense (the average of RV cavity 1 and LV cavity 3 is myocardium 2)."""
-    data = stack.data
-    if float(data.min()) >= 0 and float(data.max()) <= 3 and np.array_equal(data, np.rint(data)):
-        print(f"WARNING: {source} holds only the values 0-3: is it a label map (segmentation) rather than an image? "
-              "Give the grey-level cine here", file=sys.stderr)
+def _warn_if_labels(stack: Any) -> None:
+    from calid.data.stack import label_map_warning
+
+    warning = label_map_warning(stack)
+    if warning:
+        print(f"WARNING: {warning}", file=sys.stderr)
 
 
 def _print_reading_note(stack: Any) -> None:

@@ -99,6 +99,17 @@ def test_upsampling_an_upsampled_stack_keeps_the_acquired_slices_and_warns(pipel
     assert "was itself upsampled (registration x2)" in info["warning"] and "x4 in one run" in info["warning"]
 
 
+@pytest.mark.parametrize("mode", ["calid", "linear"])
+def test_a_label_map_upsampled_from_python_is_flagged_in_the_record(pipeline, mode):
+    """Python callers (the Slicer module, scripts) get the warning the command line prints: the
+    average of RV cavity 1 and LV cavity 3 is myocardium 2."""
+    image = oblique_stack(frames=1, slices=3, rows=40, columns=36)
+    labels = image.with_data(np.digitize(image.data, np.quantile(image.data, [0.4, 0.6, 0.8])).astype(np.float32))
+    info = pipeline.upsample(labels, factor=2, mode=mode, steps=1).metadata["upsampling"]
+    assert "holds only the values 0-3: is it a label map" in info["warning"]
+    assert "warning" not in pipeline.upsample(image, factor=2, mode=mode, steps=1).metadata["upsampling"]
+
+
 def test_factor_mode_steps_and_stack_validation(pipeline, phantom):
     for factor in (3, 6, 0, 1, 2.0):
         with pytest.raises(InputError, match="2, 4, 8, 16"):

@@ -115,11 +115,13 @@ def test_engine_progress_cancel_and_temporal_refusal(monkeypatch):
     pipeline.upsample(stack, 4, mode="registration", progress=lambda done, total, message: seen.append((done, total, message)))
     # One report per gap of 3 new slices each (9 gaps), then the final one.
     assert [done for done, _, _ in seen[:-1]] == [3.0 * k for k in range(1, 10)] and seen[-1][:2] == (27.0, 27.0)
-    assert {total for _, total, _ in seen} == {27.0} and "9/9 gaps" in seen[-2][2]
+    assert {total for _, total, _ in seen} == {27.0} and "9 of 9 gaps done" in seen[-2][2]
+    # The count rises in order; the gap named is the latest to finish (threads finish in any order).
+    assert [int(message.split()[1]) for _, _, message in seen[:-1]] == list(range(1, 10))
     # A selection of frames: the messages name each frame by its number in the whole cine.
     seen.clear()
     pipeline.upsample(stack, 2, mode="registration", frames=[2], progress=lambda done, total, message: seen.append((done, total, message)))
-    assert all("(frame 2, 1 of 1;" in message for _, _, message in seen[:-1]) and len(seen) == 4
+    assert all("(latest: frame 2, between slices" in message for _, _, message in seen[:-1]) and len(seen) == 4
     registered = []
     real_morph = registration.morph
 

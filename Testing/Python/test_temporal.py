@@ -204,6 +204,14 @@ def test_2dt_engine_on_4d_input_keeps_geometry_and_acquired_slices():
     # Frames select what is returned; the clips still see the whole cycle, so the frames are identical.
     some = pipeline.upsample(sparse, 4, "calid", steps=2, frames="2,7", batch_size=4)
     np.testing.assert_allclose(some.data, dense.data[[2, 7]], rtol=1e-5, atol=1e-4)
+    # An input that is itself a selection known only by its record (a Slicer node upsampled again):
+    # the output names the cine's frames, as the 2D engine does, not positions in the input.
+    selection = load_pipeline("linear").upsample(sparse, 2, frames="3,5,7,9")
+    record_only = selection.with_data(selection.data)
+    record_only.metadata = {"upsampling": selection.metadata["upsampling"]}
+    again = pipeline.upsample(record_only, 2, "calid", steps=1, frames="1,2", batch_size=4)
+    assert again.recorded_frames() == [5, 7] and again.metadata["source_frames"] == [5, 7]
+    assert "source_frame_count" not in again.metadata  # unknown from that record: left out, not taken as 4
     # Test-time augmentation turns the clips in their plane, frame by frame.
     averaged = pipeline.upsample(sparse, 2, "calid", steps=1, batch_size=4, tta=True)
     assert averaged.metadata["upsampling"]["tta"] is True

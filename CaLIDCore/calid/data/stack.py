@@ -27,6 +27,9 @@ import numpy as np
 
 from calid.errors import InputError
 
+#: The metadata keys of :meth:`CineStack.selection_record`: which frames of which cine a selection holds.
+SELECTION_KEYS = ("source_frames", "source_frame_count", "source_cine")
+
 #: Relative tolerance used to decide that two geometries are the same.
 GEOMETRY_RTOL = 1e-5
 
@@ -265,23 +268,31 @@ class CineStack:
                 raise InputError(self.source, f"frame {f} does not exist (the cine has {self.n_frames} frame(s))")
         times = None if self.frame_times_ms is None else self.frame_times_ms[frames]
         selected = self.with_data(self.data[frames], frame_times_ms=times)
-        # Which frames of the acquired cine these are (kept in calid's files): a cine without trigger
-        # times can still be paired frame by frame with the whole cine or another selection.
+        for key in SELECTION_KEYS:
+            selected.metadata.pop(key, None)
+        selected.metadata.update(self.selection_record(frames))
+        return selected
+
+    def selection_record(self, frames: list[int]) -> dict[str, Any]:
+        """What :meth:`select_frames` records about a selection of (valid) frame indices: which frames
+        of the acquired cine they are, of how many, and from which file."""
+        # Kept in calid's files: a cine without trigger times can still be paired frame by frame
+        # with the whole cine or another selection.
         stored = self.recorded_frames()
         recorded = stored is not None
         numbers = stored if stored is not None else list(range(self.n_frames))
-        selected.metadata["source_frames"] = [numbers[f] for f in frames]
+        record: dict[str, Any] = {"source_frames": [numbers[int(f)] for f in frames]}
         # Of how many frames: the cycle fraction of each frame, to pair it with another cine of the beat
         # (unknown for a record that did not keep it: left out rather than guessed).
         count = self.metadata.get("source_frame_count") if recorded else self.n_frames
         if isinstance(count, int):
-            selected.metadata["source_frame_count"] = count
-        else:
-            selected.metadata.pop("source_frame_count", None)
+            record["source_frame_count"] = count
         if not recorded and isinstance(self.metadata.get("source_file"), str):
             # Which file that cine is: a file read back later names itself as "source_file".
-            selected.metadata["source_cine"] = self.metadata["source_file"]
-        return selected
+            record["source_cine"] = self.metadata["source_file"]
+        elif recorded and isinstance(self.metadata.get("source_cine"), str):
+            record["source_cine"] = self.metadata["source_cine"]
+        return record
 
     def geometry_dict(self) -> dict[str, Any]:
         """Geometry as plain JSON-serialisable Python values."""
@@ -316,6 +327,16 @@ def fixed_placeholder_mm(choice: str | float, words: tuple[str, ...] = ("model",
     if not 0.1 <= value <= 10:
         raise InputError(option, f"a pixel size of {value:g} mm is not plausible for cardiac MRI")
     return value
+
+
+def label_map_warning(stack: CineStack) -> str | None:
+    """A warning when ``stack`` looks like a label map (only the whole values 0-3, as ACDC and calid
+    write them) where an image is expected: interpolating or segmenting it runs and makes nonsense
+    (the average of RV cavity 1 and LV cavity 3 is myocardium 2)."""
+    data = stack.data
+    if data.size and float(data.min()) >= 0 and float(data.max()) <= 3 and np.array_equal(data, np.rint(data)):
+        return f"{stack.source} holds only the values 0-3: is it a label map (segmentation) rather than an image? Give the grey-level cine here"
+    return None
 
 
 def upsampling_steps(record: Any) -> list[dict[str, Any]]:

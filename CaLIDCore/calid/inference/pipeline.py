@@ -43,7 +43,7 @@ import torch
 from scipy import ndimage
 
 from calid.data.preprocess import PreprocessParams, preprocess, undo_preprocess
-from calid.data.stack import CineStack, fixed_placeholder_mm
+from calid.data.stack import SELECTION_KEYS, CineStack, fixed_placeholder_mm, label_map_warning
 from calid.device import available_memory_bytes, describe_device, resolve_device
 from calid.diffusion.ddim import NoiseSchedule, ddim_loop, inversion_grid, sampling_grid, slerp
 from calid.errors import Cancelled, InputError
@@ -323,7 +323,7 @@ class UpsamplingPipeline:
             "frames": list(range(stack.n_frames)) if selection is None else selection,
             "temporal": is_temporal,
         }
-        warnings = [chained_upsampling_warning(stack, factor)]
+        warnings = [label_map_warning(stack), chained_upsampling_warning(stack, factor)]
         if assumed is not None:
             info["assumed_pixel_mm"] = assumed
         if mode == "registration":
@@ -346,6 +346,10 @@ class UpsamplingPipeline:
                 self._fill_crop_temporal(dense, cropped, params, factor, mode, int(steps), seed, batch, tracker, tta)
                 if selection is not None:
                     dense = dense.select_frames(selection)
+                    # Named as a selection of the input would be: the input may itself be a selection known by its record.
+                    for key in SELECTION_KEYS:
+                        dense.metadata.pop(key, None)
+                    dense.metadata.update(stack.selection_record(selection))
             else:
                 self._fill_crop(dense, cropped, params, factor, mode, int(steps), seed, frame_ids, batch, tracker, tta)
             info.update(self.describe())

@@ -318,7 +318,9 @@ def upsample_registration(
                 future.result()
                 if gap_done is not None:
                     frame, n = pending[future]
-                    gap_done(factor - 1, f"registration: {done}/{len(gaps)} gaps (frame {numbers[frame]}, {frame + 1} of {t_count}; gap {n + 1}/{z - 1})")
+                    # Gaps finish in any order on several threads: the count is what progresses; the gap named is only the latest to finish.
+                    where = f"frame {numbers[frame]}, " if t_count > 1 or frame_numbers is not None else ""
+                    gap_done(factor - 1, f"registration: {done} of {len(gaps)} gaps done (latest: {where}between slices {n} and {n + 1})")
         except BaseException:
             for future in pending:
                 future.cancel()  # a cancel or an error: no further gap starts
