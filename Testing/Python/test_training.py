@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from calid.errors import InputError
 from calid.models import build_vae, load_model, named_config, save_model
+from calid.models.checkpoint import read_raw_header
 from calid.training.trainer import TrainConfig, Trainer
 
 
@@ -131,6 +132,13 @@ def test_trainer_refuses_resume_without_checkpoint_and_bad_data(tmp_path):
         Trainer(TrainConfig(stage="vae", data=(str(tmp_path / "nothing"),), out_dir=str(tmp_path), model="tiny"))
     with pytest.raises(InputError, match="needs the trained VAE"):
         Trainer(TrainConfig(stage="ldm", data=("phantom:2",), out_dir=str(tmp_path), model="tiny"))
+    # A run folder made by a refused call is removed (it would look like a run to resume); one that
+    # existed before is left as it was.
+    for options in ({"data": (str(tmp_path / "nothing"),)}, {"data": ("phantom:3",), "val_subjects": ("phantom099",)}):
+        with pytest.raises(InputError):
+            Trainer(TrainConfig(stage="vae", out_dir=str(tmp_path / "new" / "run"), model="tiny", batch_size=2, perceptual_weight=0.0, **options))
+        assert not (tmp_path / "new").exists()
+    assert tmp_path.is_dir()
 
 
 def _calid(*args):
@@ -144,6 +152,8 @@ def test_time_limit_stops_with_a_checkpoint_that_resumes(tmp_path):
     assert stopped.time_limit_reached and stopped.step == 1
     checkpoint = tmp_path / "run" / "checkpoints" / "last.safetensors"
     assert checkpoint.is_file() and (tmp_path / "run" / "model.safetensors").is_file()
+    # Stopped before its first validation: validated once, so that the next stage finds best.safetensors.
+    assert read_raw_header(tmp_path / "run" / "best.safetensors")["info"]["step"] == 1
     resumed = run(TrainConfig(steps=3, **common), resume=True)
     assert resumed.step == 3 and not resumed.time_limit_reached
     with pytest.raises(InputError, match="time-limit"):
@@ -313,14 +323,12 @@ def test_a_resume_refuses_what_would_spoil_the_run_and_notes_other_changes(tmp_p
     assert any(note.startswith("transposes: False in the checkpoint, True from now on") for note in changed.resume_notes)
     assert any(note.startswith("ema decay: 0.999 in the checkpoint, 0.99") for note in changed.resume_notes)
     quiet = Trainer(TrainConfig(steps=4, vae_model=vae_file, **common), resume=True)
-    assert quiet.resume_notes == []
+    assert quiet.resume_notes == ["steps: 2 in the checkpoint, 4 from now on"]  # the only change, and a free one
 
 
 def test_a_resume_after_a_crash_keeps_the_better_best_model_and_logs_each_step_once(tmp_path):
     import csv
     import shutil
-
-    from calid.models.checkpoint import read_raw_header
 
     common = dict(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "run"), model="tiny", batch_size=2, val_fraction=0.34, perceptual_weight=0.0,
                   adversarial_weight=0.0, validate_every=1, checkpoint_every=100, log_every=1, warmup_steps=1)
@@ -342,10 +350,14 @@ def test_a_resume_after_a_crash_keeps_the_better_best_model_and_logs_each_step_o
     for log in ("log.csv", "validation.csv"):
         with (tmp_path / "run" / log).open(newline="") as handle:
             assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4, 5, 6]
-    # another run into the same folder, stopped before its first validation, does not take that score as its own
+    # another run into the same folder, stopped before its first validation, does not take that score as
+    # its own: it validates its own model once and keeps that as its best
     other = dict(common, validate_every=100)
-    assert run(TrainConfig(steps=50, time_limit_minutes=1e-6, **other)).step == 1  # stopped by its time limit, not validated
-    assert Trainer(TrainConfig(steps=50, **other), resume=True).best_psnr == -float("inf")
+    stopped = run(TrainConfig(steps=50, time_limit_minutes=1e-6, **other))
+    assert stopped.step == 1 and stopped.time_limit_reached
+    own = read_raw_header(best_file)["info"]
+    assert own["run_id"] == stopped.run_id and own["step"] == 1
+    assert Trainer(TrainConfig(steps=50, **other), resume=True).best_psnr == own["metrics"]["val_psnr"] != 99.0
 
 
 def test_two_process_ddp_on_cpu(tmp_path):
@@ -441,11 +453,12 @@ def test_resume_with_another_validation_starts_best_afresh(tmp_path):
     out = str(tmp_path / "run")
     run(TrainConfig(out_dir=out, steps=3, val_steps=2, **common))
     same = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=2, **common), resume=True)
-    assert same.resume_notes == [] and same.best_psnr > -float("inf")
+    assert same.resume_notes == ["steps: 3 in the checkpoint, 6 from now on"] and same.best_psnr > -float("inf")
     other_batch = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=2, **{**common, "batch_size": 2}), resume=True)  # other triplets are scored
-    assert len(other_batch.resume_notes) == 1 and "not comparable" in other_batch.resume_notes[0]
+    assert "batch size: 4 in the checkpoint, 2 from now on" in other_batch.resume_notes
+    assert len(other_batch.resume_notes) == 3 and "not comparable" in other_batch.resume_notes[-1]
     changed = Trainer(TrainConfig(out_dir=out, steps=6, val_steps=1, **common), resume=True)
-    assert len(changed.resume_notes) == 1 and "not comparable" in changed.resume_notes[0] and changed.best_psnr == -float("inf")
+    assert len(changed.resume_notes) == 2 and "not comparable" in changed.resume_notes[-1] and changed.best_psnr == -float("inf")
     changed.fit()
     best = load_model(tmp_path / "run" / "best.safetensors")
     assert best.info["info"]["step"] == 6 and best.config.default_steps == 1
@@ -459,7 +472,7 @@ def test_resume_takes_learning_rate_and_weight_decay_from_the_command_line(tmp_p
     out = str(tmp_path / "run")
     run(TrainConfig(out_dir=out, steps=3, learning_rate=1e-4, weight_decay=0.0, lr_schedule="cosine", **common))
     unchanged = Trainer(TrainConfig(out_dir=out, steps=6, learning_rate=1e-4, weight_decay=0.0, lr_schedule="cosine", **common), resume=True)
-    assert unchanged.resume_notes == []
+    assert unchanged.resume_notes == ["steps: 3 in the checkpoint, 6 from now on (the cosine learning-rate decay now ends there)"]
     before = unchanged.optimizer.param_groups[0]["lr"]
     assert 0 < before < 1e-4  # part-way down the cosine
 
@@ -744,7 +757,7 @@ def test_resume_alone_continues_the_run_with_its_own_options(tmp_path, capsys):
     assert main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "3", "--validate-every", "7", "--resume"]) == 0
     said = capsys.readouterr().out
     assert "resuming with the run's own" in said and "--warmup 1" in said and "--config tiny" in said and "--transposes," in said
-    assert "note:" not in said  # nothing changed but what was given
+    assert [line for line in said.splitlines() if line.startswith("note:")] == ["note: steps: 2 in the checkpoint, 3 from now on"]  # only what was given
     saved = read_training_extra(out / "checkpoints" / "last.safetensors")
     assert saved["step"] == 3
     config = saved["train_config"]

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 import uuid
@@ -357,6 +358,19 @@ class Trainer:
     """Trains one stage; see the module docstring."""
 
     def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+        # The outermost folder of --out that does not exist yet (a refused call leaves none behind).
+        made = next((folder for folder in reversed([Path(config.out_dir), *Path(config.out_dir).parents]) if not folder.exists()), None)
+        try:
+            self._set_up(config, resume)
+        except InputError:
+            # Bad input (data, subjects, options) is found while setting up: a run folder this call
+            # made holds nothing worth keeping, and would look like a run that can be resumed. (An
+            # interrupted set-up keeps its folder: its cache may hold an hour of registration.)
+            if made is not None and int(os.environ.get("RANK", "0")) == 0:
+                shutil.rmtree(made, ignore_errors=True)
+            raise
+
+    def _set_up(self, config: TrainConfig, resume: bool) -> None:
         if config.stage not in ("vae", "ldm"):
             raise InputError("stage", f"unknown training stage {config.stage!r}; use vae or ldm")
         if config.init_from:  # an installed model's name, like everywhere else a model is asked for
@@ -1005,6 +1019,10 @@ class Trainer:
                 "val_steps", "max_val_batches"}  # a changed validation is said by its own note
         current = json.loads(json.dumps(self.config.to_dict()))  # as stored (tuples become lists)
         denoiser_options = {"concat_neighbour_latents", "condition_dropout", "prediction", "residual_to_neighbours", "registered_neighbours"}
+        for name in ("steps", "batch_size"):  # free to change, and worth saying
+            if name in saved and saved[name] != current[name]:
+                stretched = " (the cosine learning-rate decay now ends there)" if name == "steps" and current.get("lr_schedule") == "cosine" else ""
+                self.resume_notes.append(f"{name.replace('_', ' ')}: {saved[name]!r} in the checkpoint, {current[name]!r} from now on{stretched}")
         for name in sorted(set(saved) & set(current) - free):
             if name in denoiser_options and current[name] is None:
                 continue  # not given: the checkpoint's denoiser keeps its own
@@ -1082,6 +1100,12 @@ class Trainer:
             if self.stop_requested and self.is_main:
                 why = f"time limit of {cfg.time_limit_minutes:g} min reached" if self.time_limit_reached else "stop requested"
                 progress.write(f"{why}: saving a checkpoint at step {self.step}; continue with --resume")
+            if self.stop_requested and self.best_psnr == -math.inf and self.step % cfg.validate_every != 0:
+                # Stopped before any validation of this run: validate once, so that best.safetensors (what the
+                # next stage and `calid install` take) exists with its metrics.
+                if self.is_main:
+                    progress.write(f"no validation yet in this run: validating step {self.step} for best.safetensors")
+                metrics = self._validate_and_export(val_path)
             self._checkpoint(metrics, final=True)
         finally:
             progress.close()
