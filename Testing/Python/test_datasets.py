@@ -16,6 +16,7 @@ from calid.data.datasets import (
 from calid.data.io import write_stack
 from calid.data.preprocess import PreprocessConfig
 from calid.errors import InputError
+from calid.models.config import named_config
 
 from conftest import SHARED_DATA, oblique_stack, shared_file
 
@@ -116,6 +117,24 @@ def test_cache_is_used_instead_of_rereading(tmp_path):
     assert not second[0].data.any()
     other = load_subjects([path], PreprocessConfig(target_spacing_mm=None, crop_size=(8, 8)), cache_dir=cache)
     assert other[0].data.shape[-2:] == (8, 8)  # another config is another cache entry
+
+
+def test_a_label_map_among_the_training_images_is_refused_and_label_files_in_a_folder_are_named(tmp_path):
+    """A segmentation given as training data would teach the network label maps, silently."""
+    from calid.training.trainer import gather_volumes
+
+    image = oblique_stack(frames=2, slices=4, rows=16, columns=16)
+    labels = image.with_data(np.digitize(image.data, np.quantile(image.data, [0.4, 0.6, 0.8])).astype(np.float32))
+    wrong = write_stack(labels, tmp_path / "subj02_4d.nii.gz", dtype="uint8")  # a label map under an image's name
+    with pytest.raises(InputError, match=r"subj02_4d\.nii\.gz: holds only the values 0-3: it is a label map"):
+        load_subjects([wrong], SMALL)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_stack(image, folder / "subj01_4d.nii.gz")
+    write_stack(labels, folder / "subj01_4d_gt.nii.gz", dtype="uint8")
+    with pytest.warns(UserWarning, match=r"1 label file\(s\) left out of training by their names \(subj01_4d_gt\.nii\.gz\)"):
+        volumes = gather_volumes((str(folder),), named_config("tiny"), tmp_path / "cache")
+    assert [v.subject for v in volumes] == ["subj01"]
 
 
 def test_real_data_split_never_shares_a_subject(tmp_path):

@@ -321,6 +321,11 @@ def test_models_by_name_with_checksum_and_default(tmp_path, tiny_model_file, mon
     with pytest.raises(InputError, match="neither a model file nor a known CaLID model name \\(known: [^)]*calid-test") as unknown:
         load_pipeline("no-such-model")
     assert "calid-seg-acdc" not in str(unknown.value)  # segmentation models are not offered for upsampling
+    # A path that does not exist is a missing file, not an unknown name.
+    with pytest.raises(InputError, match=r"model\.safetensors: model file not found \(no such file in .*\); installed CaLID models: calid-test"):
+        load_pipeline(str(tmp_path / "model.safetensors"))
+    with pytest.raises(InputError, match=r"model file not found \(the folder .*runs.* does not exist\)"):
+        load_pipeline(str(tmp_path / "runs" / "best"))
 
 
 def test_no_installed_model_gives_a_clear_message(monkeypatch, tmp_path, capsys):

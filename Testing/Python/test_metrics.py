@@ -35,6 +35,17 @@ def test_frechet_distance_of_gaussians():
         frechet_distance(a[:1], b)
 
 
+def test_frechet_distance_from_fewer_samples_than_features_is_finite_and_silent(recwarn):
+    """An evaluation of a few slices (fewer than AlexNet's 256 features) has singular covariances:
+    a finite distance, and no bare SciPy warning that does not say where it came from."""
+    rng = np.random.default_rng(2)
+    # Rectified features, some never active (as AlexNet's conv5 on a few slices): exactly singular.
+    a, b = (np.maximum(rng.normal(size=(n, 256)), 0) * (rng.random(256) > 0.5) for n in (10, 12))
+    distance = frechet_distance(a, b)
+    assert np.isfinite(distance) and distance > 0
+    assert not [w for w in recwarn if "singular" in str(w.message).lower()]
+
+
 @pytest.mark.parametrize("axis, spacing_yx", [(1, (2.0, 0.5)), (0, (2.0, 0.5)), (1, (1.0, 1.0))])
 def test_surface_distances_of_a_shifted_square_are_in_millimetres(axis, spacing_yx):
     truth = np.zeros((40, 40), dtype=np.uint8)

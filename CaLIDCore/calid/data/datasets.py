@@ -33,7 +33,7 @@ from torch.utils.data import Dataset
 
 from calid.data.io import read_stack
 from calid.data.preprocess import PreprocessConfig, preprocess
-from calid.data.stack import CineStack
+from calid.data.stack import CineStack, label_map_warning
 from calid.errors import InputError
 
 _LABEL_NAME = re.compile(r"(_gt|_seg|_label|_labels|_mask)(\.|$)", re.IGNORECASE)
@@ -54,6 +54,11 @@ def find_image_files(folder: str | os.PathLike[str]) -> list[Path]:
     if not files:
         raise InputError(folder, "contains no NIfTI or NRRD image files")
     return files
+
+
+def label_files_left_out(folder: str | os.PathLike[str]) -> list[Path]:
+    """The label files (by name: ``*_gt``, ``*_seg``, ``*_label(s)``, ``*_mask``) that :func:`find_image_files` leaves out."""
+    return [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES) and _LABEL_NAME.search(p.name)]
 
 
 def subject_id(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
@@ -181,6 +186,10 @@ def load_subjects(
             without_geometry = bare_marker is not None and bare_marker.exists()
         else:
             stack = read_stack(path, min_slices=min_slices)
+            if label_map_warning(stack):
+                # A segmentation among the images would teach the network label maps, silently.
+                raise InputError(path, "holds only the values 0-3: it is a label map (segmentation), not an image; train on the grey-level cines "
+                                 "(in a folder, files named *_gt, *_seg, *_label(s) or *_mask are left out)")
             without_geometry = stack.has_placeholder_spacing
             if placeholder_spacing_mm is not None and without_geometry:
                 assumed = float(placeholder_spacing_mm)

@@ -155,6 +155,10 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
     others = ", ".join(f"{m.name} ({m.kind})" for m in registered_models() if m.kind != kind)
     names = ", ".join(m.name for m in registered_models() if m.kind == kind) or ("none installed" + (f"; other models: {others}" if others else ""))
     kind_text = "segmentation" if kind == "segmentation" else "CaLID"
+    if path.suffix.lower() in (".safetensors", ".pt", ".pth", ".ckpt") or os.sep in text or "/" in text:
+        # Written as a path: say that the file is missing, not that the name is unknown.
+        where = f" (no such file in {path.parent.resolve()})" if path.parent.is_dir() else f" (the folder {path.parent} does not exist)"
+        raise InputError(text, f"model file not found{where}; installed {kind_text} models: {names}")
     raise InputError(text, f"is neither a model file nor a known {kind_text} model name (known: {names})")
 
 

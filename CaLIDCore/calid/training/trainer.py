@@ -53,6 +53,7 @@ from calid.data.datasets import (
     find_image_files,
     image_extent,
     is_packed_volumes,
+    label_files_left_out,
     load_subjects,
     read_packed_volumes,
     split_subjects,
@@ -159,6 +160,10 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
             continue
         if Path(entry).is_dir():
             files[entry] = find_image_files(entry)
+            left_out = label_files_left_out(entry)
+            if left_out:
+                shown = ", ".join(p.name for p in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+                warnings.warn(f"{entry}: {len(left_out)} label file(s) left out of training by their names ({shown})", stacklevel=2)
         elif Path(entry).is_file():
             files[entry] = [Path(entry)]
         else:
