@@ -429,3 +429,18 @@ def test_a_volume_with_too_few_slices_is_left_out_with_a_warning_not_the_whole_r
     (folder / "subj01_4d.nii.gz").unlink()
     with pytest.warns(UserWarning), pytest.raises(InputError, match="no volume with 3 or more slices"):
         load_evaluation_subjects(config)
+
+
+def test_subjects_the_model_was_trained_on_are_flagged(tmp_path):
+    """Scores on a model's own training subjects are optimistic: the command line and the report say
+    which, from the training record in the model file."""
+    model = untrained_model("tiny")
+    model_file = save_model(tmp_path / "m.safetensors", model.config, model.vae, model.net, 1.0,
+                            {"training_data": {"train_subjects": ["phantom2000", "patient099"], "validation_subjects": ["phantom2001"]}})
+    config = EvaluationConfig(data=("phantom:2",), out_dir=str(tmp_path / "report"), model=str(model_file), methods=("linear", "calid"), tasks=(1,), steps=1, batch_size=32)
+    with pytest.warns(UserWarning, match=r"m\.safetensors was trained on 1 of the evaluated subjects \(phantom2000\): its scores on them are optimistic"):
+        results = evaluate(config, command="test")
+    assert results["trained_on_evaluated_subjects"] == {str(model_file): ["phantom2000"]}
+    assert f"**Not held out**: the model {model_file} was trained on 1 of these subjects (phantom2000)" in (tmp_path / "report" / "report.md").read_text()
+    held_out = EvaluationConfig(data=("phantom:2",), out_dir=str(tmp_path / "other"), model="untrained:tiny", methods=("linear", "calid"), tasks=(1,), steps=1, batch_size=32)
+    assert "trained_on_evaluated_subjects" not in evaluate(held_out, command="test")

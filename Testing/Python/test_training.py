@@ -532,6 +532,11 @@ def test_init_from_fine_tunes_a_trained_model(tmp_path):
     assert not torch.allclose(whole, output)  # the starting model's own output is another
     # a fine-tune with the starting model's own target keeps its output layer as it is
     assert not any("output layer" in note for note in tuned.resume_notes)
+    # validation subjects that the starting model learnt: said, since best.safetensors is chosen on them
+    learnt = trained.info["info"]["training_data"]["train_subjects"]
+    with pytest.warns(UserWarning, match=rf"the starting model was trained on 1 of this run's validation subjects \({learnt[0]}\)"):
+        Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "seen"), steps=2, vae_model=vae_file, init_from=str(base_model),
+                            **{**common, "val_subjects": (learnt[0],)}))
 
     # fine-tuning a CaLID file without --vae: its own autoencoder
     # (on other data: the denoiser keeps the latent scale it learnt, not one measured on the new data)

@@ -57,6 +57,7 @@ from calid.evaluation.figures import save_figure
 from calid.evaluation.methods import ALL_METHODS, METHODS, PIXEL_METHODS, STEP_SWEEP, TTA_METHODS  # noqa: F401 - re-exported
 from calid.evaluation.metrics import frechet_distance, psnr, segmentation_scores, ssim
 from calid.inference.pipeline import INVERSION_SLERP, UpsamplingPipeline, load_pipeline, parse_frames, seam_weight
+from calid.models.checkpoint import recorded_training_data
 from calid.models.config import ModelConfig, named_config
 
 SCHEMA = "calid-evaluation/1"
@@ -652,6 +653,15 @@ class Evaluation:
             "crop": _jsonable(asdict(self.preprocess_config)),
             "volumes": [{"volume": s.name, "subject": s.subject, "frames": s.frames, "labelled_frames": sorted(s.labels), "note": s.frame_note} for s in subjects],
         }
+        trained_on = self._evaluated_subjects_trained_on(subjects)
+        if trained_on:
+            results["trained_on_evaluated_subjects"] = trained_on
+            for name, names in trained_on.items():
+                warnings.warn(
+                    f"the model {name} was trained on {len(names)} of the evaluated subjects ({', '.join(names)}): its scores on them are optimistic; "
+                    f"evaluate on subjects it never saw (`calid info {name}` lists its validation subjects)",
+                    stacklevel=2,
+                )
         assumed_volumes = [s.name for s in subjects if s.assumed_spacing_mm is not None]
         if assumed_volumes:
             results["placeholder_spacing"] = {"assumed_mm": assumed_mm, "volumes": assumed_volumes}
@@ -678,6 +688,19 @@ class Evaluation:
         results["seconds"] = round(time.perf_counter() - started, 1)
         self._write(results, subjects, triplets, predictions)
         return results
+
+    def _evaluated_subjects_trained_on(self, subjects: list[EvalSubject]) -> dict[str, list[str]]:
+        """For each model of this run, the evaluated subjects its training recorded as training subjects."""
+        evaluated = {s.subject for s in subjects}
+        found: dict[str, list[str]] = {}
+        for pipeline, given in ((self.pipeline, self.config.model), (self.temporal_pipeline, self.config.temporal_model)):
+            if pipeline is None or pipeline.model is None:
+                continue
+            recorded = recorded_training_data(pipeline.model.info, "train_subjects")
+            overlap = sorted(evaluated & {str(s) for s in recorded}) if isinstance(recorded, list) else []
+            if overlap:
+                found[str(given or pipeline.name)] = overlap  # as the user named it (a file path, or the installed default)
+        return found
 
     # ------------------------------------------------------------------ task 1
     def _triplets(self, subject: EvalSubject) -> _Triplets:
@@ -1195,6 +1218,8 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         )
     if model.get("untrained"):
         lines += ["", "> **UNTRAINED MODEL**: these numbers only show that the harness runs; they say nothing about CaLID."]
+    for name, names in results.get("trained_on_evaluated_subjects", {}).items():
+        lines += ["", f"> **Not held out**: the model {name} was trained on {len(names)} of these subjects ({', '.join(names)}); its scores on them are optimistic."]
     for method, reason in results.get("skipped_methods", {}).items():
         lines.append(f"- `{method}` not evaluated: {reason}")
     if "task1" in results:

@@ -65,7 +65,7 @@ from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
 from calid.device import resolve_device
 from calid.errors import CalidError, InputError, TrainingDiverged
 from calid.atomic import atomic_path
-from calid.models.checkpoint import load_model, read_raw_header, save_model
+from calid.models.checkpoint import load_model, read_raw_header, recorded_training_data, save_model
 from calid.models.config import ModelConfig, named_config
 from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, apply_floor_snap, build_vae, calibrate_floor_snap, inflate_to_temporal
 from calid.models.registry import resolve_model, sha256_of
@@ -485,6 +485,16 @@ class Trainer:
         train_ids, val_ids = split_subjects([v.subject for v in volumes], config.val_fraction, config.seed, config.val_subjects)
         if resumed_extra is not None:
             self._refuse_trained_validation_subjects(resumed_extra, checkpoint, train_ids, val_ids)  # before registration and encoding
+        elif initial is not None:
+            # Fine-tuning: validation subjects the starting model learnt would choose best.safetensors on seen data.
+            learnt = recorded_training_data(initial.info, "train_subjects")
+            seen = sorted(set(val_ids) & {str(s) for s in learnt}) if isinstance(learnt, list) else []
+            if seen:
+                warnings.warn(
+                    f"--init-from {config.init_from}: the starting model was trained on {len(seen)} of this run's validation subjects ({', '.join(seen)}); "
+                    "their scores are optimistic and best.safetensors is chosen on them: hold out subjects it never saw (--val-subjects)",
+                    stacklevel=2,
+                )
         train_volumes = [v for v in volumes if v.subject in set(train_ids)]
         val_volumes = [v for v in volumes if v.subject in set(val_ids)]
         self.train_set: TripletDataset
