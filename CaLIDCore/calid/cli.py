@@ -355,7 +355,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         defaults = {model.path for model in (default_model(kind) for kind in {m.kind for m in models}) if model is not None}
         print("installed models:" if models else "no trained model is installed")
         for model in models:
-            print(f"  {model.name}{' (default)' if model.path in defaults else ''}: {model.description} [{model.path}]")
+            described = f": {model.description}" if model.description else f" ({'CaLID' if model.kind == 'calid' else model.kind} model, installed without a description)"
+            print(f"  {model.name}{' (default)' if model.path in defaults else ''}{described} [{model.path}]")
         folders = model_folders()
         print("searched folders: " + (", ".join(str(f) for f in folders) or "none exist") + " (add one with $CALID_MODEL_DIR)")
         missing = [entry for entry in os.environ.get("CALID_MODEL_DIR", "").split(os.pathsep) if entry.strip() and not Path(entry).expanduser().is_dir()]
@@ -960,6 +961,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         f"step {trainer.step} -> {config.steps}",
         flush=True,
     )
+    print(f"held out for validation: {_subject_list(trainer.subjects['validation'])}", flush=True)
     if trainer.step >= config.steps:
         print(f"the run is already at step {trainer.step} (--steps {config.steps}): nothing to train; give a larger --steps to continue")
         return 0
@@ -970,6 +972,14 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     else:
         print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'best.safetensors'}")
     return 0
+
+
+def _subject_list(subjects: Sequence[str]) -> str:
+    """``3 subjects (a, b, c)``; a long list shortened."""
+    if not subjects:
+        return "no subject"
+    shown = ", ".join(subjects[:15]) + (f", … ({len(subjects) - 15} more)" if len(subjects) > 15 else "")
+    return f"{len(subjects)} subject{'' if len(subjects) == 1 else 's'} ({shown})"
 
 
 def _say_taken(taken: list[str]) -> None:
@@ -1048,6 +1058,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"step {trainer.step} -> {config.steps}",
             flush=True,
         )
+        print(f"held out for validation: {_subject_list(trainer.data_description['validation_subjects'])}", flush=True)
         for note in trainer.resume_notes:
             print(f"note: {note}", flush=True)
         if trainer.latents_loaded:
@@ -1108,7 +1119,7 @@ def _cmd_pack(args: argparse.Namespace) -> int:
     slices = sum(v.data.shape[0] * v.data.shape[1] for v in volumes)
     assumed = sorted({v.assumed_spacing_mm for v in volumes if v.assumed_spacing_mm is not None})
     print(
-        f"packed {len(volumes)} volumes ({frames} frames, {slices} slices) for the {what} "
+        f"packed {len(volumes)} volume(s) ({frames} frames, {slices} slices) for the {what} "
         f"({preprocess.target_spacing_mm} mm pixels, {preprocess.crop_size} crops) into {out} ({out.stat().st_size / 2**20:.1f} MiB)"
     )
     if assumed:
@@ -1134,6 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_positive_int, help="DDIM steps (default: the model's, see calid info)")
     demo.add_argument("--model", help="model file or name for the CaLID modes (default: the installed model; untrained:tiny for random weights)")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda:N")
+    _add_threads_option(demo)
     demo.add_argument("--frames", type=lambda text: text, default=None, help="frames to upsample, e.g. 0,5-9 or all (default: end-diastole and end-systole)")
     demo.add_argument("--phantom-frames", type=int, default=20, help="frames of the phantom cine (default 20)")
     demo.add_argument("--seed", type=_seed, default=0, help="phantom and sampling seed (default 0)")
@@ -1153,6 +1165,7 @@ def build_parser() -> argparse.ArgumentParser:
     upsample.add_argument("--steps", type=_positive_int, help="DDIM steps per new slice (default: the model's validated count, see calid info)")
     upsample.add_argument("--model", help="model file or installed name (default: the installed default model; see calid info)")
     upsample.add_argument("--device", default="auto", help="auto (a GPU when present), cpu or cuda:N")
+    _add_threads_option(upsample)
     upsample.add_argument("--frames", help="frames to upsample, e.g. 0,5-9; -1 is the last; a list starting with a minus sign needs the = form: --frames=-2,-1 (default: all)")
     upsample.add_argument("--seed", type=_seed, default=0, help="seed of the starting noise (default 0)")
     upsample.add_argument(
@@ -1190,6 +1203,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cmd.add_argument("output", help="label file (uint8: 1 RV cavity, 2 LV myocardium, 3 LV cavity)")
     segment_cmd.add_argument("--model", help="segmentation model file or name (default: the installed one)")
     segment_cmd.add_argument("--device", default="auto")
+    _add_threads_option(segment_cmd)
     segment_cmd.add_argument("--frames", help="frames to segment, e.g. 0,5-9 (default: all)")
     segment_cmd.add_argument("--series", help="DICOM: the series to read when the folder holds several: a number, UID or part of its description, or several (7,8,9) holding one slice each")
     segment_cmd.add_argument("--overwrite", action="store_true", help="replace an existing output file (refused by default: it may hold labels corrected by hand)")
@@ -1214,6 +1228,7 @@ def build_parser() -> argparse.ArgumentParser:
     lax.add_argument("--plane-ras", metavar="C;N;U", help="one plane from its centre, normal and in-plane axis, each R,A,S (directions in RAS too)")
     lax.add_argument("--acquired-lax", help="an acquired long-axis cine: report PSNR / SSIM / NCC of each stack on its plane")
     lax.add_argument("--device", default="auto")
+    _add_threads_option(lax)
     lax.add_argument("--overwrite", action="store_true", help="replace an earlier run's views in --out")
     lax.set_defaults(handler=_cmd_lax)
 
@@ -1316,6 +1331,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--cache-dir", help="preprocessed-data cache, shareable between runs on the same data (default: OUT/cache)")
     train.add_argument("--latent-cache-mb", type=int, default=2048, help="ldm: memory for the training slices' latents, each encoded once and also kept on disk in the cache folder for later runs (0: encode every step)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _add_threads_option(train)
     train.add_argument("--init-from", metavar="MODEL", help="fine-tune: start from this model file's weights (vae: a VAE or CaLID file; ldm: a CaLID file, e.g. an installed model's file, whose denoiser architecture the run keeps; not used with --resume)")
     train.add_argument("--lpips-weights", help="AlexNet weights for the perceptual loss (else $CALID_LPIPS_WEIGHTS or a download)")
     train.add_argument("--perceptual-weight", type=float, default=0.002)
@@ -1365,7 +1381,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--baseline-steps", type=int, default=50, help="DDIM steps of the inversion-slerp baseline (inversion and decoding)")
     evaluate_cmd.add_argument("--frames", default="labelled", help="labelled (frames with labels), all, or a selection like 0,5-9")
     evaluate_cmd.add_argument("--labels", help="folder of SUBJECT_frameNN_gt label files (ACDC layout; default: beside each image)")
-    evaluate_cmd.add_argument("--subjects", help="only these subjects, e.g. patient061..patient070 or patient061,patient065")
+    evaluate_cmd.add_argument("--subjects", help="only these subjects, e.g. patient061..patient070 or patient061,patient065; "
+                              "held-out: those the model's training held out for validation (recorded in the model file)")
     evaluate_cmd.add_argument("--tasks", default="1,2,3,4", help="1 interpolation, 2 DDIM steps, 3 segmentation, 4 phantoms")
     evaluate_cmd.add_argument("--sweep-steps", default=",".join(map(str, STEP_SWEEP)), help="task 2 step counts")
     evaluate_cmd.add_argument("--sweep-slices", type=int, default=16, help="task 2 slices")
@@ -1381,6 +1398,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_cmd.add_argument("--seed", type=_seed, default=0)
     evaluate_cmd.add_argument("--batch-size", type=_positive_int, default=16)
     evaluate_cmd.add_argument("--device", default="auto")
+    _add_threads_option(evaluate_cmd)
     evaluate_cmd.add_argument("--quiet", action="store_true", help="no progress messages")
     evaluate_cmd.set_defaults(handler=_cmd_evaluate)
 
@@ -1412,6 +1430,24 @@ def _join_coordinate_values(argv: Sequence[str]) -> list[str]:
     return out
 
 
+def _add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads", type=int, default=None, metavar="N",
+        help="CPU threads for the networks (default: PyTorch's, one per core); on a machine shared with other jobs, fewer threads "
+        "than cores avoid threads waiting on each other, which can make CPU work many times slower",
+    )
+
+
+def _use_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise InputError("--threads", f"must be 1 or more, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     words = _join_coordinate_values(sys.argv[1:] if argv is None else argv)
@@ -1425,6 +1461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.showwarning = one_line_warning
     try:
+        _use_threads(getattr(args, "threads", None))
         return int(args.handler(args))
     except BrokenPipeError:  # the reader stopped early (calid info | head): no traceback, and the status of a process the pipe ended
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

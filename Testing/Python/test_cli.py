@@ -212,3 +212,15 @@ def test_an_upsampled_dicom_series_says_how_it_was_made_and_the_command_says_it_
     left = left.with_data(left.data, direction=left.direction * [1, 1, -1])
     converted = run_calid("convert", str(write_stack(left, tmp_path / "left.nii.gz")), str(tmp_path / "left_dicom"))
     assert converted.returncode == 0 and "stores the slices in reverse order" in converted.stderr
+
+
+def test_threads_option_sets_the_cpu_threads_the_summary_reports(tmp_path):
+    """On a machine shared with other jobs, fewer threads than cores keep CPU work from stalling."""
+    source = write_stack(oblique_stack(frames=1, slices=3), tmp_path / "in.nii.gz")
+    one = run_calid("upsample", str(source), str(tmp_path / "one.nii.gz"), "--factor", "2", "--mode", "linear", "--device", "cpu", "--threads", "1")
+    assert one.returncode == 0 and "on cpu (1 thread):" in one.stdout, one.stdout + one.stderr
+    two = run_calid("upsample", str(source), str(tmp_path / "two.nii.gz"), "--factor", "2", "--mode", "linear", "--device", "cpu", "--threads", "2")
+    assert two.returncode == 0 and "on cpu (2 threads):" in two.stdout
+    none = run_calid("upsample", str(source), str(tmp_path / "none.nii.gz"), "--mode", "linear", "--threads", "0")
+    assert none.returncode == 2 and "--threads: must be 1 or more, got 0" in none.stderr
+    assert not (tmp_path / "none.nii.gz").exists()

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -444,3 +445,8 @@ def test_subjects_the_model_was_trained_on_are_flagged(tmp_path):
     assert f"**Not held out**: the model {model_file} was trained on 1 of these subjects (phantom2000)" in (tmp_path / "report" / "report.md").read_text()
     held_out = EvaluationConfig(data=("phantom:2",), out_dir=str(tmp_path / "other"), model="untrained:tiny", methods=("linear", "calid"), tasks=(1,), steps=1, batch_size=32)
     assert "trained_on_evaluated_subjects" not in evaluate(held_out, command="test")
+    # --subjects held-out: the subjects the model file records as its validation subjects
+    recorded = evaluate(replace(config, out_dir=str(tmp_path / "held-out"), subjects=("held-out",)), command="test")
+    assert recorded["subjects"] == ["phantom2001"] and "trained_on_evaluated_subjects" not in recorded
+    with pytest.raises(InputError, match="held-out: the model untrained:tiny records no validation subjects"):
+        evaluate(replace(held_out, out_dir=str(tmp_path / "none"), subjects=("held-out",)), command="test")

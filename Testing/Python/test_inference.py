@@ -314,7 +314,11 @@ def test_models_by_name_with_checksum_and_default(tmp_path, tiny_model_file, mon
     assert card.returncode == 0, card.stderr
     assert "configuration   tiny" in card.stdout and "A card for the test model." in card.stdout and "none (test)" in card.stdout
     listing = run_calid("info", env={**os.environ, MODEL_DIR_ENV: str(folder)})
-    assert "calid-test (default)" in listing.stdout
+    assert "calid-test (default): test [" in listing.stdout
+    registry["models"][0]["description"] = ""  # installed without one: said, not an empty field
+    (folder / "registry.json").write_text(json.dumps(registry))
+    listing = run_calid("info", env={**os.environ, MODEL_DIR_ENV: str(folder)})
+    assert "calid-test (default) (CaLID model, installed without a description) [" in listing.stdout
     target.write_bytes(target.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(InputError, match="damaged"):
         load_pipeline("calid-test")

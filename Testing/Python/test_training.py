@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -12,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from calid.data.io import write_stack
+from calid.data.phantom import PhantomConfig, make_phantom
 from calid.errors import InputError
 from calid.models import build_vae, load_model, named_config, save_model
 from calid.models.checkpoint import read_raw_header
@@ -167,7 +170,7 @@ def test_training_from_a_packed_data_file(tmp_path):
     pack = tmp_path / "phantoms.npz"
     done = subprocess.run(_calid("pack", "--data", "phantom:3", "--config", "tiny", "--out", str(pack)), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert "packed 3 volumes" in done.stdout
+    assert "packed 3 volume(s)" in done.stdout
     again = subprocess.run(_calid("pack", "--data", "phantom:3", "--config", "tiny", "--out", str(pack)), capture_output=True, text=True, timeout=600)
     assert again.returncode == 2 and "--overwrite" in again.stderr
     from_images = gather_volumes(("phantom:3",), named_config("tiny"), tmp_path / "cache")
@@ -762,6 +765,8 @@ def test_resume_alone_continues_the_run_with_its_own_options(tmp_path, capsys):
     assert main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "3", "--validate-every", "7", "--resume"]) == 0
     said = capsys.readouterr().out
     assert "resuming with the run's own" in said and "--warmup 1" in said and "--config tiny" in said and "--transposes," in said
+    held_out = read_raw_header(out / "model.safetensors")["info"]["training_data"]["validation_subjects"]
+    assert f"held out for validation: {len(held_out)} subject{'s' if len(held_out) > 1 else ''} ({', '.join(held_out)})" in said
     assert [line for line in said.splitlines() if line.startswith("note:")] == ["note: steps: 2 in the checkpoint, 3 from now on"]  # only what was given
     saved = read_training_extra(out / "checkpoints" / "last.safetensors")
     assert saved["step"] == 3
@@ -783,15 +788,22 @@ def test_the_training_script_trains_both_stages_resumes_and_keeps_the_vae_once_t
         pytest.skip("the VAE's validation needs the LPIPS weights (../shared/weights) and this machine has no copy")
     script = Path(__file__).resolve().parents[2] / "docs" / "training" / "train_small.sh"
     out = tmp_path / "run"
+    cines = tmp_path / "cines"  # a researcher's own folder of cines: trained on, and scored on the subject it held out
+    cines.mkdir()
+    for seed in range(3):
+        write_stack(make_phantom(1000 + seed, PhantomConfig(n_frames=4, matrix=48, pixel_spacing_mm=3.5)).sparse, cines / f"case{seed}_4d.nii.gz")
     env = {
-        **os.environ, "DATA": "phantom:3", "OUT": str(out), "CONFIG": "tiny", "VAL_SUBJECTS": "", "CALID": f"{sys.executable} -m calid",
+        **os.environ, "DATA": str(cines), "OUT": str(out), "CONFIG": "tiny", "CALID": f"{sys.executable} -m calid",
         "VAE_MINUTES": "5", "LDM_MINUTES": "5", "VAE_ARGS": "--steps 2 --batch-size 2 --validate-every 2",
-        "LDM_ARGS": "--steps 2 --batch-size 2 --validate-every 2", "EVAL_DATA": "phantom:1",
+        "LDM_ARGS": "--steps 2 --batch-size 2 --validate-every 2", "EVAL_DATA": str(cines),
     }
+    env.pop("VAL_SUBJECTS", None)
     first = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert load_model(out / "ldm" / "best.safetensors").net is not None
-    assert (out / "evaluation" / "report.md").is_file()
+    model = load_model(out / "ldm" / "best.safetensors")
+    assert model.net is not None
+    held_out = model.info["info"]["training_data"]["validation_subjects"]
+    assert json.loads((out / "evaluation" / "results.json").read_text())["subjects"] == held_out and len(held_out) == 1
     vae_before = (out / "vae" / "best.safetensors").read_bytes()
     again = subprocess.run(["bash", str(script)], env={**env, "VAE_ARGS": "--steps 4", "LDM_ARGS": "--steps 3", "EVAL_DATA": ""},
                            capture_output=True, text=True, timeout=900)

@@ -2,7 +2,7 @@
 # Train a CaLID model (the VAE, then the interpolation denoiser) within fixed time budgets, and
 # score it on the held-out subjects: the recipe of docs/training/README.md in one command.
 #
-#   DATA=acdc-small.npz OUT=runs/small VAE_MINUTES=60 LDM_MINUTES=120 bash docs/training/train_small.sh
+#   DATA=acdc-small.npz OUT=runs/small VAL_SUBJECTS=acdc VAE_MINUTES=60 LDM_MINUTES=120 bash docs/training/train_small.sh
 #
 # DATA        a `calid pack` file or a folder of cines (required)
 # OUT         the run folder (required); run again with the same OUT, each stage resumes from
@@ -10,10 +10,11 @@
 #             until the denoiser has started: the denoiser learns that VAE's latents)
 # VAE_MINUTES, LDM_MINUTES   time budgets (default 60, 120)
 # CONFIG      model size (default small)
-# VAL_SUBJECTS  held-out subjects, never trained on (default: the 13 of docs/training; empty:
-#             a random tenth of the subjects)
-# EVAL_DATA   cines to score the model on (task 1 of calid evaluate, on VAL_SUBJECTS), with
-#             EVAL_LABELS their label folder (ACDC layout); left out, the evaluation is skipped
+# VAL_SUBJECTS  held-out subjects, never trained on, comma-separated (default: a random tenth of
+#             the subjects, recorded in the model files); VAL_SUBJECTS=acdc holds out the 13 ACDC
+#             subjects of docs/training (patient011, 017, 019 and 061-070)
+# EVAL_DATA   cines to score the model on (task 1 of calid evaluate, on the subjects the model
+#             held out), with EVAL_LABELS their label folder (ACDC layout); left out, the evaluation is skipped
 # VAE_ARGS, LDM_ARGS   more options for each stage, also when resuming (e.g. "--steps 40000")
 # CALID       how to call calid (default: calid); NPROC > 1 trains on that many GPUs (torchrun)
 # CALID_LPIPS_WEIGHTS  a local copy of the LPIPS AlexNet weights, on a machine without internet
@@ -24,7 +25,9 @@ set -euo pipefail
 VAE_MINUTES=${VAE_MINUTES:-60}
 LDM_MINUTES=${LDM_MINUTES:-120}
 CONFIG=${CONFIG:-small}
-VAL_SUBJECTS=${VAL_SUBJECTS-patient011,patient017,patient019,patient061,patient062,patient063,patient064,patient065,patient066,patient067,patient068,patient069,patient070}
+ACDC_VAL_SUBJECTS=patient011,patient017,patient019,patient061,patient062,patient063,patient064,patient065,patient066,patient067,patient068,patient069,patient070
+VAL_SUBJECTS=${VAL_SUBJECTS:-}
+if [ "$VAL_SUBJECTS" = acdc ]; then VAL_SUBJECTS=$ACDC_VAL_SUBJECTS; fi
 read -r -a CALID_COMMAND <<< "${CALID:-calid}"
 NPROC=${NPROC:-1}
 read -r -a VAE_EXTRA <<< "${VAE_ARGS:-}"
@@ -62,8 +65,9 @@ train ldm "$OUT/ldm" "$LDM_MINUTES" LDM_EXTRA --vae "$OUT/vae/best.safetensors" 
     --concat-neighbour-latents --prediction sample --condition-dropout 0.1
 
 if [ -n "${EVAL_DATA:-}" ]; then
-    EVAL_OPTIONS=(--data "$EVAL_DATA" --model "$OUT/ldm/best.safetensors" --tasks 1 --methods linear,registration,latent-linear,calid,calid+ --out "$OUT/evaluation")
-    if [ -n "$VAL_SUBJECTS" ]; then EVAL_OPTIONS+=(--subjects "$VAL_SUBJECTS"); fi
+    # Scored on the subjects the model file records as held out (whatever split made it).
+    EVAL_OPTIONS=(--data "$EVAL_DATA" --model "$OUT/ldm/best.safetensors" --tasks 1 --methods linear,registration,latent-linear,calid,calid+
+                  --subjects held-out --out "$OUT/evaluation")
     if [ -n "${EVAL_LABELS:-}" ]; then EVAL_OPTIONS+=(--labels "$EVAL_LABELS"); fi
     "${CALID_COMMAND[@]}" evaluate "${EVAL_OPTIONS[@]}"
 fi

@@ -66,6 +66,9 @@ TABLES = {"task1": "task1_per_subject.csv", "task3": "task3_per_subject.csv", "t
 FIGURES = ("steps.png", "examples.png", "temporal_xt.png")
 STRUCTURES = {1: "RV cavity", 2: "LV myocardium", 3: "LV cavity"}
 IMAGE_METRICS = ("psnr", "ssim", "lpips")
+#: ``--subjects held-out``: the validation subjects recorded in the model file.
+HELD_OUT = "held-out"
+
 #: Dimension of the AlexNet conv5 features of the Fréchet distance: fewer slices than this give
 #: rank-deficient covariances (a biased, sometimes unstable estimate).
 FRECHET_FEATURES = 256
@@ -97,7 +100,8 @@ class EvaluationConfig:
         frames: ``labelled`` (frames with ground-truth labels, else the first frame),
             ``all``, or a selection such as ``0,5-9``.
         labels: folder of ``SUBJECT_frameNN_gt`` label files (ACDC layout, NN from 1).
-        subjects: only these subject ids (``patient061..patient070`` ranges allowed).
+        subjects: only these subject ids (``patient061..patient070`` ranges allowed), or
+            ``("held-out",)``: the validation subjects the model's training recorded.
         tasks: which of 1-4 to run.
         sweep_steps / sweep_slices: Task 2 step counts and number of slices.
         phantoms / factor: Task 4 subjects and upsampling factor (2, 4 or 8).
@@ -633,6 +637,8 @@ class Evaluation:
         if out_dir.exists() and not out_dir.is_dir():
             raise InputError(out_dir, "exists and is not a folder; --out needs a folder for the report")
         started = time.perf_counter()
+        if config.subjects is not None and [s.strip().lower() for s in config.subjects] == [HELD_OUT]:
+            config = self.config = replace(config, subjects=tuple(self._held_out_subjects()))
         assumed_mm = self._placeholder_spacing_mm()
         subjects = load_evaluation_subjects(config, assumed_mm) if set(config.tasks) & {1, 2, 3} or config.temporal_model else []
         self.perceptual = PerceptualMetrics(config.lpips_weights) if 1 in config.tasks or 2 in config.tasks else None
@@ -688,6 +694,15 @@ class Evaluation:
         results["seconds"] = round(time.perf_counter() - started, 1)
         self._write(results, subjects, triplets, predictions)
         return results
+
+    def _held_out_subjects(self) -> list[str]:
+        """``--subjects held-out``: the validation subjects the model's training recorded (never trained on)."""
+        model = self.pipeline.model
+        recorded = recorded_training_data(model.info, "validation_subjects") if model is not None else None
+        if not isinstance(recorded, list) or not recorded:
+            what = f"the model {self.config.model or self.pipeline.name} records no validation subjects" if model is not None else "no model is evaluated"
+            raise InputError("--subjects", f"{HELD_OUT}: {what}; name the subjects instead")
+        return [str(subject) for subject in recorded]
 
     def _evaluated_subjects_trained_on(self, subjects: list[EvalSubject]) -> dict[str, list[str]]:
         """For each model of this run, the evaluated subjects its training recorded as training subjects."""
@@ -1200,7 +1215,7 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         if model["model"] not in PIXEL_METHODS else "- Model: none (the methods evaluated need no model)",
         f"- Device: {model['device']}",
         f"- Subjects: {len(results['subjects'])} ({', '.join(results['subjects'][:13])}{', …' if len(results['subjects']) > 13 else ''}); "
-        f"{len(results['volumes'])} volumes, {sum(len(v['frames']) for v in results['volumes'])} frames",
+        f"{_counted(len(results['volumes']), 'volume')}, {_counted(sum(len(v['frames']) for v in results['volumes']), 'frame')}",
         f"- DDIM steps: {results['steps']} (inversion-slerp: {results['config']['baseline_steps']}); seed {results['config']['seed']}",
         "- Means over subjects with 95 % confidence intervals (Student t, clipped to the range of the metric, e.g. Dice at most 1) in brackets.",
     ]
@@ -1309,3 +1324,8 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
 def evaluate(config: EvaluationConfig, progress: ProgressFn | None = None, command: str | None = None) -> dict[str, Any]:
     """Run the evaluation of ``config`` and write its report; returns the results (as in results.json)."""
     return Evaluation(config, progress, command).run()
+
+
+def _counted(count: int, noun: str) -> str:
+    """``1 volume``, ``3 volumes``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
