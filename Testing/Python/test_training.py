@@ -398,6 +398,11 @@ def test_two_process_ddp_on_cpu(tmp_path):
     limited = torchrun_calid(*vae_common, "--steps", "50", "--validate-every", "100", "--resume", "--time-limit", "0.0001")
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert "stopped at step 3 of 50 (time limit of 0.0001 min)" in limited.stdout
+    # a new run stopped before its first validation: every process validates once (no hang), and best.safetensors exists
+    fresh = torchrun_calid("vae", "--data", "phantom:3", "--out", str(tmp_path / "ddp_fresh"), "--config", "tiny", "--batch-size", "2", "--perceptual-weight", "0",
+                           "--val-fraction", "0.34", "--steps", "50", "--validate-every", "100", "--time-limit", "0.0001")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert read_raw_header(tmp_path / "ddp_fresh" / "best.safetensors")["info"]["step"] == 1
 
 
 def _logged_losses_of_rank(rank: int, store_file: str, results: str) -> None:

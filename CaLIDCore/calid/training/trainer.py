@@ -576,6 +576,7 @@ class Trainer:
         self.step = 0
         self._floor_snap_step: tuple[int, float] = (-1, 0.0)  # (step, value) of the last VAE floor calibration
         self.best_psnr = -math.inf
+        self.validated_this_session = False
         self.stop_requested = False
         self.time_limit_reached = False
         self.non_finite_in_a_row = 0
@@ -1115,7 +1116,8 @@ class Trainer:
             if self.stop_requested and self.is_main:
                 why = f"time limit of {cfg.time_limit_minutes:g} min reached" if self.time_limit_reached else "stop requested"
                 progress.write(f"{why}: saving a checkpoint at step {self.step}; continue with --resume")
-            if self.stop_requested and self.best_psnr == -math.inf and self.step % cfg.validate_every != 0:
+            # (The same on every process: best_psnr changes only on the main one, and only once one has validated.)
+            if self.stop_requested and not self.validated_this_session and self.best_psnr == -math.inf and self.step % cfg.validate_every != 0:
                 # Stopped before any validation of this run: validate once, so that best.safetensors (what the
                 # next stage and `calid install` take) exists with its metrics.
                 if self.is_main:
@@ -1129,6 +1131,7 @@ class Trainer:
         return metrics
 
     def _validate_and_export(self, val_path: Path) -> dict[str, float]:
+        self.validated_this_session = True  # on every process (best_psnr is the main process's)
         metrics = self.validate() if self.is_main else {}
         if self.is_main and metrics:
             _append_csv(val_path, {"step": self.step, **metrics})
