@@ -309,6 +309,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     stack = read_stack(source, series=args.series)
     if not args.quiet:
         _print_reading_note(stack)
+    label_warning = _warn_if_labels(stack)  # now, before a run of minutes (the record repeats it)
     frames = parse_frames(args.frames, stack.n_frames)
     if frames is not None and parse_frames(args.frames, stack.n_frames, as_given=True) != frames:
         print(f"note: --frames {args.frames}: the frames are taken in the cine's order, each once: {', '.join(map(str, frames))}", file=sys.stderr)
@@ -341,8 +342,9 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
         f"{dense.n_frames} frame(s), {how}, {time.perf_counter() - started:.1f} s on {pipeline.describe()['device']}: {target}",
         file=sys.stderr if args.progress == "json" else sys.stdout,  # --progress json: stdout holds JSON lines only
     )
-    if "warning" in info:
-        print(f"WARNING: {info['warning']}", file=sys.stderr)
+    remaining = [part for part in info.get("warning", "").split(" | ") if part and part != label_warning]
+    if remaining:
+        print(f"WARNING: {' | '.join(remaining)}", file=sys.stderr)
     return 0
 
 
@@ -706,12 +708,14 @@ def _note_if_dicom(target: Any, stack: Any) -> None:
                   "the same anatomy at the same positions, read back with slice 0 where the input had its last", file=sys.stderr)
 
 
-def _warn_if_labels(stack: Any) -> None:
+def _warn_if_labels(stack: Any) -> str | None:
+    """Print (and return) the warning for a label map given where an image is expected."""
     from calid.data.stack import label_map_warning
 
     warning = label_map_warning(stack)
     if warning:
         print(f"WARNING: {warning}", file=sys.stderr)
+    return warning
 
 
 def _print_reading_note(stack: Any) -> None:

@@ -142,6 +142,7 @@ def test_a_label_map_given_as_the_image_is_flagged(tmp_path, labels):
     source = write_stack(labels, tmp_path / "seg.nii.gz", dtype="uint8")
     result = run_calid("upsample", str(source), str(tmp_path / "x2.nii.gz"), "--mode", "linear", "--factor", "2", "--quiet")
     assert result.returncode == 0 and "holds only the values 0-3: is it a label map" in result.stderr
+    assert result.stderr.count("is it a label map") == 1  # said before the run (minutes with a model), not again after it
     image = write_stack(oblique_stack(frames=1), tmp_path / "image.nii.gz")
     fine = run_calid("upsample", str(image), str(tmp_path / "image_x2.nii.gz"), "--mode", "linear", "--factor", "2", "--quiet")
     assert fine.returncode == 0 and "label map" not in fine.stderr

@@ -434,19 +434,31 @@ def test_a_volume_with_too_few_slices_is_left_out_with_a_warning_not_the_whole_r
 
 def test_subjects_the_model_was_trained_on_are_flagged(tmp_path):
     """Scores on a model's own training subjects are optimistic: the command line and the report say
-    which, from the training record in the model file."""
+    which, from the training record in the model file (a fine-tune's starting model's subjects too)."""
     model = untrained_model("tiny")
-    model_file = save_model(tmp_path / "m.safetensors", model.config, model.vae, model.net, 1.0,
-                            {"training_data": {"train_subjects": ["phantom2000", "patient099"], "validation_subjects": ["phantom2001"]}})
-    config = EvaluationConfig(data=("phantom:2",), out_dir=str(tmp_path / "report"), model=str(model_file), methods=("linear", "calid"), tasks=(1,), steps=1, batch_size=32)
+
+    def model_file(name, training_data):
+        return save_model(tmp_path / f"{name}.safetensors", model.config, model.vae, model.net, 1.0, {"training_data": training_data})
+
+    trained = model_file("m", {"train_subjects": ["phantom2000", "patient099"], "validation_subjects": ["phantom2001", "phantom2005"]})
+    config = EvaluationConfig(data=("phantom:2",), out_dir=str(tmp_path / "report"), model=str(trained), methods=("linear", "calid"), tasks=(1,), steps=1, batch_size=32)
     with pytest.warns(UserWarning, match=r"m\.safetensors was trained on 1 of the evaluated subjects \(phantom2000\): its scores on them are optimistic"):
         results = evaluate(config, command="test")
-    assert results["trained_on_evaluated_subjects"] == {str(model_file): ["phantom2000"]}
-    assert f"**Not held out**: the model {model_file} was trained on 1 of these subjects (phantom2000)" in (tmp_path / "report" / "report.md").read_text()
+    assert results["trained_on_evaluated_subjects"] == {str(trained): ["phantom2000"]}
+    assert f"**Not held out**: the model {trained} was trained on 1 of these subjects (phantom2000)" in (tmp_path / "report" / "report.md").read_text()
     held_out = EvaluationConfig(data=("phantom:2",), out_dir=str(tmp_path / "other"), model="untrained:tiny", methods=("linear", "calid"), tasks=(1,), steps=1, batch_size=32)
     assert "trained_on_evaluated_subjects" not in evaluate(held_out, command="test")
-    # --subjects held-out: the subjects the model file records as its validation subjects
-    recorded = evaluate(replace(config, out_dir=str(tmp_path / "held-out"), subjects=("held-out",)), command="test")
+    # --subjects held-out: the model's recorded validation subjects that the data hold (the others named)
+    with pytest.warns(UserWarning, match=r"1 of the model's 2 held-out subjects are not in the data, and are not scored: phantom2005"):
+        recorded = evaluate(replace(config, out_dir=str(tmp_path / "held-out"), subjects=("held-out",)), command="test")
     assert recorded["subjects"] == ["phantom2001"] and "trained_on_evaluated_subjects" not in recorded
+    with pytest.raises(InputError, match=r"holds none of the model's held-out subjects \(phantom2001, phantom2005\)"):
+        evaluate(replace(config, data=("phantom:1",), out_dir=str(tmp_path / "none-there"), subjects=("held-out",)), command="test")
     with pytest.raises(InputError, match="held-out: the model untrained:tiny records no validation subjects"):
         evaluate(replace(held_out, out_dir=str(tmp_path / "none"), subjects=("held-out",)), command="test")
+    # a fine-tune: the subjects its starting model learnt count as seen, and are not "held out"
+    tuned = model_file("tuned", {"train_subjects": ["patient099"], "validation_subjects": ["phantom2000", "phantom2001"],
+                                 "initialised_from": {"file": "m.safetensors", "train_subjects": ["phantom2000"]}})
+    with pytest.warns(UserWarning, match=r"tuned\.safetensors was trained on 1 of the evaluated subjects \(phantom2000\)"):
+        evaluate(replace(config, model=str(tuned), out_dir=str(tmp_path / "tuned")), command="test")
+    assert evaluate(replace(config, model=str(tuned), out_dir=str(tmp_path / "tuned-held-out"), subjects=("held-out",)), command="test")["subjects"] == ["phantom2001"]

@@ -330,6 +330,8 @@ def test_models_by_name_with_checksum_and_default(tmp_path, tiny_model_file, mon
         load_pipeline(str(tmp_path / "model.safetensors"))
     with pytest.raises(InputError, match=r"model file not found \(the folder .*runs.* does not exist\)"):
         load_pipeline(str(tmp_path / "runs" / "best"))
+    with pytest.raises(InputError, match=r"models: is a folder; give the model file in it \(calid-test\.safetensors\)"):
+        load_pipeline(str(folder))
 
 
 def test_no_installed_model_gives_a_clear_message(monkeypatch, tmp_path, capsys):

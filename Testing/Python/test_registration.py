@@ -3,6 +3,8 @@ and its quality on real held-out ACDC cines."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -220,3 +222,18 @@ def test_registration_beats_linear_interpolation_on_held_out_acdc_cines(subject)
     linear = unit(0.5 * (stack.data[0, [n - 1 for n in interior]] + stack.data[0, [n + 1 for n in interior]]))
     assert psnr(registered, truth).mean() > psnr(linear, truth).mean() + 0.5
     assert ssim(registered, truth).mean() > ssim(linear, truth).mean() + 0.04
+
+
+def test_registration_threads_follow_the_cpu_thread_limit():
+    """--threads (torch.set_num_threads) also limits the registration's threads: on a shared machine
+    one thread per core would stall as the networks' threads would."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert registration._cores() == 1
+        torch.set_num_threads(64)
+        assert 1 <= registration._cores() <= (os.cpu_count() or 1)
+    finally:
+        torch.set_num_threads(before)

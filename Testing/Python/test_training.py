@@ -517,6 +517,8 @@ def test_init_from_fine_tunes_a_trained_model(tmp_path):
     tuned.fit()
     exported = load_model(tmp_path / "tuned" / "model.safetensors")
     assert exported.info["info"]["training_data"]["initialised_from"]["file"] == "model.safetensors"
+    # the subjects the starting model learnt are recorded, so that an evaluation can tell what the fine-tune has seen
+    assert exported.info["info"]["training_data"]["initialised_from"]["train_subjects"] == sorted(trained.info["info"]["training_data"]["train_subjects"])
     assert not all(torch.equal(v, start[k]) for k, v in exported.net.state_dict().items())  # it trained
 
     # a run that predicts the correction to the neighbours' mean, started from this whole-latent model:

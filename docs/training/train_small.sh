@@ -10,7 +10,7 @@
 #             until the denoiser has started: the denoiser learns that VAE's latents)
 # VAE_MINUTES, LDM_MINUTES   time budgets (default 60, 120)
 # CONFIG      model size (default small)
-# VAL_SUBJECTS  held-out subjects, never trained on, comma-separated (default: a random tenth of
+# VAL_SUBJECTS  held-out subjects, never trained on, comma-separated (default: a random 15 % of
 #             the subjects, recorded in the model files); VAL_SUBJECTS=acdc holds out the 13 ACDC
 #             subjects of docs/training (patient011, 017, 019 and 061-070)
 # EVAL_DATA   cines to score the model on (task 1 of calid evaluate, on the subjects the model

@@ -57,7 +57,7 @@ from calid.evaluation.figures import save_figure
 from calid.evaluation.methods import ALL_METHODS, METHODS, PIXEL_METHODS, STEP_SWEEP, TTA_METHODS  # noqa: F401 - re-exported
 from calid.evaluation.metrics import frechet_distance, psnr, segmentation_scores, ssim
 from calid.inference.pipeline import INVERSION_SLERP, UpsamplingPipeline, load_pipeline, parse_frames, seam_weight
-from calid.models.checkpoint import recorded_training_data
+from calid.models.checkpoint import recorded_training_data, subjects_learnt
 from calid.models.config import ModelConfig, named_config
 
 SCHEMA = "calid-evaluation/1"
@@ -254,10 +254,11 @@ def _read_labels(image: Path, stack: CineStack, config: EvaluationConfig, subjec
     return labels
 
 
-def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: float | None = None) -> list[EvalSubject]:
+def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: float | None = None, held_out: Sequence[str] | None = None) -> list[EvalSubject]:
     """The volumes of ``config.data`` (files, folders, ``phantom:N``), filtered by subject and with their labels.
 
-    Files saved without geometry are given ``placeholder_spacing_mm`` pixels when it is set."""
+    Files saved without geometry are given ``placeholder_spacing_mm`` pixels when it is set. ``held_out``
+    (``--subjects held-out``: a model's validation subjects) keeps those of them the data hold."""
     entries: list[tuple[str, Path | None, Phantom | None]] = []
     for entry in config.data:
         if entry.startswith("phantom:"):
@@ -272,7 +273,15 @@ def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: f
             entries.append((subject_id(entry), Path(entry), None))
         else:
             raise InputError(entry, "evaluation data not found (a file, a folder or phantom:N)")
-    if config.subjects:
+    if held_out is not None:
+        available = {name for name, _, _ in entries}
+        missing = [s for s in held_out if s not in available]
+        if len(missing) == len(held_out):
+            raise InputError(", ".join(config.data), f"holds none of the model's held-out subjects ({', '.join(held_out)})")
+        if missing:
+            warnings.warn(f"{len(missing)} of the model's {len(held_out)} held-out subjects are not in the data, and are not scored: {', '.join(missing)}", stacklevel=2)
+        entries = [e for e in entries if e[0] in set(held_out)]
+    elif config.subjects:
         keep = set(expand_subjects(config.subjects, [name for name, _, _ in entries]))
         entries = [e for e in entries if e[0] in keep]
     if not entries:
@@ -637,10 +646,11 @@ class Evaluation:
         if out_dir.exists() and not out_dir.is_dir():
             raise InputError(out_dir, "exists and is not a folder; --out needs a folder for the report")
         started = time.perf_counter()
+        held_out = None
         if config.subjects is not None and [s.strip().lower() for s in config.subjects] == [HELD_OUT]:
-            config = self.config = replace(config, subjects=tuple(self._held_out_subjects()))
+            held_out = self._held_out_subjects()
         assumed_mm = self._placeholder_spacing_mm()
-        subjects = load_evaluation_subjects(config, assumed_mm) if set(config.tasks) & {1, 2, 3} or config.temporal_model else []
+        subjects = load_evaluation_subjects(config, assumed_mm, held_out) if set(config.tasks) & {1, 2, 3} or config.temporal_model else []
         self.perceptual = PerceptualMetrics(config.lpips_weights) if 1 in config.tasks or 2 in config.tasks else None
         triplets = {s.name: self._triplets(s) for s in subjects}
         # Only once the inputs have been read: a bad input leaves no empty report folder behind.
@@ -696,13 +706,18 @@ class Evaluation:
         return results
 
     def _held_out_subjects(self) -> list[str]:
-        """``--subjects held-out``: the validation subjects the model's training recorded (never trained on)."""
+        """``--subjects held-out``: the validation subjects the model's training recorded, less any that a
+        model it was fine-tuned from learnt (and, with a 2D+T model, less those that one learnt)."""
         model = self.pipeline.model
         recorded = recorded_training_data(model.info, "validation_subjects") if model is not None else None
         if not isinstance(recorded, list) or not recorded:
             what = f"the model {self.config.model or self.pipeline.name} records no validation subjects" if model is not None else "no model is evaluated"
             raise InputError("--subjects", f"{HELD_OUT}: {what}; name the subjects instead")
-        return [str(subject) for subject in recorded]
+        seen = set().union(*(subjects_learnt(p.model.info) for p in (self.pipeline, self.temporal_pipeline) if p is not None and p.model is not None))
+        unseen = [str(subject) for subject in recorded if str(subject) not in seen]
+        if not unseen:
+            raise InputError("--subjects", f"{HELD_OUT}: every validation subject of the model was learnt by a model it was fine-tuned from; name the subjects instead")
+        return unseen
 
     def _evaluated_subjects_trained_on(self, subjects: list[EvalSubject]) -> dict[str, list[str]]:
         """For each model of this run, the evaluated subjects its training recorded as training subjects."""
@@ -711,8 +726,7 @@ class Evaluation:
         for pipeline, given in ((self.pipeline, self.config.model), (self.temporal_pipeline, self.config.temporal_model)):
             if pipeline is None or pipeline.model is None:
                 continue
-            recorded = recorded_training_data(pipeline.model.info, "train_subjects")
-            overlap = sorted(evaluated & {str(s) for s in recorded}) if isinstance(recorded, list) else []
+            overlap = sorted(evaluated & subjects_learnt(pipeline.model.info))
             if overlap:
                 found[str(given or pipeline.name)] = overlap  # as the user named it (a file path, or the installed default)
         return found

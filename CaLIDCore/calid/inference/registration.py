@@ -40,11 +40,15 @@ GapDone = Callable[[int, str], None]
 
 
 def _cores() -> int:
-    """The cores this process may use (a container's or a job's share, not the machine's)."""
+    """The threads to register with: the cores this process may use (a container's or a job's share,
+    not the machine's), or fewer when the CPU threads were limited (``--threads``, ``torch.set_num_threads``)."""
+    import torch
+
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, torch.get_num_threads()))
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,16 @@ def recorded_training_data(header: dict[str, Any], *keys: str) -> Any:
     return value
 
 
+def subjects_learnt(header: dict[str, Any]) -> set[str]:
+    """Every subject a model file's training saw: its own training subjects and, for a fine-tune
+    (``--init-from``), those its starting model learnt (recorded under ``initialised_from``)."""
+    learnt: set[str] = set()
+    for recorded in (recorded_training_data(header, "train_subjects"), recorded_training_data(header, "initialised_from", "train_subjects")):
+        if isinstance(recorded, list):
+            learnt.update(str(subject) for subject in recorded)
+    return learnt
+
+
 def recorded_placeholder_spacing(header: dict[str, Any]) -> float | None:
     """The pixel size (mm) a model's training gave files saved without geometry, from its
     header (``info.training_data.placeholder_spacing``); None when its data had none."""

@@ -155,6 +155,9 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
     others = ", ".join(f"{m.name} ({m.kind})" for m in registered_models() if m.kind != kind)
     names = ", ".join(m.name for m in registered_models() if m.kind == kind) or ("none installed" + (f"; other models: {others}" if others else ""))
     kind_text = "segmentation" if kind == "segmentation" else "CaLID"
+    if path.is_dir():
+        inside = ", ".join(p.name for p in sorted(path.glob("*.safetensors"))[:4])
+        raise InputError(text, f"is a folder; give the model file in it ({inside or 'calid train writes best.safetensors and model.safetensors'})")
     if path.suffix.lower() in (".safetensors", ".pt", ".pth", ".ckpt") or os.sep in text or "/" in text:
         # Written as a path: say that the file is missing, not that the name is unknown.
         where = f" (no such file in {path.parent.resolve()})" if path.parent.is_dir() else f" (the folder {path.parent} does not exist)"

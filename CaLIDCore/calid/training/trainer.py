@@ -65,7 +65,7 @@ from calid.diffusion.ddim import NoiseSchedule, interpolate_latent
 from calid.device import resolve_device
 from calid.errors import CalidError, InputError, TrainingDiverged
 from calid.atomic import atomic_path
-from calid.models.checkpoint import load_model, read_raw_header, recorded_training_data, save_model
+from calid.models.checkpoint import load_model, read_raw_header, save_model, subjects_learnt
 from calid.models.config import ModelConfig, named_config
 from calid.models.networks import CaLIDNet, FrameWiseAutoencoder, apply_floor_snap, build_vae, calibrate_floor_snap, inflate_to_temporal
 from calid.models.registry import resolve_model, sha256_of
@@ -363,16 +363,23 @@ class Trainer:
     """Trains one stage; see the module docstring."""
 
     def __init__(self, config: TrainConfig, resume: bool = False) -> None:
-        # The outermost folder of --out that does not exist yet (a refused call leaves none behind).
-        made = next((folder for folder in reversed([Path(config.out_dir), *Path(config.out_dir).parents]) if not folder.exists()), None)
+        out = Path(config.out_dir)
+        new_folders = [folder for folder in [out, *out.parents] if not folder.exists()]  # innermost first
         try:
             self._set_up(config, resume)
         except InputError:
-            # Bad input (data, subjects, options) is found while setting up: a run folder this call
-            # made holds nothing worth keeping, and would look like a run that can be resumed. (An
-            # interrupted set-up keeps its folder: its cache may hold an hour of registration.)
-            if made is not None and int(os.environ.get("RANK", "0")) == 0:
-                shutil.rmtree(made, ignore_errors=True)
+            # Bad input (data, subjects, options) is found while setting up: the run folder this call made
+            # holds nothing worth keeping, and would look like a run that can be resumed. Parent folders it
+            # made go only when empty (another job may have started inside one meanwhile); an interrupted
+            # set-up keeps its folder (its cache may hold an hour of registration); under torchrun the
+            # other processes may still be writing, so it is left alone.
+            if new_folders and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                shutil.rmtree(out, ignore_errors=True)
+                for parent in new_folders[1:]:
+                    try:
+                        parent.rmdir()
+                    except OSError:
+                        break
             raise
 
     def _set_up(self, config: TrainConfig, resume: bool) -> None:
@@ -417,7 +424,7 @@ class Trainer:
         #: What a resumed run changed against its checkpoint: validation, learning rate, weight decay
         #: (printed by ``calid train``).
         self.resume_notes: list[str] = []
-        self._initialised_from: dict[str, str] | None = None
+        self._initialised_from: dict[str, Any] | None = None
         if config.stage == "vae":
             self.model_config = named_config(config.model)
             if config.downsample_time:
@@ -487,8 +494,7 @@ class Trainer:
             self._refuse_trained_validation_subjects(resumed_extra, checkpoint, train_ids, val_ids)  # before registration and encoding
         elif initial is not None:
             # Fine-tuning: validation subjects the starting model learnt would choose best.safetensors on seen data.
-            learnt = recorded_training_data(initial.info, "train_subjects")
-            seen = sorted(set(val_ids) & {str(s) for s in learnt}) if isinstance(learnt, list) else []
+            seen = sorted(set(val_ids) & subjects_learnt(initial.info))
             if seen:
                 warnings.warn(
                     f"--init-from {config.init_from}: the starting model was trained on {len(seen)} of this run's validation subjects ({', '.join(seen)}); "
@@ -618,6 +624,9 @@ class Trainer:
         initial = load_model(self.config.init_from, device=self.device)
         # Provenance for the exported model's card (the file name only: no paths of this machine).
         self._initialised_from = {"file": Path(self.config.init_from).name, "sha256": sha256_of(self.config.init_from)}
+        learnt = subjects_learnt(initial.info)
+        if learnt:  # so that an evaluation of the fine-tuned model can tell which subjects it has seen
+            self._initialised_from["train_subjects"] = sorted(learnt)
         return initial
 
     def _load_initial(self, network: nn.Module, source: nn.Module) -> None:
@@ -1116,14 +1125,18 @@ class Trainer:
             if self.stop_requested and self.is_main:
                 why = f"time limit of {cfg.time_limit_minutes:g} min reached" if self.time_limit_reached else "stop requested"
                 progress.write(f"{why}: saving a checkpoint at step {self.step}; continue with --resume")
-            # (The same on every process: best_psnr changes only on the main one, and only once one has validated.)
-            if self.stop_requested and not self.validated_this_session and self.best_psnr == -math.inf and self.step % cfg.validate_every != 0:
-                # Stopped before any validation of this run: validate once, so that best.safetensors (what the
-                # next stage and `calid install` take) exists with its metrics.
+            self._checkpoint(metrics, final=True)  # first: nothing below may cost the checkpoint
+            # Stopped by the time limit before any validation of this run: validate once, so that best.safetensors
+            # (what the next stage and `calid install` take) exists with its metrics. Not on a signal: a scheduler's
+            # grace period may be short. (Decided alike on every process: best_psnr changes only on the main one,
+            # and only once all have validated.)
+            if (self.time_limit_reached and not self.validated_this_session and self.best_psnr == -math.inf
+                    and len(self.val_set) > 0 and self.step % cfg.validate_every != 0):
                 if self.is_main:
                     progress.write(f"no validation yet in this run: validating step {self.step} for best.safetensors")
                 metrics = self._validate_and_export(val_path)
-            self._checkpoint(metrics, final=True)
+                if self.is_main:
+                    self.export(self.out / "model.safetensors", metrics)  # with the metrics just measured
         finally:
             progress.close()
             for sig, handler in previous_handlers.items():
