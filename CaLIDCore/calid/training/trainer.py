@@ -982,7 +982,7 @@ class Trainer:
             )
             self.best_psnr = -math.inf
         elif saved_validation == self.validation_signature():
-            # This run's best.safetensors may have been written after the last checkpoint (a crash, a
+            # This run's best.safetensors may have been written at or after the last checkpoint (a crash, a
             # stop by force): its score stands, or a replayed, worse validation would replace it.
             self.best_psnr = max(self.best_psnr, _recorded_val_psnr(self.out / "best.safetensors", extra.get("run_id"), after_step=self.step))
         if self.is_main:
@@ -1168,12 +1168,13 @@ class Trainer:
 
 
 def _recorded_val_psnr(model_file: Path, run_id: str | None, after_step: int) -> float:
-    """The validation PSNR a model file records, when run ``run_id`` exported it after ``after_step``; else -inf."""
+    """The validation PSNR a model file records, when run ``run_id`` exported it at or after ``after_step``
+    (the checkpoint's step: a stop by the time limit validates after its checkpoint); else -inf."""
     if run_id is None or not model_file.is_file():
         return -math.inf
     try:
         info = read_raw_header(model_file)["info"]
-        if info.get("run_id") != run_id or int(info["step"]) <= after_step:
+        if info.get("run_id") != run_id or int(info["step"]) < after_step:
             return -math.inf
         value = float(info["metrics"]["val_psnr"])
     except (CalidError, KeyError, TypeError, ValueError):
