@@ -43,22 +43,20 @@ _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
 def find_image_files(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files (NIfTI / NRRD) under ``folder``, label files excluded, sorted."""
+    return image_and_label_files(folder)[0]
+
+
+def image_and_label_files(folder: str | os.PathLike[str]) -> tuple[list[Path], list[Path]]:
+    """The image files (NIfTI / NRRD) under ``folder`` and, apart, the label files that are left out
+    by their names (``*_gt``, ``*_seg``, ``*_label(s)``, ``*_mask``); both sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "is not a folder")
-    files = [
-        p
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES) and not _LABEL_NAME.search(p.name)
-    ]
-    if not files:
+    candidates = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES)]
+    images = [p for p in candidates if not _LABEL_NAME.search(p.name)]
+    if not images:
         raise InputError(folder, "contains no NIfTI or NRRD image files")
-    return files
-
-
-def label_files_left_out(folder: str | os.PathLike[str]) -> list[Path]:
-    """The label files (by name: ``*_gt``, ``*_seg``, ``*_label(s)``, ``*_mask``) that :func:`find_image_files` leaves out."""
-    return [p for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES) and _LABEL_NAME.search(p.name)]
+    return images, [p for p in candidates if _LABEL_NAME.search(p.name)]
 
 
 def subject_id(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:

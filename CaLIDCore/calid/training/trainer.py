@@ -50,10 +50,9 @@ from calid.data.datasets import (
     ClipDataset,
     SubjectVolume,
     TripletDataset,
-    find_image_files,
+    image_and_label_files,
     image_extent,
     is_packed_volumes,
-    label_files_left_out,
     load_subjects,
     read_packed_volumes,
     split_subjects,
@@ -159,8 +158,7 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
         if entry.startswith("phantom:") or is_packed_volumes(entry):
             continue
         if Path(entry).is_dir():
-            files[entry] = find_image_files(entry)
-            left_out = label_files_left_out(entry)
+            files[entry], left_out = image_and_label_files(entry)
             if left_out:
                 shown = ", ".join(p.name for p in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
                 warnings.warn(f"{entry}: {len(left_out)} label file(s) left out of training by their names ({shown})", stacklevel=2)
