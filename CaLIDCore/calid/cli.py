@@ -344,7 +344,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     )
     remaining = [part for part in info.get("warning", "").split(" | ") if part and part != label_warning]
     if remaining:
-        print(f"WARNING: {' | '.join(remaining)}", file=sys.stderr)
+        _print_warning(" | ".join(remaining))
     return 0
 
 
@@ -391,10 +391,9 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     stack = read_stack(source, series=args.series)
     _warn_if_labels(stack)
     if stack.has_placeholder_spacing:
-        print(
-            f"WARNING: {source} carries no geometry (all spacings exactly 1 mm, the NIfTI default): the segmenter sees 1 mm pixels, "
-            "probably the wrong scale, and volumes from these labels are in voxels; write the image with its true geometry",
-            file=sys.stderr,
+        _print_warning(
+            f"{source} carries no geometry (all spacings exactly 1 mm, the NIfTI default): the segmenter sees 1 mm pixels, "
+            "probably the wrong scale, and volumes from these labels are in voxels; write the image with its true geometry"
         )
     frames = parse_frames(args.frames, stack.n_frames)
     if frames is not None:
@@ -468,12 +467,11 @@ def _check_labels_lie_on_the_image(label_path: str, labels: CineStack, label_fra
             f"give labels of this scan in its coordinates, e.g. from `calid segment {image_path}`",
         )
     if fraction < 0.5:
-        print(f"WARNING: {label_path}: only {fraction:.0%} of its heart voxels lie inside the image {image_path}{lost}: are the labels of this scan?", file=sys.stderr)
+        _print_warning(f"{label_path}: only {fraction:.0%} of its heart voxels lie inside the image {image_path}{lost}: are the labels of this scan?")
     if ratio is not None and ratio < BLOOD_TO_MUSCLE_MINIMUM:
-        print(
-            f"WARNING: {label_path}: in the image {image_path} (frame {frame}), the labels' LV cavity is not brighter than their myocardium "
-            f"(median ratio {ratio:.2f}; a bright-blood cine usually gives 1.5 or more): the labels may be of another scan or another phase",
-            file=sys.stderr,
+        _print_warning(
+            f"{label_path}: in the image {image_path} (frame {frame}), the labels' LV cavity is not brighter than their myocardium "
+            f"(median ratio {ratio:.2f}; a bright-blood cine usually gives 1.5 or more): the labels may be of another scan or another phase"
         )
 
 
@@ -649,7 +647,7 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
                 "--acquired-slice-spacing so that its end slices stand for the half slab beyond them (else the volumes are a little low)"
             )
         for warning in result.warnings:
-            print(f"WARNING: {warning}", file=sys.stderr)
+            _print_warning(warning)
     _clear_earlier_outputs(args.out, VOLUME_OUTPUTS, args.overwrite, list(args.labels))
     out = _output_folder(args.out)
     csv_path = write_function_csv(results, out / "volumes.csv")
@@ -714,7 +712,7 @@ def _warn_if_labels(stack: Any) -> str | None:
 
     warning = label_map_warning(stack)
     if warning:
-        print(f"WARNING: {warning}", file=sys.stderr)
+        _print_warning(warning)
     return warning
 
 
@@ -1452,6 +1450,14 @@ def _use_threads(threads: int | None) -> None:
     torch.set_num_threads(threads)
 
 
+_command = "calid"  # the running subcommand, which every warning line names
+
+
+def _print_warning(text: str) -> None:
+    """One warning line in the one form every subcommand uses (the Slicer module reads these lines back)."""
+    print(f"{_command}: warning: {text}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     words = _join_coordinate_values(sys.argv[1:] if argv is None else argv)
@@ -1460,8 +1466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.options_given = _options_given(words, args.command)
     import warnings
 
+    global _command
+    _command = f"calid {args.command}"
+
     def one_line_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        print(f"calid {args.command}: warning: {message}", file=sys.stderr)  # the message names the file; no source lines
+        _print_warning(str(message))  # the message names the file; no source lines
 
     warnings.showwarning = one_line_warning
     try:

@@ -80,5 +80,9 @@ def work_folder() -> Path:
 
 
 def warnings_in(stderr: str) -> list[str]:
-    """The ``WARNING:`` lines ``calid upsample`` wrote to its error output (untrained model, missing geometry)."""
-    return [line.split("WARNING:", 1)[1].strip() for line in stderr.splitlines() if line.startswith("WARNING:")]
+    """The warnings ``calid upsample`` wrote to its error output (untrained model, missing geometry, a label map), without
+    their ``calid upsample: warning:`` prefix."""
+    import re
+
+    lines = (re.match(r"calid [\w-]+: warning: (.*)", line) for line in stderr.splitlines())
+    return [line.group(1).strip() for line in lines if line]
