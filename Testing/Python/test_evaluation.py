@@ -452,6 +452,11 @@ def test_subjects_the_model_was_trained_on_are_flagged(tmp_path):
     with pytest.warns(UserWarning, match=r"1 of the model's 2 held-out subjects are not in the data, and are not scored: phantom2005"):
         recorded = evaluate(replace(config, out_dir=str(tmp_path / "held-out"), subjects=("held-out",)), command="test")
     assert recorded["subjects"] == ["phantom2001"] and "trained_on_evaluated_subjects" not in recorded
+    # ... also when only pixel methods run (no network is loaded): the subjects come from the model file named
+    pixel_only = evaluate(replace(config, out_dir=str(tmp_path / "held-out-linear"), subjects=("held-out",), methods=("linear",)), command="test")
+    assert pixel_only["subjects"] == ["phantom2001"]
+    with pytest.raises(InputError, match="held-out: no trained model is given"):
+        evaluate(replace(config, out_dir=str(tmp_path / "no-model"), subjects=("held-out",), methods=("linear",), model=None), command="test")
     with pytest.raises(InputError, match=r"holds none of the model's held-out subjects \(phantom2001, phantom2005\)"):
         evaluate(replace(config, data=("phantom:1",), out_dir=str(tmp_path / "none-there"), subjects=("held-out",)), command="test")
     with pytest.raises(InputError, match="held-out: the model untrained:tiny records no validation subjects"):

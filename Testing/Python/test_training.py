@@ -399,9 +399,16 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert "stopped at step 3 of 50 (time limit of 0.0001 min)" in limited.stdout
     # a new run stopped before its first validation: every process validates once (no hang), and best.safetensors exists
-    fresh = torchrun_calid("vae", "--data", "phantom:3", "--out", str(tmp_path / "ddp_fresh"), "--config", "tiny", "--batch-size", "2", "--perceptual-weight", "0",
-                           "--val-fraction", "0.34", "--steps", "50", "--validate-every", "100", "--time-limit", "0.0001")
+    # (and a folder with a label file: the data's warnings come once, not once per process)
+    folder = tmp_path / "own"
+    folder.mkdir()
+    own = make_phantom(7, PhantomConfig(n_frames=2, matrix=32, n_slices=4))
+    write_stack(own.sparse, folder / "subject7.nii.gz")
+    write_stack(own.sparse_labels, folder / "subject7_gt.nii.gz", dtype="uint8")
+    fresh = torchrun_calid("vae", "--data", "phantom:3", str(folder), "--out", str(tmp_path / "ddp_fresh"), "--config", "tiny", "--batch-size", "2",
+                           "--perceptual-weight", "0", "--val-fraction", "0.34", "--steps", "50", "--validate-every", "100", "--time-limit", "0.0001")
     assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert fresh.stderr.count("label file(s) left out of training") == 1, fresh.stderr[-3000:]
     assert read_raw_header(tmp_path / "ddp_fresh" / "best.safetensors")["info"]["step"] == 1
 
 

@@ -606,18 +606,10 @@ class Evaluation:
         if choice == "model":
             from calid.models.registry import UNTRAINED_PREFIX
 
-            header: dict[str, Any] = {}
-            if self.pipeline.model is not None:
-                header = self.pipeline.model.info
-            elif self.config.model and not str(self.config.model).startswith(UNTRAINED_PREFIX):
-                # A linear-only run loads no network, but the data should still be seen as the model's training saw it.
-                from calid.models.checkpoint import read_raw_header
-                from calid.models.registry import resolve_model
-
-                header = read_raw_header(resolve_model(self.config.model))
             from calid.models.checkpoint import recorded_placeholder_spacing
 
-            value = recorded_placeholder_spacing(header)
+            # A linear-only run loads no network, but the data should still be seen as the model's training saw it.
+            value = recorded_placeholder_spacing(self._model_header() or {})
             temporal = self.temporal_pipeline.placeholder_spacing_mm if self.temporal_pipeline is not None else None
             if value is None:
                 return temporal  # the only recorded size (also when the 2D side is linear interpolation)
@@ -626,6 +618,20 @@ class Evaluation:
                 self.placeholder_disagreement = {"model_mm": value, "temporal_model_mm": temporal}
             return value
         return fixed_placeholder_mm(choice)
+
+    def _model_header(self) -> dict[str, Any] | None:
+        """The header of the 2D model of this run: the loaded one's, or, when only pixel methods run (no network is
+        loaded), that of the ``--model`` file; None without a trained model."""
+        if self.pipeline.model is not None:
+            return self.pipeline.model.info
+        from calid.models.registry import UNTRAINED_PREFIX
+
+        if not self.config.model or str(self.config.model).startswith(UNTRAINED_PREFIX):
+            return None
+        from calid.models.checkpoint import read_raw_header
+        from calid.models.registry import resolve_model
+
+        return read_raw_header(resolve_model(self.config.model))
 
     def _load_seg_model(self) -> None:
         if self.seg_model is not None or self.seg_reason:
@@ -708,12 +714,14 @@ class Evaluation:
     def _held_out_subjects(self) -> list[str]:
         """``--subjects held-out``: the validation subjects the model's training recorded, less any that a
         model it was fine-tuned from learnt (and, with a 2D+T model, less those that one learnt)."""
-        model = self.pipeline.model
-        recorded = recorded_training_data(model.info, "validation_subjects") if model is not None else None
+        header = self._model_header()
+        recorded = recorded_training_data(header, "validation_subjects") if header is not None else None
         if not isinstance(recorded, list) or not recorded:
-            what = f"the model {self.config.model or self.pipeline.name} records no validation subjects" if model is not None else "no model is evaluated"
+            what = f"the model {self.config.model or self.pipeline.name} records no validation subjects" if header is not None else "no trained model is given (--model)"
             raise InputError("--subjects", f"{HELD_OUT}: {what}; name the subjects instead")
-        seen = set().union(*(subjects_learnt(p.model.info) for p in (self.pipeline, self.temporal_pipeline) if p is not None and p.model is not None))
+        seen = subjects_learnt(header)
+        if self.temporal_pipeline is not None and self.temporal_pipeline.model is not None:
+            seen |= subjects_learnt(self.temporal_pipeline.model.info)
         unseen = [str(subject) for subject in recorded if str(subject) not in seen]
         if not unseen:
             raise InputError("--subjects", f"{HELD_OUT}: every validation subject of the model was learnt by a model it was fine-tuned from; name the subjects instead")

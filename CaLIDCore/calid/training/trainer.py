@@ -383,6 +383,7 @@ class Trainer:
     def _set_up(self, config: TrainConfig, resume: bool) -> None:
         if config.stage not in ("vae", "ldm"):
             raise InputError("stage", f"unknown training stage {config.stage!r}; use vae or ldm")
+        self.init_from_given = config.init_from  # as the user named it (messages quote it so)
         if config.init_from:  # an installed model's name, like everywhere else a model is asked for
             config = dataclasses.replace(config, init_from=str(resolve_model(config.init_from)))
         self.config = config
@@ -486,19 +487,22 @@ class Trainer:
 
         # ---- data
         cache = Path(config.cache_dir) if config.cache_dir else self.out / "cache"
-        volumes = gather_volumes(config.data, self.model_config, cache, config.placeholder_spacing)
-        train_ids, val_ids = split_subjects([v.subject for v in volumes], config.val_fraction, config.seed, config.val_subjects)
-        if resumed_extra is not None:
-            self._refuse_trained_validation_subjects(resumed_extra, checkpoint, train_ids, val_ids)  # before registration and encoding
-        elif initial is not None:
-            # Fine-tuning: validation subjects the starting model learnt would choose best.safetensors on seen data.
-            seen = sorted(set(val_ids) & subjects_learnt(initial.info))
-            if seen:
-                warnings.warn(
-                    f"--init-from {config.init_from}: the starting model was trained on {len(seen)} of this run's validation subjects ({', '.join(seen)}); "
-                    "their scores are optimistic and best.safetensors is chosen on them: hold out subjects it never saw (--val-subjects)",
-                    stacklevel=2,
-                )
+        with warnings.catch_warnings():
+            if not self.is_main:  # every process reads the same data: under torchrun, its warnings are printed once, by rank 0
+                warnings.simplefilter("ignore")
+            volumes = gather_volumes(config.data, self.model_config, cache, config.placeholder_spacing)
+            train_ids, val_ids = split_subjects([v.subject for v in volumes], config.val_fraction, config.seed, config.val_subjects)
+            if resumed_extra is not None:
+                self._refuse_trained_validation_subjects(resumed_extra, checkpoint, train_ids, val_ids)  # before registration and encoding
+            elif initial is not None:
+                # Fine-tuning: validation subjects the starting model learnt would choose best.safetensors on seen data.
+                seen = sorted(set(val_ids) & subjects_learnt(initial.info))
+                if seen:
+                    warnings.warn(
+                        f"--init-from {self.init_from_given}: the starting model was trained on {len(seen)} of this run's validation subjects ({', '.join(seen)}); "
+                        "their scores are optimistic and best.safetensors is chosen on them: hold out subjects it never saw (--val-subjects)",
+                        stacklevel=2,
+                    )
         train_volumes = [v for v in volumes if v.subject in set(train_ids)]
         val_volumes = [v for v in volumes if v.subject in set(val_ids)]
         self.train_set: TripletDataset
