@@ -604,8 +604,6 @@ class Evaluation:
         if choice == "keep":
             return None
         if choice == "model":
-            from calid.models.registry import UNTRAINED_PREFIX
-
             from calid.models.checkpoint import recorded_placeholder_spacing
 
             # A linear-only run loads no network, but the data should still be seen as the model's training saw it.
