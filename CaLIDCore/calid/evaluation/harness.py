@@ -714,7 +714,7 @@ class Evaluation:
         model it was fine-tuned from learnt (and, with a 2D+T model, less those that one learnt)."""
         header = self._model_header()
         recorded = recorded_training_data(header, "validation_subjects") if header is not None else None
-        if not isinstance(recorded, list) or not recorded:
+        if header is None or not isinstance(recorded, list) or not recorded:
             what = f"the model {self.config.model or self.pipeline.name} records no validation subjects" if header is not None else "no trained model is given (--model)"
             raise InputError("--subjects", f"{HELD_OUT}: {what}; name the subjects instead")
         seen = subjects_learnt(header)
