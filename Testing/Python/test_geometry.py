@@ -346,6 +346,12 @@ def test_one_frame_gives_no_ejection_fraction_and_no_geometry_gives_a_warning():
     bare = cardiac_function(_cine_labels([10, 6], [12, 9], spacing=(1.0, 1.0, 1.0)))
     assert any("no geometry" in w and "voxels, not ml" in w for w in bare.warnings)
     assert bare.summary["lv_ef_percent"] == pytest.approx(100 * (100 - 36) / 100)  # still meaningful
+    # a dense stack made from such a file: its spacings are no longer all 1 mm, but it has no geometry either
+    dense = upsample_linear(_cine_labels([10, 6], [12, 9], spacing=(1.0, 1.0, 1.0)), 2)
+    assert dense.slice_spacing == 0.5 and not dense.has_placeholder_spacing
+    assert any("upsampled from a stack whose spacings were all exactly 1 mm" in w and "voxels, not ml" in w for w in cardiac_function(dense).warnings)
+    real = upsample_linear(_cine_labels([10, 6], [12, 9], spacing=(1.0, 1.0, 8.0)), 2)  # 1 mm pixels, 8 mm slices: a real geometry
+    assert not any("no geometry" in w for w in cardiac_function(real).warnings)
 
 
 def test_comparison_matches_frames_of_the_same_cardiac_phase(phantom):

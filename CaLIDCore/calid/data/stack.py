@@ -142,6 +142,12 @@ class CineStack:
         return self.spacing == (1.0, 1.0, 1.0)
 
     @property
+    def made_from_placeholder_spacing(self) -> bool:
+        """True for a stack calid upsampled from one without geometry (see :attr:`has_placeholder_spacing`):
+        its pixels are still 1 mm, and its acquired slices are recorded 1 mm apart."""
+        return self.in_plane_spacing == (1.0, 1.0) and self.recorded_acquired_spacing() == 1.0
+
+    @property
     def slice_normal(self) -> np.ndarray:
         """Unit vector (LPS) along which the slice index grows."""
         return self.direction[:, 2].copy()

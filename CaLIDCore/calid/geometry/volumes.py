@@ -117,9 +117,10 @@ def cardiac_function(
     rv = structure_volumes_ml(labels, RV_CAVITY, acquired_slice_spacing_mm)
     myo = structure_volumes_ml(labels, LV_MYOCARDIUM, acquired_slice_spacing_mm)
     warnings: list[str] = []
-    if labels.has_placeholder_spacing:
+    if labels.has_placeholder_spacing or labels.made_from_placeholder_spacing:
+        how = "all spacings exactly 1 mm" if labels.has_placeholder_spacing else "upsampled from a stack whose spacings were all exactly 1 mm"
         warnings.append(
-            f"{labels.source} carries no geometry (all spacings exactly 1 mm): the volumes and mass are in voxels, not ml; "
+            f"{labels.source} carries no geometry ({how}): the volumes and mass are in voxels, not ml; "
             "only the ejection fractions are meaningful. Use labels saved with the image's geometry"
         )
     usable = lv > 0
