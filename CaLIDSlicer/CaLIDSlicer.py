@@ -329,7 +329,10 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if status == qt.QProcess.CrashExit:
                 failed = "the background process stopped unexpectedly (out of memory?); try a smaller factor, fewer frames or the CPU"
             elif code != 0:
-                failed = messages.splitlines()[-1] if messages else f"calid exited with status {code}"
+                from CaLIDSlicerLib.logic import in_panel_words
+
+                # the worker's last line, its temporary files named by what they hold
+                failed = in_panel_words(background, [messages.splitlines()[-1]], (self.job["node"].GetName() if self.job["node"] is not None else "input"))[0] if messages else f"calid exited with status {code}"
             from CaLIDSlicerLib.process import warnings_in
 
             self.job["warnings"] += warnings_in(messages)

@@ -58,6 +58,8 @@ class UpsamplingResult:
     #: The input's parent transform node (None: none). The outputs are placed under it too; the
     #: planes are in the input's own coordinates (show them with ``mrml.orient_slice_node(..., transform)``).
     parent_transform: Any = None
+    #: True when only some of the input's frames were upsampled (--frames, "current frame").
+    frame_selection: bool = False
 
 
 def stack_from_node(node: Any) -> CineStack:
@@ -65,11 +67,16 @@ def stack_from_node(node: Any) -> CineStack:
     if node is None:
         raise InputError("input", "select an input volume or volume sequence")
     if node.IsA("vtkMRMLSequenceNode"):
+        first = node.GetNthDataNode(0) if node.GetNumberOfDataNodes() else None
+        if first is not None and first.IsA("vtkMRMLLabelMapVolumeNode"):  # as a single label map volume is refused
+            raise InputError(node.GetName(), "is a sequence of label maps; select a grey-level volume or a volume sequence")
         stack = mrml.stack_from_sequence(node)
     elif node.IsA("vtkMRMLScalarVolumeNode") and not node.IsA("vtkMRMLLabelMapVolumeNode"):
         stack = mrml.stack_from_volume(node)
     else:
         raise InputError(node.GetName(), f"is a {node.GetClassName()}; select a grey-level volume or a volume sequence")
+    if stack.n_slices < 2:  # refused here, before a background run writes files and starts a worker
+        raise InputError(node.GetName(), f"has {stack.n_slices} slice(s); upsampling needs a short-axis stack of at least 2 parallel slices")
     _restore_provenance(node, stack)
     return stack
 
@@ -182,7 +189,9 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
     browser (synchronised) when every frame was upsampled, else by a browser of its own."""
     upsampling = dense.metadata.get("upsampling", {})
     # A new name each run (GenerateUniqueName), so that runs with other settings stay apart.
-    name = scene.GenerateUniqueName(f"{input_node.GetName()} {options.mode} x{options.factor}" + (" tta" if upsampling.get("tta") else ""))
+    name = scene.GenerateUniqueName(
+        f"{input_node.GetName()} {options.mode} x{options.factor}" + (" tta" if upsampling.get("tta") else "") + _frames_in_words(dense, stack.n_frames)
+    )
     if dense.n_frames == 1:
         result = UpsamplingResult(dense=dense, output_node=mrml.volume_from_stack(scene, dense, name))
     else:
@@ -194,10 +203,22 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
             index_frames=upsampling.get("frames") or list(range(dense.n_frames)),
         )
         result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
+    result.frame_selection = dense.n_frames < stack.n_frames
     _record_provenance(result.output_node, dense)
     result.parent_transform = mrml.parent_transform(scene, input_node)
     mrml.place_under(scene, result.output_node, result.parent_transform)
     return result
+
+
+def _frames_in_words(dense: CineStack, input_frames: int) -> str:
+    """For a node name: which frames of the cine a selection holds (" frame 8", " frames 4,6,7",
+    " 12 frames"); "" when every frame of the input was upsampled."""
+    if dense.n_frames == input_frames:
+        return ""
+    numbers = dense.recorded_frames() or list(range(dense.n_frames))  # the cine's own frame numbers
+    if len(numbers) == 1:
+        return f" frame {numbers[0]}"
+    return " frames " + ",".join(map(str, numbers)) if len(numbers) <= 4 else f" {len(numbers)} frames"
 
 
 #: Node attribute holding how the output was made (calid's "upsampling" metadata, JSON), saved with the scene.
@@ -278,9 +299,18 @@ def _measure(scene: Any, result: UpsamplingResult, options: UpsamplingOptions, d
     result.function = function
     for method, measured in function.items():  # a file without geometry, frames without an LV, one frame
         result.warnings += [f"{method} volumes: {warning}" for warning in measured.warnings if f"{method} volumes: {warning}" not in result.warnings]
-    shown = function["dense"].ed_frame
-    # One frame is segmented into nodes (end-diastole); the name says so, as it is shown over the whole cine.
-    result.segmentation_node = mrml.segmentation_from_labels(scene, dense_labels, f"{result.output_node.GetName()} segmentation (frame {shown}, end-diastole)", frame=shown)
+    shown = function["dense"].ed_frame  # the position in the output
+    # One frame is segmented into nodes; the name says which frame of the cine, as it is shown over the whole cine,
+    # and calls it end-diastole only where every frame was run (else: the largest LV of those run).
+    numbers = result.dense.recorded_frames()
+    frame = numbers[shown] if numbers else shown
+    if result.dense.n_frames == 1:
+        phase = ""
+    elif result.frame_selection:
+        phase = f", the largest LV of the {result.dense.n_frames} frames run"
+    else:
+        phase = ", end-diastole"
+    result.segmentation_node = mrml.segmentation_from_labels(scene, dense_labels, f"{result.output_node.GetName()} segmentation (frame {frame}{phase})", frame=shown)
     mrml.place_under(scene, result.segmentation_node, result.parent_transform)
     result.table_node, result.chart_node = mrml.table_from_function(scene, function, f"{result.output_node.GetName()} function")
     result.summary_table_node = mrml.summary_table_from_function(scene, function, f"{result.output_node.GetName()} function summary")
@@ -335,6 +365,10 @@ class BackgroundJob:
             self.stop_file.touch()
 
 
+#: Command-line options that workers' messages suggest, as the panel's controls that set them.
+PANEL_CONTROLS = {"(--placeholder-spacing MM)": "('Files without geometry' > 'Pixel size (mm)' in the panel)"}
+
+
 def in_panel_words(job: BackgroundJob, messages: list[str], input_name: str) -> list[str]:
     """The workers' messages as the panel shows them: their temporary files named by what they
     hold (the input node, the dense output), each message once."""
@@ -350,6 +384,8 @@ def in_panel_words(job: BackgroundJob, messages: list[str], input_name: str) -> 
         for path, name in names.items():
             message = message.replace(str(path), name)
         message = message.replace(str(job.folder), "the work folder")
+        for option, control in PANEL_CONTROLS.items():
+            message = message.replace(option, control)
         if message not in shown:
             shown.append(message)
     return shown

@@ -278,7 +278,7 @@ def table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardia
     chart.SetYAxisTitle("volume (ml)")
     for title in columns:
         if title.startswith(("LV ml", "RV ml")):
-            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", title)
+            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", f"{name}: {title}")  # the run's name: legends of several runs stay apart
             series.SetAndObserveTableNodeID(table.GetID())
             series.SetXColumnName(x_column)
             series.SetYColumnName(title)

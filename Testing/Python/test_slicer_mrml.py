@@ -218,6 +218,19 @@ def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
     np.testing.assert_array_equal(mrml.stack_from_sequence(sequence).data, before)  # the input is untouched
     assert result.segmentation_node is not None and result.table_node.GetNumberOfRows() == 2
     assert set(result.planes) >= {"4-chamber", "2-chamber", "3-chamber"}
+    # the names say which frames of the cine these are; the segmentation's frame is not called end-diastole
+    shown = [0, 2][result.function["dense"].ed_frame]
+    assert result.output_node.GetName() == "sparse cine calid x2 frames 0,2"
+    assert result.segmentation_node.GetName() == f"sparse cine calid x2 frames 0,2 segmentation (frame {shown}, the largest LV of the 2 frames run)"
+    one = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", frames="2"))
+    assert one.output_node.GetName() == "sparse cine linear x2 frame 2" and one.segmentation_node.GetName().endswith("segmentation (frame 2)")
+    whole = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear"))
+    ed = whole.function["dense"].ed_frame
+    assert whole.segmentation_node.GetName() == f"sparse cine linear x2 segmentation (frame {ed}, end-diastole)"
+    # the volume curves of two runs can be told apart in a legend
+    series = scene.GetNodesByClass("vtkMRMLPlotSeriesNode")
+    names = [series.GetItemAsObject(i).GetName() for i in range(series.GetNumberOfItems())]
+    assert len(names) == len(set(names)) == 12 and "sparse cine linear x2 function: LV ml (dense)" in names
 
 
 def test_the_result_layout_shows_three_long_axis_views_the_3d_view_the_curves_and_the_summary(scene, phantom):
@@ -601,6 +614,13 @@ def test_a_frame_the_cine_lacks_is_refused_in_the_panels_words_before_anything_i
     sequence, _ = mrml.sequence_from_stack(scene, phantom.sparse, "cine")
     with pytest.raises(InputError, match="^Frames: "):
         prepare_background(sequence, UpsamplingOptions(factor=2, mode="linear", frames="0,99"))
+    # a long-axis cine (one slice) and a sequence of label maps, refused in the node's name, as in a blocking run
+    long_axis, _ = mrml.sequence_from_stack(scene, phantom.sparse.with_data(phantom.sparse.data[:, :1]), "long axis")
+    with pytest.raises(InputError, match="^long axis: has 1 slice\\(s\\); upsampling needs a short-axis stack of at least 2 parallel slices"):
+        prepare_background(long_axis, UpsamplingOptions(factor=2, mode="registration"))
+    labels, _ = mrml.sequence_from_stack(scene, phantom.sparse_labels, "label cine", labelmap=True)
+    with pytest.raises(InputError, match="^label cine: is a sequence of label maps"):
+        prepare_background(labels, UpsamplingOptions(factor=2, mode="linear"))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -617,6 +637,11 @@ def test_worker_messages_name_the_nodes_not_the_temporary_files(scene, phantom):
     shown = in_panel_words(job, [warning, warning, f"{job.folder / 'dense.nii'}: made from slices 10 mm apart"], "cine")
     assert shown == ["the input 'cine' carries no geometry (all spacings exactly 1 mm)", "the dense output: made from slices 10 mm apart"]
     assert all(str(job.folder) not in message for message in shown)
+    # a command-line option that a worker suggests is named as the panel's control
+    suggestion = f"{job.folder / 'input.nii'} carries no geometry; ... or give the pixel size (--placeholder-spacing MM)"
+    assert in_panel_words(job, [suggestion], "cine") == [
+        "the input 'cine' carries no geometry; ... or give the pixel size ('Files without geometry' > 'Pixel size (mm)' in the panel)"
+    ]
 
 
 def test_gpus_are_listed_without_loading_pytorch_into_the_calling_process():
