@@ -261,7 +261,8 @@ def test_the_nifti_record_is_readable_json_and_older_compressed_records_still_re
 def test_dicom_float_data_are_stored_with_rescale(tmp_path):
     stack = oblique_stack(frames=2)
     stack = stack.with_data(stack.data / 7.0 - 3.25, metadata={})
-    back = read_stack(write_stack(stack, tmp_path / "d"))
+    with pytest.warns(UserWarning, match=r"d: DICOM stores 16-bit integers: .* the acquired slices are not kept bit for bit"):
+        back = read_stack(write_stack(stack, tmp_path / "d"))
     span = float(stack.data.max() - stack.data.min())
     np.testing.assert_allclose(back.data, stack.data, atol=span / 65000.0)
 
@@ -276,6 +277,35 @@ def test_dicom_float_data_holding_whole_numbers_are_stored_exactly(tmp_path, off
     header = pydicom.dcmread(str(next(folder.iterdir())), stop_before_pixels=True)
     assert float(header.RescaleSlope) == 1.0 and header.PixelRepresentation == (1 if offset < 0 else 0)
     np.testing.assert_array_equal(read_stack(folder).data, stack.data)
+
+
+def test_dicom_output_keeps_acquired_slices_on_their_source_rescale_or_whole_numbers(tmp_path):
+    """A DICOM cine with a Rescale Slope / Intercept (as some scanners write), and a float file holding
+    whole numbers, upsampled: the generated slices are not on the grid of the acquired ones, which must
+    still come back bit for bit from a DICOM output (as from NIfTI), with no warning."""
+    import warnings
+
+    stack = oblique_stack(frames=2)
+    integers = stack.with_data(np.rint(stack.data).astype(np.float32), metadata={"source_dtype": "int16"})
+    series = write_stack(integers, tmp_path / "scanner")
+    for path in series.iterdir():  # stored values v, read as 2.5 v - 100
+        image = pydicom.dcmread(str(path))
+        image.RescaleSlope, image.RescaleIntercept = "2.5", "-100"
+        image.save_as(str(path))
+    rescaled = read_stack(series)
+    assert rescaled.metadata["dicom"]["rescale"] == [2.5, -100.0]
+    np.testing.assert_array_equal(rescaled.data, integers.data * np.float32(2.5) - np.float32(100))
+    float_whole = integers.with_data(integers.data, metadata={"source_dtype": "float32"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no quantisation warning
+        for name, source in (("rescaled", rescaled), ("float", float_whole)):
+            copied = read_stack(write_stack(source, tmp_path / f"{name}-copy"))
+            np.testing.assert_array_equal(copied.data, source.data)
+            dense = upsample_linear(source, 2)
+            assert not np.array_equal(dense.data, np.rint(dense.data))  # generated slices off the grid
+            back = read_stack(write_stack(dense, tmp_path / f"{name}-dense"))
+            np.testing.assert_array_equal(back.data[:, ::2], source.data)
+            np.testing.assert_allclose(back.data[:, 1::2], dense.data[:, 1::2], atol=1.25 if name == "rescaled" else 0.5)
 
 
 REAL_FILES = [
@@ -327,6 +357,10 @@ def test_truncated_nifti_is_refused_naming_the_file(tmp_path):
     broken.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     with pytest.raises(InputError, match="broken.nii.gz.*(truncated|cannot be read)"):
         read_stack(broken)
+    for name in ("empty.nii.gz", "empty.nrrd"):  # an interrupted copy: said in so many words
+        (tmp_path / name).write_bytes(b"")
+        with pytest.raises(InputError, match=rf"{name}: is empty \(0 bytes\)"):
+            read_stack(tmp_path / name)
 
 
 def test_garbage_and_unknown_files_are_refused(tmp_path):

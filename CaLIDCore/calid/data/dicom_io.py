@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,9 +329,11 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
     rows, columns = first.rows, first.columns
     data = np.empty((n_frames, len(slices), rows, columns), dtype=np.float32)
     source_dtypes: set[str] = set()
+    rescales: set[tuple[float, float]] = set()
     for z, members in enumerate(ordered):
         for t, index in enumerate(members):
-            pixels, dtype = _read_pixels(images[index].path, images[index].header)
+            pixels, dtype, rescale = _read_pixels(images[index].path, images[index].header)
+            rescales.add(rescale)
             if pixels.shape != (rows, columns):
                 raise InputError(images[index].path, f"pixel data shape {pixels.shape} does not match Rows x Columns {rows}x{columns}")
             if pixels.dtype != data.dtype and pixels.dtype == np.float64:
@@ -362,6 +366,9 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
             "SliceThickness": float(header.SliceThickness) if header.get("SliceThickness") not in (None, "") else None,
         },
     }
+    if len(rescales) == 1 and rescales != {(1.0, 0.0)}:
+        # One rescale for the whole series: a DICOM output stores the acquired slices on it again, bit for bit.
+        metadata["dicom"]["rescale"] = list(rescales.pop())
     restore_record(metadata, _read_record(header))
     return CineStack(
         data=data,
@@ -374,14 +381,31 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
     )
 
 
-def _whole_numbers_in_16_bits(data: np.ndarray) -> np.ndarray | None:
-    """``data`` as 16-bit integers when every value is a whole number that fits (unsigned if none is negative), else None."""
-    low, high = float(data.min()), float(data.max())
-    kind = np.uint16 if low >= 0 else np.int16
-    info = np.iinfo(kind)
-    if low < info.min or high > info.max or not np.array_equal(data, np.rint(data)):
-        return None
-    return data.astype(kind)
+def _as_read(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """The voxel values a reader (this module's) gets from stored pixels and their rescale."""
+    if (slope, intercept) == (1.0, 0.0):
+        return stored.astype(holding_dtype(stored.dtype))
+    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def _exact_16_bit_grid(stack: CineStack) -> tuple[np.ndarray, float, float] | None:
+    """16-bit pixels, slope and intercept on which the stack's acquired slices (every slice of a stack
+    without calid's record) are stored bit for bit: the rescale of the DICOM series it was read from,
+    else whole numbers; generated slices are rounded to the same grid. None when neither holds them."""
+    step = stack.acquired_slice_step() or 1
+    acquired = stack.data[:, ::step]
+    candidates = [(1.0, 0.0)]
+    source = stack.metadata.get("dicom", {}).get("rescale") if isinstance(stack.metadata.get("dicom"), dict) else None
+    if isinstance(source, (list, tuple)) and len(source) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in source) and source[0] > 0:
+        candidates.insert(0, (_as_written(float(source[0])), _as_written(float(source[1]))))
+    for slope, intercept in candidates:
+        steps = np.rint((stack.data.astype(np.float64) - intercept) / slope)
+        kind = np.uint16 if float(steps[:, ::step].min()) >= 0 else np.int16
+        info = np.iinfo(kind)
+        stored = steps.clip(info.min, info.max).astype(kind)  # generated values beyond the acquired ones' type are clipped
+        if np.array_equal(_as_read(stored[:, ::step], slope, intercept), acquired):
+            return stored, slope, intercept
+    return None
 
 
 def _read_record(header: Dataset) -> Any:
@@ -413,23 +437,23 @@ def _anonymous_record(stack: CineStack) -> dict[str, Any]:
     return record
 
 
-def _read_pixels(path: Path, header: Dataset) -> tuple[np.ndarray, str]:
-    """Pixel values with the modality rescale applied, and the stored integer type."""
+def _read_pixels(path: Path, header: Dataset) -> tuple[np.ndarray, str, tuple[float, float]]:
+    """Pixel values with the modality rescale applied, the stored integer type, and the rescale (slope, intercept)."""
     try:
         dataset = pydicom.dcmread(str(path))
         stored = dataset.pixel_array
         slope = float(dataset.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(dataset.get("RescaleIntercept", 0.0) or 0.0)
         if (slope, intercept) == (1.0, 0.0):
-            return stored.astype(holding_dtype(stored.dtype)), str(stored.dtype)
-        return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept), "float32"
+            return stored.astype(holding_dtype(stored.dtype)), str(stored.dtype), (1.0, 0.0)
+        return _as_read(stored, slope, intercept), "float32", (slope, intercept)
     except Exception as pydicom_error:  # missing decoder plugin, truncated pixel data ...
         try:
             import SimpleITK as sitk
 
             image = sitk.ReadImage(str(path))
             array = sitk.GetArrayFromImage(image)
-            return np.asarray(array, dtype=holding_dtype(array.dtype)).reshape(array.shape[-2:]), str(array.dtype)
+            return np.asarray(array, dtype=holding_dtype(array.dtype)).reshape(array.shape[-2:]), str(array.dtype), (1.0, 0.0)
         except Exception as sitk_error:
             raise InputError(path, f"pixel data cannot be decoded ({pydicom_error}; {sitk_error})") from sitk_error
 
@@ -468,16 +492,21 @@ def write_dicom_folder(
         sixteen_bit = np.dtype(np.int16 if disk_dtype.kind == "i" else np.uint16)
         stored = cast_for_writing(stack.data, sixteen_bit, folder)
         slope, intercept = 1.0, 0.0
-    elif (exact := _whole_numbers_in_16_bits(stack.data)) is not None:
-        # Float voxels holding whole numbers (labels, images converted to float elsewhere): stored
-        # exactly, not quantised over their range.
-        stored, slope, intercept = exact, 1.0, 0.0
+    elif (exact := _exact_16_bit_grid(stack)) is not None:
+        # Float voxels whose acquired slices are whole numbers (labels, images converted to float
+        # elsewhere) or on their source series' rescale: stored bit for bit, not quantised over their range.
+        stored, slope, intercept = exact
     else:
         low, high = float(stack.data.min()), float(stack.data.max())
         # DS values hold at most 16 characters: quantise with the values as written.
         slope = _as_written((high - low) / 65000.0 if high > low else 1.0)
         intercept = _as_written(low)
         stored = np.rint((stack.data - intercept) / slope).clip(0, 65535).astype(np.uint16)
+        warnings.warn(
+            f"{folder}: DICOM stores 16-bit integers: the voxel values (not whole numbers) are stored to within {slope / 2:.3g}, "
+            "so the acquired slices are not kept bit for bit; NIfTI or NRRD keep them exactly",
+            stacklevel=2,
+        )
     signed = stored.dtype.kind == "i"
 
     dicom_meta = stack.metadata.get("dicom", {}) if isinstance(stack.metadata.get("dicom"), dict) else {}

@@ -128,6 +128,8 @@ def read_stack(
     path = Path(path)
     if not path.exists():
         raise InputError(path, "no such file or folder")
+    if path.is_file() and path.stat().st_size == 0:  # an interrupted copy or download: say so, not a decoder's complaint
+        raise InputError(path, "is empty (0 bytes)")
     fmt = detect_format(path)
     if series is not None and fmt != "dicom":  # rather than read the one image and leave the choice unheeded
         raise InputError("--series", f"chooses among the series of a DICOM folder; {path.name} is a {fmt.upper() if fmt == 'nrrd' else 'NIfTI'} file holding one image")
