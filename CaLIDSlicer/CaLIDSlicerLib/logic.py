@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from calid.data.stack import CineStack, describe_upsampling
+from calid.data.stack import SELECTION_KEYS, CineStack, describe_upsampling
 from calid.errors import InputError
 from calid.evaluation.methods import PIXEL_METHODS as PIXEL_MODES  # light: no PyTorch when Slicer loads the module
 
@@ -93,9 +93,11 @@ def _restore_provenance(node: Any, stack: CineStack) -> None:
         return
     try:
         record = json.loads(text)
+        selection = json.loads(node.GetAttribute(SELECTION_ATTRIBUTE) or "{}")
     except ValueError:
         return  # an attribute edited by hand: the node is taken as acquired
-    restore_record(stack.metadata, {"upsampling": record})
+    # (restore_record leaves out entries of the wrong kind, and keys other than the selection's are not taken)
+    restore_record(stack.metadata, {"upsampling": record, **({k: v for k, v in selection.items() if k in SELECTION_KEYS} if isinstance(selection, dict) else {})})
 
 
 def upsample_node(
@@ -190,7 +192,7 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
     upsampling = dense.metadata.get("upsampling", {})
     # A new name each run (GenerateUniqueName), so that runs with other settings stay apart.
     name = scene.GenerateUniqueName(
-        f"{input_node.GetName()} {options.mode} x{options.factor}" + (" tta" if upsampling.get("tta") else "") + _frames_in_words(dense, stack.n_frames)
+        f"{input_node.GetName()} {options.mode} x{options.factor}" + (" tta" if upsampling.get("tta") else "") + _frames_in_words(dense, stack)
     )
     if dense.n_frames == 1:
         result = UpsamplingResult(dense=dense, output_node=mrml.volume_from_stack(scene, dense, name))
@@ -203,17 +205,24 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
             index_frames=upsampling.get("frames") or list(range(dense.n_frames)),
         )
         result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
-    result.frame_selection = dense.n_frames < stack.n_frames
+    result.frame_selection = _is_frame_selection(dense, stack)
     _record_provenance(result.output_node, dense)
     result.parent_transform = mrml.parent_transform(scene, input_node)
     mrml.place_under(scene, result.output_node, result.parent_transform)
     return result
 
 
-def _frames_in_words(dense: CineStack, input_frames: int) -> str:
+def _is_frame_selection(dense: CineStack, stack: CineStack) -> bool:
+    """Whether the dense output holds only some frames of the cine: fewer than the input, or than the
+    cine the input itself was selected from (a selection's output upsampled again)."""
+    count = dense.metadata.get("source_frame_count")
+    return dense.n_frames < stack.n_frames or (isinstance(count, int) and dense.n_frames < count)
+
+
+def _frames_in_words(dense: CineStack, stack: CineStack) -> str:
     """For a node name: which frames of the cine a selection holds (" frame 8", " frames 4,6,7",
-    " 12 frames"); "" when every frame of the input was upsampled."""
-    if dense.n_frames == input_frames:
+    " 12 frames"); "" for a whole cine."""
+    if not _is_frame_selection(dense, stack):
         return ""
     numbers = dense.recorded_frames() or list(range(dense.n_frames))  # the cine's own frame numbers
     if len(numbers) == 1:
@@ -223,6 +232,8 @@ def _frames_in_words(dense: CineStack, input_frames: int) -> str:
 
 #: Node attribute holding how the output was made (calid's "upsampling" metadata, JSON), saved with the scene.
 PROVENANCE_ATTRIBUTE = "CaLID.upsampling"
+#: Node attribute holding which frames of which cine the output holds (calid's selection record, JSON).
+SELECTION_ATTRIBUTE = "CaLID.selection"
 
 
 def _record_provenance(node: Any, dense: CineStack) -> None:
@@ -232,6 +243,7 @@ def _record_provenance(node: Any, dense: CineStack) -> None:
 
     upsampling = dense.metadata.get("upsampling", {})
     node.SetAttribute(PROVENANCE_ATTRIBUTE, json.dumps(upsampling, default=str))
+    node.SetAttribute(SELECTION_ATTRIBUTE, json.dumps({key: dense.metadata[key] for key in SELECTION_KEYS if key in dense.metadata}, default=str))
     how = ", ".join(f"{key} {upsampling[key]}" for key in ("mode", "factor", "steps", "seed", "model") if upsampling.get(key) is not None)
     if upsampling.get("earlier_upsampling"):
         how += f"; made by {describe_upsampling(upsampling)}"

@@ -457,6 +457,8 @@ def test_subjects_the_model_was_trained_on_are_flagged(tmp_path):
     assert pixel_only["subjects"] == ["phantom2001"]
     with pytest.raises(InputError, match="held-out: no trained model is given"):
         evaluate(replace(config, out_dir=str(tmp_path / "no-model"), subjects=("held-out",), methods=("linear",), model=None), command="test")
+    with pytest.raises(InputError, match="held-out: the model untrained:tiny records no validation subjects"):
+        evaluate(replace(config, out_dir=str(tmp_path / "untrained"), subjects=("held-out",), methods=("linear",), model="untrained:tiny"), command="test")
     with pytest.raises(InputError, match=r"holds none of the model's held-out subjects \(phantom2001, phantom2005\)"):
         evaluate(replace(config, data=("phantom:1",), out_dir=str(tmp_path / "none-there"), subjects=("held-out",)), command="test")
     with pytest.raises(InputError, match="held-out: the model untrained:tiny records no validation subjects"):

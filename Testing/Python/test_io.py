@@ -261,7 +261,7 @@ def test_the_nifti_record_is_readable_json_and_older_compressed_records_still_re
 def test_dicom_float_data_are_stored_with_rescale(tmp_path):
     stack = oblique_stack(frames=2)
     stack = stack.with_data(stack.data / 7.0 - 3.25, metadata={})
-    with pytest.warns(UserWarning, match=r"d: DICOM stores 16-bit integers: .* the acquired slices are not kept bit for bit"):
+    with pytest.warns(UserWarning, match=r"d: DICOM stores 16-bit integers, and these voxel values are not whole numbers within 16 bits .* not bit for bit"):
         back = read_stack(write_stack(stack, tmp_path / "d"))
     span = float(stack.data.max() - stack.data.min())
     np.testing.assert_allclose(back.data, stack.data, atol=span / 65000.0)
@@ -306,6 +306,25 @@ def test_dicom_output_keeps_acquired_slices_on_their_source_rescale_or_whole_num
             back = read_stack(write_stack(dense, tmp_path / f"{name}-dense"))
             np.testing.assert_array_equal(back.data[:, ::2], source.data)
             np.testing.assert_allclose(back.data[:, 1::2], dense.data[:, 1::2], atol=1.25 if name == "rescaled" else 0.5)
+    # not on a grid too coarse for the generated slices (acquired 0 and 1), nor clipped to the acquired slices' type, nor
+    # by a record that does not match the stack: such data are quantised over their range instead, and a warning says so
+    binary = upsample_linear(integers.with_data((integers.data > integers.data.mean()).astype(np.float32), metadata={"source_dtype": "float32"}), 4)
+    below = upsample_linear(float_whole, 2)
+    below.data[0, 1] = -50.0  # below the acquired slices' unsigned range: stored signed, not clipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = read_stack(write_stack(below, tmp_path / "below"))
+    assert back.data[0, 1].min() == -50.0 and np.array_equal(back.data[:, ::2], float_whole.data)
+    overshoot = below.with_data(below.data.copy())
+    overshoot.data[0, 1] = 70000.5  # beyond 16 bits on any grid
+    wrong_record = float_whole.with_data(float_whole.data.copy())
+    wrong_record.metadata["upsampling"] = {"mode": "linear", "factor": 2, "acquired_slice_indices": [0, 2]}
+    wrong_record.data[0, 1] += 0.3
+    for name, stack in (("binary", binary), ("overshoot", overshoot), ("wrong-record", wrong_record)):
+        with pytest.warns(UserWarning, match="not bit for bit"):
+            back = read_stack(write_stack(stack, tmp_path / name))
+        span = float(stack.data.max() - stack.data.min())
+        np.testing.assert_allclose(back.data, stack.data, atol=span / 65000.0)
 
 
 REAL_FILES = [

@@ -222,6 +222,8 @@ def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
     shown = [0, 2][result.function["dense"].ed_frame]
     assert result.output_node.GetName() == "sparse cine calid x2 frames 0,2"
     assert result.segmentation_node.GetName() == f"sparse cine calid x2 frames 0,2 segmentation (frame {shown}, the largest LV of the 2 frames run)"
+    again = upsample_node(scene, result.output_node, UpsamplingOptions(factor=2, mode="linear"))  # every frame of a selection: still a selection
+    assert again.output_node.GetName().endswith("x2 frames 0,2") and again.segmentation_node.GetName().endswith("the largest LV of the 2 frames run)")
     one = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", frames="2"))
     assert one.output_node.GetName() == "sparse cine linear x2 frame 2" and one.segmentation_node.GetName().endswith("segmentation (frame 2)")
     whole = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear"))
@@ -230,7 +232,7 @@ def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
     # the volume curves of two runs can be told apart in a legend
     series = scene.GetNodesByClass("vtkMRMLPlotSeriesNode")
     names = [series.GetItemAsObject(i).GetName() for i in range(series.GetNumberOfItems())]
-    assert len(names) == len(set(names)) == 12 and "sparse cine linear x2 function: LV ml (dense)" in names
+    assert len(names) == len(set(names)) == 16 and "sparse cine linear x2 function: LV ml (dense)" in names
 
 
 def test_the_result_layout_shows_three_long_axis_views_the_3d_view_the_curves_and_the_summary(scene, phantom):

@@ -504,7 +504,7 @@ def test_resume_takes_learning_rate_and_weight_decay_from_the_command_line(tmp_p
     assert changed.optimizer.param_groups[0]["weight_decay"] == 0.05
 
 
-def test_init_from_fine_tunes_a_trained_model(tmp_path):
+def test_init_from_fine_tunes_a_trained_model(tmp_path, monkeypatch):
     """--init-from starts a new run from a model file's weights (and its denoiser architecture),
     records where it started, refuses a file that does not fit, and is not used by --resume."""
     vae_file = str(tiny_vae_file(tmp_path))
@@ -551,8 +551,13 @@ def test_init_from_fine_tunes_a_trained_model(tmp_path):
     assert not any("output layer" in note for note in tuned.resume_notes)
     # validation subjects that the starting model learnt: said, since best.safetensors is chosen on them
     learnt = trained.info["info"]["training_data"]["train_subjects"]
-    with pytest.warns(UserWarning, match=rf"the starting model was trained on 1 of this run's validation subjects \({learnt[0]}\)"):
-        Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "seen"), steps=2, vae_model=vae_file, init_from=str(base_model),
+    # (named as the user named it: an installed model's name, not the file it resolves to)
+    from calid.models.registry import MODEL_DIR_ENV, install_model
+
+    install_model(base_model, "my-base", folder=tmp_path / "models", half_precision=False)
+    monkeypatch.setenv(MODEL_DIR_ENV, str(tmp_path / "models"))
+    with pytest.warns(UserWarning, match=rf"--init-from my-base: the starting model was trained on 1 of this run's validation subjects \({learnt[0]}\)"):
+        Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "seen"), steps=2, vae_model=vae_file, init_from="my-base",
                             **{**common, "val_subjects": (learnt[0],)}))
 
     # fine-tuning a CaLID file without --vae: its own autoencoder

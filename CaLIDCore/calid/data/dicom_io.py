@@ -388,23 +388,42 @@ def _as_read(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
+#: A grid is used for generated slices only when it has at least 8 bits' worth of steps over the data's
+#: range (as an 8-bit image's own integers do): a float image whose acquired values happen to be 0 and 1
+#: would otherwise lose every generated value.
+MIN_GRID_LEVELS = 255
+
+
 def _exact_16_bit_grid(stack: CineStack) -> tuple[np.ndarray, float, float] | None:
     """16-bit pixels, slope and intercept on which the stack's acquired slices (every slice of a stack
-    without calid's record) are stored bit for bit: the rescale of the DICOM series it was read from,
-    else whole numbers; generated slices are rounded to the same grid. None when neither holds them."""
+    without a consistent record of them) are stored bit for bit: the rescale of the DICOM series it was
+    read from, else whole numbers; generated slices are rounded to the same grid. None when neither
+    holds the acquired slices, or when the whole stack does not fit 16 bits on it or spans too few steps."""
     step = stack.acquired_slice_step() or 1
+    record = stack.metadata.get("upsampling")
+    if not isinstance(record, dict) or record.get("acquired_slice_indices") != list(range(0, stack.n_slices, step)):
+        step = 1  # no record, or one that does not match this stack: every slice is kept exactly
     acquired = stack.data[:, ::step]
     candidates = [(1.0, 0.0)]
     source = stack.metadata.get("dicom", {}).get("rescale") if isinstance(stack.metadata.get("dicom"), dict) else None
     if isinstance(source, (list, tuple)) and len(source) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in source) and source[0] > 0:
         candidates.insert(0, (_as_written(float(source[0])), _as_written(float(source[1]))))
+    low, high = float(stack.data.min()), float(stack.data.max())
     for slope, intercept in candidates:
-        steps = np.rint((stack.data.astype(np.float64) - intercept) / slope)
-        kind = np.uint16 if float(steps[:, ::step].min()) >= 0 else np.int16
+        first, last = (low - intercept) / slope, (high - intercept) / slope
+        kind = np.uint16 if round(first) >= 0 else np.int16
         info = np.iinfo(kind)
-        stored = steps.clip(info.min, info.max).astype(kind)  # generated values beyond the acquired ones' type are clipped
-        if np.array_equal(_as_read(stored[:, ::step], slope, intercept), acquired):
-            return stored, slope, intercept
+        if round(first) < info.min or round(last) > info.max:
+            continue  # no clipping: values beyond the type are quantised over the range instead
+        on_grid = np.rint((acquired.astype(np.float64) - intercept) / slope).astype(kind)
+        if not np.array_equal(_as_read(on_grid, slope, intercept), acquired):
+            continue
+        if last - first < MIN_GRID_LEVELS and step > 1:  # generated slices would be rounded coarsely
+            continue
+        stored = np.empty(stack.data.shape, dtype=kind)
+        for t in range(stack.n_frames):  # frame by frame: a float64 copy of a whole dense cine can be gigabytes
+            stored[t] = np.rint((stack.data[t].astype(np.float64) - intercept) / slope)
+        return stored, slope, intercept
     return None
 
 
@@ -481,9 +500,10 @@ def write_dicom_folder(
 ) -> None:
     """Write one MR image per (slice, frame) into a new folder, atomically.
 
-    Voxel values are stored as 16-bit integers. Integer data, and float data holding whole numbers, that fit are
-    stored as they are; other data are stored with ``RescaleSlope`` /
-    ``RescaleIntercept`` spanning their range (precision: range / 65535).
+    Voxel values are stored as 16-bit integers. Integer data that fit are stored as they are. Float
+    data whose acquired slices lie on the source series' rescale or on whole numbers are stored on that
+    grid (the acquired slices bit for bit, the generated ones rounded to it); other data are stored with
+    ``RescaleSlope`` / ``RescaleIntercept`` spanning their range (precision: range / 65000), with a warning.
     """
     folder = Path(folder)
     disk_dtype = output_dtype(stack, dtype)
@@ -503,8 +523,8 @@ def write_dicom_folder(
         intercept = _as_written(low)
         stored = np.rint((stack.data - intercept) / slope).clip(0, 65535).astype(np.uint16)
         warnings.warn(
-            f"{folder}: DICOM stores 16-bit integers: the voxel values (not whole numbers) are stored to within {slope / 2:.3g}, "
-            "so the acquired slices are not kept bit for bit; NIfTI or NRRD keep them exactly",
+            f"{folder}: DICOM stores 16-bit integers, and these voxel values are not whole numbers within 16 bits (nor on their source "
+            f"series' rescale): they are stored to within {slope / 2:.3g} of their value, not bit for bit; NIfTI or NRRD keep them exactly",
             stacklevel=2,
         )
     signed = stored.dtype.kind == "i"

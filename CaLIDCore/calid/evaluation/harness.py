@@ -715,7 +715,10 @@ class Evaluation:
         header = self._model_header()
         recorded = recorded_training_data(header, "validation_subjects") if header is not None else None
         if header is None or not isinstance(recorded, list) or not recorded:
-            what = f"the model {self.config.model or self.pipeline.name} records no validation subjects" if header is not None else "no trained model is given (--model)"
+            if header is not None or self.config.model:  # (an untrained model given with pixel methods only has no header read)
+                what = f"the model {self.config.model or self.pipeline.name} records no validation subjects"
+            else:
+                what = "no trained model is given (--model)"
             raise InputError("--subjects", f"{HELD_OUT}: {what}; name the subjects instead")
         seen = subjects_learnt(header)
         if self.temporal_pipeline is not None and self.temporal_pipeline.model is not None:

@@ -622,7 +622,7 @@ class Trainer:
         if not self.config.init_from:
             return None
         if resume:
-            self.resume_notes.append(f"--init-from {Path(self.config.init_from).name}: its weights are not used, a resumed run continues from its checkpoint")
+            self.resume_notes.append(f"--init-from {self.init_from_given}: its weights are not used, a resumed run continues from its checkpoint")
         initial = load_model(self.config.init_from, device=self.device)
         # Provenance for the exported model's card (the file name only: no paths of this machine).
         self._initialised_from = {"file": Path(self.config.init_from).name, "sha256": sha256_of(self.config.init_from)}
@@ -654,7 +654,7 @@ class Trainer:
             with torch.no_grad():
                 for parameter in output_layer.parameters():
                     parameter.zero_()
-            self.resume_notes.append(f"--init-from {Path(self.config.init_from or '').name}: it predicts the whole latent; its output layer starts at zero, so this run starts from the neighbours' mean")
+            self.resume_notes.append(f"--init-from {self.init_from_given}: it predicts the whole latent; its output layer starts at zero, so this run starts from the neighbours' mean")
 
     def _seed_everything(self, seed: int) -> None:
         random.seed(seed)
