@@ -234,6 +234,8 @@ SUMMARY_ROWS = {
     "rv_ef_percent": "RV ejection fraction (%)",
     "lv_mass_ed_g": "LV mass at end-diastole (g)",
 }
+#: The rows for one frame ("current frame"): no phase to name, no stroke volume or ejection fraction.
+ONE_FRAME_SUMMARY_ROWS = {"lv_edv_ml": "LV volume (ml)", "rv_edv_ml": "RV volume (ml)", "lv_mass_ed_g": "LV mass (g)"}
 
 
 def summary_table_from_function(scene: Any, results: dict[str, Any], name: str = "Cardiac function summary") -> Any:
@@ -242,13 +244,14 @@ def summary_table_from_function(scene: Any, results: dict[str, Any], name: str =
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     quantity = vtk.vtkStringArray()
     quantity.SetName("quantity")
-    for title in SUMMARY_ROWS.values():
+    rows = ONE_FRAME_SUMMARY_ROWS if all(len(result.lv_volume_ml) == 1 for result in results.values()) else SUMMARY_ROWS
+    for title in rows.values():
         quantity.InsertNextValue(title)
     table.AddColumn(quantity)
     for method, result in results.items():
         values = vtk.vtkDoubleArray()
         values.SetName(method)
-        for key in SUMMARY_ROWS:
+        for key in rows:
             values.InsertNextValue(float(result.summary.get(key, float("nan"))))
         table.AddColumn(values)
     return table
