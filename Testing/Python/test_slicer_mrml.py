@@ -226,11 +226,13 @@ def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
     assert again.output_node.GetName().endswith("x2 frames 0,2") and again.segmentation_node.GetName().endswith("the largest LV of the 2 frames run)")
     one = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", frames="2"))
     assert one.output_node.GetName() == "sparse cine linear x2 frame 2" and one.segmentation_node.GetName().endswith("segmentation (frame 2)")
+    assert one.output_node.GetDescription().endswith("the slices between are generated. Frame(s) 2 of the cine.")
     summary = one.summary_table_node  # one frame: its volumes, no end-diastole or ejection fraction claimed
     assert [summary.GetCellText(row, 0) for row in range(summary.GetNumberOfRows())] == ["LV volume (ml)", "RV volume (ml)", "LV mass (g)"]
     assert float(summary.GetCellText(0, 1)) == pytest.approx(one.function["dense"].lv_volume_ml[0], rel=1e-5)
     whole = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear"))
     ed = whole.function["dense"].ed_frame
+    assert "Frame(s)" not in whole.output_node.GetDescription()  # a whole cine: no frames to name
     assert whole.segmentation_node.GetName() == f"sparse cine linear x2 segmentation (frame {ed}, end-diastole)"
     # the volume curves of two runs can be told apart in a legend
     series = scene.GetNodesByClass("vtkMRMLPlotSeriesNode")
