@@ -261,7 +261,7 @@ def test_the_nifti_record_is_readable_json_and_older_compressed_records_still_re
 def test_dicom_float_data_are_stored_with_rescale(tmp_path):
     stack = oblique_stack(frames=2)
     stack = stack.with_data(stack.data / 7.0 - 3.25, metadata={})
-    with pytest.warns(UserWarning, match=r"d: DICOM stores 16-bit integers, and these voxel values are not whole numbers within 16 bits .* not bit for bit"):
+    with pytest.warns(UserWarning, match=r"d: DICOM stores 16-bit integers, and no 16-bit grid .* not bit for bit"):
         back = read_stack(write_stack(stack, tmp_path / "d"))
     span = float(stack.data.max() - stack.data.min())
     np.testing.assert_allclose(back.data, stack.data, atol=span / 65000.0)
@@ -317,9 +317,14 @@ def test_dicom_output_keeps_acquired_slices_on_their_source_rescale_or_whole_num
     assert back.data[0, 1].min() == -50.0 and np.array_equal(back.data[:, ::2], float_whole.data)
     overshoot = below.with_data(below.data.copy())
     overshoot.data[0, 1] = 70000.5  # beyond 16 bits on any grid
-    wrong_record = float_whole.with_data(float_whole.data.copy())
-    wrong_record.metadata["upsampling"] = {"mode": "linear", "factor": 2, "acquired_slice_indices": [0, 2]}
-    wrong_record.data[0, 1] += 0.3
+    # (its even slices whole, its odd ones not, and a record of every other slice acquired that does not fit its slice count)
+    dense = upsample_linear(float_whole, 2)
+    wrong_record = dense.with_data(dense.data[:, :-1].copy())
+    assert wrong_record.acquired_slice_step() == 2 and wrong_record.metadata["upsampling"]["acquired_slice_indices"] != list(range(0, wrong_record.n_slices, 2))
+    constant = float_whole.with_data(np.full(float_whole.shape, 7.25, dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stored exactly: no warning
+        np.testing.assert_array_equal(read_stack(write_stack(constant, tmp_path / "constant")).data, constant.data)
     for name, stack in (("binary", binary), ("overshoot", overshoot), ("wrong-record", wrong_record)):
         with pytest.warns(UserWarning, match="not bit for bit"):
             back = read_stack(write_stack(stack, tmp_path / name))

@@ -224,6 +224,17 @@ def test_logic_blocking_call_end_to_end(scene, phantom, tmp_path):
     assert result.segmentation_node.GetName() == f"sparse cine calid x2 frames 0,2 segmentation (frame {shown}, the largest LV of the 2 frames run)"
     again = upsample_node(scene, result.output_node, UpsamplingOptions(factor=2, mode="linear"))  # every frame of a selection: still a selection
     assert again.output_node.GetName().endswith("x2 frames 0,2") and again.segmentation_node.GetName().endswith("the largest LV of the 2 frames run)")
+    # ... also from a scene saved before the selection attribute existed, or with it damaged (the upsampling record stays)
+    from CaLIDSlicerLib.logic import SELECTION_ATTRIBUTE, stack_from_node
+
+    for damaged in (None, "{not json"):
+        if damaged is None:
+            result.output_node.RemoveAttribute(SELECTION_ATTRIBUTE)
+        else:
+            result.output_node.SetAttribute(SELECTION_ATTRIBUTE, damaged)
+        assert stack_from_node(result.output_node).acquired_slice_step() == 2
+    old_scene = upsample_node(scene, result.output_node, UpsamplingOptions(factor=2, mode="linear", segment=False))
+    assert old_scene.output_node.GetName().startswith("sparse cine calid x2 frames 0,2 linear x2 frames 0,2") and old_scene.output_node.GetDescription().endswith("Frame(s) 0, 2 of the cine.")
     one = upsample_node(scene, sequence, UpsamplingOptions(factor=2, mode="linear", frames="2"))
     assert one.output_node.GetName() == "sparse cine linear x2 frame 2" and one.segmentation_node.GetName().endswith("segmentation (frame 2)")
     assert one.output_node.GetDescription().endswith("the slices between are generated. Frame(s) 2 of the cine.")

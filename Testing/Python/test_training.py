@@ -559,6 +559,9 @@ def test_init_from_fine_tunes_a_trained_model(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=rf"--init-from my-base: the starting model was trained on 1 of this run's validation subjects \({learnt[0]}\)"):
         Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "seen"), steps=2, vae_model=vae_file, init_from="my-base",
                             **{**common, "val_subjects": (learnt[0],)}))
+    by_name = Trainer(TrainConfig(stage="ldm", data=("phantom:3",), out_dir=str(tmp_path / "residual-by-name"), steps=2, vae_model=vae_file, init_from="my-base",
+                                  residual_to_neighbours=True, **common))
+    assert any(note.startswith("--init-from my-base: it predicts the whole latent") for note in by_name.resume_notes), by_name.resume_notes
 
     # fine-tuning a CaLID file without --vae: its own autoencoder
     # (on other data: the denoiser keeps the latent scale it learnt, not one measured on the new data)

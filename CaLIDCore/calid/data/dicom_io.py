@@ -388,10 +388,9 @@ def _as_read(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
-#: A grid is used for generated slices only when it has at least 8 bits' worth of steps over the data's
-#: range (as an 8-bit image's own integers do): a float image whose acquired values happen to be 0 and 1
-#: would otherwise lose every generated value.
-MIN_GRID_LEVELS = 255
+#: A grid is used for generated slices only when it has at least 6 bits' worth of steps over the data's
+#: range: a float image whose acquired values happen to be 0 and 1 would otherwise lose every generated value.
+MIN_GRID_LEVELS = 64
 
 
 def _exact_16_bit_grid(stack: CineStack) -> tuple[np.ndarray, float, float] | None:
@@ -403,7 +402,6 @@ def _exact_16_bit_grid(stack: CineStack) -> tuple[np.ndarray, float, float] | No
     record = stack.metadata.get("upsampling")
     if not isinstance(record, dict) or record.get("acquired_slice_indices") != list(range(0, stack.n_slices, step)):
         step = 1  # no record, or one that does not match this stack: every slice is kept exactly
-    acquired = stack.data[:, ::step]
     candidates = [(1.0, 0.0)]
     source = stack.metadata.get("dicom", {}).get("rescale") if isinstance(stack.metadata.get("dicom"), dict) else None
     if isinstance(source, (list, tuple)) and len(source) == 2 and all(isinstance(v, (int, float)) and math.isfinite(v) for v in source) and source[0] > 0:
@@ -411,19 +409,21 @@ def _exact_16_bit_grid(stack: CineStack) -> tuple[np.ndarray, float, float] | No
     low, high = float(stack.data.min()), float(stack.data.max())
     for slope, intercept in candidates:
         first, last = (low - intercept) / slope, (high - intercept) / slope
+        if not (math.isfinite(first) and math.isfinite(last)):
+            continue
         kind = np.uint16 if round(first) >= 0 else np.int16
         info = np.iinfo(kind)
         if round(first) < info.min or round(last) > info.max:
             continue  # no clipping: values beyond the type are quantised over the range instead
-        on_grid = np.rint((acquired.astype(np.float64) - intercept) / slope).astype(kind)
-        if not np.array_equal(_as_read(on_grid, slope, intercept), acquired):
-            continue
-        if last - first < MIN_GRID_LEVELS and step > 1:  # generated slices would be rounded coarsely
-            continue
+        if step > 1 and last - first < MIN_GRID_LEVELS:
+            continue  # generated slices would be rounded coarsely
         stored = np.empty(stack.data.shape, dtype=kind)
         for t in range(stack.n_frames):  # frame by frame: a float64 copy of a whole dense cine can be gigabytes
             stored[t] = np.rint((stack.data[t].astype(np.float64) - intercept) / slope)
-        return stored, slope, intercept
+            if not np.array_equal(_as_read(stored[t, ::step], slope, intercept), stack.data[t, ::step]):
+                break
+        else:
+            return stored, slope, intercept
     return None
 
 
@@ -522,11 +522,13 @@ def write_dicom_folder(
         slope = _as_written((high - low) / 65000.0 if high > low else 1.0)
         intercept = _as_written(low)
         stored = np.rint((stack.data - intercept) / slope).clip(0, 65535).astype(np.uint16)
-        warnings.warn(
-            f"{folder}: DICOM stores 16-bit integers, and these voxel values are not whole numbers within 16 bits (nor on their source "
-            f"series' rescale): they are stored to within {slope / 2:.3g} of their value, not bit for bit; NIfTI or NRRD keep them exactly",
-            stacklevel=2,
-        )
+        if high > low:  # (a constant image is stored exactly: intercept its value, every pixel 0)
+            warnings.warn(
+                f"{folder}: DICOM stores 16-bit integers, and no 16-bit grid (whole numbers, or the source series' rescale) holds these "
+                f"voxel values' acquired slices with steps fine enough for the rest: they are stored to within {slope / 2:.3g} of their value, "
+                "not bit for bit; NIfTI or NRRD keep them exactly",
+                stacklevel=2,
+            )
     signed = stored.dtype.kind == "i"
 
     dicom_meta = stack.metadata.get("dicom", {}) if isinstance(stack.metadata.get("dicom"), dict) else {}
