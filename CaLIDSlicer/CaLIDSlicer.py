@@ -331,8 +331,8 @@ class CaLIDSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif code != 0:
                 from CaLIDSlicerLib.logic import in_panel_words
 
-                # the worker's last line, its temporary files named by what they hold
-                failed = in_panel_words(background, [messages.splitlines()[-1]], (self.job["node"].GetName() if self.job["node"] is not None else "input"))[0] if messages else f"calid exited with status {code}"
+                last_line = messages.splitlines()[-1] if messages else f"calid exited with status {code}"
+                failed = in_panel_words(background, [last_line], self.job["node"].GetName())[0]  # temporary files named by what they hold
             from CaLIDSlicerLib.process import warnings_in
 
             self.job["warnings"] += warnings_in(messages)

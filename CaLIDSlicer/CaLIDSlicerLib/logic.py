@@ -99,8 +99,10 @@ def _restore_provenance(node: Any, stack: CineStack) -> None:
         selection = json.loads(node.GetAttribute(SELECTION_ATTRIBUTE) or "{}")  # absent from scenes of earlier versions
     except ValueError:
         selection = {}  # which frames is lost, not what was generated
-    # (restore_record leaves out entries of the wrong kind, and keys other than the selection's are not taken)
-    restore_record(stack.metadata, {"upsampling": record, **({k: v for k, v in selection.items() if k in SELECTION_KEYS} if isinstance(selection, dict) else {})})
+    if not isinstance(selection, dict):
+        selection = {}
+    # restore_record leaves out entries of the wrong kind; only the selection's keys are taken from that attribute
+    restore_record(stack.metadata, {"upsampling": record, **{key: value for key, value in selection.items() if key in SELECTION_KEYS}})
 
 
 def upsample_node(
@@ -193,9 +195,10 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
     """New node(s) for the dense stack: a volume, or a sequence played by the input cine's own
     browser (synchronised) when every frame was upsampled, else by a browser of its own."""
     upsampling = dense.metadata.get("upsampling", {})
+    selection = _is_frame_selection(dense, stack)
     # A new name each run (GenerateUniqueName), so that runs with other settings stay apart.
     name = scene.GenerateUniqueName(
-        f"{input_node.GetName()} {options.mode} x{options.factor}" + (" tta" if upsampling.get("tta") else "") + _frames_in_words(dense, stack)
+        f"{input_node.GetName()} {options.mode} x{options.factor}" + (" tta" if upsampling.get("tta") else "") + (_frames_in_words(dense) if selection else "")
     )
     if dense.n_frames == 1:
         result = UpsamplingResult(dense=dense, output_node=mrml.volume_from_stack(scene, dense, name))
@@ -208,7 +211,7 @@ def _add_output(scene: Any, input_node: Any, stack: CineStack, dense: CineStack,
             index_frames=upsampling.get("frames") or list(range(dense.n_frames)),
         )
         result = UpsamplingResult(dense=dense, output_node=output, browser_node=browser)
-    result.frame_selection = _is_frame_selection(dense, stack)
+    result.frame_selection = selection
     _record_provenance(result.output_node, dense, result.frame_selection)
     result.parent_transform = mrml.parent_transform(scene, input_node)
     mrml.place_under(scene, result.output_node, result.parent_transform)
@@ -223,11 +226,8 @@ def _is_frame_selection(dense: CineStack, stack: CineStack) -> bool:
     return dense.n_frames < stack.n_frames or (isinstance(count, int) and dense.n_frames < count) or (numbers is not None and numbers != list(range(dense.n_frames)))
 
 
-def _frames_in_words(dense: CineStack, stack: CineStack) -> str:
-    """For a node name: which frames of the cine a selection holds (" frame 8", " frames 4,6,7",
-    " 12 frames"); "" for a whole cine."""
-    if not _is_frame_selection(dense, stack):
-        return ""
+def _frames_in_words(dense: CineStack) -> str:
+    """For a selection's node name: which frames of the cine it holds (" frame 8", " frames 4,6,7", " 12 frames")."""
     numbers = dense.recorded_frames() or list(range(dense.n_frames))  # the cine's own frame numbers
     if len(numbers) == 1:
         return f" frame {numbers[0]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -82,7 +83,5 @@ def work_folder() -> Path:
 def warnings_in(stderr: str) -> list[str]:
     """The warnings ``calid upsample`` wrote to its error output (untrained model, missing geometry, a label map), without
     their ``calid upsample: warning:`` prefix."""
-    import re
-
     lines = (re.match(r"calid [\w-]+: warning: (.*)", line) for line in stderr.splitlines())
     return [line.group(1).strip() for line in lines if line]
