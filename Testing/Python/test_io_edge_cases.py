@@ -273,3 +273,96 @@ def test_one_frame_cut_from_a_cine_keeps_its_time_in_every_format(tmp_path):
     assert sitk.ReadImage(str(tmp_path / "frame.nrrd")).GetSize() == (frame.shape[3], frame.shape[2], frame.shape[1])  # still a plain 3D volume
     untimed = read_stack(write_stack(frame.with_data(frame.data, frame_times_ms=None), tmp_path / "untimed.nrrd"))
     assert untimed.frame_times_ms is None
+
+
+def test_a_nifti_retimed_by_another_program_is_read_with_its_new_times(tmp_path):
+    """calid's header extension keeps uneven frame times; a program that changes the header's timing
+    but keeps the extension (nibabel does) must be believed, as every other reader believes it."""
+    written = write_stack(oblique_stack(frames=4, slices=3), tmp_path / "cine.nii.gz")
+    image = nib.load(str(written))
+    assert image.header.extensions, "calid's extension is what this test is about"
+    header = image.header.copy()
+    header.set_zooms(header.get_zooms()[:3] + (40.0,))
+    header["toffset"] = 5.0
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, header), str(tmp_path / "retimed.nii.gz"))
+    np.testing.assert_allclose(read_stack(tmp_path / "retimed.nii.gz").frame_times_ms, [5.0, 45.0, 85.0, 125.0])
+    header.set_xyzt_units("mm", "sec")
+    header.set_zooms(header.get_zooms()[:3] + (0.05,))
+    header["toffset"] = 0.0
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, header), str(tmp_path / "seconds.nii.gz"))
+    np.testing.assert_allclose(read_stack(tmp_path / "seconds.nii.gz").frame_times_ms, [0.0, 50.0, 100.0, 150.0], rtol=1e-6)
+    np.testing.assert_allclose(read_stack(written).frame_times_ms, oblique_stack(frames=4).frame_times_ms)  # untouched: its own times
+
+
+@pytest.mark.parametrize(("interval", "expected_ms"), [(30.0, 30.0), (0.03, 30.0), (1.0, None)])
+def test_a_nifti_without_a_time_unit_is_read_in_the_unit_a_cine_can_have(tmp_path, interval, expected_ms):
+    header = nib.Nifti1Header()
+    header.set_xyzt_units("mm", "unknown")
+    image = nib.Nifti1Image(np.zeros((6, 5, 3, 4), dtype=np.int16), np.diag([1.5, 1.5, 8.0, 1.0]), header)
+    image.header.set_zooms((1.5, 1.5, 8.0, interval))
+    image.header.set_xyzt_units("mm", "unknown")
+    nib.save(image, str(tmp_path / "untimed.nii.gz"))
+    stack = read_stack(tmp_path / "untimed.nii.gz")
+    if expected_ms is None:  # 1 is the placeholder many programs write: no time is made up
+        assert stack.frame_times_ms is None and "time unit" not in stack.metadata.get("geometry_note", "")
+    else:
+        np.testing.assert_allclose(stack.frame_times_ms, np.arange(4) * expected_ms, rtol=1e-6)
+        assert f"frame interval {interval:g} was read in {'ms' if interval > 1 else 's'}" in stack.metadata["geometry_note"]
+        back = read_stack(write_stack(stack, tmp_path / "timed.nii.gz"))
+        assert nib.load(str(tmp_path / "timed.nii.gz")).header.get_xyzt_units()[1] == "msec"
+        np.testing.assert_allclose(back.frame_times_ms, stack.frame_times_ms, rtol=1e-6)
+
+
+def test_dicom_frames_without_trigger_times_are_ordered_by_temporal_position(tmp_path):
+    """Some exports carry Temporal Position Identifier but no Trigger Time, with instance numbers
+    that do not follow time: ordered by instance number, the cine came back scrambled."""
+    cine = oblique_stack(frames=4, slices=3)
+    folder = write_stack(cine, tmp_path / "dicom")
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(str(path))
+        del ds.TriggerTime
+        slice_index = int(np.argmin([abs(np.dot(np.asarray(ds.ImagePositionPatient) - cine.origin, cine.direction[:, 2]) - z * 8.5) for z in range(3)]))
+        ds.InstanceNumber = slice_index * 4 + (4 - int(ds.TemporalPositionIdentifier))  # time runs backwards in instance numbers
+        ds.save_as(str(path))
+    back = read_stack(folder)
+    assert back.frame_times_ms is None
+    np.testing.assert_array_equal(back.data, cine.data)
+
+
+def test_dicom_rescale_is_applied_in_double_precision_as_other_readers_do(tmp_path):
+    cine = oblique_stack(frames=2, slices=3)
+    folder = write_stack(cine, tmp_path / "dicom")
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(str(path))
+        ds.RescaleSlope, ds.RescaleIntercept = "1.23456789", "3.3"
+        ds.save_as(str(path))
+    stack = read_stack(folder)
+    for path in sorted(folder.iterdir()):
+        ds = pydicom.dcmread(str(path))
+        expected = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float32)  # float64, rounded once
+        t = int(ds.TemporalPositionIdentifier) - 1
+        z = int(np.argmin([abs(np.dot(np.asarray(ds.ImagePositionPatient) - cine.origin, cine.direction[:, 2]) - k * 8.5) for k in range(3)]))
+        np.testing.assert_array_equal(stack.data[t, z], expected)
+
+
+def test_slicer_multivolume_nrrd_frame_labels_are_read_as_frame_times(tmp_path):
+    """Slicer's MultiVolume importer saves the list axis first and the trigger times in custom fields."""
+    voxels = np.random.default_rng(0).random((4, 6, 5, 3)).astype(np.float32)  # (t, x, y, z) on disk
+    header = {
+        "kinds": ["list", "domain", "domain", "domain"],
+        "space": "left-posterior-superior",
+        "space directions": [[np.nan] * 3, [1.5, 0, 0], [0, 1.5, 0], [0, 0, 8.0]],
+        "space origin": [0.0, 0.0, 0.0],
+        "MultiVolume.FrameLabels": "12,45.5,79,112.5",
+        "MultiVolume.FrameIdentifyingDICOMTagName": "TriggerTime",
+        "MultiVolume.FrameIdentifyingDICOMTagUnits": "ms",
+        "MultiVolume.NumberOfFrames": "4",
+    }
+    nrrd.write(str(tmp_path / "multivolume.nrrd"), voxels, header)
+    stack = read_stack(tmp_path / "multivolume.nrrd")
+    assert stack.n_frames == 4
+    np.testing.assert_allclose(stack.frame_times_ms, [12.0, 45.5, 79.0, 112.5])
+    np.testing.assert_array_equal(stack.data[2], np.transpose(voxels[2], (2, 1, 0)))
+    header["MultiVolume.FrameIdentifyingDICOMTagName"] = "EchoTime"  # a multi-echo series: not a cine's times
+    nrrd.write(str(tmp_path / "echoes.nrrd"), voxels, header)
+    assert read_stack(tmp_path / "echoes.nrrd").frame_times_ms is None

@@ -57,6 +57,7 @@ class _Image:
     rows: int
     columns: int
     trigger_time: float | None
+    temporal_position: int | None
     instance_number: int | None
     header: Dataset
 
@@ -164,6 +165,9 @@ def _scan(folder: Path) -> tuple[list[_Image], int, list[str], list[tuple[str, I
                     rows=int(header.Rows),
                     columns=int(header.Columns),
                     trigger_time=float(header.TriggerTime) if header.get("TriggerTime") not in (None, "") else None,
+                    temporal_position=(
+                        int(header.TemporalPositionIdentifier) if header.get("TemporalPositionIdentifier") not in (None, "") else None
+                    ),
                     instance_number=int(header.InstanceNumber) if header.get("InstanceNumber") not in (None, "") else None,
                     header=header,
                 )
@@ -302,10 +306,13 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
         raise InputError(folder, f"slices have different numbers of frames (position: images) {listing}; duplicated or missing images?")
     n_frames = counts[0]
 
-    def frame_key(index: int) -> tuple[float, int]:
+    def frame_key(index: int) -> tuple[float, int, int]:
+        # Trigger time orders the cardiac phases; without it, the temporal position (which some
+        # scanners, and calid's writer, record), and only then the instance number.
         image = images[index]
         trigger = image.trigger_time if image.trigger_time is not None else float("inf")
-        return (trigger, image.instance_number if image.instance_number is not None else 0)
+        position = image.temporal_position if image.temporal_position is not None else 0
+        return (trigger, position, image.instance_number if image.instance_number is not None else 0)
 
     ordered = [sorted(members, key=frame_key) for members in slices]
     for members in ordered:
@@ -313,7 +320,7 @@ def _assemble(folder: Path, images: list[_Image]) -> CineStack:
         if len(set(keys)) != len(keys):
             raise InputError(
                 images[members[0]].path,
-                f"{len(keys) - len(set(keys))} image(s) at slice position {distances[members[0]]:.2f} mm share trigger time and instance number (duplicated images)",
+                f"{len(keys) - len(set(keys))} image(s) at slice position {distances[members[0]]:.2f} mm share trigger time, temporal position and instance number (duplicated images)",
             )
         triggers_here = [images[i].trigger_time for i in members]
         if None not in triggers_here and 1 < len(set(triggers_here)) < len(triggers_here):
@@ -385,7 +392,9 @@ def _as_read(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     """The voxel values a reader (this module's) gets from stored pixels and their rescale."""
     if (slope, intercept) == (1.0, 0.0):
         return stored.astype(holding_dtype(stored.dtype))
-    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    # Rescaled in double precision and rounded once, as SimpleITK and pydicom do: float32
+    # arithmetic would be one unit in the last place off for a quarter of the voxels.
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
 #: A grid is used for generated slices only when it has at least 6 bits' worth of steps over the data's

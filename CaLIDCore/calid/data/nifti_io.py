@@ -114,18 +114,33 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     time_axis = next((i for i in range(3, len(shape)) if shape[i] != 1), 3)
     if data_tzyx.shape[0] > 1 and len(zooms) > time_axis and zooms[time_axis] > 0:
         _, time_unit = header.get_xyzt_units()
+        interval = float(zooms[time_axis])
         to_ms = _TIME_UNIT_TO_MS.get(time_unit)
+        if to_ms is None:
+            to_ms = _guessed_time_unit(interval)
+            if to_ms is not None:
+                time_note = (
+                    f"the file sets no time unit; its frame interval {interval:g} was read in "
+                    f"{'ms' if to_ms == 1.0 else 's'} ({interval * to_ms:g} ms: a cardiac cine's frames are 10-100 ms apart)"
+                )
+                metadata["geometry_note"] = "; ".join(filter(None, [metadata.get("geometry_note"), time_note]))
         if to_ms is not None:
             toffset = float(header["toffset"]) if "toffset" in header else 0.0
-            frame_times = (toffset + float(zooms[time_axis]) * np.arange(data_tzyx.shape[0])) * to_ms
+            frame_times = (toffset + interval * np.arange(data_tzyx.shape[0])) * to_ms
 
     stored = _stored_geometry(image)
     if stored is not None and _agrees(stored, spacing, origin, direction, data_tzyx.shape):
         spacing = np.asarray(stored["spacing_xyz_mm"])
         origin = np.asarray(stored["origin_lps_mm"])
         direction = np.asarray(stored["direction_lps"])
-        if stored.get("frame_times_ms") is not None and len(stored["frame_times_ms"]) == data_tzyx.shape[0]:
-            frame_times = np.asarray(stored["frame_times_ms"], dtype=np.float64)
+        stored_times = stored.get("frame_times_ms")
+        if stored_times is not None and len(stored_times) == data_tzyx.shape[0]:
+            stored_times = np.asarray(stored_times, dtype=np.float64)
+            # The extension keeps uneven frame times, which the header (one interval) cannot. It is
+            # trusted only while the header still says the same first time and mean interval: a
+            # program that retimed the file (and kept the extension, as nibabel does) is believed.
+            if data_tzyx.shape[0] == 1 or (frame_times is not None and _same_timing(stored_times, frame_times)):
+                frame_times = stored_times
         # What the reader says about this file stays; what an earlier reader said about the
         # original input (its geometry note, its format) does not describe this file.
         restore_record(metadata, stored.get("metadata"))
@@ -207,6 +222,28 @@ def _transform_as_itk_reads_it(image: Any) -> tuple[np.ndarray, str | None]:
         note = None if sform_code == 0 else f"the qform (code {qform_code}) was used, as ITK and Slicer do; the sform ({why}) was not"
         return qform, note
     return sform, None  # only a sheared sform: refused below
+
+
+def _guessed_time_unit(interval: float) -> float | None:
+    """ms per unit of a frame interval whose file names no time unit, where only one reading is a cine's.
+
+    Cardiac cine frames are 10-100 ms apart: 30 is read as ms, 0.03 as s; a value such as 1 (the
+    placeholder many programs write) fits neither and gives no times."""
+    if 5.0 <= interval <= 200.0:
+        return 1.0
+    if 0.005 <= interval <= 0.2:
+        return 1000.0
+    return None
+
+
+def _same_timing(stored_ms: np.ndarray, header_ms: np.ndarray) -> bool:
+    """Whether the header's times (first time, one interval) are those written for ``stored_ms``."""
+    interval = float(np.mean(np.diff(stored_ms)))
+    # The header holds float32 values, in whatever unit: a relative tolerance, and 1 µs absolute.
+    return bool(
+        np.isclose(header_ms[0], stored_ms[0], rtol=1e-5, atol=1e-3)
+        and np.isclose(float(np.mean(np.diff(header_ms))), interval, rtol=1e-5, atol=1e-3)
+    )
 
 
 def _agrees(stored: dict[str, Any], spacing: np.ndarray, origin: np.ndarray, direction: np.ndarray, shape: tuple[int, ...]) -> bool:

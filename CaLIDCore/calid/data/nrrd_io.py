@@ -177,10 +177,11 @@ def _single_frame_time(header: dict[str, Any]) -> np.ndarray | None:
 
 
 def _frame_times(header: dict[str, Any], list_axis: int, n_frames: int) -> np.ndarray | None:
-    """Frame times (ms) from Slicer's ``axis N index values``, or None when they are not times."""
+    """Frame times (ms) from Slicer's ``axis N index values`` (a volume sequence) or ``MultiVolume.FrameLabels``
+    (what Slicer's MultiVolume importer saves), or None when they are not times."""
     values = header.get(f"axis {list_axis} index values")
     if values is None:
-        return None
+        return _multivolume_frame_times(header, n_frames)
     try:
         times = np.asarray([float(v) for v in str(values).split()], dtype=np.float64)
     except ValueError:
@@ -199,6 +200,27 @@ def _frame_times(header: dict[str, Any], list_axis: int, n_frames: int) -> np.nd
     if "time" not in name and "trigger" not in name:
         return None  # frame numbers, not times
     return times if times.max() > _SECONDS_MAX else times * 1000.0
+
+
+def _multivolume_frame_times(header: dict[str, Any], n_frames: int) -> np.ndarray | None:
+    labels = header.get("MultiVolume.FrameLabels")
+    if labels is None:
+        return None
+    try:
+        times = np.asarray([float(v) for v in str(labels).replace(",", " ").split()], dtype=np.float64)
+    except ValueError:
+        return None
+    if times.size != n_frames or (n_frames > 1 and np.any(np.diff(times) <= 0)):
+        return None
+    tag = str(header.get("MultiVolume.FrameIdentifyingDICOMTagName", "")).strip().lower()
+    if tag not in ("triggertime", ""):
+        return None  # frames labelled by something else (echo time, flip angle, b-value...): not a cine's times
+    unit = str(header.get("MultiVolume.FrameIdentifyingDICOMTagUnits", "")).strip().lower()
+    if unit in ("ms", "msec") or (not unit and tag == "triggertime"):
+        return times
+    if unit in ("s", "sec"):
+        return times * 1000.0
+    return None
 
 
 def write_nrrd(stack: CineStack, path: str | os.PathLike[str], dtype: Any = None) -> None:
