@@ -366,3 +366,16 @@ def test_slicer_multivolume_nrrd_frame_labels_are_read_as_frame_times(tmp_path):
     header["MultiVolume.FrameIdentifyingDICOMTagName"] = "EchoTime"  # a multi-echo series: not a cine's times
     nrrd.write(str(tmp_path / "echoes.nrrd"), voxels, header)
     assert read_stack(tmp_path / "echoes.nrrd").frame_times_ms is None
+
+
+def test_a_nifti_time_step_in_seconds_gives_whole_milliseconds(tmp_path):
+    """0.03 s is 0.0299999993 in a float32 header: the frame times are 30 ms apart, not 29.9999993."""
+    image = nib.Nifti1Image(np.zeros((6, 5, 3, 4), dtype=np.int16), np.diag([1.5, 1.5, 8.0, 1.0]))
+    image.header.set_zooms((1.5, 1.5, 8.0, 0.03))
+    image.header.set_xyzt_units("mm", "sec")
+    image.header["toffset"] = 0.01
+    nib.save(image, str(tmp_path / "seconds.nii.gz"))
+    times = read_stack(tmp_path / "seconds.nii.gz").frame_times_ms
+    assert times.tolist() == pytest.approx([10.0, 40.0, 70.0, 100.0], abs=1e-9)
+    write_stack(read_stack(tmp_path / "seconds.nii.gz"), tmp_path / "cine.seq.nrrd")
+    assert nrrd.read_header(str(tmp_path / "cine.seq.nrrd"))["axis 0 index values"].split() == ["10.0", "40.0", "70.0", "100.0"]

@@ -114,7 +114,8 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
     time_axis = next((i for i in range(3, len(shape)) if shape[i] != 1), 3)
     if data_tzyx.shape[0] > 1 and len(zooms) > time_axis and zooms[time_axis] > 0:
         _, time_unit = header.get_xyzt_units()
-        interval = float(zooms[time_axis])
+        # The header holds float32: its shortest decimal (0.03, not 0.0299999993) is what was meant.
+        interval = _as_meant(zooms[time_axis])
         to_ms = _TIME_UNIT_TO_MS.get(time_unit)
         if to_ms is None:
             to_ms = _guessed_time_unit(interval)
@@ -125,8 +126,8 @@ def read_nifti(path: str | os.PathLike[str]) -> CineStack:
                 )
                 metadata["geometry_note"] = "; ".join(filter(None, [metadata.get("geometry_note"), time_note]))
         if to_ms is not None:
-            toffset = float(header["toffset"]) if "toffset" in header else 0.0
-            frame_times = (toffset + interval * np.arange(data_tzyx.shape[0])) * to_ms
+            toffset = _as_meant(header["toffset"]) if "toffset" in header else 0.0
+            frame_times = toffset * to_ms + interval * to_ms * np.arange(data_tzyx.shape[0])
 
     stored = _stored_geometry(image)
     if stored is not None and _agrees(stored, spacing, origin, direction, data_tzyx.shape):
@@ -222,6 +223,11 @@ def _transform_as_itk_reads_it(image: Any) -> tuple[np.ndarray, str | None]:
         note = None if sform_code == 0 else f"the qform (code {qform_code}) was used, as ITK and Slicer do; the sform ({why}) was not"
         return qform, note
     return sform, None  # only a sheared sform: refused below
+
+
+def _as_meant(value: Any) -> float:
+    """A float32 header value as the decimal number that was written into it."""
+    return float(str(np.float32(value)))
 
 
 def _guessed_time_unit(interval: float) -> float | None:
