@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -953,13 +954,14 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         val_fraction=args.val_fraction,
-        val_subjects=tuple(args.val_subjects.split(",")) if args.val_subjects else None,
+        val_subjects=_subject_names(args.val_subjects),
         device=args.device,
     )
-    trainer = SegmentationTrainer(config, resume=args.resume)
+    trainer = SegmentationTrainer(config, resume=args.resume, overwrite=args.overwrite)
     print(
         f"training the segmenter ({trainer.model_config.name}) on {trainer.device}: {len(trainer.slices)} training slices from "
-        f"{len(trainer.subjects['train'])} subjects, {len(trainer.val_volumes)} validation volumes from {len(trainer.subjects['validation'])} subjects; "
+        f"{_count(len(trainer.subjects['train']), 'subject')}, {_count(len(trainer.val_volumes), 'validation volume')} from "
+        f"{_count(len(trainer.subjects['validation']), 'subject')}; "
         f"step {trainer.step} -> {config.steps}",
         flush=True,
     )
@@ -971,9 +973,27 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
     if trainer.stop_requested:
         print(f"stopped at step {trainer.step} of {config.steps}; continue with the same command and --resume")
-    else:
-        print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'best.safetensors'}")
+        return _stopped_status(trainer.stop_signal)
+    print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'best.safetensors'}")
     return 0
+
+
+def _stopped_status(stop_signal: int | None) -> int:
+    """The exit status of a run stopped by a signal (checkpoint kept): 128 + the signal's number, as a
+    shell reports a process the signal ended, so that a script (`set -e`) or a scheduler does not take the
+    stop for a finished run and go on to the next stage. (A process of a torchrun group stopped by
+    another's signal reports SIGTERM.)"""
+    return 128 + int(stop_signal if stop_signal is not None else signal.SIGTERM)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _subject_names(text: str | None) -> tuple[str, ...] | None:
+    """``--val-subjects a, b,c``: the names, without the spaces around them."""
+    names = tuple(name.strip() for name in (text or "").split(",") if name.strip())
+    return names or None
 
 
 def _subject_list(subjects: Sequence[str]) -> str:
@@ -998,6 +1018,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return _cmd_train_seg(args)
     if args.config == "default":
         raise InputError("--config", f"'default' names the segmenter's size; the {args.stage} stage takes tiny, small, paper or NAME-2d+t")
+    autoencoder_file = args.vae or args.init_from
+    if args.stage == "ldm" and "config" in (getattr(args, "options_given", None) or set()) and autoencoder_file:
+        from calid.models.checkpoint import read_raw_header
+        from calid.models.registry import resolve_model
+
+        size = str((read_raw_header(resolve_model(autoencoder_file)).get("config") or {}).get("name", ""))
+        if size and size != args.config:
+            raise InputError(
+                "--config",
+                f"{args.config}: the ldm stage takes its size from the autoencoder it trains on ({autoencoder_file} is {size}); "
+                f"leave out --config, or first train a {args.config} VAE (calid train vae --config {args.config})",
+            )
     checkpoint = Path(args.out) / "checkpoints" / "last.safetensors"
     if args.resume and checkpoint.is_file():
         # Resuming continues with the run's own options, not the defaults (a default batch size, warm-up
@@ -1032,7 +1064,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_workers=args.workers,
         val_fraction=args.val_fraction,
-        val_subjects=tuple(args.val_subjects.split(",")) if args.val_subjects else None,
+        val_subjects=_subject_names(args.val_subjects),
         gaps=_gaps(args.gaps),
         val_steps=args.val_steps,
         placeholder_spacing=args.placeholder_spacing,
@@ -1052,7 +1084,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         init_from=args.init_from,
         downsample_time=args.downsample_time,
     )
-    trainer = Trainer(config, resume=args.resume)
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
     if trainer.is_main:
         print(
             f"training {config.stage} ({trainer.model_config.name}) on {trainer.device}, {trainer.world} process(es): "
@@ -1090,6 +1122,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"stopped at step {trainer.step} of {config.steps}{why}; continue with the same command and --resume. model so far: {Path(config.out_dir) / 'model.safetensors'}")
         else:
             print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'model.safetensors'}")
+    if trainer.stop_requested and not trainer.time_limit_reached:
+        return _stopped_status(trainer.stop_signal)  # a time limit is the run's own plan: status 0
     return 0
 
 
@@ -1293,10 +1327,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         default="small",
         choices=["tiny", "small", "paper", "tiny-2d+t", "small-2d+t", "paper-2d+t", "default"],
-        help="network sizes (vae: tiny/small/paper, default small, or NAME-2d+t for the 2D+T model on clips; seg: tiny/default)",
+        help="network sizes (vae: tiny/small/paper, default small, or NAME-2d+t for the 2D+T model on clips; ldm: the VAE's own; seg: tiny/default)",
     )
     train.add_argument("--vae", help="ldm stage: the trained VAE file (with --init-from and no --vae: that model's own VAE)")
-    train.add_argument("--steps", type=int, help="optimisation steps (default: 20000; seg 4000; with --resume: the run's own)")
+    train.add_argument("--steps", type=_positive_int, help="optimisation steps (default: 20000; seg 4000; with --resume: the run's own)")
     train.add_argument("--batch-size", type=_positive_int, help="per process (default: 32; seg 16; with --resume: the run's own)")
     train.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4; seg 1e-3; with --resume: the run's own)")
     train.add_argument("--optimizer", default="adamw", choices=["adam", "adamw"])
@@ -1350,6 +1384,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--downsample-time", action="store_true", help="vae of a NAME-2d+t model: the paper's 3D autoencoder, time downsampled like space")
     train.add_argument("--temporal", action="store_true", help="ldm on a 2D VAE: train a 2D+T denoiser (clips) over the 2D autoencoder applied frame by frame")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors, with the run's own options except those given")
+    train.add_argument("--overwrite", action="store_true", help="start a new run in an --out folder that holds another run, replacing its checkpoint, models and logs (without it: refused)")
     train.set_defaults(handler=_cmd_train)
 
     from calid.evaluation.methods import ALL_METHODS, METHODS, STEP_SWEEP  # light: no PyTorch for --help

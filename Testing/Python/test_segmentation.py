@@ -351,6 +351,13 @@ def test_cli_train_seg_end_to_end_and_resume(labelled_folder, tmp_path):
 
     saved = read_training_extra(out / "checkpoints" / "last.safetensors")["train_config"]
     assert (saved["model"], saved["batch_size"], saved["val_fraction"], saved["validate_every"]) == ("tiny", 4, 0.25, 2)
+    # a new run into it is refused, and numbers the optimiser would misuse, by name (in-process: quick)
+    from calid.cli import main
+
+    assert main([*common, "--steps", "2"]) == 2
+    assert main([*common, "--steps", "2", "--lr", "0", "--out", str(tmp_path / "other")]) == 2
+    assert not (tmp_path / "other").exists()
+    assert read_training_extra(out / "checkpoints" / "last.safetensors")["step"] == 4
     # a VAE run's folder is no segmentation run to resume
     wrong = subprocess.run([sys.executable, "-m", "calid", "train", "vae", "--data", str(labelled_folder), "--out", str(out), "--resume"], capture_output=True, text=True, timeout=600)
     assert wrong.returncode == 2 and "not of a vae run" in wrong.stderr

@@ -27,8 +27,8 @@ def tiny_vae_file(tmp_path):
     return save_model(tmp_path / "vae.safetensors", config, build_vae(config))
 
 
-def run(config: TrainConfig, resume: bool = False) -> Trainer:
-    trainer = Trainer(config, resume=resume)
+def run(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Trainer:
+    trainer = Trainer(config, resume=resume, overwrite=overwrite)
     trainer.fit()
     return trainer
 
@@ -253,7 +253,7 @@ def test_sigterm_stops_training_with_a_usable_checkpoint(tmp_path):
         time.sleep(0.2)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr
+    assert process.returncode == 128 + signal.SIGTERM, stderr  # stopped, not done: a script must not go on to the next stage
     stopped_at = int(re.search(r"stopped at step (\d+) of 100000", stdout).group(1))  # not a misleading "done"
     assert stopped_at >= 1 and "continue with the same command and --resume" in stdout
     assert "stop requested" in stdout + stderr
@@ -288,7 +288,7 @@ def test_a_stop_sent_to_the_whole_process_group_with_loader_workers_still_checkp
         time.sleep(0.2)
     os.killpg(process.pid, signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=300)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     stopped_at = int(re.search(r"stopped at step (\d+) of 100000", stdout).group(1))
     from calid.training.trainer import checkpoint_extra_for_stage
 
@@ -327,6 +327,26 @@ def test_a_resume_refuses_what_would_spoil_the_run_and_notes_other_changes(tmp_p
     assert any(note.startswith("ema decay: 0.999 in the checkpoint, 0.99") for note in changed.resume_notes)
     quiet = Trainer(TrainConfig(steps=4, vae_model=vae_file, **common), resume=True)
     assert quiet.resume_notes == ["steps: 2 in the checkpoint, 4 from now on"]  # the only change, and a free one
+    # another seed that keeps the split is allowed, and said (it changes the augmentation and noise draws)
+    same_split = next(seed for seed in range(1, 50) if split_subjects(subjects, 0.34, seed)[1] == first_val)
+    reseeded = Trainer(TrainConfig(steps=4, vae_model=vae_file, seed=same_split, **common), resume=True)
+    assert f"seed: 0 in the checkpoint, {same_split} from now on" in reseeded.resume_notes
+
+
+def test_the_model_file_records_every_subject_the_run_ever_trained_on(tmp_path):
+    """A resume on fewer subjects must not forget those trained on before: a later resume (or calid
+    evaluate --subjects held-out) would take one for a held-out subject."""
+    from calid.training.trainer import checkpoint_extra_for_stage
+
+    common = dict(stage="vae", out_dir=str(tmp_path / "run"), model="tiny", batch_size=2, perceptual_weight=0.0, adversarial_weight=0.0,
+                  validate_every=100, checkpoint_every=100, val_subjects=("phantom1000",))
+    run(TrainConfig(steps=2, data=("phantom:3",), **common))  # trains on phantom1001 and phantom1002
+    fewer = run(TrainConfig(steps=3, data=("phantom:2",), **common), resume=True)  # phantom1002 left out
+    assert any("1 subject(s) trained on earlier in this run are not in this session's data (phantom1002)" in note for note in fewer.resume_notes)
+    assert sorted(checkpoint_extra_for_stage(tmp_path / "run" / "checkpoints" / "last.safetensors", "vae")["train_subjects"]) == ["phantom1001", "phantom1002"]
+    assert "phantom1002" in read_raw_header(tmp_path / "run" / "model.safetensors")["info"]["training_data"]["train_subjects"]
+    with pytest.raises(InputError, match=r"validation subject\(s\) phantom1002 were training subjects of this run"):
+        Trainer(TrainConfig(steps=4, data=("phantom:3",), **{**common, "val_subjects": ("phantom1000", "phantom1002")}), resume=True)
 
 
 def test_a_resume_after_a_crash_keeps_the_better_best_model_and_logs_each_step_once(tmp_path):
@@ -353,10 +373,14 @@ def test_a_resume_after_a_crash_keeps_the_better_best_model_and_logs_each_step_o
     for log in ("log.csv", "validation.csv"):
         with (tmp_path / "run" / log).open(newline="") as handle:
             assert [int(row["step"]) for row in csv.DictReader(handle)] == [1, 2, 3, 4, 5, 6]
-    # another run into the same folder, stopped before its first validation, does not take that score as
-    # its own: it validates its own model once and keeps that as its best
+    # another run into the same folder is refused (a forgotten --resume would lose this one); asked for, it
+    # replaces the run's files, and stopped before its first validation it validates its own model once
+    # and keeps that as its best, not the earlier run's score
     other = dict(common, validate_every=100)
-    stopped = run(TrainConfig(steps=50, time_limit_minutes=1e-6, **other))
+    with pytest.raises(InputError, match=r"run: holds an earlier run \(checkpoints/last\.safetensors, model\.safetensors, best\.safetensors, log\.csv, validation\.csv\).*--resume.*--overwrite"):
+        Trainer(TrainConfig(steps=50, **other))
+    assert read_raw_header(best_file)["info"]["metrics"]["val_psnr"] >= best_before  # untouched by the refusal
+    stopped = run(TrainConfig(steps=50, time_limit_minutes=1e-6, **other), overwrite=True)
     assert stopped.step == 1 and stopped.time_limit_reached
     own = read_raw_header(best_file)["info"]
     assert own["run_id"] == stopped.run_id and own["step"] == 1
@@ -398,6 +422,10 @@ def test_two_process_ddp_on_cpu(tmp_path):
     limited = torchrun_calid(*vae_common, "--steps", "50", "--validate-every", "100", "--resume", "--time-limit", "0.0001")
     assert limited.returncode == 0, limited.stderr[-3000:]
     assert "stopped at step 3 of 50 (time limit of 0.0001 min)" in limited.stdout
+    # resumed by one process: the batch per step halves (--batch-size is per process), and that is said
+    alone = Trainer(TrainConfig(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "ddp_vae"), model="tiny", batch_size=2, perceptual_weight=0.0,
+                                val_fraction=0.34, steps=50), resume=True)
+    assert "processes: 2 in the checkpoint, 1 from now on: 2 x 2 = 4 slices per step before, 2 from now on (--batch-size is per process)" in alone.resume_notes
     # a new run stopped before its first validation: every process validates once (no hang), and best.safetensors exists
     # (and a folder with a label file: the data's warnings come once, not once per process)
     folder = tmp_path / "own"
@@ -833,3 +861,80 @@ def test_the_training_script_trains_both_stages_resumes_and_keeps_the_vae_once_t
     assert "the VAE is not trained further" in again.stdout and (out / "vae" / "best.safetensors").read_bytes() == vae_before
     assert "resuming with the run's own" in again.stdout + again.stderr
     assert load_model(out / "ldm" / "model.safetensors").info["info"]["step"] == 3
+
+
+def test_calid_train_refuses_what_would_lose_a_run_or_mislead_before_any_work(tmp_path, capsys):
+    from calid.cli import main
+
+    run_dir = tmp_path / "run"
+    base = ["train", "vae", "--data", "phantom:2", "--config", "tiny", "--batch-size", "2", "--perceptual-weight", "0", "--val-fraction", "0.5"]
+    assert main([*base, "--out", str(run_dir), "--steps", "2"]) == 0
+    model_bytes = (run_dir / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    # a forgotten --resume: refused, the run untouched
+    assert main([*base, "--out", str(run_dir), "--steps", "3"]) == 2
+    error = capsys.readouterr().err
+    assert "run: holds an earlier run" in error and "--resume" in error and "--overwrite" in error
+    assert (run_dir / "model.safetensors").read_bytes() == model_bytes
+    assert main([*base, "--out", str(run_dir), "--steps", "3", "--overwrite"]) == 0
+    assert "done at step 3" in capsys.readouterr().out
+    with (run_dir / "log.csv").open() as log:
+        assert [line.split(",")[0] for line in log][1:] == ["3"]  # one run's rows, not two runs' mixed
+    # numbers the optimiser would fail on, or misuse, are refused by name, before a folder is made
+    for option, value, words in (("--lr", "-1", "--lr: must be a positive learning rate, got -1"),
+                                 ("--ema", "1.5", "--ema: must be a decay from 0"),
+                                 ("--weight-decay", "-0.1", "--weight-decay: must be zero or positive")):
+        assert main([*base, "--out", str(tmp_path / "bad"), "--steps", "2", option, value]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+    assert main([*base, "--out", str(tmp_path / "bad"), "--steps", "2", "--gaps", "9"]) == 2  # the phantom has 10 slices
+    assert "--gaps 9: a gap of g slices needs stacks of 2g + 1 slices; the most here is 10" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:
+        main([*base, "--out", str(tmp_path / "bad"), "--steps", "-5"])
+    assert refused.value.code == 2 and "--steps" in capsys.readouterr().err
+    # the ldm stage takes its size from the autoencoder: another --config is refused, not ignored
+    assert main(["train", "ldm", "--data", "phantom:2", "--out", str(tmp_path / "ldm"), "--vae", str(run_dir / "model.safetensors"), "--config", "small"]) == 2
+    assert "the ldm stage takes its size from the autoencoder it trains on" in capsys.readouterr().err
+    # a VAE file's card describes an autoencoder, not a denoiser it does not have
+    assert main(["info", str(run_dir / "model.safetensors")]) == 0
+    card = capsys.readouterr().out
+    assert "autoencoder" in card and not any(word in card for word in ("denoiser", "sampling", "latent scale"))
+    # training data in DICOM: a pointer to the conversion, not only "no NIfTI or NRRD image files"
+    write_stack(make_phantom(1, PhantomConfig(n_frames=2, matrix=32, n_slices=4)).sparse, tmp_path / "dicom")
+    assert main([*base, "--out", str(tmp_path / "bad"), "--data", str(tmp_path / "dicom")]) == 2
+    assert "dicom: contains no NIfTI or NRRD image files; it holds DICOM files: convert each cine first (calid convert" in capsys.readouterr().err
+    # the checkpoint is not a model: the run's model files are named
+    assert main(["info", str(run_dir / "checkpoints" / "last.safetensors")]) == 2
+    error = capsys.readouterr().err
+    assert "is a training checkpoint" in error and str(run_dir / "best.safetensors") in error
+
+
+def test_subject_names_from_files_in_different_folders_are_said_and_a_file_given_twice_is_read_once(tmp_path):
+    from calid.training.trainer import gather_volumes
+
+    config = named_config("tiny")
+    phantom = make_phantom(3, PhantomConfig(n_frames=2, matrix=48, pixel_spacing_mm=3.0, n_slices=4)).sparse
+    for subject in ("P1", "P2"):
+        (tmp_path / "nested" / subject).mkdir(parents=True)
+        write_stack(phantom, tmp_path / "nested" / subject / "sax.nii.gz")
+    with pytest.warns(UserWarning, match=r"1 subject name\(s\) come from files in different folders.*'sax' in .*P1 and .*P2.*give the folder above them as --data"):
+        merged = gather_volumes((str(tmp_path / "nested" / "P1"), str(tmp_path / "nested" / "P2")), config, tmp_path / "cache")
+    assert {v.subject for v in merged} == {"sax"}
+    import warnings
+
+    # a subject's file may be a link to a file kept elsewhere: still its folder's subject
+    (tmp_path / "nested" / "P3").mkdir()
+    write_stack(phantom, tmp_path / "elsewhere.nii.gz")
+    (tmp_path / "nested" / "P3" / "sax.nii.gz").symlink_to(tmp_path / "elsewhere.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one subfolder per subject: P1, P2 and P3, nothing to say
+        assert {v.subject for v in gather_volumes((str(tmp_path / "nested"),), config, tmp_path / "cache")} == {"P1", "P2", "P3"}
+    # a cine folder named by file and a label folder named by subfolder share subject names on purpose: no warning
+    (tmp_path / "cines").mkdir()
+    write_stack(phantom, tmp_path / "cines" / "P1_4d.nii.gz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {v.subject for v in gather_volumes((str(tmp_path / "cines"), str(tmp_path / "nested")), config, tmp_path / "cache")} == {"P1", "P2", "P3"}
+    with pytest.warns(UserWarning, match=r"1 file\(s\) given more than once in --data, read once"):
+        twice = gather_volumes((str(tmp_path / "cines"), str(tmp_path / "cines" / "P1_4d.nii.gz")), config, tmp_path / "cache")
+    assert len(twice) == 1

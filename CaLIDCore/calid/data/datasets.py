@@ -41,6 +41,15 @@ _SUBJECT_SUFFIX = re.compile(r"(_4d|_sa|_frame\d+|_ed|_es)+$", re.IGNORECASE)
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
 
+def _is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file (``DICM`` after the 128-byte preamble), whatever its name."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def find_image_files(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files (NIfTI / NRRD) under ``folder``, label files excluded, sorted."""
     return image_and_label_files(folder)[0]
@@ -55,8 +64,27 @@ def image_and_label_files(folder: str | os.PathLike[str]) -> tuple[list[Path], l
     candidates = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES)]
     images = [p for p in candidates if not _LABEL_NAME.search(p.name)]
     if not images:
-        raise InputError(folder, "contains no NIfTI or NRRD image files")
+        hint = ""
+        if any(p.is_file() and (p.suffix.lower() in (".dcm", ".ima") or _is_dicom(p)) for p in sorted(folder.rglob("*"))[:50]):
+            hint = "; it holds DICOM files: convert each cine first (calid convert DICOM_FOLDER cine.nii.gz)"
+        raise InputError(folder, f"contains no NIfTI or NRRD image files{hint}")
     return images, [p for p in candidates if _LABEL_NAME.search(p.name)]
+
+
+def subject_folder(path: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> str | None:
+    """The first subfolder of ``root`` that holds ``path`` (``root/P001/sa.nii.gz``: ``P001``), or None.
+
+    Compared as written (made absolute, links not followed): a subject's file may be a link to a file
+    kept elsewhere, and it is still that folder's subject."""
+    if root is None:
+        return None
+    relative = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root)))
+    if relative.parts and relative.parts[0] == os.pardir:  # not under root as written: perhaps through linked folders
+        try:
+            relative = Path(path).resolve().relative_to(Path(root).resolve())
+        except ValueError:
+            return None
+    return relative.parts[0] if len(relative.parts) > 1 else None
 
 
 def subject_id(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
@@ -67,13 +95,9 @@ def subject_id(path: str | os.PathLike[str], root: str | os.PathLike[str] | None
     with generic file names. Otherwise it is the file name without extension and
     per-file suffixes (``patient001_4d`` and ``patient001_frame01``: ``patient001``).
     """
-    if root is not None:
-        try:
-            relative = Path(path).resolve().relative_to(Path(root).resolve())
-        except ValueError:
-            relative = None
-        if relative is not None and len(relative.parts) > 1:
-            return relative.parts[0]
+    folder = subject_folder(path, root)
+    if folder is not None:
+        return folder
     name = Path(path).name
     for suffix in (".seq.nrrd",) + _IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):

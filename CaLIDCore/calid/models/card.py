@@ -22,11 +22,12 @@ def parameter_counts(config: ModelConfig) -> dict[str, int]:
     }
 
 
-def _config_lines(config: ModelConfig) -> list[str]:
+def _config_lines(config: ModelConfig, with_denoiser: bool = True) -> list[str]:
+    """The configuration in words; a VAE file (the first training stage) has no denoiser or sampling to describe."""
     pre = config.preprocess
     d = config.denoiser
     counts = parameter_counts(config)
-    return [
+    lines = [
         f"configuration   {config.name}: {config.image_size} x {config.image_size} px crops at {pre.target_spacing_mm} mm, "
         f"intensities: percentiles {pre.percentiles[0]:g}-{pre.percentiles[1]:g} -> [-1, 1]",
         f"autoencoder     channels {tuple(config.vae.channels)}, {config.vae.latent_channels} latent channels, "
@@ -41,6 +42,7 @@ def _config_lines(config: ModelConfig) -> list[str]:
         f"noise schedule  {config.schedule.beta_schedule} {config.schedule.beta_start:g}-{config.schedule.beta_end:g}, {config.schedule.num_train_timesteps} steps",
         f"sampling        {config.default_steps} DDIM step(s) by default (--steps to change)",
     ]
+    return lines if with_denoiser else [line for line in lines if not line.startswith(("denoiser", "noise schedule", "sampling"))]
 
 
 def model_card_text(model: str | os.PathLike[str]) -> str:
@@ -65,9 +67,10 @@ def model_card_text(model: str | os.PathLike[str]) -> str:
         f"model           {text}",
         f"file            {path} ({path.stat().st_size / 1e6:.1f} MB, sha256 {sha256_of(path)})",
         f"kind            {header['kind']} (format {header['format']} v{header['format_version']}, calid {header.get('code_version', '?')}, created {header.get('created', '?')})",
-        *_config_lines(header["config"]),
-        f"latent scale    {header.get('latent_scale', 1.0):.5g}",
+        *_config_lines(header["config"], with_denoiser=header["kind"] != "vae"),
     ]
+    if header["kind"] != "vae":  # an autoencoder alone has no latent scale yet (the denoiser's training measures it)
+        lines.append(f"latent scale    {header.get('latent_scale', 1.0):.5g}")
     if "step" in info:
         stage = f", stage {info['stage']}" if "stage" in info else ""
         lines.append(f"weights         from training step {info['step']}{stage}")

@@ -114,6 +114,13 @@ def read_raw_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         header = json.loads(metadata["calid"])
     except json.JSONDecodeError as error:
         raise InputError(path, f"has a damaged CaLID header ({error})") from error
+    if header.get("format") == "calid-training-state":
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        raise InputError(
+            path,
+            f"is a training checkpoint (what `calid train --resume` continues from), not a model: the run's models are "
+            f"{run / 'best.safetensors'} (best validation) and {run / 'model.safetensors'} (last)",
+        )
     if header.get("format") != FORMAT_NAME:
         raise InputError(path, f"has an unknown format {header.get('format')!r}")
     if int(header.get("format_version", 0)) > FORMAT_VERSION:

@@ -155,11 +155,18 @@ def dice_per_structure(predicted: np.ndarray, truth: np.ndarray, labels: tuple[i
 class SegmentationTrainer:
     """Reads top to bottom: data, network, optimiser, then :meth:`fit`."""
 
-    def __init__(self, config: SegTrainConfig, resume: bool = False) -> None:
+    def __init__(self, config: SegTrainConfig, resume: bool = False, overwrite: bool = False) -> None:
+        from calid.training.trainer import start_afresh, validate_numbers
+
         self.config = config
         self.device = resolve_device(config.device)
         self.model_config = named_segmentation_config(config.model)
         self.out = Path(config.out_dir)
+        validate_numbers(config)
+        if resume and not (self.out / "checkpoints" / "last.safetensors").is_file():
+            raise InputError(self.out / "checkpoints" / "last.safetensors", "no checkpoint to resume from (train without --resume first, or check --out)")
+        if not resume:
+            start_afresh(self.out, overwrite)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
@@ -182,8 +189,14 @@ class SegmentationTrainer:
         self.step = 0
         self.best_dice = -1.0
         self.stop_requested = False
+        #: The signal that stopped the run, if one did.
+        self.stop_signal: int | None = None
         if resume:
             self._resume()
+
+    def _request_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested = True
+        self.stop_signal = signum
 
     def _learning_rate(self) -> float:
         """Linear warm-up over 100 steps, then cosine decay to 5 % of the peak."""
@@ -270,7 +283,7 @@ class SegmentationTrainer:
         (self.out / "checkpoints").mkdir(exist_ok=True)
         previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in previous:
-            signal.signal(s, lambda *_: setattr(self, "stop_requested", True))
+            signal.signal(s, self._request_stop)
         metrics: dict[str, float] = {}
         started = time.perf_counter()
         try:

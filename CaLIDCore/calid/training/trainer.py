@@ -56,6 +56,8 @@ from calid.data.datasets import (
     load_subjects,
     read_packed_volumes,
     split_subjects,
+    subject_folder,
+    subject_id,
     typical_pixel_spacing,
     volumes_from_stacks,
 )
@@ -154,18 +156,28 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
     from calid.data.phantom import PhantomConfig, make_phantom
 
     files: dict[str, list[Path]] = {}
+    taken: set[Path] = set()
+    repeated: list[Path] = []
     for entry in entries:
         if entry.startswith("phantom:") or is_packed_volumes(entry):
             continue
         if Path(entry).is_dir():
-            files[entry], left_out = image_and_label_files(entry)
+            group, left_out = image_and_label_files(entry)
             if left_out:
                 shown = ", ".join(p.name for p in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
                 warnings.warn(f"{entry}: {len(left_out)} label file(s) left out of training by their names ({shown})", stacklevel=2)
         elif Path(entry).is_file():
-            files[entry] = [Path(entry)]
+            group = [Path(entry)]
         else:
             raise InputError(entry, "training data not found (a file, a folder or phantom:N)")
+        # A file named twice (`--data own own`, or a folder and a file in it) would count double.
+        files[entry] = [f for f in group if f.resolve() not in taken]
+        repeated += [f for f in group if f.resolve() in taken]
+        taken.update(f.resolve() for f in group)
+    if repeated:
+        shown = ", ".join(str(p) for p in repeated[:3]) + (", ..." if len(repeated) > 3 else "")
+        warnings.warn(f"{len(repeated)} file(s) given more than once in --data, read once ({shown})", stacklevel=2)
+    roots = _subject_roots(files)
     assumed = fixed_placeholder_mm(placeholder_spacing, words=("median", "keep"))
     if str(placeholder_spacing).strip().lower() == "median":
         assumed = typical_pixel_spacing([f for group in files.values() for f in group])
@@ -183,11 +195,37 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
             _check_packed_assumption(entry, packed, placeholder_spacing, assumed)
             volumes.extend(packed)
         else:
-            root = entry if Path(entry).is_dir() else None
-            volumes.extend(load_subjects(files[entry], model.preprocess, cache_dir=cache_dir, root=root, placeholder_spacing_mm=assumed))
+            volumes.extend(load_subjects(files[entry], model.preprocess, cache_dir=cache_dir, root=roots[entry], placeholder_spacing_mm=assumed))
     if not volumes:
         raise InputError(", ".join(entries), "no training images found")
     return volumes
+
+
+def _subject_roots(files: dict[str, list[Path]]) -> dict[str, str | None]:
+    """The folder each --data entry's subjects are named under (see :func:`subject_id`), with a warning
+    where file names from different folders make one subject.
+
+    A folder's subfolders are its subjects (``root/P001/sax.nii.gz``); files directly in a folder (or
+    given one by one) are named by their file names. Subjects given one folder each with one generic
+    file name (``--data P001/ P002/``, ``P*/sax.nii.gz``) would all be the subject ``sax``, and two
+    sites' ``patient001`` one subject: either may be meant, so it is said, not guessed."""
+    roots: dict[str, str | None] = {entry: entry if Path(entry).is_dir() else None for entry in files}
+    folders_of: dict[str, set[Path]] = {}
+    for entry, group in files.items():
+        for path in group:
+            if subject_folder(path, roots[entry]) is not None:
+                continue  # named by its subfolder
+            folders_of.setdefault(subject_id(path), set()).add(Path(os.path.abspath(path)).parent)
+    merged = sorted(subject for subject, folders in folders_of.items() if len(folders) > 1)
+    if merged:
+        example = sorted(folders_of[merged[0]])
+        warnings.warn(
+            f"{len(merged)} subject name(s) come from files in different folders and are each taken as one subject by the file name "
+            f"({', '.join(merged[:3])}{', ...' if len(merged) > 3 else ''}; '{merged[0]}' in {example[0]} and {example[1]}): if those are different "
+            "subjects, give the folder above them as --data (one subfolder per subject), or rename the files",
+            stacklevel=3,
+        )
+    return roots
 
 
 def _check_packed_assumption(entry: str, packed: list[SubjectVolume], choice: str | float, assumed: float | None) -> None:
@@ -357,14 +395,56 @@ def frames_as_images(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(-1, x.shape[1], *x.shape[3:])
 
 
+#: What a run leaves in its folder (the cache folder is not a run's: its contents are keyed by what they hold).
+RUN_FILES = ("checkpoints/last.safetensors", "model.safetensors", "best.safetensors", "log.csv", "validation.csv")
+
+
+def start_afresh(out: Path, overwrite: bool, is_main: bool = True) -> None:
+    """A new run in a folder holding another run's files: refused, or those files removed with ``overwrite``.
+
+    Trained over, the earlier run's checkpoint and models would be replaced and its logs mixed with
+    the new run's; hours of training are lost by a forgotten --resume."""
+    earlier = [out / name for name in RUN_FILES if (out / name).is_file()]
+    if not earlier:
+        return
+    if not overwrite:
+        raise InputError(
+            out,
+            f"holds an earlier run ({', '.join(path.relative_to(out).as_posix() for path in earlier)}): continue it with --resume, "
+            "train into another --out, or give --overwrite to start a new run there (its files are replaced)",
+        )
+    if is_main:  # the only process that writes to the folder (under torchrun every process sees the same files)
+        for path in earlier:
+            path.unlink(missing_ok=True)
+
+
+def validate_numbers(config: Any) -> None:
+    """Numbers an optimiser or a schedule would take and fail on later, or silently misuse, refused by name."""
+    checks = [
+        ("--steps", config.steps, config.steps >= 1, "a positive number of steps"),
+        ("--lr", config.learning_rate, config.learning_rate > 0 and math.isfinite(config.learning_rate), "a positive learning rate"),
+        ("--weight-decay", config.weight_decay, config.weight_decay >= 0 and math.isfinite(config.weight_decay), "zero or positive"),
+    ]
+    if hasattr(config, "ema_decay"):
+        checks.append(("--ema", config.ema_decay, 0.0 <= config.ema_decay < 1.0, "a decay from 0 (no averaging) up to, not including, 1 (e.g. 0.999)"))
+    limit = getattr(config, "time_limit_minutes", None)
+    if limit is not None:
+        checks.append(("--time-limit", limit, limit > 0, "a positive number of minutes"))
+    if hasattr(config, "warmup_steps"):
+        checks.append(("--warmup", config.warmup_steps, config.warmup_steps >= 0, "zero or a positive number of steps"))
+    for option, value, good, wanted in checks:
+        if not good:
+            raise InputError(option, f"must be {wanted}, got {value:g}")
+
+
 class Trainer:
     """Trains one stage; see the module docstring."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, resume: bool = False, overwrite: bool = False) -> None:
         out = Path(config.out_dir)
         new_folders = [folder for folder in [out, *out.parents] if not folder.exists()]  # innermost first
         try:
-            self._set_up(config, resume)
+            self._set_up(config, resume, overwrite)
         except InputError:
             # Bad input (data, subjects, options) is found while setting up: the run folder this call made
             # holds nothing worth keeping, and would look like a run that can be resumed. Parent folders it
@@ -380,7 +460,7 @@ class Trainer:
                         break
             raise
 
-    def _set_up(self, config: TrainConfig, resume: bool) -> None:
+    def _set_up(self, config: TrainConfig, resume: bool, overwrite: bool = False) -> None:
         if config.stage not in ("vae", "ldm"):
             raise InputError("stage", f"unknown training stage {config.stage!r}; use vae or ldm")
         self.init_from_given = config.init_from  # as the user named it (messages quote it so)
@@ -406,11 +486,12 @@ class Trainer:
         # Checked before any data is read; the ldm stage also takes its architecture from it.
         if resume and not checkpoint.is_file():
             raise InputError(checkpoint, "no checkpoint to resume from (train without --resume first, or check --out)")
+        validate_numbers(config)
+        if not resume:
+            start_afresh(self.out, overwrite, self.is_main)
         resumed_extra = checkpoint_extra_for_stage(checkpoint, config.stage) if resume else None
         #: Ties the files a run exports to its checkpoints (a later run into the same folder is another run).
         self.run_id = str((resumed_extra or {}).get("run_id") or uuid.uuid4().hex)
-        if config.time_limit_minutes is not None and not config.time_limit_minutes > 0:
-            raise InputError("--time-limit", f"must be a positive number of minutes, got {config.time_limit_minutes}")
         #: The time limit counts from here: data preparation is part of a queue's wall time too.
         self.started = time.perf_counter()
         if self.is_main:
@@ -426,6 +507,12 @@ class Trainer:
         self._initialised_from: dict[str, Any] | None = None
         if config.stage == "vae":
             self.model_config = named_config(config.model)
+            if resumed_extra is not None and "model_config" in resumed_extra:
+                trained = ModelConfig.from_dict(resumed_extra["model_config"]).name
+                if trained != self.model_config.name:
+                    raise InputError(
+                        "--config", f"{config.model}: the run in {self.out} trains a {trained} network; resume it without --config, or train a {config.model} one into another --out"
+                    )
             if config.downsample_time:
                 if not self.model_config.temporal:
                     raise InputError("--downsample-time", f"applies to 2D+T models (--config NAME-2d+t), not {config.model!r}")
@@ -492,8 +579,17 @@ class Trainer:
                 warnings.simplefilter("ignore")
             volumes = gather_volumes(config.data, self.model_config, cache, config.placeholder_spacing)
             train_ids, val_ids = split_subjects([v.subject for v in volumes], config.val_fraction, config.seed, config.val_subjects)
+            trained_earlier: list[str] = []
             if resumed_extra is not None:
                 self._refuse_trained_validation_subjects(resumed_extra, checkpoint, train_ids, val_ids)  # before registration and encoding
+                # The model has learnt every subject any session of the run trained on: the record keeps them
+                # all, or a later resume (or `calid evaluate --subjects held-out`) could take one for held out.
+                trained_earlier = sorted(set(resumed_extra.get("train_subjects") or []) - set(train_ids))
+                if trained_earlier:
+                    self.resume_notes.append(
+                        f"{len(trained_earlier)} subject(s) trained on earlier in this run are not in this session's data "
+                        f"({', '.join(trained_earlier[:5])}{' ...' if len(trained_earlier) > 5 else ''}): the model file still records them as trained on"
+                    )
             elif initial is not None:
                 # Fine-tuning: validation subjects the starting model learnt would choose best.safetensors on seen data.
                 seen = sorted(set(val_ids) & subjects_learnt(initial.info))
@@ -520,10 +616,13 @@ class Trainer:
         if not train_ids:
             raise InputError(", ".join(config.data), f"every subject ({len(val_ids)}) is a validation subject: none is left to train on (check --val-subjects or --val-fraction)")
         if len(self.train_set) < config.batch_size * self.world:
-            raise InputError(", ".join(config.data), f"only {len(self.train_set)} training triplets for a batch of {config.batch_size} x {self.world} process(es)")
+            most_slices = max((v.data.shape[-3] for v in train_volumes), default=0)
+            too_far = [g for g in config.gaps if 2 * g + 1 > most_slices]
+            hint = f" (--gaps {','.join(map(str, too_far))}: a gap of g slices needs stacks of 2g + 1 slices; the most here is {most_slices})" if too_far else ""
+            raise InputError(", ".join(config.data), f"only {len(self.train_set)} training triplets for a batch of {config.batch_size} x {self.world} process(es){hint}")
         self.data_description: dict[str, Any] = {
             "inputs": list(config.data),
-            "train_subjects": train_ids,
+            "train_subjects": list(train_ids) + trained_earlier,
             "validation_subjects": val_ids,
             "train_triplets": len(self.train_set),
             "validation_triplets": len(self.val_set),
@@ -586,6 +685,8 @@ class Trainer:
         self.best_psnr = -math.inf
         self.validated_this_session = False
         self.stop_requested = False
+        #: The signal that stopped the run (None: not stopped by a signal of this process's own).
+        self.stop_signal: int | None = None
         self.time_limit_reached = False
         self.non_finite_in_a_row = 0
         if resume:
@@ -916,6 +1017,7 @@ class Trainer:
                 "train_subjects": self.data_description["train_subjects"],
                 "run_id": self.run_id,
                 "autoencoder_weights": self.autoencoder_digest(),
+                "processes": self.world,
             },
         )
         return path
@@ -958,6 +1060,14 @@ class Trainer:
             modules["discriminator"] = self.discriminator
             optimizers["disc_optimizer"] = self.disc_optimizer
         extra = load_training_state(path, modules, optimizers)
+        processes = extra.get("processes")
+        if processes is not None and int(processes) != self.world:
+            # --batch-size is per process: the batch each step averages over changes with their number.
+            batch = self.config.batch_size
+            self.resume_notes.append(
+                f"processes: {processes} in the checkpoint, {self.world} from now on: {batch} x {processes} = {batch * int(processes)} "
+                f"slices per step before, {batch * self.world} from now on (--batch-size is per process)"
+            )
         saved_config = _with_floor_snap(ModelConfig.from_dict(extra["model_config"]), 0.0)  # a calibration, not the architecture
         if self.config.stage == "vae":
             # The autoencoder's run does not build the denoiser: a later change to the named
@@ -1012,7 +1122,8 @@ class Trainer:
             raise InputError(
                 getattr(self, "vae_file", "") or "--vae",
                 f"is not the autoencoder this run trained on until step {extra.get('step')} (its weights differ; a VAE run re-exports "
-                "model.safetensors as it trains): resume with the VAE file the run started with, or train into a new --out",
+                f"model.safetensors as it trains): resume with the VAE file the run started with (each model file of this run holds it: "
+                f"--vae {self.out / 'model.safetensors'}), or train into a new --out",
             )
         saved = extra.get("train_config") or {}
         if saved.get("optimizer") not in (None, self.config.optimizer):
@@ -1042,7 +1153,7 @@ class Trainer:
         # Options a run may change when it resumes (the learning rate and weight decay are noted where they are applied).
         free = {"out_dir", "steps", "time_limit_minutes", "device", "num_workers", "checkpoint_every", "validate_every", "log_every",
                 "cache_dir", "latent_cache_mb", "init_from", "vae_model", "lpips_weights", "learning_rate", "weight_decay", "batch_size",
-                "val_subjects", "val_fraction", "seed", "data", "model", "optimizer",  # checked above and by the architecture check
+                "val_subjects", "val_fraction", "model", "optimizer",  # checked above and by the architecture check
                 "val_steps", "max_val_batches"}  # a changed validation is said by its own note
         current = json.loads(json.dumps(self.config.to_dict()))  # as stored (tuples become lists)
         denoiser_options = {"concat_neighbour_latents", "condition_dropout", "prediction", "residual_to_neighbours", "registered_neighbours"}
@@ -1082,6 +1193,7 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True
+        self.stop_signal = signum
 
     def _agree_on_stopping(self) -> None:
         """Stop on a signal or at the time limit. With several processes all stop at the same step:
