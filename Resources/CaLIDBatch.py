@@ -50,6 +50,7 @@ def main(argv: list[str], scene: Any) -> int:
     from calid.data.stack import fixed_placeholder_mm
     from calid.errors import CalidError, OutputError
     from calid.evaluation.methods import UPSAMPLE_MODES
+    from calid.geometry.planes import PLANES_COORDINATES
     from calid.geometry.volumes import write_function_csv
     from CaLIDSlicerLib import mrml
     from CaLIDSlicerLib.logic import UpsamplingOptions, upsample_node
@@ -73,7 +74,7 @@ def main(argv: list[str], scene: Any) -> int:
         help="a file saved without geometry (all spacings 1 mm): the pixel size the network is shown: model (default), keep or mm",
     )
     parser.add_argument("--tta", action="store_true", help="calid, calid+: average over the 8 rotations and reflections of the slice plane (slower)")
-    parser.add_argument("--series", help="a DICOM folder with several series: the SeriesInstanceUID or series number to read")
+    parser.add_argument("--series", help="a DICOM folder with several series: the one to read, by number, UID or part of it, or part of its description; or several holding one slice each (7,8,9)")
     parser.add_argument("--no-segmentation", action="store_true")
     parser.add_argument("--segmentation-model", help="segmentation model file or installed name (default: the installed one)")
     parser.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run with the same names (input, mode, factor), its labels too, hand-corrected or not (by default an existing output is an error)")
@@ -112,7 +113,8 @@ def main(argv: list[str], scene: Any) -> int:
             written.append(write_stack(result.labels, outputs["labels"], dtype="uint8"))
             written.append(write_function_csv(result.function, outputs["volumes"]))
             if result.planes:
-                planes = {k: {**p.to_ras(), "centre_lps": p.centre.tolist()} for k, p in result.planes.items()}
+                # The same record as `calid lax` writes: LPS, with RAS under *_ras (a script reads both alike).
+                planes = {"coordinates": PLANES_COORDINATES, "planes": {k: p.to_record() for k, p in result.planes.items()}}
                 with atomic_path(outputs["planes"]) as tmp:
                     tmp.write_text(json.dumps(planes, indent=2) + "\n")
                 written.append(outputs["planes"])

@@ -481,7 +481,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
 
     from calid.atomic import atomic_path
     from calid.data.io import read_stack, write_stack
-    from calid.geometry.planes import Plane, standard_planes
+    from calid.geometry.planes import PLANES_COORDINATES, Plane, standard_planes
     from calid.geometry.reslice import compare_with_acquired, frame_matching, matching_frame, resample_onto, save_plane_png, source_frames
 
     if not args.spacing > 0:
@@ -537,7 +537,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
     for name, views in views_of_planes.items():
         if views[0][1].metadata["covered_fraction"] == 0.0:
             raise InputError(f"plane {name}", f"does not cross the image {args.input}: check the coordinates (RAS millimetres, as Slicer shows them)")
-    summary: dict[str, Any] = {"coordinates": "LPS mm (RAS in the *_ras entries)", "planes": {}}
+    summary: dict[str, Any] = {"coordinates": PLANES_COORDINATES, "planes": {}}
     if args.acquired_lax:  # compared before anything is written: an image that does not fit leaves no half-made folder
         acquired = read_stack(args.acquired_lax, min_slices=1)
         summary["comparison_with_acquired"] = {n: compare_with_acquired(s, acquired) for n, s in [("input", image), *others]}
@@ -562,7 +562,7 @@ def _cmd_lax(args: argparse.Namespace) -> int:
         outline = resample_onto(labels.select_frames([label_frame]), views[0][1]) if labels is not None else None  # labels on any grid
         write_stack(views[0][1], out / f"{tag}.nii.gz")
         png = save_plane_png(views, out / f"{tag}.png", frame=view_frames, labels=outline, title=f"{name} plane, {shown}")
-        summary["planes"][name] = {"centre": plane.centre.tolist(), "normal": plane.normal.tolist(), "u": plane.u.tolist(), **{f"{k}_ras": v for k, v in plane.to_ras().items()}}
+        summary["planes"][name] = plane.to_record()
         print(f"  {name:15s} {png}")
     if args.acquired_lax:
         for n, result in summary["comparison_with_acquired"].items():
@@ -894,7 +894,7 @@ RESUMED_OPTIONS = {
 
 
 def _options_given(argv: Sequence[str], command: str) -> set[str]:
-    """The options of ``command`` written on the command line (abbreviated or not), as opposed to left at their defaults."""
+    """The options of ``command`` written on the command line, as opposed to left at their defaults."""
     probe = build_parser()
     subcommand = next(a for a in probe._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
     for action in subcommand._actions:  # argparse has no public way to tell an option given from its default
@@ -1444,6 +1444,10 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--seed", type=_seed, default=0)
     phantom.add_argument("--frames", type=_positive_int, default=20)
     phantom.set_defaults(handler=_cmd_phantom)
+    # Options are taken only as written: an abbreviation would make a slip such as `--mode` for `--model`
+    # (in a command that has no --mode) a different option, with a misleading error or a silent wrong run.
+    for subcommand in commands.choices.values():
+        subcommand.allow_abbrev = False
     return parser
 
 

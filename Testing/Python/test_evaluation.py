@@ -250,6 +250,8 @@ def test_cli_evaluate_on_real_acdc_labelled_frames(tmp_path, capsys):
     # patient001 is one of the shipped segmenter's training subjects (its card lists them): flagged.
     assert results["task3"]["segmenter_training_subjects"] == ["patient001"]
     assert "trained on 1 of these 2 subjects (patient001)" in (out / "report.md").read_text()
+    # patient011 validated the shipped segmenter (its checkpoint was chosen on it): said too
+    assert "checkpoint was chosen by its validation Dice on 1 of these subjects (patient011)" in (out / "report.md").read_text()
     assert str(out / "report.md") in capsys.readouterr().out
 
 
@@ -287,6 +289,15 @@ def test_evaluation_gives_files_without_geometry_the_pixel_size_the_model_assume
     assert "taken as 1.5 mm" in report and "patient011_4d" in report
     kept, kept_report = run("keep", "--placeholder-spacing", "keep")
     assert "placeholder_spacing" not in kept and "taken as" not in kept_report
+    # kept at 1 mm, by choice or because no model records a size: said too (not like for like with a model's report)
+    assert kept["placeholder_spacing_kept"] == {"volumes": ["patient011_4d"], "why": "--placeholder-spacing keep"}
+    assert "1 volume(s) carry no geometry (1 x 1 x 1 mm) and were scored at 1 mm pixels (--placeholder-spacing keep): patient011_4d" in kept_report
+    assert "crop and pixel sizes from" in kept_report  # --model given, though linear needs none
+    out = tmp_path / "no-model"
+    assert main(["evaluate", "--data", str(path.parent), "--subjects", "patient011", "--methods", "linear", "--tasks", "1", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["placeholder_spacing_kept"]["why"] == "no model records a pixel size for such files"
+    assert "crop and pixel sizes from" not in (out / "report.md").read_text()
+    assert "placeholder_spacing_kept" not in by_model
     # The crop covers another part of the image, so the slices scored differ.
     assert by_model["task1"]["summary"]["linear"]["psnr"]["mean"] != kept["task1"]["summary"]["linear"]["psnr"]["mean"]
     explicit, _ = run("mm", "--placeholder-spacing", "1.5")
@@ -469,3 +480,9 @@ def test_subjects_the_model_was_trained_on_are_flagged(tmp_path):
     with pytest.warns(UserWarning, match=r"tuned\.safetensors was trained on 1 of the evaluated subjects \(phantom2000\)"):
         evaluate(replace(config, model=str(tuned), out_dir=str(tmp_path / "tuned")), command="test")
     assert evaluate(replace(config, model=str(tuned), out_dir=str(tmp_path / "tuned-held-out"), subjects=("held-out",)), command="test")["subjects"] == ["phantom2001"]
+    # the autoencoder is part of the model: the subjects its first-stage training learnt count as seen too
+    second_stage = model_file("two-stages", {"train_subjects": ["patient099"], "validation_subjects": ["phantom2000", "phantom2001"],
+                                             "autoencoder": {"file": "vae.safetensors", "train_subjects": ["phantom2001"]}})
+    with pytest.warns(UserWarning, match=r"two-stages\.safetensors was trained on 1 of the evaluated subjects \(phantom2001\)"):
+        evaluate(replace(config, model=str(second_stage), out_dir=str(tmp_path / "two-stages")), command="test")
+    assert evaluate(replace(config, model=str(second_stage), out_dir=str(tmp_path / "two-stages-held-out"), subjects=("held-out",)), command="test")["subjects"] == ["phantom2000"]

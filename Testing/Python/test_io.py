@@ -759,11 +759,19 @@ def test_a_selection_read_back_still_names_the_cine_its_frames_are_of(tmp_path):
     assert again.metadata["source_cine"] == "cine.nii.gz" and again.recorded_frames() == [4]
 
 
-def test_write_stack_never_replaces_the_file_a_stack_came_from_unless_told(tmp_path):
+def test_write_stack_never_replaces_the_file_a_stack_came_from_unless_told(tmp_path, monkeypatch):
     path = write_stack(oblique_stack(frames=2), tmp_path / "acquired.nii.gz")
     stack, before = read_stack(path), path.read_bytes()
     with pytest.raises(OutputError, match="acquired.nii.gz: is the file this stack was read from"):
         write_stack(stack, path)
+    # read by a relative name, written after the working directory changed (a script's os.chdir): still the same file
+    monkeypatch.chdir(tmp_path)
+    relative = read_stack("acquired.nii.gz")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    with pytest.raises(OutputError, match="is the file this stack was read from"):
+        write_stack(relative.select_frames([0]), "../acquired.nii.gz")
+    assert path.read_bytes() == before
     other = write_stack(stack, tmp_path / "copy.nii.gz")
     other.chmod(0o444)
     with pytest.raises(OutputError, match="copy.nii.gz: is read-only"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -287,6 +288,11 @@ def test_batch_script_code_path(scene, phantom, tmp_path, monkeypatch):
     dense = read_stack(tmp_path / "out" / "cine_calid_x2.nii.gz")
     assert dense.n_slices == 2 * phantom.sparse.n_slices - 1 and dense.n_frames == 1
     assert (tmp_path / "out" / "cine_calid_x2_volumes.csv").is_file() and "4-chamber" in (tmp_path / "out" / "cine_calid_x2_planes.json").read_text()
+    # the same record as `calid lax` writes: LPS, with RAS under *_ras (a script reading both gets no mirrored points)
+    planes = json.loads((tmp_path / "out" / "cine_calid_x2_planes.json").read_text())
+    assert planes["coordinates"] == "LPS mm (RAS in the *_ras entries)"
+    four = planes["planes"]["4-chamber"]
+    np.testing.assert_allclose(four["centre_ras"], np.asarray(four["centre"]) * [-1, -1, 1])
     labels = tmp_path / "out" / "cine_calid_x2_labels.nii.gz"
     corrected = labels.read_bytes()  # as if corrected by hand since: a second run must not replace it
     assert batch.main([str(source), str(tmp_path / "out"), "--factor", "2", "--mode", "calid", "--model", "untrained:tiny", "--frames", "0"], scene) == 2

@@ -802,8 +802,7 @@ def test_training_inputs_that_cannot_work_are_named_before_any_work(tmp_path):
 
 def test_resume_alone_continues_the_run_with_its_own_options(tmp_path, capsys):
     """`calid train ... --resume` without the first command's options continues the same run (its
-    warm-up, augmentation, split, configuration), not the defaults; an option given, abbreviated or
-    not, changes it."""
+    warm-up, augmentation, split, configuration), not the defaults; an option given changes it."""
     from calid.cli import main
     from calid.training.state import read_training_extra
 
@@ -824,8 +823,12 @@ def test_resume_alone_continues_the_run_with_its_own_options(tmp_path, capsys):
     assert (config["model"], config["batch_size"], config["learning_rate"], config["warmup_steps"], config["transposes"]) == ("tiny", 2, 3e-4, 1, True)
     assert (config["ema_decay"], config["seed"], config["val_fraction"], config["perceptual_weight"], config["checkpoint_every"]) == (0.9, 3, 0.5, 0.0, 1)
     assert config["validate_every"] == 7
-    # An abbreviated option is given too: it changes the run, and the change is said.
-    assert main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "4", "--warm", "5", "--no-transposes", "--resume"]) == 0
+    # An abbreviated option is refused (a slip such as --mode for --model must not become another option) ...
+    with pytest.raises(SystemExit) as refused:
+        main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "4", "--warm", "5", "--resume"])
+    assert refused.value.code == 2 and "unrecognized arguments: --warm 5" in capsys.readouterr().err
+    # ... and an option given in full changes the run, and the change is said.
+    assert main(["train", "vae", "--data", "phantom:3", "--out", str(out), "--steps", "4", "--warmup", "5", "--no-transposes", "--resume"]) == 0
     said = capsys.readouterr().out
     assert "warmup steps: 1 in the checkpoint, 5 from now on" in said and "transposes: True in the checkpoint, False from now on" in said
     config = read_training_extra(out / "checkpoints" / "last.safetensors")["train_config"]
@@ -938,3 +941,23 @@ def test_subject_names_from_files_in_different_folders_are_said_and_a_file_given
     with pytest.warns(UserWarning, match=r"1 file\(s\) given more than once in --data, read once"):
         twice = gather_volumes((str(tmp_path / "cines"), str(tmp_path / "cines" / "P1_4d.nii.gz")), config, tmp_path / "cache")
     assert len(twice) == 1
+
+
+def test_the_denoiser_records_the_subjects_its_autoencoder_learnt_and_warns_when_it_validates_on_them(tmp_path):
+    from calid.models.checkpoint import subjects_learnt
+
+    vae_run = run(TrainConfig(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "vae"), model="tiny", batch_size=2, perceptual_weight=0.0,
+                              adversarial_weight=0.0, steps=1, val_subjects=("phantom1000",)))
+    assert vae_run.data_description["train_subjects"] == ["phantom1001", "phantom1002"]
+    common = dict(stage="ldm", data=("phantom:3",), vae_model=str(tmp_path / "vae" / "model.safetensors"), batch_size=2, steps=1, val_steps=1)
+    with pytest.warns(UserWarning, match=r"the autoencoder was trained on 1 of this run's validation subjects \(phantom1001\).*the same --val-subjects"):
+        denoiser = run(TrainConfig(out_dir=str(tmp_path / "ldm"), val_subjects=("phantom1001",), **common))
+    header = read_raw_header(tmp_path / "ldm" / "model.safetensors")
+    assert header["info"]["training_data"]["autoencoder"] == {"file": "model.safetensors", "train_subjects": ["phantom1001", "phantom1002"]}
+    assert denoiser.data_description["train_subjects"] == ["phantom1000", "phantom1002"]
+    assert subjects_learnt(header) == {"phantom1000", "phantom1001", "phantom1002"}  # the denoiser's and its autoencoder's
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # validated on the subject the VAE held out: nothing to say
+        run(TrainConfig(out_dir=str(tmp_path / "ldm-held-out"), val_subjects=("phantom1000",), **common))

@@ -156,6 +156,7 @@ def read_stack(
             path,
             f"has {stack.n_slices} slice(s); a short-axis stack of at least {min_slices} parallel slices is needed",
         )
+    stack.source_path = os.path.abspath(path)
     return stack
 
 
@@ -219,7 +220,8 @@ def write_stack(
     if path.exists() and not path.is_dir():  # folders (DICOM): atomic_directory's rules
         if overwrite is False:
             raise OutputError(path, "exists already (refusing to overwrite)")
-        if overwrite is None and stack.source and Path(stack.source).exists() and path.resolve() == Path(stack.source).resolve():
+        read_from = stack.source_path or stack.source  # absolute when read_stack made the stack
+        if overwrite is None and read_from and Path(read_from).exists() and path.resolve() == Path(read_from).resolve():
             raise OutputError(path, "is the file this stack was read from: refusing to replace it (write elsewhere, or pass overwrite=True)")
         if overwrite is None and not path.stat().st_mode & 0o222:
             raise OutputError(path, "is read-only: refusing to replace it (pass overwrite=True to replace it anyway)")

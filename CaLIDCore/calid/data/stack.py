@@ -66,6 +66,9 @@ class CineStack:
     frame_times_ms: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = "<memory>"
+    #: The file or folder read, as an absolute path (``source`` is as the user named it, perhaps relative
+    #: to a working directory that has changed since): what ``write_stack`` never replaces unasked.
+    source_path: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         where = self.source
@@ -230,6 +233,7 @@ class CineStack:
             "frame_times_ms": None if self.frame_times_ms is None else self.frame_times_ms.copy(),
             "metadata": copy.deepcopy(self.metadata),
             "source": self.source,
+            "source_path": self.source_path,
         }
         fields.update(changes)
         return CineStack(data=data, **fields)

@@ -685,6 +685,13 @@ class Evaluation:
         assumed_volumes = [s.name for s in subjects if s.assumed_spacing_mm is not None]
         if assumed_volumes:
             results["placeholder_spacing"] = {"assumed_mm": assumed_mm, "volumes": assumed_volumes}
+        kept_volumes = [s.name for s in subjects if s.assumed_spacing_mm is None and s.stack.has_placeholder_spacing]
+        if kept_volumes:
+            # Scored at 1 mm, these volumes are at another scale than a model's evaluation that takes them at its
+            # training's size (the crop holds more of the image): the report says so, for like-for-like comparisons.
+            why = "--placeholder-spacing keep" if str(self.config.placeholder_spacing).strip().lower() == "keep" else "no model records a pixel size for such files"
+            results["placeholder_spacing_kept"] = {"volumes": kept_volumes, "why": why}
+            self.progress(f"note: {len(kept_volumes)} volume(s) carry no geometry and are scored at 1 mm pixels ({why}): {', '.join(kept_volumes)}")
         without_geometry = [s.name for s in subjects if s.assumed_spacing_mm is not None or s.stack.has_placeholder_spacing]
         if self.placeholder_disagreement is not None and without_geometry:
             results["placeholder_disagreement"] = {**self.placeholder_disagreement, "volumes": without_geometry}
@@ -710,8 +717,8 @@ class Evaluation:
         return results
 
     def _held_out_subjects(self) -> list[str]:
-        """``--subjects held-out``: the validation subjects the model's training recorded, less any that a
-        model it was fine-tuned from learnt (and, with a 2D+T model, less those that one learnt)."""
+        """``--subjects held-out``: the validation subjects the model's training recorded, less any that its
+        autoencoder or a model it was fine-tuned from learnt (and, with a 2D+T model, less those that one learnt)."""
         header = self._model_header()
         recorded = recorded_training_data(header, "validation_subjects") if header is not None else None
         if header is None or not isinstance(recorded, list) or not recorded:
@@ -725,7 +732,7 @@ class Evaluation:
             seen |= subjects_learnt(self.temporal_pipeline.model.info)
         unseen = [str(subject) for subject in recorded if str(subject) not in seen]
         if not unseen:
-            raise InputError("--subjects", f"{HELD_OUT}: every validation subject of the model was learnt by a model it was fine-tuned from; name the subjects instead")
+            raise InputError("--subjects", f"{HELD_OUT}: every validation subject of the model was learnt by its autoencoder or by a model it was fine-tuned from; name the subjects instead")
         return unseen
 
     def _evaluated_subjects_trained_on(self, subjects: list[EvalSubject]) -> dict[str, list[str]]:
@@ -938,6 +945,13 @@ class Evaluation:
             notes.append(
                 f"The segmentation model was trained on {len(trained_on)} of these {len({s.subject for s in labelled})} subjects "
                 f"({', '.join(trained_on)}): their scores are optimistic for every method; score on its held-out subjects for a fair comparison."
+            )
+        # Not trained on, but its checkpoint was chosen by the validation Dice on them: a milder optimism, said too.
+        chose_on = sorted({s.subject for s in labelled} & set(training.get("validation", []) if isinstance(training, dict) else []))
+        if chose_on:
+            notes.append(
+                f"The segmentation model's checkpoint was chosen by its validation Dice on {len(chose_on)} of these subjects ({', '.join(chose_on)}): "
+                "not trained on, but its scores on them (the real slices' included) are slightly optimistic, alike for every method."
             )
         return {
             "per_subject": per_subject, "per_volume": per_volume, "summary": summary, "notes": notes, "segmenter_training_subjects": trained_on,
@@ -1235,7 +1249,9 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         f"Produced by `{results['command']}` on {results['created']} ({results['seconds']} s).",
         "",
         (f"- Model: `{model['model']}`" + (f" (sha256 `{model['model_sha256'][:16]}…`)" if model.get("model_sha256") else ""))
-        if model["model"] not in PIXEL_METHODS else "- Model: none (the methods evaluated need no model)",
+        if model["model"] not in PIXEL_METHODS
+        else "- Model: none (the methods evaluated need no model)"
+        + (f"; crop and pixel sizes from `{results['config']['model']}`" if (results.get("config") or {}).get("model") else ""),
         f"- Device: {model['device']}",
         f"- Subjects: {len(results['subjects'])} ({', '.join(results['subjects'][:13])}{', …' if len(results['subjects']) > 13 else ''}); "
         f"{_counted(len(results['volumes']), 'volume')}, {_counted(sum(len(v['frames']) for v in results['volumes']), 'frame')}",
@@ -1247,6 +1263,13 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         lines.append(
             f"- {len(assumed['volumes'])} volume(s) carry no geometry (1 x 1 x 1 mm): their pixels were taken as {assumed['assumed_mm']:g} mm "
             f"(`--placeholder-spacing`; by default the size the model's training assumed): {', '.join(assumed['volumes'])}"
+        )
+    if results.get("placeholder_spacing_kept"):
+        kept = results["placeholder_spacing_kept"]
+        lines.append(
+            f"- {len(kept['volumes'])} volume(s) carry no geometry (1 x 1 x 1 mm) and were scored at 1 mm pixels ({kept['why']}): "
+            f"{', '.join(kept['volumes'])}. An evaluation that takes them at a model's training size (`--placeholder-spacing MM`, or a "
+            "`--model` that records one) scores them at another scale: compare like with like."
         )
     if results.get("placeholder_disagreement"):
         disagreement = results["placeholder_disagreement"]

@@ -46,6 +46,10 @@ def _unit(vector: np.ndarray, what: str, problem: str = "has no direction (zero 
     return vector / norm
 
 
+#: What every ``planes.json`` says of its coordinates.
+PLANES_COORDINATES = "LPS mm (RAS in the *_ras entries)"
+
+
 @dataclass(frozen=True)
 class Plane:
     """A plane with an in-plane frame: points ``centre + a * u + b * v``."""
@@ -83,6 +87,11 @@ class Plane:
         across = _unit((c - a) - np.dot(c - a, towards_b) * towards_b, f"plane {name} from points",
                        "the third point lies on the line through the first two: the three points give no plane")
         return cls(name, a, np.cross(towards_b, across), across)
+
+    def to_record(self) -> dict[str, list[float]]:
+        """The plane as ``planes.json`` files hold it: ``centre``, ``normal``, ``u`` in LPS mm (calid's
+        coordinates, as in ITK), and each also in RAS (Slicer's) under ``*_ras``."""
+        return {"centre": self.centre.tolist(), "normal": self.normal.tolist(), "u": self.u.tolist(), **{f"{k}_ras": v for k, v in self.to_ras().items()}}
 
     def to_ras(self) -> dict[str, list[float]]:
         """Centre, normal and axes in RAS (what Slicer's ``SetSliceToRASByNTP`` takes)."""

@@ -138,10 +138,15 @@ def recorded_training_data(header: dict[str, Any], *keys: str) -> Any:
 
 
 def subjects_learnt(header: dict[str, Any]) -> set[str]:
-    """Every subject a model file's training saw: its own training subjects and, for a fine-tune
-    (``--init-from``), those its starting model learnt (recorded under ``initialised_from``)."""
+    """Every subject a model file's training saw: its own training subjects; for a fine-tune
+    (``--init-from``), those its starting model learnt (recorded under ``initialised_from``); and
+    for a CaLID model, those its autoencoder learnt in the first stage (under ``autoencoder``)."""
     learnt: set[str] = set()
-    for recorded in (recorded_training_data(header, "train_subjects"), recorded_training_data(header, "initialised_from", "train_subjects")):
+    for recorded in (
+        recorded_training_data(header, "train_subjects"),
+        recorded_training_data(header, "initialised_from", "train_subjects"),
+        recorded_training_data(header, "autoencoder", "train_subjects"),
+    ):
         if isinstance(recorded, list):
             learnt.update(str(subject) for subject in recorded)
     return learnt

@@ -142,7 +142,8 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
             raise InputError(
                 "--model",
                 "no trained CaLID model is installed; pass a model file (calid train … writes model.safetensors), use a method "
-                f"that needs none (--mode registration or --mode linear), or '{UNTRAINED_PREFIX}tiny' to try the pipeline with an untrained network",
+                "that needs none (registration or linear: --mode of calid upsample, --methods of calid evaluate, load_pipeline('registration') "
+                f"in Python), or '{UNTRAINED_PREFIX}tiny' to try the pipeline with an untrained network",
             )
         return verify(model)
     text = os.fspath(name_or_path)

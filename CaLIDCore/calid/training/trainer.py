@@ -505,6 +505,7 @@ class Trainer:
         #: (printed by ``calid train``).
         self.resume_notes: list[str] = []
         self._initialised_from: dict[str, Any] | None = None
+        self.autoencoder_subjects: list[str] = []
         if config.stage == "vae":
             self.model_config = named_config(config.model)
             if resumed_extra is not None and "model_config" in resumed_extra:
@@ -530,6 +531,9 @@ class Trainer:
             if not 1 <= config.val_steps <= 1000:
                 raise InputError("--val-steps", f"must be from 1 to 1000 DDIM steps, got {config.val_steps}")
             loaded = load_model(self.vae_file, device=self.device)
+            # The subjects the autoencoder learnt (the first stage, or every stage of a CaLID file given as --vae):
+            # part of the model, so the exported file records them for `calid evaluate`'s held-out checks.
+            self.autoencoder_subjects = sorted(subjects_learnt(loaded.info))
             initial = self._initial_weights(resume)
             if initial is not None and initial.net is None:
                 raise InputError(config.init_from or "--init-from", "is a VAE file; the ldm stage starts from a CaLID model file (VAE and denoiser)")
@@ -590,13 +594,21 @@ class Trainer:
                         f"{len(trained_earlier)} subject(s) trained on earlier in this run are not in this session's data "
                         f"({', '.join(trained_earlier[:5])}{' ...' if len(trained_earlier) > 5 else ''}): the model file still records them as trained on"
                     )
-            elif initial is not None:
-                # Fine-tuning: validation subjects the starting model learnt would choose best.safetensors on seen data.
-                seen = sorted(set(val_ids) & subjects_learnt(initial.info))
-                if seen:
+            else:
+                # Validation subjects that the starting model or the autoencoder learnt would choose best.safetensors on seen data.
+                seen_by_start = set(val_ids) & subjects_learnt(initial.info) if initial is not None else set()
+                if seen_by_start:
                     warnings.warn(
-                        f"--init-from {self.init_from_given}: the starting model was trained on {len(seen)} of this run's validation subjects ({', '.join(seen)}); "
-                        "their scores are optimistic and best.safetensors is chosen on them: hold out subjects it never saw (--val-subjects)",
+                        f"--init-from {self.init_from_given}: the starting model was trained on {len(seen_by_start)} of this run's validation subjects "
+                        f"({', '.join(sorted(seen_by_start))}); their scores are optimistic and best.safetensors is chosen on them: hold out subjects it never saw (--val-subjects)",
+                        stacklevel=2,
+                    )
+                seen_by_autoencoder = sorted(set(val_ids) & set(self.autoencoder_subjects) - seen_by_start)
+                if seen_by_autoencoder:
+                    warnings.warn(
+                        f"--vae {config.vae_model or config.init_from}: the autoencoder was trained on {len(seen_by_autoencoder)} of this run's validation subjects "
+                        f"({', '.join(seen_by_autoencoder[:5])}{' ...' if len(seen_by_autoencoder) > 5 else ''}); their scores are optimistic and best.safetensors "
+                        "is chosen on them: validate on the subjects the VAE held out (the same --val-subjects, or --val-fraction and --seed, as its run)",
                         stacklevel=2,
                     )
         train_volumes = [v for v in volumes if v.subject in set(train_ids)]
@@ -630,6 +642,8 @@ class Trainer:
         }
         if self._initialised_from is not None:
             self.data_description["initialised_from"] = self._initialised_from
+        if self.autoencoder_subjects:
+            self.data_description["autoencoder"] = {"file": Path(self.vae_file).name, "train_subjects": self.autoencoder_subjects}
         assumed = sorted({v.assumed_spacing_mm for v in volumes if v.assumed_spacing_mm is not None})
         if assumed:
             self.data_description["placeholder_spacing"] = {
