@@ -241,7 +241,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"note: --tta applies to modes calid and calid+; it has no effect on mode {args.mode}", file=sys.stderr)
     tta = args.tta and args.mode in ("calid", "calid+")
     averaged = ", averaged over 8 turns/mirrors" if tta else ""
-    how = {"linear": "linear interpolation", "registration": "registration-based interpolation"}.get(args.mode, f"{pipeline.name} ({args.mode}, {args.steps} steps{averaged})")
+    how = {"linear": "linear interpolation", "registration": "registration-based interpolation"}.get(args.mode, f"{pipeline.name} ({args.mode}, {args.steps} step{'' if args.steps == 1 else 's'}{averaged})")
     print(f"Upsampling x{factor} with {how} on {pipeline.describe()['device']} ...", flush=True)
     dense = _run_upsampling(pipeline, phantom.sparse, not args.quiet, factor=factor, mode=args.mode, steps=args.steps, seed=args.seed, frames=frames, tta=tta)
     chosen = dense.metadata["upsampling"]["frames"]
@@ -336,7 +336,7 @@ def _cmd_upsample(args: argparse.Namespace) -> int:
     write_stack(dense, target, overwrite=args.overwrite)
     _note_if_dicom(target, dense)
     info = dense.metadata["upsampling"]
-    steps = f", {args.steps} steps{', averaged over 8 turns/mirrors' if info.get('tta') else ''}" if args.mode in ("calid", "calid+") else ""
+    steps = f", {args.steps} step{'' if args.steps == 1 else 's'}{', averaged over 8 turns/mirrors' if info.get('tta') else ''}" if args.mode in ("calid", "calid+") else ""
     how = f"mode {args.mode}" + ("" if args.mode in PIXEL_MODES else f"{steps}, model {pipeline.name}" + (" (UNTRAINED)" if pipeline.untrained else ""))
     print(
         f"{stack.n_slices} -> {dense.n_slices} slices, {stack.slice_spacing:g} -> {dense.slice_spacing:g} mm, "
@@ -642,7 +642,7 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
         acquired = args.acquired_slice_spacing or labels.recorded_acquired_spacing()
         if acquired is not None and float(acquired) > labels.slice_spacing:
             print(f"{path}: dense stack ({labels.slice_spacing:g} mm) made from slices {float(acquired):g} mm apart: its end slices also stand for the outer half slab")
-        elif labels.slice_spacing < SPARSE_SLICE_SPACING_MM:
+        elif labels.slice_spacing < SPARSE_SLICE_SPACING_MM and not labels.has_placeholder_spacing:  # 1 mm placeholders: warned about below
             result.warnings.append(
                 f"{path}: slices {labels.slice_spacing:g} mm apart and no record of the acquired spacing: if this is an upsampled stack, give "
                 "--acquired-slice-spacing so that its end slices stand for the half slab beyond them (else the volumes are a little low)"
@@ -663,10 +663,14 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
             return f"{index} (cine frame {recorded[index]})" if recorded is not None else str(index)
 
         ed, es, rv_ed, rv_es = (frame(f) for f in (result.ed_frame, result.es_frame, result.rv_ed_frame, result.rv_es_frame))
+        # Without geometry a "ml" is a thousand voxels, and a mass means nothing: said in the numbers' own words.
+        no_geometry = labels.has_placeholder_spacing or labels.made_from_placeholder_spacing
+        ml = "thousand voxels" if no_geometry else "ml"
+        mass = "mass unknown (no geometry)" if no_geometry else f"mass {s['lv_mass_ed_g']:.1f} g"
         print(
-            f"{name}: ED frame {ed}, ES frame {es}; LV EDV {s['lv_edv_ml']:.1f} ml, ESV {s['lv_esv_ml']:.1f} ml, "
-            f"SV {s['lv_sv_ml']:.1f} ml, EF {s['lv_ef_percent']:.1f} %, mass {s['lv_mass_ed_g']:.1f} g; RV (ED frame {rv_ed}, ES frame {rv_es}) "
-            f"EDV {s['rv_edv_ml']:.1f} ml, ESV {s['rv_esv_ml']:.1f} ml, EF {s['rv_ef_percent']:.1f} % (frames of the file, counted from 0, as --ed / --es take them)"
+            f"{name}: ED frame {ed}, ES frame {es}; LV EDV {s['lv_edv_ml']:.1f} {ml}, ESV {s['lv_esv_ml']:.1f} {ml}, "
+            f"SV {s['lv_sv_ml']:.1f} {ml}, EF {s['lv_ef_percent']:.1f} %, {mass}; RV (ED frame {rv_ed}, ES frame {rv_es}) "
+            f"EDV {s['rv_edv_ml']:.1f} {ml}, ESV {s['rv_esv_ml']:.1f} {ml}, EF {s['rv_ef_percent']:.1f} % (frames of the file, counted from 0, as --ed / --es take them)"
         )
     print(f"  table  {csv_path}\n  plot   {png}")
     return 0
@@ -1238,7 +1242,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment_cmd.add_argument("input", help="image file or DICOM folder (sparse or dense)")
     segment_cmd.add_argument("output", help="label file (uint8: 1 RV cavity, 2 LV myocardium, 3 LV cavity)")
     segment_cmd.add_argument("--model", help="segmentation model file or name (default: the installed one)")
-    segment_cmd.add_argument("--device", default="auto")
+    segment_cmd.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N (default auto)")
     _add_threads_option(segment_cmd)
     segment_cmd.add_argument("--frames", help="frames to segment, e.g. 0,5-9 (default: all)")
     segment_cmd.add_argument("--series", help="DICOM: the series to read when the folder holds several: a number, UID or part of its description, or several (7,8,9) holding one slice each")
@@ -1263,15 +1267,15 @@ def build_parser() -> argparse.ArgumentParser:
     lax.add_argument("--points-ras", metavar="R,A,S;R,A,S;R,A,S", help="one plane through three points instead of the automatic planes: centre, a point towards the apex (the axis runs up the image, as in the automatic planes), a third point (on the right)")
     lax.add_argument("--plane-ras", metavar="C;N;U", help="one plane from its centre, normal and in-plane axis, each R,A,S (directions in RAS too)")
     lax.add_argument("--acquired-lax", help="an acquired long-axis cine: report PSNR / SSIM / NCC of each stack on its plane")
-    lax.add_argument("--device", default="auto")
+    lax.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda or cuda:N (default auto)")
     _add_threads_option(lax)
     lax.add_argument("--overwrite", action="store_true", help="replace an earlier run's views in --out")
     lax.set_defaults(handler=_cmd_lax)
 
     surfaces = commands.add_parser("surfaces", help="smooth closed surfaces of every structure and frame (VTP / STL / OBJ, LPS mm)")
     surfaces.add_argument("labels", help="label file")
-    surfaces.add_argument("--out", required=True)
-    surfaces.add_argument("--format", default="vtp", choices=["vtp", "stl", "obj"])
+    surfaces.add_argument("--out", required=True, help="output folder: one surface file per structure and frame")
+    surfaces.add_argument("--format", default="vtp", choices=["vtp", "stl", "obj"], help="surface file format (default vtp; stl and obj for 3D printing and other programs)")
     surfaces.add_argument("--frames", help="e.g. 0,11 (default: all)")
     surfaces.add_argument("--render", action="store_true", help="also write an offscreen render (PNG) per frame")
     surfaces.add_argument("--overwrite", action="store_true", help="replace an earlier run's surfaces in --out")
@@ -1441,8 +1445,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     phantom = commands.add_parser("phantom", help="write a synthetic cine phantom (sparse, dense truth, labels)")
     phantom.add_argument("out", help="output folder")
-    phantom.add_argument("--seed", type=_seed, default=0)
-    phantom.add_argument("--frames", type=_positive_int, default=20)
+    phantom.add_argument("--seed", type=_seed, default=0, help="which synthetic heart (shape, motion, noise); default 0")
+    phantom.add_argument("--frames", type=_positive_int, default=20, help="frames over the cardiac cycle (default 20)")
     phantom.set_defaults(handler=_cmd_phantom)
     # Options are taken only as written: an abbreviation would make a slip such as `--mode` for `--model`
     # (in a command that has no --mode) a different option, with a misleading error or a silent wrong run.

@@ -354,6 +354,20 @@ def test_one_frame_gives_no_ejection_fraction_and_no_geometry_gives_a_warning():
     assert not any("no geometry" in w for w in cardiac_function(real).warnings)
 
 
+def test_calid_volumes_without_geometry_prints_voxels_not_ml_and_no_mass(tmp_path, capsys):
+    from calid.cli import main
+
+    write_stack(_cine_labels([10, 6], [12, 9], spacing=(1.0, 1.0, 1.0)), tmp_path / "bare.nii.gz", dtype="uint8")
+    assert main(["volumes", str(tmp_path / "bare.nii.gz"), "--out", str(tmp_path / "function")]) == 0
+    said = capsys.readouterr()
+    assert "thousand voxels" in said.out and "mass unknown (no geometry)" in said.out and " ml" not in said.out.split("table")[0]
+    assert "voxels, not ml" in said.err and "no record of the acquired spacing" not in said.err  # one warning, about what matters
+    write_stack(_cine_labels([10, 6], [12, 9], spacing=(1.5, 1.5, 8.0)), tmp_path / "real.nii.gz", dtype="uint8")
+    assert main(["volumes", str(tmp_path / "real.nii.gz"), "--out", str(tmp_path / "real")]) == 0
+    said = capsys.readouterr().out
+    assert " ml, ESV" in said and " g; RV" in said
+
+
 def test_comparison_matches_frames_of_the_same_cardiac_phase(phantom):
     """A long-axis cine acquired with fewer frames over the same beat: frame k is not frame k."""
     plane = standard_planes(phantom.dense_labels, 0)["2-chamber"]
