@@ -665,13 +665,15 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
         ed, es, rv_ed, rv_es = (frame(f) for f in (result.ed_frame, result.es_frame, result.rv_ed_frame, result.rv_es_frame))
         # Without geometry a "ml" is a thousand voxels, and a mass means nothing: said in the numbers' own words.
         no_geometry = labels.has_placeholder_spacing or labels.made_from_placeholder_spacing
-        ml = "thousand voxels" if no_geometry else "ml"
+        ml = "ml*" if no_geometry else "ml"
         mass = "mass unknown (no geometry)" if no_geometry else f"mass {s['lv_mass_ed_g']:.1f} g"
         print(
             f"{name}: ED frame {ed}, ES frame {es}; LV EDV {s['lv_edv_ml']:.1f} {ml}, ESV {s['lv_esv_ml']:.1f} {ml}, "
             f"SV {s['lv_sv_ml']:.1f} {ml}, EF {s['lv_ef_percent']:.1f} %, {mass}; RV (ED frame {rv_ed}, ES frame {rv_es}) "
             f"EDV {s['rv_edv_ml']:.1f} {ml}, ESV {s['rv_esv_ml']:.1f} {ml}, EF {s['rv_ef_percent']:.1f} % (frames of the file, counted from 0, as --ed / --es take them)"
         )
+        if no_geometry:
+            print("  * not ml: the file has no geometry, and these count its placeholder 1 mm pixels; only the ejection fractions are meaningful")
     print(f"  table  {csv_path}\n  plot   {png}")
     return 0
 
@@ -975,7 +977,7 @@ def _cmd_train_seg(args: argparse.Namespace) -> int:
         return 0
     metrics = trainer.fit()
     summary = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
-    if trainer.stop_requested:
+    if trainer.stop_requested and trainer.step < config.steps:  # (a signal after the last step: the run is done)
         print(f"stopped at step {trainer.step} of {config.steps}; continue with the same command and --resume")
         return _stopped_status(trainer.stop_signal)
     print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'best.safetensors'}")
@@ -1015,6 +1017,9 @@ def _say_taken(taken: list[str]) -> None:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from calid.training.trainer import TrainConfig, Trainer
+
+    if args.resume and args.overwrite:
+        raise InputError("--overwrite", "starts a new run in --out, and --resume continues the run there: give one of them")
 
     if args.stage == "seg":
         if args.time_limit is not None:
@@ -1121,12 +1126,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     if trainer.is_main:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        if trainer.stop_requested:
+        if trainer.stop_requested and trainer.step < config.steps:  # (a signal after the last step: the run is done)
             why = f" (time limit of {config.time_limit_minutes:g} min)" if trainer.time_limit_reached else ""
             print(f"stopped at step {trainer.step} of {config.steps}{why}; continue with the same command and --resume. model so far: {Path(config.out_dir) / 'model.safetensors'}")
         else:
             print(f"done at step {trainer.step}: {summary or 'no validation subjects'}; model: {Path(config.out_dir) / 'model.safetensors'}")
-    if trainer.stop_requested and not trainer.time_limit_reached:
+    if trainer.stop_requested and not trainer.time_limit_reached and trainer.step < config.steps:
         return _stopped_status(trainer.stop_signal)  # a time limit is the run's own plan: status 0
     return 0
 
@@ -1450,6 +1455,7 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.set_defaults(handler=_cmd_phantom)
     # Options are taken only as written: an abbreviation would make a slip such as `--mode` for `--model`
     # (in a command that has no --mode) a different option, with a misleading error or a silent wrong run.
+    parser.allow_abbrev = False
     for subcommand in commands.choices.values():
         subcommand.allow_abbrev = False
     return parser

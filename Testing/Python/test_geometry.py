@@ -360,7 +360,8 @@ def test_calid_volumes_without_geometry_prints_voxels_not_ml_and_no_mass(tmp_pat
     write_stack(_cine_labels([10, 6], [12, 9], spacing=(1.0, 1.0, 1.0)), tmp_path / "bare.nii.gz", dtype="uint8")
     assert main(["volumes", str(tmp_path / "bare.nii.gz"), "--out", str(tmp_path / "function")]) == 0
     said = capsys.readouterr()
-    assert "thousand voxels" in said.out and "mass unknown (no geometry)" in said.out and " ml" not in said.out.split("table")[0]
+    assert "ml*, ESV" in said.out and "mass unknown (no geometry)" in said.out and " ml," not in said.out
+    assert "* not ml: the file has no geometry, and these count its placeholder 1 mm pixels" in said.out
     assert "voxels, not ml" in said.err and "no record of the acquired spacing" not in said.err  # one warning, about what matters
     write_stack(_cine_labels([10, 6], [12, 9], spacing=(1.5, 1.5, 8.0)), tmp_path / "real.nii.gz", dtype="uint8")
     assert main(["volumes", str(tmp_path / "real.nii.gz"), "--out", str(tmp_path / "real")]) == 0

@@ -341,7 +341,7 @@ def test_no_installed_model_gives_a_clear_message(monkeypatch, tmp_path, capsys)
 
     if default_model() is not None:
         pytest.skip("a default model is installed in this source tree")
-    with pytest.raises(InputError, match=r"no trained CaLID model is installed.*registration or linear: --mode of calid upsample, --methods of calid evaluate, load_pipeline\('registration'\)"):
+    with pytest.raises(InputError, match=r"no trained CaLID model is installed.*registration or linear: --mode of calid upsample and of the batch script, the Slicer panel's method, --methods of calid evaluate, load_pipeline\('registration'\)"):
         load_pipeline()
     # calid info says what works without one.
     assert cli_main(["info"]) == 0

@@ -291,9 +291,13 @@ def test_batch_script_code_path(scene, phantom, tmp_path, monkeypatch):
     # the same record as `calid lax` writes: LPS, with RAS under *_ras (a script reading both gets no mirrored points)
     planes = json.loads((tmp_path / "out" / "cine_calid_x2_planes.json").read_text())
     assert planes["coordinates"] == "LPS mm (RAS in the *_ras entries)"
-    four = planes["planes"]["4-chamber"]
-    np.testing.assert_allclose(four["centre_ras"], np.asarray(four["centre"]) * [-1, -1, 1])
     labels = tmp_path / "out" / "cine_calid_x2_labels.nii.gz"
+    from calid.geometry.planes import standard_planes
+
+    for name, plane in standard_planes(read_stack(labels), 0).items():  # the planes of the labels written, in LPS
+        np.testing.assert_allclose(planes["planes"][name]["centre"], plane.centre, atol=1e-6)
+        np.testing.assert_allclose(planes["planes"][name]["v"], plane.v, atol=1e-6)
+        np.testing.assert_allclose(planes["planes"][name]["normal_ras"], plane.normal * [-1, -1, 1], atol=1e-6)
     corrected = labels.read_bytes()  # as if corrected by hand since: a second run must not replace it
     assert batch.main([str(source), str(tmp_path / "out"), "--factor", "2", "--mode", "calid", "--model", "untrained:tiny", "--frames", "0"], scene) == 2
     assert labels.read_bytes() == corrected

@@ -425,7 +425,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     # resumed by one process: the batch per step halves (--batch-size is per process), and that is said
     alone = Trainer(TrainConfig(stage="vae", data=("phantom:3",), out_dir=str(tmp_path / "ddp_vae"), model="tiny", batch_size=2, perceptual_weight=0.0,
                                 val_fraction=0.34, steps=50), resume=True)
-    assert "processes: 2 in the checkpoint, 1 from now on: 2 x 2 = 4 slices per step before, 2 from now on (--batch-size is per process)" in alone.resume_notes
+    assert "processes: 2 in the checkpoint, 1 from now on: 2 x 2 = 4 slices per step before, 2 x 1 = 2 from now on (--batch-size is per process)" in alone.resume_notes
     # a new run stopped before its first validation: every process validates once (no hang), and best.safetensors exists
     # (and a folder with a label file: the data's warnings come once, not once per process)
     folder = tmp_path / "own"
@@ -851,8 +851,11 @@ def test_the_training_script_trains_both_stages_resumes_and_keeps_the_vae_once_t
         "LDM_ARGS": "--steps 2 --batch-size 2 --validate-every 2", "EVAL_DATA": str(cines),
     }
     env.pop("VAL_SUBJECTS", None)
+    (out / "vae").mkdir(parents=True)
+    (out / "vae" / "log.csv").write_text("step,loss\n25,0.5\n")  # a run killed before its first checkpoint: started again
     first = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "holds a run with no checkpoint to resume: starting it again" in first.stdout
     model = load_model(out / "ldm" / "best.safetensors")
     assert model.net is not None
     held_out = model.info["info"]["training_data"]["validation_subjects"]
@@ -879,8 +882,21 @@ def test_calid_train_refuses_what_would_lose_a_run_or_mislead_before_any_work(tm
     error = capsys.readouterr().err
     assert "run: holds an earlier run" in error and "--resume" in error and "--overwrite" in error
     assert (run_dir / "model.safetensors").read_bytes() == model_bytes
+    # --overwrite with a mistake found while setting up (here: data not found) costs the earlier run nothing
+    assert main([*base, "--out", str(run_dir), "--steps", "3", "--overwrite", "--data", str(tmp_path / "typo")]) == 2
+    assert "training data not found" in capsys.readouterr().err and (run_dir / "model.safetensors").read_bytes() == model_bytes
+    # nor may it delete a file the new run reads
+    assert main(["train", "ldm", "--data", "phantom:2", "--out", str(run_dir), "--vae", str(run_dir / "model.safetensors"), "--overwrite"]) == 2
+    assert "is a file of the earlier run" in capsys.readouterr().err and (run_dir / "model.safetensors").read_bytes() == model_bytes
     assert main([*base, "--out", str(run_dir), "--steps", "3", "--overwrite"]) == 0
     assert "done at step 3" in capsys.readouterr().out
+    assert main([*base, "--out", str(run_dir), "--steps", "4", "--overwrite", "--resume"]) == 2
+    assert "--overwrite: starts a new run in --out, and --resume continues the run there: give one of them" in capsys.readouterr().err
+    # a run killed before its first checkpoint: nothing to resume, and the refusal does not send one to --resume
+    (run_dir / "checkpoints" / "last.safetensors").rename(tmp_path / "kept.safetensors")
+    assert main([*base, "--out", str(run_dir), "--steps", "3"]) == 2
+    assert "it has no checkpoint to resume (it stopped before its first one): give --overwrite" in capsys.readouterr().err
+    (tmp_path / "kept.safetensors").rename(run_dir / "checkpoints" / "last.safetensors")
     with (run_dir / "log.csv").open() as log:
         assert [line.split(",")[0] for line in log][1:] == ["3"]  # one run's rows, not two runs' mixed
     # numbers the optimiser would fail on, or misuse, are refused by name, before a folder is made
@@ -941,6 +957,8 @@ def test_subject_names_from_files_in_different_folders_are_said_and_a_file_given
     with pytest.warns(UserWarning, match=r"1 file\(s\) given more than once in --data, read once"):
         twice = gather_volumes((str(tmp_path / "cines"), str(tmp_path / "cines" / "P1_4d.nii.gz")), config, tmp_path / "cache")
     assert len(twice) == 1
+    with pytest.warns(UserWarning, match=r"1 --data entr\(y/ies\) given more than once, read once"):
+        assert len(gather_volumes((str(tmp_path / "cines"), str(tmp_path / "cines")), config, tmp_path / "cache")) == 1
 
 
 def test_the_denoiser_records_the_subjects_its_autoencoder_learnt_and_warns_when_it_validates_on_them(tmp_path):

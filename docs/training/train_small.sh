@@ -50,8 +50,14 @@ train() {  # train STAGE FOLDER MINUTES EXTRA-OPTIONS-NAME NEW-RUN-OPTIONS...
         # The run's own options come from its checkpoint; the time budget and the extras are new.
         "${TRAINER[@]}" train "$stage" --data "$DATA" --out "$folder" --resume --time-limit "$minutes" ${extra[@]+"${extra[@]}"}
     else
+        local fresh=()
+        if compgen -G "$folder/*.safetensors" > /dev/null || [ -f "$folder/log.csv" ]; then
+            # A run stopped before its first checkpoint (killed): nothing to resume, so it starts again.
+            echo "$folder holds a run with no checkpoint to resume: starting it again (its files are replaced)"
+            fresh=(--overwrite)
+        fi
         "${TRAINER[@]}" train "$stage" --data "$DATA" --out "$folder" --config "$CONFIG" ${SPLIT[@]+"${SPLIT[@]}"} \
-            --transposes --time-limit "$minutes" "$@" ${extra[@]+"${extra[@]}"}
+            --transposes --time-limit "$minutes" ${fresh[@]+"${fresh[@]}"} "$@" ${extra[@]+"${extra[@]}"}
     fi
 }
 

@@ -165,9 +165,7 @@ def _scan(folder: Path) -> tuple[list[_Image], int, list[str], list[tuple[str, I
                     rows=int(header.Rows),
                     columns=int(header.Columns),
                     trigger_time=float(header.TriggerTime) if header.get("TriggerTime") not in (None, "") else None,
-                    temporal_position=(
-                        int(header.TemporalPositionIdentifier) if header.get("TemporalPositionIdentifier") not in (None, "") else None
-                    ),
+                    temporal_position=_optional_int(header.get("TemporalPositionIdentifier")),
                     instance_number=int(header.InstanceNumber) if header.get("InstanceNumber") not in (None, "") else None,
                     header=header,
                 )
@@ -175,6 +173,14 @@ def _scan(folder: Path) -> tuple[list[_Image], int, list[str], list[tuple[str, I
         except (AttributeError, ValueError, TypeError) as error:
             problems.append((series_uid, InputError(path, f"has an incomplete or malformed image geometry header ({error})")))
     return images, skipped, unreadable, problems
+
+
+def _optional_int(value: Any) -> int | None:
+    """An optional integer tag: None when absent or malformed (an ordering hint, not worth refusing an image for)."""
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _describe_series(uid: str, members: list[_Image]) -> str:

@@ -1251,7 +1251,8 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
         (f"- Model: `{model['model']}`" + (f" (sha256 `{model['model_sha256'][:16]}…`)" if model.get("model_sha256") else ""))
         if model["model"] not in PIXEL_METHODS
         else "- Model: none (the methods evaluated need no model)"
-        + (f"; crop and pixel sizes from `{results['config']['model']}`" if (results.get("config") or {}).get("model") else ""),
+        + (f"; crop and pixel sizes from `{results['config']['model']}`"
+           if (results.get("config") or {}).get("model") not in (None, "", *PIXEL_METHODS) else ""),
         f"- Device: {model['device']}",
         f"- Subjects: {len(results['subjects'])} ({', '.join(results['subjects'][:13])}{', …' if len(results['subjects']) > 13 else ''}); "
         f"{_counted(len(results['volumes']), 'volume')}, {_counted(sum(len(v['frames']) for v in results['volumes']), 'frame')}",

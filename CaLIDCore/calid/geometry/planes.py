@@ -89,9 +89,10 @@ class Plane:
         return cls(name, a, np.cross(towards_b, across), across)
 
     def to_record(self) -> dict[str, list[float]]:
-        """The plane as ``planes.json`` files hold it: ``centre``, ``normal``, ``u`` in LPS mm (calid's
+        """The plane as ``planes.json`` files hold it: ``centre``, ``normal``, ``u``, ``v`` in LPS mm (calid's
         coordinates, as in ITK), and each also in RAS (Slicer's) under ``*_ras``."""
-        return {"centre": self.centre.tolist(), "normal": self.normal.tolist(), "u": self.u.tolist(), **{f"{k}_ras": v for k, v in self.to_ras().items()}}
+        lps = {"centre": self.centre.tolist(), "normal": self.normal.tolist(), "u": self.u.tolist(), "v": self.v.tolist()}
+        return {**lps, **{f"{k}_ras": v for k, v in self.to_ras().items()}}
 
     def to_ras(self) -> dict[str, list[float]]:
         """Centre, normal and axes in RAS (what Slicer's ``SetSliceToRASByNTP`` takes)."""

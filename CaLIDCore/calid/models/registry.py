@@ -142,8 +142,8 @@ def resolve_model(name_or_path: str | os.PathLike[str] | None, kind: str = "cali
             raise InputError(
                 "--model",
                 "no trained CaLID model is installed; pass a model file (calid train … writes model.safetensors), use a method "
-                "that needs none (registration or linear: --mode of calid upsample, --methods of calid evaluate, load_pipeline('registration') "
-                f"in Python), or '{UNTRAINED_PREFIX}tiny' to try the pipeline with an untrained network",
+                "that needs none (registration or linear: --mode of calid upsample and of the batch script, the Slicer panel's method, "
+                f"--methods of calid evaluate, load_pipeline('registration') in Python), or '{UNTRAINED_PREFIX}tiny' to try the pipeline with an untrained network",
             )
         return verify(model)
     text = os.fspath(name_or_path)

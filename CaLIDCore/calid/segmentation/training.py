@@ -156,7 +156,7 @@ class SegmentationTrainer:
     """Reads top to bottom: data, network, optimiser, then :meth:`fit`."""
 
     def __init__(self, config: SegTrainConfig, resume: bool = False, overwrite: bool = False) -> None:
-        from calid.training.trainer import start_afresh, validate_numbers
+        from calid.training.trainer import earlier_run_files, remove_run_files, validate_numbers
 
         self.config = config
         self.device = resolve_device(config.device)
@@ -165,8 +165,7 @@ class SegmentationTrainer:
         validate_numbers(config)
         if resume and not (self.out / "checkpoints" / "last.safetensors").is_file():
             raise InputError(self.out / "checkpoints" / "last.safetensors", "no checkpoint to resume from (train without --resume first, or check --out)")
-        if not resume:
-            start_afresh(self.out, overwrite)
+        replaced = [] if resume else earlier_run_files(self.out, overwrite)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
@@ -193,6 +192,7 @@ class SegmentationTrainer:
         self.stop_signal: int | None = None
         if resume:
             self._resume()
+        remove_run_files(replaced)  # --overwrite: only now that the new run is set up
 
     def _request_stop(self, signum: int, frame: Any) -> None:
         self.stop_requested = True

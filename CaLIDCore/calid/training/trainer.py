@@ -155,6 +155,9 @@ def gather_volumes(entries: tuple[str, ...], model: ModelConfig, cache_dir: Path
     """
     from calid.data.phantom import PhantomConfig, make_phantom
 
+    if len(set(entries)) < len(entries):  # `--data own own`: one entry, read once (the check below catches own and own/)
+        warnings.warn(f"{len(entries) - len(set(entries))} --data entr(y/ies) given more than once, read once", stacklevel=2)
+        entries = tuple(dict.fromkeys(entries))
     files: dict[str, list[Path]] = {}
     taken: set[Path] = set()
     repeated: list[Path] = []
@@ -399,22 +402,33 @@ def frames_as_images(x: torch.Tensor) -> torch.Tensor:
 RUN_FILES = ("checkpoints/last.safetensors", "model.safetensors", "best.safetensors", "log.csv", "validation.csv")
 
 
-def start_afresh(out: Path, overwrite: bool, is_main: bool = True) -> None:
-    """A new run in a folder holding another run's files: refused, or those files removed with ``overwrite``.
+def earlier_run_files(out: Path, overwrite: bool, inputs: tuple[str | None, ...] = ()) -> list[Path]:
+    """The files of another run in ``out``, which a new run there would replace: refused without
+    ``overwrite``; with it, returned for :func:`remove_run_files` once the new run is set up (a
+    mistake found while setting up must not have cost the earlier run).
 
     Trained over, the earlier run's checkpoint and models would be replaced and its logs mixed with
-    the new run's; hours of training are lost by a forgotten --resume."""
+    the new run's; hours of training are lost by a forgotten --resume. ``inputs``: files the new run
+    reads (its --vae, --init-from), which must not be among those replaced."""
     earlier = [out / name for name in RUN_FILES if (out / name).is_file()]
     if not earlier:
-        return
+        return []
+    listed = ", ".join(path.relative_to(out).as_posix() for path in earlier)
     if not overwrite:
-        raise InputError(
-            out,
-            f"holds an earlier run ({', '.join(path.relative_to(out).as_posix() for path in earlier)}): continue it with --resume, "
-            "train into another --out, or give --overwrite to start a new run there (its files are replaced)",
-        )
+        if (out / RUN_FILES[0]).is_file():
+            how = "continue it with --resume, train into another --out, or give --overwrite to start a new run there (its files are replaced)"
+        else:  # stopped (killed) before its first checkpoint: nothing to resume
+            how = "it has no checkpoint to resume (it stopped before its first one): give --overwrite to start afresh there, or train into another --out"
+        raise InputError(out, f"holds an earlier run ({listed}): {how}")
+    for given in inputs:
+        if given and any(Path(given).resolve() == path.resolve() for path in earlier):
+            raise InputError(given, f"is a file of the earlier run in {out}, which --overwrite would replace: copy it elsewhere first, or train into another --out")
+    return earlier
+
+
+def remove_run_files(files: list[Path], is_main: bool = True) -> None:
     if is_main:  # the only process that writes to the folder (under torchrun every process sees the same files)
-        for path in earlier:
+        for path in files:
             path.unlink(missing_ok=True)
 
 
@@ -487,8 +501,7 @@ class Trainer:
         if resume and not checkpoint.is_file():
             raise InputError(checkpoint, "no checkpoint to resume from (train without --resume first, or check --out)")
         validate_numbers(config)
-        if not resume:
-            start_afresh(self.out, overwrite, self.is_main)
+        replaced = [] if resume else earlier_run_files(self.out, overwrite, (config.vae_model, config.init_from))
         resumed_extra = checkpoint_extra_for_stage(checkpoint, config.stage) if resume else None
         #: Ties the files a run exports to its checkpoints (a later run into the same folder is another run).
         self.run_id = str((resumed_extra or {}).get("run_id") or uuid.uuid4().hex)
@@ -705,6 +718,7 @@ class Trainer:
         self.non_finite_in_a_row = 0
         if resume:
             self._resume()
+        remove_run_files(replaced, self.is_main)  # --overwrite: only now that the new run is set up
 
     # ------------------------------------------------------------------ setup helpers
     def _move_neighbours(self, train_volumes: list[SubjectVolume], val_volumes: list[SubjectVolume], cache: Path) -> str:
@@ -1077,10 +1091,11 @@ class Trainer:
         processes = extra.get("processes")
         if processes is not None and int(processes) != self.world:
             # --batch-size is per process: the batch each step averages over changes with their number.
+            before = int((extra.get("train_config") or {}).get("batch_size", self.config.batch_size))
             batch = self.config.batch_size
             self.resume_notes.append(
-                f"processes: {processes} in the checkpoint, {self.world} from now on: {batch} x {processes} = {batch * int(processes)} "
-                f"slices per step before, {batch * self.world} from now on (--batch-size is per process)"
+                f"processes: {processes} in the checkpoint, {self.world} from now on: {before} x {processes} = {before * int(processes)} "
+                f"slices per step before, {batch} x {self.world} = {batch * self.world} from now on (--batch-size is per process)"
             )
         saved_config = _with_floor_snap(ModelConfig.from_dict(extra["model_config"]), 0.0)  # a calibration, not the architecture
         if self.config.stage == "vae":
