@@ -438,6 +438,11 @@ def test_a_volume_with_too_few_slices_is_left_out_with_a_warning_not_the_whole_r
     with pytest.warns(UserWarning, match="subj02_4d.nii.gz: not evaluated: 2 slice"):
         subjects = load_evaluation_subjects(config)
     assert [s.subject for s in subjects] == ["subj01"]
+    # the report says so too (a warning scrolls away; the report is what is kept)
+    with pytest.warns(UserWarning, match="subj02_4d.nii.gz: not evaluated"):
+        results = evaluate(replace(config, methods=("linear",), tasks=(1,), frames="0"), command="test")
+    assert results["not_evaluated"] == ["subj02_4d.nii.gz (2 slice(s), and a slice is predicted from two neighbours)"]
+    assert "- Not evaluated: subj02_4d.nii.gz (2 slice(s)" in (tmp_path / "out" / "report.md").read_text()
     (folder / "subj01_4d.nii.gz").unlink()
     with pytest.warns(UserWarning), pytest.raises(InputError, match="no volume with 3 or more slices"):
         load_evaluation_subjects(config)

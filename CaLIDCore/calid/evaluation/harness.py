@@ -254,7 +254,9 @@ def _read_labels(image: Path, stack: CineStack, config: EvaluationConfig, subjec
     return labels
 
 
-def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: float | None = None, held_out: Sequence[str] | None = None) -> list[EvalSubject]:
+def load_evaluation_subjects(
+    config: EvaluationConfig, placeholder_spacing_mm: float | None = None, held_out: Sequence[str] | None = None, not_evaluated: list[str] | None = None
+) -> list[EvalSubject]:
     """The volumes of ``config.data`` (files, folders, ``phantom:N``), filtered by subject and with their labels.
 
     Files saved without geometry are given ``placeholder_spacing_mm`` pixels when it is set. ``held_out``
@@ -300,7 +302,10 @@ def load_evaluation_subjects(config: EvaluationConfig, placeholder_spacing_mm: f
             assert path is not None
             stack = read_stack(path, min_slices=1)
             if stack.n_slices < 3:  # a localiser or a single long-axis image among the cines: nothing to predict
-                warnings.warn(f"{path}: not evaluated: {stack.n_slices} slice(s), and a slice is predicted from two neighbours", stacklevel=2)
+                why = f"{stack.n_slices} slice(s), and a slice is predicted from two neighbours"
+                warnings.warn(f"{path}: not evaluated: {why}", stacklevel=2)
+                if not_evaluated is not None:  # for the report: a count of volumes that silently shrank would mislead
+                    not_evaluated.append(f"{Path(path).name} ({why})")
                 continue
             name = image_stem(path)
             if subject not in name:
@@ -654,7 +659,8 @@ class Evaluation:
         if config.subjects is not None and [s.strip().lower() for s in config.subjects] == [HELD_OUT]:
             held_out = self._held_out_subjects()
         assumed_mm = self._placeholder_spacing_mm()
-        subjects = load_evaluation_subjects(config, assumed_mm, held_out) if set(config.tasks) & {1, 2, 3} or config.temporal_model else []
+        self.not_evaluated: list[str] = []
+        subjects = load_evaluation_subjects(config, assumed_mm, held_out, self.not_evaluated) if set(config.tasks) & {1, 2, 3} or config.temporal_model else []
         self.perceptual = PerceptualMetrics(config.lpips_weights) if 1 in config.tasks or 2 in config.tasks else None
         triplets = {s.name: self._triplets(s) for s in subjects}
         # Only once the inputs have been read: a bad input leaves no empty report folder behind.
@@ -685,6 +691,8 @@ class Evaluation:
         assumed_volumes = [s.name for s in subjects if s.assumed_spacing_mm is not None]
         if assumed_volumes:
             results["placeholder_spacing"] = {"assumed_mm": assumed_mm, "volumes": assumed_volumes}
+        if self.not_evaluated:
+            results["not_evaluated"] = self.not_evaluated
         kept_volumes = [s.name for s in subjects if s.assumed_spacing_mm is None and s.stack.has_placeholder_spacing]
         if kept_volumes:
             # Scored at 1 mm, these volumes are at another scale than a model's evaluation that takes them at its
@@ -1265,6 +1273,8 @@ def render_report(results: dict[str, Any], figures: list[tuple[str, str]]) -> st
             f"- {len(assumed['volumes'])} volume(s) carry no geometry (1 x 1 x 1 mm): their pixels were taken as {assumed['assumed_mm']:g} mm "
             f"(`--placeholder-spacing`; by default the size the model's training assumed): {', '.join(assumed['volumes'])}"
         )
+    if results.get("not_evaluated"):
+        lines.append(f"- Not evaluated: {'; '.join(results['not_evaluated'])}")
     if results.get("placeholder_spacing_kept"):
         kept = results["placeholder_spacing_kept"]
         lines.append(
