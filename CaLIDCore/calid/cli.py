@@ -663,7 +663,7 @@ def _cmd_volumes(args: argparse.Namespace) -> int:
             return f"{index} (cine frame {recorded[index]})" if recorded is not None else str(index)
 
         ed, es, rv_ed, rv_es = (frame(f) for f in (result.ed_frame, result.es_frame, result.rv_ed_frame, result.rv_es_frame))
-        # Without geometry a "ml" is a thousand voxels, and a mass means nothing: said in the numbers' own words.
+        # Without geometry an "ml" counts placeholder 1 mm pixels, and a mass means nothing: said beside the numbers.
         no_geometry = labels.has_placeholder_spacing or labels.made_from_placeholder_spacing
         ml = "ml*" if no_geometry else "ml"
         mass = "mass unknown (no geometry)" if no_geometry else f"mass {s['lv_mass_ed_g']:.1f} g"
