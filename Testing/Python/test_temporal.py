@@ -261,6 +261,10 @@ def test_evaluate_temporal_comparison_adds_the_tta_pair_when_tta_methods_are_ask
     assert rows["2D+T, tta"]["psnr"] != rows["2D+T"]["psnr"]
     assert rows["2D frame by frame, tta"]["psnr"] != rows["2D frame by frame"]["psnr"]
     assert "| 2D+T, tta |" in (tmp_path / "tta" / "report.md").read_text()
+    # scored where the models generate: the tiny models' 32-pixel crop, not the phantom's whole field of view
+    # (the engine fills the rest by linear interpolation, which would dilute every difference)
+    assert 0.0 < task["scored_fraction"] < 0.5
+    assert f"scored inside the part of the field of view the models generate ({100 * task['scored_fraction']:.0f} %" in (tmp_path / "tta" / "report.md").read_text()
 
 
 def test_cli_upsample_temporal_refuses_a_2d_model(tmp_path, small_phantom):
