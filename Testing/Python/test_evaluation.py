@@ -491,3 +491,19 @@ def test_subjects_the_model_was_trained_on_are_flagged(tmp_path):
     with pytest.warns(UserWarning, match=r"two-stages\.safetensors was trained on 1 of the evaluated subjects \(phantom2001\)"):
         evaluate(replace(config, model=str(second_stage), out_dir=str(tmp_path / "two-stages")), command="test")
     assert evaluate(replace(config, model=str(second_stage), out_dir=str(tmp_path / "two-stages-held-out"), subjects=("held-out",)), command="test")["subjects"] == ["phantom2000"]
+
+
+def test_single_frames_of_a_subject_scored_beside_its_cine_on_another_grid_are_warned_about(tmp_path):
+    """ACDC's full field-of-view ED / ES files and its cropped cine are the same anatomy on two grids:
+    pooled, those phases would count twice in the subject's mean."""
+    cine = shared_file("acdc_cine", "patient011_4d.nii.gz")
+    frames = shared_file("acdc_edes_labels", "patient011_frame01.nii.gz")
+    together = EvaluationConfig(data=(str(cine), str(frames)), out_dir=str(tmp_path / "out"), subjects=("patient011",))
+    with pytest.warns(UserWarning, match=r"1 single-frame volume\(s\) are scored beside their subject's cine \(patient011_frame01\).*count twice"):
+        volumes = load_evaluation_subjects(together)
+    assert sorted(v.name for v in volumes) == ["patient011_4d", "patient011_frame01"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each folder alone: nothing to say
+        load_evaluation_subjects(replace(together, data=(str(frames),)))

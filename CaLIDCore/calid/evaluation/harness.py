@@ -344,6 +344,15 @@ def _without_repeated_volumes(volumes: list[EvalSubject]) -> list[EvalSubject]:
     if dropped:
         warnings.warn(f"not evaluated separately, their subjects' cines hold the same frames: {', '.join(dropped)}", stacklevel=2)
     kept = [v for v in volumes if v.name not in dropped]
+    # Single frames of a subject that also has a cine, on another grid (ACDC's full field-of-view ED / ES files beside
+    # its cropped cine): perhaps the same anatomy scored twice, which would weigh that subject's phases double.
+    alongside = sorted(v.name for v in kept if v.stack.n_frames == 1 and any(c.subject == v.subject for c in cines))
+    if alongside:
+        warnings.warn(
+            f"{len(alongside)} single-frame volume(s) are scored beside their subject's cine ({', '.join(alongside[:4])}{', ...' if len(alongside) > 4 else ''}): "
+            "if they are frames of that cine on another grid, those phases count twice in the subject's mean; evaluate the folders separately",
+            stacklevel=2,
+        )
     names = [v.name for v in kept]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
