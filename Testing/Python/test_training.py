@@ -855,7 +855,7 @@ def test_the_training_script_trains_both_stages_resumes_and_keeps_the_vae_once_t
     (out / "vae" / "log.csv").write_text("step,loss\n25,0.5\n")  # a run killed before its first checkpoint: started again
     first = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "holds a run with no checkpoint to resume: starting it again" in first.stdout
+    assert "holds the logs of a run with no checkpoint to resume: starting it again" in first.stdout
     model = load_model(out / "ldm" / "best.safetensors")
     assert model.net is not None
     held_out = model.info["info"]["training_data"]["validation_subjects"]

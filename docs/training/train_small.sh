@@ -51,9 +51,11 @@ train() {  # train STAGE FOLDER MINUTES EXTRA-OPTIONS-NAME NEW-RUN-OPTIONS...
         "${TRAINER[@]}" train "$stage" --data "$DATA" --out "$folder" --resume --time-limit "$minutes" ${extra[@]+"${extra[@]}"}
     else
         local fresh=()
-        if compgen -G "$folder/*.safetensors" > /dev/null || [ -f "$folder/log.csv" ]; then
-            # A run stopped before its first checkpoint (killed): nothing to resume, so it starts again.
-            echo "$folder holds a run with no checkpoint to resume: starting it again (its files are replaced)"
+        if [ ! -f "$folder/model.safetensors" ] && [ ! -f "$folder/best.safetensors" ] \
+            && { [ -f "$folder/log.csv" ] || [ -f "$folder/validation.csv" ]; }; then
+            # Only the logs of a run stopped (killed) before its first checkpoint: nothing to resume or keep,
+            # so it starts again. Model files without a checkpoint are left for the user to decide on.
+            echo "$folder holds the logs of a run with no checkpoint to resume: starting it again"
             fresh=(--overwrite)
         fi
         "${TRAINER[@]}" train "$stage" --data "$DATA" --out "$folder" --config "$CONFIG" ${SPLIT[@]+"${SPLIT[@]}"} \

@@ -1114,11 +1114,13 @@ class Evaluation:
         """The rows and columns of the field of view that every model among ``pipelines`` generates: the
         engine fills the rest by linear interpolation, so scoring it would dilute the models' differences
         (as the padding did in Task 1). The whole field of view when no model crops it."""
+        from calid.inference.pipeline import seam_weight
+
         inside = np.ones(stack.shape[2:], dtype=bool)
         for pipeline in pipelines:
             if pipeline.model is not None:
-                _, params = preprocess(stack.select_frames([0]), pipeline.model.config.preprocess)
-                inside &= params.crop_mask()
+                _, params = preprocess(stack, pipeline.model.config.preprocess)  # the whole cine, as the engine normalises it
+                inside &= seam_weight(params) >= 1.0 - 1e-6  # where the engine's output is the model's alone (not the blend at the seam)
         rows, columns = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
         if rows.size == 0 or columns.size == 0:
             return slice(0, stack.shape[2]), slice(0, stack.shape[3])
