@@ -41,15 +41,6 @@ _SUBJECT_SUFFIX = re.compile(r"(_4d|_sa|_frame\d+|_ed|_es)+$", re.IGNORECASE)
 _IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd")
 
 
-def _is_dicom(path: Path) -> bool:
-    """A DICOM Part 10 file (``DICM`` after the 128-byte preamble), whatever its name."""
-    try:
-        with path.open("rb") as handle:
-            return handle.read(132)[128:] == b"DICM"
-    except OSError:
-        return False
-
-
 def find_image_files(folder: str | os.PathLike[str]) -> list[Path]:
     """Image files (NIfTI / NRRD) under ``folder``, label files excluded, sorted."""
     return image_and_label_files(folder)[0]
@@ -61,11 +52,14 @@ def image_and_label_files(folder: str | os.PathLike[str]) -> tuple[list[Path], l
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(folder, "is not a folder")
-    candidates = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES)]
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    candidates = [p for p in files if p.name.lower().endswith(_IMAGE_SUFFIXES)]
     images = [p for p in candidates if not _LABEL_NAME.search(p.name)]
     if not images:
+        from calid.data.dicom_io import looks_like_dicom
+
         hint = ""
-        if any(p.is_file() and (p.suffix.lower() in (".dcm", ".ima") or _is_dicom(p)) for p in sorted(folder.rglob("*"))[:50]):
+        if any(p.suffix.lower() in (".dcm", ".ima") or looks_like_dicom(p) for p in files[:50]):
             hint = "; it holds DICOM files: convert each cine first (calid convert DICOM_FOLDER cine.nii.gz)"
         raise InputError(folder, f"contains no NIfTI or NRRD image files{hint}")
     return images, [p for p in candidates if _LABEL_NAME.search(p.name)]

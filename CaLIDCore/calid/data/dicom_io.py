@@ -99,7 +99,8 @@ def read_dicom_folder(folder: str | os.PathLike[str], series: str | int | None =
     return stack
 
 
-def _looks_like_dicom(path: Path) -> bool:
+def looks_like_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file (``DICM`` after the 128-byte preamble), whatever its name."""
     try:
         with path.open("rb") as handle:
             return handle.read(132)[128:132] == b"DICM"
@@ -122,7 +123,7 @@ def _scan(folder: Path) -> tuple[list[_Image], int, list[str], list[tuple[str, I
             header = pydicom.dcmread(str(path), stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
             skipped += 1
-            if _looks_like_dicom(path):
+            if looks_like_dicom(path):
                 unreadable.append(path.name)
             continue
         series_uid = str(header.get("SeriesInstanceUID", "<no series UID>"))

@@ -1117,7 +1117,7 @@ class Evaluation:
         from calid.inference.pipeline import seam_weight
 
         inside = np.ones(stack.shape[2:], dtype=bool)
-        for pipeline in pipelines:
+        for pipeline in {id(p): p for p in pipelines}.values():  # each model once (it serves its plain and its tta rows)
             if pipeline.model is not None:
                 _, params = preprocess(stack, pipeline.model.config.preprocess)  # the whole cine, as the engine normalises it
                 inside &= seam_weight(params) >= 1.0 - 1e-6  # where the engine's output is the model's alone (not the blend at the seam)

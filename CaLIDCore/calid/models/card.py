@@ -33,6 +33,10 @@ def _config_lines(config: ModelConfig, with_denoiser: bool = True) -> list[str]:
         f"autoencoder     channels {tuple(config.vae.channels)}, {config.vae.latent_channels} latent channels, "
         f"f = {config.vae.downsampling}, {counts['vae'] / 1e6:.2f} M parameters"
         + (f", decoded values within {config.vae.floor_snap:g} of the floor set to it" if config.vae.floor_snap else ""),
+    ]
+    if not with_denoiser:
+        return lines
+    return lines + [
         f"denoiser        U-Net + ControlNet {tuple(d.channels)}, attention {tuple(d.attention_levels)}, predicts {d.prediction}"
         + (", neighbour latents concatenated" if d.concat_neighbour_latents else "")
         + (" (output: correction to their mean)" if d.residual_to_neighbours else "")
@@ -42,7 +46,6 @@ def _config_lines(config: ModelConfig, with_denoiser: bool = True) -> list[str]:
         f"noise schedule  {config.schedule.beta_schedule} {config.schedule.beta_start:g}-{config.schedule.beta_end:g}, {config.schedule.num_train_timesteps} steps",
         f"sampling        {config.default_steps} DDIM step(s) by default (--steps to change)",
     ]
-    return lines if with_denoiser else [line for line in lines if not line.startswith(("denoiser", "noise schedule", "sampling"))]
 
 
 def model_card_text(model: str | os.PathLike[str]) -> str:

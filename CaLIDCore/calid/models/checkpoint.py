@@ -95,6 +95,11 @@ def save_model(
     return write_model_file(path, modules, "calid" if net is not None else "vae", fields)
 
 
+#: ``calid.training.state.FORMAT_NAME``, spelled out here: models do not import the trainer (a checkpoint
+#: given where a model is asked for is recognised, and the test of that message keeps the two the same).
+TRAINING_STATE_FORMAT = "calid-training-state"
+
+
 def read_raw_header(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``calid`` JSON header of any model file (CaLID or segmentation), format-checked only."""
     path = Path(path)
@@ -114,7 +119,7 @@ def read_raw_header(path: str | os.PathLike[str]) -> dict[str, Any]:
         header = json.loads(metadata["calid"])
     except json.JSONDecodeError as error:
         raise InputError(path, f"has a damaged CaLID header ({error})") from error
-    if header.get("format") == "calid-training-state":
+    if header.get("format") == TRAINING_STATE_FORMAT:
         run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         raise InputError(
             path,

@@ -267,9 +267,7 @@ class SegmentationTrainer:
         save_training_state(self.out / "checkpoints" / "last.safetensors", {"network": self.network}, {"optimizer": self.optimizer}, extra)
 
     def _resume(self) -> None:
-        path = self.out / "checkpoints" / "last.safetensors"
-        if not path.is_file():
-            raise InputError(path, "no checkpoint to resume from")
+        path = self.out / "checkpoints" / "last.safetensors"  # its presence was checked before any data was read
         extra = load_training_state(path, {"network": self.network}, {"optimizer": self.optimizer})
         self.step, self.best_dice = int(extra["step"]), float(extra["best_dice"])
         # The restored optimiser holds the checkpoint's weight decay; this run's options hold from now

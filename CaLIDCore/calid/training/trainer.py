@@ -1079,9 +1079,7 @@ class Trainer:
         }))
 
     def _resume(self) -> None:
-        path = self.out / "checkpoints" / "last.safetensors"
-        if not path.exists():
-            raise InputError(path, "no checkpoint to resume from (train without --resume first)")
+        path = self.out / "checkpoints" / "last.safetensors"  # its presence was checked before any data was read
         modules = {"model": self.trained, "ema": self.ema}
         optimizers = {"optimizer": self.optimizer}
         if self.discriminator is not None:
